@@ -1,0 +1,49 @@
+# phivault: every target sets up what it needs on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   ?= ./phivault-data
+
+.PHONY: demo test test-fast lint bench system-deps services clean help
+
+help:
+	@echo "make demo   - set up and run the embedded demo with sample patients"
+	@echo "make test   - set up and run the whole test suite"
+	@echo "make lint   - ruff and mypy --strict on the package"
+	@echo "make bench  - run the benchmarks (one JSON line each, last)"
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages that tests need (SoftHSM2 for the PKCS#11 key provider).
+system-deps:
+	@command -v softhsm2-util >/dev/null 2>&1 || { \
+	  echo "installing softhsm2 (Debian package)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null) \
+	  || echo "warning: could not install softhsm2; the PKCS#11 tests will be skipped"; }
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy src
+
+demo: $(STAMP)
+	$(BIN)/python -m phivault.demo --data-dir $(DATA)-demo
+
+bench: $(STAMP)
+	@for b in bench/*_bench.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(DATA)-demo

@@ -1,0 +1,1 @@
+"""The ``phivault`` command. One module per command group; ``main`` assembles them."""

@@ -1,0 +1,111 @@
+"""What every command shares: the ``--data-dir`` and ``--json`` options, output, errors.
+
+In a terminal, commands print with Rich (tables, progress bars); with ``--json`` they print
+only JSON on standard output and nothing else, so scripts can parse it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.text import Text
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from phivault.datadir import ENV_VAR, DataDir
+
+__all__ = ["DataDirOption", "JsonOption", "Output", "fail"]
+
+DataDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar=ENV_VAR,
+        help="The phivault data directory.",
+        show_default=True,
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Machine-readable JSON output; no decoration.")
+]
+
+
+class _Progress:
+    """A progress handle that is a Rich bar in a terminal and silent otherwise."""
+
+    def __init__(self, progress: Progress | None, task: Any) -> None:
+        self._progress = progress
+        self._task = task
+
+    def advance(self, amount: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, amount)
+
+    def total(self, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
+
+
+class Output:
+    """Where a command writes: Rich for people, JSON for machines, errors to stderr."""
+
+    def __init__(self, *, json_mode: bool) -> None:
+        self.json_mode = json_mode
+        self.console = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    def json(self, value: Any) -> None:
+        sys.stdout.write(json.dumps(value, indent=None, sort_keys=False) + "\n")
+        sys.stdout.flush()
+
+    def say(self, *objects: Any) -> None:
+        if not self.json_mode:
+            self.console.print(*objects)
+
+    @contextmanager
+    def progress(self, description: str, total: int | None = None) -> Iterator[_Progress]:
+        if self.json_mode or not self.err.is_terminal:
+            yield _Progress(None, None)
+            return
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.err,
+            transient=True,
+        ) as progress:
+            yield _Progress(progress, progress.add_task(description, total=total))
+
+
+def fail(output: Output, message: str, *, code: int = 1, kind: str = "error") -> NoReturn:
+    """Report an error clearly (as JSON with ``--json``) and exit non-zero."""
+    if output.json_mode:
+        output.json({"ok": False, "error": kind, "message": message})
+    else:
+        # Text, not markup: a message must print as written, brackets included.
+        output.err.print(Text.assemble(("error: ", "bold red"), message))
+    raise typer.Exit(code)
+
+
+def open_data_dir(output: Output, path: Path) -> DataDir:
+    from phivault.errors import PhivaultError
+
+    try:
+        return DataDir.open(path)
+    except PhivaultError as exc:
+        fail(output, str(exc), kind="data-dir")

@@ -1,0 +1,55 @@
+"""``phivault init``: create a data directory, and what each part needs in it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from phivault.cli._common import DataDirOption, JsonOption, Output, fail
+from phivault.datadir import DataDir, default_data_dir
+from phivault.errors import PhivaultError
+
+
+def init(
+    data_dir: DataDirOption = default_data_dir(),
+    json_mode: JsonOption = False,
+    dev: Annotated[
+        bool,
+        typer.Option(
+            "--dev",
+            help="Development and demo data directory: enables dev-only conveniences "
+            "(dev unseal file, dev identity provider). Production settings refuse it.",
+        ),
+    ] = False,
+    origin: Annotated[
+        str | None,
+        typer.Option(help="The ledger's origin line in checkpoints (default: from the node id)."),
+    ] = None,
+) -> None:
+    """Create a new data directory (ledger and its signing key). Refuses to overwrite one."""
+    output = Output(json_mode=json_mode)
+    try:
+        created = DataDir.create(data_dir, dev=dev, origin=origin)
+        from phivault.ledger.service import initialize_ledger
+
+        verifier_key = initialize_ledger(created)
+        # Each part that keeps state in the data directory initializes it here, in order:
+        # the key custody (crypto) and the dev identity provider (identity) hang on this.
+    except PhivaultError as exc:
+        fail(output, str(exc), kind="init")
+    result = {
+        "ok": True,
+        "data_dir": str(created.path),
+        "dev": created.dev,
+        "origin": created.origin,
+        "ledger_verifier_key": verifier_key,
+    }
+    if json_mode:
+        output.json(result)
+        return
+    output.say(f"[bold green]initialized[/] {created.path} ({'development' if dev else 'production'})")
+    output.say(f"ledger origin:       {created.origin}")
+    output.say(f"ledger verifier key: {verifier_key}")
+    if dev:
+        output.say("[yellow]this is a DEVELOPMENT data directory: never put real PHI in it[/]")

@@ -1,0 +1,27 @@
+"""The ``phivault`` command: assembles the command groups of each part."""
+
+from __future__ import annotations
+
+import typer
+
+from phivault.cli import init as init_cmd
+from phivault.cli import ledger as ledger_cmd
+
+app = typer.Typer(
+    name="phivault",
+    help="phivault: PHI with compliance as a property of the architecture.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # never print locals (they may hold PHI or keys)
+)
+app.command("init")(init_cmd.init)
+app.add_typer(ledger_cmd.app, name="ledger")
+# Command groups of other parts are added here: keys (crypto), token and serve (identity, api).
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,214 @@
+"""The audit event model: what the ledger records, aligned with FHIR AuditEvent and IHE BALP.
+
+An :class:`AuditEvent` says who did what, when, where, with which outcome, why (purpose of
+use), and to which patient. It carries **no PHI values**: only opaque ids, codes, references
+and keyed tokens. Every free-form field is constrained to a code or id grammar so that a name,
+a note or an SSN cannot be smuggled in as a "code"; :mod:`phivault.ledger.fhir` additionally
+screens incoming FHIR AuditEvents for PHI-looking values before mapping them here.
+
+The ledger adds its own fields when it appends (see :class:`LedgerEntry`): the entry's index,
+the hash of the previous leaf, and the back-link to the previous event of the same patient.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Annotated, Any, Final
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "Action",
+    "Agent",
+    "AuditEvent",
+    "Code",
+    "Entity",
+    "EntityRole",
+    "EntityType",
+    "EventKind",
+    "Outcome",
+    "Reference",
+    "Source",
+    "format_instant",
+]
+
+# A code: lower-case words joined by hyphens or dots (FHIR codes, role names, reasons).
+Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")]
+# An opaque id: a user id, client id, request id, node id, grant id, tenant id.
+OpaqueId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$")]
+# A FHIR relative reference, optionally versioned: "Patient/123", "Observation/9/_history/2".
+Reference = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$"
+    ),
+]
+# A keyed token (HMAC of an identifier or a query), base64url without padding.
+KeyedToken = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{16,128}$")]
+
+
+def _network_address(value: str) -> str:
+    # An IP address, normalized. Host names are refused: they can carry anything.
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError as exc:
+        raise ValueError("must be an IPv4 or IPv6 address") from exc
+
+
+NetworkAddress = Annotated[str, AfterValidator(_network_address)]
+
+
+def _utc_instant(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("must carry a time zone")
+    # Millisecond precision: FHIR instants and the canonical encoding agree on it.
+    value = value.astimezone(UTC)
+    return value.replace(microsecond=(value.microsecond // 1000) * 1000)
+
+
+Instant = Annotated[datetime, AfterValidator(_utc_instant)]
+
+
+def format_instant(value: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds and ``Z``: the one textual form of time in leaves."""
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+class EventKind(StrEnum):
+    """What kind of event (AuditEvent.type). The FHIR mapping names each one's coding."""
+
+    REST = "rest"  # a FHIR RESTful interaction (subtype: read, vread, search, ...)
+    LOGIN = "login"
+    LOGOUT = "logout"
+    BREAK_GLASS = "break-glass"  # subtype: grant, revoke, review, expire
+    KEY_OPERATION = "key-operation"  # subtype: create, rotate, unseal, seal, shred, hold, ...
+    EXPORT = "export"  # bulk export, evidence packs, patient access reports
+    SECURITY_ALERT = "security-alert"  # failed authentication, replayed token, tampering seen
+    ADMINISTRATION = "administration"  # policy, users, configuration changes
+    LEDGER = "ledger"  # the ledger's own life: opened, torn tail cut, checkpoint issued
+
+
+class Action(StrEnum):
+    """AuditEvent.action: create, read, update, delete, execute."""
+
+    CREATE = "C"
+    READ = "R"
+    UPDATE = "U"
+    DELETE = "D"
+    EXECUTE = "E"
+
+
+class Outcome(IntEnum):
+    """AuditEvent.outcome: 0 success, 4 minor failure, 8 serious failure, 12 major failure."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+class EntityType(StrEnum):
+    """AuditEvent.entity.type (http://terminology.hl7.org/CodeSystem/audit-entity-type)."""
+
+    PERSON = "1"
+    SYSTEM_OBJECT = "2"
+    ORGANIZATION = "3"
+    OTHER = "4"
+
+
+class EntityRole(StrEnum):
+    """AuditEvent.entity.role (http://terminology.hl7.org/CodeSystem/object-role), as BALP uses."""
+
+    PATIENT = "1"
+    LOCATION = "2"
+    REPORT = "3"
+    DOMAIN_RESOURCE = "4"
+    MASTER_FILE = "5"
+    USER = "6"
+    LIST = "7"
+    DATA_REPOSITORY = "9"
+    SECURITY_RESOURCE = "13"
+    QUERY = "24"
+    JOB = "20"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+
+class Agent(_Model):
+    """A participant: the user or system that acted (``requestor``), or one that took part."""
+
+    who: OpaqueId | Reference  # "Practitioner/123", "user:alice", "client:loader"
+    requestor: bool = True
+    roles: tuple[Code, ...] = ()
+    client_id: OpaqueId | None = None
+    network_address: NetworkAddress | None = None
+    purpose_of_use: tuple[Code, ...] = ()
+
+
+class Source(_Model):
+    """The phivault node that observed and recorded the event."""
+
+    observer: OpaqueId
+    site: OpaqueId | None = None
+
+
+class Entity(_Model):
+    """What the event touched: a resource (with version), the patient, or a query by hash."""
+
+    what: Reference | None = None
+    type: EntityType = EntityType.SYSTEM_OBJECT
+    role: EntityRole = EntityRole.DOMAIN_RESOURCE
+    query_hash: KeyedToken | None = None  # keyed HMAC of the normalized query, never the query
+    security_labels: tuple[Code, ...] = ()  # e.g. "REDACTED", "BTG"
+
+
+class AuditEvent(_Model):
+    """One audited event. Immutable; the ledger appends it as one leaf.
+
+    ``patient`` is the patient the event concerns (``Patient/<id>``), if any: the ledger links
+    every event of a patient to the previous one, so a patient's history is a chain.
+    """
+
+    kind: EventKind
+    subtype: Code
+    action: Action
+    recorded: Instant
+    outcome: Outcome = Outcome.SUCCESS
+    outcome_reason: Code | None = None
+    tenant: OpaqueId
+    patient: Reference | None = None
+    agents: tuple[Agent, ...] = Field(min_length=1)
+    source: Source
+    entities: tuple[Entity, ...] = ()
+    purpose_of_use: tuple[Code, ...] = ()
+    request_id: OpaqueId | None = None
+    break_glass_grant: OpaqueId | None = None
+
+    def to_document(self) -> dict[str, Any]:
+        """The JSON document the leaf encodes: no ``None``s, no floats, times as strings."""
+        doc = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+        doc["recorded"] = format_instant(self.recorded)
+        return _prune(doc)
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> AuditEvent:
+        """Parse a document produced by :meth:`to_document` (ledger fields must be removed)."""
+        return cls.model_validate(doc)
+
+
+LEDGER_FIELDS: Final = ("seq", "chain", "patient_prev")
+
+
+def _prune(value: Any) -> Any:
+    # Empty tuples and dicts say nothing and only make leaves longer; drop them so that
+    # two events that mean the same thing encode to the same bytes.
+    if isinstance(value, dict):
+        return {k: _prune(v) for k, v in value.items() if v not in ((), [], {}, None)}
+    if isinstance(value, list):
+        return [_prune(v) for v in value]
+    return value

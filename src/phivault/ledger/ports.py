@@ -1,0 +1,67 @@
+"""The ledger's ports: small typed interfaces that adapters implement.
+
+* :class:`AuditSink` is what the rest of phivault depends on to record events (the API,
+  the records repository, key management). The embedded :class:`~phivault.ledger.Ledger`
+  implements it; the scaled shape implements it with a JetStream publisher.
+* :class:`LedgerStore` is the durable, append-only storage of leaves and checkpoints under
+  the ledger: the embedded file store now, a PostgreSQL store in the scaled shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from phivault.ledger.events import AuditEvent
+
+__all__ = ["AuditSink", "LedgerStore"]
+
+
+class AuditSink(Protocol):
+    """Records audit events durably. ``record`` returns only when the event is durable.
+
+    Raises :class:`~phivault.ledger.errors.LedgerUnavailable` when it cannot; callers serving
+    PHI must then fail closed.
+    """
+
+    async def record(self, event: AuditEvent) -> int:
+        """Record ``event``; return its ledger index once durable."""
+        ...
+
+
+class LedgerStore(Protocol):
+    """Durable append-only storage of leaf bytes and signed checkpoint notes.
+
+    Methods block (they do file or network I/O) and are called from a worker thread. The store
+    offers no update and no delete.
+    """
+
+    def size(self) -> int:
+        """Number of leaves durably stored."""
+        ...
+
+    def append(self, leaves: Sequence[bytes]) -> None:
+        """Append ``leaves`` in order; returns only once they are durable (one fsync)."""
+        ...
+
+    def read(self, start: int, stop: int) -> list[bytes]:
+        """Leaves ``start`` (inclusive) to ``stop`` (exclusive)."""
+        ...
+
+    def scan(self, start: int = 0) -> Iterator[bytes]:
+        """Every leaf from ``start`` on, in order, read from storage (not from a cache)."""
+        ...
+
+    def leaf_hashes(self) -> bytes:
+        """The concatenated 32-byte leaf hashes of every leaf (a rebuildable cache)."""
+        ...
+
+    def checkpoints(self) -> list[str]:
+        """Every checkpoint note stored, oldest first."""
+        ...
+
+    def add_checkpoint(self, note: str) -> None:
+        """Durably store a signed checkpoint note."""
+        ...
+
+    def close(self) -> None: ...
