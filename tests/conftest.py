@@ -1,0 +1,20 @@
+"""Test-wide fixtures: where the shared fixtures live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# CI clones the repository beside ../shared; so does every developer's checkout.
+SHARED = Path(os.environ.get("PHIVAULT_SHARED", REPO_ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"shared fixtures not found at {FIXTURES} (set PHIVAULT_SHARED)")
+    return FIXTURES
