@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Environment", "LedgerSettings", "Settings"]
+__all__ = [
+    "ApiSettings",
+    "Environment",
+    "IdentitySettings",
+    "LedgerSettings",
+    "Settings",
+    "TrustedIssuer",
+]
 
 
 class Environment(StrEnum):
@@ -28,6 +36,55 @@ class LedgerSettings(BaseModel):
     group_commit_window_s: float = Field(default=0.0, ge=0, le=0.1)
 
 
+class TrustedIssuer(BaseModel):
+    issuer: str = Field(min_length=1)
+    # None: found through OIDC discovery at <issuer>/.well-known/openid-configuration.
+    jwks_url: str | None = None
+
+
+_PHI_ROLES = ("clinician", "nurse", "front-desk", "billing", "researcher", "patient")
+
+
+class IdentitySettings(BaseModel):
+    """Token validation, DPoP and sessions (phivault.identity)."""
+
+    issuers: list[TrustedIssuer] = []
+    audience: str = "phivault"
+    # Asymmetric only: "none" and HMAC algorithms are refused (see phivault.identity.tokens).
+    algorithms: list[str] = ["ES256", "ES384", "RS256", "PS256", "Ed25519"]
+    dpop_algorithms: list[str] = ["ES256", "ES384", "RS256", "PS256", "Ed25519"]
+    clock_skew_s: int = Field(default=60, ge=0, le=300)
+    dpop_proof_max_age_s: int = Field(default=60, gt=0, le=600)
+    jwks_cache_ttl_s: float = Field(default=300.0, gt=0)
+    jwks_min_refresh_s: float = Field(default=10.0, ge=0)
+    max_token_age_s: int = Field(default=3600, gt=0)
+    max_session_age_s: int = Field(default=12 * 3600, gt=0)
+    # Idle timeout per role in seconds (None: no idle timeout). PCI DSS 8.2.8: 15 minutes.
+    idle_timeout_s: dict[str, int | None] = {
+        **dict.fromkeys(_PHI_ROLES, 900),
+        "privacy-officer": 900,
+        "admin": 900,
+        "service": None,
+    }
+    mfa_roles: list[str] = ["admin", "privacy-officer"]
+    mfa_acr_values: list[str] = ["http://schemas.openid.net/pape/policies/2007/06/multi-factor"]
+    step_up_window_s: int = Field(default=300, gt=0)
+    default_tenant: str | None = "default"
+
+
+class ApiSettings(BaseModel):
+    """The ASGI front door (phivault.api)."""
+
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    rate_limit_per_address: str = "1200/minute"
+    rate_limit_per_principal: str = "600/minute"
+    shared_state: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = "phivault"
+    # The external base URL (behind proxies), for DPoP htu checks; None: from the request.
+    public_url: str | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PHIVAULT_", env_nested_delimiter="__", extra="forbid"
@@ -36,6 +93,8 @@ class Settings(BaseSettings):
     environment: Environment = Environment.DEVELOPMENT
     data_dir: Path = Path("./phivault-data")
     ledger: LedgerSettings = LedgerSettings()
+    identity: IdentitySettings = IdentitySettings()
+    api: ApiSettings = ApiSettings()
 
     @property
     def is_production(self) -> bool:
