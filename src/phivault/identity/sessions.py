@@ -1,0 +1,178 @@
+"""Sessions: how long a sign-in lasts, how long it may sit idle, and how strong it must be.
+
+A JWT is stateless, but the rules around it are not: PCI DSS 8.2.8 asks that an idle session
+end after 15 minutes, and HIPAA's automatic logoff asks the same of PHI systems. A session is
+identified by the identity provider's ``sid`` claim, or else by subject and ``auth_time`` (one
+sign-in), or else by the token itself; the :class:`SessionStore` remembers when each session
+was last seen. Once a session idles out it stays ended, even if its token is still unexpired.
+
+The policy is pure (:meth:`SessionPolicy.check` takes ``now``); the stores do the I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from phivault.identity.errors import IdentityUnavailable, InsufficientAuthentication, SessionExpired
+from phivault.identity.principal import Principal, Role
+
+__all__ = [
+    "MemorySessionStore",
+    "RedisSessionStore",
+    "SessionPolicy",
+    "SessionState",
+    "SessionStore",
+    "require_step_up",
+    "session_key",
+]
+
+
+class SessionState(Enum):
+    NEW = "new"
+    ACTIVE = "active"
+    ENDED = "ended"
+
+
+class SessionStore(Protocol):
+    """Remembers when each session was last seen."""
+
+    async def touch(self, key: str, *, now: float, idle_s: float, keep_s: float) -> SessionState:
+        """Mark ``key`` seen at ``now``: NEW the first time, ENDED if it was idle over
+        ``idle_s`` (or ended before), ACTIVE otherwise. Entries are kept ``keep_s`` seconds."""
+        ...
+
+
+class MemorySessionStore:
+    """Sessions for one process (the embedded shape)."""
+
+    def __init__(self, *, max_entries: int = 100_000) -> None:
+        self._seen: dict[str, tuple[float, bool, float]] = {}  # last seen, ended, forget at
+        self._max_entries = max_entries
+
+    async def touch(self, key: str, *, now: float, idle_s: float, keep_s: float) -> SessionState:
+        entry = self._seen.get(key)
+        if entry is not None and entry[2] <= now:
+            entry = None
+        if entry is not None:
+            last_seen, ended, _ = entry
+            if ended or now - last_seen > idle_s:
+                self._seen[key] = (last_seen, True, now + keep_s)
+                return SessionState.ENDED
+        if len(self._seen) >= self._max_entries:
+            self._seen = {k: v for k, v in self._seen.items() if v[2] > now}
+            if len(self._seen) >= self._max_entries:
+                raise IdentityUnavailable("the session store is full")
+        self._seen[key] = (now, False, now + keep_s)
+        return SessionState.NEW if entry is None else SessionState.ACTIVE
+
+
+_TOUCH = """
+local old = redis.call('GET', KEYS[1])
+local keep = tonumber(ARGV[3])
+if old == 'ended' then return 'ended' end
+if old and (tonumber(ARGV[1]) - tonumber(old)) > tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], 'ended', 'PX', keep)
+  return 'ended'
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', keep)
+if old then return 'active' end
+return 'new'
+"""
+
+
+class RedisSessionStore:
+    """Sessions shared by every worker; one Lua script makes each touch atomic."""
+
+    def __init__(self, client: Redis, *, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._script = client.register_script(_TOUCH)
+
+    async def touch(self, key: str, *, now: float, idle_s: float, keep_s: float) -> SessionState:
+        try:
+            result = await self._script(
+                keys=[f"{self._prefix}:session:{key}"],
+                args=[repr(now), repr(idle_s), str(max(1, int(keep_s * 1000)))],
+            )
+        except (RedisError, OSError) as exc:
+            raise IdentityUnavailable("the session store is unavailable") from exc
+        text = result.decode() if isinstance(result, bytes) else str(result)
+        return SessionState(text)
+
+
+def session_key(principal: Principal, sid: object) -> str:
+    """A stable, opaque key for the sign-in behind a token (never the token itself)."""
+    if isinstance(sid, str) and sid:
+        basis = f"sid\0{principal.issuer}\0{sid}"
+    elif principal.auth.auth_time is not None:
+        basis = f"auth\0{principal.issuer}\0{principal.subject}\0{principal.auth.auth_time}"
+    else:
+        basis = f"jti\0{principal.issuer}\0{principal.subject}\0{principal.token_id}"
+        basis += f"\0{principal.issued_at}"
+    return hashlib.sha256(basis.encode()).hexdigest()[:40]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """Token age, session age, idle timeouts per role, and which roles need MFA."""
+
+    max_token_age_s: float = 3600
+    max_session_age_s: float = 12 * 3600
+    idle_timeout_s: Mapping[Role, float | None] = field(default_factory=dict)
+    default_idle_timeout_s: float | None = 900
+    mfa_roles: frozenset[Role] = frozenset({Role.ADMIN, Role.PRIVACY_OFFICER})
+    mfa_acr_values: frozenset[str] = frozenset()
+    step_up_window_s: float = 300
+    skew_s: float = 60
+
+    def idle_timeout(self, principal: Principal) -> float | None:
+        """The strictest idle timeout among the principal's roles (None: none applies)."""
+        timeouts = [
+            self.idle_timeout_s.get(role, self.default_idle_timeout_s) for role in principal.roles
+        ]
+        if not principal.roles:
+            timeouts = [self.default_idle_timeout_s]
+        bounded = [t for t in timeouts if t is not None]
+        return min(bounded) if bounded else None
+
+    def check(self, principal: Principal, *, now: float) -> None:
+        """Token age, session age and MFA rules that need no store. Raises on failure."""
+        if now - principal.issued_at > self.max_token_age_s + self.skew_s:
+            raise SessionExpired("token-too-old", "the token is older than the maximum token age")
+        auth_time = principal.auth.auth_time
+        if auth_time is not None and now - auth_time > self.max_session_age_s + self.skew_s:
+            raise SessionExpired(
+                "session-too-old", "the sign-in is older than the maximum session age"
+            )
+        if principal.has_role(*self.mfa_roles) and not principal.auth.multi_factor(
+            self.mfa_acr_values
+        ):
+            raise InsufficientAuthentication(
+                "mfa-required",
+                "this role requires multi-factor authentication",
+                acr_values=self._acr_values(),
+                max_age=None,
+            )
+
+    def _acr_values(self) -> str | None:
+        return " ".join(sorted(self.mfa_acr_values)) or None
+
+
+def require_step_up(principal: Principal, policy: SessionPolicy, *, now: float) -> None:
+    """For sensitive operations: MFA within the last ``step_up_window_s`` (RFC 9470)."""
+    auth_time = principal.auth.auth_time
+    recent = auth_time is not None and now - auth_time <= policy.step_up_window_s + policy.skew_s
+    if not (recent and principal.auth.multi_factor(policy.mfa_acr_values)):
+        raise InsufficientAuthentication(
+            "step-up-required",
+            "this operation requires a recent multi-factor authentication",
+            acr_values=policy._acr_values(),
+            max_age=int(policy.step_up_window_s),
+        )
