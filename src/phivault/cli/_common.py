@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,6 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from phivault.datadir import ENV_VAR, DataDir
 
@@ -54,6 +54,17 @@ class _Progress:
         if self._progress is not None:
             self._progress.advance(self._task, amount)
 
+    def reporter(self) -> Callable[[int], None]:
+        """A callback taking "items done so far", for code that reports absolute progress."""
+        seen = 0
+
+        def update(done: int) -> None:
+            nonlocal seen
+            self.advance(done - seen)
+            seen = done
+
+        return update
+
     def total(self, total: int) -> None:
         if self._progress is not None:
             self._progress.update(self._task, total=total)
@@ -64,8 +75,9 @@ class Output:
 
     def __init__(self, *, json_mode: bool) -> None:
         self.json_mode = json_mode
-        self.console = Console(highlight=False)
-        self.err = Console(stderr=True, highlight=False)
+        # soft_wrap: keys, notes and paths must print on one line, whatever the terminal width.
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def json(self, value: Any) -> None:
         sys.stdout.write(json.dumps(value, indent=None, sort_keys=False) + "\n")

@@ -48,7 +48,9 @@ def init(
     if json_mode:
         output.json(result)
         return
-    output.say(f"[bold green]initialized[/] {created.path} ({'development' if dev else 'production'})")
+    output.say(
+        f"[bold green]initialized[/] {created.path} ({'development' if dev else 'production'})"
+    )
     output.say(f"ledger origin:       {created.origin}")
     output.say(f"ledger verifier key: {verifier_key}")
     if dev:

@@ -40,8 +40,12 @@ class LedgerStore(Protocol):
         """Number of leaves durably stored."""
         ...
 
-    def append(self, leaves: Sequence[bytes]) -> None:
-        """Append ``leaves`` in order; returns only once they are durable (one fsync)."""
+    def append(self, leaves: Sequence[bytes]) -> bytes:
+        """Append ``leaves`` in order, durably (one fsync); return their leaf hashes.
+
+        The store computes the RFC 9162 leaf hashes itself (it is the source of truth) and
+        returns them concatenated, so the ledger can extend its tree without hashing twice.
+        """
         ...
 
     def read(self, start: int, stop: int) -> list[bytes]:

@@ -1,0 +1,426 @@
+"""The embedded audit ledger: durable appends with group commit, checkpoints, proofs.
+
+:class:`Ledger` implements :class:`~phivault.ledger.ports.AuditSink`. ``await record(event)``
+returns the event's index only once the event is on disk (invariant 1: no effect without a
+record). Concurrent callers share one fsync: whoever arrives while a batch is being written
+joins the next batch (group commit).
+
+Each leaf is the RFC 8785 canonical JSON of the event's document plus three ledger fields:
+
+* ``seq``: the entry's own index, so a missing or reordered entry is named exactly;
+* ``chain``: base64 of the previous entry's RFC 9162 leaf hash, so a modified entry is named
+  exactly by its successor (the Merkle root alone would only say "something changed");
+* ``patient_prev``: the index of the previous event of the same patient (the back-link), so a
+  patient's history is a chain inside the tree that reports follow without scanning.
+
+A signed C2SP checkpoint is issued at most ``checkpoint_interval_s`` after an event arrives,
+and on demand. Before signing, the ledger proves the new tree consistent with the last
+checkpoint it signed; it refuses to open a store whose entries no longer match that checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from phivault.crypto.signing import Ed25519NoteSigner
+from phivault.datadir import DataDir
+from phivault.ledger.canonical import canonical_json
+from phivault.ledger.checkpoint import Checkpoint, parse_checkpoint, sign_checkpoint
+from phivault.ledger.errors import LedgerError, LedgerTampered, LedgerUnavailable, TamperKind
+from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
+from phivault.ledger.file_store import FileLedgerStore, TornTailRecovery, create_store_files
+from phivault.ledger.merkle import MerkleTree, leaf_hash, verify_consistency
+from phivault.ledger.note import NoteSigner
+from phivault.settings import LedgerSettings
+
+__all__ = [
+    "Ledger",
+    "LedgerEntry",
+    "initialize_ledger",
+    "open_ledger",
+    "open_ledger_readonly",
+    "signer_path",
+    "unverified_checkpoint",
+    "verifier_key_of",
+]
+
+_ZERO_HASH: Final = bytes(32)
+# Canonical leaves sort their keys and escape every quote inside strings, so these byte
+# patterns can only match the top-level fields (no nested object has these names).
+_PATIENT_RE: Final = re.compile(rb'[{,]"patient":"([^"]+)"')
+_PATIENT_PREV_RE: Final = re.compile(rb'[{,]"patient_prev":(\d+)')
+
+
+def signer_path(data_dir: DataDir) -> Path:
+    return data_dir.ledger_dir / "signing.key"
+
+
+def _verifier_path(data_dir: DataDir) -> Path:
+    return data_dir.ledger_dir / "verifier.key"
+
+
+def initialize_ledger(data_dir: DataDir) -> str:
+    """Create the store files and the checkpoint signing key; return the verifier key."""
+    create_store_files(data_dir.ledger_dir)
+    signer = Ed25519NoteSigner.generate(data_dir.origin)
+    signer.save(signer_path(data_dir))
+    # The public verifier key, kept apart so that reading it never loads the private key.
+    _verifier_path(data_dir).write_text(signer.verifier_key + "\n")
+    return signer.verifier_key
+
+
+def verifier_key_of(data_dir: DataDir) -> str:
+    """The ledger's verifier key (public). Pin it elsewhere to verify against it later."""
+    try:
+        return _verifier_path(data_dir).read_text().strip()
+    except FileNotFoundError as exc:
+        raise LedgerError(f"{_verifier_path(data_dir)} is missing") from exc
+
+
+def unverified_checkpoint(note: str) -> Checkpoint:
+    """The checkpoint in a stored note, for display and sizes: the signature is NOT checked.
+
+    Use :func:`phivault.ledger.checkpoint.open_checkpoint` wherever trust matters.
+    """
+    return parse_checkpoint(_body(note))
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One entry as read back: its index, the exact leaf bytes, and the parsed document."""
+
+    index: int
+    leaf: bytes
+    document: dict[str, Any]
+
+    @property
+    def event(self) -> AuditEvent:
+        doc = {k: v for k, v in self.document.items() if k not in LEDGER_FIELDS}
+        return AuditEvent.from_document(doc)
+
+    @property
+    def patient_prev(self) -> int | None:
+        value = self.document.get("patient_prev")
+        return int(value) if value is not None else None
+
+
+def patient_of_leaf(leaf: bytes) -> tuple[str | None, int | None]:
+    """The patient reference and back-link of a canonical leaf, without a full parse."""
+    match = _PATIENT_RE.search(leaf)
+    prev = _PATIENT_PREV_RE.search(leaf)
+    return (
+        match.group(1).decode() if match else None,
+        int(prev.group(1)) if prev else None,
+    )
+
+
+class Ledger:
+    """The audit ledger over a :class:`~phivault.ledger.ports.LedgerStore`.
+
+    Build it with :func:`open_ledger`. Appends and checkpoints run on the event loop of the
+    caller; blocking I/O runs in one dedicated thread, which also keeps writes in order.
+    """
+
+    def __init__(
+        self,
+        store: FileLedgerStore,
+        signer: NoteSigner,
+        origin: str,
+        settings: LedgerSettings,
+    ) -> None:
+        self._store = store
+        self._signer = signer
+        self.origin = origin
+        self._settings = settings
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-io")
+        self._tree = MerkleTree(store.leaf_hashes())
+        self._heads: dict[str, int] = {}
+        self._rebuild_patient_heads()
+        self._last_hash = (
+            self._tree.leaf_hash_at(self._tree.size - 1) if self._tree.size else _ZERO_HASH
+        )
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
+        self._checkpoint_lock = asyncio.Lock()
+        self._background: set[asyncio.Future[None]] = set()
+        self._closed = False
+        self.batches_committed = 0  # group commits so far (one fsync each), for metrics
+        notes = store.checkpoints()
+        self._last_checkpoint: Checkpoint | None = (
+            unverified_checkpoint(notes[-1]) if notes else None
+        )
+        self._check_store_matches_last_checkpoint()
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _rebuild_patient_heads(self) -> None:
+        heads = self._heads
+        for index, leaf in enumerate(self._store.scan()):
+            patient, _prev = patient_of_leaf(leaf)
+            if patient is not None:
+                heads[patient] = index
+
+    def _check_store_matches_last_checkpoint(self) -> None:
+        # Never extend (and later sign) a history that differs from one already signed.
+        last = self._last_checkpoint
+        if last is None:
+            return
+        if last.size > self._tree.size:
+            raise LedgerTampered(
+                self._tree.size,
+                TamperKind.TRUNCATED,
+                f"the store holds {self._tree.size} entries but a checkpoint was signed "
+                f"at size {last.size}",
+            )
+        if self._tree.root(last.size) != last.root_hash:
+            raise LedgerTampered(
+                0,
+                TamperKind.FORKED,
+                f"the entries do not match the checkpoint signed at size {last.size}",
+            )
+
+    @property
+    def recovery(self) -> TornTailRecovery | None:
+        """What opening cut from a torn tail after a crash, if anything."""
+        return self._store.recovery
+
+    # -- appending --------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._tree.size
+
+    async def record(self, event: AuditEvent) -> int:
+        """Append ``event`` durably; return its index. Raises LedgerUnavailable if it cannot."""
+        return await self.record_document(event.to_document())
+
+    async def record_document(self, document: dict[str, Any]) -> int:
+        """Append an already-validated event document (see :meth:`AuditEvent.to_document`)."""
+        if self._closed:
+            raise LedgerUnavailable("the ledger is closed")
+        for field in LEDGER_FIELDS:
+            if field in document:
+                raise LedgerError(f"an event document may not set the ledger field {field!r}")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((document, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        window = self._settings.group_commit_window_s
+        while self._pending:
+            if window:
+                await asyncio.sleep(window)
+            batch, self._pending = self._pending, []
+            leaves, heads, last_hash = self._encode(batch)
+            try:
+                hashes = await loop.run_in_executor(self._io, self._store.append, leaves)
+            except Exception as exc:
+                error = (
+                    exc
+                    if isinstance(exc, LedgerUnavailable)
+                    else LedgerUnavailable(f"cannot append to the ledger: {type(exc).__name__}")
+                )
+                for _doc, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            first = self._tree.size
+            self.batches_committed += 1
+            self._tree.extend(hashes)
+            self._heads.update(heads)
+            self._last_hash = last_hash
+            for offset, (_doc, future) in enumerate(batch):
+                if not future.done():
+                    future.set_result(first + offset)
+            self._schedule_checkpoint()
+
+    def _encode(
+        self, batch: list[tuple[dict[str, Any], asyncio.Future[int]]]
+    ) -> tuple[list[bytes], dict[str, int], bytes]:
+        """Assign indexes and ledger fields; nothing in ``self`` changes until it is durable."""
+        index = self._tree.size
+        heads: dict[str, int] = {}
+        prev_hash = self._last_hash
+        leaves: list[bytes] = []
+        for document, _future in batch:
+            doc = dict(document)
+            doc["seq"] = index
+            doc["chain"] = base64.b64encode(prev_hash).decode("ascii")
+            patient = doc.get("patient")
+            if patient is not None:
+                prev = heads.get(patient, self._heads.get(patient))
+                if prev is not None:
+                    doc["patient_prev"] = prev
+                heads[patient] = index
+            leaf = canonical_json(doc)
+            leaves.append(leaf)
+            prev_hash = leaf_hash(leaf)
+            index += 1
+        return leaves, heads, prev_hash
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _schedule_checkpoint(self) -> None:
+        if self._checkpoint_timer is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._checkpoint_timer = loop.call_later(
+                self._settings.checkpoint_interval_s, self._checkpoint_due
+            )
+
+    def _checkpoint_due(self) -> None:
+        self._checkpoint_timer = None
+        task = asyncio.ensure_future(self._checkpoint_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _checkpoint_quietly(self) -> None:
+        # A timer-driven checkpoint that fails is retried at the next append; appends keep
+        # working, and `verify` reports how far checkpoints reach.
+        with contextlib.suppress(LedgerError):
+            await self.checkpoint()
+
+    async def checkpoint(self) -> str:
+        """Sign and store a checkpoint covering every durable entry; return the note."""
+        async with self._checkpoint_lock:
+            size = self._tree.size
+            last = self._last_checkpoint
+            if last is not None and last.size == size:
+                return self._store.checkpoints()[-1]
+            root = self._tree.root(size)
+            if last is not None:
+                proof = self._tree.consistency_proof(last.size, size)
+                verify_consistency(last.size, size, proof, last.root_hash, root)
+            checkpoint = Checkpoint(origin=self.origin, size=size, root_hash=root)
+            note = sign_checkpoint(checkpoint, self._signer)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._io, self._store.add_checkpoint, note)
+            self._last_checkpoint = checkpoint
+            return note
+
+    @property
+    def latest_checkpoint(self) -> Checkpoint | None:
+        return self._last_checkpoint
+
+    def checkpoint_notes(self) -> list[str]:
+        return self._store.checkpoints()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(self, index: int) -> LedgerEntry:
+        return read_entry(self._store, index)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        return self._tree.inclusion_proof(index, self._tree.size if size is None else size)
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        return self._tree.consistency_proof(old_size, new_size)
+
+    def root(self, size: int | None = None) -> bytes:
+        return self._tree.root(self._tree.size if size is None else size)
+
+    def leaf_hash(self, index: int) -> bytes:
+        return self._tree.leaf_hash_at(index)
+
+    def patient_head(self, patient: str) -> int | None:
+        return self._heads.get(patient)
+
+    def patient_chain(self, patient: str) -> Iterator[LedgerEntry]:
+        """The patient's events, newest first, by following the back-links."""
+        yield from follow_back_links(self._store, self._heads.get(patient))
+
+    # -- closing ----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+        for task in list(self._background):
+            await asyncio.gather(task, return_exceptions=True)
+        with contextlib.suppress(LedgerError):
+            await self.checkpoint()
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self._store.close)
+        self._io.shutdown(wait=True)
+
+
+def _body(note: str) -> str:
+    # The checkpoint body is the note text before the blank line that precedes signatures.
+    text, sep, _sigs = note.partition("\n\n")
+    if not sep:
+        raise LedgerTampered(
+            0, TamperKind.BAD_SIGNATURE, "a stored checkpoint is not a signed note"
+        )
+    return text + "\n"
+
+
+def read_entry(store: FileLedgerStore, index: int) -> LedgerEntry:
+    if not 0 <= index < store.size():
+        raise LedgerError(f"no entry at index {index} (the ledger holds {store.size()})")
+    (leaf,) = store.read(index, index + 1)
+    return LedgerEntry(index=index, leaf=leaf, document=json.loads(leaf))
+
+
+def follow_back_links(store: FileLedgerStore, head: int | None) -> Iterator[LedgerEntry]:
+    index = head
+    while index is not None:
+        entry = read_entry(store, index)
+        yield entry
+        prev = entry.patient_prev
+        if prev is not None and prev >= index:
+            raise LedgerTampered(index, TamperKind.MODIFIED, "a back-link points forward")
+        index = prev
+
+
+@contextlib.asynccontextmanager
+async def open_ledger(
+    data_dir: DataDir,
+    settings: LedgerSettings | None = None,
+    *,
+    on_recovery: Callable[[TornTailRecovery], None] | None = None,
+) -> AsyncIterator[Ledger]:
+    """Open the embedded ledger of ``data_dir`` for writing (one writer per data directory)."""
+    settings = settings or LedgerSettings()
+    loop = asyncio.get_running_loop()
+    store = await loop.run_in_executor(
+        None, lambda: FileLedgerStore(data_dir.ledger_dir, writable=True)
+    )
+    try:
+        signer = Ed25519NoteSigner.load(signer_path(data_dir))
+        ledger = Ledger(store, signer, data_dir.origin, settings)
+    except BaseException:
+        store.close()
+        raise
+    if ledger.recovery is not None and on_recovery is not None:
+        on_recovery(ledger.recovery)
+    try:
+        yield ledger
+    finally:
+        await ledger.close()
+
+
+@contextlib.contextmanager
+def open_ledger_readonly(data_dir: DataDir) -> Iterator[FileLedgerStore]:
+    """Open the store for reading beside a running writer (verify, report, export, prove)."""
+    store = FileLedgerStore(data_dir.ledger_dir, writable=False)
+    try:
+        yield store
+    finally:
+        store.close()
