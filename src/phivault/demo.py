@@ -301,9 +301,11 @@ def main() -> None:
 
     console.print(
         Panel.fit(
-            f"Data directory: {data_dir}\nTry: .venv/bin/phivault ledger report --patient {patient} "
-            f"--data-dir {data_dir} --json\n     phivault ledger export --format fhir --out "
-            f"audit.ndjson --data-dir {data_dir}",
+            f"Data directory: {data_dir}\n"
+            f"Try: .venv/bin/phivault ledger report --patient {patient} "
+            f"--data-dir {data_dir} --json\n"
+            f"     .venv/bin/phivault ledger export --format fhir --out audit.ndjson "
+            f"--data-dir {data_dir}",
             title="explore",
             border_style="green",
         )
