@@ -116,9 +116,8 @@ def key_id_for(name: str, public_key: bytes) -> bytes:
     _check_name(name)
     if len(public_key) != _PUBLIC_KEY_SIZE:
         raise ValueError(f"an Ed25519 public key is {_PUBLIC_KEY_SIZE} bytes")
-    return sha256(name.encode("utf-8") + b"\n" + bytes([ED25519]) + public_key).digest()[
-        :_KEY_ID_SIZE
-    ]
+    digest = sha256(name.encode("utf-8") + b"\n" + bytes([ED25519]) + public_key).digest()
+    return digest[:_KEY_ID_SIZE]
 
 
 def format_verifier_key(name: str, public_key: bytes) -> str:
