@@ -11,13 +11,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "ApiSettings",
     "Environment",
     "IdentitySettings",
+    "KeyProviderKind",
+    "KeySettings",
     "LedgerSettings",
     "Settings",
     "TrustedIssuer",
@@ -85,6 +87,27 @@ class ApiSettings(BaseModel):
     public_url: str | None = None
 
 
+class KeyProviderKind(StrEnum):
+    SEALED = "sealed"  # Shamir-shared root key (embedded default)
+    PKCS11 = "pkcs11"  # an HSM through PKCS#11
+    AWSKMS = "awskms"  # AWS KMS
+
+
+class KeySettings(BaseModel):
+    """Key custody (phivault.crypto). Production refuses the dev unseal file."""
+
+    provider: KeyProviderKind = KeyProviderKind.SEALED
+    pkcs11_module: Path = Path("/usr/lib/softhsm/libsofthsm2.so")
+    pkcs11_token_label: str = "phivault"  # noqa: S105 (a label, not a secret)
+    pkcs11_key_label: str = "phivault-root"
+    pkcs11_pin: SecretStr | None = None
+    pkcs11_sessions: int = Field(default=4, ge=1, le=64)
+    awskms_key_id: str | None = None
+    awskms_region: str | None = None
+    dek_cache_size: int = Field(default=10_000, ge=0)
+    dek_cache_ttl_s: float = Field(default=300.0, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PHIVAULT_", env_nested_delimiter="__", extra="forbid"
@@ -95,6 +118,7 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = LedgerSettings()
     identity: IdentitySettings = IdentitySettings()
     api: ApiSettings = ApiSettings()
+    keys: KeySettings = KeySettings()
 
     @property
     def is_production(self) -> bool:

@@ -1,0 +1,69 @@
+"""A bounded, expiring cache of unwrapped data keys (as ready ciphers), wiped on seal.
+
+Why: unwrapping a DEK on every element would cost a KEK decryption per read; caching the
+patient's cipher makes sealing and opening cost one AES-GCM call. Bounded in size (LRU) and in
+lifetime (TTL on a monotonic clock passed in for tests), so that a key lives in memory only as
+long as it is in use; :meth:`clear` runs on seal, on rotation and on shred.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["KeyCache"]
+
+V = TypeVar("V")
+
+
+class KeyCache(Generic[V]):
+    def __init__(
+        self,
+        max_entries: int,
+        ttl_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 0 or ttl_s < 0:
+            raise ValueError("cache size and lifetime must not be negative")
+        self._max = max_entries
+        self._ttl = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], tuple[float, V]] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if self._clock() >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, str], value: V) -> None:
+        if self._max == 0:
+            return
+        self._entries[key] = (self._clock() + self._ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def evict(self, key: tuple[str, str]) -> None:
+        self._entries.pop(key, None)
+
+    def evict_tenant(self, tenant: str) -> None:
+        for key in [k for k in self._entries if k[0] == tenant]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<KeyCache {len(self._entries)}/{self._max} ttl={self._ttl}s>"

@@ -1,0 +1,220 @@
+"""Composition of key custody for a data directory: initialize it, open a key ring on it.
+
+Why here: ``phivault init``, the CLI and (later) the server's bootstrap must build the same
+thing from settings: the chosen root key provider, the embedded keystore under
+``<data-dir>/keys/``, and a :class:`KeyRing` that records to the ledger. Production settings
+refuse the development unseal file (and a development data directory) here, failing closed.
+
+The dev unseal file (``keys/dev-unseal.json``, written by ``phivault init --dev``) holds M
+shares in clear so that the demo unseals itself. It is custody in name only: it warns loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from phivault.crypto.errors import Sealed
+from phivault.crypto.keyring import KeyRing
+from phivault.crypto.keystore import SqliteKeyStore
+from phivault.crypto.ports import RootKeyProvider
+from phivault.crypto.providers.sealed import ROOT_FILE, SealedLocalProvider
+from phivault.datadir import DataDir
+from phivault.errors import ConfigurationError
+from phivault.ledger.ports import AuditSink
+from phivault.settings import KeyProviderKind, KeySettings, Settings
+
+if TYPE_CHECKING:
+    from phivault.crypto.providers.pkcs11 import Pkcs11Provider
+
+__all__ = [
+    "DEV_UNSEAL_FILE",
+    "DEV_UNSEAL_WARNING",
+    "KeystoreInit",
+    "build_provider",
+    "initialize_keystore",
+    "open_keyring",
+    "read_dev_unseal_file",
+]
+
+DEV_UNSEAL_FILE = "dev-unseal.json"
+PROVIDER_FILE = "provider.json"
+DEV_UNSEAL_WARNING = (
+    "WARNING: unsealing from the DEVELOPMENT unseal file: the root key's shares sit on disk "
+    "next to the keys. Never put real PHI in this data directory."
+)
+
+
+@dataclass(frozen=True)
+class KeystoreInit:
+    """What ``phivault init`` shows once: the shares are stored nowhere else."""
+
+    provider: str
+    root_key_id: str
+    threshold: int
+    share_count: int
+    shares: tuple[str, ...] = field(repr=False)
+    dev_unseal_file: Path | None
+
+
+def _write_json(path: Path, doc: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def initialize_keystore(
+    data_dir: DataDir,
+    settings: KeySettings,
+    *,
+    threshold: int = 3,
+    shares: int = 5,
+) -> KeystoreInit:
+    """Create the root key (or find it in the HSM/KMS) and the empty keystore."""
+    keys_dir = data_dir.keys_dir
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (keys_dir / PROVIDER_FILE).exists():
+        raise ConfigurationError(f"{keys_dir} already holds a keystore")
+    texts: list[str] = []
+    dev_file: Path | None = None
+    if settings.provider is KeyProviderKind.SEALED:
+        provider, texts = SealedLocalProvider.initialize(
+            keys_dir, threshold=threshold, shares=shares
+        )
+        root_key_id = provider.root_key_id
+        if data_dir.dev:
+            dev_file = keys_dir / DEV_UNSEAL_FILE
+            _write_json(dev_file, {"warning": DEV_UNSEAL_WARNING, "shares": texts[:threshold]})
+    elif settings.provider is KeyProviderKind.PKCS11:
+        hsm = _pkcs11(settings)
+        if settings.pkcs11_pin is None:
+            raise ConfigurationError("keys.pkcs11_pin is required to create the HSM root key")
+        hsm.initialize(settings.pkcs11_pin.get_secret_value())
+        root_key_id, threshold, shares = hsm.root_key_id, 0, 0
+    else:
+        root_key_id, threshold, shares = _kms(settings).root_key_id, 0, 0
+    SqliteKeyStore(keys_dir / SqliteKeyStore.FILENAME).close()
+    _write_json(
+        keys_dir / PROVIDER_FILE, {"provider": settings.provider.value, "root_key_id": root_key_id}
+    )
+    return KeystoreInit(
+        provider=settings.provider.value,
+        root_key_id=root_key_id,
+        threshold=threshold,
+        share_count=shares,
+        shares=tuple(texts),
+        dev_unseal_file=dev_file,
+    )
+
+
+def _pkcs11(settings: KeySettings) -> Pkcs11Provider:
+    from phivault.crypto.providers.pkcs11 import Pkcs11Provider
+
+    return Pkcs11Provider(
+        settings.pkcs11_module,
+        settings.pkcs11_token_label,
+        key_label=settings.pkcs11_key_label,
+        pool_size=settings.pkcs11_sessions,
+    )
+
+
+def _kms(settings: KeySettings) -> RootKeyProvider:
+    from phivault.crypto.providers.awskms import AwsKmsProvider
+
+    if not settings.awskms_key_id:
+        raise ConfigurationError("keys.awskms_key_id is required for the awskms provider")
+    return AwsKmsProvider.connect(settings.awskms_key_id, region=settings.awskms_region)
+
+
+def build_provider(data_dir: DataDir, settings: KeySettings) -> RootKeyProvider:
+    """The provider the data directory was initialized with; refuses a mismatch."""
+    try:
+        recorded = json.loads((data_dir.keys_dir / PROVIDER_FILE).read_text())["provider"]
+    except FileNotFoundError as exc:
+        raise ConfigurationError(
+            f"{data_dir.keys_dir} has no keystore (initialize it with `phivault init`)"
+        ) from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"{data_dir.keys_dir / PROVIDER_FILE} is damaged") from exc
+    if recorded != settings.provider.value:
+        raise ConfigurationError(
+            f"the keystore was created for provider {recorded!r}, settings say "
+            f"{settings.provider.value!r}"
+        )
+    if settings.provider is KeyProviderKind.SEALED:
+        if not (data_dir.keys_dir / ROOT_FILE).exists():
+            raise ConfigurationError(f"{data_dir.keys_dir / ROOT_FILE} is missing")
+        return SealedLocalProvider(data_dir.keys_dir)
+    if settings.provider is KeyProviderKind.PKCS11:
+        return _pkcs11(settings)
+    return _kms(settings)
+
+
+def read_dev_unseal_file(data_dir: DataDir) -> list[str] | None:
+    path = data_dir.keys_dir / DEV_UNSEAL_FILE
+    if not path.exists():
+        return None
+    try:
+        return [str(s) for s in json.loads(path.read_text())["shares"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"{path} is damaged") from exc
+
+
+@asynccontextmanager
+async def open_keyring(
+    data_dir: DataDir,
+    settings: Settings,
+    audit: AuditSink,
+    *,
+    credentials: list[str] | None = None,
+    operator: str | None = None,
+    use_dev_unseal_file: bool = True,
+) -> AsyncIterator[KeyRing]:
+    """A key ring on ``data_dir``, unsealed with ``credentials`` if given (or, in
+    development, from the dev unseal file), sealed again on exit.
+
+    Production refuses a development data directory and the dev unseal file outright.
+    """
+    dev_shares = read_dev_unseal_file(data_dir)
+    if settings.is_production and (data_dir.dev or dev_shares is not None):
+        raise ConfigurationError(
+            "production settings refuse a development data directory and its dev unseal file"
+        )
+    keys = settings.keys
+    provider = build_provider(data_dir, keys)
+    store = SqliteKeyStore(data_dir.keys_dir / SqliteKeyStore.FILENAME)
+    ring = KeyRing(
+        store=store,
+        provider=provider,
+        audit=audit,
+        observer=data_dir.node_id,
+        cache_size=keys.dek_cache_size,
+        cache_ttl_s=keys.dek_cache_ttl_s,
+        operator=operator,
+    )
+    try:
+        if credentials is None and keys.provider is KeyProviderKind.PKCS11 and keys.pkcs11_pin:
+            credentials = [keys.pkcs11_pin.get_secret_value()]
+        if credentials is None and keys.provider is KeyProviderKind.AWSKMS:
+            credentials = []
+        if credentials is None and dev_shares is not None and use_dev_unseal_file:
+            print(DEV_UNSEAL_WARNING, file=sys.stderr)
+            credentials = dev_shares
+        if credentials is not None:
+            await ring.unseal(credentials)
+        yield ring
+    finally:
+        try:
+            if not ring.sealed:
+                await ring.seal()
+        except Sealed:
+            pass
+        finally:
+            store.close()

@@ -1,0 +1,1119 @@
+"""The key ring: the one service that manages keys and hands out safe ciphers.
+
+Why one place: key custody is only auditable if every key operation goes through a single
+door that checks state (sealed, held, shredded), writes the ledger event and never lets key
+bytes out. The records service asks it for a :class:`PatientCipher` (seal/open elements), a
+:class:`BlindIndexer` (search tokens) and a :class:`LedgerTokenizer`; operators drive
+rotation, shredding, holds and inventory through it (``phivault keys ...``).
+
+Hierarchy: root key (in its provider) -> per-tenant KEK (versioned, wrapped by the root)
+-> per-patient DEKs, per-tenant blind-index and ledger-token keys (versioned, wrapped by the
+tenant's KEK). Every wrapped key is bound by associated data to its tenant, purpose, subject,
+version and key id, so a wrapped key moved to another row does not unwrap.
+
+Audit: create, rotate, unseal, seal, shred, hold and every failed unwrap are ``key-operation``
+events. Destructive operations (shred, hold) record their event *before* the change, so an
+unavailable ledger refuses them (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from phivault.crypto._hazmat import SecretKey, aead, generate_key, rewrap_key, unwrap_key, wrap_key
+from phivault.crypto.blind_index import BlindIndexer, normalize
+from phivault.crypto.cache import KeyCache
+from phivault.crypto.elements import PatientCipher, key_version_of
+from phivault.crypto.errors import (
+    DecryptionFailed,
+    KeyNotFound,
+    KeyUnavailable,
+    PatientShredded,
+    RetentionHold,
+    RotationInProgress,
+    Sealed,
+)
+from phivault.crypto.ports import (
+    Hold,
+    JobKind,
+    KeyPurpose,
+    KeyRecord,
+    KeyState,
+    KeyStore,
+    RootKeyProvider,
+    RotationJob,
+    SealedElement,
+    SealedElementStore,
+    ShredRecord,
+)
+from phivault.crypto.tokens import LedgerTokenizer
+from phivault.errors import InvalidInput
+from phivault.ledger.events import (
+    Action,
+    Agent,
+    AuditEvent,
+    Entity,
+    EntityRole,
+    EntityType,
+    EventKind,
+    Outcome,
+    Source,
+)
+from phivault.ledger.ports import AuditSink
+
+__all__ = [
+    "PRINCIPALS",
+    "SERVICE_PRINCIPAL",
+    "SYSTEM_TENANT",
+    "DekSummary",
+    "Inventory",
+    "KeyInfo",
+    "KeyRing",
+    "Progress",
+    "RotationReport",
+    "key_aad",
+]
+
+SERVICE_PRINCIPAL: Final = "service:phivault-keys"
+SYSTEM_TENANT: Final = "system"  # the tenant of events about the whole keystore (unseal, seal)
+
+# Which service principals may use each kind of key: the custody statement of the inventory.
+PRINCIPALS: Final[dict[str, tuple[str, ...]]] = {
+    "root": (SERVICE_PRINCIPAL,),
+    KeyPurpose.KEK.value: (SERVICE_PRINCIPAL,),
+    KeyPurpose.DEK.value: ("service:phivault-records",),
+    KeyPurpose.BLIND_INDEX.value: ("service:phivault-records",),
+    KeyPurpose.LEDGER_TOKEN.value: ("service:phivault-api", "service:phivault-records"),
+}
+
+_KEY_PREFIX = {
+    KeyPurpose.KEK: "kek",
+    KeyPurpose.DEK: "dek",
+    KeyPurpose.BLIND_INDEX: "bix",
+    KeyPurpose.LEDGER_TOKEN: "ltk",
+}
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$")
+_PATIENT_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+
+Progress = Callable[[int, int | None], None]
+
+
+def _lp(value: str) -> bytes:
+    data = value.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def key_aad(tenant: str, purpose: KeyPurpose, subject: str, version: int, key_id: str) -> bytes:
+    """Associated data of a wrapped key: whose, what for, which version, which row."""
+    return (
+        b"phivault.key.v1"
+        + _lp(tenant)
+        + _lp(purpose.value)
+        + _lp(subject)
+        + version.to_bytes(4, "big")
+        + _lp(key_id)
+    )
+
+
+def _aad_of(record: KeyRecord) -> bytes:
+    return key_aad(record.tenant, record.purpose, record.subject, record.version, record.key_id)
+
+
+def _check_tenant(tenant: str) -> None:
+    if not _TENANT_RE.match(tenant):
+        raise InvalidInput("tenant ids are letters, digits and . _ : @ - (at most 128)")
+
+
+def _check_patient(patient: str) -> None:
+    if not _PATIENT_RE.match(patient):
+        raise InvalidInput("patient ids are FHIR ids: letters, digits, - and . (at most 64)")
+
+
+def _check_code(value: str, what: str) -> None:
+    if not _CODE_RE.match(value):
+        raise InvalidInput(
+            f"{what} must be a code (letters, digits, . _ -; at most 64), never free text"
+        )
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One key as the inventory shows it: custody facts, never material."""
+
+    key_id: str
+    tenant: str
+    purpose: str
+    patient: str | None
+    version: int
+    state: str
+    provider: str
+    wrapped_by: str | None
+    created: datetime | None
+    rotated: datetime | None
+    destroyed: datetime | None
+    principals: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        def ts(value: datetime | None) -> str | None:
+            return None if value is None else value.isoformat(timespec="seconds")
+
+        return {
+            "key_id": self.key_id,
+            "tenant": self.tenant,
+            "purpose": self.purpose,
+            "patient": self.patient,
+            "version": self.version,
+            "state": self.state,
+            "provider": self.provider,
+            "wrapped_by": self.wrapped_by,
+            "created": ts(self.created),
+            "rotated": ts(self.rotated),
+            "destroyed": ts(self.destroyed),
+            "principals": list(self.principals),
+        }
+
+
+@dataclass(frozen=True)
+class DekSummary:
+    """Patient data keys counted by tenant, state and wrapping KEK (there can be millions)."""
+
+    tenant: str
+    state: str
+    wrapped_by: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Inventory:
+    root: KeyInfo
+    keys: tuple[KeyInfo, ...]
+    deks: tuple[DekSummary, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root": self.root.to_json(),
+            "keys": [k.to_json() for k in self.keys],
+            "dek_summary": [
+                {"tenant": d.tenant, "state": d.state, "wrapped_by": d.wrapped_by, "count": d.count}
+                for d in self.deks
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class RotationReport:
+    job_id: str
+    kind: JobKind
+    tenant: str
+    patient: str | None
+    processed: int  # keys rewrapped, elements re-encrypted or re-indexed
+    new_keys: int
+    retired: tuple[str, ...]  # key ids destroyed at the end
+
+
+class KeyRing:
+    """Key custody for one deployment. Build one per process (``open_keyring`` does)."""
+
+    def __init__(
+        self,
+        *,
+        store: KeyStore,
+        provider: RootKeyProvider,
+        audit: AuditSink,
+        observer: str,
+        clock: Callable[[], datetime] | None = None,
+        cache_size: int = 10_000,
+        cache_ttl_s: float = 300.0,
+        operator: str | None = None,
+    ) -> None:
+        self._store = store
+        self._provider = provider
+        self._audit = audit
+        self._observer = observer
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._operator = operator
+        self._keks: dict[str, AESGCM] = {}
+        self._ciphers: KeyCache[PatientCipher] = KeyCache(cache_size, cache_ttl_s)
+        self._indexers: dict[str, BlindIndexer] = {}
+        self._tokenizers: dict[str, LedgerTokenizer] = {}
+        self._create_lock = asyncio.Lock()
+
+    # state -------------------------------------------------------------------------------
+
+    @property
+    def sealed(self) -> bool:
+        return self._provider.sealed
+
+    @property
+    def provider_name(self) -> str:
+        return self._provider.name
+
+    @property
+    def cached_ciphers(self) -> int:
+        return len(self._ciphers)
+
+    def _require_unsealed(self) -> None:
+        if self._provider.sealed:
+            raise Sealed()
+
+    async def unseal(self, credentials: Sequence[str]) -> None:
+        """Unseal with M shares (sealed keystore) or the PIN (PKCS#11). Audited either way."""
+        try:
+            await asyncio.to_thread(self._provider.unseal, list(credentials))
+        except (InvalidInput, KeyUnavailable) as exc:
+            await self._record(
+                self._event(
+                    "unseal",
+                    Action.EXECUTE,
+                    tenant=SYSTEM_TENANT,
+                    outcome=Outcome.MINOR_FAILURE,
+                    reason="invalid-credentials",
+                )
+            )
+            raise exc from None
+        await self._record(self._event("unseal", Action.EXECUTE, tenant=SYSTEM_TENANT))
+
+    async def seal(self) -> None:
+        """Forget the root key and every unwrapped key (caches wiped)."""
+        self._provider.seal()
+        self._forget()
+        await self._record(self._event("seal", Action.EXECUTE, tenant=SYSTEM_TENANT))
+
+    def _forget(self) -> None:
+        self._keks.clear()
+        self._ciphers.clear()
+        self._indexers.clear()
+        self._tokenizers.clear()
+
+    # audit -------------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return self._clock()
+
+    def _event(
+        self,
+        subtype: str,
+        action: Action,
+        *,
+        tenant: str,
+        outcome: Outcome = Outcome.SUCCESS,
+        reason: str | None = None,
+        patient: str | None = None,
+        key_ids: Sequence[str] = (),
+    ) -> AuditEvent:
+        agents = [Agent(who=SERVICE_PRINCIPAL, requestor=self._operator is None)]
+        if self._operator is not None:
+            agents.insert(0, Agent(who=self._operator, requestor=True))
+        entities = [
+            Entity(
+                what=f"CryptoKey/{key_id}",
+                type=EntityType.SYSTEM_OBJECT,
+                role=EntityRole.SECURITY_RESOURCE,
+            )
+            for key_id in key_ids
+        ]
+        if patient is not None:
+            entities.append(
+                Entity(what=f"Patient/{patient}", type=EntityType.PERSON, role=EntityRole.PATIENT)
+            )
+        return AuditEvent(
+            kind=EventKind.KEY_OPERATION,
+            subtype=subtype,
+            action=action,
+            recorded=self._now(),
+            outcome=outcome,
+            outcome_reason=reason,
+            tenant=tenant,
+            patient=None if patient is None else f"Patient/{patient}",
+            agents=tuple(agents),
+            source=Source(observer=self._observer),
+            entities=tuple(entities),
+        )
+
+    async def _record(self, event: AuditEvent) -> int:
+        return await self._audit.record(event)
+
+    async def _unwrap_failed(self, record: KeyRecord, diagnostic: str) -> KeyUnavailable:
+        await self._record(
+            self._event(
+                "unwrap",
+                Action.EXECUTE,
+                tenant=record.tenant,
+                outcome=Outcome.SERIOUS_FAILURE,
+                reason="unwrap-failed",
+                patient=record.subject or None,
+                key_ids=(record.key_id,),
+            )
+        )
+        return KeyUnavailable(f"key {record.key_id} did not unwrap ({diagnostic})")
+
+    # key creation and loading -----------------------------------------------------------
+
+    def _new_record(
+        self,
+        tenant: str,
+        *,
+        purpose: KeyPurpose,
+        subject: str,
+        version: int,
+        wrapped_by: str,
+        job: str | None,
+    ) -> tuple[KeyRecord, bytes]:
+        key_id = f"{_KEY_PREFIX[purpose]}-{secrets.token_hex(8)}"
+        record = KeyRecord(
+            key_id=key_id,
+            tenant=tenant,
+            purpose=purpose,
+            subject=subject,
+            version=version,
+            state=KeyState.ACTIVE,
+            wrapped=None,
+            wrapped_by=wrapped_by,
+            created=self._now(),
+            job=job,
+        )
+        return record, _aad_of(record)
+
+    def _next_version(self, tenant: str, purpose: KeyPurpose, subject: str) -> int:
+        versions = [r.version for r in self._store.records(tenant, purpose, subject)]
+        return max(versions, default=0) + 1
+
+    async def _create_kek(self, tenant: str, job: str | None) -> KeyRecord:
+        version = self._next_version(tenant, KeyPurpose.KEK, "")
+        record, aad = self._new_record(
+            tenant,
+            purpose=KeyPurpose.KEK,
+            subject="",
+            version=version,
+            wrapped_by=f"root:{self._provider.root_key_id}",
+            job=job,
+        )
+        secret = generate_key("kek")
+        try:
+            wrapped = await asyncio.to_thread(self._provider.wrap, secret, aad)
+            self._keks[record.key_id] = aead(secret)
+        finally:
+            secret.wipe()
+        return _with_wrapped(record, wrapped)
+
+    async def _kek(self, key_id: str) -> AESGCM:
+        cached = self._keks.get(key_id)
+        if cached is not None:
+            return cached
+        self._require_unsealed()
+        record = self._store.get(key_id)
+        if record.wrapped is None or record.purpose is not KeyPurpose.KEK:
+            raise KeyUnavailable(f"key-encryption key {key_id} is {record.state.value}")
+        try:
+            secret = await asyncio.to_thread(self._provider.unwrap, record.wrapped, _aad_of(record))
+        except DecryptionFailed as exc:
+            raise await self._unwrap_failed(record, exc.diagnostic) from None
+        try:
+            cipher = aead(secret)
+        finally:
+            secret.wipe()
+        self._keks[key_id] = cipher
+        return cipher
+
+    def _active(self, records: Sequence[KeyRecord]) -> KeyRecord | None:
+        active = [r for r in records if r.state is KeyState.ACTIVE]
+        return active[-1] if active else None
+
+    async def ensure_tenant(self, tenant: str) -> KeyRecord:
+        """The tenant's active KEK, creating its KEK, blind-index and token keys if missing."""
+        _check_tenant(tenant)
+        self._require_unsealed()
+        kek = self._active(self._store.live(tenant, KeyPurpose.KEK))
+        if kek is not None:
+            return kek
+        async with self._create_lock:
+            kek = self._active(self._store.live(tenant, KeyPurpose.KEK))
+            if kek is not None:
+                return kek
+            kek = await self._create_kek(tenant, None)
+            kek_aead = self._keks[kek.key_id]
+            records = [kek]
+            for purpose in (KeyPurpose.BLIND_INDEX, KeyPurpose.LEDGER_TOKEN):
+                if not self._store.live(tenant, purpose):
+                    records.append(
+                        self._wrapped_new(
+                            tenant,
+                            purpose=purpose,
+                            subject="",
+                            version=1,
+                            kek=kek,
+                            kek_aead=kek_aead,
+                            job=None,
+                        )
+                    )
+            await self._record(
+                self._event(
+                    "create",
+                    Action.CREATE,
+                    tenant=tenant,
+                    reason="tenant-keys",
+                    key_ids=[r.key_id for r in records],
+                )
+            )
+            self._store.add(records)
+            return kek
+
+    def _wrapped_new(
+        self,
+        tenant: str,
+        *,
+        purpose: KeyPurpose,
+        subject: str,
+        version: int,
+        kek: KeyRecord,
+        kek_aead: AESGCM,
+        job: str | None,
+    ) -> KeyRecord:
+        record, aad = self._new_record(
+            tenant,
+            purpose=purpose,
+            subject=subject,
+            version=version,
+            wrapped_by=kek.key_id,
+            job=job,
+        )
+        secret = generate_key(purpose.value)
+        try:
+            return _with_wrapped(record, wrap_key(kek_aead, secret, aad))
+        finally:
+            secret.wipe()
+
+    async def create_patient_key(self, tenant: str, patient: str) -> KeyInfo:
+        """Create the patient's data key (idempotent: returns the active one if it exists)."""
+        _check_tenant(tenant)
+        _check_patient(patient)
+        self._require_unsealed()
+        if self._store.shred_record(tenant, patient) is not None:
+            raise PatientShredded(tenant, patient)
+        existing = self._active(self._store.live(tenant, KeyPurpose.DEK, patient))
+        if existing is not None:
+            return self._info(existing)
+        kek = await self.ensure_tenant(tenant)
+        kek_aead = await self._kek(kek.key_id)
+        async with self._create_lock:
+            existing = self._active(self._store.live(tenant, KeyPurpose.DEK, patient))
+            if existing is not None:
+                return self._info(existing)
+            version = self._next_version(tenant, KeyPurpose.DEK, patient)
+            record = self._wrapped_new(
+                tenant,
+                purpose=KeyPurpose.DEK,
+                subject=patient,
+                version=version,
+                kek=kek,
+                kek_aead=kek_aead,
+                job=None,
+            )
+            await self._record(
+                self._event(
+                    "create",
+                    Action.CREATE,
+                    tenant=tenant,
+                    patient=patient,
+                    key_ids=(record.key_id,),
+                )
+            )
+            self._store.add([record])
+        return self._info(record)
+
+    async def create_patient_keys(self, tenant: str, patients: Sequence[str]) -> int:
+        """Create data keys for many patients at once (bulk loads); one event per patient."""
+        _check_tenant(tenant)
+        for patient in patients:
+            _check_patient(patient)
+        self._require_unsealed()
+        kek = await self.ensure_tenant(tenant)
+        kek_aead = await self._kek(kek.key_id)
+        existing = self._store.live_many(tenant, patients)
+        records = [
+            self._wrapped_new(
+                tenant,
+                purpose=KeyPurpose.DEK,
+                subject=patient,
+                version=1,
+                kek=kek,
+                kek_aead=kek_aead,
+                job=None,
+            )
+            for patient in patients
+            if not existing[patient]
+        ]
+        for record in records:
+            await self._record(
+                self._event(
+                    "create",
+                    Action.CREATE,
+                    tenant=tenant,
+                    patient=record.subject,
+                    key_ids=(record.key_id,),
+                )
+            )
+        self._store.add(records)
+        return len(records)
+
+    async def patient_cipher(
+        self, tenant: str, patient: str, *, create: bool = False
+    ) -> PatientCipher:
+        """The cipher that seals and opens this patient's elements.
+
+        ``create=True`` creates the data key on first use (writes); reads should not.
+        Raises :class:`KeyNotFound`, :class:`PatientShredded`, :class:`Sealed`.
+        """
+        cached = self._ciphers.get((tenant, patient))
+        if cached is not None:
+            return cached
+        _check_tenant(tenant)
+        _check_patient(patient)
+        self._require_unsealed()
+        records = self._store.live(tenant, KeyPurpose.DEK, patient)
+        if not records:
+            if self._store.shred_record(tenant, patient) is not None:
+                raise PatientShredded(tenant, patient)
+            if not create:
+                raise KeyNotFound(f"no data key for Patient/{patient} in tenant {tenant}")
+            await self.create_patient_key(tenant, patient)
+            records = self._store.live(tenant, KeyPurpose.DEK, patient)
+        cipher = await self._build_cipher(tenant, patient, records)
+        self._ciphers.put((tenant, patient), cipher)
+        return cipher
+
+    async def _build_cipher(
+        self, tenant: str, patient: str, records: Sequence[KeyRecord]
+    ) -> PatientCipher:
+        keys: dict[int, AESGCM] = {}
+        for record in records:
+            keys[record.version] = await self._unwrap_to_aead(record)
+        active = self._active(records)
+        version = active.version if active is not None else max(keys)
+        return PatientCipher(tenant, patient, keys, version)
+
+    async def _unwrap_secret(self, record: KeyRecord) -> SecretKey:
+        if record.wrapped is None:
+            raise KeyUnavailable(f"key {record.key_id} is {record.state.value}")
+        kek = await self._kek(record.wrapped_by)
+        try:
+            return unwrap_key(kek, record.wrapped, _aad_of(record), label=record.purpose.value)
+        except DecryptionFailed as exc:
+            raise await self._unwrap_failed(record, exc.diagnostic) from None
+
+    async def _unwrap_to_aead(self, record: KeyRecord) -> AESGCM:
+        secret = await self._unwrap_secret(record)
+        try:
+            return aead(secret)
+        finally:
+            secret.wipe()
+
+    async def blind_indexer(self, tenant: str) -> BlindIndexer:
+        """Token maker for the tenant's searchable fields (all live index key versions)."""
+        cached = self._indexers.get(tenant)
+        if cached is not None:
+            return cached
+        await self.ensure_tenant(tenant)
+        records = self._store.live(tenant, KeyPurpose.BLIND_INDEX)
+        keys: dict[int, bytes] = {}
+        for record in records:
+            secret = await self._unwrap_secret(record)
+            keys[record.version] = secret.reveal()
+            secret.wipe()
+        active = self._active(records)
+        indexer = BlindIndexer(tenant, keys, active.version if active else max(keys))
+        self._indexers[tenant] = indexer
+        return indexer
+
+    async def ledger_tokenizer(self, tenant: str) -> LedgerTokenizer:
+        """Keyed tokens that audit events carry instead of identifiers."""
+        cached = self._tokenizers.get(tenant)
+        if cached is not None:
+            return cached
+        await self.ensure_tenant(tenant)
+        active = self._active(self._store.live(tenant, KeyPurpose.LEDGER_TOKEN))
+        if active is None:
+            raise KeyNotFound(f"tenant {tenant} has no active ledger-token key")
+        secret = await self._unwrap_secret(active)
+        tokenizer = LedgerTokenizer(tenant, secret.reveal(), active.version)
+        secret.wipe()
+        self._tokenizers[tenant] = tokenizer
+        return tokenizer
+
+    # holds and shredding ---------------------------------------------------------------
+
+    async def place_hold(
+        self,
+        tenant: str,
+        patient: str,
+        *,
+        until: datetime,
+        reason: str,
+        now: datetime | None = None,
+    ) -> Hold:
+        """Forbid shredding this patient's keys until ``until`` (a retention or legal hold)."""
+        _check_tenant(tenant)
+        _check_patient(patient)
+        _check_code(reason, "the hold reason")
+        now = now or self._now()
+        if until.tzinfo is None:
+            raise InvalidInput("the hold's end must carry a time zone")
+        if until <= now:
+            raise InvalidInput("the hold must end in the future")
+        hold = Hold(
+            tenant=tenant,
+            patient=patient,
+            until=until,
+            reason=reason,
+            placed_by=self._operator or SERVICE_PRINCIPAL,
+            placed=now,
+        )
+        await self._record(
+            self._event("hold", Action.UPDATE, tenant=tenant, patient=patient, reason=reason)
+        )
+        self._store.place_hold(hold)
+        return hold
+
+    async def shred_patient(
+        self,
+        tenant: str,
+        patient: str,
+        *,
+        reason: str,
+        elements: SealedElementStore | None = None,
+        now: datetime | None = None,
+    ) -> ShredRecord:
+        """Destroy every data key of the patient (and their blind-index tokens, if given).
+
+        From then on nothing of the patient's PHI decrypts anywhere, backups of the records
+        included. Refuses under a retention hold (:class:`RetentionHold`), changing nothing.
+        Does not need the keystore unsealed: destroying needs no key.
+        """
+        _check_tenant(tenant)
+        _check_patient(patient)
+        _check_code(reason, "the shred reason")
+        now = now or self._now()
+        existing = self._store.shred_record(tenant, patient)
+        if existing is not None:
+            return existing
+        active_holds = [h for h in self._store.holds(tenant, patient) if h.until > now]
+        if active_holds:
+            hold = max(active_holds, key=lambda h: h.until)
+            await self._record(
+                self._event(
+                    "shred",
+                    Action.DELETE,
+                    tenant=tenant,
+                    patient=patient,
+                    outcome=Outcome.MINOR_FAILURE,
+                    reason="retention-hold",
+                )
+            )
+            raise RetentionHold(patient, hold.until, hold.reason)
+        doomed = tuple(
+            r.key_id
+            for r in self._store.records(tenant, KeyPurpose.DEK, patient, include_destroyed=False)
+        )
+        index = await self._record(
+            self._event(
+                "shred",
+                Action.DELETE,
+                tenant=tenant,
+                patient=patient,
+                reason=reason,
+                key_ids=doomed,
+            )
+        )
+        record = ShredRecord(
+            tenant=tenant,
+            patient=patient,
+            shredded=now,
+            by=self._operator or SERVICE_PRINCIPAL,
+            reason=reason,
+            keys_destroyed=doomed,
+            ledger_index=index,
+        )
+        self._store.shred(record)
+        self._ciphers.evict((tenant, patient))
+        if elements is not None:
+            elements.drop_patient_tokens(tenant, patient)
+        return record
+
+    # rotation ----------------------------------------------------------------------------
+
+    async def _job(self, tenant: str, kind: JobKind, patient: str | None) -> RotationJob:
+        for job in self._store.open_jobs(tenant):
+            if job.kind is not kind:
+                raise RotationInProgress(
+                    f"a {job.kind.value} rotation ({job.job_id}) is unfinished for tenant "
+                    f"{tenant}; resume it first (phivault keys rotate --{job.kind.value})"
+                )
+            return job
+        now = self._now()
+        job = RotationJob(
+            job_id=f"rot-{secrets.token_hex(6)}",
+            kind=kind,
+            tenant=tenant,
+            patient=patient,
+            phase="keys",
+            cursor=0,
+            started=now,
+            updated=now,
+        )
+        await self._record(
+            self._event(
+                "rotate", Action.EXECUTE, tenant=tenant, patient=patient, reason=f"{kind}-start"
+            )
+        )
+        self._store.start_job(job)
+        return job
+
+    async def _finish(self, job: RotationJob, processed: int, new: int, retired: list[str]) -> None:
+        await self._record(
+            self._event(
+                "rotate",
+                Action.EXECUTE,
+                tenant=job.tenant,
+                patient=job.patient,
+                reason=f"{job.kind}-done",
+                key_ids=retired[:50],
+            )
+        )
+        self._store.finish_job(job.job_id, self._now())
+
+    def open_rotations(self, tenant: str) -> list[RotationJob]:
+        return self._store.open_jobs(tenant)
+
+    async def rotate_kek(
+        self, tenant: str, *, batch: int = 5_000, progress: Progress | None = None
+    ) -> RotationReport:
+        """New KEK version; rewrap every key of the tenant under it; destroy the old KEK.
+
+        Data is not touched. Resumable: rerunning continues an unfinished KEK rotation.
+        """
+        _check_tenant(tenant)
+        self._require_unsealed()
+        await self.ensure_tenant(tenant)
+        job = await self._job(tenant, JobKind.KEK, None)
+        keks = self._store.live(tenant, KeyPurpose.KEK)
+        new = next((k for k in keks if k.job == job.job_id), None)
+        created = 0
+        if new is None:
+            new = await self._create_kek(tenant, job.job_id)
+            self._store.add([new], demote=[k.key_id for k in keks if k.state is KeyState.ACTIVE])
+            created = 1
+        new_aead = await self._kek(new.key_id)
+        total = job.done + sum(
+            count
+            for (t, state, by), count in self._store.dek_summary().items()
+            if t == tenant and state != KeyState.DESTROYED.value and by != new.key_id
+        )
+        cursor, done = job.cursor, job.done
+        olds: dict[str, AESGCM] = {}
+        while True:
+            rows = self._store.scan_wrapped_by(tenant, new.key_id, cursor, batch)
+            if not rows:
+                break
+            updates = []
+            for row in rows:
+                old = olds.get(row.wrapped_by)
+                if old is None:
+                    old = olds[row.wrapped_by] = await self._kek(row.wrapped_by)
+                if row.wrapped is None:
+                    continue
+                try:
+                    blob = rewrap_key(old, new_aead, row.wrapped, _aad_of(row))
+                except DecryptionFailed as exc:
+                    raise await self._unwrap_failed(row, exc.diagnostic) from None
+                updates.append((row.key_id, row.wrapped, blob, new.key_id))
+            self._store.rewrap(updates, self._now())
+            cursor, done = rows[-1].seq, done + len(rows)
+            self._store.update_job(
+                job.job_id, phase="rewrap", cursor=cursor, done=done, now=self._now()
+            )
+            if progress is not None:
+                progress(done, total)
+        retired = [
+            k.key_id for k in self._store.live(tenant, KeyPurpose.KEK) if k.key_id != new.key_id
+        ]
+        self._store.destroy(retired, self._now())
+        for key_id in retired:
+            self._keks.pop(key_id, None)
+        await self._finish(job, done, created, [new.key_id, *retired])
+        return RotationReport(job.job_id, JobKind.KEK, tenant, None, done, created, tuple(retired))
+
+    async def rotate_deks(
+        self,
+        tenant: str,
+        elements: SealedElementStore,
+        *,
+        patient: str | None = None,
+        batch: int = 500,
+        progress: Progress | None = None,
+    ) -> RotationReport:
+        """New data keys (one patient or all); re-encrypt their elements; retire old versions.
+
+        Progress (phase and cursor) is persisted after every batch: after a crash, calling this
+        again resumes the unfinished rotation. When every element is under the new versions,
+        the old versions are destroyed (the minimum decryption version rises).
+        """
+        _check_tenant(tenant)
+        if patient is not None:
+            _check_patient(patient)
+        self._require_unsealed()
+        kek = await self.ensure_tenant(tenant)
+        job = await self._job(tenant, JobKind.DEK, patient)
+        scope = job.patient
+        created = 0
+        if job.phase == "keys":
+            kek_aead = await self._kek(kek.key_id)
+            after = ""
+            while True:
+                subjects = (
+                    [scope] if scope is not None else self._store.subjects(tenant, after, 1000)
+                )
+                if not subjects:
+                    break
+                live = self._store.live_many(tenant, subjects)
+                fresh: list[KeyRecord] = []
+                demote: list[str] = []
+                for subject, records in live.items():
+                    active = self._active(records)
+                    if active is None or active.job == job.job_id or active.created >= job.started:
+                        continue
+                    fresh.append(
+                        self._wrapped_new(
+                            tenant,
+                            purpose=KeyPurpose.DEK,
+                            subject=subject,
+                            version=max(r.version for r in records) + 1,
+                            kek=kek,
+                            kek_aead=kek_aead,
+                            job=job.job_id,
+                        )
+                    )
+                    demote.append(active.key_id)
+                self._store.add(fresh, demote=demote)
+                created += len(fresh)
+                for record in fresh:
+                    self._ciphers.evict((tenant, record.subject))
+                if scope is not None:
+                    break
+                after = subjects[-1]
+            self._ciphers.clear()
+            self._store.update_job(job.job_id, phase="reencrypt", cursor=0, done=0, now=self._now())
+            job = _with_phase(job, "reencrypt", 0, 0)
+        cursor, done = job.cursor, job.done
+        if job.phase == "reencrypt":
+            while True:
+                rows = elements.scan(tenant, patient=scope, after=cursor, limit=batch)
+                if not rows:
+                    break
+                for element in rows:
+                    await self._reencrypt(elements, element)
+                cursor, done = rows[-1].position, done + len(rows)
+                self._store.update_job(
+                    job.job_id, phase="reencrypt", cursor=cursor, done=done, now=self._now()
+                )
+                if progress is not None:
+                    progress(done, None)
+        retired: list[str] = []
+        after = ""
+        while True:
+            subjects = [scope] if scope is not None else self._store.subjects(tenant, after, 1000)
+            if not subjects:
+                break
+            for records in self._store.live_many(tenant, subjects).values():
+                active = self._active(records)
+                if active is not None:
+                    retired.extend(r.key_id for r in records if r.version < active.version)
+            if scope is not None:
+                break
+            after = subjects[-1]
+        self._store.destroy(retired, self._now())
+        self._ciphers.clear()
+        await self._finish(job, done, created, retired)
+        return RotationReport(job.job_id, JobKind.DEK, tenant, scope, done, created, tuple(retired))
+
+    async def _reencrypt(self, elements: SealedElementStore, element: SealedElement) -> None:
+        try:
+            cipher = await self.patient_cipher(element.ref.tenant, element.patient)
+        except PatientShredded:
+            return  # nothing of a shredded patient can (or should) be re-encrypted
+        if key_version_of(element.ciphertext) == cipher.active_version:
+            return
+        plaintext = cipher.open(element.ref, element.ciphertext)
+        # A concurrent writer that replaced the element wrote under the new version: a lost
+        # compare-and-swap needs no retry.
+        elements.replace(element, cipher.seal(element.ref, plaintext))
+
+    async def rotate_index(
+        self,
+        tenant: str,
+        elements: SealedElementStore,
+        *,
+        batch: int = 500,
+        progress: Progress | None = None,
+    ) -> RotationReport:
+        """New blind-index key; re-index every indexed element; then retire the old version.
+
+        While it runs, :meth:`BlindIndexer.tokens` yields tokens of both versions, so lookups
+        keep finding everything. Resumable like DEK rotation.
+        """
+        _check_tenant(tenant)
+        self._require_unsealed()
+        kek = await self.ensure_tenant(tenant)
+        job = await self._job(tenant, JobKind.INDEX, None)
+        records = self._store.live(tenant, KeyPurpose.BLIND_INDEX)
+        new = next((r for r in records if r.job == job.job_id), None)
+        created = 0
+        if new is None:
+            kek_aead = await self._kek(kek.key_id)
+            version = self._next_version(tenant, KeyPurpose.BLIND_INDEX, "")
+            new = self._wrapped_new(
+                tenant,
+                purpose=KeyPurpose.BLIND_INDEX,
+                subject="",
+                version=version,
+                kek=kek,
+                kek_aead=kek_aead,
+                job=job.job_id,
+            )
+            self._store.add([new], demote=[r.key_id for r in records if r.state is KeyState.ACTIVE])
+            created = 1
+        self._indexers.pop(tenant, None)
+        indexer = await self.blind_indexer(tenant)
+        cursor, done = job.cursor, job.done
+        while True:
+            rows = elements.scan(tenant, patient=None, after=cursor, limit=batch)
+            if not rows:
+                break
+            for element in rows:
+                if element.index is None:
+                    continue
+                try:
+                    cipher = await self.patient_cipher(tenant, element.patient)
+                except PatientShredded:
+                    continue
+                value = cipher.open(element.ref, element.ciphertext).decode()
+                normalize(element.index.normalization, value)  # refuses values that never indexed
+                elements.add_tokens(
+                    element, [indexer.token(element.index, value, version=new.version)]
+                )
+            cursor, done = rows[-1].position, done + len(rows)
+            self._store.update_job(
+                job.job_id, phase="reindex", cursor=cursor, done=done, now=self._now()
+            )
+            if progress is not None:
+                progress(done, None)
+        old = [
+            r for r in self._store.live(tenant, KeyPurpose.BLIND_INDEX) if r.key_id != new.key_id
+        ]
+        for record in old:
+            elements.drop_token_version(tenant, record.version)
+        self._store.destroy([r.key_id for r in old], self._now())
+        self._indexers.pop(tenant, None)
+        retired = [r.key_id for r in old]
+        await self._finish(job, done, created, [new.key_id, *retired])
+        return RotationReport(
+            job.job_id, JobKind.INDEX, tenant, None, done, created, tuple(retired)
+        )
+
+    # inventory ----------------------------------------------------------------------------
+
+    def _info(self, record: KeyRecord) -> KeyInfo:
+        return KeyInfo(
+            key_id=record.key_id,
+            tenant=record.tenant,
+            purpose=record.purpose.value,
+            patient=record.subject or None,
+            version=record.version,
+            state=record.state.value,
+            provider=self._provider.name,
+            wrapped_by=record.wrapped_by if record.state is not KeyState.DESTROYED else None,
+            created=record.created,
+            rotated=record.rotated,
+            destroyed=record.destroyed,
+            principals=PRINCIPALS[record.purpose.value],
+        )
+
+    def inventory(self, *, tenant: str | None = None, patient: str | None = None) -> Inventory:
+        """Every key (DEKs counted, or listed for one patient): custody facts, no material."""
+        root = KeyInfo(
+            key_id=self._provider.root_key_id,
+            tenant="*",
+            purpose="root",
+            patient=None,
+            version=1,
+            state="sealed" if self._provider.sealed else "unsealed",
+            provider=self._provider.name,
+            wrapped_by=None,
+            created=None,
+            rotated=None,
+            destroyed=None,
+            principals=PRINCIPALS["root"],
+        )
+        keys: list[KeyRecord] = []
+        if patient is not None:
+            if tenant is None:
+                raise InvalidInput("name the tenant to list a patient's keys")
+            _check_patient(patient)
+            keys = self._store.records(tenant, KeyPurpose.DEK, patient)
+            if not keys and self._store.shred_record(tenant, patient) is None:
+                raise KeyNotFound(f"no keys for Patient/{patient} in tenant {tenant}")
+        else:
+            for purpose in (KeyPurpose.KEK, KeyPurpose.BLIND_INDEX, KeyPurpose.LEDGER_TOKEN):
+                keys.extend(self._store.records(tenant, purpose))
+        deks = tuple(
+            DekSummary(t, state, by, count)
+            for (t, state, by), count in sorted(self._store.dek_summary().items())
+            if tenant is None or t == tenant
+        )
+        return Inventory(root=root, keys=tuple(self._info(k) for k in keys), deks=deks)
+
+    def holds(self, tenant: str, patient: str) -> list[Hold]:
+        return self._store.holds(tenant, patient)
+
+    def shred_record(self, tenant: str, patient: str) -> ShredRecord | None:
+        return self._store.shred_record(tenant, patient)
+
+    def __repr__(self) -> str:
+        return f"<KeyRing provider={self._provider.name} sealed={self.sealed}>"
+
+
+def _with_wrapped(record: KeyRecord, wrapped: bytes) -> KeyRecord:
+    return KeyRecord(
+        key_id=record.key_id,
+        tenant=record.tenant,
+        purpose=record.purpose,
+        subject=record.subject,
+        version=record.version,
+        state=record.state,
+        wrapped=wrapped,
+        wrapped_by=record.wrapped_by,
+        created=record.created,
+        job=record.job,
+    )
+
+
+def _with_phase(job: RotationJob, phase: str, cursor: int, done: int) -> RotationJob:
+    return RotationJob(
+        job_id=job.job_id,
+        kind=job.kind,
+        tenant=job.tenant,
+        patient=job.patient,
+        phase=phase,
+        cursor=cursor,
+        started=job.started,
+        updated=job.updated,
+        done=done,
+    )
