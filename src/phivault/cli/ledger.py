@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -224,11 +225,11 @@ def _verify_local(
 ) -> VerificationReport:
     verifier = NoteVerifier.from_verifier_key(trusted_key or verifier_key_of(directory))
     with open_ledger_readonly(directory) as store:
-        frames = store.raw_frames()
-        leaves = (
-            leaf if leaf is not None else Damaged(reason or "damaged frame")
-            for _index, leaf, reason in frames
-        )
+
+        def leaves() -> Iterator[bytes | Damaged]:
+            for _index, leaf, reason in store.raw_frames():
+                yield leaf if leaf is not None else Damaged(reason or "damaged frame")
+
         with output.progress("verifying ledger", total=store.size()) as bar:
             return verify_ledger(
                 leaves,

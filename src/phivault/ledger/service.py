@@ -38,7 +38,7 @@ from phivault.ledger.checkpoint import Checkpoint, parse_checkpoint, sign_checkp
 from phivault.ledger.errors import LedgerError, LedgerTampered, LedgerUnavailable, TamperKind
 from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
 from phivault.ledger.file_store import FileLedgerStore, TornTailRecovery, create_store_files
-from phivault.ledger.merkle import MerkleTree, leaf_hash, verify_consistency
+from phivault.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash, verify_consistency
 from phivault.ledger.note import NoteSigner
 from phivault.settings import LedgerSettings
 
@@ -155,6 +155,7 @@ class Ledger:
         self._background: set[asyncio.Future[None]] = set()
         self._closed = False
         self.batches_committed = 0  # group commits so far (one fsync each), for metrics
+        self.checkpoint_failure: LedgerError | None = None  # the last background failure
         notes = store.checkpoints()
         self._last_checkpoint: Checkpoint | None = (
             unverified_checkpoint(notes[-1]) if notes else None
@@ -282,15 +283,20 @@ class Ledger:
 
     def _checkpoint_due(self) -> None:
         self._checkpoint_timer = None
-        task = asyncio.ensure_future(self._checkpoint_quietly())
+        task = asyncio.ensure_future(self._checkpoint_in_background())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _checkpoint_quietly(self) -> None:
-        # A timer-driven checkpoint that fails is retried at the next append; appends keep
-        # working, and `verify` reports how far checkpoints reach.
-        with contextlib.suppress(LedgerError):
+    async def _checkpoint_in_background(self) -> None:
+        # A timer-driven checkpoint that fails must not fail the appends that triggered it,
+        # but it must not vanish either: it is kept for health checks and metrics, and the
+        # next append schedules another attempt. `verify` reports how far checkpoints reach.
+        try:
             await self.checkpoint()
+        except LedgerError as exc:
+            self.checkpoint_failure = exc
+        else:
+            self.checkpoint_failure = None
 
     async def checkpoint(self) -> str:
         """Sign and store a checkpoint covering every durable entry; return the note."""
@@ -300,7 +306,13 @@ class Ledger:
             if last is not None and last.size == size:
                 return self._store.checkpoints()[-1]
             root = self._tree.root(size)
-            if last is not None:
+            if last is not None and last.size == 0:
+                # RFC 9162 has no consistency proof from the empty tree: any tree extends it.
+                if last.root_hash != EMPTY_ROOT:
+                    raise LedgerTampered(
+                        0, TamperKind.FORKED, "the empty checkpoint has a bad root"
+                    )
+            elif last is not None:
                 proof = self._tree.consistency_proof(last.size, size)
                 verify_consistency(last.size, size, proof, last.root_hash, root)
             checkpoint = Checkpoint(origin=self.origin, size=size, root_hash=root)
@@ -353,17 +365,21 @@ class Ledger:
             self._checkpoint_timer = None
         for task in list(self._background):
             await asyncio.gather(task, return_exceptions=True)
-        with contextlib.suppress(LedgerError):
-            await self.checkpoint()
         self._closed = True
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self._store.close)
-        self._io.shutdown(wait=True)
+        try:
+            # Leave nothing unsigned behind; a failure here is reported to the caller.
+            if self._tree.size:
+                await self.checkpoint()
+        finally:
+            await loop.run_in_executor(self._io, self._store.close)
+            self._io.shutdown(wait=True)
 
 
 def _body(note: str) -> str:
     # The checkpoint body is the note text before the blank line that precedes signatures.
-    text, sep, _sigs = note.partition("\n\n")
+    # Signatures follow the note's last blank line (C2SP signed-note).
+    text, sep, _sigs = note.rpartition("\n\n")
     if not sep:
         raise LedgerTampered(
             0, TamperKind.BAD_SIGNATURE, "a stored checkpoint is not a signed note"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -60,6 +60,7 @@ class _Finding:
     index: int
     kind: TamperKind
     detail: str
+    limit: int = 0  # for a signed-root failure: the checkpoint size whose range it covers
 
     def raise_(self) -> None:
         raise LedgerTampered(self.index, self.kind, self.detail)
@@ -104,21 +105,37 @@ def _claimed_size(note: str) -> int:
     return 0
 
 
+LeafSource = Sequence["bytes | Damaged"] | Callable[[], Iterable["bytes | Damaged"]]
+
+
 def verify_ledger(
-    leaves: Iterable[bytes | Damaged],
+    leaves: LeafSource,
     checkpoint_notes: Iterable[str],
     verifier: NoteVerifier,
     *,
     origin: str | None = None,
     trusted_checkpoint: str | None = None,
     progress: Callable[[int], None] | None = None,
+    thorough: bool = False,
 ) -> VerificationReport:
     """Verify entries (in ledger order) against signed checkpoints; raise on any failure.
 
-    ``origin`` defaults to the verifier key's name. ``trusted_checkpoint`` is a checkpoint the
-    verifier saw earlier by other means (a witness, a previous export): the ledger must still
-    contain its history, which detects a rollback of entries *and* checkpoints together.
+    ``leaves`` is a sequence, or a function returning a fresh iterable each call (a second
+    pass reads them again). ``origin`` defaults to the verifier key's name.
+    ``trusted_checkpoint`` is a checkpoint the verifier saw earlier by other means (a witness,
+    a previous export): the ledger must still contain its history, which detects a rollback of
+    entries *and* checkpoints together.
+
+    The first pass hashes every leaf and compares the rebuilt tree with every signed root:
+    for entries a checkpoint covers, that alone proves they are exactly what was signed. The
+    structural pass (``seq`` and ``chain`` of every entry) then runs over entries no
+    checkpoint covers yet, over everything when the first pass failed (to name the first bad
+    index and the kind), and over everything when ``thorough`` is set (to check that what was
+    signed is itself well-formed).
     """
+    if not callable(leaves) and not isinstance(leaves, Sequence):
+        raise TypeError("leaves must be a sequence or a function returning a fresh iterable")
+    read = leaves if callable(leaves) else (lambda: leaves)
     origin = origin if origin is not None else verifier.name
     notes = list(checkpoint_notes)
     if trusted_checkpoint is not None:
@@ -126,23 +143,87 @@ def verify_ledger(
     checkpoints = _open_checkpoints(notes, verifier, origin)
 
     hashes = bytearray()
+    damaged = False
+    for position, item in enumerate(read()):
+        if progress is not None and position % _PROGRESS_EVERY == 0:
+            progress(position)
+        if isinstance(item, Damaged):
+            damaged = True
+            break
+        hashes += leaf_hash(item)
+    count = len(hashes) // 32
+    tree = MerkleTree(bytes(hashes))
+    signed_finding, covered = _compare_with_checkpoints(tree, count, checkpoints)
+    if progress is not None:
+        progress(count)
+
+    failed = damaged or signed_finding is not None
+    start = 0 if failed or thorough else covered
+    if failed or start < count:
+        entry_finding = _structural_pass(read(), start, tree)
+        finding = _first(entry_finding, signed_finding)
+        if finding is not None:
+            finding.raise_()
+    return VerificationReport(
+        entries=count,
+        checkpoints=len(checkpoints),
+        covered=covered,
+        root_hash=tree.root(count),
+    )
+
+
+def _compare_with_checkpoints(
+    tree: MerkleTree, count: int, checkpoints: list[Checkpoint]
+) -> tuple[_Finding | None, int]:
+    """The first signed root the entries fail, and the largest size they verified against."""
+    verified_size = 0
+    for checkpoint in checkpoints:
+        if checkpoint.size > count:
+            return _Finding(
+                count,
+                TamperKind.TRUNCATED,
+                f"{count} entries, but a checkpoint was signed at size {checkpoint.size}",
+                limit=checkpoint.size,
+            ), verified_size
+        if tree.root(checkpoint.size) != checkpoint.root_hash:
+            return _Finding(
+                verified_size,
+                TamperKind.FORKED,
+                f"entries {verified_size} to {checkpoint.size - 1} do not match the history "
+                f"signed at size {checkpoint.size}",
+                limit=checkpoint.size,
+            ), verified_size
+        verified_size = checkpoint.size
+    return None, verified_size
+
+
+def _first(entry: _Finding | None, signed: _Finding | None) -> _Finding | None:
+    # An entry-level finding inside the failing checkpoint's range explains the mismatch and
+    # is more precise; keep it. Otherwise the signed root is the first thing that fails.
+    if entry is None:
+        return signed
+    if signed is None:
+        return entry
+    return entry if entry.index < signed.limit else signed
+
+
+def _structural_pass(
+    items: Iterable[bytes | Damaged], start: int, tree: MerkleTree
+) -> _Finding | None:
+    """Check every entry's ``seq`` and ``chain`` from ``start``; name the first that fails."""
+    prev_chain = base64.b64encode(tree.leaf_hash_at(start - 1)) if start else _ZERO_CHAIN
     finding: _Finding | None = None
     seq_anomaly: tuple[int, int] | None = None  # (position, seq found there)
     seqs_after_anomaly: set[int] = set()
     next_seq: int | None = None  # the seq of the entry right after the anomaly
-    prev_chain = _ZERO_CHAIN
-    position = 0
-    for position, item in enumerate(leaves):
-        if progress is not None and position % _PROGRESS_EVERY == 0:
-            progress(position)
+    for position, item in enumerate(items):
+        if position < start:
+            continue
         if isinstance(item, Damaged):
             finding = finding or _Finding(position, TamperKind.MODIFIED, item.reason)
             break
-        digest = leaf_hash(item)
-        hashes += digest
-        chain_now = base64.b64encode(digest)
+        chain_now = base64.b64encode(leaf_hash(item))
         if finding is not None:
-            prev_chain = chain_now
             continue
         seq_match = _SEQ_RE.search(item)
         chain_match = _CHAIN_RE.search(item)
@@ -164,9 +245,6 @@ def verify_ledger(
                 f"entry {bad} (or the link in entry {position}) was modified",
             )
         prev_chain = chain_now
-    count = len(hashes) // 32
-    if progress is not None:
-        progress(count)
 
     if seq_anomaly is not None:
         at, found = seq_anomaly
@@ -181,37 +259,4 @@ def verify_ledger(
             candidate = _Finding(at, TamperKind.MODIFIED, f"entry {at} repeats entry {found}")
         if finding is None or candidate.index <= finding.index:
             finding = candidate
-
-    tree = MerkleTree(bytes(hashes))
-    verified_size = 0
-    for checkpoint in checkpoints:
-        if checkpoint.size > count:
-            candidate = _Finding(
-                count,
-                TamperKind.TRUNCATED,
-                f"{count} entries, but a checkpoint was signed at size {checkpoint.size}",
-            )
-        elif tree.root(checkpoint.size) != checkpoint.root_hash:
-            candidate = _Finding(
-                verified_size,
-                TamperKind.FORKED,
-                f"entries {verified_size} to {checkpoint.size - 1} do not match the history "
-                f"signed at size {checkpoint.size}",
-            )
-        else:
-            verified_size = checkpoint.size
-            continue
-        # An entry-level finding inside this checkpoint's range explains the mismatch and is
-        # more precise; keep it. Otherwise the signed root is the first thing that fails.
-        if finding is None or finding.index >= checkpoint.size:
-            finding = candidate
-        break
-
-    if finding is not None:
-        finding.raise_()
-    return VerificationReport(
-        entries=count,
-        checkpoints=len(checkpoints),
-        covered=verified_size,
-        root_hash=tree.root(count),
-    )
+    return finding

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,11 +60,12 @@ def _run_and_kill(data_dir: Path, start: int, rng: random.Random) -> dict[int, s
 def _verify(directory: DataDir) -> int:
     verifier = NoteVerifier.from_verifier_key(verifier_key_of(directory))
     with open_ledger_readonly(directory) as store:
-        leaves = (
-            leaf if leaf is not None else Damaged(reason or "damaged")
-            for _index, leaf, reason in store.raw_frames()
-        )
-        return verify_ledger(leaves, store.checkpoints(), verifier).entries
+
+        def leaves() -> Iterator[bytes | Damaged]:
+            for _index, leaf, reason in store.raw_frames():
+                yield leaf if leaf is not None else Damaged(reason or "damaged")
+
+        return verify_ledger(leaves, store.checkpoints(), verifier, thorough=True).entries
 
 
 def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:

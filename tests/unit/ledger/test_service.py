@@ -147,3 +147,18 @@ async def test_a_closed_ledger_fails_closed(data_dir: DataDir) -> None:
         pass
     with pytest.raises(LedgerUnavailable):
         await ledger.record(sample_event(0))
+
+
+async def test_a_checkpoint_of_the_empty_ledger_does_not_stop_later_ones(data_dir: DataDir) -> None:
+    # Regression: the empty tree has no consistency proof, and a failing check was swallowed,
+    # so after one empty checkpoint no checkpoint was ever signed again.
+    async with open_ledger(data_dir, LedgerSettings(checkpoint_interval_s=0.02)) as ledger:
+        empty = await ledger.checkpoint()
+        assert empty.split("\n")[1] == "0"
+        await ledger.record(sample_event(0))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if ledger.latest_checkpoint is not None and ledger.latest_checkpoint.size == 1:
+                break
+        assert ledger.latest_checkpoint is not None and ledger.latest_checkpoint.size == 1
+        assert ledger.checkpoint_failure is None
