@@ -888,7 +888,7 @@ class KeyRing:
                 demote: list[str] = []
                 for subject, records in live.items():
                     active = self._active(records)
-                    if active is None or active.job == job.job_id or active.created >= job.started:
+                    if active is None or active.job == job.job_id:
                         continue
                     fresh.append(
                         self._wrapped_new(
