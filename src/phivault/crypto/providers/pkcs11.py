@@ -2,10 +2,13 @@
 
 Why: in the scaled shape the root key must never exist outside tamper-resistant hardware. The
 root key is a non-extractable, sensitive AES-256 key object in the token; KEKs are wrapped and
-unwrapped *inside* the token with CKM_AES_GCM (associated data bound). A small pool of
-sessions lets several workers' threads wrap concurrently; login state is per application in
-PKCS#11, so one session logs in and the rest share it. Sealing closes every session and logs
-out. python-pkcs11 exceptions never cross this module: they become :class:`KeyUnavailable`
+unwrapped *inside* the token with CKM_AES_GCM (associated data bound). Threads borrow sessions
+from a small pool (login state is per application in PKCS#11: one session logs in, the rest
+share it). python-pkcs11 0.10 calls ``C_Initialize(NULL)``, which promises the library that
+no two threads call it at once, so every call into the module is serialized by one
+process-wide lock (SoftHSM2 crashes otherwise; see ``docs/decisions/keys-providers.md``):
+concurrency across the HSM comes from several worker processes. Sealing closes every session
+and logs out. python-pkcs11 exceptions never cross this module: they become :class:`KeyUnavailable`
 (device, session, PIN) or :class:`DecryptionFailed` (a wrapped key that does not authenticate).
 """
 
@@ -23,6 +26,9 @@ from phivault.crypto._hazmat import SecretKey
 from phivault.crypto.errors import DecryptionFailed, KeyNotFound, KeyUnavailable, Sealed
 
 __all__ = ["Pkcs11Provider"]
+
+# One per process, like the loaded module itself: Cryptoki was initialized without OS locking.
+_LIBRARY_LOCK = threading.RLock()
 
 _NONCE = 12
 _TAG = 16
@@ -82,7 +88,7 @@ class Pkcs11Provider:
         from pkcs11.exceptions import NoSuchKey, PKCS11Error
 
         try:
-            with self._token().open(rw=True, user_pin=pin) as session:
+            with _LIBRARY_LOCK, self._token().open(rw=True, user_pin=pin) as session:
                 try:
                     session.get_key(label=self._key_label, key_type=KeyType.AES)
                     return
@@ -112,7 +118,7 @@ class Pkcs11Provider:
 
         if len(credentials) != 1:
             raise KeyUnavailable("the PKCS#11 provider is unsealed with exactly one PIN")
-        with self._lock:
+        with self._lock, _LIBRARY_LOCK:
             if self._pool is not None:
                 return
             token = self._token()
@@ -144,7 +150,7 @@ class Pkcs11Provider:
                 session.close()
 
     def seal(self) -> None:
-        with self._lock:
+        with self._lock, _LIBRARY_LOCK:
             self._close(self._sessions)
             self._sessions = []
             self._pool = None
@@ -156,7 +162,8 @@ class Pkcs11Provider:
             raise Sealed()
         session, key = pool.get()
         try:
-            yield key
+            with _LIBRARY_LOCK:
+                yield key
         finally:
             pool.put((session, key))
 
