@@ -39,7 +39,9 @@ class DataDirMissing(PhivaultError):
 
 class DataDirExists(PhivaultError):
     def __init__(self, path: Path) -> None:
-        super().__init__(f"{path} already holds a phivault data directory; refusing to overwrite it")
+        super().__init__(
+            f"{path} already holds a phivault data directory; refusing to overwrite it"
+        )
         self.path = path
 
 
