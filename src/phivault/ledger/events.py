@@ -13,11 +13,20 @@ the hash of the previous leaf, and the back-link to the previous event of the sa
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Final
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 __all__ = [
     "Action",
@@ -32,19 +41,73 @@ __all__ = [
     "Reference",
     "Source",
     "format_instant",
+    "unversioned",
 ]
 
-# A code: lower-case words joined by hyphens or dots (FHIR codes, role names, reasons).
-Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")]
+# The grammars below admit no spaces, so no sentence, full name or street address fits. Some
+# PHI does fit an id grammar, so values are also refused when they have the shape of an SSN,
+# a phone number or an e-mail address anywhere in them, or are a calendar date as a whole.
+_SSN_SHAPE: Final = re.compile(r"(?<![0-9])[0-9]{3}-[0-9]{2}-[0-9]{4}(?![0-9])")
+_PHONE_SHAPE: Final = re.compile(r"(?<![0-9])[0-9]{3}[-.][0-9]{3}[-.][0-9]{4}(?![0-9])")
+_EMAIL_SHAPE: Final = re.compile(r"[^@]@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}$")
+_DATE_SHAPE: Final = re.compile(
+    r"[0-9]{4}[-/.][0-9]{1,2}[-/.][0-9]{1,2}|[0-9]{1,2}[-/.][0-9]{1,2}[-/.][0-9]{2,4}"
+)
+
+
+def _not_phi_shaped(value: str) -> str:
+    if _SSN_SHAPE.search(value):
+        raise ValueError("has the shape of a social security number")
+    if _PHONE_SHAPE.search(value):
+        raise ValueError("has the shape of a phone number")
+    if _EMAIL_SHAPE.search(value):
+        raise ValueError("has the shape of an e-mail address")
+    if _DATE_SHAPE.fullmatch(value):
+        raise ValueError("has the shape of a date")
+    return value
+
+
+def _reference_not_phi_shaped(value: str) -> str:
+    # "Patient/<id>": the type is a name from FHIR, only the id can carry a value.
+    _not_phi_shaped(value.split("/")[1])
+    return value
+
+
+# A code: letters, digits, dots, hyphens and underscores (FHIR codes such as "read", "TREAT",
+# "BTG" or "110122", role names, reasons such as "expired-token").
+Code = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"),
+    AfterValidator(_not_phi_shaped),
+]
 # An opaque id: a user id, client id, request id, node id, grant id, tenant id.
-OpaqueId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$")]
+OpaqueId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$"),
+    AfterValidator(_not_phi_shaped),
+]
 # A FHIR relative reference, optionally versioned: "Patient/123", "Observation/9/_history/2".
 Reference = Annotated[
     str,
     StringConstraints(
         pattern=r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$"
     ),
+    AfterValidator(_reference_not_phi_shaped),
 ]
+
+
+def unversioned(reference: str) -> str:
+    """``"Patient/1/_history/2"`` -> ``"Patient/1"``: the resource a reference is about."""
+    return "/".join(reference.split("/")[:2])
+
+
+def _patient_reference(value: str) -> str:
+    if not value.startswith("Patient/") or value != unversioned(value):
+        raise ValueError('must be an unversioned Patient reference ("Patient/<id>")')
+    return value
+
+
+PatientReference = Annotated[Reference, AfterValidator(_patient_reference)]
 # A keyed token (HMAC of an identifier or a query), base64url without padding.
 KeyedToken = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{16,128}$")]
 
@@ -60,21 +123,35 @@ def _network_address(value: str) -> str:
 NetworkAddress = Annotated[str, AfterValidator(_network_address)]
 
 
+def _no_number_instant(value: object) -> object:
+    # Pydantic would read a number as seconds since the epoch; a leaf says what it means.
+    if isinstance(value, int | float):
+        raise ValueError("must be a date-time with a time zone, not a number")
+    return value
+
+
 def _utc_instant(value: datetime) -> datetime:
-    if value.tzinfo is None:
+    if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("must carry a time zone")
     # Millisecond precision: FHIR instants and the canonical encoding agree on it.
-    value = value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("is out of range in UTC") from exc
     return value.replace(microsecond=(value.microsecond // 1000) * 1000)
 
 
-Instant = Annotated[datetime, AfterValidator(_utc_instant)]
+Instant = Annotated[datetime, BeforeValidator(_no_number_instant), AfterValidator(_utc_instant)]
 
 
 def format_instant(value: datetime) -> str:
     """RFC 3339 in UTC with milliseconds and ``Z``: the one textual form of time in leaves."""
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    v = value.astimezone(UTC)
+    # Not strftime: it does not pad years before 1000 to four digits on every platform.
+    return (
+        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}."
+        f"{v.microsecond // 1000:03d}Z"
+    )
 
 
 class EventKind(StrEnum):
@@ -166,12 +243,31 @@ class Entity(_Model):
     query_hash: KeyedToken | None = None  # keyed HMAC of the normalized query, never the query
     security_labels: tuple[Code, ...] = ()  # e.g. "REDACTED", "BTG"
 
+    @model_validator(mode="after")
+    def _says_something(self) -> Entity:
+        if self.what is None and self.query_hash is None:
+            raise ValueError("an entity needs what it is (what) or the query's hash (query_hash)")
+        if self.role is EntityRole.PATIENT and (
+            self.what is None or not self.what.startswith("Patient/")
+        ):
+            raise ValueError("an entity in the patient role must reference a Patient")
+        return self
+
 
 class AuditEvent(_Model):
     """One audited event. Immutable; the ledger appends it as one leaf.
 
     ``patient`` is the patient the event concerns (``Patient/<id>``), if any: the ledger links
     every event of a patient to the previous one, so a patient's history is a chain.
+
+    ``patient`` and the entities agree, as IHE BALP wants them to. When an event is built:
+
+    * an entity in the patient role must reference ``patient`` (any version of it); one that
+      references another patient is refused;
+    * if ``patient`` is set and no entity has the patient role, the patient entity
+      (``what=patient``, type Person, role Patient) is added;
+    * if ``patient`` is not set, it is taken from the entities in the patient role, or else
+      from the one Patient that entities reference; several patients leave it unset.
     """
 
     kind: EventKind
@@ -181,7 +277,7 @@ class AuditEvent(_Model):
     outcome: Outcome = Outcome.SUCCESS
     outcome_reason: Code | None = None
     tenant: OpaqueId
-    patient: Reference | None = None
+    patient: PatientReference | None = None
     agents: tuple[Agent, ...] = Field(min_length=1)
     source: Source
     entities: tuple[Entity, ...] = ()
@@ -189,11 +285,53 @@ class AuditEvent(_Model):
     request_id: OpaqueId | None = None
     break_glass_grant: OpaqueId | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _patient_entity(cls, data: Any) -> Any:
+        # Fill in the patient or its entity from the other (see the class docstring). Anything
+        # malformed is left for field validation to report.
+        if not isinstance(data, dict):
+            return data
+        raw_entities = data.get("entities", ())
+        if not isinstance(raw_entities, list | tuple):
+            return data
+        entities: list[Entity] = []
+        for raw in raw_entities:
+            if isinstance(raw, Entity):
+                entities.append(raw)
+            elif isinstance(raw, dict):
+                try:
+                    entities.append(Entity.model_validate(raw))
+                except ValueError:
+                    return data
+            else:
+                return data
+        patient = data.get("patient")
+        in_role = {unversioned(e.what) for e in entities if e.what and e.role is EntityRole.PATIENT}
+        if patient is None:
+            referenced = {
+                unversioned(e.what) for e in entities if e.what and e.what.startswith("Patient/")
+            }
+            candidates = in_role or referenced
+            if len(candidates) != 1:
+                return data  # no patient, or several: a search across patients
+            patient = next(iter(candidates))
+            data = {**data, "patient": patient}
+        if not isinstance(patient, str):
+            return data
+        if in_role - {patient}:
+            raise ValueError("an entity in the patient role references another patient")
+        if not in_role:
+            patient_entity = Entity(what=patient, type=EntityType.PERSON, role=EntityRole.PATIENT)
+            data = {**data, "entities": (*entities, patient_entity)}
+        return data
+
     def to_document(self) -> dict[str, Any]:
         """The JSON document the leaf encodes: no ``None``s, no floats, times as strings."""
         doc = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
         doc["recorded"] = format_instant(self.recorded)
-        return _prune(doc)
+        pruned: dict[str, Any] = _prune(doc)
+        return pruned
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> AuditEvent:
