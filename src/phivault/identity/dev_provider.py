@@ -43,7 +43,7 @@ CLIENT_ID = "phivault-dev-cli"
 MFA_ACR = "http://schemas.openid.net/pape/policies/2007/06/multi-factor"
 
 
-class DevProviderRefused(ConfigurationError):  # noqa: N818 - reads as what happened
+class DevProviderRefused(ConfigurationError):
     """The dev identity provider was asked for where it must not run."""
 
 

@@ -35,7 +35,7 @@ class AuthenticationError(PhivaultError):
         self.message = message
 
 
-class MissingCredentials(AuthenticationError):  # noqa: N818 - reads as a reason
+class MissingCredentials(AuthenticationError):
     """No access token was presented (RFC 6750 §3.1: no error code in the challenge)."""
 
     error = ""
@@ -44,7 +44,7 @@ class MissingCredentials(AuthenticationError):  # noqa: N818 - reads as a reason
         super().__init__("no-credentials", "an access token is required")
 
 
-class InvalidToken(AuthenticationError):  # noqa: N818 - reads as a reason
+class InvalidToken(AuthenticationError):
     """The access token is malformed, unsigned, mis-signed, expired, or not for us."""
 
 
@@ -54,11 +54,11 @@ class DPoPError(AuthenticationError):
     error = "invalid_dpop_proof"
 
 
-class SessionExpired(AuthenticationError):  # noqa: N818 - reads as a reason
+class SessionExpired(AuthenticationError):
     """The session behind the token is too old or was idle too long: sign in again."""
 
 
-class InsufficientAuthentication(AuthenticationError):  # noqa: N818 - reads as a reason
+class InsufficientAuthentication(AuthenticationError):
     """The token is valid but its authentication is too weak or too old (RFC 9470).
 
     ``acr_values`` and ``max_age`` tell the client what to ask the identity provider for.

@@ -1,0 +1,280 @@
+"""``create_app(settings, audit_sink=...)``: the one way to build phivault's ASGI application.
+
+Everything is built here from settings, nothing at import time: the token validator with one
+key source per trusted issuer (a JWKS cache, or the dev provider's key in a ``--dev`` data
+directory), the DPoP replay cache, session store and rate limiter (memory, or Redis when
+``api.shared_state = "redis"``), the scrubbing logger, the metrics registry, and the front
+door layers in their documented order (:mod:`phivault.api.middleware`). Missing or unsafe
+configuration fails here, before a single request is served: no trusted issuer, a symmetric
+algorithm in the allow-list, or the dev identity provider under production settings.
+
+The records service mounts its routers with ``routers=[MountedRouter(router, "/fhir")]``
+(see :mod:`phivault.api.context` for the dependencies its routes receive).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TextIO
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+
+from phivault.api.context import MountedRouter
+from phivault.api.middleware import (
+    AuditContextLayer,
+    AuthenticationLayer,
+    BodyGuardLayer,
+    ErrorMappingLayer,
+    FrontDoor,
+    RateLimitLayer,
+    RequestIdLayer,
+    ResponseScrubLayer,
+)
+from phivault.api.observability import Metrics, make_logger
+from phivault.api.problems import FHIR_JSON, operation_outcome
+from phivault.api.ratelimit import RateLimiter, RateLimitUnavailable
+from phivault.api.routes import DEV_PATHS, PUBLIC_PATHS, UNLIMITED_PATHS, dev_router, system_router
+from phivault.datadir import DataDir
+from phivault.errors import ConfigurationError
+from phivault.identity.authenticator import Authenticator
+from phivault.identity.dpop import DPoPVerifier, MemoryReplayCache, RedisReplayCache, ReplayCache
+from phivault.identity.errors import IdentityUnavailable
+from phivault.identity.jwks import JwksCache, KeySource
+from phivault.identity.principal import Role
+from phivault.identity.sessions import (
+    MemorySessionStore,
+    RedisSessionStore,
+    SessionPolicy,
+    SessionStore,
+)
+from phivault.identity.tokens import TokenValidator, TrustedIssuerKeys
+from phivault.ledger.ports import AuditSink
+from phivault.privacy.scrub import Scrubber
+from phivault.settings import Settings
+
+__all__ = ["create_app", "session_policy"]
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+
+
+def session_policy(settings: Settings) -> SessionPolicy:
+    """The session rules of ``settings.identity`` (unknown role names are a config error)."""
+    ident = settings.identity
+    try:
+        idle = {Role(name): value for name, value in ident.idle_timeout_s.items()}
+        mfa_roles = frozenset(Role(name) for name in ident.mfa_roles)
+    except ValueError as exc:
+        raise ConfigurationError("identity settings name an unknown role") from exc
+    return SessionPolicy(
+        max_token_age_s=ident.max_token_age_s,
+        max_session_age_s=ident.max_session_age_s,
+        idle_timeout_s=idle,
+        default_idle_timeout_s=900,
+        mfa_roles=mfa_roles,
+        mfa_acr_values=frozenset(ident.mfa_acr_values),
+        step_up_window_s=ident.step_up_window_s,
+        skew_s=ident.clock_skew_s,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    audit_sink: AuditSink,
+    data_dir: DataDir | None = None,
+    routers: Sequence[MountedRouter] = (),
+    key_sources: Mapping[str, KeySource] | None = None,
+    http_client: httpx.AsyncClient | None = None,
+    redis: Redis | None = None,
+    clock: Callable[[], float] = time.time,
+    log_stream: TextIO | None = None,
+    error_map: Mapping[type[BaseException], int] | None = None,
+    readiness_checks: Sequence[ReadinessCheck] = (),
+) -> FastAPI:
+    """Build the application. ``key_sources`` (issuer -> keys) adds issuers, mainly for tests."""
+    ident = settings.identity
+    api = settings.api
+    client = http_client or httpx.AsyncClient(follow_redirects=False)
+    owns_client = http_client is None
+
+    # Trusted issuers: configured ones (JWKS over HTTPS), the dev provider, explicit sources.
+    trusted: dict[str, KeySource] = {}
+    jwks_caches: list[JwksCache] = []
+    for issuer in ident.issuers:
+        cache = JwksCache(
+            issuer=issuer.issuer,
+            jwks_url=issuer.jwks_url,
+            client=client,
+            clock=time.monotonic,
+            ttl_s=ident.jwks_cache_ttl_s,
+            min_refresh_s=ident.jwks_min_refresh_s,
+        )
+        trusted[issuer.issuer] = cache
+        jwks_caches.append(cache)
+    dev_provider = None
+    if data_dir is not None and data_dir.dev:
+        from phivault.identity.dev_provider import DevIdentityProvider  # dev only, named import
+
+        dev_provider = DevIdentityProvider.open(data_dir, settings)  # refuses production
+        trusted[dev_provider.issuer] = dev_provider.key_source()
+    trusted.update(key_sources or {})
+    validator = TokenValidator(
+        [TrustedIssuerKeys(name, source) for name, source in trusted.items()],
+        audience=ident.audience,
+        algorithms=ident.algorithms,
+        skew_s=ident.clock_skew_s,
+    )
+
+    # Shared state: per process (embedded) or in Redis (several workers).
+    owns_redis = False
+    replay: ReplayCache
+    sessions: SessionStore
+    if api.shared_state == "redis":
+        if redis is None:
+            redis = Redis.from_url(api.redis_url)  # connects lazily, on first use
+            owns_redis = True
+        replay = RedisReplayCache(redis, prefix=api.redis_key_prefix)
+        sessions = RedisSessionStore(redis, prefix=api.redis_key_prefix)
+        limiter = RateLimiter.redis(
+            api.redis_url,
+            prefix=api.redis_key_prefix,
+            per_address=api.rate_limit_per_address,
+            per_principal=api.rate_limit_per_principal,
+        )
+    else:
+        replay = MemoryReplayCache()
+        sessions = MemorySessionStore()
+        limiter = RateLimiter.in_memory(
+            per_address=api.rate_limit_per_address, per_principal=api.rate_limit_per_principal
+        )
+    policy = session_policy(settings)
+    authenticator = Authenticator(
+        validator,
+        DPoPVerifier(
+            replay,
+            algorithms=ident.dpop_algorithms,
+            max_age_s=ident.dpop_proof_max_age_s,
+            skew_s=min(ident.clock_skew_s, 10),
+        ),
+        policy,
+        sessions,
+        default_tenant=ident.default_tenant,
+    )
+
+    scrubber = Scrubber()
+    metrics = Metrics()
+    public_paths = PUBLIC_PATHS | (DEV_PATHS if dev_provider is not None else frozenset())
+    if settings.is_production:
+        public_paths = public_paths - {"/docs", "/docs/oauth2-redirect"}
+    door = FrontDoor(
+        authenticator=authenticator,
+        limiter=limiter,
+        metrics=metrics,
+        log=make_logger(scrubber, log_stream),
+        scrubber=scrubber,
+        audit_sink=audit_sink,
+        observer=data_dir.node_id if data_dir is not None else "phivault",
+        clock=clock,
+        public_paths=public_paths,
+        unlimited_paths=UNLIMITED_PATHS,
+        max_body_bytes=api.max_body_bytes,
+        public_url=api.public_url,
+        dpop_algorithms=tuple(ident.dpop_algorithms),
+        default_tenant=ident.default_tenant or "unknown",
+        error_map=dict(error_map or {}),
+    )
+
+    async def ready() -> None:
+        for cache in jwks_caches:
+            await cache.ready()
+        if not await limiter.ping():
+            raise RateLimitUnavailable("the rate limit store is unavailable")
+        if redis is not None:
+            try:
+                await redis.ping()
+            except Exception as exc:
+                raise IdentityUnavailable("the shared state store is unavailable") from exc
+        for check in readiness_checks:
+            await check()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if owns_client:
+                await client.aclose()
+            if owns_redis and redis is not None:
+                await redis.aclose()
+
+    # Outermost first: the documented order (see phivault.api.middleware).
+    layers = [
+        RequestIdLayer,
+        ResponseScrubLayer,
+        BodyGuardLayer,
+        RateLimitLayer,
+        AuthenticationLayer,
+        AuditContextLayer,
+        ErrorMappingLayer,
+    ]
+    app = FastAPI(
+        title="phivault",
+        version="0.1.0",
+        middleware=[Middleware(layer, door=door) for layer in layers],
+        lifespan=lifespan,
+        docs_url=None if settings.is_production else "/docs",
+        redoc_url=None,
+        redirect_slashes=False,
+    )
+    app.state.front_door = door
+    app.state.session_policy = policy
+    app.state.clock = clock
+    app.state.ready = ready
+    app.state.dev_provider = dev_provider
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(system_router())
+    if dev_provider is not None:
+        app.include_router(dev_router(dev_provider))
+    for mounted in routers:
+        app.include_router(mounted.router, prefix=mounted.prefix)
+    return app
+
+
+def _outcome(
+    status: int, diagnostics: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        operation_outcome(status, diagnostics),
+        status_code=status,
+        media_type=FHIR_JSON,
+        headers=headers,
+    )
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    # Starlette's own 404/405: the detail is its fixed text, never a caller's input.
+    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+    headers = dict(exc.headers or {}) if isinstance(exc, StarletteHTTPException) else None
+    return _outcome(status, None, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    errors: list[Any] = list(exc.errors()) if isinstance(exc, RequestValidationError) else []
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return _outcome(400, "the request body is not valid JSON")
+    # Locations and error types only: pydantic's messages and inputs may echo PHI.
+    where = "; ".join(
+        ".".join(str(part) for part in error.get("loc", ())) + f": {error.get('type', 'invalid')}"
+        for error in errors[:20]
+    )
+    status = 400 if all(error.get("loc", ("body",))[0] != "body" for error in errors) else 422
+    return _outcome(status, where or None)

@@ -1,0 +1,517 @@
+"""The front door: the fixed order every request passes through, as plain ASGI layers.
+
+On the way in::
+
+    request id -> body guard (size limit, media type) -> rate limit -> authentication
+               -> audit context -> [error mapping -> routes]
+
+On the way out the response passes error mapping (exceptions become OperationOutcomes) and
+then **response scrubbing**, the last step before the request id layer stamps the response
+and logs it. Physically the scrubbing layer sits just inside the request id layer, so it also
+sees the errors answered by the body guard, the rate limit and authentication themselves
+(413, 415, 429, 401), and it is the last catch-all: an exception that escapes everything
+becomes a bare 500 OperationOutcome, never a stack trace.
+
+The layers are plain ASGI callables (not ``BaseHTTPMiddleware``) so that each costs a
+function call, and all of them share one :class:`FrontDoor` holding the components that
+``create_app`` built from settings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from phivault.api.context import STATE_KEY, AuditContext, RequestState
+from phivault.api.observability import Metrics
+from phivault.api.problems import (
+    FHIR_JSON,
+    AuditUnavailable,
+    BadRequest,
+    PayloadTooLarge,
+    Problem,
+    TooManyRequests,
+    UnsupportedMediaType,
+    operation_outcome,
+    problem_for,
+)
+from phivault.api.ratelimit import RateLimiter, credential_fingerprint
+from phivault.errors import PhivaultError, StoreUnavailable
+from phivault.identity.authenticator import Authenticator
+from phivault.identity.errors import (
+    AuthenticationError,
+    DPoPError,
+    InsufficientAuthentication,
+    MissingCredentials,
+)
+from phivault.ledger.events import Action, Agent, AuditEvent, EventKind, Outcome, Source
+from phivault.ledger.ports import AuditSink
+from phivault.privacy.scrub import Scrubber, tainted_scope
+
+__all__ = [
+    "AuditContextLayer",
+    "AuthenticationLayer",
+    "BodyGuardLayer",
+    "ErrorMappingLayer",
+    "FrontDoor",
+    "RateLimitLayer",
+    "RequestIdLayer",
+    "ResponseScrubLayer",
+    "challenge_for",
+    "route_template",
+    "send_problem",
+]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{7,63}$")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_JSON_TYPES = frozenset({"application/json", "application/fhir+json"})
+# Reasons that suggest an attack rather than an honest mistake: recorded as security alerts.
+_ALERT_REASONS = frozenset(
+    {
+        "bad-signature",
+        "algorithm-refused",
+        "wrong-type",
+        "unsupported-header",
+        "dpop-replay",
+        "dpop-wrong-key",
+        "dpop-bad-signature",
+        "dpop-missing",
+        "wrong-issuer",
+        "unknown-kid",
+    }
+)
+
+
+@dataclass(slots=True)
+class FrontDoor:
+    """The components the layers share (built once by ``create_app``)."""
+
+    authenticator: Authenticator
+    limiter: RateLimiter
+    metrics: Metrics
+    log: Any
+    scrubber: Scrubber
+    audit_sink: AuditSink
+    observer: str
+    clock: Callable[[], float]
+    public_paths: frozenset[str]
+    unlimited_paths: frozenset[str]
+    max_body_bytes: int
+    public_url: str | None
+    dpop_algorithms: tuple[str, ...]
+    default_tenant: str
+    error_map: Mapping[type[BaseException], int]
+
+
+def _state(scope: Scope) -> RequestState:
+    state: RequestState = scope["state"][STATE_KEY]
+    return state
+
+
+def _header(scope: Scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
+
+
+async def send_problem(send: Send, problem: Problem) -> None:
+    headers = [
+        (b"content-type", FHIR_JSON.encode() + b"; charset=utf-8"),
+        (b"content-length", str(len(problem.body)).encode()),
+    ]
+    headers += [
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in problem.headers.items()
+    ]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": problem.body})
+
+
+def challenge_for(exc: AuthenticationError, *, dpop: bool, dpop_algorithms: tuple[str, ...]) -> str:
+    """The ``WWW-Authenticate`` value (RFC 6750 §3, RFC 9449 §7.1, RFC 9470 §3)."""
+    use_dpop = dpop or isinstance(exc, DPoPError)
+    parts = ['DPoP realm="phivault"' if use_dpop else 'Bearer realm="phivault"']
+    if exc.error:
+        parts.append(f'error="{exc.error}"')
+        parts.append('error_description="' + exc.message.replace('"', "'") + '"')
+    if isinstance(exc, InsufficientAuthentication):
+        if exc.acr_values:
+            parts.append(f'acr_values="{exc.acr_values}"')
+        if exc.max_age is not None:
+            parts.append(f'max_age="{exc.max_age}"')
+    if use_dpop:
+        parts.append('algs="' + " ".join(dpop_algorithms) + '"')
+    return ", ".join(parts)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template (``/fhir/Patient/{id}``), never the raw path."""
+    route_path = getattr(scope.get("route"), "path", None)
+    if not isinstance(route_path, str):
+        return "unmatched"
+    # Routers included with a prefix report their path without it; the prefix is the leading
+    # literal segments of the request path (a router's prefix, not caller data).
+    extra = scope["path"].count("/") - route_path.count("/")
+    if extra <= 0 or ":path}" in route_path:
+        return route_path
+    prefix = "/".join(scope["path"].split("/")[: extra + 1])
+    return prefix + route_path
+
+
+class _Layer:
+    def __init__(self, app: ASGIApp, door: FrontDoor) -> None:
+        self.app = app
+        self.door = door
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class RequestIdLayer(_Layer):
+    """Gives each request an id (or keeps a well-formed incoming one), a tainted-value scope,
+    and, once answered, one scrubbed log line and its metrics."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = (
+            incoming[0]
+            if len(incoming) == 1 and _REQUEST_ID.match(incoming[0])
+            else secrets.token_hex(8)
+        )
+        client = scope.get("client")
+        state = RequestState(request_id=request_id, client_address=client[0] if client else None)
+        scope.setdefault("state", {})[STATE_KEY] = state
+        status = 500
+        started = time.perf_counter()
+
+        async def stamped(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                headers.append((b"cache-control", b"no-store"))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        with tainted_scope():
+            try:
+                await self.app(scope, receive, stamped)
+            finally:
+                route = route_template(scope)
+                elapsed = time.perf_counter() - started
+                metrics = self.door.metrics
+                metrics.requests.labels(scope["method"], route, str(status)).inc()
+                metrics.latency.labels(route).observe(elapsed)
+                principal = state.principal
+                self.door.log.info(
+                    "http.request",
+                    request_id=request_id,
+                    method=scope["method"],
+                    route=route,
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 2),
+                    subject=principal.subject if principal else None,
+                    tenant=principal.tenant if principal else None,
+                )
+
+
+class ResponseScrubLayer(_Layer):
+    """Scrubs every error body (tainted values, PHI patterns) and catches what escaped."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: MutableMapping[str, Any] | None = None
+        chunks: list[bytes] = []
+        started = False
+
+        async def scrubbing(message: Message) -> None:
+            nonlocal held, started
+            if message["type"] == "http.response.start":
+                if message["status"] >= 400:
+                    held = message
+                    return
+                started = True
+                await send(message)
+            elif message["type"] == "http.response.body" and held is not None:
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body = self._scrub(held["status"], b"".join(chunks))
+                    headers = [
+                        (k, v)
+                        for k, v in held.get("headers", [])
+                        if k not in (b"content-length", b"content-type")
+                    ]
+                    headers.append((b"content-type", FHIR_JSON.encode() + b"; charset=utf-8"))
+                    headers.append((b"content-length", str(len(body)).encode()))
+                    started = True
+                    await send({**held, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, scrubbing)
+        except Exception as exc:  # the last net: no exception reaches the server's logger
+            self.door.log.error("http.unhandled", error=type(exc).__name__)
+            if not started:
+                await send_problem(send, problem_for(exc))
+
+    def _scrub(self, status: int, body: bytes) -> bytes:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return operation_outcome(status)
+        if not isinstance(doc, dict) or doc.get("resourceType") != "OperationOutcome":
+            return operation_outcome(status)
+        return json.dumps(self.door.scrubber.scrub(doc), separators=(",", ":")).encode()
+
+
+class BodyGuardLayer(_Layer):
+    """Refuses oversized bodies (413) and non-JSON bodies (415) before anyone reads them."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.door.max_body_bytes
+        lengths = _header(scope, b"content-length")
+        declared = 0
+        if lengths:
+            if len(lengths) != 1 or not lengths[0].strip().isdigit():
+                await send_problem(send, problem_for(_bad_request("invalid Content-Length")))
+                return
+            declared = int(lengths[0])
+            if declared > limit:
+                await send_problem(send, problem_for(PayloadTooLarge()))
+                return
+        chunked = bool(_header(scope, b"transfer-encoding"))
+        if scope["method"] in _BODY_METHODS and (declared > 0 or chunked):
+            types = _header(scope, b"content-type")
+            media = types[0].split(";", 1)[0].strip().lower() if len(types) == 1 else ""
+            if media not in _JSON_TYPES:
+                await send_problem(send, problem_for(UnsupportedMediaType()))
+                return
+        if declared == 0 and not chunked:
+            await self.app(scope, receive, send)
+            return
+        # Read the body here, counting, so an oversized one is refused before any route
+        # (or FastAPI's own body parser, which would turn the refusal into a 400) sees it.
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                await send_problem(send, problem_for(PayloadTooLarge()))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _bad_request(text: str) -> PhivaultError:
+    return BadRequest(text)
+
+
+class RateLimitLayer(_Layer):
+    """Per client address and per presented credential; 429 with ``Retry-After``."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.door.unlimited_paths:
+            await self.app(scope, receive, send)
+            return
+        state = _state(scope)
+        authorization = _header(scope, b"authorization")
+        credential = credential_fingerprint(authorization[0]) if authorization else None
+        try:
+            limited = await self.door.limiter.check(
+                address=state.client_address or "unknown", credential=credential
+            )
+        except StoreUnavailable as exc:
+            await send_problem(send, problem_for(exc))
+            return
+        if limited is not None:
+            self.door.metrics.rate_limited.labels(limited.limit).inc()
+            await send_problem(send, problem_for(TooManyRequests(limited.retry_after_s)))
+            return
+        await self.app(scope, receive, send)
+
+
+class AuthenticationLayer(_Layer):
+    """Every path not in the public list needs a valid token (and DPoP proof if bound)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.door.public_paths:
+            await self.app(scope, receive, send)
+            return
+        state = _state(scope)
+        authorization = _header(scope, b"authorization")
+        door = self.door
+        now = door.clock()
+        try:
+            if len(authorization) > 1:
+                raise MissingCredentials()
+            result = await door.authenticator.authenticate(
+                method=scope["method"],
+                url=self._url(scope),
+                authorization=authorization[0] if authorization else None,
+                dpop_proofs=_header(scope, b"dpop"),
+                now=now,
+            )
+        except AuthenticationError as exc:
+            door.metrics.auth_failures.labels(exc.reason).inc()
+            door.log.warning("auth.refused", request_id=state.request_id, reason=exc.reason)
+            if not isinstance(exc, MissingCredentials):
+                try:
+                    await door.audit_sink.record(self._failure_event(state, exc, now))
+                except Exception as record_exc:  # fail closed: an unrecorded refusal is a 503
+                    failure = AuditUnavailable("failed authentication not recorded")
+                    door.log.error("audit.unavailable", error=type(record_exc).__name__)
+                    await send_problem(send, problem_for(failure))
+                    return
+            dpop = bool(authorization) and authorization[0].lstrip()[:5].lower() == "dpop "
+            challenge = challenge_for(exc, dpop=dpop, dpop_algorithms=door.dpop_algorithms)
+            await send_problem(send, problem_for(exc, challenge=challenge))
+            return
+        except StoreUnavailable as exc:
+            door.log.error("auth.unavailable", error=type(exc).__name__)
+            await send_problem(send, problem_for(exc))
+            return
+        state.principal = result.principal
+        if result.new_session:
+            audit = _audit_context(door, state)
+            event = audit.event(
+                kind=EventKind.LOGIN, subtype="session-start", action=Action.EXECUTE
+            )
+            try:
+                await audit.record(event)
+            except AuditUnavailable as exc:
+                await send_problem(send, problem_for(exc))
+                return
+        await self.app(scope, receive, send)
+
+    def _url(self, scope: Scope) -> str:
+        # The URL the client addressed (DPoP htu): the configured public URL, else Host.
+        path: str = scope.get("root_path", "") + scope["path"]
+        if self.door.public_url:
+            return self.door.public_url.rstrip("/") + path
+        host = _header(scope, b"host")
+        server = scope.get("server")
+        authority = host[0] if host else (f"{server[0]}:{server[1]}" if server else "localhost")
+        scheme: str = scope.get("scheme", "http")
+        return f"{scheme}://{authority}{path}"
+
+    def _failure_event(
+        self, state: RequestState, exc: AuthenticationError, now: float
+    ) -> AuditEvent:
+        alert = exc.reason in _ALERT_REASONS
+        return AuditEvent(
+            kind=EventKind.SECURITY_ALERT if alert else EventKind.LOGIN,
+            subtype="authentication",
+            action=Action.EXECUTE,
+            recorded=datetime.fromtimestamp(now, UTC),
+            outcome=Outcome.SERIOUS_FAILURE if alert else Outcome.MINOR_FAILURE,
+            outcome_reason=exc.reason,
+            tenant=self.door.default_tenant,
+            agents=(Agent(who="anonymous", network_address=_ip_or_none(state.client_address)),),
+            source=Source(observer=self.door.observer),
+            request_id=state.request_id,
+        )
+
+
+def _ip_or_none(address: str | None) -> str | None:
+    if address is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
+
+
+def _audit_context(door: FrontDoor, state: RequestState) -> AuditContext:
+    if state.audit is None:
+        if state.principal is None:
+            raise MissingCredentials()
+        state.audit = AuditContext(
+            principal=state.principal,
+            request_id=state.request_id,
+            network_address=_ip_or_none(state.client_address),
+            observer=door.observer,
+            sink=door.audit_sink,
+            clock=door.clock,
+        )
+    return state.audit
+
+
+class AuditContextLayer(_Layer):
+    """Prepares the audit context (who, where, which request) for the routes."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            state = _state(scope)
+            if state.principal is not None:
+                _audit_context(self.door, state)
+        await self.app(scope, receive, send)
+
+
+class ErrorMappingLayer(_Layer):
+    """Turns any exception a route raises into its OperationOutcome (4xx/5xx, no traces)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            door = self.door
+            challenge = None
+            if isinstance(exc, AuthenticationError):
+                door.metrics.auth_failures.labels(exc.reason).inc()
+                challenge = challenge_for(exc, dpop=False, dpop_algorithms=door.dpop_algorithms)
+            problem = problem_for(exc, challenge=challenge, extra=door.error_map)
+            if problem.status >= 500:
+                door.log.error(
+                    "http.error",
+                    request_id=_state(scope).request_id,
+                    error=type(exc).__name__,
+                    status=problem.status,
+                )
+            if started:
+                return  # too late to answer; the server closes the connection
+            await send_problem(send, problem)

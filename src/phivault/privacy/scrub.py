@@ -1,0 +1,124 @@
+"""Boundary scrubbing: nothing that leaves phivault as text (logs, error bodies, anything sent to
+an error tracker) may carry a PHI value, even by accident.
+
+Two nets, applied in this order:
+
+1. **Tainted values.** While a request is handled, every value the records layer decrypts from
+   a PHI-classified element is added to a per-request set (:func:`taint`). Any exact,
+   case-insensitive occurrence of one of them is redacted, whatever it looks like: a rare
+   surname, an allergy, a free-text note. The set lives in a context variable opened by
+   :func:`tainted_scope` at the front door, so it follows the request through ``await``\\s and
+   into worker threads, and is dropped when the request ends.
+2. **Patterns.** :func:`phivault.privacy.patterns.redact` catches what looks like PHI (SSN,
+   MRN-like numbers, phones, e-mail addresses, dates, street addresses, person names) even if
+   nobody tainted it, e.g. a value echoed from a malformed request.
+
+:class:`Scrubber` is also a structlog processor, so every log line passes through it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from phivault.privacy.patterns import redact
+
+__all__ = [
+    "MIN_TAINT_LENGTH",
+    "REDACTED",
+    "Scrubber",
+    "taint",
+    "tainted_scope",
+    "tainted_values",
+]
+
+REDACTED = "[REDACTED]"
+# Shorter values ("F", "12") would redact half of every line and protect nothing.
+MIN_TAINT_LENGTH = 3
+
+_TAINTED: ContextVar[set[str] | None] = ContextVar("phivault_tainted_values", default=None)
+
+
+@contextmanager
+def tainted_scope() -> Iterator[set[str]]:
+    """Open a fresh tainted-value set for one request (the front door does this)."""
+    values: set[str] = set()
+    token = _TAINTED.set(values)
+    try:
+        yield values
+    finally:
+        _TAINTED.reset(token)
+
+
+def taint(*values: object) -> None:
+    """Mark values as PHI for the rest of the current request (records layer, on decrypt).
+
+    Strings are tainted as they are; numbers and other scalars by their text. Outside a
+    request scope this does nothing: there is no request whose output could carry them.
+    """
+    current = _TAINTED.get()
+    if current is None:
+        return
+    for value in values:
+        if value is None or isinstance(value, bool):
+            continue
+        text = value if isinstance(value, str) else str(value)
+        text = text.strip()
+        if len(text) >= MIN_TAINT_LENGTH:
+            current.add(text)
+
+
+def tainted_values() -> frozenset[str]:
+    current = _TAINTED.get()
+    return frozenset(current) if current else frozenset()
+
+
+class Scrubber:
+    """Redacts tainted values and PHI patterns from strings and nested JSON-like values."""
+
+    def __init__(self, replacement: str = REDACTED) -> None:
+        self.replacement = replacement
+        self._compiled: tuple[frozenset[str], re.Pattern[str] | None] = (frozenset(), None)
+
+    def scrub_text(self, text: str) -> str:
+        tainted = _TAINTED.get()
+        if tainted:
+            pattern = self._pattern(frozenset(tainted))
+            if pattern is not None:
+                text = pattern.sub(self.replacement, text)
+        return redact(text, self.replacement)
+
+    def scrub(self, value: Any) -> Any:
+        """Scrub every string inside ``value`` (dicts, lists, tuples); keys are kept."""
+        if isinstance(value, str):
+            return self.scrub_text(value)
+        if isinstance(value, Mapping):
+            return {key: self.scrub(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.scrub(item) for item in value]
+        return value
+
+    def scrub_exception(self, exc: BaseException) -> dict[str, str]:
+        """What may be sent to an error tracker about ``exc``: its type and a scrubbed message."""
+        return {"type": type(exc).__name__, "message": self.scrub_text(str(exc))}
+
+    def __call__(
+        self, logger: object, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """The structlog processor: scrub every value of the event."""
+        for key, value in event_dict.items():
+            if isinstance(value, (str, Mapping, list, tuple)):
+                event_dict[key] = self.scrub(value)
+        return event_dict
+
+    def _pattern(self, tainted: frozenset[str]) -> re.Pattern[str] | None:
+        cached_for, pattern = self._compiled
+        if cached_for != tainted:
+            # Longest first, so "Mary Ann" is redacted whole before "Mary" would match.
+            ordered = sorted(tainted, key=len, reverse=True)
+            pattern = re.compile("|".join(re.escape(v) for v in ordered), re.IGNORECASE)
+            self._compiled = (tainted, pattern)
+        return pattern
