@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from phivault.errors import InvalidInput
 from phivault.identity.errors import InvalidToken
 from phivault.identity.scopes import Permission, SmartScope, parse_scopes
+from phivault.ledger.events import Agent, OpaqueId, Reference
 
 __all__ = ["AuthContext", "ClaimNames", "Principal", "Role", "principal_from_claims"]
 
@@ -137,7 +140,7 @@ def principal_from_claims(
         if not isinstance(cnf, dict) or not isinstance(cnf.get("jkt"), str):
             raise InvalidToken("bad-claim", "cnf must carry a jkt thumbprint")
         jkt = cnf["jkt"]
-    return Principal(
+    principal = Principal(
         subject=subject,
         issuer=issuer,
         tenant=tenant,
@@ -153,6 +156,34 @@ def principal_from_claims(
         expires_at=_optional_int(claims.get("exp"), "exp") or 0,
         dpop_jkt=jkt,
     )
+    _check_auditable(principal)
+    return principal
+
+
+_TENANT = TypeAdapter(OpaqueId)
+
+
+def _check_auditable(principal: Principal) -> None:
+    # Every principal ends up in audit events; the event model refuses ids that have the shape
+    # of PHI (an e-mail address as a subject, a date as a tenant). Refuse such a token here,
+    # with a 401, rather than fail later while recording what the caller did.
+    try:
+        Agent(
+            who=principal.subject,
+            roles=tuple(role.value for role in principal.roles),
+            client_id=principal.client_id,
+            purpose_of_use=principal.purpose_of_use,
+        )
+        _TENANT.validate_python(principal.tenant)
+        if principal.fhir_user is not None:
+            _REFERENCE_ADAPTER.validate_python(principal.fhir_user)
+    except ValidationError as exc:
+        raise InvalidToken(
+            "unauditable-claim", "the token carries an id phivault cannot audit"
+        ) from exc
+
+
+_REFERENCE_ADAPTER = TypeAdapter(Reference)
 
 
 _ROLES = frozenset(r.value for r in Role)

@@ -75,3 +75,14 @@ def test_mfa_rules() -> None:
     assert not AuthContext(amr=("pwd",)).multi_factor()
     assert not AuthContext(amr=("pwd", "pwd")).multi_factor()
     assert AuthContext(amr=("pwd",), acr="mfa-acr").multi_factor(frozenset({"mfa-acr"}))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"sub": "jane.doe@example.com"}, {"sub": "123-45-6789"}, {"tenant": "1980-01-02"}],
+)
+def test_phi_shaped_ids_are_refused(bad: dict[str, Any]) -> None:
+    # Such a principal could not be recorded in the audit ledger: refuse the token up front.
+    with pytest.raises(InvalidToken) as info:
+        principal_from_claims(claims(**bad))
+    assert info.value.reason == "unauditable-claim"
