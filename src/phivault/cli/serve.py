@@ -1,0 +1,48 @@
+"""``phivault serve``: run the API (uvicorn), over HTTPS when given a certificate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from phivault.cli._common import DataDirOption, Output, fail, open_data_dir
+from phivault.datadir import default_data_dir
+from phivault.errors import PhivaultError
+
+__all__ = ["serve"]
+
+
+def serve(
+    *,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="PEM certificate chain: serve HTTPS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
+    data_dir: DataDirOption = default_data_dir(),
+) -> None:
+    """Serve the phivault API from a data directory."""
+    output = Output(json_mode=False)
+    from phivault.api.serve import ServeOptions
+    from phivault.api.serve import serve as run
+    from phivault.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        fail(output, f"invalid settings ({exc.error_count()} errors)", kind="settings")
+    opened = open_data_dir(output, data_dir)
+    options = ServeOptions(
+        host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, workers=workers
+    )
+    try:
+        run(settings, opened, options, on_ready=lambda url: output.err.print(f"serving {url}"))
+    except PhivaultError as exc:
+        fail(output, str(exc), kind="serve")
+    except KeyboardInterrupt:
+        pass
