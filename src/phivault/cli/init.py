@@ -12,6 +12,7 @@ from phivault.errors import PhivaultError
 
 
 def init(
+    *,
     data_dir: DataDirOption = default_data_dir(),
     json_mode: JsonOption = False,
     dev: Annotated[
@@ -26,6 +27,12 @@ def init(
         str | None,
         typer.Option(help="The ledger's origin line in checkpoints (default: from the node id)."),
     ] = None,
+    shares: Annotated[
+        int, typer.Option("--shares", help="How many unseal shares to split the root key into.")
+    ] = 5,
+    threshold: Annotated[
+        int, typer.Option("--threshold", help="How many shares unseal the keystore.")
+    ] = 3,
 ) -> None:
     """Create a new data directory (ledger and its signing key). Refuses to overwrite one."""
     output = Output(json_mode=json_mode)
@@ -34,6 +41,10 @@ def init(
         from phivault.ledger.service import initialize_ledger
 
         verifier_key = initialize_ledger(created)
+        from phivault.crypto.custody import initialize_keystore
+        from phivault.settings import Settings
+
+        keystore = initialize_keystore(created, Settings().keys, threshold=threshold, shares=shares)
         # Each part that keeps state in the data directory initializes it here, in order:
         # the key custody (crypto) and the dev identity provider (identity) hang on this.
     except PhivaultError as exc:
@@ -44,6 +55,16 @@ def init(
         "dev": created.dev,
         "origin": created.origin,
         "ledger_verifier_key": verifier_key,
+        "keys": {
+            "provider": keystore.provider,
+            "root_key_id": keystore.root_key_id,
+            # Printed once, stored nowhere: hand each share to a different custodian.
+            "unseal_threshold": keystore.threshold,
+            "unseal_shares": list(keystore.shares),
+            "dev_unseal_file": None
+            if keystore.dev_unseal_file is None
+            else str(keystore.dev_unseal_file),
+        },
     }
     if json_mode:
         output.json(result)
@@ -53,5 +74,19 @@ def init(
     )
     output.say(f"ledger origin:       {created.origin}")
     output.say(f"ledger verifier key: {verifier_key}")
+    output.say(f"root key:            {keystore.root_key_id} ({keystore.provider})")
+    if keystore.shares:
+        output.say(
+            f"[bold]unseal shares[/] (any {keystore.threshold} of {keystore.share_count} unseal "
+            "the keystore). They are shown ONCE and stored nowhere: give each to a different "
+            "custodian now."
+        )
+        for number, share in enumerate(keystore.shares, start=1):
+            output.console.print(f"  share {number}: {share}", markup=False)
+    if keystore.dev_unseal_file is not None:
+        output.say(
+            f"[yellow]dev unseal file written to {keystore.dev_unseal_file}: the server will "
+            "unseal itself from it (development only; production refuses it)[/]"
+        )
     if dev:
         output.say("[yellow]this is a DEVELOPMENT data directory: never put real PHI in it[/]")

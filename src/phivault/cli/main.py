@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from phivault.cli import init as init_cmd
+from phivault.cli import keys as keys_cmd
 from phivault.cli import ledger as ledger_cmd
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.command("init")(init_cmd.init)
 app.add_typer(ledger_cmd.app, name="ledger")
+app.add_typer(keys_cmd.app, name="keys")
 # Command groups of other parts are added here: keys (crypto), token and serve (identity, api).
 
 

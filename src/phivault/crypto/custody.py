@@ -167,6 +167,16 @@ def read_dev_unseal_file(data_dir: DataDir) -> list[str] | None:
         raise ConfigurationError(f"{path} is damaged") from exc
 
 
+async def _record_root_creation(data_dir: DataDir, ring: KeyRing) -> None:
+    path = data_dir.keys_dir / PROVIDER_FILE
+    doc = json.loads(path.read_text())
+    if doc.get("creation_recorded"):
+        return
+    await ring.record_root_created(str(doc.get("root_key_id", "root")))
+    doc["creation_recorded"] = True
+    _write_json(path, doc)
+
+
 @asynccontextmanager
 async def open_keyring(
     data_dir: DataDir,
@@ -175,12 +185,17 @@ async def open_keyring(
     *,
     credentials: list[str] | None = None,
     operator: str | None = None,
-    use_dev_unseal_file: bool = True,
+    unseal: bool = True,
+    read_only: bool = False,
 ) -> AsyncIterator[KeyRing]:
-    """A key ring on ``data_dir``, unsealed with ``credentials`` if given (or, in
-    development, from the dev unseal file), sealed again on exit.
+    """A key ring on ``data_dir``, unsealed with ``credentials`` if given (or from the PIN in
+    settings, or in development from the dev unseal file), sealed again on exit.
+    ``unseal=False`` leaves it sealed (shred and hold need no key); ``read_only=True`` also
+    records nothing (inventory, with a sink that refuses events).
 
-    Production refuses a development data directory and the dev unseal file outright.
+    Production refuses a development data directory and the dev unseal file outright. The
+    first key ring opened on a data directory records the root key's creation in the ledger
+    (``phivault init`` creates it before the ledger is open).
     """
     dev_shares = read_dev_unseal_file(data_dir)
     if settings.is_production and (data_dir.dev or dev_shares is not None):
@@ -200,11 +215,15 @@ async def open_keyring(
         operator=operator,
     )
     try:
-        if credentials is None and keys.provider is KeyProviderKind.PKCS11 and keys.pkcs11_pin:
+        if not read_only:
+            await _record_root_creation(data_dir, ring)
+        if not unseal or read_only:
+            credentials = None
+        elif credentials is None and keys.provider is KeyProviderKind.PKCS11 and keys.pkcs11_pin:
             credentials = [keys.pkcs11_pin.get_secret_value()]
-        if credentials is None and keys.provider is KeyProviderKind.AWSKMS:
+        elif credentials is None and keys.provider is KeyProviderKind.AWSKMS:
             credentials = []
-        if credentials is None and dev_shares is not None and use_dev_unseal_file:
+        elif credentials is None and dev_shares is not None:
             print(DEV_UNSEAL_WARNING, file=sys.stderr)
             credentials = dev_shares
         if credentials is not None:

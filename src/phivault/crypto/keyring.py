@@ -288,6 +288,15 @@ class KeyRing:
         self._forget()
         await self._record(self._event("seal", Action.EXECUTE, tenant=SYSTEM_TENANT))
 
+    async def record_root_created(self, root_key_id: str) -> None:
+        """The ledger event for the root key's creation (recorded once per data directory)."""
+        safe = re.sub(r"[^A-Za-z0-9\-.]", "-", root_key_id)[:64]
+        await self._record(
+            self._event(
+                "create", Action.CREATE, tenant=SYSTEM_TENANT, reason="root-key", key_ids=(safe,)
+            )
+        )
+
     def _forget(self) -> None:
         self._keks.clear()
         self._ciphers.clear()

@@ -1,0 +1,435 @@
+"""``phivault keys ...``: unseal, inventory, rotate, shred, hold.
+
+Key custody for operators. No command prints key material: the inventory shows ids,
+purposes, versions, states, providers, dates and the principals that may use each key.
+Commands that need keys (``unseal``, ``rotate``) take the unseal shares from ``--shares-file``
+(one per line, ``-`` for standard input), from repeated ``--share``, from a hidden prompt,
+or, in a development data directory, from the dev unseal file (with a loud warning). With
+PKCS#11 the PIN comes from settings (``PHIVAULT_KEYS__PKCS11_PIN``). Every key operation is a
+ledger event; commands that write open the ledger and refuse while another process holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from phivault.cli._common import DataDirOption, JsonOption, Output, fail, open_data_dir
+from phivault.crypto.errors import CryptoError, RetentionHold, Sealed
+from phivault.datadir import DataDir, default_data_dir
+from phivault.errors import PhivaultError
+from phivault.ledger.errors import LedgerUnavailable
+from phivault.ledger.events import AuditEvent
+from phivault.settings import KeyProviderKind, Settings
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Key custody: unseal, inventory, rotate, shred, hold.", no_args_is_help=True)
+
+TenantOption = Annotated[str, typer.Option(help="The tenant whose keys to use.")]
+ShareOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--share",
+        help="An unseal share (repeat M times). Prefer --shares-file: arguments show in `ps`.",
+    ),
+]
+SharesFileOption = Annotated[
+    Path | None,
+    typer.Option("--shares-file", help="A file with one unseal share per line ('-': stdin)."),
+]
+ElementStoreOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--element-store",
+        help="The sealed-element store to re-encrypt or re-index (an embedded SQLite element "
+        "store) until the records service provides its own.",
+    ),
+]
+
+T = TypeVar("T")
+_OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,100}$")
+
+
+class _RefusingSink:
+    """For read-only commands: any attempt to record is a bug, and fails loudly."""
+
+    async def record(self, event: AuditEvent) -> int:
+        raise LedgerUnavailable("this command is read-only and records no events")
+
+
+def _operator() -> str | None:
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        return None
+    return f"os-user:{name}" if _OPERATOR_RE.match(name) else None
+
+
+def _read_shares(
+    output: Output, directory: DataDir, shares: list[str] | None, shares_file: Path | None
+) -> list[str] | None:
+    """Shares from the options; None means "let the keystore use its own source"."""
+    collected = list(shares or [])
+    if shares_file is not None:
+        try:
+            text = sys.stdin.read() if str(shares_file) == "-" else shares_file.read_text()
+        except OSError as exc:
+            fail(output, f"cannot read {shares_file}: {exc.strerror}", kind="invalid-shares")
+        collected += [line.strip() for line in text.splitlines() if line.strip()]
+    if collected:
+        return collected
+    settings = Settings()
+    if settings.keys.provider is not KeyProviderKind.SEALED:
+        return None
+    from phivault.crypto.custody import read_dev_unseal_file
+    from phivault.crypto.providers.sealed import SealedLocalProvider
+
+    if read_dev_unseal_file(directory) is not None or (directory.dev and settings.is_production):
+        return None  # open_keyring unseals from it, or refuses it in production
+    if not sys.stdin.isatty() or output.json_mode:
+        fail(
+            output,
+            "the keystore is sealed: give the unseal shares with --shares-file or --share",
+            kind="sealed",
+        )
+    needed = SealedLocalProvider(directory.keys_dir).threshold
+    return [
+        typer.prompt(f"unseal share {i} of {needed}", hide_input=True) for i in range(1, needed + 1)
+    ]
+
+
+@asynccontextmanager
+async def _keyring(
+    directory: DataDir, *, credentials: list[str] | None, unseal: bool, read_only: bool = False
+) -> AsyncIterator[Any]:
+    from phivault.crypto.custody import open_keyring
+    from phivault.ledger.service import open_ledger
+
+    settings = Settings()
+    if read_only:
+        async with open_keyring(
+            directory, settings, _RefusingSink(), read_only=True, operator=_operator()
+        ) as ring:
+            yield ring
+        return
+    async with (
+        open_ledger(directory, settings.ledger) as ledger,
+        open_keyring(
+            directory,
+            settings,
+            ledger,
+            credentials=credentials,
+            unseal=unseal,
+            operator=_operator(),
+        ) as ring,
+    ):
+        yield ring
+
+
+def _run(output: Output, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        return asyncio.run(work())
+    except RetentionHold as exc:
+        fail(output, str(exc), kind="retention-hold")
+    except Sealed as exc:
+        fail(output, str(exc), kind="sealed")
+    except CryptoError as exc:
+        fail(output, str(exc), kind=type(exc).__name__)
+    except PhivaultError as exc:
+        fail(output, str(exc), kind="keys")
+
+
+@app.command()
+def unseal(
+    *,
+    data_dir: DataDirOption = default_data_dir(),
+    json_mode: JsonOption = False,
+    share: ShareOption = None,
+    shares_file: SharesFileOption = None,
+) -> None:
+    """Check unseal shares (or the HSM PIN) against this keystore; audited either way.
+
+    The embedded server unseals itself at start from the same sources; a running server's
+    unseal endpoint is the operators' way in the scaled shape.
+    """
+    output = Output(json_mode=json_mode)
+    directory = open_data_dir(output, data_dir)
+    credentials = _read_shares(output, directory, share, shares_file)
+
+    async def work() -> dict[str, Any]:
+        async with _keyring(directory, credentials=credentials, unseal=True) as ring:
+            if ring.sealed:
+                raise Sealed("no unseal credentials were given")
+            inventory = ring.inventory()
+            return {
+                "ok": True,
+                "provider": ring.provider_name,
+                "root_key_id": inventory.root.key_id,
+            }
+
+    result = _run(output, work)
+    if json_mode:
+        output.json(result)
+    else:
+        output.say(
+            f"[bold green]unsealed[/] root key {result['root_key_id']} ({result['provider']}): "
+            "the shares are valid; sealed again on exit"
+        )
+
+
+@app.command()
+def inventory(
+    *,
+    data_dir: DataDirOption = default_data_dir(),
+    json_mode: JsonOption = False,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    patient: Annotated[
+        str | None, typer.Option(help="List this patient's data keys (needs --tenant).")
+    ] = None,
+) -> None:
+    """Every key: id, purpose, version, state, provider, dates, permitted principals.
+
+    Patient data keys are counted per tenant, state and KEK (there can be millions); name a
+    patient to list theirs. Never shows key material.
+    """
+    output = Output(json_mode=json_mode)
+    directory = open_data_dir(output, data_dir)
+
+    async def work() -> Any:
+        async with _keyring(directory, credentials=None, unseal=False, read_only=True) as ring:
+            return ring.inventory(tenant=tenant, patient=patient)
+
+    result = _run(output, work)
+    if json_mode:
+        output.json({"ok": True, **result.to_json()})
+        return
+    table = Table(title="phivault key inventory")
+    for column in (
+        "key id", "tenant", "purpose", "patient", "v", "state", "provider", "wrapped by",
+        "created", "rotated", "principals",
+    ):  # fmt: skip
+        table.add_column(column)
+    for info in (result.root, *result.keys):
+        doc = info.to_json()
+        table.add_row(
+            doc["key_id"], doc["tenant"], doc["purpose"], doc["patient"] or "",
+            str(doc["version"]), doc["state"], doc["provider"], doc["wrapped_by"] or "",
+            doc["created"] or "", doc["rotated"] or "", ", ".join(doc["principals"]),
+        )  # fmt: skip
+    output.console.print(table)
+    if result.deks:
+        deks = Table(title="patient data keys")
+        for column in ("tenant", "state", "wrapped by", "count"):
+            deks.add_column(column)
+        for row in result.deks:
+            deks.add_row(row.tenant, row.state, row.wrapped_by, str(row.count))
+        output.console.print(deks)
+
+
+def _element_store(output: Output, path: Path | None, what: str) -> Any:
+    if path is None:
+        fail(
+            output,
+            f"{what} needs the store of sealed elements to re-encrypt; the records service does "
+            "not provide one in this data directory yet (pass --element-store)",
+            kind="no-element-store",
+        )
+    from phivault.crypto.element_store import SqliteSealedElementStore
+
+    return SqliteSealedElementStore(path)
+
+
+@app.command()
+def rotate(
+    *,
+    data_dir: DataDirOption = default_data_dir(),
+    json_mode: JsonOption = False,
+    kek: Annotated[bool, typer.Option("--kek", help="New KEK; rewrap every key.")] = False,
+    dek: Annotated[bool, typer.Option("--dek", help="New data keys; re-encrypt.")] = False,
+    index: Annotated[bool, typer.Option("--index", help="New blind-index key; re-index.")] = False,
+    tenant: TenantOption = "default",
+    patient: Annotated[
+        str | None, typer.Option(help="With --dek: only this patient's data key.")
+    ] = None,
+    share: ShareOption = None,
+    shares_file: SharesFileOption = None,
+    element_store: ElementStoreOption = None,
+) -> None:
+    """Rotate a tenant's KEK, data keys or blind-index key. Resumes an unfinished rotation."""
+    output = Output(json_mode=json_mode)
+    if [kek, dek, index].count(True) != 1:
+        fail(output, "choose exactly one of --kek, --dek, --index", kind="invalid")
+    if patient is not None and not dek:
+        fail(output, "--patient goes with --dek", kind="invalid")
+    directory = open_data_dir(output, data_dir)
+    elements = None if kek else _element_store(output, element_store, "this rotation")
+    credentials = _read_shares(output, directory, share, shares_file)
+    kind = "kek" if kek else "dek" if dek else "index"
+
+    async def work() -> Any:
+        async with _keyring(directory, credentials=credentials, unseal=True) as ring:
+            if ring.sealed:
+                raise Sealed()
+            with output.progress(f"rotating {kind} ({tenant})") as bar:
+                last = [0]
+
+                def progress(done: int, total: int | None) -> None:
+                    if total is not None:
+                        bar.total(total)
+                    bar.advance(done - last[0])
+                    last[0] = done
+
+                if kek:
+                    return await ring.rotate_kek(tenant, progress=progress)
+                if dek:
+                    return await ring.rotate_deks(
+                        tenant, elements, patient=patient, progress=progress
+                    )
+                return await ring.rotate_index(tenant, elements, progress=progress)
+
+    try:
+        report = _run(output, work)
+    finally:
+        if elements is not None:
+            elements.close()
+    result = {
+        "ok": True,
+        "job_id": report.job_id,
+        "kind": kind,
+        "tenant": tenant,
+        "patient": report.patient,
+        "processed": report.processed,
+        "new_keys": report.new_keys,
+        "retired": list(report.retired),
+    }
+    if json_mode:
+        output.json(result)
+    else:
+        output.say(
+            f"[bold green]rotated[/] {kind} for tenant {tenant}: {report.processed} processed, "
+            f"{report.new_keys} new key(s), {len(report.retired)} retired (job {report.job_id})"
+        )
+
+
+@app.command()
+def shred(
+    *,
+    data_dir: DataDirOption = default_data_dir(),
+    json_mode: JsonOption = False,
+    patient: Annotated[str, typer.Option(help="The patient id (FHIR Patient/<id>).")] = "",
+    tenant: TenantOption = "default",
+    reason: Annotated[
+        str, typer.Option(help="A reason code (e.g. erasure-request), never free text.")
+    ] = "erasure-request",
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    element_store: ElementStoreOption = None,
+) -> None:
+    """Destroy a patient's data keys (and blind-index tokens): their PHI never decrypts again.
+
+    Refused under a retention hold. Leaves a shred record and a ledger event as evidence.
+    """
+    output = Output(json_mode=json_mode)
+    if not patient:
+        fail(output, "--patient is required", kind="invalid")
+    directory = open_data_dir(output, data_dir)
+    if not yes and not json_mode:
+        typer.confirm(
+            f"Destroy every data key of Patient/{patient} in tenant {tenant}? "
+            "This cannot be undone",
+            abort=True,
+        )
+    elements = None
+    if element_store is not None:
+        from phivault.crypto.element_store import SqliteSealedElementStore
+
+        elements = SqliteSealedElementStore(element_store)
+
+    async def work() -> Any:
+        async with _keyring(directory, credentials=None, unseal=False) as ring:
+            return await ring.shred_patient(tenant, patient, reason=reason, elements=elements)
+
+    try:
+        record = _run(output, work)
+    finally:
+        if elements is not None:
+            elements.close()
+    result = {
+        "ok": True,
+        "tenant": record.tenant,
+        "patient": f"Patient/{record.patient}",
+        "shredded": record.shredded.isoformat(timespec="seconds"),
+        "keys_destroyed": list(record.keys_destroyed),
+        "ledger_index": record.ledger_index,
+    }
+    if json_mode:
+        output.json(result)
+    else:
+        output.say(
+            f"[bold red]shredded[/] Patient/{record.patient}: {len(record.keys_destroyed)} data "
+            f"key(s) destroyed; ledger entry {record.ledger_index}"
+        )
+
+
+def _parse_until(output: Output, value: str) -> datetime:
+    try:
+        if "T" in value:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                raise ValueError("no time zone")
+            return parsed
+        return datetime.combine(date.fromisoformat(value), time(0, 0), tzinfo=UTC)
+    except ValueError:
+        fail(
+            output,
+            "--until must be a date (YYYY-MM-DD, 00:00 UTC) or a date-time with a time zone",
+            kind="invalid",
+        )
+
+
+@app.command()
+def hold(
+    *,
+    data_dir: DataDirOption = default_data_dir(),
+    json_mode: JsonOption = False,
+    patient: Annotated[str, typer.Option(help="The patient id.")] = "",
+    until: Annotated[str, typer.Option(help="End of the hold: YYYY-MM-DD or a date-time.")] = "",
+    reason: Annotated[str, typer.Option(help="A reason code (e.g. litigation).")] = "",
+    tenant: TenantOption = "default",
+) -> None:
+    """Place a retention hold: shredding this patient's keys is refused until it ends."""
+    output = Output(json_mode=json_mode)
+    if not patient or not until or not reason:
+        fail(output, "--patient, --until and --reason are required", kind="invalid")
+    end = _parse_until(output, until)
+    directory = open_data_dir(output, data_dir)
+
+    async def work() -> Any:
+        async with _keyring(directory, credentials=None, unseal=False) as ring:
+            return await ring.place_hold(tenant, patient, until=end, reason=reason)
+
+    placed = _run(output, work)
+    result = {
+        "ok": True,
+        "tenant": placed.tenant,
+        "patient": f"Patient/{placed.patient}",
+        "until": placed.until.isoformat(timespec="seconds"),
+        "reason": placed.reason,
+    }
+    if json_mode:
+        output.json(result)
+    else:
+        output.say(
+            f"[bold yellow]hold placed[/] on Patient/{placed.patient} until "
+            f"{result['until']} ({placed.reason}): shredding is refused until then"
+        )
