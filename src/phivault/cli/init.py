@@ -45,6 +45,11 @@ def init(
         from phivault.settings import Settings
 
         keystore = initialize_keystore(created, Settings().keys, threshold=threshold, shares=shares)
+        dev_issuer = None
+        if created.dev:
+            from phivault.identity.dev_provider import DevIdentityProvider
+
+            dev_issuer = DevIdentityProvider.initialize(created).issuer
         # Each part that keeps state in the data directory initializes it here, in order:
         # the key custody (crypto) and the dev identity provider (identity) hang on this.
     except PhivaultError as exc:
@@ -55,6 +60,7 @@ def init(
         "dev": created.dev,
         "origin": created.origin,
         "ledger_verifier_key": verifier_key,
+        "dev_identity_issuer": dev_issuer,
         "keys": {
             "provider": keystore.provider,
             "root_key_id": keystore.root_key_id,

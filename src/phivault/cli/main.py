@@ -7,6 +7,8 @@ import typer
 from phivault.cli import init as init_cmd
 from phivault.cli import keys as keys_cmd
 from phivault.cli import ledger as ledger_cmd
+from phivault.cli import serve as serve_cmd
+from phivault.cli import token as token_cmd
 
 app = typer.Typer(
     name="phivault",
@@ -18,6 +20,8 @@ app = typer.Typer(
 app.command("init")(init_cmd.init)
 app.add_typer(ledger_cmd.app, name="ledger")
 app.add_typer(keys_cmd.app, name="keys")
+app.command("token")(token_cmd.token)
+app.command("serve")(serve_cmd.serve)
 # Command groups of other parts are added here: keys (crypto), token and serve (identity, api).
 
 
