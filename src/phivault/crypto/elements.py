@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -51,14 +50,16 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 OVERHEAD_BYTES = HEADER_BYTES + NONCE_BYTES + TAG_BYTES
 _AAD_LABEL = b"phivault.element.v1"
+_LABEL_BYTES = len(_AAD_LABEL)
+_BODY = HEADER_BYTES + NONCE_BYTES
 _MAX_FIELD = 0xFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class ElementRef:
+class ElementRef(NamedTuple):
     """Where an element lives: the context its ciphertext is bound to.
 
     ``path`` is the element's path inside the resource, with indexes (``name[0].family``).
+    A named tuple (hashed in C) because every seal and open looks it up.
     """
 
     tenant: str
@@ -103,9 +104,13 @@ class PatientCipher:
 
     New ciphertext uses the active DEK version; ciphertext under any live older version still
     opens (rotation keeps them until re-encryption is done and the minimum version is raised).
+    The hot path is kept to one AES-GCM call plus two concatenations: the associated data's
+    per-version prefix is built once, and each element's tail is cached (bounded).
     """
 
-    __slots__ = ("_active", "_headers", "_keys", "_prefix", "patient", "tenant")
+    __slots__ = ("_active", "_by_header", "_keys", "_prefixes", "_tails", "patient", "tenant")
+
+    _MAX_TAILS = 4096
 
     def __init__(self, tenant: str, patient: str, keys: Mapping[int, AESGCM], active: int) -> None:
         if active not in keys:
@@ -114,8 +119,14 @@ class PatientCipher:
         self.patient = patient
         self._keys = dict(keys)
         self._active = active
-        self._headers = {version: _header(version) for version in keys}
-        self._prefix = _lp(tenant) + _lp(patient)
+        base = _lp(tenant) + _lp(patient)
+        # header bytes -> (key, associated-data prefix); the header is the key's identity
+        self._by_header = {
+            _header(version): (key, _AAD_LABEL + _header(version) + base)
+            for version, key in keys.items()
+        }
+        self._prefixes = {version: _AAD_LABEL + _header(version) + base for version in keys}
+        self._tails: dict[ElementRef, bytes] = {}
 
     @property
     def active_version(self) -> int:
@@ -125,57 +136,72 @@ class PatientCipher:
     def versions(self) -> tuple[int, ...]:
         return tuple(sorted(self._keys))
 
-    def _aad(self, header: bytes, ref: ElementRef) -> bytes:
-        if ref.tenant != self.tenant:
-            raise InvalidInput("element belongs to another tenant than this cipher")
-        return (
-            _AAD_LABEL
-            + header
-            + self._prefix
-            + _lp(ref.resource_type)
-            + _lp(ref.resource_id)
-            + _lp(ref.path)
-        )
+    def _tail(self, ref: ElementRef) -> bytes:
+        tail = self._tails.get(ref)
+        if tail is None:
+            if ref.tenant != self.tenant:
+                raise InvalidInput("element belongs to another tenant than this cipher")
+            tail = _lp(ref.resource_type) + _lp(ref.resource_id) + _lp(ref.path)
+            if len(self._tails) >= self._MAX_TAILS:
+                self._tails.clear()
+            self._tails[ref] = tail
+        return tail
 
     def seal(self, ref: ElementRef, plaintext: bytes) -> bytes:
-        header = self._headers[self._active]
+        version = self._active
         nonce = os.urandom(NONCE_BYTES)
-        return (
-            header
-            + nonce
-            + self._keys[self._active].encrypt(nonce, plaintext, self._aad(header, ref))
-        )
+        aad = self._prefixes[version] + self._tail(ref)
+        return b"".join(
+            (aad[_LABEL_BYTES : _LABEL_BYTES + HEADER_BYTES], nonce,
+             self._keys[version].encrypt(nonce, plaintext, aad))
+        )  # fmt: skip
 
     def seal_many(self, items: Iterable[tuple[ElementRef, bytes]]) -> list[bytes]:
         """Seal several elements of this patient (one nonce draw for the batch)."""
         batch = list(items)
-        header = self._headers[self._active]
-        key = self._keys[self._active]
+        version = self._active
+        prefix = self._prefixes[version]
+        header = prefix[_LABEL_BYTES : _LABEL_BYTES + HEADER_BYTES]
+        encrypt = self._keys[version].encrypt
+        tail = self._tail
         nonces = os.urandom(NONCE_BYTES * len(batch))
         out = []
         for i, (ref, plaintext) in enumerate(batch):
             nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
-            out.append(header + nonce + key.encrypt(nonce, plaintext, self._aad(header, ref)))
+            out.append(b"".join((header, nonce, encrypt(nonce, plaintext, prefix + tail(ref)))))
         return out
 
     def open(self, ref: ElementRef, ciphertext: bytes) -> bytes:
-        if len(ciphertext) < OVERHEAD_BYTES or ciphertext[0] != FORMAT_V1:
-            _fail("not a phivault v1 ciphertext (format byte or length)")
-        header = ciphertext[:HEADER_BYTES]
-        key = self._keys.get(int.from_bytes(header[1:], "big"))
-        if key is None:
+        entry = self._by_header.get(ciphertext[:HEADER_BYTES])
+        if entry is None or len(ciphertext) < OVERHEAD_BYTES:
+            if len(ciphertext) < OVERHEAD_BYTES or ciphertext[0] != FORMAT_V1:
+                _fail("not a phivault v1 ciphertext (format byte or length)")
             _fail("names a data key version that is not live (retired, shredded or unknown)")
+        key, prefix = entry
+        tail = self._tails.get(ref) or self._tail(ref)
         try:
-            return key.decrypt(
-                ciphertext[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES],
-                ciphertext[HEADER_BYTES + NONCE_BYTES :],
-                self._aad(header, ref),
-            )
+            return key.decrypt(ciphertext[HEADER_BYTES:_BODY], ciphertext[_BODY:], prefix + tail)
         except InvalidTag:
             _fail("tag mismatch: altered ciphertext, or moved to another context")
 
     def open_many(self, items: Iterable[tuple[ElementRef, bytes]]) -> list[bytes]:
-        return [self.open(ref, ciphertext) for ref, ciphertext in items]
+        """Open several elements of this patient (the same checks as :meth:`open`)."""
+        by_header, tails, out = self._by_header, self._tails, []
+        for ref, ciphertext in items:
+            entry = by_header.get(ciphertext[:HEADER_BYTES])
+            tail = tails.get(ref)
+            if entry is None or tail is None or len(ciphertext) < OVERHEAD_BYTES:
+                out.append(self.open(ref, ciphertext))
+                continue
+            try:
+                out.append(
+                    entry[0].decrypt(
+                        ciphertext[HEADER_BYTES:_BODY], ciphertext[_BODY:], entry[1] + tail
+                    )
+                )
+            except InvalidTag:
+                _fail("tag mismatch: altered ciphertext, or moved to another context")
+        return out
 
     def __repr__(self) -> str:
         return (

@@ -91,7 +91,7 @@ def test_every_flipped_bit_fails() -> None:
 )
 def test_copied_to_another_record_or_element_fails(field: str, value: str) -> None:
     ref = _ref(V0)
-    moved = ElementRef(**{**{f: getattr(ref, f) for f in ref.__slots__}, field: value})
+    moved = ref._replace(**{field: value})
     with pytest.raises(DecryptionFailed) as info:
         _cipher(V0).open(moved, GOOD)
     assert str(info.value) == "decryption failed"  # clients learn nothing
@@ -139,3 +139,15 @@ def test_round_trip_any_plaintext_any_path(plaintext: bytes, path: str) -> None:
     (batch,) = cipher.seal_many([(ref, plaintext)])
     assert batch != sealed  # fresh nonce every time
     assert cipher.open_many([(ref, batch)]) == [plaintext]
+
+
+def test_open_many_applies_the_same_checks() -> None:
+    cipher, ref = _cipher(V0), _ref(V0)
+    assert cipher.open_many([(ref, GOOD), (ref, GOOD)]) == [bytes.fromhex(V0["plaintext"])] * 2
+    flipped = GOOD[:-1] + bytes([GOOD[-1] ^ 1])
+    with pytest.raises(DecryptionFailed):
+        cipher.open_many([(ref, GOOD), (ref, flipped)])
+    with pytest.raises(DecryptionFailed):
+        cipher.open_many([(ref._replace(path="birthDate"), GOOD)])
+    with pytest.raises(DecryptionFailed):
+        cipher.open_many([(ref, GOOD[:20])])
