@@ -206,7 +206,7 @@ class EntityRole(StrEnum):
     MASTER_FILE = "5"
     USER = "6"
     LIST = "7"
-    DATA_REPOSITORY = "9"
+    DATA_REPOSITORY = "17"  # "9" is Subscriber in object-role
     SECURITY_RESOURCE = "13"
     QUERY = "24"
     JOB = "20"
