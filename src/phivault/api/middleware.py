@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phivault.api.context import STATE_KEY, AuditContext, RequestState
@@ -53,8 +54,17 @@ from phivault.identity.errors import (
     InsufficientAuthentication,
     MissingCredentials,
 )
-from phivault.ledger.events import Action, Agent, AuditEvent, EventKind, Outcome, Source
+from phivault.ledger.events import (
+    Action,
+    Agent,
+    AuditEvent,
+    EventKind,
+    OpaqueId,
+    Outcome,
+    Source,
+)
 from phivault.ledger.ports import AuditSink
+from phivault.privacy.patterns import looks_like_phi
 from phivault.privacy.scrub import Scrubber, tainted_scope
 
 __all__ = [
@@ -72,6 +82,7 @@ __all__ = [
 ]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{7,63}$")
+_OPAQUE_ID: TypeAdapter[str] = TypeAdapter(OpaqueId)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _JSON_TYPES = frozenset({"application/json", "application/fhir+json"})
 # Reasons that suggest an attack rather than an honest mistake: recorded as security alerts.
@@ -150,6 +161,18 @@ def challenge_for(exc: AuthenticationError, *, dpop: bool, dpop_algorithms: tupl
     return ", ".join(parts)
 
 
+def _acceptable_request_id(value: str) -> bool:
+    # A caller's request id is echoed in headers, logs and audit events: keep it only if it
+    # is a plain id that cannot carry PHI (an SSN or a phone number fits the id grammar).
+    if not _REQUEST_ID.match(value) or looks_like_phi(value):
+        return False
+    try:
+        _OPAQUE_ID.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's template (``/fhir/Patient/{id}``), never the raw path."""
     route_path = getattr(scope.get("route"), "path", None)
@@ -182,11 +205,9 @@ class RequestIdLayer(_Layer):
             await self.app(scope, receive, send)
             return
         incoming = _header(scope, b"x-request-id")
-        request_id = (
-            incoming[0]
-            if len(incoming) == 1 and _REQUEST_ID.match(incoming[0])
-            else secrets.token_hex(8)
-        )
+        request_id = incoming[0] if len(incoming) == 1 else ""
+        if not _acceptable_request_id(request_id):
+            request_id = secrets.token_hex(8)
         client = scope.get("client")
         state = RequestState(request_id=request_id, client_address=client[0] if client else None)
         scope.setdefault("state", {})[STATE_KEY] = state

@@ -310,3 +310,13 @@ def test_symmetric_algorithms_refused_at_build_time() -> None:
 
     with pytest.raises(ConfigurationError):
         build(Settings(identity=IdentitySettings(algorithms=["HS256"])))
+
+
+async def test_request_id_shaped_like_an_ssn_is_replaced(harness: Harness) -> None:
+    # Regression (found by the canary test): an incoming X-Request-ID of "987-65-4329" fit the
+    # id grammar, was echoed in headers and logs, and made audit events invalid (a 500).
+    headers = {**harness.auth(), "X-Request-ID": "987-65-4329"}
+    response = await harness.client.get("/t/records/5", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] != "987-65-4329"
+    assert "987-65-4329" not in harness.logs.getvalue()
