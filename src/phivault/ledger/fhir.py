@@ -335,19 +335,21 @@ def _coding(value: object, path: str) -> _Coding:
     return system, code
 
 
+def _concept(value: object, path: str) -> list[tuple[_Coding, str]]:
+    """The codings of one CodeableConcept, each with its path (``text`` is refused)."""
+    cc = _obj(value, path)
+    _check_keys(cc, path, frozenset({"coding"}), free_text=frozenset({"text"}))
+    if "coding" not in cc:
+        _fail(f"{path}.coding", "is required")
+    return [
+        (_coding(coding, f"{path}.coding[{j}]"), f"{path}.coding[{j}]")
+        for j, coding in enumerate(_list(cc["coding"], f"{path}.coding"))
+    ]
+
+
 def _concepts(value: object, path: str) -> list[tuple[_Coding, str]]:
-    """The codings of a list of CodeableConcepts, each with its path (``text`` is refused)."""
-    out: list[tuple[_Coding, str]] = []
-    for i, item in enumerate(_list(value, path)):
-        cc_path = f"{path}[{i}]"
-        cc = _obj(item, cc_path)
-        _check_keys(cc, cc_path, frozenset({"coding"}), free_text=frozenset({"text"}))
-        if "coding" not in cc:
-            _fail(f"{cc_path}.coding", "is required")
-        for j, coding in enumerate(_list(cc["coding"], f"{cc_path}.coding")):
-            c_path = f"{cc_path}.coding[{j}]"
-            out.append((_coding(coding, c_path), c_path))
-    return out
+    """The codings of a list of CodeableConcepts, each with its path."""
+    return [c for i, item in enumerate(_list(value, path)) for c in _concept(item, f"{path}[{i}]")]
 
 
 def _codes_in(value: object, path: str, systems: frozenset[str], what: str) -> tuple[str, ...]:
@@ -500,7 +502,7 @@ def _agent(value: object, path: str) -> Agent:
         free_text=frozenset({"name"}),
     )
     if "type" in obj:
-        for (system, code), c_path in _concepts([obj["type"]], f"{path}.type"):
+        for (system, code), c_path in _concept(obj["type"], f"{path}.type"):
             if (system, code) not in _AGENT_TYPES:
                 _fail(c_path, "is not an agent type phivault accepts")
     if "who" not in obj:

@@ -712,3 +712,11 @@ def test_wrong_json_types_are_refused_by_path(field: str, wrong: Any) -> None:
         assert exc.path is not None and exc.path.startswith(field)
     else:  # pragma: no cover - every one of these is malformed
         pytest.fail("accepted")
+
+
+def test_agent_type_is_checked_by_path() -> None:
+    resource = _balp_read()
+    resource["agent"][0]["type"]["coding"][0] = {"system": DICOM, "code": "110100"}
+    with pytest.raises(InvalidInput) as info:
+        audit_event_from_fhir(resource, tenant="t")
+    assert info.value.path == "agent[0].type.coding[0]"
