@@ -29,7 +29,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from phivault.crypto._hazmat import SecretKey, aead, generate_key, rewrap_key, unwrap_key, wrap_key
-from phivault.crypto.blind_index import BlindIndexer, normalize
+from phivault.crypto.blind_index import BlindIndexer
 from phivault.crypto.cache import KeyCache
 from phivault.crypto.elements import PatientCipher, key_version_of
 from phivault.crypto.errors import (
@@ -879,6 +879,13 @@ class KeyRing:
         if patient is not None:
             _check_patient(patient)
         self._require_unsealed()
+        if patient is not None and not any(
+            j.kind is JobKind.DEK for j in self._store.open_jobs(tenant)
+        ):
+            if self._store.shred_record(tenant, patient) is not None:
+                raise PatientShredded(tenant, patient)
+            if not self._store.live(tenant, KeyPurpose.DEK, patient):
+                raise KeyNotFound(f"no data key for Patient/{patient} in tenant {tenant}")
         kek = await self.ensure_tenant(tenant)
         job = await self._job(tenant, JobKind.DEK, patient)
         scope = job.patient
@@ -1014,7 +1021,6 @@ class KeyRing:
                 except PatientShredded:
                     continue
                 value = cipher.open(element.ref, element.ciphertext).decode()
-                normalize(element.index.normalization, value)  # refuses values that never indexed
                 elements.add_tokens(
                     element, [indexer.token(element.index, value, version=new.version)]
                 )

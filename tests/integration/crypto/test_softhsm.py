@@ -176,3 +176,29 @@ async def test_key_ring_on_the_hsm(provider: Pkcs11Provider, tmp_path: Path) -> 
     assert sink.events[-1].subtype == "unwrap"
     await ring.seal()
     store.close()
+
+
+async def test_custody_on_the_hsm_from_settings(token: tuple[Path, str], tmp_path: Path) -> None:
+    from pydantic import SecretStr
+
+    from phivault.crypto.custody import initialize_keystore, open_keyring
+    from phivault.datadir import DataDir
+    from phivault.settings import KeyProviderKind, KeySettings, Settings
+
+    module, label = token
+    keys = KeySettings(
+        provider=KeyProviderKind.PKCS11,
+        pkcs11_module=module,
+        pkcs11_token_label=label,
+        pkcs11_pin=SecretStr(PIN),
+    )
+    directory = DataDir.create(tmp_path / "data", dev=False)
+    init = initialize_keystore(directory, keys)
+    assert init.shares == () and init.root_key_id == f"pkcs11:{label}/phivault-root"
+    sink = InMemoryAuditSink()
+    async with open_keyring(directory, Settings(keys=keys), sink) as ring:
+        assert not ring.sealed and ring.provider_name == "pkcs11"
+        cipher = await ring.patient_cipher("acme", "p1", create=True)
+        ref = ElementRef("acme", "Patient", "p1", "birthDate")
+        assert cipher.open(ref, cipher.seal(ref, b"1970")) == b"1970"
+    assert [e.subtype for e in sink.events][-1] == "seal"

@@ -233,3 +233,15 @@ async def test_inventory_lists_custody_facts_not_material(env: Env) -> None:
     assert [k.purpose for k in one.keys] == ["dek"]
     doc = inventory.to_json()
     assert "wrapped" not in str(doc).replace("wrapped_by", "")
+
+
+async def test_rotating_an_unknown_patient_is_refused_and_changes_nothing(
+    env: Env, elements: SqliteSealedElementStore
+) -> None:
+    from phivault.crypto.errors import KeyNotFound
+
+    await _load(env, elements)
+    before = len(env.sink.events)
+    with pytest.raises(KeyNotFound, match="Patient/nobody"):
+        await env.ring.rotate_deks("acme", elements, patient="nobody")
+    assert env.store.open_jobs("acme") == [] and len(env.sink.events) == before
