@@ -29,8 +29,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
 
 from phivault.api.problems import AuditUnavailable
+from phivault.errors import InvalidInput
 from phivault.identity.errors import MissingCredentials
 from phivault.identity.principal import Principal
 from phivault.identity.sessions import SessionPolicy, require_step_up
@@ -96,7 +98,42 @@ class AuditContext:
         purpose_of_use: tuple[str, ...] | None = None,
         break_glass_grant: str | None = None,
     ) -> AuditEvent:
-        """An audit event for this request, with agent, source, tenant and request id filled."""
+        """An audit event for this request, with agent, source, tenant and request id filled.
+
+        Raises :class:`~phivault.errors.InvalidInput` (a 400) when a value the caller supplied
+        (a patient id, say) cannot be recorded: what cannot be audited is not served.
+        """
+        try:
+            return self._event(
+                kind=kind,
+                subtype=subtype,
+                action=action,
+                outcome=outcome,
+                outcome_reason=outcome_reason,
+                patient=patient,
+                entities=entities,
+                purpose_of_use=purpose_of_use,
+                break_glass_grant=break_glass_grant,
+            )
+        except ValidationError as exc:
+            fields = sorted({str(err["loc"][0]) for err in exc.errors() if err.get("loc")})
+            raise InvalidInput(
+                "cannot be recorded in the audit ledger", path=",".join(fields)
+            ) from exc
+
+    def _event(
+        self,
+        *,
+        kind: EventKind,
+        subtype: str,
+        action: Action,
+        outcome: Outcome,
+        outcome_reason: str | None,
+        patient: str | None,
+        entities: tuple[Entity, ...],
+        purpose_of_use: tuple[str, ...] | None,
+        break_glass_grant: str | None,
+    ) -> AuditEvent:
         return AuditEvent(
             kind=kind,
             subtype=subtype,

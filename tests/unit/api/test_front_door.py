@@ -320,3 +320,11 @@ async def test_request_id_shaped_like_an_ssn_is_replaced(harness: Harness) -> No
     assert response.status_code == 200
     assert response.headers["x-request-id"] != "987-65-4329"
     assert "987-65-4329" not in harness.logs.getvalue()
+
+
+async def test_unauditable_caller_id_is_a_400_not_a_500(harness: Harness) -> None:
+    # Regression (found by schemathesis): a path id the audit model refuses (too long, or
+    # PHI-shaped) made building the audit event raise, which surfaced as a 500.
+    response = await harness.client.get("/t/records/" + "1" * 80, headers=harness.auth())
+    body = assert_outcome(response, 400)
+    assert "audit" in json.dumps(body)
