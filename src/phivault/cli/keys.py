@@ -343,7 +343,9 @@ def shred(
     if not patient:
         fail(output, "--patient is required", kind="invalid")
     directory = open_data_dir(output, data_dir)
-    if not yes and not json_mode:
+    if not yes and (json_mode or not sys.stdin.isatty()):
+        fail(output, "shredding cannot be undone: confirm with --yes", kind="invalid")
+    if not yes:
         typer.confirm(
             f"Destroy every data key of Patient/{patient} in tenant {tenant}? "
             "This cannot be undone",

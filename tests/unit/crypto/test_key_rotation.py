@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from crypto_support import Env
@@ -192,6 +193,27 @@ async def test_shred_destroys_keys_tokens_and_leaves_evidence(
     await env.ring.seal()
     await env.ring.shred_patient("acme", "p2", reason="erasure-request")
     assert p2.wrapped not in (env.keys_dir / "keystore.sqlite3").read_bytes()
+
+
+async def test_shredded_patient_data_in_a_backup_stays_unreadable(
+    env: Env, elements: SqliteSealedElementStore, tmp_path: Path
+) -> None:
+    await _load(env, elements)
+    backup_path = tmp_path / "backup.sqlite3"
+    elements._db.execute(f"VACUUM INTO '{backup_path}'")
+    await env.ring.shred_patient("acme", "p1", reason="erasure-request", elements=elements)
+    await env.ring.seal()
+    await env.ring.unseal(env.shares[:3])  # a restarted server, keys reloaded from disk
+    backup = SqliteSealedElementStore(backup_path)
+    rows = backup.scan("acme", patient="p1", after=0, limit=100)
+    assert rows  # the backup still holds p1's ciphertext ...
+    with pytest.raises(PatientShredded):
+        await env.ring.patient_cipher("acme", "p1")  # ... and nothing opens it
+    other = await env.ring.patient_cipher("acme", "p2")
+    for row in rows:  # not even another patient's key, of course
+        with pytest.raises(DecryptionFailed):
+            other.open(row.ref, row.ciphertext)
+    backup.close()
 
 
 async def test_hold_refuses_shred_and_changes_nothing(
