@@ -60,7 +60,10 @@ def kms() -> Iterator[tuple[AwsKmsProvider, Stubber]]:
         "kms", region_name="eu-west-1", aws_access_key_id="x", aws_secret_access_key="y"
     )
     with Stubber(client) as stubber:
-        yield AwsKmsProvider(client, KEY_ARN), stubber
+        provider = AwsKmsProvider(client, KEY_ARN)
+        assert provider.sealed
+        provider.unseal([])
+        yield provider, stubber
         stubber.assert_no_pending_responses()
 
 
@@ -102,6 +105,7 @@ async def test_key_ring_on_kms(kms: tuple[AwsKmsProvider, Stubber], tmp_path: An
     fake = FakeKms(stubber)
     store = SqliteKeyStore(tmp_path / "ks.sqlite3")
     ring = KeyRing(store=store, provider=provider, audit=InMemoryAuditSink(), observer="node-k")
+    await ring.unseal([])
     # The KEK is generated inside the ring: intercept wrap to learn it, then stub with it.
     captured: dict[str, bytes] = {}
     real_wrap = provider.wrap

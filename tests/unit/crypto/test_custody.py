@@ -74,3 +74,21 @@ def test_keystore_refuses_reinitialization_and_provider_mismatch(tmp_path: Path)
         build_provider(directory, KeySettings(provider=KeyProviderKind.PKCS11))
     with pytest.raises(ConfigurationError, match="threshold"):
         initialize_keystore(_data_dir(tmp_path / "b", dev=False), KeySettings(), threshold=1)
+
+
+async def test_kms_keystore_opens_read_only_without_calling_kms(tmp_path: Path) -> None:
+    keys = KeySettings(
+        provider=KeyProviderKind.AWSKMS, awskms_key_id="alias/phivault", awskms_region="eu-west-1"
+    )
+    directory = _data_dir(tmp_path, dev=False)
+    init = initialize_keystore(directory, keys)
+    assert init.root_key_id == "awskms:alias/phivault" and init.shares == ()
+    sink = InMemoryAuditSink()
+    async with open_keyring(directory, Settings(keys=keys), sink, read_only=True) as ring:
+        assert ring.sealed
+        assert ring.inventory().root.provider == "awskms"
+    assert sink.events == []
+    with pytest.raises(ConfigurationError, match="awskms_key_id"):
+        initialize_keystore(
+            _data_dir(tmp_path / "b", dev=False), KeySettings(provider=KeyProviderKind.AWSKMS)
+        )

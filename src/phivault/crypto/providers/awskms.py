@@ -32,7 +32,7 @@ class AwsKmsProvider:
     def __init__(self, client: Any, key_id: str) -> None:
         self._client = client
         self._key_id = key_id
-        self._sealed = False
+        self._sealed = True  # like every provider: usable only after an (audited) unseal
         self._lock = threading.Lock()
 
     @classmethod
