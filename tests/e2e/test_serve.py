@@ -1,0 +1,178 @@
+"""``phivault serve`` as shipped: real CLI, real ledger, dev identity provider, HTTPS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from phivault.datadir import DataDir
+from phivault.ledger.service import open_ledger_readonly
+
+PHIVAULT = str(Path(sys.executable).with_name("phivault"))
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PHIVAULT, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _trust(cert: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cert))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    folder = tmp_path_factory.mktemp("serve")
+    data_dir = folder / "data"
+    init = run_cli("init", "--dev", "--json", "--data-dir", str(data_dir))
+    assert init.returncode == 0, init.stderr
+    cert, key = self_signed(folder)
+    port = free_port()
+    env = {**os.environ, "PHIVAULT_API__RATE_LIMIT_PER_ADDRESS": "10000/minute"}
+    process = subprocess.Popen(
+        [
+            PHIVAULT,
+            "serve",
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    url = f"https://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"{url}/healthz", verify=_trust(cert), timeout=1)
+            break
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("phivault serve did not start") from None
+            time.sleep(0.1)
+    try:
+        yield url, cert, data_dir
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_https_dev_token_and_jwks(server: tuple[str, Path, Path]) -> None:
+    url, cert, data_dir = server
+    minted = run_cli("token", "--role", "clinician", "--json", "--data-dir", str(data_dir))
+    assert minted.returncode == 0, minted.stderr
+    token = json.loads(minted.stdout)["access_token"]
+    with httpx.Client(verify=_trust(cert)) as client:
+        me = client.get(f"{url}/whoami", headers={"Authorization": f"Bearer {token}"})
+        assert me.status_code == 200, me.text
+        assert me.json()["subject"] == "dr-alice"
+        jwks = client.get(f"{url}/.well-known/jwks.json").json()
+        discovery = client.get(f"{url}/.well-known/openid-configuration").json()
+        assert discovery["jwks_uri"].endswith("/.well-known/jwks.json")
+        assert all("d" not in k for k in jwks["keys"])
+        refused = client.get(f"{url}/whoami", headers={"Authorization": f"Bearer {token[:-4]}AAAA"})
+        assert refused.status_code == 401
+    # Both the session start and the refusal are in the real ledger.
+    with open_ledger_readonly(DataDir.open(data_dir)) as store:
+        deadline = time.monotonic() + 5
+        while store.size() < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.size() >= 2
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+def test_tls_versions(server: tuple[str, Path, Path]) -> None:
+    url, cert, _ = server
+    host, port = url.removeprefix("https://").split(":")
+    modern = ssl.create_default_context(cafile=str(cert))
+    with (
+        socket.create_connection((host, int(port))) as raw,
+        modern.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        assert tls.version() == "TLSv1.3"
+    old = ssl.create_default_context(cafile=str(cert))
+    old.minimum_version = ssl.TLSVersion.TLSv1
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError), socket.create_connection((host, int(port))) as raw:
+        old.wrap_socket(raw, server_hostname=host)
+
+
+def test_plain_http_is_not_served(server: tuple[str, Path, Path]) -> None:
+    url, _, _ = server
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url.replace("https://", "http://") + "/healthz", timeout=2)
+
+
+def test_serve_refuses_several_workers_with_the_embedded_ledger(
+    server: tuple[str, Path, Path],
+) -> None:
+    _, _, data_dir = server
+    result = run_cli("serve", "--workers", "2", "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert "single writer" in result.stderr
