@@ -929,6 +929,7 @@ class KeyRing:
             self._store.update_job(job.job_id, phase="reencrypt", cursor=0, done=0, now=self._now())
             job = _with_phase(job, "reencrypt", 0, 0)
         cursor, done = job.cursor, job.done
+        self._ciphers.clear()  # ciphers cached before the new versions existed must not seal
         if job.phase == "reencrypt":
             while True:
                 rows = elements.scan(tenant, patient=scope, after=cursor, limit=batch)
