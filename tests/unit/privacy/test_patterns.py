@@ -262,7 +262,14 @@ def _repeats(tree: Any) -> Iterator[tuple[int, int, Any]]:
 
 def _all_patterns() -> list[str]:
     pats = [p.pattern.pattern for p in patterns._PASSES]
-    return [*pats, patterns._UNIT.pattern, patterns._ZIP_STATE.pattern]
+    helpers = (
+        patterns._UNIT,
+        patterns._STATE_BEFORE,
+        patterns._CITY_BEFORE,
+        patterns._EMAIL_LOCAL_BEFORE,
+        patterns._ADDRESS_WORDS,
+    )
+    return [*pats, *(h.pattern for h in helpers)]
 
 
 @pytest.mark.parametrize("source", _all_patterns())
