@@ -117,3 +117,13 @@ def test_only_key_management_imports_the_hazmat_fence() -> None:
         and not path.relative_to(SRC).as_posix().startswith(allowed)
     ]
     assert offenders == []
+
+
+def test_public_surface_resolves_and_hides_the_hazmat() -> None:
+    import phivault.crypto as crypto
+
+    for name in crypto.__all__:
+        assert getattr(crypto, name) is not None
+    assert not any("hazmat" in name.lower() or "secret" in name.lower() for name in crypto.__all__)
+    with pytest.raises(AttributeError):
+        crypto.SecretKey  # noqa: B018
