@@ -145,8 +145,10 @@ _STATE_BEFORE: Final = re.compile(
     )
     + r")(?!\w)"
 )
+_CITY_LETTER: Final = _LETTER + _APOS + "\\-"  # Manchester-by-the-Sea, Coeur d'Alene
 _CITY_BEFORE: Final = re.compile(
-    rf"[ ]{{1,3}},?[{_LETTER}]{{1,30}}[{_UP}](?:[ ][{_LETTER}]{{1,30}}[{_UP}]){{0,2}}(?!\w)"
+    rf"[ ]{{1,3}},?[{_CITY_LETTER}]{{1,30}}[{_UP}]"
+    rf"(?:[ ][{_CITY_LETTER}]{{1,30}}[{_UP}]){{0,2}}(?!\w)"
 )
 _ZIP_REACH: Final = 120  # a state and a city of three long words, with their separators
 
@@ -358,6 +360,7 @@ _PASSES: Final[tuple[_Pass, ...]] = (
     _Pass(_EMAIL, _email, gate="@"),
     _Pass(_INTL_PHONE, _intl_phone, gate="+"),
 )
+_ADDRESS_GLUE: Final = frozenset({" ", ",", ", "})
 # The order of PhiKind, most specific first, names merged spans.
 _PRIORITY: Final = {kind: rank for rank, kind in enumerate(PhiKind)}
 
@@ -397,7 +400,11 @@ def find_phi(text: str) -> list[PhiMatch]:
         return merged
     kind, start, end = raw[0]
     for next_kind, next_start, next_end in raw[1:]:
-        if next_start < end:
+        joined = next_start < end or (
+            # "542 Friesen Parade" + ", " + "Sterling, MA 01564": one address, one span.
+            kind is next_kind is PhiKind.STREET_ADDRESS and text[end:next_start] in _ADDRESS_GLUE
+        )
+        if joined:
             if _PRIORITY[next_kind] < _PRIORITY[kind]:
                 kind = next_kind
             end = max(end, next_end)

@@ -202,6 +202,9 @@ def _synthea_values(fixtures_dir: Path) -> list[tuple[str, str]]:
         for address in patient.get("address", []):
             for line in address.get("line", []):
                 values.append(("address", line))
+                if "postalCode" in address:
+                    city, state, zip_code = address["city"], address["state"], address["postalCode"]
+                    values.append(("address", f"{line}, {city}, {state} {zip_code}"))
         for identifier in patient.get("identifier", []):
             if identifier.get("system") == "http://hl7.org/fhir/sid/us-ssn":
                 values.append(("ssn", identifier["value"]))
@@ -229,6 +232,7 @@ def test_every_synthea_value_is_found_in_a_sentence(fixtures_dir: Path) -> None:
     assert len(values) > 150
     kinds = {label for label, _ in values}
     assert kinds == {"name", "phone", "address", "ssn", "mrn", "date"}
+    assert any("Manchester-by-the-Sea" in value for _, value in values)
     missed = [
         (label, value)
         for label, value in values
