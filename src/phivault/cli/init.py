@@ -36,6 +36,8 @@ def init(
 ) -> None:
     """Create a new data directory (ledger and its signing key). Refuses to overwrite one."""
     output = Output(json_mode=json_mode)
+    if not 2 <= threshold <= shares <= 16:
+        fail(output, "need 2 <= --threshold <= --shares <= 16; nothing was created", kind="init")
     try:
         created = DataDir.create(data_dir, dev=dev, origin=origin)
         from phivault.ledger.service import initialize_ledger

@@ -77,6 +77,13 @@ def test_init_dev_prints_shares_once_and_writes_the_dev_unseal_file(tmp_path: Pa
     assert "production settings refuse" in json.loads(refused.stdout)["message"]
 
 
+def test_init_refuses_a_bad_split_and_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "bad"
+    refused = phivault("init", "--data-dir", str(path), "--threshold", "4", "--shares", "3")
+    assert refused.returncode == 1 and "nothing was created" in refused.stderr
+    assert not path.exists()
+
+
 def test_unseal_good_and_bad_shares_are_audited(production: tuple[Path, list[str]]) -> None:
     path, shares = production
     good = phivault("keys", "unseal", "--data-dir", str(path), "--shares-file", "-", "--json",
