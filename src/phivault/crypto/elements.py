@@ -105,10 +105,20 @@ class PatientCipher:
     New ciphertext uses the active DEK version; ciphertext under any live older version still
     opens (rotation keeps them until re-encryption is done and the minimum version is raised).
     The hot path is kept to one AES-GCM call plus two concatenations: the associated data's
-    per-version prefix is built once, and each element's tail is cached (bounded).
+    per-version prefix is built once, and each element's associated data under the active
+    version is cached (bounded), so a repeated element costs one dictionary lookup.
     """
 
-    __slots__ = ("_active", "_by_header", "_keys", "_prefixes", "_tails", "patient", "tenant")
+    __slots__ = (
+        "_active",
+        "_active_aads",
+        "_by_header",
+        "_keys",
+        "_prefixes",
+        "_tails",
+        "patient",
+        "tenant",
+    )
 
     _MAX_TAILS = 4096
 
@@ -127,6 +137,8 @@ class PatientCipher:
         }
         self._prefixes = {version: _AAD_LABEL + _header(version) + base for version in keys}
         self._tails: dict[ElementRef, bytes] = {}
+        # the whole associated data under the active version, per element (the common case)
+        self._active_aads: dict[ElementRef, bytes] = {}
 
     @property
     def active_version(self) -> int:
@@ -144,31 +156,39 @@ class PatientCipher:
             tail = _lp(ref.resource_type) + _lp(ref.resource_id) + _lp(ref.path)
             if len(self._tails) >= self._MAX_TAILS:
                 self._tails.clear()
+                self._active_aads.clear()
             self._tails[ref] = tail
         return tail
 
+    def _active_aad(self, ref: ElementRef) -> bytes:
+        aad = self._prefixes[self._active] + self._tail(ref)
+        self._active_aads[ref] = aad
+        return aad
+
     def seal(self, ref: ElementRef, plaintext: bytes) -> bytes:
-        version = self._active
         nonce = os.urandom(NONCE_BYTES)
-        aad = self._prefixes[version] + self._tail(ref)
-        return b"".join(
-            (aad[_LABEL_BYTES : _LABEL_BYTES + HEADER_BYTES], nonce,
-             self._keys[version].encrypt(nonce, plaintext, aad))
-        )  # fmt: skip
+        aad = self._active_aads.get(ref) or self._active_aad(ref)
+        return (
+            aad[_LABEL_BYTES : _LABEL_BYTES + HEADER_BYTES]
+            + nonce
+            + self._keys[self._active].encrypt(nonce, plaintext, aad)
+        )
 
     def seal_many(self, items: Iterable[tuple[ElementRef, bytes]]) -> list[bytes]:
         """Seal several elements of this patient (one nonce draw for the batch)."""
         batch = list(items)
         version = self._active
-        prefix = self._prefixes[version]
-        header = prefix[_LABEL_BYTES : _LABEL_BYTES + HEADER_BYTES]
+        header = self._prefixes[version][_LABEL_BYTES : _LABEL_BYTES + HEADER_BYTES]
         encrypt = self._keys[version].encrypt
-        tail = self._tail
+        aads, make_aad = self._active_aads, self._active_aad
         nonces = os.urandom(NONCE_BYTES * len(batch))
         out = []
-        for i, (ref, plaintext) in enumerate(batch):
-            nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
-            out.append(b"".join((header, nonce, encrypt(nonce, plaintext, prefix + tail(ref)))))
+        start = 0
+        for ref, plaintext in batch:
+            nonce = nonces[start : start + NONCE_BYTES]
+            start += NONCE_BYTES
+            aad = aads.get(ref) or make_aad(ref)
+            out.append(header + nonce + encrypt(nonce, plaintext, aad))
         return out
 
     def open(self, ref: ElementRef, ciphertext: bytes) -> bytes:
@@ -186,19 +206,20 @@ class PatientCipher:
 
     def open_many(self, items: Iterable[tuple[ElementRef, bytes]]) -> list[bytes]:
         """Open several elements of this patient (the same checks as :meth:`open`)."""
-        by_header, tails, out = self._by_header, self._tails, []
+        active_header = self._prefixes[self._active][_LABEL_BYTES : _LABEL_BYTES + HEADER_BYTES]
+        decrypt = self._keys[self._active].decrypt
+        aads, out = self._active_aads, []
         for ref, ciphertext in items:
-            entry = by_header.get(ciphertext[:HEADER_BYTES])
-            tail = tails.get(ref)
-            if entry is None or tail is None or len(ciphertext) < OVERHEAD_BYTES:
-                out.append(self.open(ref, ciphertext))
+            aad = aads.get(ref)
+            if (
+                aad is None
+                or ciphertext[:HEADER_BYTES] != active_header
+                or len(ciphertext) < OVERHEAD_BYTES
+            ):
+                out.append(self.open(ref, ciphertext))  # older version or first sight: slow path
                 continue
             try:
-                out.append(
-                    entry[0].decrypt(
-                        ciphertext[HEADER_BYTES:_BODY], ciphertext[_BODY:], entry[1] + tail
-                    )
-                )
+                out.append(decrypt(ciphertext[HEADER_BYTES:_BODY], ciphertext[_BODY:], aad))
             except InvalidTag:
                 _fail("tag mismatch: altered ciphertext, or moved to another context")
         return out

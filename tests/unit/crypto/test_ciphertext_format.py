@@ -151,3 +151,14 @@ def test_open_many_applies_the_same_checks() -> None:
         cipher.open_many([(ref._replace(path="birthDate"), GOOD)])
     with pytest.raises(DecryptionFailed):
         cipher.open_many([(ref, GOOD[:20])])
+
+
+def test_older_live_versions_open_through_every_path() -> None:
+    old_key, new_key = AESGCM(bytes(range(32))), AESGCM(bytes(range(1, 33)))
+    ref = ElementRef("acme", "Patient", "p1", "birthDate")
+    before = PatientCipher("acme", "p1", {1: old_key}, 1).seal(ref, b"1970")
+    during = PatientCipher("acme", "p1", {1: old_key, 2: new_key}, 2)
+    after = during.seal(ref, b"1971")  # the element's AAD is now cached for version 2
+    assert key_version_of(after) == 2
+    assert during.open_many([(ref, before), (ref, after)]) == [b"1970", b"1971"]
+    assert during.open(ref, before) == b"1970"
