@@ -140,7 +140,8 @@ class SqliteSealedElementStore:
     ) -> Sequence[SealedElement]:
         if patient is None:
             return self._rows(
-                "WHERE tenant = ? AND position > ? ORDER BY position LIMIT ?",
+                # "+tenant": walk positions in order (no index-plus-sort per batch)
+                "WHERE +tenant = ? AND position > ? ORDER BY position LIMIT ?",
                 (tenant, after, limit),
             )
         return self._rows(

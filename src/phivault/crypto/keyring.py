@@ -828,6 +828,8 @@ class KeyRing:
         )
         cursor, done = job.cursor, job.done
         olds: dict[str, AESGCM] = {}
+        head = b"phivault.key.v1" + _lp(tenant)
+        purposes = {p.value: _lp(p.value) for p in KeyPurpose}
         while True:
             rows = self._store.scan_wrapped_by(tenant, new.key_id, cursor, batch)
             if not rows:
@@ -837,13 +839,20 @@ class KeyRing:
                 old = olds.get(row.wrapped_by)
                 if old is None:
                     old = olds[row.wrapped_by] = await self._kek(row.wrapped_by)
-                if row.wrapped is None:
-                    continue
+                # key_aad(), inlined: this loop runs a million times in a KEK rotation
+                aad = (
+                    head
+                    + purposes[row.purpose]
+                    + _lp(row.subject)
+                    + row.version.to_bytes(4, "big")
+                    + _lp(row.key_id)
+                )
                 try:
-                    blob = rewrap_key(old, new_aead, row.wrapped, _aad_of(row))
+                    blob = rewrap_key(old, new_aead, row.wrapped, aad)
                 except DecryptionFailed as exc:
-                    raise await self._unwrap_failed(row, exc.diagnostic) from None
-                updates.append((row.key_id, row.wrapped, blob, new.key_id))
+                    failed = self._store.get(row.key_id)
+                    raise await self._unwrap_failed(failed, exc.diagnostic) from None
+                updates.append((row.seq, row.wrapped, blob, new.key_id))
             self._store.rewrap(updates, self._now())
             cursor, done = rows[-1].seq, done + len(rows)
             self._store.update_job(

@@ -28,6 +28,7 @@ from phivault.crypto.ports import (
     KeyState,
     RotationJob,
     ShredRecord,
+    WrappedKey,
 )
 from phivault.errors import StoreUnavailable
 
@@ -230,20 +231,23 @@ class SqliteKeyStore:
 
     def scan_wrapped_by(
         self, tenant: str, not_wrapped_by: str, after: int, limit: int
-    ) -> list[KeyRecord]:
+    ) -> list[WrappedKey]:
         rows = self._query(
-            f"SELECT {_COLUMNS} FROM keys WHERE seq > ? AND tenant = ? AND purpose != 'kek' "  # noqa: S608
-            "AND state != 'destroyed' AND wrapped_by != ? ORDER BY seq LIMIT ?",
+            "SELECT seq, key_id, purpose, subject, version, wrapped, wrapped_by FROM keys "
+            # "+tenant": walk the rowid (seq) order, never the tenant index plus a sort, so that
+            # each batch costs its own size and a million-key rotation stays linear.
+            "WHERE seq > ? AND +tenant = ? AND purpose != 'kek' AND state != 'destroyed' "
+            "AND wrapped_by != ? ORDER BY seq LIMIT ?",
             (after, tenant, not_wrapped_by, limit),
         )
-        return [_record(row) for row in rows]
+        return [WrappedKey._make(row) for row in rows]
 
-    def rewrap(self, updates: Sequence[tuple[str, bytes, bytes, str]], now: datetime) -> int:
+    def rewrap(self, updates: Sequence[tuple[int, bytes, bytes, str]], now: datetime) -> int:
         with self._tx() as db:
             before = db.total_changes
             db.executemany(
-                "UPDATE keys SET wrapped = ?, wrapped_by = ? WHERE key_id = ? AND wrapped = ?",
-                [(new, by, key_id, old) for key_id, old, new, by in updates],
+                "UPDATE keys SET wrapped = ?, wrapped_by = ? WHERE seq = ? AND wrapped = ?",
+                [(new, by, seq, old) for seq, old, new, by in updates],
             )
             return db.total_changes - before
 

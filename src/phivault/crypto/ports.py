@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from phivault.crypto._hazmat.keys import SecretKey
 from phivault.crypto.blind_index import BlindToken, IndexField
@@ -36,6 +36,7 @@ __all__ = [
     "SealedElement",
     "SealedElementStore",
     "ShredRecord",
+    "WrappedKey",
 ]
 
 
@@ -69,6 +70,21 @@ class KeyRecord:
     destroyed: datetime | None = None
     job: str | None = None
     seq: int = 0  # the store's ordering, for batched scans
+
+
+class WrappedKey(NamedTuple):
+    """The lean row a KEK rotation rewraps (no dates or states: millions of them)."""
+
+    seq: int
+    key_id: str
+    purpose: str
+    subject: str
+    version: int
+    wrapped: bytes
+    wrapped_by: str
+
+    def __repr__(self) -> str:  # never the wrapped bytes
+        return f"WrappedKey({self.key_id}, {self.purpose}, v{self.version})"
 
 
 @dataclass(frozen=True)
@@ -174,12 +190,12 @@ class KeyStore(Protocol):
 
     def scan_wrapped_by(
         self, tenant: str, not_wrapped_by: str, after: int, limit: int
-    ) -> list[KeyRecord]:
+    ) -> list[WrappedKey]:
         """Live keys of ``tenant`` wrapped by a KEK other than ``not_wrapped_by``."""
         ...
 
-    def rewrap(self, updates: Sequence[tuple[str, bytes, bytes, str]], now: datetime) -> int:
-        """(key id, expected wrapped, new wrapped, new wrapped_by): compare-and-swap each."""
+    def rewrap(self, updates: Sequence[tuple[int, bytes, bytes, str]], now: datetime) -> int:
+        """(seq, expected wrapped, new wrapped, new wrapped_by): compare-and-swap each."""
         ...
 
     def destroy(self, key_ids: Sequence[str], now: datetime) -> None:

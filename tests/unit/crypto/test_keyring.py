@@ -86,7 +86,7 @@ async def test_tampered_wrapped_dek_is_a_failed_unwrap_event(env: Env) -> None:
     (record,) = env.store.records("acme", KeyPurpose.DEK, "p1")
     assert record.wrapped is not None
     flipped = bytes([record.wrapped[0] ^ 1]) + record.wrapped[1:]
-    env.store.rewrap([(record.key_id, record.wrapped, flipped, record.wrapped_by)], env.clock())
+    env.store.rewrap([(record.seq, record.wrapped, flipped, record.wrapped_by)], env.clock())
     with pytest.raises(KeyUnavailable):
         await env.ring.patient_cipher("acme", "p1")
     event = env.sink.events[-1]
@@ -100,7 +100,7 @@ async def test_wrapped_dek_moved_to_another_patient_does_not_unwrap(env: Env) ->
     (one,) = env.store.records("acme", KeyPurpose.DEK, "p1")
     (two,) = env.store.records("acme", KeyPurpose.DEK, "p2")
     assert one.wrapped is not None and two.wrapped is not None
-    env.store.rewrap([(two.key_id, two.wrapped, one.wrapped, two.wrapped_by)], env.clock())
+    env.store.rewrap([(two.seq, two.wrapped, one.wrapped, two.wrapped_by)], env.clock())
     with pytest.raises(KeyUnavailable):
         await env.ring.patient_cipher("acme", "p2")
 
