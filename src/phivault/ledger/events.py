@@ -226,12 +226,29 @@ class Agent(_Model):
     network_address: NetworkAddress | None = None
     purpose_of_use: tuple[Code, ...] = ()
 
+    def _document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"who": self.who, "requestor": self.requestor}
+        if self.roles:
+            doc["roles"] = list(self.roles)
+        if self.client_id is not None:
+            doc["client_id"] = self.client_id
+        if self.network_address is not None:
+            doc["network_address"] = self.network_address
+        if self.purpose_of_use:
+            doc["purpose_of_use"] = list(self.purpose_of_use)
+        return doc
+
 
 class Source(_Model):
     """The phivault node that observed and recorded the event."""
 
     observer: OpaqueId
     site: OpaqueId | None = None
+
+    def _document(self) -> dict[str, Any]:
+        if self.site is None:
+            return {"observer": self.observer}
+        return {"observer": self.observer, "site": self.site}
 
 
 class Entity(_Model):
@@ -242,6 +259,18 @@ class Entity(_Model):
     role: EntityRole = EntityRole.DOMAIN_RESOURCE
     query_hash: KeyedToken | None = None  # keyed HMAC of the normalized query, never the query
     security_labels: tuple[Code, ...] = ()  # e.g. "REDACTED", "BTG"
+
+    def _document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.what is not None:
+            doc["what"] = self.what
+        doc["type"] = self.type.value
+        doc["role"] = self.role.value
+        if self.query_hash is not None:
+            doc["query_hash"] = self.query_hash
+        if self.security_labels:
+            doc["security_labels"] = list(self.security_labels)
+        return doc
 
     @model_validator(mode="after")
     def _says_something(self) -> Entity:
@@ -327,11 +356,36 @@ class AuditEvent(_Model):
         return data
 
     def to_document(self) -> dict[str, Any]:
-        """The JSON document the leaf encodes: no ``None``s, no floats, times as strings."""
-        doc = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-        doc["recorded"] = format_instant(self.recorded)
-        pruned: dict[str, Any] = _prune(doc)
-        return pruned
+        """The JSON document the leaf encodes: no ``None``s, no floats, times as strings.
+
+        Empty lists and absent values are left out, so that two events that mean the same
+        thing encode to the same bytes. Built by hand rather than by ``model_dump``: it runs on
+        every append, and this is several times faster (a test holds the two to the same
+        output for any event).
+        """
+        doc: dict[str, Any] = {
+            "kind": self.kind.value,
+            "subtype": self.subtype,
+            "action": self.action.value,
+            "recorded": format_instant(self.recorded),
+            "outcome": int(self.outcome),
+        }
+        if self.outcome_reason is not None:
+            doc["outcome_reason"] = self.outcome_reason
+        doc["tenant"] = self.tenant
+        if self.patient is not None:
+            doc["patient"] = self.patient
+        doc["agents"] = [agent._document() for agent in self.agents]
+        doc["source"] = self.source._document()
+        if self.entities:
+            doc["entities"] = [entity._document() for entity in self.entities]
+        if self.purpose_of_use:
+            doc["purpose_of_use"] = list(self.purpose_of_use)
+        if self.request_id is not None:
+            doc["request_id"] = self.request_id
+        if self.break_glass_grant is not None:
+            doc["break_glass_grant"] = self.break_glass_grant
+        return doc
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> AuditEvent:
@@ -340,13 +394,3 @@ class AuditEvent(_Model):
 
 
 LEDGER_FIELDS: Final = ("seq", "chain", "patient_prev")
-
-
-def _prune(value: Any) -> Any:
-    # Empty tuples and dicts say nothing and only make leaves longer; drop them so that
-    # two events that mean the same thing encode to the same bytes.
-    if isinstance(value, dict):
-        return {k: _prune(v) for k, v in value.items() if v not in ((), [], {}, None)}
-    if isinstance(value, list):
-        return [_prune(v) for v in value]
-    return value

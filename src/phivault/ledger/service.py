@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.datadir import DataDir
-from phivault.ledger.canonical import canonical_json
+from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
 from phivault.ledger.checkpoint import Checkpoint, parse_checkpoint, sign_checkpoint
 from phivault.ledger.errors import LedgerError, LedgerTampered, LedgerUnavailable, TamperKind
 from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
@@ -58,6 +58,10 @@ _ZERO_HASH: Final = bytes(32)
 # patterns can only match the top-level fields (no nested object has these names).
 _PATIENT_RE: Final = re.compile(rb'[{,]"patient":"([^"]+)"')
 _PATIENT_PREV_RE: Final = re.compile(rb'[{,]"patient_prev":(\d+)')
+
+
+# An event document waiting for the next group commit: (document, plain, acknowledgement).
+_Pending = tuple[dict[str, Any], bool, "asyncio.Future[int]"]
 
 
 def signer_path(data_dir: DataDir) -> Path:
@@ -148,7 +152,7 @@ class Ledger:
         self._last_hash = (
             self._tree.leaf_hash_at(self._tree.size - 1) if self._tree.size else _ZERO_HASH
         )
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
+        self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._checkpoint_lock = asyncio.Lock()
@@ -203,17 +207,21 @@ class Ledger:
 
     async def record(self, event: AuditEvent) -> int:
         """Append ``event`` durably; return its index. Raises LedgerUnavailable if it cannot."""
-        return await self.record_document(event.to_document())
+        # The model's grammars make its document plain (see canonical_json_of_plain_document).
+        return await self._enqueue(event.to_document(), plain=True)
 
     async def record_document(self, document: dict[str, Any]) -> int:
-        """Append an already-validated event document (see :meth:`AuditEvent.to_document`)."""
-        if self._closed:
-            raise LedgerUnavailable("the ledger is closed")
+        """Append an event document from elsewhere; it is canonicalized with every check."""
         for field in LEDGER_FIELDS:
             if field in document:
                 raise LedgerError(f"an event document may not set the ledger field {field!r}")
+        return await self._enqueue(document, plain=False)
+
+    async def _enqueue(self, document: dict[str, Any], *, plain: bool) -> int:
+        if self._closed:
+            raise LedgerUnavailable("the ledger is closed")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((document, future))
+        self._pending.append((document, plain, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await future
@@ -234,7 +242,7 @@ class Ledger:
                     if isinstance(exc, LedgerUnavailable)
                     else LedgerUnavailable(f"cannot append to the ledger: {type(exc).__name__}")
                 )
-                for _doc, future in batch:
+                for _doc, _plain, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
@@ -243,20 +251,19 @@ class Ledger:
             self._tree.extend(hashes)
             self._heads.update(heads)
             self._last_hash = last_hash
-            for offset, (_doc, future) in enumerate(batch):
+            for offset, (_doc, _plain, future) in enumerate(batch):
                 if not future.done():
                     future.set_result(first + offset)
             self._schedule_checkpoint()
 
-    def _encode(
-        self, batch: list[tuple[dict[str, Any], asyncio.Future[int]]]
-    ) -> tuple[list[bytes], dict[str, int], bytes]:
+    def _encode(self, batch: list[_Pending]) -> tuple[list[bytes], dict[str, int], bytes]:
         """Assign indexes and ledger fields; nothing in ``self`` changes until it is durable."""
         index = self._tree.size
         heads: dict[str, int] = {}
         prev_hash = self._last_hash
         leaves: list[bytes] = []
-        for document, _future in batch:
+        for document, plain, _future in batch:
+            encode = canonical_json_of_plain_document if plain else canonical_json
             doc = dict(document)
             doc["seq"] = index
             doc["chain"] = base64.b64encode(prev_hash).decode("ascii")
@@ -266,7 +273,7 @@ class Ledger:
                 if prev is not None:
                     doc["patient_prev"] = prev
                 heads[patient] = index
-            leaf = canonical_json(doc)
+            leaf = encode(doc)
             leaves.append(leaf)
             prev_hash = leaf_hash(leaf)
             index += 1

@@ -6,8 +6,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+import rfc8785
+from event_strategies import audit_events  # tests/unit/ledger/event_strategies.py
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
 from phivault.ledger.events import (
     LEDGER_FIELDS,
     Action,
@@ -355,3 +360,35 @@ def test_patient_role_needs_a_patient_reference() -> None:
 def test_unversioned() -> None:
     assert unversioned("Patient/1/_history/2") == "Patient/1"
     assert unversioned("Patient/1") == "Patient/1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(audit_events())
+def test_the_hand_built_document_equals_the_model_dump(event: AuditEvent) -> None:
+    # to_document is written out by hand for speed; it must say exactly what pydantic says,
+    # minus absent values and empty lists.
+    def pruned(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: pruned(v) for k, v in value.items() if v not in ((), [], {}, None)}
+        if isinstance(value, list):
+            return [pruned(v) for v in value]
+        return value
+
+    reference = pruned(event.model_dump(mode="json", exclude_none=True))
+    reference["recorded"] = format_instant(event.recorded)
+    assert event.to_document() == reference
+    assert list(event.to_document()) == list(reference)  # the same keys in the same order
+    assert AuditEvent.from_document(event.to_document()) == event
+
+
+@settings(max_examples=300, deadline=None)
+@given(audit_events(), st.integers(0, 2**53 - 1), st.none() | st.integers(0, 2**53 - 1))
+def test_event_documents_are_plain_so_the_fast_encoder_is_exact(
+    event: AuditEvent, seq: int, patient_prev: int | None
+) -> None:
+    # The ledger encodes event documents without the type scan; this is the proof it may.
+    document = event.to_document() | {"seq": seq, "chain": "A" * 43 + "="}
+    if patient_prev is not None:
+        document["patient_prev"] = patient_prev
+    assert canonical_json_of_plain_document(document) == canonical_json(document)
+    assert canonical_json_of_plain_document(document) == rfc8785.dumps(document)
