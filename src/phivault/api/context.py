@@ -180,6 +180,8 @@ class MountedRouter:
     prefix: str = ""
 
 
+# The dependencies are ``async`` on purpose: FastAPI runs plain functions in a thread pool,
+# which would cost a thread hop per dependency per request.
 def request_state(request: Request) -> RequestState:
     state = request.scope.get("state", {}).get(STATE_KEY)
     if not isinstance(state, RequestState):
@@ -187,7 +189,7 @@ def request_state(request: Request) -> RequestState:
     return state
 
 
-def current_principal(request: Request) -> Principal:
+async def current_principal(request: Request) -> Principal:
     """The authenticated caller (FastAPI dependency)."""
     principal = request_state(request).principal
     if principal is None:
@@ -195,7 +197,7 @@ def current_principal(request: Request) -> Principal:
     return principal
 
 
-def audit_context(request: Request) -> AuditContext:
+async def audit_context(request: Request) -> AuditContext:
     """The audit context of this request (FastAPI dependency)."""
     audit = request_state(request).audit
     if audit is None:
@@ -203,9 +205,9 @@ def audit_context(request: Request) -> AuditContext:
     return audit
 
 
-def stepped_up_principal(request: Request) -> Principal:
+async def stepped_up_principal(request: Request) -> Principal:
     """The caller, who must have done MFA within the step-up window (RFC 9470)."""
-    principal = current_principal(request)
+    principal = await current_principal(request)
     policy: SessionPolicy = request.app.state.session_policy
     clock: Callable[[], float] = request.app.state.clock
     require_step_up(principal, policy, now=clock())

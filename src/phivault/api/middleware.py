@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -399,11 +400,12 @@ class AuthenticationLayer(_Layer):
         try:
             if len(authorization) > 1:
                 raise MissingCredentials()
+            proofs = _header(scope, b"dpop")
             result = await door.authenticator.authenticate(
                 method=scope["method"],
-                url=self._url(scope),
+                url=self._url(scope) if proofs else "",  # only a DPoP proof is checked against it
                 authorization=authorization[0] if authorization else None,
-                dpop_proofs=_header(scope, b"dpop"),
+                dpop_proofs=proofs,
                 now=now,
             )
         except AuthenticationError as exc:
@@ -467,6 +469,7 @@ class AuthenticationLayer(_Layer):
         )
 
 
+@lru_cache(maxsize=4096)
 def _ip_or_none(address: str | None) -> str | None:
     if address is None:
         return None

@@ -8,6 +8,7 @@ never the raw path, which may hold a patient id), status and reason codes.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import MutableMapping
@@ -34,6 +35,7 @@ def make_logger(scrubber: Scrubber, stream: TextIO | None = None) -> Any:
     return structlog.wrap_logger(
         structlog.WriteLogger(stream or sys.stderr),
         processors=[_timestamp, scrubber, structlog.processors.JSONRenderer(sort_keys=True)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         cache_logger_on_first_use=True,
     )
 

@@ -14,8 +14,10 @@ out), so the same rules hold behind FastAPI, in tests, and in any other transpor
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from phivault.identity.dpop import DPoPVerifier
 from phivault.identity.errors import DPoPError, InvalidToken, MissingCredentials, SessionExpired
@@ -25,6 +27,7 @@ from phivault.identity.tokens import TokenValidator
 
 __all__ = ["Authenticated", "Authenticator"]
 
+_CACHE_SIZE = 10_000
 _CREDENTIALS = re.compile(r"^(?P<scheme>[A-Za-z]+) +(?P<token>[A-Za-z0-9\-._~+/]+=*)$")
 
 
@@ -55,6 +58,21 @@ class Authenticator:
         self._sessions = sessions
         self._names = claim_names or ClaimNames()
         self._default_tenant = default_tenant
+        self._principals: OrderedDict[str, tuple[dict[str, Any], Principal]] = OrderedDict()
+
+    def _principal(self, token: str, claims: dict[str, Any]) -> Principal:
+        # A principal is a pure function of verified claims; the validator hands back the same
+        # claims object for a token it remembers, so the principal can be remembered with it.
+        cached = self._principals.get(token)
+        if cached is not None and cached[0] is claims:
+            return cached[1]
+        principal = principal_from_claims(
+            claims, names=self._names, default_tenant=self._default_tenant
+        )
+        self._principals[token] = (claims, principal)
+        if len(self._principals) > _CACHE_SIZE:
+            self._principals.popitem(last=False)
+        return principal
 
     @property
     def policy(self) -> SessionPolicy:
@@ -79,9 +97,7 @@ class Authenticator:
         if scheme not in ("bearer", "dpop"):
             raise InvalidToken("unsupported-scheme", "use the Bearer or DPoP scheme")
         claims = await self._validator.validate(token, now=now)
-        principal = principal_from_claims(
-            claims, names=self._names, default_tenant=self._default_tenant
-        )
+        principal = self._principal(token, claims)
         if principal.dpop_jkt is not None:
             if scheme != "dpop":
                 raise DPoPError("dpop-missing", "this token is bound to a key: use DPoP")

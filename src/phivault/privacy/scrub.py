@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import lru_cache
 from typing import Any
 
 from phivault.privacy.patterns import redact
@@ -76,6 +77,16 @@ def tainted_values() -> frozenset[str]:
     return frozenset(current) if current else frozenset()
 
 
+_CACHED_LENGTH = 128
+
+
+@lru_cache(maxsize=8192)
+def _redact_short(text: str) -> str:
+    # Log lines repeat the same short values (routes, methods, subjects, tenants) on every
+    # request; the patterns are pure, so their verdict on a short string can be remembered.
+    return redact(text, REDACTED)
+
+
 class Scrubber:
     """Redacts tainted values and PHI patterns from strings and nested JSON-like values."""
 
@@ -89,6 +100,8 @@ class Scrubber:
             pattern = self._pattern(frozenset(tainted))
             if pattern is not None:
                 text = pattern.sub(self.replacement, text)
+        if len(text) <= _CACHED_LENGTH and self.replacement == REDACTED:
+            return _redact_short(text)
         return redact(text, self.replacement)
 
     def scrub(self, value: Any) -> Any:
