@@ -162,3 +162,24 @@ def test_older_live_versions_open_through_every_path() -> None:
     assert key_version_of(after) == 2
     assert during.open_many([(ref, before), (ref, after)]) == [b"1970", b"1971"]
     assert during.open(ref, before) == b"1970"
+
+
+fields = st.text(min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(fields, fields, fields, fields, fields, fields)
+def test_any_change_of_context_fails(
+    rtype: str, rid: str, path: str, other_rtype: str, other_rid: str, other_path: str
+) -> None:
+    cipher = _cipher(V0)
+    ref = ElementRef(V0["tenant"], rtype, rid, path)
+    moved = ElementRef(V0["tenant"], other_rtype, other_rid, other_path)
+    sealed = cipher.seal(ref, b"value")
+    if moved == ref:
+        assert cipher.open(moved, sealed) == b"value"
+    else:
+        with pytest.raises(DecryptionFailed):
+            cipher.open(moved, sealed)
+        with pytest.raises(DecryptionFailed):
+            cipher.open_many([(moved, sealed)])

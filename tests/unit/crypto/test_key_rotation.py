@@ -267,3 +267,29 @@ async def test_rotating_an_unknown_patient_is_refused_and_changes_nothing(
     with pytest.raises(KeyNotFound, match="Patient/nobody"):
         await env.ring.rotate_deks("acme", elements, patient="nobody")
     assert env.store.open_jobs("acme") == [] and len(env.sink.events) == before
+
+
+async def test_concurrent_creates_make_one_key(env: Env) -> None:
+    import asyncio
+
+    infos = await asyncio.gather(*(env.ring.create_patient_key("acme", "p9") for _ in range(10)))
+    assert len({info.key_id for info in infos}) == 1
+    assert len(env.store.records("acme", KeyPurpose.DEK, "p9")) == 1
+    assert len(env.store.records("acme", KeyPurpose.KEK)) == 1
+
+
+async def test_rotations_skip_a_shredded_patient(
+    env: Env, elements: SqliteSealedElementStore
+) -> None:
+    await _load(env, elements)
+    await env.ring.shred_patient("acme", "p1", reason="erasure-request", elements=elements)
+    index = await env.ring.rotate_index("acme", elements)
+    deks = await env.ring.rotate_deks("acme", elements)
+    assert index.processed == 6 and deks.new_keys == 2
+    versions = {
+        e.patient: key_version_of(e.ciphertext)
+        for e in elements.scan("acme", patient=None, after=0, limit=100)
+    }
+    assert versions == {"p1": 1, "p2": 2, "p3": 2}  # p1's ciphertext is noise now
+    indexer = await env.ring.blind_indexer("acme")
+    assert {e.patient for e in elements.find("acme", indexer.tokens(FAMILY, "Smith"))} == {"p3"}
