@@ -877,12 +877,18 @@ class KeyRing:
         patient: str | None = None,
         batch: int = 500,
         progress: Progress | None = None,
+        settle_s: float = 0.0,
     ) -> RotationReport:
         """New data keys (one patient or all); re-encrypt their elements; retire old versions.
 
         Progress (phase and cursor) is persisted after every batch: after a crash, calling this
         again resumes the unfinished rotation. When every element is under the new versions,
         the old versions are destroyed (the minimum decryption version rises).
+
+        ``settle_s``: with several workers, one may still hold a cached cipher whose active
+        version is the old one for up to its cache lifetime. Pass that lifetime: after the
+        first pass the rotation waits that long, then makes a second pass that re-seals any
+        element written under an old version meanwhile, and only then retires the old keys.
         """
         _check_tenant(tenant)
         if patient is not None:
@@ -940,18 +946,32 @@ class KeyRing:
         cursor, done = job.cursor, job.done
         self._ciphers.clear()  # ciphers cached before the new versions existed must not seal
         if job.phase == "reencrypt":
-            while True:
-                rows = elements.scan(tenant, patient=scope, after=cursor, limit=batch)
-                if not rows:
-                    break
-                for element in rows:
-                    await self._reencrypt(elements, element)
-                cursor, done = rows[-1].position, done + len(rows)
+            done = await self._reencrypt_pass(
+                job,
+                elements,
+                phase="reencrypt",
+                cursor=cursor,
+                done=done,
+                batch=batch,
+                progress=progress,
+            )
+            if settle_s > 0:
                 self._store.update_job(
-                    job.job_id, phase="reencrypt", cursor=cursor, done=done, now=self._now()
+                    job.job_id, phase="verify", cursor=0, done=done, now=self._now()
                 )
-                if progress is not None:
-                    progress(done, None)
+                job = _with_phase(job, "verify", 0, done)
+                await asyncio.sleep(settle_s)
+        if job.phase == "verify":
+            self._ciphers.clear()
+            done = await self._reencrypt_pass(
+                job,
+                elements,
+                phase="verify",
+                cursor=job.cursor,
+                done=job.done,
+                batch=batch,
+                progress=progress,
+            )
         retired: list[str] = []
         after = ""
         while True:
@@ -969,6 +989,30 @@ class KeyRing:
         self._ciphers.clear()
         await self._finish(job, done, created, retired)
         return RotationReport(job.job_id, JobKind.DEK, tenant, scope, done, created, tuple(retired))
+
+    async def _reencrypt_pass(
+        self,
+        job: RotationJob,
+        elements: SealedElementStore,
+        *,
+        phase: str,
+        cursor: int,
+        done: int,
+        batch: int,
+        progress: Progress | None,
+    ) -> int:
+        while True:
+            rows = elements.scan(job.tenant, patient=job.patient, after=cursor, limit=batch)
+            if not rows:
+                return done
+            for element in rows:
+                await self._reencrypt(elements, element)
+            cursor, done = rows[-1].position, done + len(rows)
+            self._store.update_job(
+                job.job_id, phase=phase, cursor=cursor, done=done, now=self._now()
+            )
+            if progress is not None:
+                progress(done, None)
 
     async def _reencrypt(self, elements: SealedElementStore, element: SealedElement) -> None:
         try:

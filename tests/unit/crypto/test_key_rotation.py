@@ -293,3 +293,28 @@ async def test_rotations_skip_a_shredded_patient(
     assert versions == {"p1": 1, "p2": 2, "p3": 2}  # p1's ciphertext is noise now
     indexer = await env.ring.blind_indexer("acme")
     assert {e.patient for e in elements.find("acme", indexer.tokens(FAMILY, "Smith"))} == {"p3"}
+
+
+async def test_settle_pass_reseals_what_a_stale_worker_wrote(
+    env: Env, elements: SqliteSealedElementStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker with a cached pre-rotation cipher writes during the rotation: the second
+    pass after the settle time re-seals it before the old key is destroyed."""
+    import asyncio
+
+    await _load(env, elements)
+    stale = await env.ring.patient_cipher("acme", "p2")  # a worker's cache, old version active
+    ref = ElementRef("acme", "Patient", "p2", "telecom[0].value")
+    real_sleep = asyncio.sleep
+
+    async def sleep_and_write(seconds: float) -> None:
+        elements.put(ref, "p2", stale.seal(ref, b"555-0100"))  # written with version 1
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep_and_write)
+    report = await env.ring.rotate_deks("acme", elements, settle_s=300)
+    assert report.processed == 6 + 7  # first pass, then the verify pass (one more element)
+    element = elements.get(ref)
+    assert element is not None and key_version_of(element.ciphertext) == 2
+    cipher = await env.ring.patient_cipher("acme", "p2")
+    assert cipher.open(ref, element.ciphertext) == b"555-0100"
