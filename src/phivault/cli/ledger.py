@@ -23,16 +23,16 @@ from phivault.cli._common import DataDirOption, JsonOption, Output, fail, open_d
 from phivault.datadir import DataDir, default_data_dir
 from phivault.errors import InvalidInput, PhivaultError
 from phivault.ledger.bundle import read_bundle, verify_bundle, write_bundle
+from phivault.ledger.checkpoint import unverified_checkpoint
 from phivault.ledger.errors import LedgerTampered
 from phivault.ledger.events import AuditEvent
-from phivault.ledger.file_store import FileLedgerStore
 from phivault.ledger.merkle import MerkleTree
 from phivault.ledger.note import NoteVerifier
+from phivault.ledger.ports import LedgerStore
 from phivault.ledger.report import patient_reference, patient_report
 from phivault.ledger.service import (
     open_ledger,
     open_ledger_readonly,
-    unverified_checkpoint,
     verifier_key_of,
 )
 from phivault.ledger.verify import Damaged, VerificationReport, verify_ledger
@@ -299,7 +299,7 @@ def _checkpoint_if_idle(directory: DataDir) -> None:
         asyncio.run(run())
 
 
-def _write_fhir(fh: Any, store: FileLedgerStore, progress: Any) -> int:
+def _write_fhir(fh: Any, store: LedgerStore, progress: Any) -> int:
     from phivault.ledger.fhir import audit_event_to_fhir
     from phivault.ledger.service import LedgerEntry
 

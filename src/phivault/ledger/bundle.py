@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from phivault.errors import InvalidInput
+from phivault.ledger.checkpoint import unverified_checkpoint
 from phivault.ledger.errors import InvalidProof, LedgerTampered, TamperKind
 from phivault.ledger.note import NoteVerifier
 from phivault.ledger.ports import LedgerStore
-from phivault.ledger.service import unverified_checkpoint
 from phivault.ledger.verify import Damaged, VerificationReport, verify_ledger
 
 __all__ = ["Bundle", "read_bundle", "verify_bundle", "write_bundle"]

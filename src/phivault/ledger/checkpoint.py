@@ -32,6 +32,7 @@ __all__ = [
     "open_checkpoint",
     "parse_checkpoint",
     "sign_checkpoint",
+    "unverified_checkpoint",
 ]
 
 _MAX_SIZE: Final = 2**64 - 1  # tree sizes are uint64 in RFC 9162
@@ -130,3 +131,15 @@ def open_checkpoint(note: str, verifier: NoteVerifier, *, origin: str | None = N
     if origin is not None and checkpoint.origin != origin:
         raise OriginMismatch(f"checkpoint is for origin {checkpoint.origin!r}, not {origin!r}")
     return checkpoint
+
+
+def unverified_checkpoint(note: str) -> Checkpoint:
+    """The checkpoint inside a signed note, for display and sizes: the signature is NOT checked.
+
+    Use :func:`open_checkpoint` wherever trust matters (verification, anything from outside).
+    """
+    # Signatures follow the note's last blank line (C2SP signed-note).
+    text, separator, _signatures = note.rpartition("\n\n")
+    if not separator:
+        raise MalformedCheckpoint("not a signed note: no blank line before signatures")
+    return parse_checkpoint(text + "\n")

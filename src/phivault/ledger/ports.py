@@ -10,9 +10,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from phivault.ledger.events import AuditEvent
+
+if TYPE_CHECKING:
+    from phivault.ledger.file_store import TornTailRecovery
 
 __all__ = ["AuditSink", "LedgerStore"]
 
@@ -35,6 +38,11 @@ class LedgerStore(Protocol):
     Methods block (they do file or network I/O) and are called from a worker thread. The store
     offers no update and no delete.
     """
+
+    @property
+    def recovery(self) -> TornTailRecovery | None:
+        """What opening cut from a torn tail after a crash (stores that can have one)."""
+        ...
 
     def size(self) -> int:
         """Number of leaves durably stored."""

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from phivault.ledger.checkpoint import Checkpoint
+from phivault.ledger.checkpoint import Checkpoint, unverified_checkpoint
 from phivault.ledger.errors import LedgerTampered, TamperKind
 from phivault.ledger.events import format_instant
 from phivault.ledger.merkle import MerkleTree
 from phivault.ledger.ports import LedgerStore
-from phivault.ledger.service import unverified_checkpoint
 
 __all__ = [
     "PatientReport",
@@ -27,6 +26,7 @@ __all__ = [
     "find_patient_head",
     "patient_reference",
     "patient_report",
+    "walk_patient_chain",
 ]
 
 _SCAN_CHUNK = 4096
@@ -92,7 +92,8 @@ def find_patient_head(store: LedgerStore, patient: str) -> int | None:
     return None
 
 
-def _chain(store: LedgerStore, head: int | None, patient: str) -> Iterator[ReportEvent]:
+def walk_patient_chain(store: LedgerStore, head: int | None, patient: str) -> Iterator[ReportEvent]:
+    """The patient's events from ``head`` back, newest first, checking every back-link."""
     index = head
     while index is not None:
         (leaf,) = store.read(index, index + 1)
@@ -119,7 +120,7 @@ def patient_report(
     head = head if head is not None else find_patient_head(store, patient)
     low = format_instant(since) if since else None
     high = format_instant(until) if until else None
-    for event in _chain(store, head, patient):
+    for event in walk_patient_chain(store, head, patient):
         report.chain.append(event.index)
         recorded = str(event.document.get("recorded", ""))
         # Instants share one fixed-width UTC format, so string order is time order.

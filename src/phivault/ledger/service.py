@@ -34,12 +34,14 @@ from typing import Any, Final
 from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.datadir import DataDir
 from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
-from phivault.ledger.checkpoint import Checkpoint, parse_checkpoint, sign_checkpoint
+from phivault.ledger.checkpoint import Checkpoint, sign_checkpoint, unverified_checkpoint
 from phivault.ledger.errors import LedgerError, LedgerTampered, LedgerUnavailable, TamperKind
 from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
 from phivault.ledger.file_store import FileLedgerStore, TornTailRecovery, create_store_files
 from phivault.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash, verify_consistency
 from phivault.ledger.note import NoteSigner
+from phivault.ledger.ports import LedgerStore
+from phivault.ledger.report import ReportEvent, walk_patient_chain
 from phivault.settings import LedgerSettings
 
 __all__ = [
@@ -49,7 +51,6 @@ __all__ = [
     "open_ledger",
     "open_ledger_readonly",
     "signer_path",
-    "unverified_checkpoint",
     "verifier_key_of",
 ]
 
@@ -90,14 +91,6 @@ def verifier_key_of(data_dir: DataDir) -> str:
         raise LedgerError(f"{_verifier_path(data_dir)} is missing") from exc
 
 
-def unverified_checkpoint(note: str) -> Checkpoint:
-    """The checkpoint in a stored note, for display and sizes: the signature is NOT checked.
-
-    Use :func:`phivault.ledger.checkpoint.open_checkpoint` wherever trust matters.
-    """
-    return parse_checkpoint(_body(note))
-
-
 @dataclass(frozen=True)
 class LedgerEntry:
     """One entry as read back: its index, the exact leaf bytes, and the parsed document."""
@@ -136,7 +129,7 @@ class Ledger:
 
     def __init__(
         self,
-        store: FileLedgerStore,
+        store: LedgerStore,
         signer: NoteSigner,
         origin: str,
         settings: LedgerSettings,
@@ -356,9 +349,9 @@ class Ledger:
     def patient_head(self, patient: str) -> int | None:
         return self._heads.get(patient)
 
-    def patient_chain(self, patient: str) -> Iterator[LedgerEntry]:
+    def patient_chain(self, patient: str) -> Iterator[ReportEvent]:
         """The patient's events, newest first, by following the back-links."""
-        yield from follow_back_links(self._store, self._heads.get(patient))
+        yield from walk_patient_chain(self._store, self._heads.get(patient), patient)
 
     # -- closing ----------------------------------------------------------------------------
 
@@ -383,33 +376,11 @@ class Ledger:
             self._io.shutdown(wait=True)
 
 
-def _body(note: str) -> str:
-    # The checkpoint body is the note text before the blank line that precedes signatures.
-    # Signatures follow the note's last blank line (C2SP signed-note).
-    text, sep, _sigs = note.rpartition("\n\n")
-    if not sep:
-        raise LedgerTampered(
-            0, TamperKind.BAD_SIGNATURE, "a stored checkpoint is not a signed note"
-        )
-    return text + "\n"
-
-
-def read_entry(store: FileLedgerStore, index: int) -> LedgerEntry:
+def read_entry(store: LedgerStore, index: int) -> LedgerEntry:
     if not 0 <= index < store.size():
         raise LedgerError(f"no entry at index {index} (the ledger holds {store.size()})")
     (leaf,) = store.read(index, index + 1)
     return LedgerEntry(index=index, leaf=leaf, document=json.loads(leaf))
-
-
-def follow_back_links(store: FileLedgerStore, head: int | None) -> Iterator[LedgerEntry]:
-    index = head
-    while index is not None:
-        entry = read_entry(store, index)
-        yield entry
-        prev = entry.patient_prev
-        if prev is not None and prev >= index:
-            raise LedgerTampered(index, TamperKind.MODIFIED, "a back-link points forward")
-        index = prev
 
 
 @contextlib.asynccontextmanager
