@@ -215,6 +215,7 @@ class Ledger:
             raise LedgerUnavailable("the ledger is closed")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((document, plain, future))
+        self._schedule_checkpoint()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await future
@@ -247,7 +248,8 @@ class Ledger:
             for offset, (_doc, _plain, future) in enumerate(batch):
                 if not future.done():
                     future.set_result(first + offset)
-            self._schedule_checkpoint()
+            if self._last_checkpoint is None or self._last_checkpoint.size < self._tree.size:
+                self._schedule_checkpoint()  # if the timer fired before this batch was durable
 
     def _encode(self, batch: list[_Pending]) -> tuple[list[bytes], dict[str, int], bytes]:
         """Assign indexes and ledger fields; nothing in ``self`` changes until it is durable."""
@@ -275,10 +277,13 @@ class Ledger:
     # -- checkpoints ------------------------------------------------------------------------
 
     def _schedule_checkpoint(self) -> None:
+        # Called when an event arrives and again after each commit: the timer runs from the
+        # earliest event not yet covered, and leaves a tenth of the interval for signing and
+        # storing, so the covering checkpoint exists within the interval of the arrival.
         if self._checkpoint_timer is None and not self._closed:
             loop = asyncio.get_running_loop()
             self._checkpoint_timer = loop.call_later(
-                self._settings.checkpoint_interval_s, self._checkpoint_due
+                self._settings.checkpoint_interval_s * 0.9, self._checkpoint_due
             )
 
     def _checkpoint_due(self) -> None:
