@@ -243,8 +243,10 @@ class KeyRing:
         self._operator = operator
         self._keks: dict[str, AESGCM] = {}
         self._ciphers: KeyCache[PatientCipher] = KeyCache(cache_size, cache_ttl_s)
-        self._indexers: dict[str, BlindIndexer] = {}
-        self._tokenizers: dict[str, LedgerTokenizer] = {}
+        # Same bounded lifetime as data keys: another worker's rotation becomes visible here
+        # within one cache lifetime (rotations with settle_s wait that long).
+        self._indexers: KeyCache[BlindIndexer] = KeyCache(1024, cache_ttl_s)
+        self._tokenizers: KeyCache[LedgerTokenizer] = KeyCache(1024, cache_ttl_s)
         self._create_lock = asyncio.Lock()
 
     # state -------------------------------------------------------------------------------
@@ -628,7 +630,7 @@ class KeyRing:
 
     async def blind_indexer(self, tenant: str) -> BlindIndexer:
         """Token maker for the tenant's searchable fields (all live index key versions)."""
-        cached = self._indexers.get(tenant)
+        cached = self._indexers.get((tenant, "index"))
         if cached is not None:
             return cached
         await self.ensure_tenant(tenant)
@@ -640,12 +642,12 @@ class KeyRing:
             secret.wipe()
         active = self._active(records)
         indexer = BlindIndexer(tenant, keys, active.version if active else max(keys))
-        self._indexers[tenant] = indexer
+        self._indexers.put((tenant, "index"), indexer)
         return indexer
 
     async def ledger_tokenizer(self, tenant: str) -> LedgerTokenizer:
         """Keyed tokens that audit events carry instead of identifiers."""
-        cached = self._tokenizers.get(tenant)
+        cached = self._tokenizers.get((tenant, "token"))
         if cached is not None:
             return cached
         await self.ensure_tenant(tenant)
@@ -655,7 +657,7 @@ class KeyRing:
         secret = await self._unwrap_secret(active)
         tokenizer = LedgerTokenizer(tenant, secret.reveal(), active.version)
         secret.wipe()
-        self._tokenizers[tenant] = tokenizer
+        self._tokenizers.put((tenant, "token"), tokenizer)
         return tokenizer
 
     # holds and shredding ---------------------------------------------------------------
@@ -1033,11 +1035,13 @@ class KeyRing:
         *,
         batch: int = 500,
         progress: Progress | None = None,
+        settle_s: float = 0.0,
     ) -> RotationReport:
         """New blind-index key; re-index every indexed element; then retire the old version.
 
         While it runs, :meth:`BlindIndexer.tokens` yields tokens of both versions, so lookups
-        keep finding everything. Resumable like DEK rotation.
+        keep finding everything. Resumable like DEK rotation; ``settle_s`` as there (a second
+        pass after other workers' cached indexers have expired, before retiring).
         """
         _check_tenant(tenant)
         self._require_unsealed()
@@ -1060,37 +1064,47 @@ class KeyRing:
             )
             self._store.add([new], demote=[r.key_id for r in records if r.state is KeyState.ACTIVE])
             created = 1
-        self._indexers.pop(tenant, None)
+        self._indexers.evict((tenant, "index"))
         indexer = await self.blind_indexer(tenant)
         cursor, done = job.cursor, job.done
-        while True:
-            rows = elements.scan(tenant, patient=None, after=cursor, limit=batch)
-            if not rows:
-                break
-            for element in rows:
-                if element.index is None:
-                    continue
-                try:
-                    cipher = await self.patient_cipher(tenant, element.patient)
-                except PatientShredded:
-                    continue
-                value = cipher.open(element.ref, element.ciphertext).decode()
-                elements.add_tokens(
-                    element, [indexer.token(element.index, value, version=new.version)]
+        passes = ["reindex", "verify"] if settle_s > 0 else ["reindex"]
+        if job.phase == "verify":
+            passes = ["verify"]
+        for phase in passes:
+            if phase == "verify" and job.phase != "verify":
+                cursor = 0
+                self._store.update_job(
+                    job.job_id, phase="verify", cursor=0, done=done, now=self._now()
                 )
-            cursor, done = rows[-1].position, done + len(rows)
-            self._store.update_job(
-                job.job_id, phase="reindex", cursor=cursor, done=done, now=self._now()
-            )
-            if progress is not None:
-                progress(done, None)
+                await asyncio.sleep(settle_s)
+            while True:
+                rows = elements.scan(tenant, patient=None, after=cursor, limit=batch)
+                if not rows:
+                    break
+                for element in rows:
+                    if element.index is None:
+                        continue
+                    try:
+                        cipher = await self.patient_cipher(tenant, element.patient)
+                    except PatientShredded:
+                        continue
+                    value = cipher.open(element.ref, element.ciphertext).decode()
+                    elements.add_tokens(
+                        element, [indexer.token(element.index, value, version=new.version)]
+                    )
+                cursor, done = rows[-1].position, done + len(rows)
+                self._store.update_job(
+                    job.job_id, phase=phase, cursor=cursor, done=done, now=self._now()
+                )
+                if progress is not None:
+                    progress(done, None)
         old = [
             r for r in self._store.live(tenant, KeyPurpose.BLIND_INDEX) if r.key_id != new.key_id
         ]
         for record in old:
             elements.drop_token_version(tenant, record.version)
         self._store.destroy([r.key_id for r in old], self._now())
-        self._indexers.pop(tenant, None)
+        self._indexers.evict((tenant, "index"))
         retired = [r.key_id for r in old]
         await self._finish(job, done, created, [new.key_id, *retired])
         return RotationReport(

@@ -318,3 +318,32 @@ async def test_settle_pass_reseals_what_a_stale_worker_wrote(
     assert element is not None and key_version_of(element.ciphertext) == 2
     cipher = await env.ring.patient_cipher("acme", "p2")
     assert cipher.open(ref, element.ciphertext) == b"555-0100"
+
+
+async def test_index_settle_pass_indexes_what_a_stale_worker_wrote(
+    env: Env, elements: SqliteSealedElementStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    await _load(env, elements)
+    stale = await env.ring.blind_indexer("acme")  # a worker's cache: version 1 only
+    cipher = await env.ring.patient_cipher("acme", "p4", create=True)
+    ref = ElementRef("acme", "Patient", "p4", "name[0].family")
+    real_sleep = asyncio.sleep
+
+    async def sleep_and_write(seconds: float) -> None:
+        elements.put(
+            ref,
+            "p4",
+            cipher.seal(ref, b"Smith"),
+            index=FAMILY,
+            tokens=stale.tokens(FAMILY, "Smith"),
+        )
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep_and_write)
+    await env.ring.rotate_index("acme", elements, settle_s=300)
+    indexer = await env.ring.blind_indexer("acme")
+    assert indexer.versions == (2,)
+    found = {e.patient for e in elements.find("acme", indexer.tokens(FAMILY, "Smith"))}
+    assert found == {"p1", "p3", "p4"}
