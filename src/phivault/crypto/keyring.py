@@ -282,7 +282,13 @@ class KeyRing:
                 )
             )
             raise exc from None
-        await self._record(self._event("unseal", Action.EXECUTE, tenant=SYSTEM_TENANT))
+        try:
+            await self._record(self._event("unseal", Action.EXECUTE, tenant=SYSTEM_TENANT))
+        except BaseException:
+            # No effect without a record: an unseal the ledger did not take is undone.
+            self._provider.seal()
+            self._forget()
+            raise
 
     async def seal(self) -> None:
         """Forget the root key and every unwrapped key (caches wiped)."""
@@ -788,7 +794,8 @@ class KeyRing:
         self._store.start_job(job)
         return job
 
-    async def _finish(self, job: RotationJob, processed: int, new: int, retired: list[str]) -> None:
+    async def _record_done(self, job: RotationJob, retired: list[str]) -> None:
+        """The rotation's closing event, recorded *before* old keys are destroyed."""
         await self._record(
             self._event(
                 "rotate",
@@ -799,7 +806,6 @@ class KeyRing:
                 key_ids=retired[:50],
             )
         )
-        self._store.finish_job(job.job_id, self._now())
 
     def open_rotations(self, tenant: str) -> list[RotationJob]:
         return self._store.open_jobs(tenant)
@@ -865,10 +871,11 @@ class KeyRing:
         retired = [
             k.key_id for k in self._store.live(tenant, KeyPurpose.KEK) if k.key_id != new.key_id
         ]
+        await self._record_done(job, [new.key_id, *retired])
         self._store.destroy(retired, self._now())
         for key_id in retired:
             self._keks.pop(key_id, None)
-        await self._finish(job, done, created, [new.key_id, *retired])
+        self._store.finish_job(job.job_id, self._now())
         return RotationReport(job.job_id, JobKind.KEK, tenant, None, done, created, tuple(retired))
 
     async def rotate_deks(
@@ -987,9 +994,10 @@ class KeyRing:
             if scope is not None:
                 break
             after = subjects[-1]
+        await self._record_done(job, retired)
         self._store.destroy(retired, self._now())
         self._ciphers.clear()
-        await self._finish(job, done, created, retired)
+        self._store.finish_job(job.job_id, self._now())
         return RotationReport(job.job_id, JobKind.DEK, tenant, scope, done, created, tuple(retired))
 
     async def _reencrypt_pass(
@@ -1101,12 +1109,13 @@ class KeyRing:
         old = [
             r for r in self._store.live(tenant, KeyPurpose.BLIND_INDEX) if r.key_id != new.key_id
         ]
+        retired = [r.key_id for r in old]
+        await self._record_done(job, [new.key_id, *retired])
         for record in old:
             elements.drop_token_version(tenant, record.version)
-        self._store.destroy([r.key_id for r in old], self._now())
+        self._store.destroy(retired, self._now())
         self._indexers.evict((tenant, "index"))
-        retired = [r.key_id for r in old]
-        await self._finish(job, done, created, [new.key_id, *retired])
+        self._store.finish_job(job.job_id, self._now())
         return RotationReport(
             job.job_id, JobKind.INDEX, tenant, None, done, created, tuple(retired)
         )

@@ -131,3 +131,31 @@ async def test_cache_is_bounded_and_wiped_on_seal(env: Env) -> None:
     assert env.ring.cached_ciphers == 5
     await env.ring.seal()
     assert env.ring.cached_ciphers == 0
+
+
+async def test_unseal_is_undone_when_the_ledger_cannot_record_it(env: Env) -> None:
+    from phivault.ledger.errors import LedgerUnavailable
+
+    await env.ring.seal()
+    env.sink.failing = True
+    with pytest.raises(LedgerUnavailable):
+        await env.ring.unseal(env.shares[:3])
+    assert env.ring.sealed
+
+
+async def test_destructive_operations_fail_closed_without_the_ledger(env: Env) -> None:
+    from datetime import timedelta
+
+    from phivault.ledger.errors import LedgerUnavailable
+
+    await env.ring.create_patient_key("acme", "p1")
+    env.sink.failing = True
+    with pytest.raises(LedgerUnavailable):
+        await env.ring.shred_patient("acme", "p1", reason="erasure-request")
+    with pytest.raises(LedgerUnavailable):
+        await env.ring.place_hold("acme", "p1", until=env.clock() + timedelta(days=1), reason="x")
+    with pytest.raises(LedgerUnavailable):
+        await env.ring.create_patient_key("acme", "p2")
+    assert env.store.shred_record("acme", "p1") is None
+    assert env.store.holds("acme", "p1") == []
+    assert env.store.records("acme", KeyPurpose.DEK, "p2") == []
