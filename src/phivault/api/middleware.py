@@ -66,7 +66,12 @@ from phivault.ledger.events import (
 )
 from phivault.ledger.ports import AuditSink
 from phivault.privacy.patterns import looks_like_phi
-from phivault.privacy.scrub import Scrubber, tainted_scope
+from phivault.privacy.scrub import (
+    Screened,
+    Scrubber,
+    close_tainted_scope,
+    open_tainted_scope,
+)
 
 __all__ = [
     "AuditContextLayer",
@@ -209,6 +214,7 @@ class RequestIdLayer(_Layer):
         request_id = incoming[0] if len(incoming) == 1 else ""
         if not _acceptable_request_id(request_id):
             request_id = secrets.token_hex(8)
+        request_id = Screened(request_id)  # checked above or made here: no need to rescan
         client = scope.get("client")
         state = RequestState(request_id=request_id, client_address=client[0] if client else None)
         scope.setdefault("state", {})[STATE_KEY] = state
@@ -226,26 +232,32 @@ class RequestIdLayer(_Layer):
                 message = {**message, "headers": headers}
             await send(message)
 
-        with tainted_scope():
+        taint_token = open_tainted_scope()
+        try:
+            await self.app(scope, receive, stamped)
+        finally:
             try:
-                await self.app(scope, receive, stamped)
+                self._record(scope, state, status, time.perf_counter() - started)
             finally:
-                route = route_template(scope)
-                elapsed = time.perf_counter() - started
-                metrics = self.door.metrics
-                metrics.requests.labels(scope["method"], route, str(status)).inc()
-                metrics.latency.labels(route).observe(elapsed)
-                principal = state.principal
-                self.door.log.info(
-                    "http.request",
-                    request_id=request_id,
-                    method=scope["method"],
-                    route=route,
-                    status=status,
-                    duration_ms=round(elapsed * 1000, 2),
-                    subject=principal.subject if principal else None,
-                    tenant=principal.tenant if principal else None,
-                )
+                close_tainted_scope(taint_token)
+
+    def _record(self, scope: Scope, state: RequestState, status: int, elapsed: float) -> None:
+        # Inside the tainted scope: the log line is scrubbed against this request's values.
+        route = route_template(scope)
+        metrics = self.door.metrics
+        metrics.requests.labels(scope["method"], route, str(status)).inc()
+        metrics.latency.labels(route).observe(elapsed)
+        principal = state.principal
+        self.door.log.info(
+            "http.request",
+            request_id=state.request_id,
+            method=scope["method"],
+            route=route,
+            status=status,
+            duration_ms=round(elapsed * 1000, 2),
+            subject=principal.subject if principal else None,
+            tenant=principal.tenant if principal else None,
+        )
 
 
 class ResponseScrubLayer(_Layer):

@@ -153,7 +153,9 @@ class TokenValidator:
         skew_s: float,
     ) -> None:
         if not issuers:
-            raise ConfigurationError("no trusted token issuer is configured")
+            raise ConfigurationError(
+                "no trusted token issuer (set PHIVAULT_IDENTITY__ISSUERS or use --dev)"
+            )
         self._issuers = {trusted.issuer: trusted for trusted in issuers}
         self._audience = audience
         self._algorithms = check_algorithms(algorithms)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from functools import lru_cache
 from typing import Any
 
@@ -30,7 +30,10 @@ from phivault.privacy.patterns import redact
 __all__ = [
     "MIN_TAINT_LENGTH",
     "REDACTED",
+    "Screened",
     "Scrubber",
+    "close_tainted_scope",
+    "open_tainted_scope",
     "taint",
     "tainted_scope",
     "tainted_values",
@@ -46,12 +49,20 @@ _TAINTED: ContextVar[set[str] | None] = ContextVar("phivault_tainted_values", de
 @contextmanager
 def tainted_scope() -> Iterator[set[str]]:
     """Open a fresh tainted-value set for one request (the front door does this)."""
-    values: set[str] = set()
-    token = _TAINTED.set(values)
+    token = open_tainted_scope()
     try:
-        yield values
+        yield _TAINTED.get() or set()
     finally:
-        _TAINTED.reset(token)
+        close_tainted_scope(token)
+
+
+def open_tainted_scope() -> Token[set[str] | None]:
+    """:func:`tainted_scope` without the context manager, for the hot path of the front door."""
+    return _TAINTED.set(set())
+
+
+def close_tainted_scope(token: Token[set[str] | None]) -> None:
+    _TAINTED.reset(token)
 
 
 def taint(*values: object) -> None:
@@ -87,6 +98,14 @@ def _redact_short(text: str) -> str:
     return redact(text, REDACTED)
 
 
+class Screened(str):
+    """A string already screened for PHI patterns where it was made (a request id phivault
+    generated or checked). The scrubber still redacts tainted values in it but does not scan
+    it for patterns again, and does not fill its cache with one-off values."""
+
+    __slots__ = ()
+
+
 class Scrubber:
     """Redacts tainted values and PHI patterns from strings and nested JSON-like values."""
 
@@ -100,6 +119,8 @@ class Scrubber:
             pattern = self._pattern(frozenset(tainted))
             if pattern is not None:
                 text = pattern.sub(self.replacement, text)
+        if isinstance(text, Screened):
+            return text
         if len(text) <= _CACHED_LENGTH and self.replacement == REDACTED:
             return _redact_short(text)
         return redact(text, self.replacement)
