@@ -55,10 +55,9 @@ __all__ = [
 ]
 
 _ZERO_HASH: Final = bytes(32)
-# Canonical leaves sort their keys and escape every quote inside strings, so these byte
-# patterns can only match the top-level fields (no nested object has these names).
+# Canonical leaves sort their keys and escape every quote inside strings, so this byte
+# pattern can only match the top-level field (no nested object has this name).
 _PATIENT_RE: Final = re.compile(rb'[{,]"patient":"([^"]+)"')
-_PATIENT_PREV_RE: Final = re.compile(rb'[{,]"patient_prev":(\d+)')
 
 
 # An event document waiting for the next group commit: (document, plain, acknowledgement).
@@ -110,14 +109,10 @@ class LedgerEntry:
         return int(value) if value is not None else None
 
 
-def patient_of_leaf(leaf: bytes) -> tuple[str | None, int | None]:
-    """The patient reference and back-link of a canonical leaf, without a full parse."""
+def patient_of_leaf(leaf: bytes) -> str | None:
+    """The patient reference of a canonical leaf, without a full parse."""
     match = _PATIENT_RE.search(leaf)
-    prev = _PATIENT_PREV_RE.search(leaf)
-    return (
-        match.group(1).decode() if match else None,
-        int(prev.group(1)) if prev else None,
-    )
+    return match.group(1).decode() if match else None
 
 
 class Ledger:
@@ -164,7 +159,7 @@ class Ledger:
     def _rebuild_patient_heads(self) -> None:
         heads = self._heads
         for index, leaf in enumerate(self._store.scan()):
-            patient, _prev = patient_of_leaf(leaf)
+            patient = patient_of_leaf(leaf)
             if patient is not None:
                 heads[patient] = index
 
@@ -361,8 +356,10 @@ class Ledger:
     # -- closing ----------------------------------------------------------------------------
 
     async def close(self) -> None:
+        """Stop taking events, finish the ones already taken, sign a final checkpoint."""
         if self._closed:
             return
+        self._closed = True  # first: nothing may start a flusher this method does not await
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self._checkpoint_timer is not None:
@@ -370,7 +367,6 @@ class Ledger:
             self._checkpoint_timer = None
         for task in list(self._background):
             await asyncio.gather(task, return_exceptions=True)
-        self._closed = True
         loop = asyncio.get_running_loop()
         try:
             # Leave nothing unsigned behind; a failure here is reported to the caller.
