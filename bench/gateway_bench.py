@@ -194,8 +194,8 @@ def main(args: argparse.Namespace) -> None:
         )
         env = {
             **os.environ,
-            "PHIVAULT_API__RATE_LIMIT_PER_ADDRESS": "100000000/minute",
-            "PHIVAULT_API__RATE_LIMIT_PER_PRINCIPAL": "100000000/minute",
+            "PHIVAULT_API__RATE_LIMIT_PER_ADDRESS": "10000000/minute",
+            "PHIVAULT_API__RATE_LIMIT_PER_PRINCIPAL": "10000000/minute",
         }
         servers = {}
         processes = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
 from phivault.errors import ConfigurationError, StoreUnavailable
@@ -43,7 +43,7 @@ def credential_fingerprint(authorization: str) -> str:
 
 
 class RateLimiter:
-    """Two moving-window limits (exact, no burst at window edges): per address and credential."""
+    """Two sliding-window counters (O(1) state per key): per address and per credential."""
 
     def __init__(self, storage: Storage, *, per_address: str, per_principal: str) -> None:
         try:
@@ -52,7 +52,7 @@ class RateLimiter:
         except ValueError as exc:
             raise ConfigurationError("a rate limit setting is not a valid limit") from exc
         self._storage = storage
-        self._limiter = MovingWindowRateLimiter(storage)
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
 
     @classmethod
     def in_memory(cls, *, per_address: str, per_principal: str) -> RateLimiter:
