@@ -36,15 +36,19 @@ def init(
 ) -> None:
     """Create a new data directory (ledger and its signing key). Refuses to overwrite one."""
     output = Output(json_mode=json_mode)
-    if not 2 <= threshold <= shares <= 16:
-        fail(output, "need 2 <= --threshold <= --shares <= 16; nothing was created", kind="init")
+    from phivault.crypto.custody import check_keystore_settings
+    from phivault.settings import Settings
+
+    try:
+        check_keystore_settings(Settings().keys, threshold=threshold, shares=shares)
+    except PhivaultError as exc:
+        fail(output, f"{exc}; nothing was created", kind="init")
     try:
         created = DataDir.create(data_dir, dev=dev, origin=origin)
         from phivault.ledger.service import initialize_ledger
 
         verifier_key = initialize_ledger(created)
         from phivault.crypto.custody import initialize_keystore
-        from phivault.settings import Settings
 
         keystore = initialize_keystore(created, Settings().keys, threshold=threshold, shares=shares)
         dev_issuer = None

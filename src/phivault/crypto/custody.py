@@ -38,6 +38,7 @@ __all__ = [
     "DEV_UNSEAL_WARNING",
     "KeystoreInit",
     "build_provider",
+    "check_keystore_settings",
     "initialize_keystore",
     "open_keyring",
     "read_dev_unseal_file",
@@ -70,6 +71,16 @@ def _write_json(path: Path, doc: object) -> None:
     os.replace(tmp, path)
 
 
+def check_keystore_settings(settings: KeySettings, *, threshold: int, shares: int) -> None:
+    """Refuse, before anything is created, settings that ``initialize_keystore`` would refuse."""
+    if settings.provider is KeyProviderKind.SEALED and not 2 <= threshold <= shares <= 16:
+        raise ConfigurationError("need 2 <= threshold <= shares <= 16 for unseal shares")
+    if settings.provider is KeyProviderKind.PKCS11 and settings.pkcs11_pin is None:
+        raise ConfigurationError("keys.pkcs11_pin is required to create the HSM root key")
+    if settings.provider is KeyProviderKind.AWSKMS and not settings.awskms_key_id:
+        raise ConfigurationError("keys.awskms_key_id is required for the awskms provider")
+
+
 def initialize_keystore(
     data_dir: DataDir,
     settings: KeySettings,
@@ -78,6 +89,7 @@ def initialize_keystore(
     shares: int = 5,
 ) -> KeystoreInit:
     """Create the root key (or find it in the HSM/KMS) and the empty keystore."""
+    check_keystore_settings(settings, threshold=threshold, shares=shares)
     keys_dir = data_dir.keys_dir
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if (keys_dir / PROVIDER_FILE).exists():

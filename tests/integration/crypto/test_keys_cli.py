@@ -82,6 +82,9 @@ def test_init_refuses_a_bad_split_and_creates_nothing(tmp_path: Path) -> None:
     refused = phivault("init", "--data-dir", str(path), "--threshold", "4", "--shares", "3")
     assert refused.returncode == 1 and "nothing was created" in refused.stderr
     assert not path.exists()
+    no_pin = phivault("init", "--data-dir", str(path), PHIVAULT_KEYS__PROVIDER="pkcs11")
+    assert no_pin.returncode == 1 and "pkcs11_pin is required" in no_pin.stderr
+    assert not path.exists()
 
 
 def test_unseal_good_and_bad_shares_are_audited(production: tuple[Path, list[str]]) -> None:
