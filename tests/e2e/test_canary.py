@@ -41,6 +41,8 @@ def requests_to_send(live: Live) -> list[httpx.Request]:
         "/whoami",
         "/openapi.json",
         "/docs",
+        "/.well-known/jwks.json",
+        "/.well-known/openid-configuration",
         f"/t/patients/{SSN}",
         "/t/patients/12345",
         f"/t/patients/{NAME}",
