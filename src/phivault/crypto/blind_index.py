@@ -83,7 +83,6 @@ class BlindToken:
     token: str
 
 
-_NON_WORD = re.compile(r"[^0-9a-z\u00c0-\uffff]+")
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:T.*)?$")
 
 
