@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -328,3 +329,30 @@ async def test_unauditable_caller_id_is_a_400_not_a_500(harness: Harness) -> Non
     response = await harness.client.get("/t/records/" + "1" * 80, headers=harness.auth())
     body = assert_outcome(response, 400)
     assert "audit" in json.dumps(body)
+
+
+def test_production_refuses_the_dev_identity_provider(tmp_path: Path) -> None:
+    from phivault.api import create_app
+    from phivault.datadir import DataDir
+    from phivault.errors import ConfigurationError
+    from phivault.identity.dev_provider import DevIdentityProvider
+    from phivault.ledger.testing import InMemoryAuditSink
+    from phivault.settings import Environment
+
+    data_dir = DataDir.create(tmp_path / "dev", dev=True)
+    DevIdentityProvider.initialize(data_dir)
+    with pytest.raises(ConfigurationError, match="production"):
+        create_app(
+            Settings(environment=Environment.PRODUCTION),
+            audit_sink=InMemoryAuditSink(),
+            data_dir=data_dir,
+        )
+
+
+def test_no_issuer_fails_at_build_time() -> None:
+    from phivault.api import create_app
+    from phivault.errors import ConfigurationError
+    from phivault.ledger.testing import InMemoryAuditSink
+
+    with pytest.raises(ConfigurationError, match="issuer"):
+        create_app(Settings(), audit_sink=InMemoryAuditSink())
