@@ -89,6 +89,7 @@ __all__ = [
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{7,63}$")
 _OPAQUE_ID: TypeAdapter[str] = TypeAdapter(OpaqueId)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _JSON_TYPES = frozenset({"application/json", "application/fhir+json"})
 # Reasons that suggest an attack rather than an honest mistake: recorded as security alerts.
@@ -244,14 +245,15 @@ class RequestIdLayer(_Layer):
     def _record(self, scope: Scope, state: RequestState, status: int, elapsed: float) -> None:
         # Inside the tainted scope: the log line is scrubbed against this request's values.
         route = route_template(scope)
+        method = scope["method"] if scope["method"] in _METHODS else "OTHER"  # bounded labels
         metrics = self.door.metrics
-        metrics.requests.labels(scope["method"], route, str(status)).inc()
+        metrics.requests.labels(method, route, str(status)).inc()
         metrics.latency.labels(route).observe(elapsed)
         principal = state.principal
         self.door.log.info(
             "http.request",
             request_id=state.request_id,
-            method=scope["method"],
+            method=method,
             route=route,
             status=status,
             duration_ms=round(elapsed * 1000, 2),

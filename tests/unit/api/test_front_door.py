@@ -356,3 +356,9 @@ def test_no_issuer_fails_at_build_time() -> None:
 
     with pytest.raises(ConfigurationError, match="issuer"):
         create_app(Settings(), audit_sink=InMemoryAuditSink())
+
+
+async def test_unknown_methods_do_not_become_metric_labels(harness: Harness) -> None:
+    await harness.client.request("JOHNSMITH", "/whoami", headers=harness.auth())
+    metrics = (await harness.client.get("/metrics")).text
+    assert "JOHNSMITH" not in metrics and 'method="OTHER"' in metrics
