@@ -109,6 +109,9 @@ def create_app(
     trusted: dict[str, KeySource] = {}
     jwks_caches: list[JwksCache] = []
     for issuer in ident.issuers:
+        where = issuer.jwks_url or issuer.issuer
+        if settings.is_production and not where.startswith("https://"):
+            raise ConfigurationError("production fetches signing keys over HTTPS only")
         cache = JwksCache(
             issuer=issuer.issuer,
             jwks_url=issuer.jwks_url,

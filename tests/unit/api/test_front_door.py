@@ -362,3 +362,17 @@ async def test_unknown_methods_do_not_become_metric_labels(harness: Harness) -> 
     await harness.client.request("JOHNSMITH", "/whoami", headers=harness.auth())
     metrics = (await harness.client.get("/metrics")).text
     assert "JOHNSMITH" not in metrics and 'method="OTHER"' in metrics
+
+
+def test_production_needs_https_for_keys() -> None:
+    from phivault.api import create_app
+    from phivault.errors import ConfigurationError
+    from phivault.ledger.testing import InMemoryAuditSink
+    from phivault.settings import Environment, TrustedIssuer
+
+    insecure = IdentitySettings(issuers=[TrustedIssuer(issuer="http://idp.example")])
+    with pytest.raises(ConfigurationError, match="HTTPS"):
+        create_app(
+            Settings(environment=Environment.PRODUCTION, identity=insecure),
+            audit_sink=InMemoryAuditSink(),
+        )
