@@ -542,6 +542,20 @@ class ErrorMappingLayer(_Layer):
             if isinstance(exc, AuthenticationError):
                 door.metrics.auth_failures.labels(exc.reason).inc()
                 challenge = challenge_for(exc, dpop=False, dpop_algorithms=door.dpop_algorithms)
+                audit = _state(scope).audit
+                if audit is not None and not started:
+                    # A refused step-up is a failed authentication too: record it, or fail.
+                    event = audit.event(
+                        kind=EventKind.LOGIN,
+                        subtype="step-up",
+                        action=Action.EXECUTE,
+                        outcome=Outcome.MINOR_FAILURE,
+                        outcome_reason=exc.reason,
+                    )
+                    try:
+                        await audit.record(event)
+                    except AuditUnavailable as audit_exc:
+                        exc = audit_exc
             problem = problem_for(exc, challenge=challenge, extra=door.error_map)
             if problem.status >= 500:
                 door.log.error(

@@ -222,6 +222,9 @@ async def test_step_up(harness: Harness) -> None:
     challenge = response.headers["www-authenticate"]
     assert 'error="insufficient_user_authentication"' in challenge
     assert 'max_age="300"' in challenge
+    refused = [e for e in harness.sink.events if e.subtype == "step-up"]
+    assert refused and refused[-1].outcome is Outcome.MINOR_FAILURE
+    assert refused[-1].outcome_reason == "step-up-required"
     fresh = harness.auth(amr=["pwd", "otp"], auth_time=harness.clock.t - 10)
     assert (await harness.client.get("/t/sensitive", headers=fresh)).status_code == 200
     no_mfa = harness.auth(amr=["pwd"])
