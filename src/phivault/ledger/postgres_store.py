@@ -1,0 +1,599 @@
+"""The scaled ledger store: leaves and checkpoints in PostgreSQL, append-only by construction.
+
+Why PostgreSQL, and why this shape (docs/decisions/ledger-postgres-store.md): the scaled shape
+already runs a replicated PostgreSQL, so the ledger sequencer stores its leaves there and
+inherits its durability, replication and backups. The database itself, not only this code,
+keeps the history append-only:
+
+* a statement trigger refuses ``UPDATE``, ``DELETE`` and ``TRUNCATE`` on both tables, for
+  every role including the owner and superusers (``ENABLE ALWAYS``, so that
+  ``session_replication_role = replica`` does not skip it either); only an explicit
+  ``ALTER TABLE ... DISABLE TRIGGER`` by the owner or a superuser gets past it, and then
+  verification still catches the change against the signed checkpoints;
+* a second statement trigger refuses inserted indexes that do not continue the table without
+  a gap, and the primary key refuses duplicates, so two writers can never interleave;
+* a ``CHECK`` makes every stored leaf hash the RFC 9162 hash of its leaf;
+* the application role is granted ``SELECT`` and ``INSERT`` only (:func:`create_ledger_schema`).
+
+One writer at a time: a writable store holds a session-level advisory lock for its whole life,
+on the same connection that appends, so losing the connection loses the lock *and* the ability
+to append together. Another store (a standby sequencer) that asks for the lock meanwhile gets
+:class:`~phivault.ledger.errors.LedgerLocked`; once the holder's session ends, it can open.
+
+Each append is one ``INSERT`` statement in its own transaction with ``synchronous_commit`` on:
+when :meth:`PostgresLedgerStore.append` returns, the batch is durable. There are no torn tails
+in a transactional store, so :attr:`PostgresLedgerStore.recovery` is always ``None``. A row
+whose stored hash no longer matches its leaf, or an index missing from the table, is damage
+(only a superuser can cause it): a writable open refuses it with :class:`LedgerRowDamaged`,
+a read-only open records it in :attr:`PostgresLedgerStore.damage`, and
+:meth:`PostgresLedgerStore.raw_frames` hands it to the verifier, which names it.
+
+No psycopg exception crosses the port: they become
+:class:`~phivault.ledger.errors.LedgerUnavailable` (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+
+from phivault.errors import ConfigurationError
+from phivault.ledger.errors import LedgerError, LedgerLocked, LedgerUnavailable
+from phivault.ledger.file_store import MAX_LEAF_BYTES, TornTailRecovery
+from phivault.ledger.merkle import leaf_hash
+from phivault.ledger.ports import LedgerStore
+
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "LedgerRowDamaged",
+    "PostgresLedgerStore",
+    "create_ledger_schema",
+    "writer_lock_key",
+]
+
+DEFAULT_SCHEMA: Final = "phivault_ledger"
+_SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_HASH_SIZE: Final = 32
+_CHUNK: Final = 4096  # rows per read when scanning
+_HASH_CHUNK: Final = 1 << 20  # leaf hashes per query when loading (32 MiB of bytea)
+# Durable enough as they are: "on" (and "remote_apply") wait for the local WAL flush.
+_DURABLE_COMMIT: Final = frozenset({"on", "remote_apply"})
+
+
+class LedgerRowDamaged(LedgerError):
+    """A stored row is damaged or missing: refusing to write on top of evidence.
+
+    Only someone who bypassed the database's triggers (the owner or a superuser) or a failing
+    disk can cause this. ``phivault ledger verify`` names the entry and the kind of change.
+    """
+
+    def __init__(self, table: str, index: int, reason: str) -> None:
+        super().__init__(
+            f"the ledger's {table} table is damaged at {index} ({reason}); nothing was "
+            "changed. Run `phivault ledger verify` for a diagnosis."
+        )
+        self.table = table
+        self.index = index
+        self.reason = reason
+
+
+def writer_lock_key(schema: str) -> int:
+    """The advisory lock key (a signed 64-bit integer) held by the writer of ``schema``.
+
+    Operators find the holder with ``SELECT pid FROM pg_locks WHERE locktype = 'advisory'``
+    and ``(classid::bigint << 32 | objid::bigint)`` equal to this key (as unsigned 64 bits).
+    """
+    digest = hashlib.sha256(b"phivault.ledger.writer:" + schema.encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _check_schema_name(schema: str) -> None:
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ConfigurationError(
+            f"ledger schema name {schema!r} must be lower-case letters, digits and underscores "
+            "(at most 63, not starting with a digit)"
+        )
+
+
+def _driver_message(exc: psycopg.Error) -> str:
+    # The primary message only: a detail line can quote a failing row.
+    primary = getattr(exc.diag, "message_primary", None) or str(exc).split("\n", 1)[0]
+    state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+    return f"{type(exc).__name__}{state}: {primary}"
+
+
+# -- schema -------------------------------------------------------------------------------
+
+_REFUSE_CHANGE: Final = """
+CREATE OR REPLACE FUNCTION {schema}.refuse_history_change() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RAISE EXCEPTION 'the phivault ledger is append-only: % on %.% is refused',
+        TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING HINT = 'Ledger entries and checkpoints are evidence; they are never changed.';
+END
+$fn$
+"""
+
+# Each INSERT statement must continue the table: its keys are contiguous and start right
+# after an existing key (or at 0). With the primary key this keeps the keys exactly 0..n-1.
+_CONTIGUOUS: Final = """
+CREATE OR REPLACE FUNCTION {schema}.{function}() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    n bigint;
+    lo bigint;
+    hi bigint;
+BEGIN
+    SELECT count(*), min({column}), max({column}) INTO n, lo, hi FROM new_rows;
+    IF n > 0 AND (hi - lo + 1 <> n OR (lo > 0 AND NOT EXISTS (
+            SELECT 1 FROM {schema}.{table} WHERE {column} = lo - 1))) THEN
+        RAISE EXCEPTION 'the phivault ledger refuses %.% % to %: they must continue the table '
+            'without a gap', TG_TABLE_SCHEMA, TG_TABLE_NAME, lo, hi;
+    END IF;
+    RETURN NULL;
+END
+$fn$
+"""
+
+_TABLES: Final = r"""
+CREATE TABLE IF NOT EXISTS {schema}.leaves (
+    idx bigint PRIMARY KEY CHECK (idx >= 0),
+    leaf bytea NOT NULL CHECK (octet_length(leaf) <= {max_leaf}),
+    leaf_hash bytea NOT NULL,
+    CONSTRAINT leaf_hash_is_rfc9162 CHECK (leaf_hash = sha256('\x00'::bytea || leaf))
+);
+CREATE TABLE IF NOT EXISTS {schema}.checkpoints (
+    seq bigint PRIMARY KEY CHECK (seq >= 0),
+    note text NOT NULL
+)
+"""
+
+_TRIGGERS: Final = """
+CREATE OR REPLACE TRIGGER {append_only}
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.refuse_history_change();
+CREATE OR REPLACE TRIGGER {contiguous}
+    AFTER INSERT ON {schema}.{table} REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{function}();
+ALTER TABLE {schema}.{table} ENABLE ALWAYS TRIGGER {append_only};
+ALTER TABLE {schema}.{table} ENABLE ALWAYS TRIGGER {contiguous}
+"""
+
+
+def create_ledger_schema(
+    conninfo: str, *, schema: str = DEFAULT_SCHEMA, app_role: str | None = None
+) -> None:
+    """Create (or bring up to date) the ledger's schema, tables, triggers and grants.
+
+    Idempotent: run it at deploy time as the schema's owner (a migration role), never as the
+    application role. ``app_role`` is the existing role the sequencer connects as; it gets
+    ``USAGE`` on the schema and ``SELECT, INSERT`` on both tables, and nothing else (any
+    earlier grant to it on these tables is revoked first). A superuser, or a member of the
+    owner role, is refused as ``app_role``: it could disable the triggers.
+    """
+    _check_schema_name(schema)
+    ident = sql.Identifier(schema)
+    statements: list[sql.Composed] = [
+        sql.SQL("SELECT pg_advisory_xact_lock({key})").format(
+            key=sql.Literal(writer_lock_key(schema) ^ 1)
+        ),
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(schema=ident),
+        sql.SQL("REVOKE ALL ON SCHEMA {schema} FROM PUBLIC").format(schema=ident),
+        sql.SQL(_TABLES).format(schema=ident, max_leaf=sql.Literal(MAX_LEAF_BYTES)),
+        sql.SQL(_REFUSE_CHANGE).format(schema=ident),
+    ]
+    for table, column in (("leaves", "idx"), ("checkpoints", "seq")):
+        names = {
+            "schema": ident,
+            "table": sql.Identifier(table),
+            "column": sql.Identifier(column),
+            "function": sql.Identifier(f"check_{table}_contiguous"),
+            "append_only": sql.Identifier(f"{table}_append_only"),
+            "contiguous": sql.Identifier(f"{table}_contiguous"),
+        }
+        statements.append(sql.SQL(_CONTIGUOUS).format(**names))
+        statements.append(sql.SQL(_TRIGGERS).format(**names))
+    statements.append(
+        sql.SQL("REVOKE ALL ON {schema}.leaves, {schema}.checkpoints FROM PUBLIC").format(
+            schema=ident
+        )
+    )
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
+            for statement in statements:
+                conn.execute(statement)
+            if app_role is not None:
+                _grant_append_only(conn, ident, schema, app_role)
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(
+            f"cannot set up the ledger schema {schema}: {_driver_message(exc)}"
+        ) from exc
+
+
+def _grant_append_only(
+    conn: psycopg.Connection[Any], ident: sql.Identifier, schema: str, app_role: str
+) -> None:
+    row = conn.execute(
+        "SELECT r.rolsuper, pg_has_role(r.oid, c.relowner, 'MEMBER') "
+        "FROM pg_roles r, pg_class c WHERE r.rolname = %s AND c.oid = %s::regclass",
+        (app_role, f'"{schema}".leaves'),
+    ).fetchone()
+    if row is None:
+        raise ConfigurationError(
+            f"the ledger's application role {app_role!r} does not exist; create it first "
+            "(CREATE ROLE ... LOGIN) with its credentials kept outside phivault"
+        )
+    superuser, owner_member = row
+    if superuser or owner_member:
+        raise ConfigurationError(
+            f"the ledger's application role {app_role!r} is a superuser or a member of the "
+            "tables' owner, so it could disable the append-only triggers; use a plain role"
+        )
+    role = sql.Identifier(app_role)
+    for template in (
+        "REVOKE ALL ON {schema}.leaves, {schema}.checkpoints FROM {role}",
+        "GRANT USAGE ON SCHEMA {schema} TO {role}",
+        "GRANT SELECT, INSERT ON {schema}.leaves, {schema}.checkpoints TO {role}",
+    ):
+        conn.execute(sql.SQL(template).format(schema=ident, role=role))
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+class PostgresLedgerStore:
+    """A :class:`~phivault.ledger.ports.LedgerStore` over two append-only PostgreSQL tables.
+
+    Open it ``writable=True`` from the one active writer (an advisory lock enforces it; a
+    second writer gets :class:`LedgerLocked`); read-only opens (verification, reports,
+    exports) may run beside the writer and see the consistent prefix committed when they
+    opened. ``strict_role=True`` (production) refuses to open as a role that could change
+    history: a superuser, the tables' owner, or one granted UPDATE, DELETE or TRUNCATE.
+
+    Methods may be called from several threads (the ledger's I/O thread and its event loop);
+    they share one connection under a lock.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        writable: bool,
+        strict_role: bool = False,
+        connect_timeout_s: int = 5,
+        statement_timeout_s: float = 30.0,
+    ) -> None:
+        _check_schema_name(schema)
+        self.schema = schema
+        self.writable = writable
+        # Read-only opens keep the good prefix and say where damage starts, for verification.
+        self.damage: tuple[int, str] | None = None
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+        self._closed = False
+        self._hashes = bytearray()
+        self._size = 0
+        self._notes: list[str] = []
+        self._q = _Queries(schema)
+        try:
+            self._conn = psycopg.connect(
+                conninfo,
+                autocommit=True,
+                connect_timeout=connect_timeout_s,
+                application_name="phivault-ledger" + ("-writer" if writable else "-reader"),
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(
+                f"cannot connect to PostgreSQL for the ledger: {_driver_message(exc)}"
+            ) from exc
+        try:
+            self.synchronous_commit = self._make_commits_durable()
+            if writable:
+                self._acquire_writer_lock()
+            self._load()
+            if strict_role:
+                self._refuse_a_role_that_can_change_history()
+            self._conn.execute(
+                sql.SQL("SET statement_timeout = {ms}").format(
+                    ms=sql.Literal(int(statement_timeout_s * 1000))
+                )
+            )
+        except psycopg.Error as exc:
+            self._conn.close()
+            if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
+                raise LedgerUnavailable(
+                    f"the ledger schema {schema} is not set up in this database "
+                    "(run the schema setup as its owner first)"
+                ) from exc
+            raise LedgerUnavailable(
+                f"cannot open the ledger in schema {schema}: {_driver_message(exc)}"
+            ) from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _make_commits_durable(self) -> str:
+        (current,) = self._one("SHOW synchronous_commit")
+        if current not in _DURABLE_COMMIT:
+            self._conn.execute("SET synchronous_commit = on")
+            (current,) = self._one("SHOW synchronous_commit")
+        return str(current)
+
+    def _refuse_a_role_that_can_change_history(self) -> None:
+        (can_change,) = self._one(self._q.role_powers)
+        if can_change:
+            raise ConfigurationError(
+                "the ledger store refuses to run as a role that can change history (a "
+                "superuser, the tables' owner, or one granted UPDATE, DELETE or TRUNCATE); "
+                "connect as the application role that has SELECT and INSERT only"
+            )
+
+    def _acquire_writer_lock(self) -> None:
+        key = writer_lock_key(self.schema)
+        (acquired,) = self._one("SELECT pg_try_advisory_lock(%s)", (key,))
+        if acquired:
+            return
+        unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+        holder = self._conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 1 AND classid::bigint = %s AND objid::bigint = %s",
+            (unsigned >> 32, unsigned & 0xFFFF_FFFF),
+        ).fetchone()
+        who = f" (backend pid {holder[0]})" if holder else ""
+        raise LedgerLocked(
+            f"the ledger in schema {self.schema} is open for writing by another session{who} "
+            "(is another sequencer active?)"
+        )
+
+    def _load(self) -> None:
+        # One snapshot: checkpoints must never cover leaves this open cannot see.
+        with self._conn.transaction():
+            self._conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            first_bad = self._conn.execute(self._q.first_damage).fetchone()
+            (rows,) = self._one(self._q.count_leaves)
+            good = int(rows)
+            if first_bad is not None:
+                index, reason = int(first_bad[0]), str(first_bad[1])
+                if self.writable:
+                    raise LedgerRowDamaged("leaves", index, reason)
+                self.damage = (index, reason)
+                good = index
+            for start in range(0, good, _HASH_CHUNK):
+                (chunk,) = self._one(self._q.hashes, (start, min(start + _HASH_CHUNK, good)))
+                self._hashes += chunk or b""
+            self._size = good
+            for position, (seq, note) in enumerate(self._conn.execute(self._q.checkpoints)):
+                if seq != position:
+                    if self.writable:
+                        raise LedgerRowDamaged("checkpoints", position, "checkpoint missing")
+                    break
+                self._notes.append(str(note))
+
+    def _one(self, query: str | sql.Composed, params: Sequence[Any] = ()) -> tuple[Any, ...]:
+        row = self._conn.execute(query, params or None).fetchone()
+        if row is None:  # aggregate and SHOW queries always return a row
+            raise LedgerUnavailable("PostgreSQL returned no row where one was expected")
+        return row
+
+    # -- the LedgerStore port ---------------------------------------------------------------
+
+    @property
+    def recovery(self) -> TornTailRecovery | None:
+        """Always ``None``: a transactional store has no torn tail to cut."""
+        return None
+
+    def size(self) -> int:
+        return self._size
+
+    def append(self, leaves: Sequence[bytes]) -> bytes:
+        """Append in one transaction, durably; return the concatenated leaf hashes."""
+        hashes = bytearray()
+        for leaf in leaves:
+            if len(leaf) > MAX_LEAF_BYTES:
+                raise LedgerUnavailable(f"a leaf of {len(leaf)} bytes exceeds {MAX_LEAF_BYTES}")
+            hashes += leaf_hash(leaf)
+        with self._lock:
+            self._check_usable(writing=True)
+            if not leaves:
+                return b""
+            first = self._size
+            params = (
+                list(range(first, first + len(leaves))),
+                list(leaves),
+                [bytes(hashes[i : i + _HASH_SIZE]) for i in range(0, len(hashes), _HASH_SIZE)],
+            )
+            try:
+                self._conn.execute(self._q.insert_leaves, params)
+            except psycopg.Error as exc:
+                raise self._failed("append to", exc) from exc
+            self._size = first + len(leaves)
+            self._hashes += hashes
+        return bytes(hashes)
+
+    def read(self, start: int, stop: int) -> list[bytes]:
+        if not 0 <= start <= stop <= self._size:
+            raise IndexError(f"entries {start}..{stop} are outside 0..{self._size}")
+        if start == stop:
+            return []
+        leaves = []
+        for expected, (idx, leaf, _hash) in enumerate(self._rows(start, stop), start):
+            if idx != expected:
+                raise LedgerRowDamaged("leaves", expected, "entry missing")
+            leaves.append(leaf)
+        if len(leaves) != stop - start:
+            raise LedgerRowDamaged("leaves", start + len(leaves), "entry missing")
+        return leaves
+
+    def scan(self, start: int = 0) -> Iterator[bytes]:
+        """Every leaf from ``start``, read from the table and checked against its hashes.
+
+        A leaf that no longer matches its stored hash, or the hash it had when it was appended
+        (or when this store opened), raises :class:`LedgerRowDamaged`: never yielded silently.
+        """
+        end = self._size
+        for first in range(start, end, _CHUNK):
+            stop = min(first + _CHUNK, end)
+            for offset, leaf in enumerate(self.read(first, stop)):
+                index = first + offset
+                actual = leaf_hash(leaf)
+                if actual != self._hashes[index * _HASH_SIZE : (index + 1) * _HASH_SIZE]:
+                    raise LedgerRowDamaged("leaves", index, "the leaf changed after it was stored")
+                yield leaf
+
+    def leaf_hashes(self) -> bytes:
+        return bytes(self._hashes)
+
+    def checkpoints(self) -> list[str]:
+        return list(self._notes)
+
+    def add_checkpoint(self, note: str) -> None:
+        with self._lock:
+            self._check_usable(writing=True)
+            try:
+                self._conn.execute(self._q.insert_checkpoint, (len(self._notes), note))
+            except psycopg.Error as exc:
+                raise self._failed("add a checkpoint to", exc) from exc
+            self._notes.append(note)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            # Ending the session releases the writer lock; no explicit unlock is needed.
+            self._conn.close()
+
+    # -- raw access for verification of the table itself -----------------------------------
+
+    def raw_frames(self) -> Iterator[tuple[int, bytes | None, str | None]]:
+        """(position, leaf or None, damage reason or None) for every row, in index order.
+
+        Named like :meth:`FileLedgerStore.raw_frames` so that verification code can take either
+        store. Unlike :meth:`scan`, this reads every row regardless of what the store loaded:
+        a row whose stored hash does not match its leaf is reported as damaged, and a missing
+        index shows as the next row at that position (the verifier names it missing).
+        """
+        position = 0
+        after = -1
+        while True:
+            with self._lock:
+                self._check_usable(writing=False)
+                try:
+                    rows = self._conn.execute(self._q.raw_rows, (after, _CHUNK)).fetchall()
+                except psycopg.Error as exc:
+                    raise self._failed("read", exc) from exc
+            if not rows:
+                return
+            for idx, leaf, stored_hash in rows:
+                if leaf_hash(leaf) != stored_hash:
+                    yield position, None, "stored leaf hash does not match the leaf"
+                else:
+                    yield position, leaf, None
+                position += 1
+                after = idx
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _rows(self, start: int, stop: int) -> list[tuple[int, bytes, bytes]]:
+        with self._lock:
+            self._check_usable(writing=False)
+            try:
+                return self._conn.execute(self._q.read_rows, (start, stop)).fetchall()
+            except psycopg.Error as exc:
+                raise self._failed("read", exc) from exc
+
+    def _check_usable(self, *, writing: bool) -> None:
+        if self._closed:
+            raise LedgerUnavailable("the ledger store is closed")
+        if writing and not self.writable:
+            raise LedgerUnavailable("the ledger store is open read-only")
+        if self._broken is not None:
+            raise LedgerUnavailable(
+                f"the ledger store stopped after a failure ({self._broken}); reopen it"
+            )
+
+    def _failed(self, action: str, exc: psycopg.Error) -> LedgerUnavailable:
+        """Translate a driver error; stop writing unless the table is known to be unchanged."""
+        message = f"cannot {action} the ledger: {_driver_message(exc)}"
+        if self._conn.closed or self._conn.broken:
+            # The session is gone, and the writer lock with it; a commit may or may not have
+            # happened. Only a fresh open can tell.
+            self._broken = "the connection to PostgreSQL was lost"
+            return LedgerUnavailable(message + "; the connection was lost")
+        if self.writable:
+            try:
+                (size,) = self._one(self._q.count_leaves)
+                (notes,) = self._one(self._q.count_checkpoints)
+            except psycopg.Error:
+                self._broken = "the connection to PostgreSQL failed"
+                return LedgerUnavailable(message)
+            if size != self._size or notes != len(self._notes):
+                self._broken = "the tables changed behind the writer"
+        return LedgerUnavailable(message)
+
+
+class _Queries:
+    """The store's statements, built once for its schema."""
+
+    def __init__(self, schema: str) -> None:
+        def q(text: str) -> sql.Composed:
+            return sql.SQL(text).format(
+                schema=sql.Identifier(schema), schema_name=sql.Literal(schema)
+            )
+
+        self.insert_leaves = q(
+            "INSERT INTO {schema}.leaves (idx, leaf, leaf_hash) "
+            "SELECT * FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[])"
+        )
+        self.insert_checkpoint = q("INSERT INTO {schema}.checkpoints (seq, note) VALUES (%s, %s)")
+        self.count_leaves = q("SELECT coalesce(max(idx) + 1, 0) FROM {schema}.leaves")
+        self.count_checkpoints = q("SELECT coalesce(max(seq) + 1, 0) FROM {schema}.checkpoints")
+        self.hashes = q(
+            "SELECT string_agg(leaf_hash, ''::bytea ORDER BY idx) FROM {schema}.leaves "
+            "WHERE idx >= %s AND idx < %s"
+        )
+        self.read_rows = q(
+            "SELECT idx, leaf, leaf_hash FROM {schema}.leaves "
+            "WHERE idx >= %s AND idx < %s ORDER BY idx"
+        )
+        self.raw_rows = q(
+            "SELECT idx, leaf, leaf_hash FROM {schema}.leaves WHERE idx > %s ORDER BY idx LIMIT %s"
+        )
+        self.checkpoints = q("SELECT seq, note FROM {schema}.checkpoints ORDER BY seq")
+        # The first position where the keys skip an index, or a stored hash is wrong.
+        self.first_damage = q(
+            "SELECT pos, CASE WHEN idx <> pos THEN 'entry missing' "
+            "ELSE 'stored leaf hash does not match the leaf' END "
+            "FROM (SELECT idx, leaf, leaf_hash, row_number() OVER (ORDER BY idx) - 1 AS pos "
+            "      FROM {schema}.leaves) AS t "
+            "WHERE idx <> pos OR leaf_hash <> sha256('\\x00'::bytea || leaf) "
+            "ORDER BY pos LIMIT 1"
+        )
+        # Can the session's role change history? (a superuser, a member of the owner role, or
+        # a grant of UPDATE, DELETE or TRUNCATE on either table)
+        self.role_powers = q(
+            "SELECT r.rolsuper OR bool_or(pg_has_role(current_user, c.relowner, 'MEMBER') "
+            "OR has_table_privilege(c.oid, 'UPDATE, DELETE, TRUNCATE')) "
+            "FROM pg_roles r, pg_class c WHERE r.rolname = current_user "
+            "AND c.relnamespace = {schema_name}::regnamespace "
+            "AND c.relname IN ('leaves', 'checkpoints') GROUP BY r.rolsuper"
+        )
+
+
+def _conforms(store: PostgresLedgerStore) -> LedgerStore:
+    """Type-checks that the store implements the port (mypy fails here if it drifts)."""
+    return store
