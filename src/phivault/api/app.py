@@ -98,8 +98,15 @@ def create_app(
     log_stream: TextIO | None = None,
     error_map: Mapping[type[BaseException], int] | None = None,
     readiness_checks: Sequence[ReadinessCheck] = (),
+    state: Mapping[str, object] | None = None,
+    on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> FastAPI:
-    """Build the application. ``key_sources`` (issuer -> keys) adds issuers, mainly for tests."""
+    """Build the application.
+
+    ``key_sources`` (issuer -> keys) adds issuers, mainly for tests. ``state`` puts objects the
+    mounted routers need (a unit of work factory, a repository) on ``app.state``;
+    ``on_shutdown`` callbacks run when the server stops; ``readiness_checks`` join ``/readyz``.
+    """
     ident = settings.identity
     api = settings.api
     client = http_client or httpx.AsyncClient(follow_redirects=False)
@@ -213,6 +220,8 @@ def create_app(
         try:
             yield
         finally:
+            for callback in on_shutdown:
+                await callback()
             if owns_client:
                 await client.aclose()
             if owns_redis and redis is not None:
@@ -237,6 +246,8 @@ def create_app(
         redoc_url=None,
         redirect_slashes=False,
     )
+    for name, value in (state or {}).items():
+        setattr(app.state, name, value)
     app.state.front_door = door
     app.state.session_policy = policy
     app.state.clock = clock

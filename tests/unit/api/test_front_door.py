@@ -379,3 +379,22 @@ def test_production_needs_https_for_keys() -> None:
             Settings(environment=Environment.PRODUCTION, identity=insecure),
             audit_sink=InMemoryAuditSink(),
         )
+
+
+async def test_state_readiness_and_shutdown_hooks() -> None:
+    calls: list[str] = []
+
+    async def check() -> None:
+        calls.append("ready")
+        raise RuntimeError("database down")
+
+    async def stop() -> None:
+        calls.append("stopped")
+
+    h = build(state={"repository": "repo-object"}, readiness_checks=[check], on_shutdown=[stop])
+    async with h.client:
+        assert h.app.state.repository == "repo-object"
+        assert_outcome(await h.client.get("/readyz"), 503)
+        async with h.app.router.lifespan_context(h.app):
+            pass
+    assert calls == ["ready", "stopped"]
