@@ -299,7 +299,7 @@ class PostgresLedgerStore:
                 f"cannot connect to PostgreSQL for the ledger: {_driver_message(exc)}"
             ) from exc
         try:
-            self.synchronous_commit = self._make_commits_durable()
+            self.synchronous_commit = self._configure_session()
             if writable:
                 self._acquire_writer_lock()
             self._load()
@@ -326,7 +326,17 @@ class PostgresLedgerStore:
 
     # -- opening ----------------------------------------------------------------------------
 
-    def _make_commits_durable(self) -> str:
+    def _configure_session(self) -> str:
+        """Durable commits, and a server that notices a vanished writer; return the commit mode.
+
+        The server drops a session whose client stopped answering keepalives (about 25 s),
+        which releases the writer lock so that a standby can take over; by then the old
+        writer can no longer append, because its session is gone.
+        """
+        self._conn.execute(
+            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
+            "SET tcp_keepalives_count = 3"
+        )
         (current,) = self._one("SHOW synchronous_commit")
         if current not in _DURABLE_COMMIT:
             self._conn.execute("SET synchronous_commit = on")

@@ -62,9 +62,9 @@ def postgres_fixture() -> str:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
         pytest.fail(
-            f"PostgreSQL is not reachable with PHIVAULT_TEST_POSTGRES={ADMIN_CONNINFO!r}: "
-            f"{exc}. CI starts it; locally, start PostgreSQL (trust auth, database 'test') "
-            "or point PHIVAULT_TEST_POSTGRES at a superuser connection.",
+            f"PostgreSQL is not reachable with PHIVAULT_TEST_POSTGRES={ADMIN_CONNINFO!r}.\n"
+            "CI starts it; locally, start PostgreSQL (trust auth, database 'test') or point "
+            f"PHIVAULT_TEST_POSTGRES at a superuser connection.\n{str(exc).strip()}",
             pytrace=False,
         )
     return ADMIN_CONNINFO
