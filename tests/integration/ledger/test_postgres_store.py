@@ -182,6 +182,10 @@ def test_the_application_role_has_no_update_delete_or_truncate(
         ("DELETE FROM {s}.{t} WHERE {c} = 0", "DELETE"),
         ("TRUNCATE {s}.{t}", "TRUNCATE"),
         ("INSERT INTO {s}.{t} ({c}) VALUES (0) ON CONFLICT ({c}) DO UPDATE SET {c} = 0", "UPDATE"),
+        (
+            "MERGE INTO {s}.{t} USING (SELECT 0 AS k) AS src ON {c} = k WHEN MATCHED THEN DELETE",
+            "DELETE",
+        ),
     ],
 )
 @pytest.mark.parametrize("replica_role", [False, True])
@@ -300,6 +304,14 @@ def test_driver_errors_never_cross_the_port(pg: PgLedger) -> None:
     with pytest.raises(LedgerUnavailable, match="not set up") as missing:
         PostgresLedgerStore(pg.app, schema="pv_no_such_schema", writable=False)
     assert isinstance(missing.value.__cause__, psycopg.Error)
+    # A statement refused on a live connection changes nothing: the store stays usable.
+    store = pg.store()
+    with pytest.raises(LedgerUnavailable, match="cannot add a checkpoint") as bad_note:
+        store.add_checkpoint("not\x00a note")
+    assert isinstance(bad_note.value.__cause__, psycopg.Error)
+    store.add_checkpoint("a note\n")
+    assert store.checkpoints() == ["a note\n"]
+    store.close()
     # A refused insert (here: the tables were changed behind the writer's back) is translated,
     # and the writer stops: it cannot know what else changed.
     store = pg.store()
