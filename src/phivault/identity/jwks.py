@@ -154,6 +154,8 @@ class JwksCache:
         if doc.get("issuer") != self._issuer or not isinstance(doc.get("jwks_uri"), str):
             raise ValueError("discovery document does not match the issuer")
         url: str = doc["jwks_uri"]
+        if self._issuer.startswith("https://") and not url.startswith("https://"):
+            raise ValueError("an HTTPS issuer must publish its keys over HTTPS")
         self._jwks_url = url
         return url
 

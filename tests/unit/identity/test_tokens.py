@@ -299,3 +299,19 @@ def test_jwks_import_skips_symmetric_and_private_keys() -> None:
         ]
     }
     assert list(import_public_jwks(doc)) == ["good"]
+
+
+async def test_discovery_downgrade_to_http_is_refused() -> None:
+    idp = FakeIssuer("https://idp.test")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/.well-known/openid-configuration":
+            return httpx.Response(
+                200, json={"issuer": idp.issuer, "jwks_uri": "http://idp.test/jwks"}
+            )
+        return httpx.Response(200, json=idp.jwks())
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        cache = JwksCache(issuer=idp.issuer, jwks_url=None, client=client, clock=Clock())
+        with pytest.raises(IdentityUnavailable):
+            await cache.ready()
