@@ -106,6 +106,8 @@ class TypeClassification:
         name = element[1:] if element.startswith("_") else element
         if name in self.elements:
             return name
+        if name.endswith("[x]") and name[:-3] in self.choices:
+            return name
         for base in self.choices:
             if name.startswith(base) and len(name) > len(base) and name[len(base)].isupper():
                 return f"{base}[x]"
