@@ -42,6 +42,7 @@ def canary_router() -> APIRouter:
     ) -> dict[str, str]:
         # What the records layer will do on decrypt/encrypt of PHI-classified elements.
         taint(body.name, body.ssn, body.phone, body.address)
-        raise Conflict(f"a patient named {body.name} already exists")  # a careless message
+        # A careless message: the lower-cased name fits no PHI pattern, only the tainted-value net.
+        raise Conflict(f"duplicate of {body.name.lower()} at {body.address}")
 
     return router
