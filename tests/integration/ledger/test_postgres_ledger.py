@@ -428,3 +428,33 @@ async def test_rows_cut_from_the_end_are_named_truncated(pg: PgLedger, pg_backen
         async with running(pg_backend):
             pass
     assert refused.value.kind is TamperKind.TRUNCATED
+
+
+async def test_a_ledger_that_loses_its_session_fails_closed_and_a_standby_continues(
+    pg: PgLedger, pg_backend: Backend
+) -> None:
+    # Issue 7's sequencer failover, in one process: the active writer's session is killed; it
+    # refuses every record from then on, and a standby takes the lock and continues the same
+    # history with no gap and no duplicate.
+    with pytest.raises(LedgerUnavailable):
+        async with running(pg_backend, LedgerSettings(checkpoint_interval_s=60)) as active:
+            for i in range(5):
+                await active.record(sample_event(i))
+            pg.admin_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE usename = '{pg.role}' AND application_name = 'phivault-ledger-writer'"
+            )
+            with pytest.raises(LedgerUnavailable):
+                await active.record(sample_event(5))
+            with pytest.raises(LedgerUnavailable):
+                await active.record(sample_event(6))
+            # Leaving the block: close cannot sign its final checkpoint, and says so.
+    async with running(pg_backend) as standby:
+        assert standby.size == 5
+        assert await standby.record(sample_event(5)) == 5
+    report = verify(pg_backend)
+    assert (report.entries, report.uncovered) == (6, 0)
+    with pg_backend.reader() as store:
+        assert [json.loads(leaf)["request_id"] for leaf in store.read(0, 6)] == [
+            f"req-{i}" for i in range(6)
+        ]

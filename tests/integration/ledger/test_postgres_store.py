@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psycopg
@@ -391,4 +392,41 @@ def test_a_leaf_changed_while_the_store_is_open_is_caught_by_scan(pg: PgLedger) 
     )
     with pytest.raises(LedgerRowDamaged, match="damaged at 1"):
         list(store.scan())
+    store.close()
+
+
+def test_racing_inserters_without_the_lock_still_leave_no_gap_or_duplicate(pg: PgLedger) -> None:
+    # The advisory lock is the first line; the primary key and the contiguity trigger hold even
+    # for clients that skip it (here: raw sessions of the application role, racing).
+    leaves = sql.Identifier(pg.schema, "leaves")
+    insert = sql.SQL(
+        "INSERT INTO {} SELECT i, convert_to(i::text, 'UTF8'), "
+        "sha256('\\x00'::bytea || convert_to(i::text, 'UTF8')) "
+        "FROM generate_series(%s::bigint, %s::bigint) AS i"
+    ).format(leaves)
+    top = sql.SQL("SELECT coalesce(max(idx) + 1, 0) FROM {}").format(leaves)
+    refused = []
+
+    def racer(offset: int) -> None:
+        with psycopg.connect(pg.app, autocommit=True) as conn:
+            for round_ in range(40):
+                row = conn.execute(top).fetchone()
+                assert row is not None
+                start = int(row[0]) + (offset if round_ % 3 == 0 else 0)  # sometimes skip ahead
+                try:
+                    conn.execute(insert, (start, start + 2))
+                except psycopg.Error as exc:
+                    refused.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=racer, args=(offset,)) for offset in (0, 1, 0, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert refused  # some inserts raced or skipped ahead, and were refused
+    assert set(refused) <= {"UniqueViolation", "RaiseException"}
+    rows = pg.admin_sql("SELECT count(*), coalesce(max(idx) + 1, 0) FROM {s}.leaves")
+    assert rows[0][0] == rows[0][1]  # keys are exactly 0..n-1
+    store = pg.store()
+    assert store.size() == rows[0][0]
     store.close()
