@@ -430,3 +430,21 @@ def test_racing_inserters_without_the_lock_still_leave_no_gap_or_duplicate(pg: P
     store = pg.store()
     assert store.size() == rows[0][0]
     store.close()
+
+
+def test_a_deleted_checkpoint_stops_the_writer_but_readers_keep_the_rest(pg: PgLedger) -> None:
+    store = pg.store()
+    store.append(_leaves(3))
+    for note in ("one\n", "two\n", "three\n"):
+        store.add_checkpoint(note)
+    store.close()
+    pg.admin_sql(
+        "ALTER TABLE {s}.checkpoints DISABLE TRIGGER checkpoints_append_only",
+        "DELETE FROM {s}.checkpoints WHERE seq = 1",
+        "ALTER TABLE {s}.checkpoints ENABLE ALWAYS TRIGGER checkpoints_append_only",
+    )
+    with pytest.raises(LedgerRowDamaged, match="checkpoints table is damaged at 1"):
+        pg.store()
+    reader = pg.store(writable=False)
+    assert reader.checkpoints() == ["one\n", "three\n"]
+    reader.close()
