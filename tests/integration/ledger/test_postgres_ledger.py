@@ -242,7 +242,7 @@ async def test_back_links_chain_each_patients_events_across_restarts(backend: Ba
 
 
 async def test_a_checkpoint_is_issued_within_the_interval(backend: Backend) -> None:
-    interval = 0.2
+    interval = 0.5
     async with running(backend, LedgerSettings(checkpoint_interval_s=interval)) as ledger:
         started = time.monotonic()
         index = await ledger.record(sample_event(0))
@@ -251,7 +251,8 @@ async def test_a_checkpoint_is_issued_within_the_interval(backend: Backend) -> N
         elapsed = time.monotonic() - started
         checkpoint = ledger.latest_checkpoint
         assert checkpoint is not None and checkpoint.size == 1
-        assert elapsed < interval + 0.15, f"the checkpoint took {elapsed:.3f} s"
+        # Due at 0.9 of the interval; the slack only absorbs a busy test machine's scheduling.
+        assert elapsed < interval + 0.1, f"the checkpoint took {elapsed:.3f} s"
         note = ledger.checkpoint_notes()[-1]
         assert open_checkpoint(note, backend.verifier, origin=ORIGIN) == checkpoint
         proof = ledger.inclusion_proof(index, checkpoint.size)
