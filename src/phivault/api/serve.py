@@ -79,10 +79,30 @@ async def _serve(
     on_ready: Callable[[str], None] | None,
 ) -> None:
     from phivault.api.app import create_app
+    from phivault.api.context import MountedRouter
+    from phivault.api.keys import UnsealState, keys_router, require_unsealed
+    from phivault.crypto import open_keyring
     from phivault.ledger.service import open_ledger
 
-    async with open_ledger(data_dir, settings.ledger) as ledger:
-        app = create_app(settings, audit_sink=ledger, data_dir=data_dir)
+    async with (
+        open_ledger(data_dir, settings.ledger) as ledger,
+        # Sealed unless it can unseal itself (HSM PIN, KMS, or the dev unseal file); operators
+        # then unseal it at /admin/keys/unseal, and /readyz says "not ready" until they do.
+        open_keyring(data_dir, settings, ledger) as ring,
+    ):
+        unseal = UnsealState(ring)
+
+        async def keys_unsealed() -> None:
+            await require_unsealed(unseal)
+
+        app = create_app(
+            settings,
+            audit_sink=ledger,
+            data_dir=data_dir,
+            routers=[MountedRouter(keys_router(), prefix="/admin/keys")],
+            state={"unseal": unseal},
+            readiness_checks=[keys_unsealed],
+        )
         config = uvicorn.Config(
             app,
             host=options.host,

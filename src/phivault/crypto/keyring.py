@@ -260,6 +260,11 @@ class KeyRing:
         return self._provider.name
 
     @property
+    def credentials_needed(self) -> int:
+        """How many credentials :meth:`unseal` needs: M shares, one PIN, or none."""
+        return self._provider.credentials_needed
+
+    @property
     def cached_ciphers(self) -> int:
         return len(self._ciphers)
 

@@ -143,6 +143,11 @@ class RootKeyProvider(Protocol):
     def root_key_id(self) -> str: ...
 
     @property
+    def credentials_needed(self) -> int:
+        """How many credentials unseal it: M shares, one PIN, or none (KMS)."""
+        ...
+
+    @property
     def sealed(self) -> bool: ...
 
     def unseal(self, credentials: Sequence[str]) -> None:

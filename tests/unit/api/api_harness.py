@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +115,13 @@ class Harness:
         return [json.loads(line) for line in self.logs.getvalue().splitlines() if line.strip()]
 
 
-def build(settings: Settings | None = None, **kwargs: Any) -> Harness:
+def build(
+    settings: Settings | None = None,
+    *,
+    routers: Sequence[MountedRouter] = (),
+    sink: InMemoryAuditSink | None = None,
+    **kwargs: Any,
+) -> Harness:
     settings = settings or Settings(
         identity=IdentitySettings(mfa_acr_values=["urn:mfa"]),
         api=ApiSettings(
@@ -124,14 +131,14 @@ def build(settings: Settings | None = None, **kwargs: Any) -> Harness:
         ),
     )
     issuer = FakeIssuer()
-    sink = InMemoryAuditSink()
+    sink = sink or InMemoryAuditSink()
     clock = Clock()
     logs = io.StringIO()
     app = create_app(
         settings,
         audit_sink=sink,
         key_sources={issuer.issuer: issuer.key_source()},
-        routers=[MountedRouter(test_router(), prefix="/t")],
+        routers=[MountedRouter(test_router(), prefix="/t"), *routers],
         clock=clock,
         log_stream=logs,
         **kwargs,

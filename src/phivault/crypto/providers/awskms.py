@@ -29,6 +29,10 @@ class AwsKmsProvider:
 
     name = "awskms"
 
+    @property
+    def credentials_needed(self) -> int:
+        return 0  # the KMS authenticates the caller, not a credential
+
     def __init__(self, client: Any, key_id: str) -> None:
         self._client = client
         self._key_id = key_id

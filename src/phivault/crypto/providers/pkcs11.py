@@ -48,6 +48,10 @@ class Pkcs11Provider:
 
     name = "pkcs11"
 
+    @property
+    def credentials_needed(self) -> int:
+        return 1  # the token PIN
+
     def __init__(
         self,
         module: Path,

@@ -42,6 +42,10 @@ class SealedLocalProvider:
 
     name = "sealed"
 
+    @property
+    def credentials_needed(self) -> int:
+        return self._threshold
+
     def __init__(self, keys_dir: Path) -> None:
         path = keys_dir / ROOT_FILE
         try:
