@@ -45,3 +45,50 @@ def resolved_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
         _rewrite(resource, urls)
         out.append(resource)
     return out
+
+
+class DictStore:
+    """A tiny resolver over index entries, as storage would answer a conditional lookup."""
+
+    def __init__(self) -> None:
+        from phivault.records.search_params import IndexEntry
+
+        self.rows: dict[str, list[tuple[str, set[IndexEntry]]]] = {}
+        self._indexer = indexer()
+
+    def add(self, resource: dict[str, Any]) -> None:
+        from phivault.records.search_params import index_entries
+
+        entries = set(index_entries(resource, self._indexer.tokens))
+        self.rows.setdefault(resource["resourceType"], []).append((resource["id"], entries))
+
+    def resolve(self, lookup: Any) -> list[str]:
+        from phivault.records.search_params import BlindEntry, TokenEntry
+
+        blind = dict(lookup.query.blind_lookups())
+        out = []
+        for the_id, entries in self.rows.get(lookup.resource_type, []):
+            ok = True
+            for criterion in lookup.query.criteria:
+                name = criterion.param.name
+                if criterion in blind:
+                    wanted = {
+                        BlindEntry(name, t)
+                        for field, value in blind[criterion]
+                        for t in self._indexer.tokens(field, value)
+                    }
+                    hit = bool(wanted & entries)
+                else:
+                    hit = any(
+                        isinstance(e, TokenEntry)
+                        and e.param == name
+                        and any(
+                            e.code == v.code and (v.system is None or (e.system or "") == v.system)
+                            for v in criterion.values
+                        )
+                        for e in entries
+                    )
+                ok = ok and hit
+            if ok:
+                out.append(the_id)
+        return out

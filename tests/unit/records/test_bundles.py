@@ -1,0 +1,345 @@
+"""Bundles: validation and transaction planning on every fixture bundle."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from records_support import DictStore, indexer
+
+from phivault.errors import InvalidInput
+from phivault.records.bundles import (
+    AmbiguousReference,
+    ConditionalLookup,
+    InvalidBundle,
+    Method,
+    Outcome,
+    PlannedEntry,
+    PreconditionFailed,
+    UnresolvableReference,
+    parse_conditional,
+    plan_batch,
+    plan_transaction,
+    validate_bundle,
+)
+from phivault.records.search_params import index_entries
+from phivault.records.split import split
+
+COMPANIONS = ("wasee11_hospitalInformation.json", "wasee11_practitionerInformation.json")
+
+
+def ids() -> Callable[[], str]:
+    counter = itertools.count(1)
+    return lambda: f"id{next(counter)}"
+
+
+def nothing(_: ConditionalLookup) -> list[str]:
+    return []
+
+
+def _references(node: Any) -> list[str]:
+    if isinstance(node, list):
+        return [r for v in node for r in _references(v)]
+    if isinstance(node, dict):
+        own = [node["reference"]] if isinstance(node.get("reference"), str) else []
+        return own + [r for v in node.values() for r in _references(v)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def loaded(synthea_bundles: dict[str, dict[str, Any]]) -> DictStore:
+    """The wasee11 companions planned as batches and 'stored', as a loader would do first."""
+    store = DictStore()
+    new_id = ids()
+    for name in COMPANIONS:
+        plan = plan_batch(synthea_bundles[name], store.resolve, new_id=new_id)
+        for entry in plan.entries:
+            assert isinstance(entry, PlannedEntry)
+            assert entry.resource is not None
+            store.add(dict(entry.resource))
+    return store
+
+
+def test_every_fixture_bundle_validates(synthea_bundles: dict[str, dict[str, Any]]) -> None:
+    kinds = {name: validate_bundle(b) for name, b in synthea_bundles.items()}
+    assert {kinds[n] for n in COMPANIONS} == {"batch"}
+    assert set(kinds.values()) == {"batch", "transaction"}
+
+
+def test_companions_honour_if_none_exist(
+    synthea_bundles: dict[str, dict[str, Any]], loaded: DictStore
+) -> None:
+    created = sum(len(rows) for rows in loaded.rows.values())
+    assert created == sum(len(synthea_bundles[n]["entry"]) for n in COMPANIONS)
+    # loading them again creates nothing: every ifNoneExist matches the stored resource
+    again = plan_batch(synthea_bundles[COMPANIONS[0]], loaded.resolve, new_id=ids())
+    outcomes = {e.outcome for e in again.entries if isinstance(e, PlannedEntry)}
+    assert outcomes == {Outcome.EXISTS}
+    assert all(isinstance(e, PlannedEntry) and e.resource is None for e in again.entries)
+
+
+def test_wasee11_patients_plan_with_every_reference_resolved(
+    synthea_bundles: dict[str, dict[str, Any]], loaded: DictStore
+) -> None:
+    for name, bundle in synthea_bundles.items():
+        if not name.startswith("wasee11_") or name in COMPANIONS:
+            continue
+        original = copy.deepcopy(bundle)
+        plan = plan_transaction(bundle, loaded.resolve, new_id=ids())
+        assert bundle == original  # the caller's bundle is never modified
+        assert len(plan.entries) == len(bundle["entry"])
+        assert set(plan.ids) == {e["fullUrl"] for e in bundle["entry"]}
+        stored = {f"{t}/{i}" for t, rows in loaded.rows.items() for i, _ in rows}
+        stored |= set(plan.ids.values())
+        for entry in plan.entries:
+            assert entry.outcome is Outcome.CREATE and entry.resource is not None
+            assert entry.resource["id"] == entry.id and entry.id.startswith("id")
+            for ref in _references(entry.resource):
+                assert not ref.startswith("urn:") and "?" not in ref
+                assert ref.startswith("#") or ref in stored
+            # contained references were rewritten too, local #ids kept
+            for inner in entry.resource.get("contained", []):
+                assert all(r in stored for r in _references(inner))
+            # and the planned resource is ready for the next steps
+            split(entry.resource)
+            index_entries(entry.resource, indexer().tokens)
+
+
+def test_other_transactions_plan_without_storage(
+    synthea_bundles: dict[str, dict[str, Any]],
+) -> None:
+    for name, bundle in synthea_bundles.items():
+        if not name.startswith("sof2019_"):
+            continue
+        plan = plan_transaction(bundle, nothing, new_id=ids())  # organizations are inline
+        kinds = {e.resource_type for e in plan.entries}
+        if "Patient" in kinds:
+            assert {"Organization", "Practitioner"} <= kinds
+
+
+def test_flexporter_fails_on_its_unresolvable_conditional_reference(
+    synthea_bundles: dict[str, dict[str, Any]], loaded: DictStore
+) -> None:
+    bundle = synthea_bundles["flexporter_Lindsay928_Gerlach374.json"]
+    with pytest.raises(UnresolvableReference) as caught:
+        plan_transaction(bundle, nothing, new_id=ids())
+    assert caught.value.path is not None and caught.value.path.startswith("Bundle.entry[")
+    assert caught.value.path.endswith(".reference")
+    index = int(caught.value.path.split("[", 2)[1].split("]")[0])
+    entry = bundle["entry"][index]
+    refs = [r for r in _references(entry["resource"]) if "?" in r]
+    assert refs  # the named entry does hold a conditional reference
+    message = str(caught.value)
+    assert all(r.split("|")[-1] not in message for r in refs)  # the identifier is not echoed
+    with pytest.raises(UnresolvableReference):  # the wasee11 companions do not cover it
+        plan_transaction(bundle, loaded.resolve, new_id=ids())
+
+
+def _bundle(*entries: dict[str, Any], kind: str = "transaction") -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+PATIENT_URL = "urn:uuid:11111111-1111-1111-1111-111111111111"
+
+
+def _post(resource: dict[str, Any], full_url: str | None = None, **request: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], **request},
+    }
+    if full_url:
+        entry["fullUrl"] = full_url
+    return entry
+
+
+def test_processing_order_and_outcomes() -> None:
+    bundle = _bundle(
+        {"request": {"method": "GET", "url": "Patient?family=Smith"}},
+        {"request": {"method": "PUT", "url": "Observation/o1"},
+         "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": PATIENT_URL}}},
+        _post({"resourceType": "Patient", "gender": "female"}, PATIENT_URL),
+        {"request": {"method": "DELETE", "url": "Condition/c1"}},
+        {"request": {"method": "GET", "url": "Patient/p7"}},
+        {"request": {"method": "DELETE", "url": "Condition?code=http://snomed.info/sct|1"}},
+    )  # fmt: skip
+    plan = plan_transaction(bundle, lambda _: ["c2", "c3"], new_id=ids())
+    order = [(e.index, e.method, e.outcome) for e in plan.entries]
+    assert order == [
+        (3, Method.DELETE, Outcome.DELETE),
+        (5, Method.DELETE, Outcome.DELETE),
+        (2, Method.POST, Outcome.CREATE),
+        (1, Method.PUT, Outcome.UPDATE),
+        (0, Method.GET, Outcome.SEARCH),
+        (4, Method.GET, Outcome.READ),
+    ]
+    put = plan.entries[3]
+    assert put.resource is not None and put.resource["subject"] == {"reference": "Patient/id1"}
+    assert put.resource["id"] == "o1"
+    assert plan.entries[1].matched == ("c2", "c3")
+    search = plan.entries[4].conditional
+    assert search is not None and search.query.criteria[0].blind
+
+
+def test_conditional_reference_ambiguity_and_caching() -> None:
+    calls: list[ConditionalLookup] = []
+
+    def two(lookup: ConditionalLookup) -> list[str]:
+        calls.append(lookup)
+        return ["a", "b"]
+
+    ref = {"reference": "Organization?identifier=https://example.org|42"}
+    bundle = _bundle(_post({"resourceType": "Patient", "managingOrganization": ref}))
+    with pytest.raises(AmbiguousReference) as caught:
+        plan_transaction(bundle, two, new_id=ids())
+    assert caught.value.path == "Bundle.entry[0].resource.managingOrganization.reference"
+    assert "42" not in str(caught.value)
+    calls.clear()
+    twice = _bundle(
+        _post({"resourceType": "Patient", "managingOrganization": ref}),
+        _post({"resourceType": "Patient", "managingOrganization": ref}),
+    )
+    plan = plan_transaction(twice, lambda lookup: calls.append(lookup) or ["org9"], new_id=ids())
+    assert len(calls) == 1  # one lookup per distinct conditional reference
+    assert all(e.resource and e.resource["managingOrganization"]["reference"] == "Organization/org9"
+               for e in plan.entries)  # fmt: skip
+
+
+def test_if_none_exist_with_several_matches_is_a_failed_precondition() -> None:
+    bundle = _bundle(_post({"resourceType": "Patient"}, ifNoneExist="identifier=s|1"))
+    with pytest.raises(PreconditionFailed) as caught:
+        plan_transaction(bundle, lambda _: ["a", "b"], new_id=ids())
+    assert caught.value.path == "Bundle.entry[0].request.ifNoneExist"
+    plan = plan_transaction(bundle, lambda _: ["a"], new_id=ids())
+    assert plan.entries[0].outcome is Outcome.EXISTS and plan.entries[0].id == "a"
+
+
+def test_references_to_an_existing_match_point_at_it() -> None:
+    org_url = "urn:uuid:22222222-2222-2222-2222-222222222222"
+    bundle = _bundle(
+        _post({"resourceType": "Organization", "name": "A"}, org_url, ifNoneExist="identifier=s|1"),
+        _post({"resourceType": "Patient", "managingOrganization": {"reference": org_url}}),
+    )
+    plan = plan_transaction(bundle, lambda _: ["known"], new_id=ids())
+    patient = plan.entries[1].resource
+    assert patient is not None
+    assert patient["managingOrganization"]["reference"] == "Organization/known"
+
+
+@pytest.mark.parametrize(
+    ("bundle", "path"),
+    [
+        ({"resourceType": "Patient"}, "Bundle.resourceType"),
+        ({"resourceType": "Bundle", "type": "collection", "entry": []}, "Bundle.type"),
+        (
+            _bundle({"request": {"method": "FETCH", "url": "Patient"}}),
+            "Bundle.entry[0].request.method",
+        ),
+        (_bundle({"request": {"method": "POST", "url": "Patient"}}), "Bundle.entry[0].resource"),
+        (_bundle({"request": {"method": "GET", "url": "/Patient"}}), "Bundle.entry[0].request.url"),
+        (
+            _bundle(_post({"resourceType": "Patient"}, "urn:uuid:not-a-uuid")),
+            "Bundle.entry[0].fullUrl",
+        ),
+        (
+            _bundle(
+                _post({"resourceType": "Patient"}, PATIENT_URL),
+                _post({"resourceType": "Patient"}, PATIENT_URL),
+            ),
+            "Bundle.entry[1].fullUrl",
+        ),
+        (
+            _bundle(
+                {
+                    "request": {"method": "POST", "url": "Patient"},
+                    "resource": {"resourceType": "Observation"},
+                }
+            ),
+            "Bundle.entry[0].resource",
+        ),
+        (
+            _bundle(
+                {
+                    "request": {"method": "PUT", "url": "Patient/a"},
+                    "resource": {"resourceType": "Patient", "id": "b"},
+                }
+            ),
+            "Bundle.entry[0].resource.id",
+        ),
+        (
+            _bundle(
+                {"request": {"method": "DELETE", "url": "Patient/a"}},
+                {"request": {"method": "DELETE", "url": "Patient/a"}},
+            ),
+            "Bundle.entry[1].request.url",
+        ),
+        (
+            _bundle({"request": {"method": "DELETE", "url": "Basic/a"}}),
+            "Bundle.entry[0].request.url",
+        ),
+        (
+            _bundle(_post({"resourceType": "Patient"}, ifNoneExist="shoe-size=9")),
+            "Bundle.entry[0].request.ifNoneExist",
+        ),
+        (
+            _bundle(
+                _post(
+                    {
+                        "resourceType": "Patient",
+                        "managingOrganization": {
+                            "reference": "urn:uuid:33333333-3333-3333-3333-333333333333"
+                        },
+                    }
+                )
+            ),
+            "Bundle.entry[0].resource.managingOrganization.reference",
+        ),
+        (
+            _bundle(_post({"resourceType": "Claim", "referral": {"reference": "#nope"}})),
+            "Bundle.entry[0].resource.referral.reference",
+        ),
+        (_bundle(_post({"resourceType": "Patient"}), kind="batch"), "Bundle.type"),
+    ],
+)
+def test_bad_bundles_name_the_element(bundle: dict[str, Any], path: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        plan_transaction(bundle, nothing, new_id=ids())
+    assert caught.value.path == path
+
+
+def test_oversized_bundles_are_refused() -> None:
+    bundle = _bundle(*[_post({"resourceType": "Patient"}) for _ in range(11)])
+    with pytest.raises(InvalidBundle) as caught:
+        plan_transaction(bundle, nothing, max_entries=10)
+    assert caught.value.path == "Bundle.entry"
+
+
+def test_a_batch_entry_fails_alone() -> None:
+    bundle = _bundle(
+        _post({"resourceType": "Patient"}),
+        _post({"resourceType": "Patient", "managingOrganization": {"reference": PATIENT_URL}}),
+        kind="batch",
+    )
+    plan = plan_batch(bundle, nothing, new_id=ids())
+    assert isinstance(plan.entries[0], PlannedEntry)
+    assert isinstance(plan.entries[1], UnresolvableReference)
+
+
+def test_parse_conditional() -> None:
+    lookup = parse_conditional(
+        "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|9999963991", path="x"
+    )
+    assert lookup.resource_type == "Practitioner"
+    (criterion,) = lookup.query.criteria
+    assert criterion.blind  # a practitioner's identifier is a direct identifier
+    for bad in (
+        "Practitioner",
+        "practitioner?identifier=a",
+        "Practitioner?",
+        "Practitioner?_count=1",
+    ):
+        with pytest.raises(InvalidBundle):
+            parse_conditional(bad, path="x")
