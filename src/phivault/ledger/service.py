@@ -49,6 +49,7 @@ __all__ = [
     "LedgerEntry",
     "initialize_ledger",
     "open_ledger",
+    "open_ledger_on",
     "open_ledger_readonly",
     "signer_path",
     "verifier_key_of",
@@ -385,21 +386,23 @@ def read_entry(store: LedgerStore, index: int) -> LedgerEntry:
 
 
 @contextlib.asynccontextmanager
-async def open_ledger(
-    data_dir: DataDir,
+async def open_ledger_on(
+    open_store: Callable[[], LedgerStore],
+    signer: NoteSigner,
+    origin: str,
     settings: LedgerSettings | None = None,
     *,
     on_recovery: Callable[[TornTailRecovery], None] | None = None,
 ) -> AsyncIterator[Ledger]:
-    """Open the embedded ledger of ``data_dir`` for writing (one writer per data directory)."""
+    """Open a ledger on any store (file, PostgreSQL, ...); close it (final checkpoint) after.
+
+    Opening reads every leaf (tree, patient heads), so it runs off the event loop.
+    """
     settings = settings or LedgerSettings()
     loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(
-        None, lambda: FileLedgerStore(data_dir.ledger_dir, writable=True)
-    )
+    store = await loop.run_in_executor(None, open_store)
     try:
-        signer = Ed25519NoteSigner.load(signer_path(data_dir))
-        ledger = Ledger(store, signer, data_dir.origin, settings)
+        ledger = await loop.run_in_executor(None, Ledger, store, signer, origin, settings)
     except BaseException:
         store.close()
         raise
@@ -409,6 +412,25 @@ async def open_ledger(
         yield ledger
     finally:
         await ledger.close()
+
+
+@contextlib.asynccontextmanager
+async def open_ledger(
+    data_dir: DataDir,
+    settings: LedgerSettings | None = None,
+    *,
+    on_recovery: Callable[[TornTailRecovery], None] | None = None,
+) -> AsyncIterator[Ledger]:
+    """Open the embedded ledger of ``data_dir`` for writing (one writer per data directory)."""
+    signer = Ed25519NoteSigner.load(signer_path(data_dir))
+    async with open_ledger_on(
+        lambda: FileLedgerStore(data_dir.ledger_dir, writable=True),
+        signer,
+        data_dir.origin,
+        settings,
+        on_recovery=on_recovery,
+    ) as ledger:
+        yield ledger
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,7 +35,7 @@ from phivault.ledger.merkle import leaf_hash, verify_consistency, verify_inclusi
 from phivault.ledger.note import NoteVerifier
 from phivault.ledger.ports import LedgerStore
 from phivault.ledger.report import patient_report
-from phivault.ledger.service import Ledger, initialize_ledger, signer_path
+from phivault.ledger.service import Ledger, initialize_ledger, open_ledger_on, signer_path
 from phivault.ledger.testing import sample_event
 from phivault.ledger.verify import Damaged, VerificationReport, verify_ledger
 from phivault.settings import LedgerSettings
@@ -163,22 +163,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return _postgres_backend(request.getfixturevalue("pg"))
 
 
-@contextlib.asynccontextmanager
-async def running(
+def running(
     backend: Backend, settings: LedgerSettings | None = None
-) -> AsyncIterator[Ledger]:
-    """What ``open_ledger`` does, for any store (see the proposal in the report)."""
-    loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(None, backend.open_writer)
-    try:
-        ledger = Ledger(store, backend.signer, ORIGIN, settings or LedgerSettings())
-    except BaseException:
-        store.close()
-        raise
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
+) -> contextlib.AbstractAsyncContextManager[Ledger]:
+    """The ledger over either store, opened the way the service opens it."""
+    return open_ledger_on(backend.open_writer, backend.signer, ORIGIN, settings)
 
 
 def leaves_for_verification(store: VerifiableStore) -> Callable[[], Iterable[bytes | Damaged]]:
