@@ -129,6 +129,7 @@ class PlannedEntry:
     if_match: str | None = None
     conditional: ConditionalLookup | None = None  # conditional DELETE with no match, GET search
     matched: tuple[str, ...] = ()  # conditional DELETE targets
+    version: str | None = None  # GET Type/id/_history/vid (a vread)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +283,13 @@ class _Planner:
             default_classification().for_type(resource_type)
         except InvalidInput:
             raise InvalidBundle("resource type is not supported", path=f"{where}.url") from None
-        malformed = len(parts) > 2 or (len(parts) == 2 and not _ID_RE.match(parts[1]))
-        if malformed and not (entry.method in (Method.GET, Method.HEAD) and "_history" in parts):
+        vread = (
+            entry.method in (Method.GET, Method.HEAD)
+            and len(parts) == 4
+            and parts[2] == "_history"
+            and bool(_ID_RE.match(parts[3]))
+        )
+        if (len(parts) > 2 and not vread) or (len(parts) >= 2 and not _ID_RE.match(parts[1])):
             raise InvalidBundle("not Type, Type/id or Type?search", path=f"{where}.url")
         the_id = parts[1] if len(parts) >= 2 else None
         method = entry.method
@@ -436,6 +442,7 @@ def _finish(
                 f"search is not valid ({_reason(exc)})",
                 path=f"Bundle.entry[{entry.index}].request.url",
             ) from None
+    parts = entry.url.partition("?")[0].split("/")
     return PlannedEntry(
         entry.index,
         entry.method,
@@ -447,6 +454,7 @@ def _finish(
         entry.if_match,
         conditional,
         matched,
+        parts[3] if len(parts) == 4 else None,
     )
 
 

@@ -65,6 +65,11 @@ MAX_VALUE_LENGTH: Final = 2048
 _NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-.:]{0,63}$")
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE_RE: Final = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_TOTALS: Final[dict[str, Literal["none", "estimate", "accurate"]]] = {
+    "none": "none",
+    "estimate": "estimate",
+    "accurate": "accurate",
+}
 #: Result and format parameters this parser takes (or lets the HTTP layer take).
 _IGNORED_HTTP: Final = frozenset({"_format", "_pretty"})
 
@@ -400,9 +405,9 @@ def parse_search(
         elif key == "_sort":
             sort = _sort(raw, params)
         elif key == "_total":
-            if raw not in ("none", "estimate", "accurate"):
+            total = _TOTALS.get(raw)
+            if total is None:
                 raise InvalidSearch("must be none, estimate or accurate", path="_total")
-            total = raw  # type: ignore[assignment]  # narrowed by the check above
         elif key == "_include":
             includes.append(_include(raw, resource_type, params))
         elif key in _IGNORED_HTTP:

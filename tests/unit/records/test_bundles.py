@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from records_support import DictStore, indexer
 
 from phivault.errors import InvalidInput
@@ -343,3 +345,63 @@ def test_parse_conditional() -> None:
     ):
         with pytest.raises(InvalidBundle):
             parse_conditional(bad, path="x")
+
+
+def test_vread_entries_keep_their_version() -> None:
+    bundle = _bundle({"request": {"method": "GET", "url": "Patient/p1/_history/3"}})
+    (entry,) = plan_transaction(bundle, nothing).entries
+    assert (entry.outcome, entry.id, entry.version) == (Outcome.READ, "p1", "3")
+    for url in ("Patient/p1/_history", "Patient/p1/x/3", "Patient/p!1"):
+        with pytest.raises(InvalidBundle):
+            plan_transaction(_bundle({"request": {"method": "GET", "url": url}}), nothing)
+
+
+_URNS = [f"urn:uuid:{i:08d}-0000-4000-8000-000000000000" for i in range(4)]
+_leaf = st.sampled_from(["x", 1, True, *_URNS])
+
+
+def _tree(depth: int) -> st.SearchStrategy[Any]:
+    if depth == 0:
+        return _leaf
+    inner = _tree(depth - 1)
+    return st.one_of(
+        _leaf,
+        st.builds(lambda u: {"reference": u}, st.sampled_from(_URNS)),
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.sampled_from(["a", "b", "extension", "valueReference"]), inner, max_size=3
+        ),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    body=st.dictionaries(st.sampled_from(["a", "b", "c"]), _tree(4), max_size=3),
+    contained=st.lists(_tree(3), max_size=2),
+)
+def test_every_urn_reference_is_rewritten_anywhere(
+    body: dict[str, Any], contained: list[Any]
+) -> None:
+    entries = [_post({"resourceType": "Patient", "gender": "other"}, url) for url in _URNS]
+    host = {"resourceType": "Basic", "extension": [{"url": "u", "valueString": "v", **body}]}
+    if contained:
+        host["contained"] = [
+            {"resourceType": "Basic", "id": f"c{i}", "x": c} for i, c in enumerate(contained)
+        ]
+    target = {"resourceType": "Patient", "id": "h", "extension": [host]}
+    entries.append({"request": {"method": "PUT", "url": "Patient/h"}, "resource": target})
+    plan = plan_transaction(_bundle(*entries), nothing, new_id=ids())
+    (put,) = [e for e in plan.entries if e.method is Method.PUT]
+    refs = _references(put.resource)
+    assert all(r.startswith("Patient/id") for r in refs)
+    assert len(refs) == len(_references(entries[-1]["resource"]))
+
+    # a urn:uuid that is not a reference (an Identifier value, say) is left alone
+    def strings(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return [s for k, v in node.items() if k != "reference" for s in strings(v)]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    assert strings(put.resource) == strings(entries[-1]["resource"])
