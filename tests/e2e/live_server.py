@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -55,3 +61,33 @@ def serve_app(app: FastAPI) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def phivault_serve(
+    args: list[str], *, url: str, verify: ssl.SSLContext | bool = True, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``phivault serve ARGS`` as a user would; wait for /healthz; SIGINT it after."""
+    phivault = str(Path(sys.executable).with_name("phivault"))
+    process = subprocess.Popen(
+        [phivault, "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"{url}/healthz", verify=verify, timeout=1)
+            break
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("phivault serve did not start") from None
+            time.sleep(0.1)
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -6,7 +6,6 @@ import datetime
 import ipaddress
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -21,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from live_server import phivault_serve
 
 from phivault.datadir import DataDir
 from phivault.ledger.service import open_ledger_readonly
@@ -84,43 +84,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     cert, key = self_signed(folder)
     port = free_port()
     env = {**os.environ, "PHIVAULT_API__RATE_LIMIT_PER_ADDRESS": "10000/minute"}
-    process = subprocess.Popen(
-        [
-            PHIVAULT,
-            "serve",
-            "--port",
-            str(port),
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-            "--data-dir",
-            str(data_dir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
     url = f"https://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"{url}/healthz", verify=_trust(cert), timeout=1)
-            break
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("phivault serve did not start") from None
-            time.sleep(0.1)
-    try:
+    args = ["--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)]
+    with phivault_serve(
+        [*args, "--data-dir", str(data_dir)], url=url, verify=_trust(cert), env=env
+    ):
         yield url, cert, data_dir
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_https_dev_token_and_jwks(server: tuple[str, Path, Path]) -> None:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from live_server import phivault_serve
 from test_serve import free_port, run_cli
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
@@ -29,32 +27,10 @@ def sealed_server(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
     # Without the dev unseal file, nothing can unseal the server but the custodians' shares.
     (data_dir / "keys" / "dev-unseal.json").unlink()
     port = free_port()
-    process = subprocess.Popen(
-        [PHIVAULT, "serve", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PHIVAULT_API__RATE_LIMIT_PER_ADDRESS": "10000/minute"},
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"{url}/healthz", timeout=1)
-            break
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("phivault serve did not start") from None
-            time.sleep(0.1)
-    try:
+    env = {**os.environ, "PHIVAULT_API__RATE_LIMIT_PER_ADDRESS": "10000/minute"}
+    with phivault_serve(["--port", str(port), "--data-dir", str(data_dir)], url=url, env=env):
         yield url, data_dir, shares
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_custodians_unseal_a_sealed_server(sealed_server: tuple[str, Path, list[str]]) -> None:

@@ -6,12 +6,11 @@ And `phivault ledger export --format fhir`: the events out again as AuditEvent N
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_support import phivault
 
 from phivault.datadir import DataDir
 from phivault.ledger.fhir import audit_event_to_fhir
@@ -22,17 +21,6 @@ pytestmark = pytest.mark.integration
 
 PLANTED_NAME = "Zebediah Quarrington"
 PLANTED_SSN = "078-05-1120"
-
-
-def phivault(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phivault.cli.main", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture

@@ -5,27 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_support import phivault
 
 from phivault.datadir import DataDir
 from phivault.ledger.service import open_ledger
 from phivault.ledger.testing import sample_event
 
 pytestmark = pytest.mark.integration
-
-
-def phivault(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phivault.cli.main", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture
