@@ -650,6 +650,15 @@ def _blind(param: SearchParam, value: str, tokens: BlindTokens) -> Iterator[Blin
         raise InvalidInput("blind parameter of an unexpected type", path=param.name)
 
 
+def _searchable(normalization: Normalization, text: str) -> bool:
+    """Whether ``text`` has anything left to search for after normalization."""
+    try:
+        normalize(normalization, text)
+    except InvalidInput:
+        return False
+    return True
+
+
 def _blind_identifier(
     param: SearchParam, system: str | None, value: str, tokens: BlindTokens
 ) -> Iterator[BlindEntry]:
@@ -704,7 +713,11 @@ def _entries(
     elif kind is ParamType.DATE:
         if param.blind:
             if isinstance(value, str):
-                yield from _blind(param, value, tokens)
+                try:
+                    entries = list(_blind(param, value, tokens))
+                except InvalidInput:
+                    raise InvalidInput("not a FHIR date", path=where) from None
+                yield from entries
         else:
             for date in _dates_of(value, where):
                 yield DateEntry(param.name, date)
@@ -713,10 +726,13 @@ def _entries(
             isinstance(value, dict)
             and isinstance(value.get("value"), str)
             and (param.only is None or value.get("system") == param.only)
+            and value["value"].strip()
         ):
             yield from _blind(param, value["value"], tokens)
     elif kind is ParamType.STRING:
         for text in _strings_of(value):
+            if not _searchable(Normalization.NAME, text):
+                continue  # nothing to search for in "-" or "."
             if param.blind:
                 yield from _blind(param, text, tokens)
             else:
@@ -724,7 +740,8 @@ def _entries(
     else:
         for system, code in _tokens_of(value):
             if param.blind:
-                yield from _blind_identifier(param, system, code, tokens)
+                if _searchable(Normalization.IDENTIFIER, code):
+                    yield from _blind_identifier(param, system, code, tokens)
             else:
                 yield TokenEntry(param.name, system, code)
 

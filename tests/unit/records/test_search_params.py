@@ -253,3 +253,19 @@ def test_param_types_are_consistent() -> None:
     assert search_param("Observation", "date").type is ParamType.DATE
     assert search_param("Observation", "patient").targets == frozenset({"Patient"})
     assert search_param("Organization", "name").type is ParamType.STRING
+
+
+def test_values_with_nothing_to_search_are_skipped_and_bad_birth_dates_named() -> None:
+    patient = {
+        "resourceType": "Patient",
+        "id": "p1",
+        "name": [{"family": "-", "given": ["."]}],
+        "identifier": [{"system": "s", "value": "--"}],
+    }
+    entries = index_entries(patient, indexer().tokens)
+    assert not any(isinstance(e, BlindEntry) for e in entries)
+    org = {"resourceType": "Organization", "id": "o1", "name": "!!!"}
+    assert not any(isinstance(e, StringEntry) for e in index_entries(org, indexer().tokens))
+    with pytest.raises(InvalidInput) as caught:
+        index_entries({"resourceType": "Patient", "birthDate": "1980-02-30"}, indexer().tokens)
+    assert caught.value.path == "Patient.birthDate"
