@@ -174,3 +174,17 @@ def test_error_messages_never_contain_the_value(value: str) -> None:
                 parse_search("Patient", [(name, raw)])
             except InvalidInput as exc:
                 assert "Zq" not in str(exc)
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + c if c in "\\,|$" else c for c in text)
+
+
+@given(
+    system=st.text(alphabet="ab:/.|,$\\", max_size=8),
+    code=st.text(alphabet="xy09|,$\\-", min_size=1, max_size=8),
+)
+def test_escaped_tokens_parse_back(system: str, code: str) -> None:
+    raw = f"{_escape(system)}|{_escape(code)},{_escape(code)}"
+    (criterion,) = parse_search("Observation", [("code", raw)]).criteria
+    assert criterion.values == (TokenValue(system, code), TokenValue(None, code))

@@ -269,3 +269,35 @@ def test_values_with_nothing_to_search_are_skipped_and_bad_birth_dates_named() -
     with pytest.raises(InvalidInput) as caught:
         index_entries({"resourceType": "Patient", "birthDate": "1980-02-30"}, indexer().tokens)
     assert caught.value.path == "Patient.birthDate"
+
+
+_NAMES = st.text(
+    alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyzÄÉñøß' -.ABCXYZ0123"),
+    min_size=1,
+    max_size=14,
+)
+
+
+@given(family=_NAMES, query=_NAMES)
+def test_name_search_is_starts_with_on_normalized_parts(family: str, query: str) -> None:
+    from phivault.crypto.blind_index import Normalization, normalize
+
+    try:
+        part = normalize(Normalization.NAME, family)
+        wanted = normalize(Normalization.NAME, query)
+    except InvalidInput:
+        return  # nothing searchable in one of them
+    patient = {"resourceType": "Patient", "id": "p", "name": [{"family": family}]}
+    entries = index_entries(patient, indexer().tokens)
+    param = search_param("Patient", "family")
+    if len(wanted) < 2:
+        with pytest.raises(InvalidInput):
+            blind_lookup(param, query)
+        return
+    field, value = blind_lookup(param, query)
+    tokens = set(indexer().tokens(field, value))
+    hit = any(isinstance(e, BlindEntry) and e.token in tokens for e in entries)
+    assert hit == part.startswith(wanted)
+    field, value = blind_lookup(param, query, modifier="exact")
+    tokens = set(indexer().tokens(field, value))
+    assert any(isinstance(e, BlindEntry) and e.token in tokens for e in entries) == (part == wanted)
