@@ -175,16 +175,15 @@ def _run_load(
 
 
 def main(args: argparse.Namespace) -> None:
-    from phivault.datadir import DataDir
     from phivault.identity.dev_provider import DevIdentityProvider
     from phivault.identity.principal import Role
-    from phivault.ledger.service import initialize_ledger
+    from phivault.initialize import initialize_data_dir
     from phivault.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = DataDir.create(Path(tmp) / "data", dev=True)
-        initialize_ledger(data_dir)
-        provider = DevIdentityProvider.initialize(data_dir)
+        # Exactly what `phivault init --dev` makes: the server unseals from the dev unseal file.
+        data_dir = initialize_data_dir(Path(tmp) / "data", dev=True).data_dir
+        provider = DevIdentityProvider.open(data_dir, Settings())
         token = provider.mint(
             user="service-loader",
             roles=[Role.SERVICE],

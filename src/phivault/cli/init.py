@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from phivault.cli._common import DataDirOption, JsonOption, Output, fail
-from phivault.datadir import DataDir, default_data_dir
+from phivault.datadir import default_data_dir
 from phivault.errors import PhivaultError
 
 
@@ -36,30 +36,16 @@ def init(
 ) -> None:
     """Create a new data directory (ledger and its signing key). Refuses to overwrite one."""
     output = Output(json_mode=json_mode)
-    from phivault.crypto.custody import check_keystore_settings
-    from phivault.settings import Settings
+    from phivault.initialize import initialize_data_dir
 
     try:
-        check_keystore_settings(Settings().keys, threshold=threshold, shares=shares)
+        done = initialize_data_dir(
+            data_dir, dev=dev, origin=origin, threshold=threshold, shares=shares
+        )
     except PhivaultError as exc:
         fail(output, f"{exc}; nothing was created", kind="init")
-    try:
-        created = DataDir.create(data_dir, dev=dev, origin=origin)
-        from phivault.ledger.service import initialize_ledger
-
-        verifier_key = initialize_ledger(created)
-        from phivault.crypto.custody import initialize_keystore
-
-        keystore = initialize_keystore(created, Settings().keys, threshold=threshold, shares=shares)
-        dev_issuer = None
-        if created.dev:
-            from phivault.identity.dev_provider import DevIdentityProvider
-
-            dev_issuer = DevIdentityProvider.initialize(created).issuer
-        # Each part that keeps state in the data directory initializes it here, in order:
-        # the key custody (crypto) and the dev identity provider (identity) hang on this.
-    except PhivaultError as exc:
-        fail(output, str(exc), kind="init")
+    created, keystore = done.data_dir, done.keystore
+    verifier_key, dev_issuer = done.ledger_verifier_key, done.dev_identity_issuer
     result = {
         "ok": True,
         "data_dir": str(created.path),
