@@ -61,6 +61,7 @@ __all__ = [
     "date_range",
     "index_entries",
     "parse_reference",
+    "patient_of",
     "search_param",
     "search_params",
 ]
@@ -744,6 +745,38 @@ def _entries(
                     yield from _blind_identifier(param, system, code, tokens)
             else:
                 yield TokenEntry(param.name, system, code)
+
+
+def patient_of(resource: Mapping[str, Any]) -> str | None:
+    """The id of the patient whose data key seals ``resource``: the Patient's own id, or the
+    target of its ``patient`` search parameter; None for resources of no patient
+    (Practitioner, Organization, Location, PractitionerRole, Medication).
+
+    References must be resolved. Raises :class:`InvalidInput` if the resource names several
+    patients (one resource, one data key) or is a Patient without an id.
+    """
+    resource_type = resource.get("resourceType")
+    if resource_type == "Patient":
+        the_id = resource.get("id")
+        if not isinstance(the_id, str):
+            raise InvalidInput("a Patient needs an id", path="Patient.id")
+        return the_id
+    if not isinstance(resource_type, str):
+        raise InvalidInput("must be a string", path="resourceType")
+    param = search_params(resource_type).get("patient")
+    if param is None:
+        return None
+    found: set[str] = set()
+    for path in param.paths:
+        where = f"{resource_type}.{path}"
+        for value in _values(resource, path.split(".")):
+            if isinstance(value, dict) and isinstance(value.get("reference"), str):
+                target = parse_reference(value["reference"], path=f"{where}.reference")
+                if target is not None and target[0] == "Patient":
+                    found.add(target[1])
+    if len(found) > 1:
+        raise InvalidInput("refers to more than one patient", path=f"{resource_type}.patient")
+    return next(iter(found), None)
 
 
 def blind_lookup(

@@ -405,3 +405,36 @@ def test_every_urn_reference_is_rewritten_anywhere(
         return [node] if isinstance(node, str) else []
 
     assert strings(put.resource) == strings(entries[-1]["resource"])
+
+
+def test_every_planned_resource_belongs_to_its_bundles_patient(
+    synthea_bundles: dict[str, dict[str, Any]], loaded: DictStore
+) -> None:
+    from phivault.records.search_params import patient_of
+
+    directory = {"Practitioner", "PractitionerRole", "Organization", "Location", "Medication"}
+    for name, bundle in synthea_bundles.items():
+        if name in COMPANIONS or "Information" in name or name.startswith("flexporter"):
+            continue
+        plan = plan_transaction(bundle, loaded.resolve, new_id=ids())
+        (patient,) = [e.id for e in plan.entries if e.resource_type == "Patient"]
+        for entry in plan.entries:
+            assert entry.resource is not None
+            owner = patient_of(entry.resource)
+            if entry.resource_type in directory:
+                assert owner is None
+            else:
+                assert owner == patient, (name, entry.resource_type)
+
+
+def test_patient_of_refuses_two_patients() -> None:
+    from phivault.records.search_params import patient_of
+
+    provenance = {
+        "resourceType": "Provenance",
+        "target": [{"reference": "Patient/a"}, {"reference": "Patient/b"}],
+    }
+    with pytest.raises(InvalidInput) as caught:
+        patient_of(provenance)
+    assert caught.value.path == "Provenance.patient"
+    assert patient_of({"resourceType": "Organization", "name": "x"}) is None
