@@ -1,0 +1,52 @@
+"""Records storage: sealed element groups, versions and the search index in SQL.
+
+Why a subpackage of its own: the records core (``phivault.records``) decides what a record
+is made of; this package only keeps ciphertext and index entries, transactionally, on SQLite
+(embedded) or PostgreSQL (scaled), and answers searches in SQL. It never sees plaintext PHI:
+the repository above it seals and opens. Public names:
+
+* the port: :class:`RecordStore`, :class:`RecordUnitOfWork`, :class:`NewVersion`,
+  :class:`StoredVersion`, :class:`SearchPage`, :class:`ResourceKey`, :class:`Scope`,
+  :func:`blind_terms`, :data:`DIRECTORY_SUBJECT`;
+* errors: :class:`VersionConflict`, :class:`RecordStoreUnavailable`;
+* the adapter: :class:`SqlRecordStore` (and its key-ring view :class:`SqlSealedElements`);
+* ready-made scopes: :class:`SubjectScope`.
+"""
+
+from __future__ import annotations
+
+from phivault.records.store.ports import (
+    DIRECTORY_SUBJECT,
+    BlindTerms,
+    NewVersion,
+    RecordStore,
+    RecordStoreUnavailable,
+    RecordUnitOfWork,
+    ResourceKey,
+    Scope,
+    SearchPage,
+    StoredVersion,
+    VersionConflict,
+    blind_terms,
+)
+from phivault.records.store.search import SubjectScope
+from phivault.records.store.sql_store import SqlRecordStore, SqlSealedElements, SqlUnitOfWork
+
+__all__ = [
+    "DIRECTORY_SUBJECT",
+    "BlindTerms",
+    "NewVersion",
+    "RecordStore",
+    "RecordStoreUnavailable",
+    "RecordUnitOfWork",
+    "ResourceKey",
+    "Scope",
+    "SearchPage",
+    "SqlRecordStore",
+    "SqlSealedElements",
+    "SqlUnitOfWork",
+    "StoredVersion",
+    "SubjectScope",
+    "VersionConflict",
+    "blind_terms",
+]

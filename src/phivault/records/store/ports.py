@@ -1,0 +1,232 @@
+"""The records storage port: what the records repository may ask of storage, and nothing more.
+
+Why this shape (Cosmic Python's unit of work; docs/decisions/records-storage.md):
+
+* The store holds **ciphertext and index entries only**. Sealing, opening and index tokens are
+  made above it, by the repository that holds the key ring; no method here takes or returns
+  plaintext PHI, so no adapter can leak it.
+* Every read and write happens inside a :class:`RecordUnitOfWork` that owns one database
+  transaction: a whole transaction Bundle commits or rolls back as one. Leaving the ``with``
+  block without :meth:`RecordUnitOfWork.commit` rolls back.
+* Versions are numbered by the caller and checked by the store (compare-and-swap on the
+  resource's current version): the caller needs the version and ``lastUpdated`` before it
+  computes the index entries (``_lastUpdated``) and the envelope, and the store guarantees
+  that two writers racing from the same version cannot both win (:class:`VersionConflict`).
+* Search takes a parsed :class:`~phivault.records.query.SearchQuery`, its blind values already
+  tokenized (:func:`blind_terms`), and any number of :class:`Scope` predicates that the caller
+  (the access policy) ANDs in: tenant scoping is always applied by the store itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Final, Protocol
+
+from phivault.crypto.blind_index import BlindToken, IndexField
+from phivault.errors import PhivaultError, StoreUnavailable
+from phivault.records.query import Criterion, SearchQuery
+from phivault.records.search_params import IndexEntry
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from sqlalchemy import ColumnElement, FromClause
+
+__all__ = [
+    "DIRECTORY_SUBJECT",
+    "BlindTerms",
+    "NewVersion",
+    "RecordStore",
+    "RecordStoreUnavailable",
+    "RecordUnitOfWork",
+    "ResourceKey",
+    "Scope",
+    "SearchPage",
+    "StoredVersion",
+    "VersionConflict",
+    "blind_terms",
+]
+
+#: The key subject of resources that belong to no patient (Practitioner, Organization,
+#: Location, PractitionerRole, Medication): a tenant-level "directory" data key. It is a valid
+#: key-ring subject but can never be a server-assigned Patient id; the store refuses a Patient
+#: with this id, so a patient can never share the directory's key.
+DIRECTORY_SUBJECT: Final = "directory.tenant"
+
+#: Blind tokens per blind criterion of a query (every live index-key version).
+BlindTerms = Mapping[Criterion, Sequence[BlindToken]]
+
+
+class RecordStoreUnavailable(StoreUnavailable):
+    """The records database cannot be reached or refused a statement (no PHI in the message)."""
+
+
+class VersionConflict(PhivaultError):
+    """The resource's current version is not the one the write was based on.
+
+    ``expected`` is the version the caller based its write on (None: the resource must not
+    exist yet); ``actual`` is the current version (None: it does not exist). The API answers
+    412 (If-Match) or 409. Ids and versions are opaque: the message holds no PHI.
+    """
+
+    def __init__(
+        self, resource_type: str, resource_id: str, expected: int | None, actual: int | None
+    ) -> None:
+        want = "no resource" if expected is None else f"version {expected}"
+        have = "none" if actual is None else f"version {actual}"
+        super().__init__(
+            f"{resource_type}/{resource_id}: expected {want}, the current one is {have}"
+        )
+        self.resource_type = resource_type
+        self.resource_id = resource_id
+        self.expected = expected
+        self.actual = actual
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceKey:
+    """Which resource: tenant, type and id."""
+
+    tenant: str
+    resource_type: str
+    resource_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """A version to write, already sealed and indexed by the repository.
+
+    ``version`` must be ``previous + 1`` (1 for a create); ``groups`` maps element-group names
+    (:class:`~phivault.records.classification.ElementGroup` values) to ciphertext sealed
+    under ``key_subject``'s data key (the patient, or :data:`DIRECTORY_SUBJECT`);
+    ``index`` is :func:`~phivault.records.search_params.index_entries` of the resource as
+    stored (with this version's ``meta``). ``last_updated`` must carry a time zone.
+    """
+
+    key: ResourceKey
+    version: int
+    last_updated: datetime
+    key_subject: str
+    groups: Mapping[str, bytes] = field(repr=False)
+    index: Sequence[IndexEntry] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """One stored version: the clear envelope and its sealed groups (those asked for)."""
+
+    key: ResourceKey
+    version: int
+    last_updated: datetime
+    deleted: bool
+    key_subject: str
+    groups: Mapping[str, bytes] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchPage:
+    """A page of current versions in the query's order.
+
+    ``next_offset`` is the offset of the next page (None on the last page); ``total`` is set
+    when the query asked for ``_total=accurate``.
+    """
+
+    matches: Sequence[StoredVersion]
+    offset: int
+    next_offset: int | None
+    total: int | None
+
+
+class Scope(Protocol):
+    """An extra predicate the caller ANDs into a search (and its total): patient
+    compartments, care relationships. ``resources`` is the current-version table being
+    searched (columns ``tenant``, ``resource_type``, ``resource_id``, ``key_subject``,
+    ``last_updated``)."""
+
+    def predicate(self, resources: FromClause) -> ColumnElement[bool]: ...
+
+
+def blind_terms(
+    query: SearchQuery, tokens: Callable[[IndexField, str], Sequence[BlindToken]]
+) -> dict[Criterion, tuple[BlindToken, ...]]:
+    """Tokenize every blind criterion of ``query`` (``tokens`` is ``BlindIndexer.tokens``)."""
+    return {
+        criterion: tuple(t for f, value in pairs for t in tokens(f, value))
+        for criterion, pairs in query.blind_lookups()
+    }
+
+
+class RecordUnitOfWork(Protocol):
+    """One transaction over the records tables. Use as a context manager; call
+    :meth:`commit` to keep the writes; leaving without it (or on an exception) rolls back."""
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+    def write(self, new: NewVersion, *, previous: int | None) -> StoredVersion:
+        """Add ``new`` as the current version if the current one is ``previous`` (None: the
+        resource must not exist). Raises :class:`VersionConflict`."""
+        ...
+
+    def delete(
+        self, key: ResourceKey, *, version: int, last_updated: datetime, previous: int
+    ) -> StoredVersion:
+        """Add a tombstone as version ``version`` (= ``previous + 1``): it leaves search,
+        stays in history. Raises :class:`VersionConflict`."""
+        ...
+
+    def read(
+        self, key: ResourceKey, *, groups: Collection[str] | None = None
+    ) -> StoredVersion | None:
+        """The current version (a tombstone if deleted), with only ``groups`` (default all)."""
+        ...
+
+    def vread(
+        self, key: ResourceKey, version: int, *, groups: Collection[str] | None = None
+    ) -> StoredVersion | None: ...
+
+    def history(
+        self,
+        tenant: str,
+        resource_type: str,
+        resource_id: str | None = None,
+        *,
+        count: int = 50,
+        offset: int = 0,
+        groups: Collection[str] | None = None,
+    ) -> list[StoredVersion]:
+        """Versions of one resource, or of every resource of a type, newest first."""
+        ...
+
+    def search(
+        self,
+        tenant: str,
+        query: SearchQuery,
+        *,
+        blind: BlindTerms | None = None,
+        scopes: Sequence[Scope] = (),
+        offset: int = 0,
+        groups: Collection[str] | None = None,
+    ) -> SearchPage: ...
+
+    def find_ids(
+        self,
+        tenant: str,
+        query: SearchQuery,
+        *,
+        blind: BlindTerms | None = None,
+        limit: int = 2,
+    ) -> list[str]:
+        """Ids of current matches (no ciphertext): conditional references, ``ifNoneExist``."""
+        ...
+
+
+class RecordStore(Protocol):
+    """The records database. Build it in the composition root; close it on shutdown."""
+
+    def unit_of_work(self) -> AbstractContextManager[RecordUnitOfWork]: ...
+
+    def close(self) -> None: ...

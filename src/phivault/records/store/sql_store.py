@@ -1,0 +1,745 @@
+"""The records store on SQLAlchemy Core: SQLite (WAL) embedded, PostgreSQL scaled.
+
+Why one adapter for both: the statements are the same Core expressions; only the engine set-up
+differs (SQLite: WAL, ``BEGIN IMMEDIATE`` for writers so that two writers never deadlock on
+a lock upgrade, foreign keys on; PostgreSQL: psycopg 3, the tables in one schema through
+``search_path``). The URL chooses.
+
+Every method of a unit of work runs in the one transaction the unit of work owns; driver
+exceptions never leave it (:class:`RecordStoreUnavailable`, ``raise ... from exc``, with the
+driver's class name and never its statement or parameters). The same tables also serve the
+key ring's :class:`~phivault.crypto.ports.SealedElementStore` port
+(:meth:`SqlRecordStore.sealed_elements`), so DEK rotation re-seals and shredding drops the
+blind tokens of real records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from phivault.crypto.blind_index import BlindToken
+from phivault.crypto.ports import SealedElement
+from phivault.errors import ConfigurationError, InvalidInput
+from phivault.records.classification import ElementGroup
+from phivault.records.query import SearchQuery
+from phivault.records.search_params import (
+    BlindEntry,
+    DateEntry,
+    IndexEntry,
+    ReferenceEntry,
+    StringEntry,
+    TokenEntry,
+)
+from phivault.records.split import Envelope, group_element_ref
+from phivault.records.store.ports import (
+    DIRECTORY_SUBJECT,
+    BlindTerms,
+    NewVersion,
+    RecordStoreUnavailable,
+    ResourceKey,
+    Scope,
+    SearchPage,
+    StoredVersion,
+    VersionConflict,
+)
+from phivault.records.store.schema import (
+    DATE_MAX,
+    DATE_MIN,
+    groups,
+    idx_blind,
+    idx_date,
+    idx_reference,
+    idx_string,
+    idx_token,
+    resources,
+    upgrade,
+    versions,
+)
+from phivault.records.store.search import (
+    compile_search,
+    from_micros,
+    order_by,
+    page_select,
+    to_micros,
+)
+
+__all__ = ["SqlRecordStore", "SqlSealedElements", "SqlUnitOfWork"]
+
+_SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_TENANT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$")
+_ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_TYPE_RE: Final = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_GROUPS: Final = frozenset(g.value for g in ElementGroup)
+_INDEX_TABLES: Final = (idx_token, idx_string, idx_date, idx_reference, idx_blind)
+_MIGRATION_LOCK: Final = int.from_bytes(
+    hashlib.sha256(b"phivault.records.migrate").digest()[:8], "big", signed=True
+)
+
+
+def _driver_error(exc: SQLAlchemyError, doing: str) -> RecordStoreUnavailable:
+    """A message with the driver's error class only: statements and parameters stay out."""
+    orig = getattr(exc, "orig", None)
+    kind = type(orig).__name__ if orig is not None else type(exc).__name__
+    state = getattr(orig, "sqlstate", None)
+    return RecordStoreUnavailable(
+        f"records store: {doing} failed ({kind}{f' [{state}]' if state else ''})"
+    )
+
+
+def _check_key(key: ResourceKey) -> None:
+    _check_tenant(key.tenant)
+    _check_type(key.resource_type)
+    if not _ID_RE.match(key.resource_id):
+        raise InvalidInput("not a resource id", path="id")
+
+
+def _check_tenant(tenant: str) -> None:
+    if not _TENANT_RE.match(tenant):
+        raise InvalidInput("not a tenant id", path="tenant")
+
+
+def _check_type(resource_type: str) -> None:
+    if not _TYPE_RE.match(resource_type):
+        raise InvalidInput("not a resource type", path="resourceType")
+
+
+def _check_groups(wanted: Collection[str] | None) -> None:
+    if wanted is not None and not set(wanted) <= _GROUPS:
+        raise InvalidInput("unknown element group", path="groups")
+
+
+class SqlUnitOfWork:
+    """One transaction on one connection: see :class:`~.ports.RecordUnitOfWork`."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._conn = connection
+        self._done = False
+
+    # transaction ------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        with self._translate("commit"):
+            self._conn.commit()
+        self._done = True
+
+    def rollback(self) -> None:
+        with self._translate("rollback"):
+            self._conn.rollback()
+        self._done = True
+
+    @contextmanager
+    def _translate(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, doing) from exc
+
+    def _live(self) -> Connection:
+        if self._done:
+            raise InvalidInput("this unit of work is finished; open a new one")
+        return self._conn
+
+    # writes -----------------------------------------------------------------------------
+
+    def write(self, new: NewVersion, *, previous: int | None) -> StoredVersion:
+        key = new.key
+        _check_key(key)
+        _check_groups(new.groups)
+        if not _ID_RE.match(new.key_subject):
+            raise InvalidInput("not a key subject (a patient id)", path="key_subject")
+        if key.resource_type == "Patient":
+            if key.resource_id == DIRECTORY_SUBJECT:
+                raise InvalidInput("this Patient id is reserved", path="id")
+            if new.key_subject != key.resource_id:
+                raise InvalidInput("a Patient is sealed under its own key", path="key_subject")
+        if new.version != (previous or 0) + 1:
+            raise InvalidInput("a new version must follow the previous one", path="version")
+        if not new.groups:
+            raise InvalidInput("a version needs at least one sealed group", path="groups")
+        stamp = to_micros(new.last_updated)
+        conn = self._live()
+        with self._translate("write"):
+            self._swap_head(key, previous, new.version, stamp, new.key_subject, deleted=False)
+            seq = self._insert_version(key, new.version, stamp, new.key_subject, deleted=False)
+            conn.execute(
+                insert(groups),
+                [
+                    {
+                        "version_seq": seq,
+                        "tenant": key.tenant,
+                        "key_subject": new.key_subject,
+                        "grp": name,
+                        "ciphertext": data,
+                    }
+                    for name, data in sorted(new.groups.items())
+                ],
+            )
+            self._replace_index(key, new.key_subject, new.index)
+        return StoredVersion(
+            key, new.version, new.last_updated, False, new.key_subject, dict(new.groups)
+        )
+
+    def delete(
+        self, key: ResourceKey, *, version: int, last_updated: datetime, previous: int
+    ) -> StoredVersion:
+        _check_key(key)
+        if version != previous + 1:
+            raise InvalidInput("a new version must follow the previous one", path="version")
+        stamp = to_micros(last_updated)
+        conn = self._live()
+        with self._translate("delete"):
+            subject = conn.execute(
+                select(resources.c.key_subject).where(*_head_is(key))
+            ).scalar_one_or_none()
+            if subject is None:
+                raise VersionConflict(key.resource_type, key.resource_id, previous, None)
+            self._swap_head(key, previous, version, stamp, subject, deleted=True)
+            self._insert_version(key, version, stamp, subject, deleted=True)
+            self._replace_index(key, subject, ())
+        return StoredVersion(key, version, last_updated, True, subject, {})
+
+    def _swap_head(
+        self,
+        key: ResourceKey,
+        previous: int | None,
+        version: int,
+        stamp: int,
+        subject: str,
+        *,
+        deleted: bool,
+    ) -> None:
+        """Compare-and-swap the current version; :class:`VersionConflict` if it moved."""
+        conn = self._conn
+        values = {
+            "version": version,
+            "deleted": deleted,
+            "last_updated": stamp,
+            "key_subject": subject,
+        }
+        if previous is None:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            statement = (
+                dialect.insert(resources)
+                .values(
+                    tenant=key.tenant,
+                    resource_type=key.resource_type,
+                    resource_id=key.resource_id,
+                    **values,
+                )
+                .on_conflict_do_nothing()
+                .returning(resources.c.version)  # psycopg reports no rowcount for INSERT
+            )
+            changed = len(conn.execute(statement).all())
+        else:
+            changed = conn.execute(
+                update(resources)
+                .where(*_head_is(key), resources.c.version == previous)
+                .values(**values)
+            ).rowcount
+        if changed != 1:
+            actual = conn.execute(
+                select(resources.c.version).where(*_head_is(key))
+            ).scalar_one_or_none()
+            raise VersionConflict(key.resource_type, key.resource_id, previous, actual)
+
+    def _insert_version(
+        self, key: ResourceKey, version: int, stamp: int, subject: str, *, deleted: bool
+    ) -> int:
+        seq = self._conn.execute(
+            insert(versions)
+            .values(
+                tenant=key.tenant,
+                resource_type=key.resource_type,
+                resource_id=key.resource_id,
+                version=version,
+                deleted=deleted,
+                last_updated=stamp,
+                key_subject=subject,
+            )
+            .returning(versions.c.seq)
+        ).scalar_one()
+        return int(seq)
+
+    def _replace_index(self, key: ResourceKey, subject: str, entries: Sequence[IndexEntry]) -> None:
+        """Index rows hold the current version only: replace them all, in this transaction."""
+        conn = self._conn
+        for table in _INDEX_TABLES:
+            conn.execute(
+                delete(table).where(
+                    table.c.tenant == key.tenant,
+                    table.c.resource_type == key.resource_type,
+                    table.c.resource_id == key.resource_id,
+                )
+            )
+        rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in _INDEX_TABLES}
+        base = {
+            "tenant": key.tenant,
+            "resource_type": key.resource_type,
+            "resource_id": key.resource_id,
+        }
+        for entry in entries:
+            if isinstance(entry, TokenEntry):
+                rows[idx_token.name].append(
+                    {**base, "param": entry.param, "code": entry.code, "system": entry.system or ""}
+                )
+            elif isinstance(entry, StringEntry):
+                rows[idx_string.name].append({**base, "param": entry.param, "value": entry.value})
+            elif isinstance(entry, DateEntry):
+                low = to_micros(entry.range.low, default=DATE_MIN)
+                high = to_micros(entry.range.high, default=DATE_MAX)
+                rows[idx_date.name].append({**base, "param": entry.param, "low": low, "high": high})
+            elif isinstance(entry, ReferenceEntry):
+                rows[idx_reference.name].append(
+                    {
+                        **base,
+                        "param": entry.param,
+                        "target_type": entry.target_type,
+                        "target_id": entry.target_id,
+                    }
+                )
+            elif isinstance(entry, BlindEntry):
+                rows[idx_blind.name].append(
+                    {
+                        **base,
+                        "param": entry.param,
+                        "field": entry.token.field,
+                        "key_version": entry.token.version,
+                        "token": entry.token.token,
+                        "key_subject": subject,
+                    }
+                )
+        for table in _INDEX_TABLES:
+            batch = _unique(rows[table.name], table)
+            if batch:
+                conn.execute(insert(table), batch)
+
+    # reads ------------------------------------------------------------------------------
+
+    def read(
+        self, key: ResourceKey, *, groups: Collection[str] | None = None
+    ) -> StoredVersion | None:
+        _check_key(key)
+        _check_groups(groups)
+        v, h = versions.c, resources.c
+        statement = (
+            select(versions)
+            .join(
+                resources,
+                (h.tenant == v.tenant)
+                & (h.resource_type == v.resource_type)
+                & (h.resource_id == v.resource_id)
+                & (h.version == v.version),
+            )
+            .where(*_head_is(key))
+        )
+        found = self._versions(statement, groups)
+        return found[0] if found else None
+
+    def vread(
+        self, key: ResourceKey, version: int, *, groups: Collection[str] | None = None
+    ) -> StoredVersion | None:
+        _check_key(key)
+        _check_groups(groups)
+        v = versions.c
+        statement = select(versions).where(
+            v.tenant == key.tenant,
+            v.resource_type == key.resource_type,
+            v.resource_id == key.resource_id,
+            v.version == version,
+        )
+        found = self._versions(statement, groups)
+        return found[0] if found else None
+
+    def history(
+        self,
+        tenant: str,
+        resource_type: str,
+        resource_id: str | None = None,
+        *,
+        count: int = 50,
+        offset: int = 0,
+        groups: Collection[str] | None = None,
+    ) -> list[StoredVersion]:
+        _check_tenant(tenant)
+        _check_type(resource_type)
+        _check_groups(groups)
+        if count < 0 or offset < 0:
+            raise InvalidInput("count and offset must not be negative", path="_count")
+        v = versions.c
+        statement = select(versions).where(v.tenant == tenant, v.resource_type == resource_type)
+        if resource_id is not None:
+            statement = statement.where(v.resource_id == resource_id).order_by(v.version.desc())
+        else:
+            statement = statement.order_by(v.seq.desc())
+        return self._versions(statement.offset(offset).limit(count), groups)
+
+    def _versions(self, statement: Any, wanted: Collection[str] | None) -> list[StoredVersion]:
+        conn = self._live()
+        with self._translate("read"):
+            rows = conn.execute(statement).mappings().all()
+            sealed: dict[int, dict[str, bytes]] = {int(r["seq"]): {} for r in rows}
+            if sealed and (wanted is None or wanted):
+                g = groups.c
+                query = select(g.version_seq, g.grp, g.ciphertext).where(
+                    g.version_seq.in_(list(sealed))
+                )
+                if wanted is not None:
+                    query = query.where(g.grp.in_(sorted(wanted)))
+                for seq, grp, data in conn.execute(query):
+                    sealed[int(seq)][grp] = bytes(data)
+        return [
+            StoredVersion(
+                ResourceKey(r["tenant"], r["resource_type"], r["resource_id"]),
+                int(r["version"]),
+                from_micros(int(r["last_updated"])),
+                bool(r["deleted"]),
+                r["key_subject"],
+                sealed[int(r["seq"])],
+            )
+            for r in rows
+        ]
+
+    # search -----------------------------------------------------------------------------
+
+    def search(
+        self,
+        tenant: str,
+        query: SearchQuery,
+        *,
+        blind: BlindTerms | None = None,
+        scopes: Sequence[Scope] = (),
+        offset: int = 0,
+        groups: Collection[str] | None = None,
+    ) -> SearchPage:
+        _check_tenant(tenant)
+        _check_groups(groups)
+        if offset < 0:
+            raise InvalidInput("must not be negative", path="_offset")
+        where = compile_search(tenant, query, blind=blind, scopes=scopes)
+        conn = self._live()
+        with self._translate("search"):
+            total = None
+            if query.total == "accurate":
+                total = int(
+                    conn.execute(
+                        select(func.count()).select_from(resources).where(where)
+                    ).scalar_one()
+                )
+            if query.count == 0:
+                return SearchPage((), offset, None, total)
+            page = conn.execute(
+                page_select(where).order_by(*order_by(query)).offset(offset).limit(query.count + 1)
+            ).all()
+        more = len(page) > query.count
+        page = page[: query.count]
+        v = versions.c
+        found: list[StoredVersion] = []
+        if page:
+            keyed = {(str(r[0]), int(r[1])): None for r in page}
+            statement = select(versions).where(
+                v.tenant == tenant,
+                v.resource_type == query.resource_type,
+                v.resource_id.in_([k[0] for k in keyed]),
+            )
+            by_key = {
+                (s.key.resource_id, s.version): s
+                for s in self._versions(statement.where(_version_in(keyed)), groups)
+            }
+            found = [by_key[k] for k in keyed if k in by_key]
+        return SearchPage(tuple(found), offset, offset + query.count if more else None, total)
+
+    def find_ids(
+        self,
+        tenant: str,
+        query: SearchQuery,
+        *,
+        blind: BlindTerms | None = None,
+        limit: int = 2,
+    ) -> list[str]:
+        _check_tenant(tenant)
+        where = compile_search(tenant, query, blind=blind)
+        conn = self._live()
+        with self._translate("search"):
+            rows = conn.execute(
+                select(resources.c.resource_id)
+                .where(where)
+                .order_by(resources.c.resource_id)
+                .limit(limit)
+            ).all()
+        return [str(r[0]) for r in rows]
+
+
+def _version_in(keyed: Mapping[tuple[str, int], None]) -> ColumnElement[bool]:
+    v = versions.c
+    return or_(false(), *(and_(v.resource_id == i, v.version == n) for i, n in keyed))
+
+
+def _head_is(key: ResourceKey) -> tuple[ColumnElement[bool], ...]:
+    h = resources.c
+    return (
+        h.tenant == key.tenant,
+        h.resource_type == key.resource_type,
+        h.resource_id == key.resource_id,
+    )
+
+
+def _unique(rows: list[dict[str, Any]], table: Any) -> list[dict[str, Any]]:
+    """Drop rows that repeat a primary key (two tokens of one normalized value)."""
+    pk = [c.name for c in table.primary_key.columns]
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for row in rows:
+        ident = tuple(row[c] for c in pk)
+        if ident not in seen:
+            seen.add(ident)
+            out.append(row)
+    return out
+
+
+class SqlRecordStore:
+    """The records database behind a SQLAlchemy URL (``sqlite:///path`` or
+    ``postgresql+psycopg://...``; a bare ``postgresql://`` means psycopg 3).
+
+    ``schema`` (PostgreSQL only) puts the tables in that schema (it must exist).
+    ``migrate=True`` runs the Alembic migrations to head on open (serialized by an advisory
+    lock on PostgreSQL, so several workers may start at once).
+    """
+
+    def __init__(self, url: str, *, schema: str | None = None, migrate: bool = True) -> None:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ConfigurationError("the records store needs a sqlite or postgresql URL")
+        if backend == "postgresql" and parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        connect_args: dict[str, Any] = {}
+        if schema is not None:
+            if backend != "postgresql" or not _SCHEMA_NAME.fullmatch(schema):
+                raise ConfigurationError(
+                    "a records schema is a PostgreSQL name: lower-case letters, digits, _"
+                )
+            connect_args["options"] = f"-c search_path={schema}"
+        self.dialect = backend
+        try:
+            if backend == "sqlite":
+                if parsed.database in (None, "", ":memory:"):
+                    raise ConfigurationError("the embedded records store needs a file path")
+                connect_args["timeout"] = 30
+                self._engine: Engine = create_engine(
+                    parsed, connect_args=connect_args, poolclass=NullPool
+                )
+                event.listen(self._engine, "connect", _sqlite_connect)
+                event.listen(self._engine, "begin", _sqlite_begin)
+            else:
+                self._engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
+            if migrate:
+                self.migrate()
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, "open") from exc
+
+    def migrate(self) -> None:
+        """Run the migrations to head, in one transaction."""
+        try:
+            with self._engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+                upgrade(conn)
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, "migrate") from exc
+
+    @property
+    def engine(self) -> Engine:
+        """For tests and operators' tools; application code goes through units of work."""
+        return self._engine
+
+    @contextmanager
+    def unit_of_work(self, *, read_only: bool = False) -> Iterator[SqlUnitOfWork]:
+        """A transaction; commit explicitly, anything else rolls back."""
+        try:
+            conn = self._engine.connect()
+            if read_only:
+                conn = conn.execution_options(
+                    phivault_read_only=True,
+                    **({"postgresql_readonly": True} if self.dialect == "postgresql" else {}),
+                )
+            conn.begin()
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, "begin") from exc
+        uow = SqlUnitOfWork(conn)
+        try:
+            yield uow
+        finally:
+            try:
+                if not uow._done:
+                    conn.rollback()
+                conn.close()
+            except SQLAlchemyError as exc:
+                raise _driver_error(exc, "rollback") from exc
+
+    def sealed_elements(self) -> SqlSealedElements:
+        """The key ring's view of these tables (DEK rotation, index upkeep, shredding)."""
+        return SqlSealedElements(self._engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event decide how transactions start (BEGIN IMMEDIATE).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    read_only = conn.get_execution_options().get("phivault_read_only", False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+class SqlSealedElements:
+    """:class:`~phivault.crypto.ports.SealedElementStore` over the records tables.
+
+    An element is one sealed group of one version (history included: every version must be
+    re-sealed before an old data key is destroyed). ``position`` is ``rec_groups.position``.
+    Each call is its own short transaction. ``index`` is None: a group is not one indexed
+    value; blind tokens belong to the current version and are written by the records
+    repository (see docs/decisions/records-storage.md on index-key rotation).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @contextmanager
+    def _tx(self, doing: str) -> Iterator[Connection]:
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, doing) from exc
+
+    def scan(
+        self, tenant: str, *, patient: str | None, after: int, limit: int
+    ) -> Sequence[SealedElement]:
+        g, v = groups.c, versions.c
+        statement = (
+            select(
+                g.position, g.key_subject, g.grp, g.ciphertext,
+                v.resource_type, v.resource_id, v.version,
+            )
+            .join(versions, v.seq == g.version_seq)
+            .where(g.tenant == tenant, g.position > after)
+            .order_by(g.position)
+            .limit(limit)
+        )  # fmt: skip
+        if patient is not None:
+            statement = statement.where(g.key_subject == patient)
+        with self._tx("scan") as conn:
+            rows = conn.execute(statement).all()
+        return [
+            SealedElement(
+                position=int(r.position),
+                ref=group_element_ref(
+                    tenant,
+                    Envelope(r.resource_type, r.resource_id, str(r.version)),
+                    ElementGroup(r.grp),
+                ),
+                patient=r.key_subject,
+                ciphertext=bytes(r.ciphertext),
+            )
+            for r in rows
+        ]
+
+    def replace(self, element: SealedElement, ciphertext: bytes) -> bool:
+        g = groups.c
+        with self._tx("replace") as conn:
+            changed = conn.execute(
+                update(groups)
+                .where(g.position == element.position, g.ciphertext == element.ciphertext)
+                .values(ciphertext=ciphertext)
+            ).rowcount
+        return changed == 1
+
+    def add_tokens(self, element: SealedElement, tokens: Sequence[BlindToken]) -> None:
+        """Tokens of the element's resource, if the element belongs to its current version."""
+        if not tokens:
+            return
+        g, v, h = groups.c, versions.c, resources.c
+        with self._tx("add tokens") as conn:
+            current = conn.execute(
+                select(v.resource_type, v.resource_id)
+                .join(groups, g.version_seq == v.seq)
+                .join(
+                    resources,
+                    (h.tenant == v.tenant)
+                    & (h.resource_type == v.resource_type)
+                    & (h.resource_id == v.resource_id)
+                    & (h.version == v.version),
+                )
+                .where(g.position == element.position, h.deleted == false())
+            ).first()
+            if current is None:
+                return
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            rows = [
+                {
+                    "tenant": element.ref.tenant,
+                    "resource_type": current.resource_type,
+                    "resource_id": current.resource_id,
+                    "param": t.field.split(".")[1] if "." in t.field else t.field,
+                    "field": t.field,
+                    "key_version": t.version,
+                    "token": t.token,
+                    "key_subject": element.patient,
+                }
+                for t in tokens
+            ]
+            conn.execute(dialect.insert(idx_blind).on_conflict_do_nothing(), rows)
+
+    def drop_token_version(self, tenant: str, version: int) -> int:
+        b = idx_blind.c
+        with self._tx("drop tokens") as conn:
+            return int(
+                conn.execute(
+                    delete(idx_blind).where(b.tenant == tenant, b.key_version == version)
+                ).rowcount
+            )
+
+    def drop_patient_tokens(self, tenant: str, patient: str) -> int:
+        b = idx_blind.c
+        with self._tx("drop tokens") as conn:
+            return int(
+                conn.execute(
+                    delete(idx_blind).where(b.tenant == tenant, b.key_subject == patient)
+                ).rowcount
+            )

@@ -1,0 +1,64 @@
+"""Fixtures for the records storage tests: one store per test, on SQLite and on PostgreSQL.
+
+Every test that takes ``store`` runs twice: on a fresh SQLite file (WAL) in a temp dir, and
+on a fresh PostgreSQL schema with a random name, dropped afterwards. If PostgreSQL is not
+reachable the PostgreSQL runs fail with a clear message (CI starts it): never a silent skip.
+
+``PHIVAULT_TEST_POSTGRES`` is a libpq connection string for a superuser (default: the local
+server, database ``test``, user ``postgres``, trust authentication).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from records_store_support import ADMIN_CONNINFO, StoreFactory
+
+from phivault.records.store import SqlRecordStore
+
+
+@pytest.fixture(scope="session")
+def postgres_up() -> str:
+    try:
+        with psycopg.connect(ADMIN_CONNINFO, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable with PHIVAULT_TEST_POSTGRES={ADMIN_CONNINFO!r}.\n"
+            "CI starts it; locally, start PostgreSQL (trust auth, database 'test') or point "
+            f"PHIVAULT_TEST_POSTGRES at a superuser connection.\n{str(exc).strip()}",
+            pytrace=False,
+        )
+    return ADMIN_CONNINFO
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    if request.param == "sqlite":
+        factory = StoreFactory("sqlite", tmp_path, None)
+        try:
+            yield factory
+        finally:
+            factory.close_all()
+        return
+    admin = request.getfixturevalue("postgres_up")
+    schema = f"pv_records_{secrets.token_hex(6)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    factory = StoreFactory("postgresql", tmp_path, schema)
+    try:
+        yield factory
+    finally:
+        factory.close_all()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def store(stores: StoreFactory) -> SqlRecordStore:
+    return stores.open()

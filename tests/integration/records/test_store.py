@@ -1,0 +1,222 @@
+"""The records store on SQLite and PostgreSQL: schema, versions, conflicts, history,
+tombstones, tenant isolation and atomic units of work. Ciphertext here is opaque test bytes:
+sealing is tested with real keys in test_synthea_store.py."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from records_store_support import StoreFactory
+
+from phivault.errors import InvalidInput
+from phivault.records.query import parse_search
+from phivault.records.search_params import DateEntry, ReferenceEntry, TokenEntry, date_range
+from phivault.records.store import (
+    DIRECTORY_SUBJECT,
+    NewVersion,
+    ResourceKey,
+    SqlRecordStore,
+    VersionConflict,
+)
+from phivault.records.store.schema import VERSION_TABLE, metadata
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def obs(
+    the_id: str,
+    version: int = 1,
+    *,
+    tenant: str = "t1",
+    patient: str = "p1",
+    code: str = "8302-2",
+    when: str = "2020-05-01",
+    stamp: datetime = T0,
+) -> NewVersion:
+    return NewVersion(
+        key=ResourceKey(tenant, "Observation", the_id),
+        version=version,
+        last_updated=stamp,
+        key_subject=patient,
+        groups={"clinical": f"sealed-{the_id}-{version}".encode(), "administrative": b"meta"},
+        index=[
+            TokenEntry("_id", None, the_id),
+            TokenEntry("code", "http://loinc.org", code),
+            ReferenceEntry("patient", "Patient", patient),
+            ReferenceEntry("subject", "Patient", patient),
+            DateEntry("date", date_range(when)),
+        ],
+    )
+
+
+def test_migrations_create_exactly_the_declared_schema(stores: StoreFactory) -> None:
+    store = stores.open()
+    stores.open()  # a second open (another worker) finds it at head and changes nothing
+    with store.engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+        head = conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar_one()
+    assert [d for d in diffs if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
+    assert head == "0001"
+
+
+def test_create_read_update_vread(store: SqlRecordStore) -> None:
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        stored = uow.write(obs("o1"), previous=None)
+        uow.commit()
+    assert stored.version == 1
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1", 2, stamp=T0 + timedelta(seconds=1)), previous=1)
+        uow.commit()
+    with store.unit_of_work(read_only=True) as uow:
+        current = uow.read(key)
+        first = uow.vread(key, 1)
+        only_clinical = uow.read(key, groups={"clinical"})
+        none = uow.read(key, groups=set())
+        missing = uow.vread(key, 3)
+    assert current is not None and first is not None and only_clinical is not None
+    assert current.version == 2 and current.last_updated == T0 + timedelta(seconds=1)
+    assert current.groups == {"clinical": b"sealed-o1-2", "administrative": b"meta"}
+    assert first.groups["clinical"] == b"sealed-o1-1" and not first.deleted
+    assert only_clinical.groups == {"clinical": b"sealed-o1-2"}
+    assert none is not None and none.groups == {}
+    assert missing is None
+
+
+def test_version_conflicts_are_precise(store: SqlRecordStore) -> None:
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    with store.unit_of_work() as uow, pytest.raises(VersionConflict) as created_twice:
+        uow.write(obs("o1"), previous=None)
+    assert (created_twice.value.expected, created_twice.value.actual) == (None, 1)
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1", 2), previous=1)
+        uow.commit()
+    with store.unit_of_work() as uow, pytest.raises(VersionConflict) as stale:
+        uow.write(obs("o1", 2), previous=1)  # If-Match: W/"1" after someone wrote 2
+    assert (stale.value.expected, stale.value.actual) == (1, 2)
+    assert "Observation/o1" in str(stale.value)
+    with store.unit_of_work() as uow, pytest.raises(VersionConflict) as absent:
+        uow.write(obs("nope", 2), previous=1)
+    assert absent.value.actual is None
+    with store.unit_of_work() as uow, pytest.raises(InvalidInput):
+        uow.write(obs("o1", 5), previous=2)  # versions follow each other
+
+
+def test_two_writers_from_the_same_version_cannot_both_win(stores: StoreFactory) -> None:
+    a, b = stores.open(), stores.open(migrate=False)
+    with a.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    with a.unit_of_work() as first:
+        first.write(obs("o1", 2), previous=1)
+        first.commit()
+    with b.unit_of_work() as second, pytest.raises(VersionConflict):
+        second.write(obs("o1", 2), previous=1)
+
+
+def test_a_transaction_failing_on_its_last_write_leaves_nothing(store: SqlRecordStore) -> None:
+    with store.unit_of_work() as uow:
+        uow.write(obs("existing"), previous=None)
+        uow.commit()
+    with pytest.raises(VersionConflict), store.unit_of_work() as uow:
+        for index in range(5):
+            uow.write(obs(f"new{index}"), previous=None)
+        uow.write(obs("existing"), previous=None)  # the last entry conflicts
+        uow.commit()
+    with store.unit_of_work(read_only=True) as uow:
+        assert all(uow.read(ResourceKey("t1", "Observation", f"new{i}")) is None for i in range(5))
+        page = uow.search("t1", parse_search("Observation", "code=8302-2&_total=accurate"))
+        history = uow.history("t1", "Observation")
+    assert [m.key.resource_id for m in page.matches] == ["existing"] and page.total == 1
+    assert [h.key.resource_id for h in history] == ["existing"]
+
+
+def test_leaving_without_commit_rolls_back(store: SqlRecordStore) -> None:
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+    with store.unit_of_work() as uow:
+        assert uow.read(ResourceKey("t1", "Observation", "o1")) is None
+
+
+def test_history_is_newest_first_and_keeps_tombstones(store: SqlRecordStore) -> None:
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1", stamp=T0), previous=None)
+        uow.write(obs("o2", stamp=T0 + timedelta(seconds=1)), previous=None)
+        uow.write(obs("o1", 2, stamp=T0 + timedelta(seconds=2)), previous=1)
+        uow.delete(key, version=3, last_updated=T0 + timedelta(seconds=3), previous=2)
+        uow.commit()
+    with store.unit_of_work(read_only=True) as uow:
+        instance = uow.history("t1", "Observation", "o1")
+        by_type = uow.history("t1", "Observation")
+        paged = uow.history("t1", "Observation", count=2, offset=1)
+        current = uow.read(key)
+        before = uow.vread(key, 2)
+        page = uow.search("t1", parse_search("Observation", "code=8302-2"))
+        by_id = uow.search("t1", parse_search("Observation", "_id=o1"))
+    assert [(h.version, h.deleted) for h in instance] == [(3, True), (2, False), (1, False)]
+    assert instance[0].groups == {}
+    assert [(h.key.resource_id, h.version) for h in by_type] == [
+        ("o1", 3), ("o1", 2), ("o2", 1), ("o1", 1),
+    ]  # fmt: skip
+    assert [(h.key.resource_id, h.version) for h in paged] == [("o1", 2), ("o2", 1)]
+    assert current is not None and current.deleted and current.version == 3
+    assert before is not None and before.groups["clinical"] == b"sealed-o1-2"
+    assert [m.key.resource_id for m in page.matches] == ["o2"]
+    assert by_id.matches == ()
+    # re-created after the delete: a new version, searchable again
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1", 4), previous=3)
+        uow.commit()
+    with store.unit_of_work(read_only=True) as uow:
+        again = uow.search("t1", parse_search("Observation", "code=8302-2"))
+    assert [m.key.resource_id for m in again.matches] == ["o1", "o2"]
+
+
+def test_other_tenants_find_nothing(store: SqlRecordStore) -> None:
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1", tenant="t1"), previous=None)
+        uow.write(obs("o9", tenant="t2"), previous=None)
+        uow.commit()
+    key_in_t2 = ResourceKey("t2", "Observation", "o1")
+    with store.unit_of_work(read_only=True) as uow:
+        assert uow.read(key_in_t2) is None
+        assert uow.vread(key_in_t2, 1) is None
+        assert uow.history("t2", "Observation", "o1") == []
+        assert [h.key.resource_id for h in uow.history("t2", "Observation")] == ["o9"]
+        for query in ("code=8302-2", "_id=o1", "patient=Patient/p1", "date=2020-05-01"):
+            page = uow.search("t2", parse_search("Observation", query + "&_total=accurate"))
+            expected = [] if query.startswith("_id") else ["o9"]  # o1 lives in t1 only
+            assert [m.key.resource_id for m in page.matches] == expected, query
+            assert page.total == len(expected)
+            assert uow.find_ids("t3", parse_search("Observation", query)) == []
+    # the same id in another tenant is another resource
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1", tenant="t2"), previous=None)
+        uow.commit()
+
+
+def test_bad_keys_and_reserved_subjects_are_refused(store: SqlRecordStore) -> None:
+    patient = NewVersion(
+        ResourceKey("t1", "Patient", DIRECTORY_SUBJECT), 1, T0, DIRECTORY_SUBJECT,
+        {"direct-identifiers": b"x"}, [],
+    )  # fmt: skip
+    foreign = NewVersion(
+        ResourceKey("t1", "Patient", "p1"), 1, T0, "p2", {"direct-identifiers": b"x"}, []
+    )
+    with store.unit_of_work() as uow:
+        with pytest.raises(InvalidInput):
+            uow.write(patient, previous=None)
+        with pytest.raises(InvalidInput):
+            uow.write(foreign, previous=None)
+        with pytest.raises(InvalidInput):
+            uow.write(obs("bad id!"), previous=None)
+        with pytest.raises(InvalidInput):
+            uow.read(ResourceKey("t1", "Observation", "o1"), groups={"secrets"})
+        with pytest.raises(InvalidInput):
+            uow.write(obs("o1", tenant=""), previous=None)
