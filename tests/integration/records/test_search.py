@@ -1,0 +1,187 @@
+"""Search compiled to SQL on both engines: each parameter type, date prefixes, paging,
+sorting, totals, blind lookups and caller scopes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from phivault.crypto.blind_index import BlindIndexer
+from phivault.errors import InvalidInput
+from phivault.records.query import parse_search
+from phivault.records.search_params import index_entries
+from phivault.records.store import (
+    DIRECTORY_SUBJECT,
+    NewVersion,
+    ResourceKey,
+    SqlRecordStore,
+    SubjectScope,
+    blind_terms,
+)
+
+T0 = datetime(2026, 1, 2, tzinfo=UTC)
+INDEXER = BlindIndexer("t1", {1: bytes(range(32))}, 1)
+
+
+def put(store: SqlRecordStore, resource: dict[str, object], *, minutes: int = 0) -> None:
+    """Index a resource the way the repository will (meta set first), with fake ciphertext."""
+    stamp = T0 + timedelta(minutes=minutes)
+    doc = {**resource, "meta": {"versionId": "1", "lastUpdated": stamp.isoformat()}}
+    rtype, rid = str(resource["resourceType"]), str(resource["id"])
+    subject = rid if rtype == "Patient" else DIRECTORY_SUBJECT
+    subject_ref = resource.get("subject")
+    if isinstance(subject_ref, dict):
+        subject = str(subject_ref["reference"]).split("/")[1]
+    with store.unit_of_work() as uow:
+        uow.write(
+            NewVersion(
+                ResourceKey("t1", rtype, rid), 1, stamp, subject, {"clinical": b"c"},
+                index_entries(doc, INDEXER.tokens),
+            ),
+            previous=None,
+        )  # fmt: skip
+        uow.commit()
+
+
+def observation(the_id: str, patient: str, code: str, when: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "resourceType": "Observation",
+        "id": the_id,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": f"Patient/{patient}"},
+    }
+    doc["effectivePeriod" if isinstance(when, dict) else "effectiveDateTime"] = when
+    return doc
+
+
+@pytest.fixture
+def loaded(store: SqlRecordStore) -> SqlRecordStore:
+    put(store, observation("a", "p1", "111", "2020-01-15T10:00:00Z"), minutes=3)
+    put(store, observation("b", "p1", "222", "2020-03-01"), minutes=1)
+    put(store, observation("c", "p2", "111", "2021"), minutes=2)
+    put(store, observation("d", "p2", "333", {"start": "2019-06-01"}), minutes=0)  # open end
+    put(
+        store,
+        {"resourceType": "Patient", "id": "p1", "name": [{"family": "Müller", "given": ["Ann"]}],
+         "identifier": [{"system": "urn:mrn", "value": "MRN-001"}], "birthDate": "1980-05-17"},
+    )  # fmt: skip
+    put(
+        store,
+        {"resourceType": "Organization", "id": "org1", "name": "General Hospital"},
+    )
+    return store
+
+
+def ids(store: SqlRecordStore, rtype: str, query: str, **kw: object) -> list[str]:
+    parsed = parse_search(rtype, query)
+    with store.unit_of_work(read_only=True) as uow:
+        page = uow.search("t1", parsed, blind=blind_terms(parsed, INDEXER.tokens), **kw)  # type: ignore[arg-type]
+    return [m.key.resource_id for m in page.matches]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("code=111", ["a", "c"]),
+        ("code=http://loinc.org|222", ["b"]),
+        ("code=other|222", []),
+        ("code=|222", []),  # no-system only
+        ("code:not=111", ["b", "d"]),
+        ("code=111,333", ["a", "c", "d"]),
+        ("code=111&patient=p2", ["c"]),
+        ("subject=Patient/p1", ["a", "b"]),
+        ("patient=p9", []),
+        ("status=final&_id=a,d", ["a", "d"]),
+        ("date=2020", ["a", "b"]),
+        ("date=2020-01-15", ["a"]),
+        ("date=ne2020", ["c", "d"]),
+        ("date=gt2020-12-31", ["c", "d"]),
+        ("date=lt2020-01-16", ["a", "d"]),
+        ("date=ge2021", ["c", "d"]),
+        ("date=le2019-06-01", ["d"]),
+        ("date=sa2020-12-31", ["c"]),
+        ("date=eb2020-02-01", ["a"]),
+        ("date=ap2020-03", ["b", "d"]),
+        ("date=ge2020&date=lt2021", ["a", "b", "d"]),
+        ("_lastUpdated=gt2026-01-02T00:01:30Z", ["a", "c"]),
+        ("_lastUpdated=2026-01-02T00:00:00Z", ["d"]),
+    ],
+)
+def test_clear_parameters(loaded: SqlRecordStore, query: str, expected: list[str]) -> None:
+    assert ids(loaded, "Observation", query) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("name=mu", ["p1"]),  # starts-with, accents and case folded
+        ("family=MÜLLER", ["p1"]),
+        ("family:exact=muller", ["p1"]),
+        ("family:exact=mull", []),
+        ("given=an", ["p1"]),
+        ("name=ann,zz", ["p1"]),
+        ("name=zz", []),
+        ("identifier=urn:mrn|MRN-001", ["p1"]),
+        ("identifier=mrn001", ["p1"]),  # identifier normalization
+        ("identifier=other|MRN-001", []),
+        ("birthdate=1980", ["p1"]),
+        ("birthdate=1980-05-17", ["p1"]),
+        ("birthdate=1980-05-18", []),
+    ],
+)
+def test_blind_parameters(loaded: SqlRecordStore, query: str, expected: list[str]) -> None:
+    assert ids(loaded, "Patient", query) == expected
+
+
+def test_clear_strings_of_directory_resources(loaded: SqlRecordStore) -> None:
+    assert ids(loaded, "Organization", "name=general") == ["org1"]
+    assert ids(loaded, "Organization", "name:contains=hosp") == ["org1"]
+    assert ids(loaded, "Organization", "name:exact=general") == []
+    assert ids(loaded, "Organization", "name=hospital") == []  # starts-with, not contains
+
+
+def test_untokenized_blind_criteria_are_refused(loaded: SqlRecordStore) -> None:
+    with loaded.unit_of_work() as uow, pytest.raises(InvalidInput) as refused:
+        uow.search("t1", parse_search("Patient", "name=Müller"))
+    assert "Müller" not in str(refused.value) and "name" in str(refused.value)
+
+
+def test_sort_count_paging_and_total(loaded: SqlRecordStore) -> None:
+    assert ids(loaded, "Observation", "_sort=date") == ["d", "a", "b", "c"]
+    assert ids(loaded, "Observation", "_sort=-date") == ["c", "b", "a", "d"]
+    assert ids(loaded, "Observation", "_sort=_lastUpdated") == ["d", "b", "c", "a"]
+    assert ids(loaded, "Observation", "_sort=-_lastUpdated") == ["a", "c", "b", "d"]
+    query = parse_search("Observation", "_sort=date&_count=3&_total=accurate")
+    with loaded.unit_of_work(read_only=True) as uow:
+        first = uow.search("t1", query)
+        assert first.next_offset == 3 and first.total == 4
+        second = uow.search("t1", query, offset=first.next_offset)
+        only_total = uow.search("t1", parse_search("Observation", "_count=0&_total=accurate"))
+        no_total = uow.search("t1", parse_search("Observation", "code=111"))
+    assert [m.key.resource_id for m in first.matches] == ["d", "a", "b"]
+    assert [m.key.resource_id for m in second.matches] == ["c"]
+    assert second.next_offset is None and second.total == 4
+    assert only_total.matches == () and only_total.total == 4
+    assert no_total.total is None
+    assert all(m.groups == {"clinical": b"c"} for m in first.matches)
+
+
+def test_scopes_are_anded_into_results_and_totals(loaded: SqlRecordStore) -> None:
+    scope = SubjectScope(frozenset({"p2"}))
+    query = parse_search("Observation", "code=111&_total=accurate")
+    with loaded.unit_of_work(read_only=True) as uow:
+        page = uow.search("t1", query, scopes=[scope])
+        nothing = uow.search("t1", query, scopes=[scope, SubjectScope(frozenset())])
+    assert [m.key.resource_id for m in page.matches] == ["c"] and page.total == 1
+    assert nothing.matches == () and nothing.total == 0
+
+
+def test_find_ids_for_conditional_references(loaded: SqlRecordStore) -> None:
+    query = parse_search("Patient", "identifier=urn:mrn|MRN-001")
+    with loaded.unit_of_work(read_only=True) as uow:
+        found = uow.find_ids("t1", query, blind=blind_terms(query, INDEXER.tokens))
+        many = uow.find_ids("t1", parse_search("Observation", "status=final"), limit=2)
+    assert found == ["p1"]
+    assert many == ["a", "b"]
