@@ -185,3 +185,38 @@ def test_find_ids_for_conditional_references(loaded: SqlRecordStore) -> None:
         many = uow.find_ids("t1", parse_search("Observation", "status=final"), limit=2)
     assert found == ["p1"]
     assert many == ["a", "b"]
+
+
+def test_include_follows_references_under_the_same_scopes(loaded: SqlRecordStore) -> None:
+    query = parse_search("Observation", "code=111,222&_include=Observation:patient")
+    put(loaded, {"resourceType": "Patient", "id": "p2"}, minutes=9)
+    with loaded.unit_of_work(read_only=True) as uow:
+        page = uow.search("t1", query)
+        (include,) = query.includes
+        everyone = uow.included("t1", page.matches, include)
+        only_p2 = uow.included(
+            "t1", page.matches, include, scopes=[SubjectScope(frozenset({"p2"}))]
+        )
+        groups = uow.included("t1", page.matches, include, groups=set())
+    assert [m.key.resource_id for m in page.matches] == ["a", "b", "c"]
+    assert [(m.key.resource_type, m.key.resource_id) for m in everyone] == [
+        ("Patient", "p1"), ("Patient", "p2"),
+    ]  # fmt: skip
+    assert [m.key.resource_id for m in only_p2] == ["p2"]
+    assert all(m.groups == {} for m in groups)
+
+
+def test_scan_current_walks_every_live_resource_once(loaded: SqlRecordStore) -> None:
+    with loaded.unit_of_work() as uow:
+        uow.delete(ResourceKey("t1", "Observation", "b"), version=2, last_updated=T0, previous=1)
+        uow.commit()
+    seen: list[tuple[str, str]] = []
+    after = None
+    with loaded.unit_of_work(read_only=True) as uow:
+        while batch := uow.scan_current("t1", after=after, limit=2):
+            seen += [(v.key.resource_type, v.key.resource_id) for v in batch]
+            after = seen[-1]
+    assert seen == [
+        ("Observation", "a"), ("Observation", "c"), ("Observation", "d"),
+        ("Organization", "org1"), ("Patient", "p1"),
+    ]  # fmt: skip

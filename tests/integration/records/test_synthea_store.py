@@ -27,7 +27,9 @@ from phivault.records.store import (
     NewVersion,
     ResourceKey,
     SqlRecordStore,
+    StaleBlindIndex,
     StoredVersion,
+    VersionConflict,
     blind_terms,
 )
 
@@ -240,3 +242,40 @@ async def test_no_direct_identifier_in_clear_in_the_sqlite_files(
         assert b"http://loinc.org" in raw
     finally:
         store.close()
+
+
+async def test_index_key_rotation_needs_a_reindex_and_then_retires_the_old_tokens(
+    store: SqlRecordStore, ring: KeyRing, fixtures_dir: Path
+) -> None:
+    doc = bundle(fixtures_dir, PATIENTS[0])
+    stored = await load(store, ring, doc)
+    pid = next(k.split("/")[1] for k in stored if k.startswith("Patient/"))
+    family = the_patient(doc)["name"][0]["family"]
+    elements = store.sealed_elements()
+    # the key ring cannot re-index sealed groups: retiring the old version is refused
+    with pytest.raises(StaleBlindIndex):
+        await ring.rotate_index(TENANT, elements)
+    indexer = await ring.blind_indexer(TENANT)
+    assert len(indexer.versions) == 2
+    assert search(store, indexer, "Patient", f"family={family}") == [pid]
+    # what the repository's re-index does: open, assemble, index with every live version
+    after = None
+    with store.unit_of_work() as uow:
+        while batch := uow.scan_current(TENANT, after=after, limit=100):
+            for version in batch:
+                resource = await opened(ring, version)
+                uow.reindex(
+                    version.key, version=version.version,
+                    index=index_entries(resource, indexer.tokens),
+                )  # fmt: skip
+            after = (batch[-1].key.resource_type, batch[-1].key.resource_id)
+        uow.commit()
+    report = await ring.rotate_index(TENANT, elements)  # resumes the job and finishes it
+    assert report.retired
+    fresh = await ring.blind_indexer(TENANT)
+    assert len(fresh.versions) == 1
+    assert search(store, fresh, "Patient", f"family={family}") == [pid]
+    ssn = next(i["value"] for i in the_patient(doc)["identifier"] if "us-ssn" in i["system"])
+    assert search(store, fresh, "Patient", f"identifier={ssn}") == [pid]
+    with store.unit_of_work() as uow, pytest.raises(VersionConflict):
+        uow.reindex(ResourceKey(TENANT, "Patient", pid), version=7, index=[])

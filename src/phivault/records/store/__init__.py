@@ -8,7 +8,7 @@ the repository above it seals and opens. Public names:
 * the port: :class:`RecordStore`, :class:`RecordUnitOfWork`, :class:`NewVersion`,
   :class:`StoredVersion`, :class:`SearchPage`, :class:`ResourceKey`, :class:`Scope`,
   :func:`blind_terms`, :data:`DIRECTORY_SUBJECT`;
-* errors: :class:`VersionConflict`, :class:`RecordStoreUnavailable`;
+* errors: :class:`VersionConflict`, :class:`StaleBlindIndex`, :class:`RecordStoreUnavailable`;
 * the adapter: :class:`SqlRecordStore` (and its key-ring view :class:`SqlSealedElements`);
 * ready-made scopes: :class:`SubjectScope`.
 """
@@ -25,6 +25,7 @@ from phivault.records.store.ports import (
     ResourceKey,
     Scope,
     SearchPage,
+    StaleBlindIndex,
     StoredVersion,
     VersionConflict,
     blind_terms,
@@ -45,6 +46,7 @@ __all__ = [
     "SqlRecordStore",
     "SqlSealedElements",
     "SqlUnitOfWork",
+    "StaleBlindIndex",
     "StoredVersion",
     "SubjectScope",
     "VersionConflict",

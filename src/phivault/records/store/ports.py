@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from phivault.crypto.blind_index import BlindToken, IndexField
 from phivault.errors import PhivaultError, StoreUnavailable
-from phivault.records.query import Criterion, SearchQuery
+from phivault.records.query import Criterion, Include, SearchQuery
 from phivault.records.search_params import IndexEntry
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "ResourceKey",
     "Scope",
     "SearchPage",
+    "StaleBlindIndex",
     "StoredVersion",
     "VersionConflict",
     "blind_terms",
@@ -83,6 +84,21 @@ class VersionConflict(PhivaultError):
         self.resource_id = resource_id
         self.expected = expected
         self.actual = actual
+
+
+class StaleBlindIndex(PhivaultError):
+    """A blind-index key version cannot be retired yet: ``count`` tokens of current resources
+    exist under it only (no other version covers their field). Re-index those resources
+    (:meth:`RecordUnitOfWork.reindex` with tokens of the new version), then retry."""
+
+    def __init__(self, tenant: str, version: int, count: int) -> None:
+        super().__init__(
+            f"tenant {tenant}: {count} blind-index tokens exist only under index-key version "
+            f"{version}; re-index the records before retiring it"
+        )
+        self.tenant = tenant
+        self.version = version
+        self.count = count
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +228,33 @@ class RecordUnitOfWork(Protocol):
         groups: Collection[str] | None = None,
     ) -> SearchPage: ...
 
+    def included(
+        self,
+        tenant: str,
+        matches: Sequence[StoredVersion],
+        include: Include,
+        *,
+        scopes: Sequence[Scope] = (),
+        groups: Collection[str] | None = None,
+    ) -> list[StoredVersion]:
+        """``_include`` targets of ``matches``, current and under the same ``scopes``."""
+        ...
+
+    def reindex(self, key: ResourceKey, *, version: int, index: Sequence[IndexEntry]) -> None:
+        """Replace the current version's index rows (index-key rotation); no new version."""
+        ...
+
+    def scan_current(
+        self,
+        tenant: str,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int = 500,
+        groups: Collection[str] | None = None,
+    ) -> list[StoredVersion]:
+        """Current versions in (type, id) order after ``after`` (a re-index walk)."""
+        ...
+
     def find_ids(
         self,
         tenant: str,
@@ -227,6 +270,9 @@ class RecordUnitOfWork(Protocol):
 class RecordStore(Protocol):
     """The records database. Build it in the composition root; close it on shutdown."""
 
-    def unit_of_work(self) -> AbstractContextManager[RecordUnitOfWork]: ...
+    def unit_of_work(self, *, read_only: bool = False) -> AbstractContextManager[RecordUnitOfWork]:
+        """A new transaction (``read_only``: a deferred one on SQLite, READ ONLY on
+        PostgreSQL, for reads and searches)."""
+        ...
 
     def close(self) -> None: ...

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
@@ -61,6 +61,7 @@ from phivault.records.store.schema import (
     idx_string,
     idx_token,
     resources,
+    versions,
 )
 
 __all__ = [
@@ -254,9 +255,20 @@ def order_by(query: SearchQuery) -> list[UnaryExpression[object] | ColumnElement
     return keys
 
 
-def page_select(where: ColumnElement[bool]) -> Select[str, int]:
-    """Ids and current versions of the matches (order and window added by the caller)."""
-    return select(resources.c.resource_id, resources.c.version).where(where)
+def page_select(where: ColumnElement[bool]) -> Select[Any]:
+    """The current version rows of the matches, in one statement (one snapshot); the caller
+    adds the order and the window."""
+    h, v = resources.c, versions.c
+    joined = resources.join(
+        versions,
+        and_(
+            v.tenant == h.tenant,
+            v.resource_type == h.resource_type,
+            v.resource_id == h.resource_id,
+            v.version == h.version,
+        ),
+    )
+    return select(versions).select_from(joined).where(where)
 
 
 @dataclass(frozen=True, slots=True)

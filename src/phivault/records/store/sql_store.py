@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Final
@@ -33,8 +33,8 @@ from sqlalchemy import (
     false,
     func,
     insert,
-    or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,7 +46,7 @@ from phivault.crypto.blind_index import BlindToken
 from phivault.crypto.ports import SealedElement
 from phivault.errors import ConfigurationError, InvalidInput
 from phivault.records.classification import ElementGroup
-from phivault.records.query import SearchQuery
+from phivault.records.query import Include, SearchQuery
 from phivault.records.search_params import (
     BlindEntry,
     DateEntry,
@@ -64,6 +64,7 @@ from phivault.records.store.ports import (
     ResourceKey,
     Scope,
     SearchPage,
+    StaleBlindIndex,
     StoredVersion,
     VersionConflict,
 )
@@ -338,6 +339,25 @@ class SqlUnitOfWork:
             if batch:
                 conn.execute(insert(table), batch)
 
+    def reindex(self, key: ResourceKey, *, version: int, index: Sequence[IndexEntry]) -> None:
+        """Replace the index rows of the current version without writing a new one (index-key
+        rotation, a changed normalization). :class:`VersionConflict` if ``version`` is not
+        current (or is a tombstone): the writer that moved it indexed its own version."""
+        _check_key(key)
+        conn = self._live()
+        with self._translate("reindex"):
+            h = resources.c
+            subject = conn.execute(
+                update(resources)  # locks the head row until commit, like a write
+                .where(*_head_is(key), h.version == version, h.deleted == false())
+                .values(version=h.version)
+                .returning(h.key_subject)
+            ).scalar_one_or_none()
+            if subject is None:
+                actual = conn.execute(select(h.version).where(*_head_is(key))).scalar_one_or_none()
+                raise VersionConflict(key.resource_type, key.resource_id, version, actual)
+            self._replace_index(key, subject, index)
+
     # reads ------------------------------------------------------------------------------
 
     def read(
@@ -424,6 +444,25 @@ class SqlUnitOfWork:
             for r in rows
         ]
 
+    def scan_current(
+        self,
+        tenant: str,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int = 500,
+        groups: Collection[str] | None = None,
+    ) -> list[StoredVersion]:
+        """Current, not deleted versions of ``tenant`` in (type, id) order after ``after``: the
+        walk a re-index makes, batch by batch."""
+        _check_tenant(tenant)
+        _check_groups(groups)
+        h = resources.c
+        where = and_(h.tenant == tenant, h.deleted == false())
+        if after is not None:
+            where = and_(where, tuple_(h.resource_type, h.resource_id) > tuple_(*after))
+        statement = page_select(where).order_by(h.resource_type, h.resource_id).limit(limit)
+        return self._versions(statement, groups)
+
     # search -----------------------------------------------------------------------------
 
     def search(
@@ -452,26 +491,49 @@ class SqlUnitOfWork:
                 )
             if query.count == 0:
                 return SearchPage((), offset, None, total)
-            page = conn.execute(
-                page_select(where).order_by(*order_by(query)).offset(offset).limit(query.count + 1)
-            ).all()
-        more = len(page) > query.count
-        page = page[: query.count]
-        v = versions.c
-        found: list[StoredVersion] = []
-        if page:
-            keyed = {(str(r[0]), int(r[1])): None for r in page}
-            statement = select(versions).where(
-                v.tenant == tenant,
-                v.resource_type == query.resource_type,
-                v.resource_id.in_([k[0] for k in keyed]),
-            )
-            by_key = {
-                (s.key.resource_id, s.version): s
-                for s in self._versions(statement.where(_version_in(keyed)), groups)
-            }
-            found = [by_key[k] for k in keyed if k in by_key]
-        return SearchPage(tuple(found), offset, offset + query.count if more else None, total)
+        window = page_select(where).order_by(*order_by(query)).offset(offset)
+        found = self._versions(window.limit(query.count + 1), groups)
+        more = len(found) > query.count
+        return SearchPage(
+            tuple(found[: query.count]), offset, offset + query.count if more else None, total
+        )
+
+    def included(
+        self,
+        tenant: str,
+        matches: Sequence[StoredVersion],
+        include: Include,
+        *,
+        scopes: Sequence[Scope] = (),
+        groups: Collection[str] | None = None,
+    ) -> list[StoredVersion]:
+        """``_include``: current, not deleted resources that ``include.param`` of ``matches``
+        refers to, under the same ``scopes`` as the search (an include never shows what the
+        caller could not search for), in (type, id) order."""
+        _check_tenant(tenant)
+        _check_groups(groups)
+        ids = sorted(
+            {m.key.resource_id for m in matches if m.key.resource_type == include.source_type}
+        )
+        if not ids:
+            return []
+        r, h = idx_reference.c, resources.c
+        targets = select(r.target_type, r.target_id).where(
+            r.tenant == tenant,
+            r.resource_type == include.source_type,
+            r.param == include.param,
+            r.resource_id.in_(ids),
+        )
+        if include.target_type is not None:
+            targets = targets.where(r.target_type == include.target_type)
+        where = and_(
+            h.tenant == tenant,
+            h.deleted == false(),
+            tuple_(h.resource_type, h.resource_id).in_(targets),
+            *(scope.predicate(resources) for scope in scopes),
+        )
+        statement = page_select(where).order_by(h.resource_type, h.resource_id)
+        return self._versions(statement, groups)
 
     def find_ids(
         self,
@@ -492,11 +554,6 @@ class SqlUnitOfWork:
                 .limit(limit)
             ).all()
         return [str(r[0]) for r in rows]
-
-
-def _version_in(keyed: Mapping[tuple[str, int], None]) -> ColumnElement[bool]:
-    v = versions.c
-    return or_(false(), *(and_(v.resource_id == i, v.version == n) for i, n in keyed))
 
 
 def _head_is(key: ResourceKey) -> tuple[ColumnElement[bool], ...]:
@@ -727,8 +784,34 @@ class SqlSealedElements:
             conn.execute(dialect.insert(idx_blind).on_conflict_do_nothing(), rows)
 
     def drop_token_version(self, tenant: str, version: int) -> int:
+        """Delete the tokens of a retired index-key version, but refuse (:class:`StaleBlindIndex`)
+        while some current resource has tokens of a field under that version only: the key
+        ring's index rotation cannot re-index sealed groups, so deleting them would make those
+        resources unsearchable without a word. Re-index first (``reindex``), then retry."""
         b = idx_blind.c
+        other = idx_blind.alias("other")
+        o = other.c
+        stale = (
+            select(func.count())
+            .select_from(idx_blind)
+            .where(
+                b.tenant == tenant,
+                b.key_version == version,
+                ~select(o.token)
+                .where(
+                    o.tenant == b.tenant,
+                    o.resource_type == b.resource_type,
+                    o.resource_id == b.resource_id,
+                    o.field == b.field,
+                    o.key_version != version,
+                )
+                .exists(),
+            )
+        )
         with self._tx("drop tokens") as conn:
+            left = int(conn.execute(stale).scalar_one())
+            if left:
+                raise StaleBlindIndex(tenant, version, left)
             return int(
                 conn.execute(
                     delete(idx_blind).where(b.tenant == tenant, b.key_version == version)
