@@ -1,6 +1,6 @@
 """The records store on SQLite and PostgreSQL: schema, versions, conflicts, history,
 tombstones, tenant isolation and atomic units of work. Ciphertext here is opaque test bytes:
-sealing is tested with real keys in test_synthea_store.py."""
+sealing is tested with real keys in test_records_synthea_store.py."""
 
 from __future__ import annotations
 
