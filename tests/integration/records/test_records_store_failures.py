@@ -30,7 +30,7 @@ def test_unreachable_databases_are_store_unavailable(tmp_path: Path) -> None:
 def test_driver_errors_become_store_unavailable_without_values(stores: StoreFactory) -> None:
     store = stores.open()
     with store.engine.begin() as conn:
-        conn.execute(text("DROP TABLE rec_idx_blind"))
+        conn.execute(text("DROP TABLE rec_idx_token"))
     with store.unit_of_work() as uow, pytest.raises(RecordStoreUnavailable) as failed:
         uow.write(obs("o1", code="SECRET-CODE"), previous=None)
     assert failed.value.__cause__ is not None

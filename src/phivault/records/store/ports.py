@@ -261,9 +261,11 @@ class RecordUnitOfWork(Protocol):
         query: SearchQuery,
         *,
         blind: BlindTerms | None = None,
+        scopes: Sequence[Scope] = (),
         limit: int = 2,
     ) -> list[str]:
-        """Ids of current matches (no ciphertext): conditional references, ``ifNoneExist``."""
+        """Ids of current matches in id order (no ciphertext): conditional references,
+        ``ifNoneExist``, conditional update and delete. ``limit=2`` tells one from many."""
         ...
 
 

@@ -200,7 +200,7 @@ class SqlUnitOfWork:
                     for name, data in sorted(new.groups.items())
                 ],
             )
-            self._replace_index(key, new.key_subject, new.index)
+            self._replace_index(key, new.key_subject, new.index, fresh=previous is None)
         return StoredVersion(
             key, new.version, new.last_updated, False, new.key_subject, dict(new.groups)
         )
@@ -286,10 +286,18 @@ class SqlUnitOfWork:
         ).scalar_one()
         return int(seq)
 
-    def _replace_index(self, key: ResourceKey, subject: str, entries: Sequence[IndexEntry]) -> None:
-        """Index rows hold the current version only: replace them all, in this transaction."""
+    def _replace_index(
+        self,
+        key: ResourceKey,
+        subject: str,
+        entries: Sequence[IndexEntry],
+        *,
+        fresh: bool = False,
+    ) -> None:
+        """Index rows hold the current version only: replace them all, in this transaction.
+        ``fresh``: the resource was just created (no head before), so it has no rows yet."""
         conn = self._conn
-        for table in _INDEX_TABLES:
+        for table in () if fresh else _INDEX_TABLES:
             conn.execute(
                 delete(table).where(
                     table.c.tenant == key.tenant,
@@ -541,10 +549,11 @@ class SqlUnitOfWork:
         query: SearchQuery,
         *,
         blind: BlindTerms | None = None,
+        scopes: Sequence[Scope] = (),
         limit: int = 2,
     ) -> list[str]:
         _check_tenant(tenant)
-        where = compile_search(tenant, query, blind=blind)
+        where = compile_search(tenant, query, blind=blind, scopes=scopes)
         conn = self._live()
         with self._translate("search"):
             rows = conn.execute(
