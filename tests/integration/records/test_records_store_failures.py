@@ -89,3 +89,13 @@ def test_racing_updates_from_one_version_have_exactly_one_winner(stores: StoreFa
     with workers[0].unit_of_work(read_only=True) as uow:
         history = uow.history("t1", "Observation", "o1")
     assert [h.version for h in history] == [2, 1]
+
+
+def test_the_driver_error_kept_as_cause_holds_no_parameters(stores: StoreFactory) -> None:
+    store = stores.open()
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE rec_idx_token"))
+    with store.unit_of_work() as uow, pytest.raises(RecordStoreUnavailable) as failed:
+        uow.write(obs("o1", code="SECRET-CODE"), previous=None)
+    chain = f"{failed.value.__cause__!r} {failed.value.__cause__}"
+    assert "SECRET-CODE" not in chain and "hidden due to hide_parameters" in chain

@@ -40,7 +40,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from phivault.crypto.blind_index import BlindToken
 from phivault.crypto.ports import SealedElement
@@ -616,13 +615,16 @@ class SqlRecordStore:
                 if parsed.database in (None, "", ":memory:"):
                     raise ConfigurationError("the embedded records store needs a file path")
                 connect_args["timeout"] = 30
+                # hide_parameters: a driver exception kept as __cause__ holds no values
                 self._engine: Engine = create_engine(
-                    parsed, connect_args=connect_args, poolclass=NullPool
+                    parsed, connect_args=connect_args, hide_parameters=True
                 )
                 event.listen(self._engine, "connect", _sqlite_connect)
                 event.listen(self._engine, "begin", _sqlite_begin)
             else:
-                self._engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
+                self._engine = create_engine(
+                    parsed, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
+                )
             if migrate:
                 self.migrate()
         except SQLAlchemyError as exc:
