@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Final
@@ -27,6 +27,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -187,7 +188,7 @@ class SqlUnitOfWork:
             self._swap_head(key, previous, new.version, stamp, new.key_subject, deleted=False)
             seq = self._insert_version(key, new.version, stamp, new.key_subject, deleted=False)
             conn.execute(
-                insert(groups),
+                _INSERT[groups.name],
                 [
                     {
                         "version_seq": seq,
@@ -242,48 +243,38 @@ class SqlUnitOfWork:
             "key_subject": subject,
         }
         if previous is None:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            statement = (
-                dialect.insert(resources)
-                .values(
-                    tenant=key.tenant,
-                    resource_type=key.resource_type,
-                    resource_id=key.resource_id,
-                    **values,
-                )
-                .on_conflict_do_nothing()
-                .returning(resources.c.version)  # psycopg reports no rowcount for INSERT
-            )
-            changed = len(conn.execute(statement).all())
+            statement = _CREATE_HEAD[conn.dialect.name == "postgresql"]
+            row = {
+                "tenant": key.tenant,
+                "resource_type": key.resource_type,
+                "resource_id": key.resource_id,
+                **values,
+            }
+            changed = len(conn.execute(statement, row).all())
         else:
-            changed = conn.execute(
-                update(resources)
-                .where(*_head_is(key), resources.c.version == previous)
-                .values(**values)
-            ).rowcount
+            params = {
+                **_key_params(key),
+                "previous": previous,
+                **{f"set_{name}": value for name, value in values.items()},
+            }
+            changed = conn.execute(_UPDATE_HEAD, params).rowcount
         if changed != 1:
-            actual = conn.execute(
-                select(resources.c.version).where(*_head_is(key))
-            ).scalar_one_or_none()
+            actual = conn.execute(_CURRENT_VERSION, _key_params(key)).scalar_one_or_none()
             raise VersionConflict(key.resource_type, key.resource_id, previous, actual)
 
     def _insert_version(
         self, key: ResourceKey, version: int, stamp: int, subject: str, *, deleted: bool
     ) -> int:
-        seq = self._conn.execute(
-            insert(versions)
-            .values(
-                tenant=key.tenant,
-                resource_type=key.resource_type,
-                resource_id=key.resource_id,
-                version=version,
-                deleted=deleted,
-                last_updated=stamp,
-                key_subject=subject,
-            )
-            .returning(versions.c.seq)
-        ).scalar_one()
-        return int(seq)
+        row = {
+            "tenant": key.tenant,
+            "resource_type": key.resource_type,
+            "resource_id": key.resource_id,
+            "version": version,
+            "deleted": deleted,
+            "last_updated": stamp,
+            "key_subject": subject,
+        }
+        return int(self._conn.execute(_INSERT_VERSION, row).scalar_one())
 
     def _replace_index(
         self,
@@ -296,14 +287,10 @@ class SqlUnitOfWork:
         """Index rows hold the current version only: replace them all, in this transaction.
         ``fresh``: the resource was just created (no head before), so it has no rows yet."""
         conn = self._conn
-        for table in () if fresh else _INDEX_TABLES:
-            conn.execute(
-                delete(table).where(
-                    table.c.tenant == key.tenant,
-                    table.c.resource_type == key.resource_type,
-                    table.c.resource_id == key.resource_id,
-                )
-            )
+        if not fresh:
+            params = _key_params(key)
+            for table in _INDEX_TABLES:
+                conn.execute(_DELETE_INDEX[table.name], params)
         rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in _INDEX_TABLES}
         base = {
             "tenant": key.tenant,
@@ -344,7 +331,7 @@ class SqlUnitOfWork:
         for table in _INDEX_TABLES:
             batch = _unique(rows[table.name], table)
             if batch:
-                conn.execute(insert(table), batch)
+                conn.execute(_INSERT[table.name], batch)
 
     def reindex(self, key: ResourceKey, *, version: int, index: Sequence[IndexEntry]) -> None:
         """Replace the index rows of the current version without writing a new one (index-key
@@ -372,19 +359,7 @@ class SqlUnitOfWork:
     ) -> StoredVersion | None:
         _check_key(key)
         _check_groups(groups)
-        v, h = versions.c, resources.c
-        statement = (
-            select(versions)
-            .join(
-                resources,
-                (h.tenant == v.tenant)
-                & (h.resource_type == v.resource_type)
-                & (h.resource_id == v.resource_id)
-                & (h.version == v.version),
-            )
-            .where(*_head_is(key))
-        )
-        found = self._versions(statement, groups)
+        found = self._versions(_CURRENT, groups, _key_params(key))
         return found[0] if found else None
 
     def vread(
@@ -392,14 +367,7 @@ class SqlUnitOfWork:
     ) -> StoredVersion | None:
         _check_key(key)
         _check_groups(groups)
-        v = versions.c
-        statement = select(versions).where(
-            v.tenant == key.tenant,
-            v.resource_type == key.resource_type,
-            v.resource_id == key.resource_id,
-            v.version == version,
-        )
-        found = self._versions(statement, groups)
+        found = self._versions(_VREAD, groups, {**_key_params(key), "version": version})
         return found[0] if found else None
 
     def history(
@@ -425,19 +393,25 @@ class SqlUnitOfWork:
             statement = statement.order_by(v.seq.desc())
         return self._versions(statement.offset(offset).limit(count), groups)
 
-    def _versions(self, statement: Any, wanted: Collection[str] | None) -> list[StoredVersion]:
+    def _versions(
+        self,
+        statement: Any,
+        wanted: Collection[str] | None,
+        params: Mapping[str, Any] | None = None,
+    ) -> list[StoredVersion]:
+        """Version rows of ``statement`` with their sealed groups (only ``wanted`` ones)."""
         conn = self._live()
         with self._translate("read"):
-            rows = conn.execute(statement).mappings().all()
+            rows = conn.execute(statement, params or {}).mappings().all()
             sealed: dict[int, dict[str, bytes]] = {int(r["seq"]): {} for r in rows}
             if sealed and (wanted is None or wanted):
-                g = groups.c
-                query = select(g.version_seq, g.grp, g.ciphertext).where(
-                    g.version_seq.in_(list(sealed))
-                )
-                if wanted is not None:
-                    query = query.where(g.grp.in_(sorted(wanted)))
-                for seq, grp, data in conn.execute(query):
+                if wanted is None:
+                    found = conn.execute(_GROUPS_OF, {"seqs": list(sealed)})
+                else:
+                    found = conn.execute(
+                        _SOME_GROUPS_OF, {"seqs": list(sealed), "groups": sorted(wanted)}
+                    )
+                for seq, grp, data in found:
                     sealed[int(seq)][grp] = bytes(data)
         return [
             StoredVersion(
@@ -562,6 +536,74 @@ class SqlUnitOfWork:
                 .limit(limit)
             ).all()
         return [str(r[0]) for r in rows]
+
+
+def _key_params(key: ResourceKey) -> dict[str, str]:
+    return {"k_tenant": key.tenant, "rtype": key.resource_type, "rid": key.resource_id}
+
+
+# Statements built once (SQLAlchemy caches their compiled form; building an expression per
+# call costs more than running it on SQLite).
+_H, _V, _G = resources.c, versions.c, groups.c
+_CURRENT: Final = (
+    select(versions)
+    .join(
+        resources,
+        and_(
+            _H.tenant == _V.tenant,
+            _H.resource_type == _V.resource_type,
+            _H.resource_id == _V.resource_id,
+            _H.version == _V.version,
+        ),
+    )
+    .where(
+        _H.tenant == bindparam("k_tenant"),
+        _H.resource_type == bindparam("rtype"),
+        _H.resource_id == bindparam("rid"),
+    )
+)
+_VREAD: Final = select(versions).where(
+    _V.tenant == bindparam("k_tenant"),
+    _V.resource_type == bindparam("rtype"),
+    _V.resource_id == bindparam("rid"),
+    _V.version == bindparam("version"),
+)
+_GROUPS_OF: Final = select(_G.version_seq, _G.grp, _G.ciphertext).where(
+    _G.version_seq.in_(bindparam("seqs", expanding=True))
+)
+_SOME_GROUPS_OF: Final = _GROUPS_OF.where(_G.grp.in_(bindparam("groups", expanding=True)))
+_HEAD_IS: Final = (
+    _H.tenant == bindparam("k_tenant"),
+    _H.resource_type == bindparam("rtype"),
+    _H.resource_id == bindparam("rid"),
+)
+_CURRENT_VERSION: Final = select(_H.version).where(*_HEAD_IS)
+#: Keyed by "is PostgreSQL": a create inserts the head unless it exists (no exception, so a
+#: PostgreSQL transaction stays usable to report the conflict).
+_CREATE_HEAD: Final = {
+    flag: dialect.insert(resources).on_conflict_do_nothing().returning(_H.version)
+    for flag, dialect in ((True, postgresql), (False, sqlite))
+}
+_UPDATE_HEAD: Final = (
+    update(resources)
+    .where(*_HEAD_IS, _H.version == bindparam("previous"))
+    .values(  # SET parameters may not reuse column names
+        version=bindparam("set_version"),
+        deleted=bindparam("set_deleted"),
+        last_updated=bindparam("set_last_updated"),
+        key_subject=bindparam("set_key_subject"),
+    )
+)
+_INSERT_VERSION: Final = insert(versions).returning(_V.seq)
+_INSERT: Final = {table.name: insert(table) for table in (groups, *_INDEX_TABLES)}
+_DELETE_INDEX: Final = {
+    table.name: delete(table).where(
+        table.c.tenant == bindparam("k_tenant"),
+        table.c.resource_type == bindparam("rtype"),
+        table.c.resource_id == bindparam("rid"),
+    )
+    for table in _INDEX_TABLES
+}
 
 
 def _head_is(key: ResourceKey) -> tuple[ColumnElement[bool], ...]:
