@@ -1,0 +1,1 @@
+"""Alembic migrations of the records tables (a package so that installs ship them)."""
