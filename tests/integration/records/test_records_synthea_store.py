@@ -208,6 +208,10 @@ async def test_dek_rotation_and_shredding_work_on_stored_records(
             assert await opened(ring, version) == resource  # opens under the new key only
     # a stale compare-and-swap changes nothing
     assert not elements.replace(before[0], b"stale")
+    # a whole-tenant rotation re-seals every subject's elements, the directory's included
+    everything = elements.scan(TENANT, patient=None, after=0, limit=100_000)
+    whole = await ring.rotate_deks(TENANT, elements)
+    assert whole.processed == len(everything) and len(whole.retired) == 2
     indexer = await ring.blind_indexer(TENANT)
     family = the_patient(bundle(fixtures_dir, PATIENTS[0]))["name"][0]["family"]
     assert search(store, indexer, "Patient", f"family={family}") == [pid]
