@@ -249,14 +249,16 @@ def check_policy_text(text: str, *, classification: Classification | None = None
             issues.append(PolicyIssue("schema", path, error["msg"], locate(error["loc"])))
         return PolicyCheck(None, tuple(issues))
     issues = _structural_issues(raw, table, locate)
-    if issues:
+    if any(issue.kind == "unknown-resource-type" for issue in issues):
         return PolicyCheck(None, tuple(issues))
+    # Contradictions inside a role do not stop the build: the matrix and the invariants still
+    # show a reviewer what the policy would do, and load_policy refuses it all the same.
     policy = _build(raw)
     violations = [
         PolicyIssue(v.kind, v.path, v.message, locate(_path_parts(v.path)))
         for v in check_invariants(policy, table)
     ]
-    return PolicyCheck(policy, tuple(violations))
+    return PolicyCheck(policy, (*issues, *violations))
 
 
 def load_policy(

@@ -22,6 +22,7 @@ app.add_typer(ledger_cmd.app, name="ledger")
 app.add_typer(keys_cmd.app, name="keys")
 app.command("token")(token_cmd.token)
 app.command("serve")(serve_cmd.serve)
+app.add_typer(__import__("phivault.cli.policy").cli.policy.app, name="policy")
 # Command groups of other parts are added here: keys (crypto), token and serve (identity, api).
 
 
