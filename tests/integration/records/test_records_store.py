@@ -220,3 +220,18 @@ def test_bad_keys_and_reserved_subjects_are_refused(store: SqlRecordStore) -> No
             uow.read(ResourceKey("t1", "Observation", "o1"), groups={"secrets"})
         with pytest.raises(InvalidInput):
             uow.write(obs("o1", tenant=""), previous=None)
+
+
+def test_read_only_units_refuse_writes_on_both_engines(store: SqlRecordStore) -> None:
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work(read_only=True) as uow:
+        with pytest.raises(InvalidInput):
+            uow.write(obs("o1"), previous=None)
+        with pytest.raises(InvalidInput):
+            uow.delete(key, version=2, last_updated=T0, previous=1)
+        with pytest.raises(InvalidInput):
+            uow.reindex(key, version=1, index=[])
+    with store.unit_of_work() as uow:
+        uow.commit()
+        with pytest.raises(InvalidInput):  # a finished unit cannot be reused
+            uow.read(key)

@@ -137,9 +137,10 @@ def _check_groups(wanted: Collection[str] | None) -> None:
 class SqlUnitOfWork:
     """One transaction on one connection: see :class:`~.ports.RecordUnitOfWork`."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, *, read_only: bool = False) -> None:
         self._conn = connection
         self._done = False
+        self._read_only = read_only
 
     # transaction ------------------------------------------------------------------------
 
@@ -165,6 +166,12 @@ class SqlUnitOfWork:
             raise InvalidInput("this unit of work is finished; open a new one")
         return self._conn
 
+    def _writable(self) -> Connection:
+        """Refuse writes in a read-only unit on both engines (SQLite would not)."""
+        if self._read_only:
+            raise InvalidInput("this unit of work is read-only")
+        return self._live()
+
     # writes -----------------------------------------------------------------------------
 
     def write(self, new: NewVersion, *, previous: int | None) -> StoredVersion:
@@ -183,7 +190,7 @@ class SqlUnitOfWork:
         if not new.groups:
             raise InvalidInput("a version needs at least one sealed group", path="groups")
         stamp = to_micros(new.last_updated)
-        conn = self._live()
+        conn = self._writable()
         with self._translate("write"):
             self._swap_head(key, previous, new.version, stamp, new.key_subject, deleted=False)
             seq = self._insert_version(key, new.version, stamp, new.key_subject, deleted=False)
@@ -212,7 +219,7 @@ class SqlUnitOfWork:
         if version != previous + 1:
             raise InvalidInput("a new version must follow the previous one", path="version")
         stamp = to_micros(last_updated)
-        conn = self._live()
+        conn = self._writable()
         with self._translate("delete"):
             subject = conn.execute(
                 select(resources.c.key_subject).where(*_head_is(key))
@@ -338,7 +345,7 @@ class SqlUnitOfWork:
         rotation, a changed normalization). :class:`VersionConflict` if ``version`` is not
         current (or is a tombstone): the writer that moved it indexed its own version."""
         _check_key(key)
-        conn = self._live()
+        conn = self._writable()
         with self._translate("reindex"):
             h = resources.c
             subject = conn.execute(
@@ -700,7 +707,7 @@ class SqlRecordStore:
             conn.begin()
         except SQLAlchemyError as exc:
             raise _driver_error(exc, "begin") from exc
-        uow = SqlUnitOfWork(conn)
+        uow = SqlUnitOfWork(conn, read_only=read_only)
         try:
             yield uow
         finally:
