@@ -54,10 +54,13 @@ __all__ = [
     "Decision",
     "DenyReason",
     "RelationshipFacts",
+    "ScopeClause",
+    "SearchScope",
     "compile_policy",
     "decide",
     "groups_of_mask",
     "mask_of_groups",
+    "search_scope",
 ]
 
 
@@ -317,6 +320,114 @@ def decide(
     if not _scope_allows(ctx, resource_type, INTERACTION_PERMISSION[interaction], patient):
         return _DENY[DenyReason.SCOPE_NOT_GRANTED]
     return Decision(True, _MASKS[mask], None, frozenset(purposes), grant_used)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeClause:
+    """One role's contribution to a search: rows whose patient relates to the caller by
+    ``relationship`` (when ``by_relationship``: the role's purposes open something), and rows
+    of the ``granted`` patients that do not so relate (active break-glass grants)."""
+
+    relationship: Relationship | None
+    by_relationship: bool
+    granted: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class SearchScope:
+    """Which rows of one type a query may return, for the SQL layer to compile.
+
+    A row is admitted when its tenant is ``tenant``; when ``patient_only`` is set (only
+    ``patient/`` scopes grant the interaction), its patient, if it has one, is
+    ``patient_context``; and some clause admits it (for directory types, any clause with
+    ``by_relationship``). :meth:`admits` is the exact meaning: for every row it agrees with
+    :func:`decide` on whether access is allowed (property-tested), so the SQL compiler can be
+    tested against it. The mask of each row still comes from :func:`decide`.
+    """
+
+    tenant: str
+    directory: bool
+    clauses: tuple[ScopeClause, ...]
+    own_patient: str | None = None
+    patient_only: bool = False
+    patient_context: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        """No row can be admitted: answer without touching storage."""
+        return not any(c.by_relationship or c.granted for c in self.clauses)
+
+    def admits(self, facts: RelationshipFacts) -> bool:
+        if facts.tenant != self.tenant:
+            return False
+        patient = facts.patient
+        if self.patient_only and patient is not None and patient != self.patient_context:
+            return False
+        for clause in self.clauses:
+            if self.directory:
+                if clause.by_relationship:
+                    return True
+                continue
+            required = clause.relationship
+            related = required is Relationship.TENANT or (
+                patient is not None
+                and (
+                    (required is Relationship.CARE and facts.care_relationship)
+                    or (required is Relationship.OWN and patient == self.own_patient)
+                )
+            )
+            if related:
+                if clause.by_relationship:
+                    return True
+            elif patient is not None and patient in clause.granted:
+                return True
+        return False
+
+
+def search_scope(
+    policy: CompiledPolicy,
+    ctx: AccessContext,
+    resource_type: str,
+    interaction: Interaction,
+    *,
+    now: float,
+) -> SearchScope:
+    """The rows of ``resource_type`` that ``interaction`` (a search, a history) may return."""
+    directory = resource_type not in policy.patient_types
+    permission = INTERACTION_PERMISSION[interaction]
+    granting = [
+        s
+        for s in ctx.scopes
+        if s.query is None and permission in s.permissions and s.resource in ("*", resource_type)
+    ]
+    nothing = SearchScope(ctx.tenant, directory, ())
+    if resource_type not in policy.resource_types or not granting:
+        return nothing
+    clauses: list[ScopeClause] = []
+    for role in ctx.roles:
+        compiled = policy.roles.get(role)
+        slots = None if compiled is None else compiled.table.get((resource_type, interaction))
+        if compiled is None or slots is None:
+            continue
+        claimed = compiled.purposes.intersection(ctx.purposes) if ctx.purposes else compiled.default
+        by_relationship = any(slots.get(p, 0) for p in claimed)
+        granted: frozenset[str] = frozenset()
+        if compiled.break_glass and slots.get(PurposeOfUse.ETREAT.value, 0):
+            granted = frozenset(
+                g.patient
+                for g in ctx.grants
+                if g.subject == ctx.subject and g.tenant == ctx.tenant and g.active(now)
+            )
+        if by_relationship or granted:
+            clauses.append(ScopeClause(compiled.relationship, by_relationship, granted))
+    return SearchScope(
+        tenant=ctx.tenant,
+        directory=directory,
+        clauses=tuple(clauses),
+        own_patient=_own_patient(ctx.fhir_user),
+        patient_only=all(s.context is ScopeContext.PATIENT for s in granting),
+        patient_context=ctx.patient_context,
+    )
 
 
 def _related(required: Relationship | None, ctx: AccessContext, facts: RelationshipFacts) -> bool:

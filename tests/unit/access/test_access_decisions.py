@@ -14,11 +14,13 @@ from phivault.access.decision import (
     Decision,
     DenyReason,
     RelationshipFacts,
+    ScopeClause,
     compile_policy,
     decide,
+    search_scope,
 )
 from phivault.access.policy import default_policy
-from phivault.access.vocabulary import Interaction
+from phivault.access.vocabulary import Interaction, Relationship
 from phivault.identity.principal import Role, principal_from_claims
 from phivault.identity.scopes import parse_scopes
 from phivault.records.classification import ElementGroup as G
@@ -318,3 +320,31 @@ def test_a_decision_takes_microseconds(policy: CompiledPolicy) -> None:
         decide(policy, c, "Observation", Interaction.READ, CARE, now=NOW)
     per_decision_us = (time.perf_counter() - start) / n * 1e6
     assert per_decision_us < 50  # the bench measures it; the goal is under 20 µs
+
+
+def test_search_scope_for_the_sql_layer(policy: CompiledPolicy) -> None:
+    c = ctx(Role.CLINICIAN, grants=(grant(patient="p2"),))
+    scope = search_scope(policy, c, "Observation", Interaction.SEARCH, now=NOW)
+    assert scope.clauses == (ScopeClause(Relationship.CARE, True, frozenset({"p2"})),)
+    assert scope.admits(CARE) and not scope.admits(STRANGER)
+    assert scope.admits(RelationshipFacts("t1", "p2"))  # under the grant
+    assert not search_scope(policy, c, "Observation", Interaction.SEARCH, now=NOW + 3600).admits(
+        RelationshipFacts("t1", "p2")
+    )
+    billing = search_scope(policy, ctx(Role.BILLING), "Claim", Interaction.SEARCH, now=NOW)
+    assert billing.admits(STRANGER) and not billing.admits(RelationshipFacts("t2", "p1"))
+    assert search_scope(policy, ctx(Role.ADMIN), "Patient", Interaction.SEARCH, now=NOW).empty
+    me = ctx(Role.PATIENT, scope="patient/*.rs", fhir_user="Patient/p1", patient_context="p1")
+    mine = search_scope(policy, me, "Observation", Interaction.SEARCH, now=NOW)
+    assert mine.patient_only and mine.own_patient == "p1"
+    assert mine.admits(STRANGER) and not mine.admits(RelationshipFacts("t1", "p2"))
+
+
+def test_a_grant_does_not_override_a_purpose_that_forbids(policy: CompiledPolicy) -> None:
+    # With a care relationship the grant is not needed, so it is not used: care management
+    # may not write, grant or no grant (claim TREAT to write).
+    c = ctx(Role.CLINICIAN, purposes=("CAREMGT",), grants=(grant(),))
+    d = decide(policy, c, "Condition", Interaction.UPDATE, CARE, now=NOW)
+    assert denied(d, DenyReason.PURPOSE_NOT_PERMITTED)
+    assert not search_scope(policy, c, "Condition", Interaction.UPDATE, now=NOW).admits(CARE)
+    assert decide(policy, c, "Condition", Interaction.UPDATE, STRANGER, now=NOW).grant_id == "bg-1"

@@ -22,8 +22,10 @@ from phivault.access.decision import (
     BreakGlassGrant,
     Decision,
     RelationshipFacts,
+    SearchScope,
     compile_policy,
     decide,
+    search_scope,
 )
 from phivault.access.policy import Policy, RolePolicy, Rule, default_policy
 from phivault.access.vocabulary import (
@@ -318,3 +320,20 @@ def test_groups_never_exceed_what_the_rules_name(
                     if resource_type in rule.types and interaction in rule.interactions:
                         named |= rule.groups
             assert decision.groups <= named
+
+
+@settings(max_examples=120, deadline=None)
+@given(policy=policies(), ctx=contexts)
+def test_search_scope_admits_exactly_the_rows_decide_allows(
+    policy: Policy, ctx: AccessContext
+) -> None:
+    compiled = compile_policy(policy)
+    scopes: dict[tuple[str, Interaction, float], SearchScope] = {}
+    for resource_type, interaction, f, now in every_question(ctx):
+        key = (resource_type, interaction, now)
+        if key not in scopes:
+            scopes[key] = search_scope(compiled, ctx, resource_type, interaction, now=now)
+        allowed = decide(compiled, ctx, resource_type, interaction, f, now=now).allowed
+        assert scopes[key].admits(f) == allowed, (resource_type, interaction, f, now)
+        if scopes[key].empty:
+            assert not allowed
