@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -37,10 +38,11 @@ def postgres_up() -> str:
     return ADMIN_CONNINFO
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+@contextmanager
+def _factory(request: pytest.FixtureRequest, directory: Path) -> Iterator[StoreFactory]:
+    """A store factory on a fresh SQLite file or a fresh PostgreSQL schema (dropped after)."""
     if request.param == "sqlite":
-        factory = StoreFactory("sqlite", tmp_path, None)
+        factory = StoreFactory("sqlite", directory, None)
         try:
             yield factory
         finally:
@@ -50,13 +52,28 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFact
     schema = f"pv_records_{secrets.token_hex(6)}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    factory = StoreFactory("postgresql", tmp_path, schema)
+    factory = StoreFactory("postgresql", directory, schema)
     try:
         yield factory
     finally:
         factory.close_all()
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    with _factory(request, tmp_path) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_stores(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StoreFactory]:
+    """Shared by a module's read-only tests (loading once keeps the suite fast)."""
+    with _factory(request, tmp_path_factory.mktemp("records")) as factory:
+        yield factory
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from records_store_support import StoreFactory
 
 from phivault.crypto.blind_index import BlindIndexer
 from phivault.errors import InvalidInput
@@ -13,6 +14,7 @@ from phivault.records.query import parse_search
 from phivault.records.search_params import index_entries
 from phivault.records.store import (
     DIRECTORY_SUBJECT,
+    CareRelationshipScope,
     NewVersion,
     ResourceKey,
     SqlRecordStore,
@@ -56,8 +58,7 @@ def observation(the_id: str, patient: str, code: str, when: object) -> dict[str,
     return doc
 
 
-@pytest.fixture
-def loaded(store: SqlRecordStore) -> SqlRecordStore:
+def fill(store: SqlRecordStore) -> SqlRecordStore:
     put(store, observation("a", "p1", "111", "2020-01-15T10:00:00Z"), minutes=3)
     put(store, observation("b", "p1", "222", "2020-03-01"), minutes=1)
     put(store, observation("c", "p2", "111", "2021"), minutes=2)
@@ -72,6 +73,18 @@ def loaded(store: SqlRecordStore) -> SqlRecordStore:
         {"resourceType": "Organization", "id": "org1", "name": "General Hospital"},
     )
     return store
+
+
+@pytest.fixture
+def loaded(store: SqlRecordStore) -> SqlRecordStore:
+    """The sample records, for a test that changes them."""
+    return fill(store)
+
+
+@pytest.fixture(scope="module")
+def shared(module_stores: StoreFactory) -> SqlRecordStore:
+    """The sample records, loaded once per engine for the tests that only read."""
+    return fill(module_stores.open())
 
 
 def ids(store: SqlRecordStore, rtype: str, query: str, **kw: object) -> list[str]:
@@ -109,8 +122,8 @@ def ids(store: SqlRecordStore, rtype: str, query: str, **kw: object) -> list[str
         ("_lastUpdated=2026-01-02T00:00:00Z", ["d"]),
     ],
 )
-def test_clear_parameters(loaded: SqlRecordStore, query: str, expected: list[str]) -> None:
-    assert ids(loaded, "Observation", query) == expected
+def test_clear_parameters(shared: SqlRecordStore, query: str, expected: list[str]) -> None:
+    assert ids(shared, "Observation", query) == expected
 
 
 @pytest.mark.parametrize(
@@ -131,30 +144,30 @@ def test_clear_parameters(loaded: SqlRecordStore, query: str, expected: list[str
         ("birthdate=1980-05-18", []),
     ],
 )
-def test_blind_parameters(loaded: SqlRecordStore, query: str, expected: list[str]) -> None:
-    assert ids(loaded, "Patient", query) == expected
+def test_blind_parameters(shared: SqlRecordStore, query: str, expected: list[str]) -> None:
+    assert ids(shared, "Patient", query) == expected
 
 
-def test_clear_strings_of_directory_resources(loaded: SqlRecordStore) -> None:
-    assert ids(loaded, "Organization", "name=general") == ["org1"]
-    assert ids(loaded, "Organization", "name:contains=hosp") == ["org1"]
-    assert ids(loaded, "Organization", "name:exact=general") == []
-    assert ids(loaded, "Organization", "name=hospital") == []  # starts-with, not contains
+def test_clear_strings_of_directory_resources(shared: SqlRecordStore) -> None:
+    assert ids(shared, "Organization", "name=general") == ["org1"]
+    assert ids(shared, "Organization", "name:contains=hosp") == ["org1"]
+    assert ids(shared, "Organization", "name:exact=general") == []
+    assert ids(shared, "Organization", "name=hospital") == []  # starts-with, not contains
 
 
-def test_untokenized_blind_criteria_are_refused(loaded: SqlRecordStore) -> None:
-    with loaded.unit_of_work() as uow, pytest.raises(InvalidInput) as refused:
+def test_untokenized_blind_criteria_are_refused(shared: SqlRecordStore) -> None:
+    with shared.unit_of_work() as uow, pytest.raises(InvalidInput) as refused:
         uow.search("t1", parse_search("Patient", "name=Müller"))
     assert "Müller" not in str(refused.value) and "name" in str(refused.value)
 
 
-def test_sort_count_paging_and_total(loaded: SqlRecordStore) -> None:
-    assert ids(loaded, "Observation", "_sort=date") == ["d", "a", "b", "c"]
-    assert ids(loaded, "Observation", "_sort=-date") == ["c", "b", "a", "d"]
-    assert ids(loaded, "Observation", "_sort=_lastUpdated") == ["d", "b", "c", "a"]
-    assert ids(loaded, "Observation", "_sort=-_lastUpdated") == ["a", "c", "b", "d"]
+def test_sort_count_paging_and_total(shared: SqlRecordStore) -> None:
+    assert ids(shared, "Observation", "_sort=date") == ["d", "a", "b", "c"]
+    assert ids(shared, "Observation", "_sort=-date") == ["c", "b", "a", "d"]
+    assert ids(shared, "Observation", "_sort=_lastUpdated") == ["d", "b", "c", "a"]
+    assert ids(shared, "Observation", "_sort=-_lastUpdated") == ["a", "c", "b", "d"]
     query = parse_search("Observation", "_sort=date&_count=3&_total=accurate")
-    with loaded.unit_of_work(read_only=True) as uow:
+    with shared.unit_of_work(read_only=True) as uow:
         first = uow.search("t1", query)
         assert first.next_offset == 3 and first.total == 4
         second = uow.search("t1", query, offset=first.next_offset)
@@ -168,19 +181,19 @@ def test_sort_count_paging_and_total(loaded: SqlRecordStore) -> None:
     assert all(m.groups == {"clinical": b"c"} for m in first.matches)
 
 
-def test_scopes_are_anded_into_results_and_totals(loaded: SqlRecordStore) -> None:
+def test_scopes_are_anded_into_results_and_totals(shared: SqlRecordStore) -> None:
     scope = SubjectScope(frozenset({"p2"}))
     query = parse_search("Observation", "code=111&_total=accurate")
-    with loaded.unit_of_work(read_only=True) as uow:
+    with shared.unit_of_work(read_only=True) as uow:
         page = uow.search("t1", query, scopes=[scope])
         nothing = uow.search("t1", query, scopes=[scope, SubjectScope(frozenset())])
     assert [m.key.resource_id for m in page.matches] == ["c"] and page.total == 1
     assert nothing.matches == () and nothing.total == 0
 
 
-def test_find_ids_for_conditional_references(loaded: SqlRecordStore) -> None:
+def test_find_ids_for_conditional_references(shared: SqlRecordStore) -> None:
     query = parse_search("Patient", "identifier=urn:mrn|MRN-001")
-    with loaded.unit_of_work(read_only=True) as uow:
+    with shared.unit_of_work(read_only=True) as uow:
         found = uow.find_ids("t1", query, blind=blind_terms(query, INDEXER.tokens))
         many = uow.find_ids("t1", parse_search("Observation", "status=final"), limit=2)
     assert found == ["p1"]
@@ -220,3 +233,30 @@ def test_scan_current_walks_every_live_resource_once(loaded: SqlRecordStore) -> 
         ("Observation", "a"), ("Observation", "c"), ("Observation", "d"),
         ("Organization", "org1"), ("Patient", "p1"),
     ]  # fmt: skip
+
+
+def test_care_relationship_scope_follows_care_teams_encounters_and_gps(
+    loaded: SqlRecordStore,
+) -> None:
+    put(loaded, {"resourceType": "CareTeam", "id": "ct1", "subject": {"reference": "Patient/p1"},
+                 "participant": [{"member": {"reference": "Practitioner/pr1"}}]})  # fmt: skip
+    put(loaded, {"resourceType": "Encounter", "id": "e1", "subject": {"reference": "Patient/p2"},
+                 "participant": [{"individual": {"reference": "Practitioner/pr2"}}]})  # fmt: skip
+    put(loaded, {"resourceType": "Patient", "id": "p3",
+                 "generalPractitioner": [{"reference": "Practitioner/pr3"}]})  # fmt: skip
+    put(loaded, observation("e", "p3", "111", "2022"))
+    query = parse_search("Observation", "_total=accurate")
+
+    def visible(practitioner: str) -> tuple[list[str], int | None]:
+        scope = CareRelationshipScope("Practitioner", practitioner)
+        with loaded.unit_of_work(read_only=True) as uow:
+            page = uow.search("t1", query, scopes=[scope])
+        return [m.key.resource_id for m in page.matches], page.total
+
+    assert visible("pr1") == (["a", "b"], 2)
+    assert visible("pr2") == (["c", "d"], 2)
+    assert visible("pr3") == (["e"], 1)
+    assert visible("pr9") == ([], 0)
+    with loaded.unit_of_work(read_only=True) as uow:  # another tenant's care team counts not
+        other = uow.search("t2", query, scopes=[CareRelationshipScope("Practitioner", "pr1")])
+    assert other.matches == () and other.total == 0

@@ -10,7 +10,8 @@ the repository above it seals and opens. Public names:
   :func:`blind_terms`, :data:`DIRECTORY_SUBJECT`;
 * errors: :class:`VersionConflict`, :class:`StaleBlindIndex`, :class:`RecordStoreUnavailable`;
 * the adapter: :class:`SqlRecordStore` (and its key-ring view :class:`SqlSealedElements`);
-* ready-made scopes: :class:`SubjectScope`.
+* ready-made scopes: :class:`SubjectScope` (patient compartments) and
+  :class:`CareRelationshipScope` (patients a practitioner cares for).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from phivault.records.store.ports import (
     VersionConflict,
     blind_terms,
 )
-from phivault.records.store.search import SubjectScope
+from phivault.records.store.search import CareRelationshipScope, SubjectScope
 from phivault.records.store.sql_store import SqlRecordStore, SqlSealedElements, SqlUnitOfWork
 
 __all__ = [
     "DIRECTORY_SUBJECT",
     "BlindTerms",
+    "CareRelationshipScope",
     "NewVersion",
     "RecordStore",
     "RecordStoreUnavailable",

@@ -65,6 +65,8 @@ from phivault.records.store.schema import (
 )
 
 __all__ = [
+    "CARE_LINKS",
+    "CareRelationshipScope",
     "SubjectScope",
     "compile_search",
     "from_micros",
@@ -280,3 +282,60 @@ class SubjectScope:
 
     def predicate(self, resources: FromClause) -> ColumnElement[bool]:
         return resources.c.key_subject.in_(sorted(self.subjects))
+
+
+#: Where a care relationship is read from, as (resource type, reference parameter to the
+#: practitioner, reference parameter to the patient); a Patient names its own practitioners.
+CARE_LINKS: Final = (
+    ("CareTeam", "participant", "patient"),
+    ("Encounter", "participant", "patient"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CareRelationshipScope:
+    """Only resources of patients the caller (``Practitioner/<id>``, ``PractitionerRole``...)
+    has a care relationship with: a participant of one of their CareTeams or Encounters, or
+    their general practitioner. Read from the current versions' reference index, in the same
+    query (correlated on the searched tenant), so totals and paging count only those."""
+
+    practitioner_type: str
+    practitioner_id: str
+
+    def predicate(self, resources: FromClause) -> ColumnElement[bool]:
+        via = idx_reference.alias("care_via")
+        to = idx_reference.alias("care_patient")
+        linked = [
+            select(to.c.target_id)
+            .select_from(
+                via.join(
+                    to,
+                    and_(
+                        to.c.tenant == via.c.tenant,
+                        to.c.resource_type == via.c.resource_type,
+                        to.c.resource_id == via.c.resource_id,
+                    ),
+                )
+            )
+            .where(
+                via.c.tenant == resources.c.tenant,
+                via.c.resource_type == kind,
+                via.c.param == through,
+                via.c.target_type == self.practitioner_type,
+                via.c.target_id == self.practitioner_id,
+                to.c.param == patient,
+                to.c.target_type == "Patient",
+            )
+            for kind, through, patient in CARE_LINKS
+        ]
+        gp = idx_reference.alias("care_gp")
+        linked.append(
+            select(gp.c.resource_id).where(
+                gp.c.tenant == resources.c.tenant,
+                gp.c.resource_type == "Patient",
+                gp.c.param == "general-practitioner",
+                gp.c.target_type == self.practitioner_type,
+                gp.c.target_id == self.practitioner_id,
+            )
+        )
+        return or_(false(), *(resources.c.key_subject.in_(q) for q in linked))
