@@ -20,7 +20,7 @@ import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import (
     ColumnElement,
@@ -43,7 +43,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from phivault.crypto.blind_index import BlindToken
-from phivault.crypto.ports import SealedElement
+from phivault.crypto.ports import SealedElement, SealedElementStore
 from phivault.errors import ConfigurationError, InvalidInput
 from phivault.records.classification import ElementGroup
 from phivault.records.query import Include, SearchQuery
@@ -60,6 +60,7 @@ from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
     BlindTerms,
     NewVersion,
+    RecordStore,
     RecordStoreUnavailable,
     ResourceKey,
     Scope,
@@ -886,3 +887,9 @@ class SqlSealedElements:
                     delete(idx_blind).where(b.tenant == tenant, b.key_subject == patient)
                 ).rowcount
             )
+
+
+if TYPE_CHECKING:  # mypy holds the adapters to their ports
+
+    def _ports(store: SqlRecordStore) -> tuple[RecordStore, SealedElementStore]:
+        return store, store.sealed_elements()
