@@ -224,6 +224,18 @@ class _RawPolicy(BaseModel):
 # --- loading ---------------------------------------------------------------------------------
 
 _TOML_LINE = re.compile(r"at line (\d+)")
+# Plain words for the errors a policy author meets most (pydantic's name the models).
+_SCHEMA_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "model_type": "must be a table",
+    "dict_type": "must be a table",
+    "list_type": "must be an array",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "literal_error": "must be 1 (the only format version)",
+    "too_short": "must not be empty",
+}
 
 
 def check_policy_text(text: str, *, classification: Classification | None = None) -> PolicyCheck:
@@ -246,7 +258,8 @@ def check_policy_text(text: str, *, classification: Classification | None = None
         issues = []
         for error in exc.errors(include_url=False, include_input=False):
             path = _path_text(error["loc"])
-            issues.append(PolicyIssue("schema", path, error["msg"], locate(error["loc"])))
+            message = _SCHEMA_MESSAGES.get(error["type"], error["msg"])
+            issues.append(PolicyIssue("schema", path, message, locate(error["loc"])))
         return PolicyCheck(None, tuple(issues))
     issues = _structural_issues(raw, table, locate)
     if any(issue.kind == "unknown-resource-type" for issue in issues):
@@ -504,6 +517,7 @@ class _Locator:
                     index = counts.get(keys, 0)
                     counts[keys] = index + 1
                     current = (*keys, index)
+                    self._lines.setdefault(keys, number)
                 else:
                     current = keys
                 self._lines.setdefault(current, number)
