@@ -8,7 +8,8 @@ records repository asks :func:`~phivault.access.decision.decide` before it decry
 
 Public modules: ``phivault.access.vocabulary`` (the words), ``.policy`` (loading and
 invariants), ``.decision`` (compiled policy, access context, decisions), ``.matrix`` (the
-access matrix and its Markdown, JSON and SARIF renderings).
+access matrix and its Markdown, JSON and SARIF renderings), ``.relationships`` (care links
+derived from stored records).
 """
 
 from __future__ import annotations
