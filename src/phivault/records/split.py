@@ -138,10 +138,20 @@ class ClassifiedResource:
 
 
 def group_element_ref(tenant: str, envelope: Envelope, group: ElementGroup) -> ElementRef:
-    """The element a group is sealed as: ``groups/<group>`` of the resource (bound by AAD)."""
+    """The element a group is sealed as: ``_history/<version>/groups/<group>`` of the resource.
+
+    The associated data binds tenant, type, id and this path, so a group's ciphertext opens
+    only as that group of that version: it cannot be moved to another group, record, or
+    version of the same record (say, to put an old value back into the current version).
+    """
     if envelope.id is None:
         raise InvalidInput("a resource needs an id before its groups are sealed", path="id")
-    return ElementRef(tenant, envelope.resource_type, envelope.id, f"groups/{group.value}")
+    if envelope.version_id is None:
+        raise InvalidInput(
+            "a resource needs a version before its groups are sealed", path="meta.versionId"
+        )
+    path = f"_history/{envelope.version_id}/groups/{group.value}"
+    return ElementRef(tenant, envelope.resource_type, envelope.id, path)
 
 
 def _text(value: object, path: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,9 @@ async def test_a_group_seals_and_opens_under_a_real_patient_key(
     )  # fmt: skip
     try:
         await ring.unseal(shares)
-        patient = _patient(synthea_bundles)
+        stored = _patient(synthea_bundles)
+        # The repository numbers versions before sealing: the version is bound into each group.
+        patient = {**stored, "meta": {**stored.get("meta", {}), "versionId": "1"}}
         cipher: PatientCipher = await ring.patient_cipher("t1", patient["id"], create=True)
         classified = split(patient)
         sealed = {
@@ -254,10 +257,17 @@ async def test_a_group_seals_and_opens_under_a_real_patient_key(
         ids, demo = ElementGroup.DIRECT_IDENTIFIERS, ElementGroup.DEMOGRAPHICS
         with pytest.raises(DecryptionFailed):
             cipher.open(group_element_ref("t1", classified.envelope, demo), sealed[ids])
+        # ...nor as the same group of another version of the same resource (an old value
+        # cannot be put back into the current version)
+        other_version = dataclasses.replace(classified.envelope, version_id="2")
+        with pytest.raises(DecryptionFailed):
+            cipher.open(group_element_ref("t1", other_version, ids), sealed[ids])
     finally:
         store.close()
 
 
-def test_group_refs_need_an_id() -> None:
+def test_group_refs_need_an_id_and_a_version() -> None:
     with pytest.raises(InvalidInput):
         group_element_ref("t1", Envelope("Patient"), ElementGroup.CLINICAL)
+    with pytest.raises(InvalidInput):
+        group_element_ref("t1", Envelope("Patient", "p-1"), ElementGroup.CLINICAL)
