@@ -260,6 +260,7 @@ def check_policy_text(text: str, *, classification: Classification | None = None
             path = _path_text(error["loc"])
             message = _SCHEMA_MESSAGES.get(error["type"], error["msg"])
             issues.append(PolicyIssue("schema", path, message, locate(error["loc"])))
+        issues += _unknown_types(raw_doc, table, locate)
         return PolicyCheck(None, tuple(issues))
     issues = _structural_issues(raw, table, locate)
     if any(issue.kind == "unknown-resource-type" for issue in issues):
@@ -297,6 +298,27 @@ def default_policy_text() -> str:
 def default_policy() -> Policy:
     """The shipped default policy, loaded and checked once, on first use (never at import)."""
     return load_policy(default_policy_text(), source=DEFAULT_POLICY_SOURCE)
+
+
+def _unknown_types(
+    raw_doc: Mapping[str, object], table: Classification, locate: _Locator
+) -> list[PolicyIssue]:
+    """Unknown resource types in a file that failed the schema, so one run lists them too."""
+    issues: list[PolicyIssue] = []
+    roles = raw_doc.get("roles")
+    for role, body in roles.items() if isinstance(roles, dict) else ():
+        rules = body.get("rules") if isinstance(body, dict) else None
+        for index, rule in enumerate(rules if isinstance(rules, list) else ()):
+            types = rule.get("types") if isinstance(rule, dict) else None
+            for t_index, name in enumerate(types if isinstance(types, list) else ()):
+                if isinstance(name, str) and name not in table.resource_types:
+                    loc = ("roles", str(role), "rules", index, "types", t_index)
+                    issues.append(
+                        PolicyIssue(
+                            "unknown-resource-type", _path_text(loc), "unknown type", locate(loc)
+                        )
+                    )
+    return issues
 
 
 def _structural_issues(

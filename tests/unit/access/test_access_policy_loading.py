@@ -168,3 +168,15 @@ def test_a_role_declared_twice_is_a_toml_error() -> None:
 def test_values_of_the_vocabulary_round_trip() -> None:
     assert Interaction("vread") is Interaction.VREAD
     assert PurposeOfUse("ETREAT") is PurposeOfUse.ETREAT
+
+
+def test_unknown_types_are_listed_beside_schema_errors() -> None:
+    text = replace_once(default_text(), 'types = ["Immunization"]', 'types = ["Vaccination"]')
+    text = replace_once(text, 'purposes = ["HRESCH"]', 'purposes = ["HRESCH"]\nsee_all = true')
+    checked = check_policy_text(text)
+    assert checked.policy is None
+    assert sorted((i.kind, i.path) for i in checked.issues) == [
+        ("schema", "roles.researcher.see_all"),
+        ("unknown-resource-type", "roles.service.rules[1].types[0]"),
+    ]
+    assert all(i.line is not None for i in checked.issues)
