@@ -35,6 +35,7 @@ from phivault.access.policy import Policy
 from phivault.access.vocabulary import (
     INTERACTION_PERMISSION,
     Interaction,
+    Operation,
     PurposeOfUse,
     Relationship,
     patient_types,
@@ -56,6 +57,7 @@ __all__ = [
     "RelationshipFacts",
     "ScopeClause",
     "SearchScope",
+    "allows_operation",
     "compile_policy",
     "decide",
     "groups_of_mask",
@@ -428,6 +430,23 @@ def search_scope(
         patient_only=all(s.context is ScopeContext.PATIENT for s in granting),
         patient_context=ctx.patient_context,
     )
+
+
+def allows_operation(
+    policy: CompiledPolicy, ctx: AccessContext, operation: Operation, *, patient: str | None = None
+) -> bool:
+    """Whether a role of the caller holds ``operation`` (audit events, access reports, review,
+    configuration, users). ``own-access-report`` holds only for the caller's own ``patient``."""
+    for role in ctx.roles:
+        body = policy.policy.roles.get(role)
+        if body is None or operation not in body.operations:
+            continue
+        if operation is Operation.OWN_ACCESS_REPORT:
+            if patient is not None and patient == _own_patient(ctx.fhir_user):
+                return True
+            continue
+        return True
+    return False
 
 
 def _related(required: Relationship | None, ctx: AccessContext, facts: RelationshipFacts) -> bool:

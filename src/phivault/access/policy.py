@@ -38,6 +38,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -80,7 +81,6 @@ __all__ = [
 ]
 
 DEFAULT_POLICY_SOURCE = "phivault/access/default_policy.toml"
-FORMAT_VERSION = 1
 
 
 # --- the typed policy ------------------------------------------------------------------------
@@ -392,7 +392,7 @@ def _build(raw: _RawPolicy) -> Policy:
             ),
             description=body.description,
         )
-    return Policy(roles)
+    return Policy(MappingProxyType(roles))
 
 
 # --- invariants ------------------------------------------------------------------------------

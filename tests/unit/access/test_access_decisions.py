@@ -15,12 +15,13 @@ from phivault.access.decision import (
     DenyReason,
     RelationshipFacts,
     ScopeClause,
+    allows_operation,
     compile_policy,
     decide,
     search_scope,
 )
 from phivault.access.policy import default_policy
-from phivault.access.vocabulary import Interaction, Relationship
+from phivault.access.vocabulary import Interaction, Operation, Relationship
 from phivault.identity.principal import Role, principal_from_claims
 from phivault.identity.scopes import parse_scopes
 from phivault.records.classification import ElementGroup as G
@@ -348,3 +349,17 @@ def test_a_grant_does_not_override_a_purpose_that_forbids(policy: CompiledPolicy
     assert denied(d, DenyReason.PURPOSE_NOT_PERMITTED)
     assert not search_scope(policy, c, "Condition", Interaction.UPDATE, now=NOW).admits(CARE)
     assert decide(policy, c, "Condition", Interaction.UPDATE, STRANGER, now=NOW).grant_id == "bg-1"
+
+
+def test_operations(policy: CompiledPolicy) -> None:
+    officer = ctx(Role.PRIVACY_OFFICER)
+    assert allows_operation(policy, officer, Operation.ACCESS_REPORTS)
+    assert allows_operation(policy, officer, Operation.BREAK_GLASS_REVIEW)
+    assert not allows_operation(policy, ctx(Role.ADMIN), Operation.AUDIT_EVENTS)
+    assert allows_operation(policy, ctx(Role.ADMIN), Operation.USERS)
+    me = ctx(Role.PATIENT, fhir_user="Patient/p1")
+    assert allows_operation(policy, me, Operation.OWN_ACCESS_REPORT, patient="p1")
+    assert not allows_operation(policy, me, Operation.OWN_ACCESS_REPORT, patient="p2")
+    assert not allows_operation(policy, me, Operation.OWN_ACCESS_REPORT)
+    assert not allows_operation(policy, me, Operation.ACCESS_REPORTS, patient="p1")
+    assert not allows_operation(policy, ctx(Role.CLINICIAN), Operation.BREAK_GLASS_REVIEW)
