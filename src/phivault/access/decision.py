@@ -23,6 +23,9 @@ Tenant isolation is checked first and always. Finally the token's SMART scopes m
 interaction's permission on the type (else ``scope-not-granted``): scopes narrow, never widen.
 Scopes with a fine-grained ``?query`` grant nothing yet (fail closed until the query layer can
 enforce them), and ``patient/`` scopes hold only inside the launch patient's compartment.
+
+:func:`search_scope` describes the same answer for a whole type at once (which rows a search
+may return) for the SQL layer; :func:`allows_operation` answers for non-record capabilities.
 """
 
 from __future__ import annotations
