@@ -1,4 +1,4 @@
-"""The ``phivault`` command: assembles the command groups of each part."""
+"""The ``phivault`` command: assembles the command groups of each part (one module each)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import typer
 from phivault.cli import init as init_cmd
 from phivault.cli import keys as keys_cmd
 from phivault.cli import ledger as ledger_cmd
+from phivault.cli import policy as policy_cmd
 from phivault.cli import serve as serve_cmd
 from phivault.cli import token as token_cmd
 
@@ -22,8 +23,7 @@ app.add_typer(ledger_cmd.app, name="ledger")
 app.add_typer(keys_cmd.app, name="keys")
 app.command("token")(token_cmd.token)
 app.command("serve")(serve_cmd.serve)
-app.add_typer(__import__("phivault.cli.policy").cli.policy.app, name="policy")
-# Command groups of other parts are added here: keys (crypto), token and serve (identity, api).
+app.add_typer(policy_cmd.app, name="policy")
 
 
 def run() -> None:
