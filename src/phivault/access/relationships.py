@@ -23,13 +23,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from phivault.records.care import VOID_STATUSES
 from phivault.records.search_params import parse_reference
 
 __all__ = ["CareLink", "care_links", "has_care_relationship"]
 
 _MEMBER_TYPES = frozenset({"Practitioner", "PractitionerRole"})
-_INACTIVE_CARE_TEAM = frozenset({"proposed", "suspended", "inactive", "entered-in-error"})
-_VOID_ENCOUNTER = frozenset({"cancelled", "entered-in-error"})
+_INACTIVE_CARE_TEAM = VOID_STATUSES["CareTeam"]
+_VOID_ENCOUNTER = VOID_STATUSES["Encounter"]
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -260,3 +260,45 @@ def test_care_relationship_scope_follows_care_teams_encounters_and_gps(
     with loaded.unit_of_work(read_only=True) as uow:  # another tenant's care team counts not
         other = uow.search("t2", query, scopes=[CareRelationshipScope("Practitioner", "pr1")])
     assert other.matches == () and other.total == 0
+
+
+def test_voided_care_records_establish_no_relationship(loaded: SqlRecordStore) -> None:
+    # The SQL scope and the access policy's Python check read the same voiding statuses.
+    voided = [
+        ("CareTeam", "member", "inactive"),
+        ("CareTeam", "member", "entered-in-error"),
+        ("Encounter", "individual", "cancelled"),
+        ("Encounter", "individual", "entered-in-error"),
+    ]
+    for number, (kind, member, status) in enumerate(voided):
+        practitioner = {"reference": f"Practitioner/prv{number}"}
+        put(
+            loaded,
+            {
+                "resourceType": kind,
+                "id": f"void{number}",
+                "status": status,
+                "subject": {"reference": "Patient/p1"},
+                "participant": [{member: practitioner}],
+            },
+        )
+    put(
+        loaded,
+        {
+            "resourceType": "Encounter",
+            "id": "live",
+            "status": "finished",
+            "subject": {"reference": "Patient/p1"},
+            "participant": [{"individual": {"reference": "Practitioner/prlive"}}],
+        },
+    )
+    query = parse_search("Observation", "_total=accurate")
+    with loaded.unit_of_work(read_only=True) as uow:
+        for number in range(len(voided)):
+            scope = CareRelationshipScope("Practitioner", f"prv{number}")
+            page = uow.search("t1", query, scopes=[scope])
+            assert page.matches == () and page.total == 0
+        live = uow.search("t1", query, scopes=[CareRelationshipScope("Practitioner", "prlive")])
+        own = uow.search("t1", query, scopes=[SubjectScope(frozenset({"p1"}))])
+    assert own.matches  # the patient has observations to see
+    assert [m.key for m in live.matches] == [m.key for m in own.matches]

@@ -30,6 +30,7 @@ from sqlalchemy import (
     FromClause,
     Select,
     and_,
+    exists,
     false,
     func,
     not_,
@@ -41,6 +42,7 @@ from sqlalchemy.sql.elements import UnaryExpression
 
 from phivault.crypto.blind_index import BlindToken, Normalization, normalize
 from phivault.errors import InvalidInput
+from phivault.records.care import VOID_STATUSES
 from phivault.records.query import (
     Criterion,
     DateValue,
@@ -292,12 +294,26 @@ CARE_LINKS: Final = (
 )
 
 
+def _has_status(record: FromClause, statuses: frozenset[str]) -> ColumnElement[bool]:
+    """The record (a row of the reference index) has one of ``statuses`` as its status."""
+    status = idx_token.alias("care_status")
+    return exists().where(
+        status.c.tenant == record.c.tenant,
+        status.c.resource_type == record.c.resource_type,
+        status.c.resource_id == record.c.resource_id,
+        status.c.param == "status",
+        status.c.code.in_(sorted(statuses)),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class CareRelationshipScope:
     """Only resources of patients the caller (``Practitioner/<id>``, ``PractitionerRole``...)
     has a care relationship with: a participant of one of their CareTeams or Encounters, or
     their general practitioner. Read from the current versions' reference index, in the same
-    query (correlated on the searched tenant), so totals and paging count only those."""
+    query (correlated on the searched tenant), so totals and paging count only those. Voided
+    records establish nothing (``phivault.records.care.VOID_STATUSES``, shared with the
+    access policy's Python check)."""
 
     practitioner_type: str
     practitioner_id: str
@@ -325,6 +341,7 @@ class CareRelationshipScope:
                 via.c.target_id == self.practitioner_id,
                 to.c.param == patient,
                 to.c.target_type == "Patient",
+                ~_has_status(via, VOID_STATUSES[kind]),
             )
             for kind, through, patient in CARE_LINKS
         ]
