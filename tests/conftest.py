@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from postgres_support import require_postgres
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repository beside ../shared; so does every developer's checkout.
 SHARED = Path(os.environ.get("PHIVAULT_SHARED", REPO_ROOT.parent / "shared"))
@@ -18,3 +20,9 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"shared fixtures not found at {FIXTURES} (set PHIVAULT_SHARED)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The PostgreSQL admin connection string; fails the test clearly if the server is down."""
+    return require_postgres()

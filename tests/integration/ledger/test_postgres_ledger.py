@@ -23,7 +23,7 @@ from typing import Protocol
 import psycopg
 import pytest
 from psycopg import sql
-from test_postgres_support import PgLedger, pg_fixture, postgres_fixture  # noqa: F401
+from test_postgres_support import PgLedger, pg_fixture  # noqa: F401
 
 from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.datadir import DataDir

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from test_postgres_support import PgLedger, pg_fixture, postgres_fixture  # noqa: F401
+from test_postgres_support import PgLedger, pg_fixture  # noqa: F401
 
 from phivault.errors import ConfigurationError
 from phivault.ledger.errors import LedgerLocked, LedgerUnavailable

@@ -1,7 +1,7 @@
 """Shared fixtures for the PostgreSQL ledger store tests (this module holds no tests).
 
-Test modules import ``pg_fixture`` and ``postgres_fixture`` (registered as ``pg`` and
-``postgres``).
+Test modules import ``pg_fixture`` (registered as ``pg``); the ``postgres`` fixture it needs
+comes from tests/conftest.py (tests/postgres_support.py).
 
 Each test gets its own schema and its own application role, both with random names, and both
 are dropped afterwards, so tests never depend on each other or on leftovers. If PostgreSQL is
@@ -13,7 +13,6 @@ server, database ``test``, user ``postgres``, trust authentication).
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +23,6 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from phivault.ledger.postgres_store import PostgresLedgerStore, create_ledger_schema
-
-ADMIN_CONNINFO = os.environ.get(
-    "PHIVAULT_TEST_POSTGRES", "host=127.0.0.1 port=5432 dbname=test user=postgres"
-)
 
 
 @dataclass(frozen=True)
@@ -53,21 +48,6 @@ class PgLedger:
                 if cur.description is not None:
                     rows.extend(cur.fetchall())
         return rows
-
-
-@pytest.fixture(scope="session", name="postgres")
-def postgres_fixture() -> str:
-    try:
-        with psycopg.connect(ADMIN_CONNINFO, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable with PHIVAULT_TEST_POSTGRES={ADMIN_CONNINFO!r}.\n"
-            "CI starts it; locally, start PostgreSQL (trust auth, database 'test') or point "
-            f"PHIVAULT_TEST_POSTGRES at a superuser connection.\n{str(exc).strip()}",
-            pytrace=False,
-        )
-    return ADMIN_CONNINFO
 
 
 @pytest.fixture(name="pg")

@@ -18,24 +18,9 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
-from records_store_support import ADMIN_CONNINFO, StoreFactory
+from records_store_support import StoreFactory
 
 from phivault.records.store import SqlRecordStore
-
-
-@pytest.fixture(scope="session")
-def postgres_up() -> str:
-    try:
-        with psycopg.connect(ADMIN_CONNINFO, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable with PHIVAULT_TEST_POSTGRES={ADMIN_CONNINFO!r}.\n"
-            "CI starts it; locally, start PostgreSQL (trust auth, database 'test') or point "
-            f"PHIVAULT_TEST_POSTGRES at a superuser connection.\n{str(exc).strip()}",
-            pytrace=False,
-        )
-    return ADMIN_CONNINFO
 
 
 @contextmanager
@@ -48,7 +33,7 @@ def _factory(request: pytest.FixtureRequest, directory: Path) -> Iterator[StoreF
         finally:
             factory.close_all()
         return
-    admin = request.getfixturevalue("postgres_up")
+    admin = request.getfixturevalue("postgres")
     schema = f"pv_records_{secrets.token_hex(6)}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))

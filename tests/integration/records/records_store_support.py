@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +9,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL
 
 from phivault.records.store import SqlRecordStore
-
-ADMIN_CONNINFO = os.environ.get(
-    "PHIVAULT_TEST_POSTGRES", "host=127.0.0.1 port=5432 dbname=test user=postgres"
-)
+from postgres_support import ADMIN_CONNINFO
 
 
 def postgres_url() -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from records_store_support import ADMIN_CONNINFO, StoreFactory
+from records_store_support import StoreFactory
 
 from phivault.crypto.keyring import KeyRing
 from phivault.crypto.keystore import SqliteKeyStore
@@ -34,6 +34,7 @@ from phivault.records.store import (
     VersionConflict,
     blind_terms,
 )
+from postgres_support import ADMIN_CONNINFO
 
 TENANT = "t1"
 NOW = datetime(2026, 11, 22, 5, 0, tzinfo=UTC)
