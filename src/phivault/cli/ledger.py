@@ -173,6 +173,7 @@ def _tampered(output: Output, exc: LedgerTampered) -> None:
 
 @app.command()
 def verify(
+    *,
     data_dir: DataDirOption = default_data_dir(),
     json_mode: JsonOption = False,
     bundle: Annotated[
@@ -188,6 +189,14 @@ def verify(
             help="A checkpoint note seen earlier (e.g. from a witness): detects rollback."
         ),
     ] = None,
+    thorough: Annotated[
+        bool,
+        typer.Option(
+            "--thorough",
+            help="Also check every entry's seq, chain link and form, not only those no "
+            "checkpoint covers yet (slower; shows that what was signed is well-formed).",
+        ),
+    ] = False,
 ) -> None:
     """Re-hash every entry, rebuild the tree, check every checkpoint signature and consistency.
 
@@ -207,12 +216,16 @@ def verify(
             loaded = read_bundle(bundle)
             with output.progress("verifying bundle", total=len(loaded.entries)) as bar:
                 report = verify_bundle(
-                    loaded, trusted_key, trusted_checkpoint=trusted_note, progress=bar.reporter()
+                    loaded,
+                    trusted_key,
+                    trusted_checkpoint=trusted_note,
+                    progress=bar.reporter(),
+                    thorough=thorough,
                 )
             _report_verified(output, report, str(bundle))
             return
         directory = open_data_dir(output, data_dir)
-        report = _verify_local(output, directory, trusted_key, trusted_note)
+        report = _verify_local(output, directory, trusted_key, trusted_note, thorough=thorough)
         _report_verified(output, report, str(directory.path))
     except LedgerTampered as exc:
         _tampered(output, exc)
@@ -221,7 +234,12 @@ def verify(
 
 
 def _verify_local(
-    output: Output, directory: DataDir, trusted_key: str | None, trusted_note: str | None
+    output: Output,
+    directory: DataDir,
+    trusted_key: str | None,
+    trusted_note: str | None,
+    *,
+    thorough: bool,
 ) -> VerificationReport:
     verifier = NoteVerifier.from_verifier_key(trusted_key or verifier_key_of(directory))
     with open_ledger_readonly(directory) as store:
@@ -238,6 +256,7 @@ def _verify_local(
                 origin=directory.origin,
                 trusted_checkpoint=trusted_note,
                 progress=bar.reporter(),
+                thorough=thorough,
             )
 
 

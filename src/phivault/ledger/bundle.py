@@ -125,8 +125,12 @@ def verify_bundle(
     *,
     trusted_checkpoint: str | None = None,
     progress: Callable[[int], None] | None = None,
+    thorough: bool = False,
 ) -> VerificationReport:
-    """Verify a bundle against a verifier key the caller trusts. Raises LedgerTampered."""
+    """Verify a bundle against a verifier key the caller trusts. Raises LedgerTampered.
+
+    ``thorough`` runs the structural checks on every entry (see ``verify_ledger``).
+    """
     try:
         verifier = NoteVerifier.from_verifier_key(trusted_key)
     except (InvalidProof, ValueError) as exc:
@@ -150,6 +154,7 @@ def verify_bundle(
         origin=bundle.origin,
         trusted_checkpoint=trusted_checkpoint,
         progress=progress,
+        thorough=thorough,
     )
     if report.uncovered:
         raise LedgerTampered(

@@ -217,3 +217,34 @@ def test_a_trusted_checkpoint_detects_a_rollback_of_everything(
     with pytest.raises(LedgerTampered) as caught:  # ...but not with what a witness saw
         verify_bundle(older, key, trusted_checkpoint=bundle.checkpoints[2])
     assert (caught.value.kind, caught.value.index) == (TamperKind.TRUNCATED, 25)
+
+
+def test_thorough_verification_finds_a_malformed_history_that_was_signed(
+    genuine: tuple[Bundle, str],
+) -> None:
+    # A faulty (or dishonest) writer signs a history whose entry 7 repeats seq 6. The signed
+    # roots match the entries, so the default check passes; --thorough finds the entry.
+    bundle, _key = genuine
+    entries: list[bytes | Damaged] = []
+    previous = bytes(32)
+    for index, original in enumerate(bundle.entries):
+        assert isinstance(original, bytes)
+        document = json.loads(original)
+        document["chain"] = base64.b64encode(previous).decode()
+        if index == 7:
+            document["seq"] = 6
+        leaf = canonical_json(document)
+        entries.append(leaf)
+        previous = leaf_hash(leaf)
+    tree = MerkleTree(b"".join(leaf_hash(e) for e in entries))  # type: ignore[arg-type]
+    writer = Ed25519NoteSigner.generate(bundle.origin)
+    signed = Bundle(
+        bundle.origin,
+        writer.verifier_key,
+        entries,
+        [sign_checkpoint(Checkpoint(bundle.origin, SIZE, tree.root(SIZE)), writer)],
+    )
+    assert verify_bundle(signed, writer.verifier_key).entries == SIZE
+    with pytest.raises(LedgerTampered) as caught:
+        verify_bundle(signed, writer.verifier_key, thorough=True)
+    assert (caught.value.kind, caught.value.index) == (TamperKind.MODIFIED, 7)
