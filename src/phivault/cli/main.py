@@ -7,6 +7,7 @@ import typer
 from phivault.cli import init as init_cmd
 from phivault.cli import keys as keys_cmd
 from phivault.cli import ledger as ledger_cmd
+from phivault.cli import load as load_cmd
 from phivault.cli import policy as policy_cmd
 from phivault.cli import serve as serve_cmd
 from phivault.cli import token as token_cmd
@@ -24,6 +25,7 @@ app.add_typer(keys_cmd.app, name="keys")
 app.command("token")(token_cmd.token)
 app.command("serve")(serve_cmd.serve)
 app.add_typer(policy_cmd.app, name="policy")
+app.command("load")(load_cmd.load)
 
 
 def run() -> None:
