@@ -245,7 +245,7 @@ def _search_escape(text: str) -> str:
     # string cannot carry as is (&, #, +, %, spaces...); URLs and plain values stay readable.
     escaped = text.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,")
     escaped = escaped.replace("$", "\\$")
-    return quote(escaped, safe=":/\\-._~@!*'()")
+    return quote(escaped, safe=":/\\|,$-._~@!*'()")
 
 
 def identifier_condition(resource: dict[str, Any]) -> str | None:
