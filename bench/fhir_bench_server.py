@@ -1,0 +1,124 @@
+"""The server side of ``bench/fhir_bench.py``: the real app, one uvicorn worker, in its own
+process, as ``phivault serve`` would run it, on a data directory made by ``phivault init``.
+
+    python bench/fhir_bench_server.py --mode production --data-dir D --port P \
+        --issuer-file ISSUER.json --shares-file SHARES.json [--profile OUT.prof]
+
+Modes (the settings are printed on stderr, and in the benchmark's JSON line):
+
+* ``production``: ``Settings(environment="production")``; the key ring unsealed with unseal
+  shares, as an operator would; the only change is rate limits raised out of the way (a
+  load generator on loopback is one address and a handful of principals);
+* ``controls-off``: development environment (production refuses the switches) with
+  ``records.bench_audit_off`` and ``records.bench_encryption_off``, everything else equal;
+* ``policy-off``: development environment with ``records.bench_policy_off`` only.
+
+The token issuer is a test issuer (``phivault.identity.testing.FakeIssuer`` in the
+orchestrator); this process trusts its public key from ISSUER.json. ``--profile`` runs the
+server under cProfile and writes the stats when it stops (SIGTERM stops it cleanly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+UNLIMITED = "100000000/minute"
+
+MODES = {
+    "production": "production environment, every control on (rate limits raised)",
+    "controls-off": (
+        "development environment (production refuses the switches) with records.bench_audit_off "
+        "and records.bench_encryption_off; everything else equal (rate limits raised)"
+    ),
+    "policy-off": (
+        "development environment (production refuses the switch) with records.bench_policy_off "
+        "only; audit and encryption on, everything else equal (rate limits raised)"
+    ),
+}
+
+
+def settings_for(mode: str, data_dir: Path) -> Any:
+    from phivault.settings import ApiSettings, RecordsSettings, Settings
+
+    api = ApiSettings(rate_limit_per_address=UNLIMITED, rate_limit_per_principal=UNLIMITED)
+    if mode == "production":
+        return Settings(environment="production", data_dir=data_dir, api=api)
+    records = (
+        RecordsSettings(bench_audit_off=True, bench_encryption_off=True)
+        if mode == "controls-off"
+        else RecordsSettings(bench_policy_off=True)
+    )
+    return Settings(environment="development", data_dir=data_dir, api=api, records=records)
+
+
+def _factory(name: str) -> Callable[..., Any]:
+    module, _, attr = name.partition(":")
+    factory: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+    return factory
+
+
+async def run(args: argparse.Namespace) -> None:
+    import uvicorn
+    from joserfc import jwk
+
+    from phivault.datadir import DataDir
+    from phivault.identity.jwks import StaticKeySource
+
+    issuer = json.loads(Path(args.issuer_file).read_text())
+    public = jwk.import_key(issuer["jwk"])
+    source = StaticKeySource({issuer["kid"]: public})  # type: ignore[dict-item]
+    shares = json.loads(Path(args.shares_file).read_text())["shares"]
+    settings = settings_for(args.mode, Path(args.data_dir))
+    open_service = _factory(args.service)
+    async with open_service(
+        settings,
+        DataDir.open(Path(args.data_dir)),
+        key_sources={issuer["issuer"]: source},
+        unseal_shares=shares,
+    ) as app:
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=args.port,
+            workers=1,
+            access_log=False,
+            server_header=False,
+            log_level="warning",
+            lifespan="on",
+        )
+        await uvicorn.Server(config).serve()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=sorted(MODES), required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--issuer-file", required=True)
+    parser.add_argument("--shares-file", required=True)
+    parser.add_argument("--profile", help="write cProfile stats here when the server stops")
+    # What builds the app (a test double can stand in while the real one is being written).
+    parser.add_argument("--service", default="phivault.api.serve:open_service")
+    args = parser.parse_args()
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            asyncio.run(run(args))
+        finally:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+    else:
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
