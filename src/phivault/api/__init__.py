@@ -2,7 +2,8 @@
 
 Build it with :func:`create_app`; mount routers behind it with :class:`MountedRouter`; routes
 receive the caller through :data:`CurrentPrincipal` / :data:`SteppedUp` and record audit events
-through :data:`AuditCtx` (see :mod:`phivault.api.context`).
+through :data:`AuditCtx` (see :mod:`phivault.api.context`). The FHIR R4 routes are in
+:mod:`phivault.api.fhir` (imported on its own: it brings in the records layer).
 """
 
 from phivault.api.app import create_app
@@ -21,8 +22,10 @@ from phivault.api.problems import (
     BadRequest,
     Conflict,
     Forbidden,
+    Gone,
     HttpProblem,
     MethodNotAllowed,
+    NotAcceptable,
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
@@ -40,9 +43,11 @@ __all__ = [
     "Conflict",
     "CurrentPrincipal",
     "Forbidden",
+    "Gone",
     "HttpProblem",
     "MethodNotAllowed",
     "MountedRouter",
+    "NotAcceptable",
     "NotFound",
     "PayloadTooLarge",
     "PreconditionFailed",

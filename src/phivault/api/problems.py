@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from phivault.errors import ConfigurationError, InvalidInput, PhivaultError, StoreUnavailable
 from phivault.identity.errors import AuthenticationError, IdentityUnavailable
@@ -22,8 +23,10 @@ __all__ = [
     "BadRequest",
     "Conflict",
     "Forbidden",
+    "Gone",
     "HttpProblem",
     "MethodNotAllowed",
+    "NotAcceptable",
     "NotFound",
     "PayloadTooLarge",
     "PreconditionFailed",
@@ -33,6 +36,7 @@ __all__ = [
     "Unprocessable",
     "UnsupportedMediaType",
     "operation_outcome",
+    "operation_outcome_doc",
     "problem_for",
 ]
 
@@ -45,7 +49,9 @@ _ISSUE_CODE = {
     403: "forbidden",
     404: "not-found",
     405: "not-supported",
+    406: "not-supported",
     409: "conflict",
+    410: "deleted",
     412: "conflict",
     413: "too-costly",
     415: "not-supported",
@@ -60,7 +66,9 @@ _DEFAULT_TEXT = {
     403: "access to this resource is not allowed",
     404: "the resource or endpoint was not found",
     405: "the method is not allowed on this endpoint",
+    406: "the requested format is not supported; use application/fhir+json",
     409: "the request conflicts with the current state",
+    410: "the resource was deleted",
     412: "the resource version does not match If-Match",
     413: "the request body is too large",
     415: "the content type is not supported; use application/fhir+json",
@@ -72,16 +80,22 @@ _DEFAULT_TEXT = {
 
 
 class HttpProblem(PhivaultError):
-    """An error with an HTTP status. ``diagnostics`` must not contain PHI (ids and paths only)."""
+    """An error with an HTTP status. ``diagnostics`` must not contain PHI (ids and paths only);
+    ``expression`` names the failing element (``Patient.birthDate``), never its value."""
 
     status: int = 400
 
     def __init__(
-        self, diagnostics: str | None = None, *, headers: Mapping[str, str] | None = None
+        self,
+        diagnostics: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        expression: str | None = None,
     ) -> None:
         super().__init__(diagnostics or _DEFAULT_TEXT.get(self.status, "error"))
         self.diagnostics = diagnostics or _DEFAULT_TEXT.get(self.status, "error")
         self.headers = dict(headers or {})
+        self.expression = expression
 
 
 class BadRequest(HttpProblem):
@@ -100,8 +114,18 @@ class MethodNotAllowed(HttpProblem):
     status = 405
 
 
+class NotAcceptable(HttpProblem):
+    status = 406
+
+
 class Conflict(HttpProblem):
     status = 409
+
+
+class Gone(HttpProblem):
+    """410: the resource existed and was deleted (FHIR read of a tombstone)."""
+
+    status = 410
 
 
 class PreconditionFailed(HttpProblem):
@@ -145,19 +169,30 @@ class Problem:
     reason: str = "error"
 
 
-def operation_outcome(status: int, diagnostics: str | None = None) -> bytes:
-    """The OperationOutcome JSON for ``status``."""
-    doc = {
-        "resourceType": "OperationOutcome",
-        "issue": [
-            {
-                "severity": "error" if status < 500 else "fatal",
-                "code": _ISSUE_CODE.get(status, "exception" if status >= 500 else "invalid"),
-                "diagnostics": diagnostics or _DEFAULT_TEXT.get(status, "error"),
-            }
-        ],
+def operation_outcome_doc(
+    status: int, diagnostics: str | None = None, *, expression: str | None = None
+) -> dict[str, Any]:
+    """The OperationOutcome for ``status`` as a document (batch responses embed it)."""
+    issue: dict[str, Any] = {
+        "severity": "error" if status < 500 else "fatal",
+        "code": _ISSUE_CODE.get(status, "exception" if status >= 500 else "invalid"),
+        "diagnostics": diagnostics or _DEFAULT_TEXT.get(status, "error"),
     }
+    if expression:
+        issue["expression"] = [expression]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def operation_outcome(
+    status: int, diagnostics: str | None = None, *, expression: str | None = None
+) -> bytes:
+    """The OperationOutcome JSON for ``status``."""
+    doc = operation_outcome_doc(status, diagnostics, expression=expression)
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _path_of(exc: BaseException) -> str | None:
+    return exc.path if isinstance(exc, InvalidInput) else None
 
 
 def problem_for(
@@ -168,7 +203,8 @@ def problem_for(
 ) -> Problem:
     """Map any exception to the answer the caller gets. ``challenge``: the WWW-Authenticate."""
     if isinstance(exc, HttpProblem):
-        return Problem(exc.status, operation_outcome(exc.status, exc.diagnostics), exc.headers)
+        body = operation_outcome(exc.status, exc.diagnostics, expression=exc.expression)
+        return Problem(exc.status, body, exc.headers)
     if isinstance(exc, AuthenticationError):
         headers = {"WWW-Authenticate": challenge} if challenge else {}
         return Problem(401, operation_outcome(401, exc.message), headers, reason=exc.reason)
@@ -177,9 +213,11 @@ def problem_for(
     for exc_type, status in (extra or {}).items():
         if isinstance(exc, exc_type):
             text = str(exc) if isinstance(exc, PhivaultError) else None
-            return Problem(status, operation_outcome(status, text), reason=exc_type.__name__)
+            body = operation_outcome(status, text, expression=_path_of(exc))
+            return Problem(status, body, reason=exc_type.__name__)
     if isinstance(exc, InvalidInput):
-        return Problem(400, operation_outcome(400, str(exc)), reason="invalid-input")
+        body = operation_outcome(400, str(exc), expression=exc.path)
+        return Problem(400, body, reason="invalid-input")
     if isinstance(exc, ConfigurationError):
         return Problem(503, operation_outcome(503), {"Retry-After": "5"}, reason="configuration")
     return Problem(500, operation_outcome(500), reason="internal")

@@ -33,8 +33,19 @@ __all__ = [
     "whoami_document",
 ]
 
+# /fhir/metadata (the CapabilityStatement) is public as FHIR asks: a client reads it before it
+# has a token, to learn the security service. It carries no PHI and records no audit event, so
+# it keeps answering when the ledger is down.
 PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/fhir/metadata",
+    }
 )
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 DEV_PATHS = frozenset({"/.well-known/jwks.json", "/.well-known/openid-configuration"})

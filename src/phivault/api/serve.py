@@ -1,19 +1,27 @@
 """Running the API with uvicorn: the composition root for ``phivault serve``.
 
-It opens the data directory's audit ledger, builds the app with :func:`create_app` around it,
-and serves it. With a certificate it serves HTTPS only, TLS 1.2 at least (TLS 1.3 is
-negotiated whenever the client supports it). The embedded ledger has exactly one writer per
-data directory, so ``--workers`` above 1 is refused in the embedded shape rather than having
-workers fight over the ledger lock.
+:func:`open_service` opens the data directory's audit ledger, the key ring, the records store
+and repository (settling write intents a crash left open), and builds the app with
+:func:`create_app` around them: the FHIR routes at ``/fhir`` and key custody at
+``/admin/keys``. :func:`serve` runs that app with uvicorn; the benchmark opens the same service
+with production settings. Everything is closed again, in reverse order, on exit.
+
+With a certificate it serves HTTPS only, TLS 1.2 at least (TLS 1.3 is negotiated whenever the
+client supports it). The embedded ledger has exactly one writer per data directory, so
+``--workers`` above 1 is refused in the embedded shape rather than having workers fight over
+the ledger lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -21,7 +29,13 @@ from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError
 from phivault.settings import Settings
 
-__all__ = ["ServeOptions", "serve", "tls_context"]
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from phivault.identity.jwks import KeySource
+    from phivault.records.store import SqlRecordStore
+
+__all__ = ["ServeOptions", "open_service", "records_store_url", "serve", "tls_context"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +85,98 @@ def serve(
     asyncio.run(_serve(settings, data_dir, options, context, on_ready))
 
 
+def records_store_url(settings: Settings, data_dir: DataDir) -> str:
+    """The records database: the configured URL, else SQLite in the data directory."""
+    if settings.records.store_url:
+        return settings.records.store_url
+    return f"sqlite:///{data_dir.records_dir}/records.db"
+
+
+def _open_store(settings: Settings, data_dir: DataDir) -> SqlRecordStore:
+    from phivault.records.store import SqlRecordStore
+
+    if not settings.records.store_url:
+        data_dir.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return SqlRecordStore(
+        records_store_url(settings, data_dir), schema=settings.records.store_schema
+    )
+
+
+@asynccontextmanager
+async def open_service(
+    settings: Settings,
+    data_dir: DataDir,
+    *,
+    key_sources: Mapping[str, KeySource] | None = None,
+    unseal_shares: Sequence[str] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[FastAPI]:
+    """The whole service on ``data_dir``, ready to serve, closed on exit.
+
+    ``key_sources`` adds trusted token issuers (the benchmark's); ``unseal_shares`` unseals
+    the key ring (otherwise it unseals itself where it can, or waits for operators at
+    ``/admin/keys/unseal``, and ``/readyz`` says "not ready" until then).
+    """
+    from phivault.access.decision import compile_policy
+    from phivault.access.policy import default_policy
+    from phivault.api.app import create_app
+    from phivault.api.context import MountedRouter
+    from phivault.api.fhir import FHIR_PREFIX, fhir_router
+    from phivault.api.keys import UnsealState, keys_router, require_unsealed
+    from phivault.crypto import open_keyring
+    from phivault.ledger.service import open_ledger
+    from phivault.records.repository import RecordControls, RecordsRepository
+
+    records = settings.records
+    credentials = list(unseal_shares) if unseal_shares is not None else None
+    async with (
+        open_ledger(data_dir, settings.ledger) as ledger,
+        open_keyring(data_dir, settings, ledger, credentials=credentials) as ring,
+    ):
+        store = await asyncio.to_thread(_open_store, settings, data_dir)
+        try:
+            repository = RecordsRepository(
+                store,
+                ring,
+                compile_policy(default_policy()),
+                clock=clock,
+                controls=RecordControls(
+                    audit=not records.bench_audit_off,
+                    encryption=not records.bench_encryption_off,
+                    policy=not records.bench_policy_off,
+                ),
+                max_bundle_entries=records.max_bundle_entries,
+            )
+            # Settle the write intents a crash left open before serving anything.
+            reconcile: Callable[[object], Awaitable[object]] | None = getattr(
+                repository, "reconcile", None
+            )
+            if reconcile is not None:
+                await reconcile(ledger)
+            unseal = UnsealState(ring)
+
+            async def keys_unsealed() -> None:
+                await require_unsealed(unseal)
+
+            yield create_app(
+                settings,
+                audit_sink=ledger,
+                data_dir=data_dir,
+                key_sources=key_sources,
+                routers=[
+                    MountedRouter(keys_router(), prefix="/admin/keys"),
+                    MountedRouter(
+                        fhir_router(default_count=records.default_count), prefix=FHIR_PREFIX
+                    ),
+                ],
+                state={"unseal": unseal, "records": repository},
+                readiness_checks=[keys_unsealed],
+                clock=clock,
+            )
+        finally:
+            store.close()
+
+
 async def _serve(
     settings: Settings,
     data_dir: DataDir,
@@ -78,31 +184,7 @@ async def _serve(
     context: ssl.SSLContext | None,
     on_ready: Callable[[str], None] | None,
 ) -> None:
-    from phivault.api.app import create_app
-    from phivault.api.context import MountedRouter
-    from phivault.api.keys import UnsealState, keys_router, require_unsealed
-    from phivault.crypto import open_keyring
-    from phivault.ledger.service import open_ledger
-
-    async with (
-        open_ledger(data_dir, settings.ledger) as ledger,
-        # Sealed unless it can unseal itself (HSM PIN, KMS, or the dev unseal file); operators
-        # then unseal it at /admin/keys/unseal, and /readyz says "not ready" until they do.
-        open_keyring(data_dir, settings, ledger) as ring,
-    ):
-        unseal = UnsealState(ring)
-
-        async def keys_unsealed() -> None:
-            await require_unsealed(unseal)
-
-        app = create_app(
-            settings,
-            audit_sink=ledger,
-            data_dir=data_dir,
-            routers=[MountedRouter(keys_router(), prefix="/admin/keys")],
-            state={"unseal": unseal},
-            readiness_checks=[keys_unsealed],
-        )
+    async with open_service(settings, data_dir) as app:
         config = uvicorn.Config(
             app,
             host=options.host,

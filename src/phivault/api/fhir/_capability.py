@@ -1,0 +1,117 @@
+"""The CapabilityStatement at ``/fhir/metadata``: exactly what this server supports.
+
+Why it is derived rather than written by hand: the resource types come from the element
+classification (a type without one cannot be stored) and the search parameters from the
+search parameter table, so the statement cannot drift from what the routes and the
+repository actually do. A type without search parameters (nothing to search it by) lists
+no ``search-type`` and no conditional create or update, which need a search.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+
+from phivault.api.fhir._http import instant
+from phivault.records.classification import Classification
+from phivault.records.search_params import ParamType, UnknownSearchParameter, search_params
+
+__all__ = ["FHIR_VERSION", "capability_statement"]
+
+FHIR_VERSION: Final = "4.0.1"
+_SEARCH_TYPE: Final = {
+    ParamType.TOKEN: "token",
+    ParamType.TELECOM: "token",
+    ParamType.STRING: "string",
+    ParamType.DATE: "date",
+    ParamType.REFERENCE: "reference",
+}
+_INTERACTIONS: Final = (
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+)
+_SMART: Final = {
+    "coding": [
+        {
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR",
+        }
+    ],
+    "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)",
+}
+_SPEC_PARAMS: Final = {
+    "_id": "http://hl7.org/fhir/SearchParameter/Resource-id",
+    "_lastUpdated": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+}
+
+
+def _params_of(resource_type: str) -> dict[str, Any]:
+    try:
+        return dict(search_params(resource_type))
+    except UnknownSearchParameter:  # a type nothing can be searched by
+        return {}
+
+
+def _resource(resource_type: str) -> dict[str, Any]:
+    params = _params_of(resource_type)
+    searchable = bool(params)
+    interactions = list(_INTERACTIONS) + (["search-type"] if searchable else [])
+    entry: dict[str, Any] = {
+        "type": resource_type,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{resource_type}",
+        "interaction": [{"code": code} for code in interactions],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": searchable,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": searchable,
+        "conditionalDelete": "not-supported",
+        "referencePolicy": ["literal", "local"],
+    }
+    includes = [f"{resource_type}:{name}" for name in ("patient", "subject") if name in params]
+    if includes:
+        entry["searchInclude"] = includes
+    if params:
+        rows = []
+        for name, param in sorted(params.items()):
+            row: dict[str, Any] = {"name": name, "type": _SEARCH_TYPE[param.type]}
+            if name in _SPEC_PARAMS:
+                row["definition"] = _SPEC_PARAMS[name]
+            rows.append(row)
+        entry["searchParam"] = rows
+    return entry
+
+
+def capability_statement(
+    classification: Classification, *, base_url: str, published: datetime, software_version: str
+) -> dict[str, Any]:
+    """The server's CapabilityStatement (``kind: instance``) for ``base_url``."""
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": instant(published),
+        "publisher": "phivault",
+        "kind": "instance",
+        "software": {"name": "phivault", "version": software_version},
+        "implementation": {"description": "phivault FHIR R4 server", "url": base_url},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": (
+                    "Every interaction needs a bearer token (SMART on FHIR v2 scopes); "
+                    "access is decided per request and recorded in the audit ledger first."
+                ),
+                "security": {"cors": False, "service": [_SMART]},
+                "resource": [_resource(name) for name in sorted(classification.resource_types)],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            }
+        ],
+    }

@@ -1,0 +1,446 @@
+"""The FHIR R4 REST routes: every interaction goes to the records repository with a Caller.
+
+Why the routes are thin: access decisions, audit events, encryption and versioning all
+happen in :class:`~phivault.records.repository.RecordsRepository` (invariants 1-3); the
+routes only check what the URL and body say about themselves (a known type, a well-formed id,
+a body whose type and id agree with the URL), read the FHIR headers, call one repository
+method and present its result. The repository's errors become OperationOutcomes through one
+translation (:mod:`phivault.api.fhir._errors`), applied by the route class to every route.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+from urllib.parse import parse_qsl, urlencode
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+
+from phivault.access.decision import AccessContext
+from phivault.api.context import AuditCtx, CurrentPrincipal
+from phivault.api.fhir._bundles import (
+    OFFSET_PARAM,
+    history_bundle,
+    searchset_bundle,
+    transaction_response,
+)
+from phivault.api.fhir._capability import capability_statement
+from phivault.api.fhir._errors import translate
+from phivault.api.fhir._http import (
+    FORMAT_PARAMS,
+    Prefer,
+    check_format,
+    fhir_response,
+    information_outcome,
+    parse_count,
+    parse_if_match,
+    parse_offset,
+    parse_prefer,
+    query_pairs,
+    read_json_object,
+    version_headers,
+)
+from phivault.api.problems import BadRequest, HttpProblem, NotFound, ServiceUnavailable
+from phivault.errors import PhivaultError
+from phivault.records.classification import Classification, default_classification
+from phivault.records.query import (
+    MAX_COUNT,
+    UnknownSearchParameter,
+    UnsupportedSearch,
+    parse_search,
+)
+from phivault.records.repository import Caller, RecordsRepository, RecordVersion
+
+__all__ = ["FHIR_PREFIX", "FhirRoute", "fhir_router"]
+
+FHIR_PREFIX: Final = "/fhir"
+_ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_VERSION_RE: Final = re.compile(r"^[1-9][0-9]{0,17}$")
+#: Parameters a history interaction takes; FHIR's ``_since``/``_at``/``_list`` are not
+#: supported (refused with a 400, or ignored under ``Prefer: handling=lenient``).
+_HISTORY_PARAMS: Final = frozenset({"_count", OFFSET_PARAM}) | FORMAT_PARAMS
+_FORM: Final = "application/x-www-form-urlencoded"
+
+
+class FhirRoute(APIRoute):
+    """A route whose records-layer errors become the FHIR answer (404, 410, 412...)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except HttpProblem:
+                raise
+            except PhivaultError as exc:
+                problem = translate(exc, if_match="if-match" in request.headers)
+                if problem is None:
+                    raise
+                raise problem from exc
+
+        return route
+
+
+async def _repository(request: Request) -> RecordsRepository:
+    repo = getattr(request.app.state, "records", None)
+    if not isinstance(repo, RecordsRepository):
+        raise ServiceUnavailable("the records service is not configured")
+    return repo
+
+
+async def _caller(principal: CurrentPrincipal, audit: AuditCtx) -> Caller:
+    return Caller(AccessContext.from_principal(principal), audit)
+
+
+Repo = Annotated[RecordsRepository, Depends(_repository)]
+FhirCaller = Annotated[Caller, Depends(_caller)]
+
+
+def _base(request: Request) -> str:
+    """The FHIR base URL: the configured public URL, else the one the request addressed."""
+    public: str | None = getattr(request.app.state.front_door, "public_url", None)
+    root = public or str(request.base_url)
+    return root.rstrip("/") + FHIR_PREFIX
+
+
+def _now(request: Request) -> datetime:
+    clock: Callable[[], float] = request.app.state.clock
+    return datetime.fromtimestamp(clock(), UTC)
+
+
+def _check_id(resource_id: str) -> None:
+    if not _ID_RE.match(resource_id):
+        raise BadRequest("not a FHIR resource id", expression="id")
+
+
+def _check_body(
+    body: dict[str, Any], resource_type: str, resource_id: str | None, *, id_required: bool
+) -> None:
+    declared = body.get("resourceType")
+    if not isinstance(declared, str):
+        raise BadRequest("the resource has no resourceType", expression="resourceType")
+    if declared != resource_type:
+        raise BadRequest(
+            "resourceType does not match the type in the URL", expression="resourceType"
+        )
+    if resource_id is None:
+        return
+    body_id = body.get("id")
+    if body_id is None and id_required:
+        raise BadRequest("an update needs the resource's id in the body", expression="id")
+    if body_id != resource_id:
+        raise BadRequest("the id in the body does not match the id in the URL", expression="id")
+
+
+def _write_answer(
+    request: Request,
+    record: RecordVersion,
+    *,
+    status: int,
+    location: bool,
+    prefer: Prefer,
+    pretty: bool,
+) -> Response:
+    headers = version_headers(record, _base(request), location=location)
+    if prefer.return_ == "minimal":
+        return fhir_response(None, status=status, headers=headers)
+    if prefer.return_ == "OperationOutcome":
+        text = "created" if status == 201 else "done"
+        return fhir_response(
+            information_outcome(text), status=status, headers=headers, pretty=pretty
+        )
+    return fhir_response(record.resource, status=status, headers=headers, pretty=pretty)
+
+
+def _criteria(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(key, value) for key, value in pairs if key not in FORMAT_PARAMS]
+
+
+def _history_pairs(pairs: list[tuple[str, str]], prefer: Prefer) -> list[tuple[str, str]]:
+    """The history parameters; unknown ones are a 400 unless ``handling=lenient``."""
+    kept = []
+    for key, value in pairs:
+        if key in _HISTORY_PARAMS:
+            kept.append((key, value))
+        elif prefer.lenient:
+            continue
+        elif key in ("_since", "_at", "_list"):
+            raise UnsupportedSearch("is not supported on history", path=key)
+        else:
+            raise UnknownSearchParameter("unknown history parameter", path="query")
+    return kept
+
+
+def fhir_router(
+    *,
+    classification: Classification | None = None,
+    default_count: int = 50,
+    published: datetime | None = None,
+    software_version: str = "0.1.0",
+) -> APIRouter:
+    """The FHIR routes, to mount at :data:`FHIR_PREFIX` behind the front door.
+
+    ``app.state.records`` must hold the :class:`RecordsRepository`. ``default_count`` is the
+    page size of searches and histories without ``_count``; ``published`` dates the
+    CapabilityStatement (default: when the router was built).
+    """
+    table = classification or default_classification()
+    types = table.resource_types
+    published_at = published or datetime.now(UTC)
+    statements: dict[str, dict[str, Any]] = {}
+    router = APIRouter(route_class=FhirRoute, tags=["FHIR R4"])
+
+    def check_type(resource_type: str) -> None:
+        if resource_type not in types:
+            raise NotFound("the resource type is not supported")
+
+    @router.get("/metadata")
+    async def metadata(request: Request) -> Response:
+        """The CapabilityStatement (public, PHI-free, no audit event: it answers when the
+        ledger is down)."""
+        pretty = check_format(query_pairs(request))
+        base = _base(request)
+        statement = statements.get(base)
+        if statement is None:
+            statement = capability_statement(
+                table, base_url=base, published=published_at, software_version=software_version
+            )
+            if len(statements) < 16:  # a few public URLs at most; never unbounded
+                statements[base] = statement
+        return fhir_response(statement, pretty=pretty)
+
+    @router.post("")
+    async def batch_or_transaction(request: Request, caller: FhirCaller, repo: Repo) -> Response:
+        pretty = check_format(query_pairs(request))
+        prefer = parse_prefer(request)
+        bundle = await read_json_object(request)
+        if bundle.get("resourceType") != "Bundle":
+            raise BadRequest("the system endpoint takes a Bundle", expression="resourceType")
+        kind = bundle.get("type")
+        if kind == "transaction":
+            outcome = await repo.transaction(caller, bundle)
+        elif kind == "batch":
+            outcome = await repo.batch(caller, bundle)
+        else:
+            raise BadRequest("Bundle.type must be transaction or batch", expression="Bundle.type")
+        scrubber = request.app.state.front_door.scrubber
+        doc = transaction_response(
+            outcome,
+            bundle,
+            base=_base(request),
+            representation=prefer.return_ == "representation",
+            now=_now(request),
+            scrub=scrubber.scrub,
+        )
+        return fhir_response(doc, pretty=pretty)
+
+    async def run_search(
+        request: Request,
+        resource_type: str,
+        pairs: list[tuple[str, str]],
+        caller: Caller,
+        repo: RecordsRepository,
+    ) -> Response:
+        check_type(resource_type)
+        pretty = check_format(pairs)
+        prefer = parse_prefer(request)
+        offset = parse_offset(pairs, OFFSET_PARAM)
+        criteria = [(k, v) for k, v in _criteria(pairs) if k != OFFSET_PARAM]
+        if not any(key == "_count" for key, _ in criteria):
+            criteria.append(("_count", str(default_count)))
+        query = parse_search(resource_type, criteria, lenient=prefer.lenient)
+        result = await repo.search(caller, query, offset=offset)
+        doc = searchset_bundle(
+            result,
+            base=_base(request),
+            self_url=f"{_base(request)}/{resource_type}",
+            pairs=[(k, v) for k, v in pairs if k not in FORMAT_PARAMS],
+            now=_now(request),
+        )
+        return fhir_response(doc, pretty=pretty)
+
+    @router.get("/{resource_type}")
+    async def search(
+        resource_type: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        return await run_search(request, resource_type, query_pairs(request), caller, repo)
+
+    @router.post("/{resource_type}/_search")
+    async def search_by_post(
+        resource_type: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        """``POST _search``: the form body's parameters, then the URL's (FHIR R4 3.1.1.2)."""
+        pairs: list[tuple[str, str]] = []
+        body = await request.body()
+        if body:
+            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != _FORM:
+                raise BadRequest(f"_search takes a body of {_FORM}")
+            try:
+                pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+            except UnicodeDecodeError:
+                raise BadRequest("the form body is not UTF-8") from None
+        return await run_search(request, resource_type, pairs + query_pairs(request), caller, repo)
+
+    @router.post("/{resource_type}")
+    async def create(
+        resource_type: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        check_type(resource_type)
+        pretty = check_format(query_pairs(request))
+        prefer = parse_prefer(request)
+        body = await read_json_object(request)
+        _check_body(body, resource_type, None, id_required=False)
+        body.pop("id", None)  # FHIR: the server assigns the id of a created resource
+        condition = request.headers.get("if-none-exist")
+        if condition is not None:
+            condition = condition.split("?", 1)[-1].strip()
+            if not condition:
+                raise BadRequest("If-None-Exist needs search criteria", expression="If-None-Exist")
+        result = await repo.create(caller, body, if_none_exist=condition)
+        return _write_answer(
+            request,
+            result.record,
+            status=201 if result.created else 200,
+            location=result.created,
+            prefer=prefer,
+            pretty=pretty,
+        )
+
+    @router.put("/{resource_type}")
+    async def conditional_update(
+        resource_type: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        check_type(resource_type)
+        pairs = query_pairs(request)
+        pretty = check_format(pairs)
+        prefer = parse_prefer(request)
+        criteria = _criteria(pairs)
+        if not criteria:
+            raise BadRequest("a conditional update needs search criteria", expression="query")
+        body = await read_json_object(request)
+        _check_body(body, resource_type, None, id_required=False)
+        result = await repo.conditional_update(caller, resource_type, urlencode(criteria), body)
+        return _write_answer(
+            request,
+            result.record,
+            status=201 if result.created else 200,
+            location=True,
+            prefer=prefer,
+            pretty=pretty,
+        )
+
+    @router.get("/{resource_type}/_history")
+    async def type_history(
+        resource_type: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        check_type(resource_type)
+        return await run_history(request, resource_type, None, caller, repo)
+
+    async def run_history(
+        request: Request,
+        resource_type: str,
+        resource_id: str | None,
+        caller: Caller,
+        repo: RecordsRepository,
+    ) -> Response:
+        prefer = parse_prefer(request)
+        pairs = _history_pairs(query_pairs(request), prefer)
+        pretty = check_format(pairs)
+        count = parse_count(pairs, default_count, MAX_COUNT)
+        offset = parse_offset(pairs, OFFSET_PARAM)
+        page = await repo.history(caller, resource_type, resource_id, count=count, offset=offset)
+        path = resource_type if resource_id is None else f"{resource_type}/{resource_id}"
+        doc = history_bundle(
+            page,
+            base=_base(request),
+            self_url=f"{_base(request)}/{path}/_history",
+            pairs=[(k, v) for k, v in pairs if k not in FORMAT_PARAMS],
+            now=_now(request),
+        )
+        return fhir_response(doc, pretty=pretty)
+
+    @router.get("/{resource_type}/{resource_id}")
+    async def read(
+        resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        check_type(resource_type)
+        _check_id(resource_id)
+        pretty = check_format(query_pairs(request))
+        record = await repo.read(caller, resource_type, resource_id)
+        headers = version_headers(record, _base(request), location=False)
+        return fhir_response(record.resource, headers=headers, pretty=pretty)
+
+    @router.put("/{resource_type}/{resource_id}")
+    async def update(
+        resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        check_type(resource_type)
+        _check_id(resource_id)
+        pretty = check_format(query_pairs(request))
+        prefer = parse_prefer(request)
+        if_match = parse_if_match(request)
+        body = await read_json_object(request)
+        _check_body(body, resource_type, resource_id, id_required=True)
+        result = await repo.update(caller, resource_type, resource_id, body, if_match=if_match)
+        return _write_answer(
+            request,
+            result.record,
+            status=201 if result.created else 200,
+            location=True,
+            prefer=prefer,
+            pretty=pretty,
+        )
+
+    @router.delete("/{resource_type}/{resource_id}")
+    async def delete(
+        resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        """A versioned tombstone; 204 whether or not the resource existed (FHIR allows both),
+        200 with an OperationOutcome under ``Prefer: return=OperationOutcome``."""
+        check_type(resource_type)
+        _check_id(resource_id)
+        pretty = check_format(query_pairs(request))
+        prefer = parse_prefer(request)
+        record = await repo.delete(caller, resource_type, resource_id)
+        headers = {"ETag": record.etag} if record is not None else {}
+        if prefer.return_ == "OperationOutcome":
+            text = "deleted" if record is not None else "nothing to delete"
+            return fhir_response(
+                information_outcome(text), status=200, headers=headers, pretty=pretty
+            )
+        return fhir_response(None, status=204, headers=headers)
+
+    @router.get("/{resource_type}/{resource_id}/_history")
+    async def instance_history(
+        resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
+    ) -> Response:
+        check_type(resource_type)
+        _check_id(resource_id)
+        return await run_history(request, resource_type, resource_id, caller, repo)
+
+    @router.get("/{resource_type}/{resource_id}/_history/{version_id}")
+    async def vread(
+        resource_type: str,
+        resource_id: str,
+        version_id: str,
+        *,
+        request: Request,
+        caller: FhirCaller,
+        repo: Repo,
+    ) -> Response:
+        check_type(resource_type)
+        _check_id(resource_id)
+        if not _VERSION_RE.match(version_id):
+            raise NotFound("the resource version is not known")
+        pretty = check_format(query_pairs(request))
+        record = await repo.vread(caller, resource_type, resource_id, version_id)
+        headers = version_headers(record, _base(request), location=False)
+        return fhir_response(record.resource, headers=headers, pretty=pretty)
+
+    return router
