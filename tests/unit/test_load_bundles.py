@@ -387,13 +387,21 @@ def test_an_answer_that_does_not_match_the_bundle_is_unknown(answer: dict[str, A
     assert result.message is not None
 
 
-@pytest.mark.parametrize(("status", "kind"), [(401, "unauthorized"), (403, "forbidden")])
-def test_a_refused_token_stops_the_load(status: int, kind: str) -> None:
+def test_a_refused_token_stops_the_load() -> None:
     with pytest.raises(LoadStopped) as caught:
-        send(lambda _: httpx.Response(status, json=outcome("login", "token expired")), TWO)
-    assert caught.value.kind == kind
-    assert caught.value.http_status == status
+        send(lambda _: httpx.Response(401, json=outcome("login", "token expired")), TWO)
+    assert caught.value.kind == "unauthorized"
+    assert caught.value.http_status == 401
     assert "token expired" in str(caught.value)
+
+
+def test_a_forbidden_bundle_fails_alone_with_a_hint_about_the_token() -> None:
+    denied = outcome("forbidden", "the access policy does not allow this interaction")
+    result, _ = send(lambda _: httpx.Response(403, json=denied), TWO)
+    assert result.status == "failed"
+    assert result.http_status == 403
+    assert result.issues[0].diagnostics == "the access policy does not allow this interaction"
+    assert "role service, purpose HOPERAT" in (result.message or "")
 
 
 def test_an_unreachable_server_stops_the_load() -> None:

@@ -22,8 +22,9 @@ the summary names every file as loaded, failed, partial (a batch with failed ent
 unknown (the server did not answer in time: it may or may not have written the bundle) or
 not attempted (the load stopped first).
 
-Exit codes: 0 every file loaded; 1 at least one bundle did not load; 2 bad input (nothing
-was sent); 3 the load stopped (the server could not be reached, or refused the token).
+Exit codes: 0 every file loaded; 1 at least one bundle did not load (a 403 from the access
+policy included: it may concern only some bundles); 2 bad input (nothing was sent); 3 the
+load stopped (the server could not be reached, or refused the token with a 401).
 
 The token: ``--token`` (or ``PHIVAULT_TOKEN``), or else a short-lived service token minted
 by the development identity provider of a ``phivault init --dev`` data directory (role
@@ -103,7 +104,7 @@ class BundleFileError(Exception):
 
 
 class LoadStopped(Exception):
-    """The load cannot go on: the server is unreachable or refused the token."""
+    """The load cannot go on: the server is unreachable or refused the token (401)."""
 
     def __init__(self, kind: str, message: str, *, http_status: int | None = None) -> None:
         super().__init__(message)
@@ -404,19 +405,16 @@ class Loader:
                 + _issue_text(payload, "it is missing, expired or not trusted"),
                 http_status=401,
             )
-        if response.status_code == 403:
-            raise LoadStopped(
-                "forbidden",
-                "the token may not load these bundles (403): "
-                + _issue_text(payload, "access denied")
-                + f"; a loader needs role service, purpose {LOADER_PURPOSE} and the scopes "
-                + " ".join(LOADER_SCOPES),
-                http_status=403,
-            )
         if not response.is_success:
             result.status = "failed"
             result.issues = outcome_issues(payload)
-            if not result.issues:
+            if response.status_code == 403:
+                # The access policy refused something in this bundle; others may still load.
+                result.message = (
+                    f"the token may not write this bundle (403); a loader needs role service, "
+                    f"purpose {LOADER_PURPOSE} and the scopes {' '.join(LOADER_SCOPES)}"
+                )
+            elif not result.issues:
                 result.message = f"the server answered {response.status_code} without an outcome"
             return
         full_urls = [entry.get("fullUrl") for entry in bundle.get("entry", [])]
@@ -678,7 +676,7 @@ def load(
             try:
                 loader.send(result, bundle)
             except LoadStopped as exc:
-                # Unreachable: nothing was sent. Refused (401, 403): the server wrote nothing.
+                # Unreachable: nothing was sent. A refused token (401): the server wrote nothing.
                 result.status = "not-attempted" if exc.kind == "unreachable" else "failed"
                 result.http_status = exc.http_status
                 stopped = exc
