@@ -65,6 +65,11 @@ class DataDir:
     def identity_dir(self) -> Path:
         return self.path / "identity"
 
+    @property
+    def records_dir(self) -> Path:
+        """The embedded records database (SQLite, WAL): ciphertext and index entries only."""
+        return self.path / "records"
+
     @classmethod
     def create(cls, path: Path, *, dev: bool, origin: str | None = None) -> DataDir:
         """Create a new data directory. Refuses an existing one or a non-empty folder."""

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "KeyProviderKind",
     "KeySettings",
     "LedgerSettings",
+    "RecordsSettings",
     "Settings",
     "TrustedIssuer",
 ]
@@ -108,6 +109,27 @@ class KeySettings(BaseModel):
     dek_cache_ttl_s: float = Field(default=300.0, ge=0)
 
 
+class RecordsSettings(BaseModel):
+    """The records service (phivault.records): where records live and how FHIR pages."""
+
+    # None: the embedded SQLite database in the data directory's records/ folder. Otherwise a
+    # SQLAlchemy URL (postgresql://... for the scaled shape).
+    store_url: str | None = None
+    # PostgreSQL only: the schema that holds the records tables (it must exist).
+    store_schema: str | None = None
+    max_bundle_entries: int = Field(default=10_000, gt=0, le=100_000)
+    default_count: int = Field(default=50, gt=0, le=1000)
+    # Benchmark-only switches (bench/fhir_bench.py measures what the controls cost).
+    # Production refuses any of them.
+    bench_audit_off: bool = False
+    bench_encryption_off: bool = False
+    bench_policy_off: bool = False
+
+    @property
+    def controls_off(self) -> bool:
+        return self.bench_audit_off or self.bench_encryption_off or self.bench_policy_off
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PHIVAULT_", env_nested_delimiter="__", extra="forbid"
@@ -119,6 +141,16 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     api: ApiSettings = ApiSettings()
     keys: KeySettings = KeySettings()
+    records: RecordsSettings = RecordsSettings()
+
+    @model_validator(mode="after")
+    def _production_keeps_every_control(self) -> Settings:
+        if self.environment is Environment.PRODUCTION and self.records.controls_off:
+            raise ValueError(
+                "production settings refuse the benchmark-only switches that turn off audit, "
+                "encryption or the access policy (records.bench_*)"
+            )
+        return self
 
     @property
     def is_production(self) -> bool:

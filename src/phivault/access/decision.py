@@ -63,6 +63,7 @@ __all__ = [
     "allows_operation",
     "compile_policy",
     "decide",
+    "groups_bound",
     "groups_of_mask",
     "mask_of_groups",
     "search_scope",
@@ -433,6 +434,22 @@ def search_scope(
         patient_only=all(s.context is ScopeContext.PATIENT for s in granting),
         patient_context=ctx.patient_context,
     )
+
+
+def groups_bound(
+    policy: CompiledPolicy, ctx: AccessContext, resource_type: str, interaction: Interaction
+) -> frozenset[ElementGroup]:
+    """The most element groups any decision for this caller, type and interaction can allow
+    (every role, every purpose): what a search must fetch at most. Each row's own decision
+    (:func:`decide`) then says which of them are opened."""
+    mask = 0
+    for role in ctx.roles:
+        compiled = policy.roles.get(role)
+        slots = None if compiled is None else compiled.table.get((resource_type, interaction))
+        if slots:
+            for value in slots.values():
+                mask |= value
+    return _MASKS[mask]
 
 
 def allows_operation(

@@ -19,6 +19,7 @@ Synthea fixtures require, fits it).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -130,14 +131,19 @@ class PlannedEntry:
     conditional: ConditionalLookup | None = None  # conditional DELETE with no match, GET search
     matched: tuple[str, ...] = ()  # conditional DELETE targets
     version: str | None = None  # GET Type/id/_history/vid (a vread)
+    # The lookups this entry relied on and what they found: storage re-runs them in the
+    # transaction that writes, and refuses to write if the answer changed meanwhile.
+    lookups: tuple[tuple[ConditionalLookup, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class TransactionPlan:
-    """Entries in processing order; ``ids`` maps each fullUrl to its ``Type/id``."""
+    """Entries in processing order; ``ids`` maps each fullUrl to its ``Type/id``;
+    ``lookups`` are every lookup the plan relied on, with what it found."""
 
     entries: tuple[PlannedEntry, ...]
     ids: Mapping[str, str]
+    lookups: tuple[tuple[ConditionalLookup, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,9 +273,12 @@ class _Planner:
         self._resolve = resolve
         self._new_id = new_id
         self._conditional_cache: dict[str, str] = {}
+        self.used: list[tuple[ConditionalLookup, tuple[str, ...]]] = []
 
     def lookup(self, lookup: ConditionalLookup) -> tuple[str, ...]:
-        return tuple(self._resolve(lookup))
+        found = tuple(self._resolve(lookup))
+        self.used.append((lookup, found))
+        return found
 
     def target(self, entry: _Entry) -> tuple[Outcome, str, str | None, tuple[str, ...]]:
         """(outcome, resource type, id, matched) of an entry, resolving its conditions."""
@@ -493,7 +502,7 @@ def plan_transaction(
             written[key] = entry.index
     planned = [_finish(entry, target, planner, ids) for entry, target in targets]
     planned.sort(key=lambda p: (PROCESSING_ORDER[p.method], p.index))
-    return TransactionPlan(tuple(planned), dict(ids))
+    return TransactionPlan(tuple(planned), dict(ids), tuple(planner.used))
 
 
 def plan_batch(
@@ -517,7 +526,8 @@ def plan_batch(
         try:
             ids: dict[str, str] = {}
             ((_, target),) = list(_plan([entry], planner, ids))
-            out.append(_finish(entry, target, planner, ids))
+            planned = _finish(entry, target, planner, ids)
+            out.append(dataclasses.replace(planned, lookups=tuple(planner.used)))
         except InvalidInput as exc:
             out.append(exc)
     return BatchPlan(tuple(out))

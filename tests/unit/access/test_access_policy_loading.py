@@ -134,8 +134,8 @@ def test_malformed_toml_names_the_line() -> None:
          "roles.service.rules[1].purposes[0]", "inconsistent-role"),
         ('purposes = ["TREAT", "ETREAT", "CAREMGT"]', 'purposes = ["TREAT", "CAREMGT"]',
          "roles.clinician.break_glass", "inconsistent-role"),
-        ('relationship = "tenant"\npurposes = ["PUBHLTH", "HPAYMT"]',
-         'purposes = ["PUBHLTH", "HPAYMT"]', "roles.service.relationship", "inconsistent-role"),
+        ('relationship = "tenant"\npurposes = ["PUBHLTH", "HPAYMT", "HOPERAT"]',
+         'purposes = ["PUBHLTH", "HPAYMT", "HOPERAT"]', "roles.service.relationship", "inconsistent-role"),
     ],
 )  # fmt: skip
 def test_each_kind_of_mistake_is_named_by_its_place(

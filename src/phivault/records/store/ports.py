@@ -213,8 +213,17 @@ class RecordUnitOfWork(Protocol):
         count: int = 50,
         offset: int = 0,
         groups: Collection[str] | None = None,
+        scopes: Sequence[Scope] = (),
     ) -> list[StoredVersion]:
-        """Versions of one resource, or of every resource of a type, newest first."""
+        """Versions of one resource, or of every resource of a type, newest first; only
+        versions every scope admits (a scope sees each version's own ``key_subject``)."""
+        ...
+
+    def care_related(
+        self, tenant: str, practitioner: tuple[str, str], patients: Collection[str]
+    ) -> set[str]:
+        """Which of ``patients`` the practitioner ``(type, id)`` has a care relationship with
+        (CareTeam or Encounter participant, general practitioner), from current records."""
         ...
 
     def search(

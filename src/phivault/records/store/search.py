@@ -72,6 +72,7 @@ __all__ = [
     "SubjectScope",
     "compile_search",
     "from_micros",
+    "linked_patients",
     "order_by",
     "page_select",
     "to_micros",
@@ -306,6 +307,51 @@ def _has_status(record: FromClause, statuses: frozenset[str]) -> ColumnElement[b
     )
 
 
+def linked_patients(
+    tenant: ColumnElement[str] | str, practitioner_type: str, practitioner_id: str
+) -> list[Select[Any]]:
+    """Queries of the patient ids ``practitioner_type/practitioner_id`` has a care
+    relationship with in ``tenant`` (a column to correlate on, or a value): as a participant
+    of a CareTeam or an Encounter that is not voided, or as a general practitioner."""
+    via = idx_reference.alias("care_via")
+    to = idx_reference.alias("care_patient")
+    linked: list[Select[Any]] = [
+        select(to.c.target_id)
+        .select_from(
+            via.join(
+                to,
+                and_(
+                    to.c.tenant == via.c.tenant,
+                    to.c.resource_type == via.c.resource_type,
+                    to.c.resource_id == via.c.resource_id,
+                ),
+            )
+        )
+        .where(
+            via.c.tenant == tenant,
+            via.c.resource_type == kind,
+            via.c.param == through,
+            via.c.target_type == practitioner_type,
+            via.c.target_id == practitioner_id,
+            to.c.param == patient,
+            to.c.target_type == "Patient",
+            ~_has_status(via, VOID_STATUSES[kind]),
+        )
+        for kind, through, patient in CARE_LINKS
+    ]
+    gp = idx_reference.alias("care_gp")
+    linked.append(
+        select(gp.c.resource_id).where(
+            gp.c.tenant == tenant,
+            gp.c.resource_type == "Patient",
+            gp.c.param == "general-practitioner",
+            gp.c.target_type == practitioner_type,
+            gp.c.target_id == practitioner_id,
+        )
+    )
+    return linked
+
+
 @dataclass(frozen=True, slots=True)
 class CareRelationshipScope:
     """Only resources of patients the caller (``Practitioner/<id>``, ``PractitionerRole``...)
@@ -319,40 +365,5 @@ class CareRelationshipScope:
     practitioner_id: str
 
     def predicate(self, resources: FromClause) -> ColumnElement[bool]:
-        via = idx_reference.alias("care_via")
-        to = idx_reference.alias("care_patient")
-        linked = [
-            select(to.c.target_id)
-            .select_from(
-                via.join(
-                    to,
-                    and_(
-                        to.c.tenant == via.c.tenant,
-                        to.c.resource_type == via.c.resource_type,
-                        to.c.resource_id == via.c.resource_id,
-                    ),
-                )
-            )
-            .where(
-                via.c.tenant == resources.c.tenant,
-                via.c.resource_type == kind,
-                via.c.param == through,
-                via.c.target_type == self.practitioner_type,
-                via.c.target_id == self.practitioner_id,
-                to.c.param == patient,
-                to.c.target_type == "Patient",
-                ~_has_status(via, VOID_STATUSES[kind]),
-            )
-            for kind, through, patient in CARE_LINKS
-        ]
-        gp = idx_reference.alias("care_gp")
-        linked.append(
-            select(gp.c.resource_id).where(
-                gp.c.tenant == resources.c.tenant,
-                gp.c.resource_type == "Patient",
-                gp.c.param == "general-practitioner",
-                gp.c.target_type == self.practitioner_type,
-                gp.c.target_id == self.practitioner_id,
-            )
-        )
+        linked = linked_patients(resources.c.tenant, self.practitioner_type, self.practitioner_id)
         return or_(false(), *(resources.c.key_subject.in_(q) for q in linked))

@@ -85,6 +85,7 @@ from phivault.records.store.schema import (
 from phivault.records.store.search import (
     compile_search,
     from_micros,
+    linked_patients,
     order_by,
     page_select,
     to_micros,
@@ -387,6 +388,7 @@ class SqlUnitOfWork:
         count: int = 50,
         offset: int = 0,
         groups: Collection[str] | None = None,
+        scopes: Sequence[Scope] = (),
     ) -> list[StoredVersion]:
         _check_tenant(tenant)
         _check_type(resource_type)
@@ -394,7 +396,13 @@ class SqlUnitOfWork:
         if count < 0 or offset < 0:
             raise InvalidInput("count and offset must not be negative", path="_count")
         v = versions.c
-        statement = select(versions).where(v.tenant == tenant, v.resource_type == resource_type)
+        # A scope sees the version rows as it sees current ones: the same columns, so a
+        # version is admitted by what it was sealed under (its patient), not by the head.
+        statement = select(versions).where(
+            v.tenant == tenant,
+            v.resource_type == resource_type,
+            *(scope.predicate(versions) for scope in scopes),
+        )
         if resource_id is not None:
             statement = statement.where(v.resource_id == resource_id).order_by(v.version.desc())
         else:
@@ -523,6 +531,24 @@ class SqlUnitOfWork:
         )
         statement = page_select(where).order_by(h.resource_type, h.resource_id)
         return self._versions(statement, groups)
+
+    def care_related(
+        self, tenant: str, practitioner: tuple[str, str], patients: Collection[str]
+    ) -> set[str]:
+        """Which of ``patients`` the practitioner (type, id) has a care relationship with."""
+        _check_tenant(tenant)
+        wanted = sorted(set(patients))
+        if not wanted:
+            return set()
+        conn = self._live()
+        found: set[str] = set()
+        with self._translate("care relationship"):
+            for query in linked_patients(tenant, *practitioner):
+                column = query.selected_columns[0]
+                found.update(
+                    str(row[0]) for row in conn.execute(query.where(column.in_(wanted)).distinct())
+                )
+        return found
 
     def find_ids(
         self,

@@ -1,0 +1,1501 @@
+"""The records repository: the only way to reach PHI, always with an access context.
+
+Why one door (Cosmic Python's repository; STYLE.md habit 1): every FHIR interaction -- read,
+vread, search, history, create, update, delete, batch and transaction -- comes through a
+:class:`RecordsRepository` method that takes a :class:`Caller`. Each method
+
+1. decides access with the access policy (``phivault.access.decision``): tenant isolation,
+   roles, relationships, purpose of use and the token's SMART scopes; searches and type
+   histories are scoped **in SQL** (:class:`PolicyScope`), single resources are decided on
+   their clear envelope before any ciphertext is fetched;
+2. fetches only the element groups the decision allows (the others are never decrypted);
+3. records the audit event and waits until it is durable, **before** any plaintext leaves
+   (reads) or any change is committed (writes: an *intent* event before the commit and an
+   *outcome* event after it; :func:`reconcile` settles intents a crash left open);
+4. hands every decrypted PHI value to the request's scrubber (:func:`phivault.privacy.scrub.
+   taint`) so that no log line can carry it.
+
+Storage calls are synchronous (SQLAlchemy) and run on worker threads; no database
+transaction is held across an ``await`` (a write re-checks the version it was based on, by
+compare-and-swap, when it commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+
+import anyio.to_thread
+from sqlalchemy import ColumnElement, FromClause, and_, false, or_, true
+
+from phivault.access.decision import (
+    AccessContext,
+    CompiledPolicy,
+    Decision,
+    RelationshipFacts,
+    SearchScope,
+    decide,
+    search_scope,
+)
+from phivault.access.vocabulary import Interaction, Relationship
+from phivault.crypto.blind_index import BlindIndexer
+from phivault.crypto.errors import DecryptionFailed
+from phivault.crypto.keyring import KeyRing
+from phivault.errors import ConfigurationError, InvalidInput, PhivaultError, StoreUnavailable
+from phivault.ledger.events import (
+    Action,
+    Agent,
+    AuditEvent,
+    Entity,
+    EntityRole,
+    EventKind,
+    Outcome,
+    Source,
+)
+from phivault.privacy.scrub import taint
+from phivault.records.bundles import (
+    AmbiguousReference,
+    BatchPlan,
+    ConditionalLookup,
+    InvalidBundle,
+    Method,
+    PlannedEntry,
+    PreconditionFailed,
+    TransactionPlan,
+    parse_conditional,
+    plan_batch,
+    plan_transaction,
+)
+from phivault.records.bundles import Outcome as PlanOutcome
+from phivault.records.classification import (
+    Classification,
+    ElementGroup,
+    UnsupportedResourceType,
+    default_classification,
+)
+from phivault.records.query import Include, SearchQuery
+from phivault.records.search_params import index_entries, patient_of, search_param
+from phivault.records.split import Envelope, GroupContent, assemble, group_element_ref, split
+from phivault.records.store.ports import (
+    DIRECTORY_SUBJECT,
+    NewVersion,
+    RecordStore,
+    RecordUnitOfWork,
+    ResourceKey,
+    StoredVersion,
+    VersionConflict,
+    blind_terms,
+)
+from phivault.records.store.search import CareRelationshipScope
+
+if TYPE_CHECKING:
+    from phivault.ledger.service import Ledger
+
+__all__ = [
+    "AccessDenied",
+    "AuditTrail",
+    "BundleEntryOutcome",
+    "BundleOutcome",
+    "Caller",
+    "HistoryPage",
+    "IfMatchFailed",
+    "IntegrityFailure",
+    "RecordControls",
+    "RecordGone",
+    "RecordNotFound",
+    "RecordVersion",
+    "RecordsRepository",
+    "SearchResult",
+    "TransactionConflict",
+    "WriteResult",
+]
+
+
+# --- who is asking ------------------------------------------------------------------------
+
+
+class AuditTrail(Protocol):
+    """Builds and records the request's audit events (``phivault.api.context.AuditContext``
+    is one): the repository says *what*; the trail knows who, from where, in which request."""
+
+    def event(
+        self,
+        *,
+        kind: EventKind,
+        subtype: str,
+        action: Action,
+        outcome: Outcome = Outcome.SUCCESS,
+        outcome_reason: str | None = None,
+        patient: str | None = None,
+        entities: tuple[Entity, ...] = (),
+        purpose_of_use: tuple[str, ...] | None = None,
+        break_glass_grant: str | None = None,
+    ) -> AuditEvent: ...
+
+    async def record(self, event: AuditEvent) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The access context of one request: what the caller may do, and where to record it."""
+
+    access: AccessContext
+    audit: AuditTrail
+
+
+@dataclass(frozen=True, slots=True)
+class RecordControls:
+    """Benchmark-only switches (``bench/fhir_bench.py`` measures what the controls cost).
+    Production settings refuse anything but all-on (``phivault.settings``)."""
+
+    audit: bool = True
+    encryption: bool = True
+    policy: bool = True
+
+    @property
+    def all_on(self) -> bool:
+        return self.audit and self.encryption and self.policy
+
+
+# --- errors (the API maps each to a status; messages carry ids and paths, never values) --
+
+
+class RecordNotFound(PhivaultError):
+    """404: no such resource, *or* one the caller may not see (the answer is the same)."""
+
+    def __init__(self, resource_type: str, resource_id: str, version: str | None = None) -> None:
+        what = f"{resource_type}/{resource_id}" + (f"/_history/{version}" if version else "")
+        super().__init__(f"{what} is not known")
+
+
+class RecordGone(PhivaultError):
+    """410: the resource (or that version) was deleted."""
+
+    def __init__(self, resource_type: str, resource_id: str, version: int) -> None:
+        super().__init__(f"{resource_type}/{resource_id} was deleted (version {version})")
+        self.version = version
+
+
+class AccessDenied(PhivaultError):
+    """403: the caller may not perform this interaction on this type (or write these element
+    groups). Never raised for a *specific* resource the caller may not see: that is a 404."""
+
+
+class IfMatchFailed(PhivaultError):
+    """412: ``If-Match`` names a version that is not the current one."""
+
+
+class TransactionConflict(PhivaultError):
+    """409: a concurrent write changed what this transaction was planned on; retry it."""
+
+
+class IntegrityFailure(PhivaultError):
+    """500: a stored element failed its integrity check (tampered or mis-keyed ciphertext).
+    Nothing of that resource is disclosed; the event is in the ledger."""
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecordVersion:
+    """One version as the caller may see it.
+
+    ``resource`` is the FHIR resource with ``id``, ``meta.versionId`` and ``meta.lastUpdated``
+    (and ``meta.security`` REDACTED when groups were withheld, then ``redacted`` is true); it
+    is None for a tombstone (``deleted``) and for a write whose result the caller may not read.
+    """
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: datetime
+    deleted: bool = False
+    resource: dict[str, Any] | None = field(default=None, repr=False)
+    redacted: bool = False
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.id}"
+
+    @property
+    def versioned_reference(self) -> str:
+        return f"{self.resource_type}/{self.id}/_history/{self.version}"
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """A page of matches (current versions) and their ``_include``\\d resources."""
+
+    query: SearchQuery
+    matches: list[RecordVersion]
+    included: list[RecordVersion]
+    offset: int
+    next_offset: int | None
+    total: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """Versions newest first (tombstones have ``deleted`` and no resource)."""
+
+    versions: list[RecordVersion]
+    offset: int
+    count: int
+    next_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """``created``: a new resource (201); false for an update, or for a create whose
+    ``If-None-Exist`` matched an existing resource (200, nothing written)."""
+
+    record: RecordVersion
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BundleEntryOutcome:
+    """What happened to one entry of a batch or transaction, in the Bundle's order.
+
+    ``status`` is the HTTP status of the entry; exactly one of ``record`` (read, vread, writes),
+    ``search`` (a GET search entry) or ``error`` (batch entries that failed) is set, except for
+    deletes, which may carry none.
+    """
+
+    index: int
+    status: int
+    record: RecordVersion | None = None
+    search: SearchResult | None = None
+    error: PhivaultError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BundleOutcome:
+    kind: str  # "transaction" or "batch"
+    entries: list[BundleEntryOutcome]
+
+
+# --- access in SQL --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyScope:
+    """A :class:`~phivault.access.decision.SearchScope` compiled into a SQL predicate over the
+    current-version (or version) table: exactly the rows ``SearchScope.admits`` admits, so
+    searches, totals, paging, ``_include`` and histories never see anything else."""
+
+    scope: SearchScope
+    practitioner: tuple[str, str] | None
+
+    def predicate(self, resources: FromClause) -> ColumnElement[bool]:
+        scope = self.scope
+        subject = resources.c.key_subject
+        has_patient = subject != DIRECTORY_SUBJECT
+        admitted: list[ColumnElement[bool]] = []
+        for clause in scope.clauses:
+            if scope.directory:
+                if clause.by_relationship:
+                    admitted.append(true())
+                continue
+            if clause.by_relationship:
+                required = clause.relationship
+                if required is Relationship.TENANT:
+                    admitted.append(true())
+                elif required is Relationship.CARE and self.practitioner is not None:
+                    care = CareRelationshipScope(*self.practitioner).predicate(resources)
+                    admitted.append(and_(has_patient, care))
+                elif required is Relationship.OWN and scope.own_patient is not None:
+                    admitted.append(subject == scope.own_patient)
+            if clause.granted:
+                admitted.append(and_(has_patient, subject.in_(sorted(clause.granted))))
+        predicate = or_(false(), *admitted)
+        if scope.patient_only:
+            context = [] if scope.patient_context is None else [subject == scope.patient_context]
+            predicate = and_(predicate, or_(~has_patient, *context))
+        return predicate
+
+
+def practitioner_of(fhir_user: str | None) -> tuple[str, str] | None:
+    """``Practitioner/123`` -> ``("Practitioner", "123")``; anything else -> None."""
+    if fhir_user is None:
+        return None
+    kind, sep, ident = fhir_user.partition("/")
+    if not sep or kind not in ("Practitioner", "PractitionerRole") or not ident:
+        return None
+    return kind, ident
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status of a records error (for batch entries and the API's error map)."""
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+# --- the repository -------------------------------------------------------------------------
+
+_INTERACTION_ACTION: Final = {
+    Interaction.CREATE: Action.CREATE,
+    Interaction.UPDATE: Action.UPDATE,
+    Interaction.DELETE: Action.DELETE,
+}
+_INTENT: Final = "intent"
+_COMMITTED: Final = "committed"
+_ROLLED_BACK: Final = "rolled-back"
+_SYSTEM_AGENT: Final = "system:phivault"
+
+
+@dataclass(slots=True)
+class _Write:
+    """One change to make, prepared (decided, sealed, indexed) outside any transaction."""
+
+    index: int
+    interaction: Interaction
+    key: ResourceKey
+    previous: int | None
+    version: int
+    last_updated: datetime
+    subject: str
+    groups: dict[str, bytes] = field(repr=False)
+    entries: list[Any] = field(repr=False)
+    resource: dict[str, Any] | None = field(repr=False)
+    decision: Decision
+    created: bool
+
+    @property
+    def patient(self) -> str | None:
+        return None if self.subject == DIRECTORY_SUBJECT else self.subject
+
+    @property
+    def what(self) -> str:
+        k = self.key
+        return f"{k.resource_type}/{k.resource_id}/_history/{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """What :meth:`RecordsRepository.reconcile` found: intents settled either way."""
+
+    scanned_from: int
+    scanned_to: int
+    committed: int
+    absent: int
+
+
+class RecordsRepository:
+    """FHIR interactions over the records store, each decided, audited and encrypted.
+
+    Build it once in the composition root (``phivault.api.serve``) around the store, the key
+    ring and the compiled policy; every method takes the request's :class:`Caller`.
+    """
+
+    def __init__(
+        self,
+        store: RecordStore,
+        keyring: KeyRing,
+        policy: CompiledPolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+        classification: Classification | None = None,
+        controls: RecordControls = RecordControls(),
+        max_bundle_entries: int = 10_000,
+        observer: str = "phivault",
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._policy = policy
+        self._clock = clock
+        self._table = classification or default_classification()
+        self._controls = controls
+        self._max_entries = max_bundle_entries
+        self._observer = observer
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def read(self, caller: Caller, resource_type: str, resource_id: str) -> RecordVersion:
+        self._check_type(resource_type)
+        key = ResourceKey(caller.access.tenant, resource_type, resource_id)
+        stored, decision = await _blocking(
+            lambda: self._load_one(caller, key, None, Interaction.READ)
+        )
+        return await self._disclose_one(
+            caller, key, version=None, stored=stored, decision=decision, subtype="read"
+        )
+
+    async def vread(
+        self, caller: Caller, resource_type: str, resource_id: str, version: str
+    ) -> RecordVersion:
+        self._check_type(resource_type)
+        key = ResourceKey(caller.access.tenant, resource_type, resource_id)
+        number = _version_number(version)
+        if number is None:  # a version that cannot exist is simply not known
+            await self._record_miss(caller, "vread", Action.READ, None, "not-found")
+            raise RecordNotFound(resource_type, resource_id, "?")
+        stored, decision = await _blocking(
+            lambda: self._load_one(caller, key, number, Interaction.VREAD)
+        )
+        return await self._disclose_one(
+            caller, key, version=number, stored=stored, decision=decision, subtype="vread"
+        )
+
+    def _load_one(
+        self, caller: Caller, key: ResourceKey, version: int | None, interaction: Interaction
+    ) -> tuple[StoredVersion | None, Decision | None]:
+        """The envelope first (no ciphertext), the decision on it, then the groups."""
+        with self._store.unit_of_work(read_only=True) as uow:
+            head = (
+                uow.read(key, groups=()) if version is None else uow.vread(key, version, groups=())
+            )
+            if head is None:
+                return None, None
+            decision = self._decide_rows(uow, caller, [head], interaction)[0]
+            if not decision.allowed or head.deleted:
+                return head, decision
+            full = uow.vread(key, head.version, groups=None)
+            return full, decision
+
+    async def _disclose_one(
+        self,
+        caller: Caller,
+        key: ResourceKey,
+        *,
+        version: int | None,
+        stored: StoredVersion | None,
+        decision: Decision | None,
+        subtype: str,
+    ) -> RecordVersion:
+        shown_version = None if version is None else str(version)
+        if stored is None or decision is None or not decision.allowed:
+            patient = None if stored is None else _patient_of_subject(stored.key_subject)
+            reason = "not-found" if decision is None else str(decision.reason or "denied")
+            await self._record_miss(caller, subtype, Action.READ, patient, reason)
+            raise RecordNotFound(key.resource_type, key.resource_id, shown_version)
+        record = self._visible(stored, decision)
+        await self._record_disclosure(caller, subtype, Action.READ, [(stored, decision, record)])
+        if stored.deleted:
+            raise RecordGone(key.resource_type, key.resource_id, stored.version)
+        return await self._opened(caller, stored, decision, record)
+
+    async def search(self, caller: Caller, query: SearchQuery, *, offset: int = 0) -> SearchResult:
+        resource_type = query.resource_type
+        self._check_type(resource_type)
+        scopes = self._scopes(caller, resource_type, Interaction.SEARCH)
+        if scopes is None:
+            await self._record_miss(caller, "search", Action.EXECUTE, None, "scope-not-granted")
+            raise AccessDenied(f"searching {resource_type} is not allowed for this caller")
+        blind = None
+        if query.blind_lookups():
+            indexer = await self._keyring.blind_indexer(caller.access.tenant)
+            blind = blind_terms(query, indexer.tokens)
+
+        def run() -> tuple[Any, list[StoredVersion], list[Decision], list[Decision]]:
+            with self._store.unit_of_work(read_only=True) as uow:
+                page = uow.search(
+                    caller.access.tenant, query, blind=blind, scopes=scopes, offset=offset
+                )
+                included: list[StoredVersion] = []
+                for include in query.includes:
+                    for target in self._include_targets(include):
+                        target_scopes = self._scopes(caller, target, Interaction.SEARCH)
+                        if target_scopes is None:
+                            continue  # what the caller cannot search, an include cannot show
+                        included.extend(
+                            uow.included(
+                                caller.access.tenant,
+                                list(page.matches),
+                                dataclasses.replace(include, target_type=target),
+                                scopes=target_scopes,
+                            )
+                        )
+                included = _unique_versions(included, page.matches)
+                decisions = self._decide_rows(uow, caller, list(page.matches), Interaction.SEARCH)
+                included_decisions = self._decide_rows(uow, caller, included, Interaction.SEARCH)
+                return page, included, decisions, included_decisions
+
+        page, included, decisions, included_decisions = await _blocking(run)
+        # SQL admitted exactly what the policy admits; a row the decision refuses now would be
+        # a disagreement between the two, and is withheld rather than shown.
+        shown = [(v, d) for v, d in zip(page.matches, decisions, strict=True) if d.allowed]
+        shown_included = [
+            (v, d) for v, d in zip(included, included_decisions, strict=True) if d.allowed
+        ]
+        disclosed = [(v, d, self._visible(v, d)) for v, d in shown + shown_included]
+        await self._record_disclosure(
+            caller,
+            "search",
+            Action.EXECUTE,
+            disclosed,
+            query_hash=await self._query_hash(caller, query),
+        )
+        opened = [await self._opened(caller, v, d, r) for v, d, r in disclosed]
+        return SearchResult(
+            query=query,
+            matches=opened[: len(shown)],
+            included=opened[len(shown) :],
+            offset=page.offset,
+            next_offset=page.next_offset,
+            total=page.total,
+        )
+
+    async def history(
+        self,
+        caller: Caller,
+        resource_type: str,
+        resource_id: str | None = None,
+        *,
+        count: int = 50,
+        offset: int = 0,
+    ) -> HistoryPage:
+        self._check_type(resource_type)
+        if not 0 <= count <= 1000:
+            raise InvalidInput("must be between 0 and 1000", path="_count")
+        if offset < 0:
+            raise InvalidInput("must not be negative", path="_offset")
+        scopes = self._scopes(caller, resource_type, Interaction.HISTORY)
+        if scopes is None:
+            if resource_id is not None:
+                await self._record_miss(caller, "history", Action.READ, None, "scope-not-granted")
+                raise RecordNotFound(resource_type, resource_id)
+            await self._record_miss(caller, "history", Action.READ, None, "scope-not-granted")
+            raise AccessDenied(f"the history of {resource_type} is not allowed for this caller")
+
+        def run() -> tuple[list[StoredVersion], list[Decision]]:
+            with self._store.unit_of_work(read_only=True) as uow:
+                found = uow.history(
+                    caller.access.tenant,
+                    resource_type,
+                    resource_id,
+                    count=count + 1,
+                    offset=offset,
+                    scopes=scopes,
+                )
+                return found, self._decide_rows(uow, caller, found[:count], Interaction.HISTORY)
+
+        found, decisions = await _blocking(run)
+        if resource_id is not None and not found and offset == 0:
+            await self._record_miss(caller, "history", Action.READ, None, "not-found")
+            raise RecordNotFound(resource_type, resource_id)
+        rows = [(v, d) for v, d in zip(found[:count], decisions, strict=True) if d.allowed]
+        disclosed = [(v, d, self._visible(v, d)) for v, d in rows]
+        await self._record_disclosure(caller, "history", Action.READ, disclosed)
+        versions = [
+            await self._opened(caller, v, d, r) if not v.deleted else r for v, d, r in disclosed
+        ]
+        more = len(found) > count
+        return HistoryPage(versions, offset, count, offset + count if more else None)
+
+    # --- writes --------------------------------------------------------------------------
+
+    async def create(
+        self, caller: Caller, resource: Mapping[str, Any], *, if_none_exist: str | None = None
+    ) -> WriteResult:
+        resource_type = _resource_type_of(resource, path="resourceType")
+        self._check_type(resource_type)
+        checks: list[_Check] = []
+        if if_none_exist is not None:
+            lookup = parse_conditional(f"{resource_type}?{if_none_exist}", path="If-None-Exist")
+            found = await self._resolve_now(caller, lookup)
+            if len(found) > 1:
+                raise PreconditionFailed(
+                    "If-None-Exist matches more than one resource", path="If-None-Exist"
+                )
+            if found:
+                key = ResourceKey(caller.access.tenant, resource_type, found[0])
+                existing = await self._existing(caller, key, 0)
+                assert existing.record is not None
+                return WriteResult(existing.record, created=False)
+            checks.append((lookup, ()))
+        body = {k: v for k, v in resource.items() if k != "id"}
+        entry = PlannedEntry(
+            0, Method.POST, PlanOutcome.CREATE, resource_type, str(uuid.uuid4()), body,
+            lookups=tuple(checks),
+        )  # fmt: skip
+        return _single_result(await self._write(caller, [entry]))
+
+    async def update(
+        self,
+        caller: Caller,
+        resource_type: str,
+        resource_id: str,
+        resource: Mapping[str, Any],
+        *,
+        if_match: int | None = None,
+    ) -> WriteResult:
+        self._check_type(resource_type)
+        if _resource_type_of(resource, path="resourceType") != resource_type:
+            raise InvalidInput("does not match the resource type in the URL", path="resourceType")
+        if resource.get("id") != resource_id:
+            raise InvalidInput("must match the id in the URL", path="id")
+        entry = PlannedEntry(
+            0,
+            Method.PUT,
+            PlanOutcome.UPDATE,
+            resource_type,
+            resource_id,
+            dict(resource),
+            if_match=None if if_match is None else f'W/"{if_match}"',
+        )
+        return _single_result(await self._write(caller, [entry]))
+
+    async def conditional_update(
+        self, caller: Caller, resource_type: str, criteria: str, resource: Mapping[str, Any]
+    ) -> WriteResult:
+        self._check_type(resource_type)
+        if _resource_type_of(resource, path="resourceType") != resource_type:
+            raise InvalidInput("does not match the resource type in the URL", path="resourceType")
+        lookup = parse_conditional(f"{resource_type}?{criteria}", path="url")
+        found = await self._resolve_now(caller, lookup)
+        if len(found) > 1:
+            raise PreconditionFailed("the criteria match more than one resource", path="url")
+        given = resource.get("id")
+        if found:
+            if given is not None and given != found[0]:
+                raise InvalidInput("does not match the resource the criteria found", path="id")
+            target = found[0]
+        else:
+            target = given if isinstance(given, str) else str(uuid.uuid4())
+        entry = PlannedEntry(
+            0, Method.PUT, PlanOutcome.UPDATE, resource_type, target, {**resource, "id": target},
+            lookups=((lookup, tuple(found)),),
+        )  # fmt: skip
+        return _single_result(await self._write(caller, [entry]))
+
+    async def delete(
+        self, caller: Caller, resource_type: str, resource_id: str
+    ) -> RecordVersion | None:
+        self._check_type(resource_type)
+        entry = PlannedEntry(0, Method.DELETE, PlanOutcome.DELETE, resource_type, resource_id)
+        outcome = await self._write(caller, [entry])
+        return outcome.entries[0].record
+
+    async def transaction(self, caller: Caller, bundle: Mapping[str, Any]) -> BundleOutcome:
+        """All or nothing: plan (references rewritten, lookups resolved), decide and seal
+        every entry, record the intent, write everything in one database transaction that
+        re-checks every lookup and version, record the outcome; then the reads."""
+        indexer = await self._keyring.blind_indexer(caller.access.tenant)
+
+        def plan() -> TransactionPlan:
+            with self._store.unit_of_work(read_only=True) as uow:
+                return plan_transaction(
+                    bundle,
+                    lambda lookup: self._resolve(uow, caller, lookup, indexer.tokens),
+                    max_entries=self._max_entries,
+                )
+
+        planned = await _blocking(plan)
+        writes = [e for e in planned.entries if e.outcome not in _READ_OUTCOMES]
+        reads = [e for e in planned.entries if e.outcome in _READ_OUTCOMES]
+        outcome = await self._write(caller, writes, checks=planned.lookups, kind="transaction")
+        results = list(outcome.entries)
+        for entry in reads:
+            results.append(await self._read_entry(caller, entry))
+        results.sort(key=lambda r: r.index)
+        return BundleOutcome("transaction", results)
+
+    async def batch(self, caller: Caller, bundle: Mapping[str, Any]) -> BundleOutcome:
+        """Entry by entry: each succeeds or fails on its own (FHIR batch semantics)."""
+        indexer = await self._keyring.blind_indexer(caller.access.tenant)
+
+        def plan() -> BatchPlan:
+            with self._store.unit_of_work(read_only=True) as uow:
+                return plan_batch(
+                    bundle,
+                    lambda lookup: self._resolve(uow, caller, lookup, indexer.tokens),
+                    max_entries=self._max_entries,
+                )
+
+        planned = await _blocking(plan)
+        results: list[BundleEntryOutcome] = []
+        for position, item in enumerate(planned.entries):
+            if isinstance(item, InvalidInput):
+                results.append(BundleEntryOutcome(position, http_status(item), error=item))
+                continue
+            try:
+                if item.outcome in _READ_OUTCOMES:
+                    results.append(await self._read_entry(caller, item))
+                else:
+                    done = await self._write(caller, [item])
+                    results.append(done.entries[0])
+            except PhivaultError as exc:
+                results.append(BundleEntryOutcome(item.index, http_status(exc), error=exc))
+        return BundleOutcome("batch", results)
+
+    async def _read_entry(self, caller: Caller, entry: PlannedEntry) -> BundleEntryOutcome:
+        """A GET entry of a batch or transaction (after its writes)."""
+        try:
+            if entry.outcome is PlanOutcome.SEARCH and entry.conditional is not None:
+                found = await self.search(caller, entry.conditional.query)
+                return BundleEntryOutcome(entry.index, 200, search=found)
+            if entry.id is None:
+                raise InvalidBundle("a read needs an id", path=f"Bundle.entry[{entry.index}]")
+            if entry.version is not None:
+                record = await self.vread(caller, entry.resource_type, entry.id, entry.version)
+            else:
+                record = await self.read(caller, entry.resource_type, entry.id)
+            return BundleEntryOutcome(entry.index, 200, record=record)
+        except PhivaultError as exc:
+            return BundleEntryOutcome(entry.index, http_status(exc), error=exc)
+
+    async def _write(
+        self,
+        caller: Caller,
+        entries: Sequence[PlannedEntry],
+        *,
+        checks: Sequence[_Check] | None = None,
+        kind: str | None = None,
+    ) -> BundleOutcome:
+        """The write path shared by every interaction (one entry, or a whole transaction).
+
+        ``checks``: the lookups the request relied on (default: the entries' own); the
+        writing transaction re-runs them and refuses (409) if an answer changed meanwhile.
+        """
+        tenant = caller.access.tenant
+        for entry in entries:
+            if entry.outcome is PlanOutcome.PATCH:
+                raise InvalidBundle(
+                    "PATCH is not supported", path=f"Bundle.entry[{entry.index}].request.method"
+                )
+        if checks is None:
+            checks = [c for e in entries for c in e.lookups]
+        indexer = await self._keyring.blind_indexer(tenant) if checks else None
+        keys = {ResourceKey(tenant, e.resource_type, e.id) for e in entries if e.id}
+
+        def heads() -> tuple[dict[ResourceKey, StoredVersion | None], set[str]]:
+            with self._store.unit_of_work(read_only=True) as uow:
+                found = {key: uow.read(key, groups=()) for key in keys}
+                patients = {
+                    p
+                    for e in entries
+                    for p in _patients_touched(
+                        e, found.get(ResourceKey(tenant, e.resource_type, e.id or ""))
+                    )
+                }
+                return found, self._care_related(uow, caller, patients)
+
+        found, related = await _blocking(heads)
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        writes: list[_Write] = []
+        results: list[BundleEntryOutcome] = []
+        for entry in entries:
+            if entry.outcome is PlanOutcome.EXISTS:
+                key = ResourceKey(tenant, entry.resource_type, entry.id or "")
+                results.append(await self._existing(caller, key, entry.index))
+                continue
+            head = found.get(ResourceKey(tenant, entry.resource_type, entry.id or ""))
+            prepared = await self._prepare(caller, entry, head, now, related)
+            if prepared is not None:
+                writes.append(prepared)
+            else:  # a delete of nothing: FHIR answers success, nothing is written
+                results.append(BundleEntryOutcome(entry.index, 204))
+        if writes:
+            subtype = kind or writes[0].interaction.value
+            action = Action.EXECUTE if kind else _INTERACTION_ACTION[writes[0].interaction]
+            await self._record_writes(caller, subtype, action, writes, reason=_INTENT)
+            try:
+                await _blocking(lambda: self._commit(caller, writes, checks, indexer))
+            except BaseException as exc:
+                await self._record_writes(
+                    caller, subtype, action, writes, reason=_ROLLED_BACK,
+                    outcome=Outcome.SERIOUS_FAILURE, fail_quietly=True,
+                )  # fmt: skip
+                if isinstance(exc, VersionConflict) and any(e.if_match for e in entries):
+                    raise IfMatchFailed(
+                        f"{exc.resource_type}/{exc.resource_id}: If-Match does not name "
+                        "the current version"
+                    ) from None
+                raise
+            await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+        for write in writes:
+            record = RecordVersion(
+                write.key.resource_type,
+                write.key.resource_id,
+                write.version,
+                write.last_updated,
+                deleted=write.interaction is Interaction.DELETE,
+                resource=write.resource,
+            )
+            status = 204 if record.deleted else (201 if write.created else 200)
+            results.append(BundleEntryOutcome(write.index, status, record=record))
+        results.sort(key=lambda r: r.index)
+        return BundleOutcome(kind or "write", results)
+
+    async def _existing(self, caller: Caller, key: ResourceKey, index: int) -> BundleEntryOutcome:
+        """If-None-Exist matched ``key``: nothing written; its version, and its content only
+        if the caller may read it."""
+        try:
+            record = await self.read(caller, key.resource_type, key.resource_id)
+        except (RecordNotFound, RecordGone):
+            stored = await _blocking(lambda: self._head(key))
+            if stored is None:
+                raise TransactionConflict(
+                    f"{key.resource_type}/{key.resource_id} changed while the request ran"
+                ) from None
+            record = RecordVersion(
+                key.resource_type, key.resource_id, stored.version, stored.last_updated
+            )
+        return BundleEntryOutcome(index, 200, record=record)
+
+    def _head(self, key: ResourceKey) -> StoredVersion | None:
+        with self._store.unit_of_work(read_only=True) as uow:
+            return uow.read(key, groups=())
+
+    async def _prepare(
+        self,
+        caller: Caller,
+        entry: PlannedEntry,
+        head: StoredVersion | None,
+        now: datetime,
+        related: set[str],
+    ) -> _Write | None:
+        """Decide, check the version, seal and index one write (no transaction is open)."""
+        tenant = caller.access.tenant
+        the_id = entry.id or ""
+        key = ResourceKey(tenant, entry.resource_type, the_id)
+        where = f"Bundle.entry[{entry.index}]"
+        current = None if head is None or head.deleted else head.version
+        if entry.if_match is not None:
+            wanted = _etag_version(entry.if_match)
+            if wanted is None or wanted != current:
+                await self._record_miss(caller, "update", Action.UPDATE, None, "version-conflict")
+                raise IfMatchFailed(
+                    f"{entry.resource_type}/{the_id}: If-Match does not name the current version"
+                )
+        if entry.outcome is PlanOutcome.DELETE:
+            if head is None or head.deleted:
+                return None
+            facts_subject = head.key_subject
+            decision = self._decide_write(
+                caller, entry.resource_type, facts_subject, related, Interaction.DELETE
+            )
+            if not decision.allowed:
+                await self._refuse_write(caller, Interaction.DELETE, facts_subject, decision)
+            return _Write(
+                entry.index, Interaction.DELETE, key, head.version, head.version + 1, now,
+                head.key_subject, {}, [], None, decision, created=False,
+            )  # fmt: skip
+        if entry.resource is None:
+            raise InvalidBundle("the entry has no resource", path=f"{where}.resource")
+        interaction = Interaction.CREATE if current is None else Interaction.UPDATE
+        previous = None if head is None else head.version
+        version = (previous or 0) + 1
+        stamp = _instant(now)
+        resource = dict(entry.resource)
+        resource["id"] = the_id
+        meta = resource.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise InvalidInput("must be an object", path="meta")
+        resource["meta"] = {**(meta or {}), "versionId": str(version), "lastUpdated": stamp}
+        subject = self._subject_of(resource)
+        decision = self._decide_write(caller, entry.resource_type, subject, related, interaction)
+        if not decision.allowed:
+            await self._refuse_write(caller, interaction, subject, decision)
+        if head is not None and not head.deleted and head.key_subject != subject:
+            # Moving a record to another patient is a write to both compartments.
+            before = self._decide_write(
+                caller, entry.resource_type, head.key_subject, related, Interaction.UPDATE
+            )
+            if not before.allowed:
+                await self._refuse_write(caller, Interaction.UPDATE, head.key_subject, before)
+        classified = split(resource, self._table)
+        refused = sorted(g.value for g in classified.groups if g not in decision.groups)
+        if refused:
+            await self._refuse_write(caller, interaction, subject, decision, "group-not-permitted")
+        sealed = await self._seal(tenant, subject, classified.envelope, classified.groups)
+        indexer = await self._keyring.blind_indexer(tenant)
+        entries = index_entries(resource, indexer.tokens)
+        return _Write(
+            entry.index, interaction, key, previous, version, now, subject, sealed, entries,
+            resource, decision, created=current is None,
+        )  # fmt: skip
+
+    def _commit(
+        self,
+        caller: Caller,
+        writes: Sequence[_Write],
+        checks: Sequence[_Check],
+        indexer: BlindIndexer | None,
+    ) -> None:
+        """One database transaction: re-check what the plan relied on, write, commit."""
+        with self._store.unit_of_work() as uow:
+            for lookup, before in checks:
+                assert indexer is not None
+                if tuple(self._resolve(uow, caller, lookup, indexer.tokens)) != tuple(before):
+                    raise TransactionConflict(
+                        "a conditional reference, If-None-Exist or conditional update matched "
+                        "differently while the request ran; retry it"
+                    )
+            for write in writes:
+                if write.interaction is Interaction.DELETE:
+                    uow.delete(
+                        write.key,
+                        version=write.version,
+                        last_updated=write.last_updated,
+                        previous=write.previous or 0,
+                    )
+                else:
+                    uow.write(
+                        NewVersion(
+                            write.key, write.version, write.last_updated, write.subject,
+                            write.groups, write.entries,
+                        ),
+                        previous=write.previous,
+                    )  # fmt: skip
+            uow.commit()
+
+    # --- decisions -------------------------------------------------------------------------
+
+    def _include_targets(self, include: Include) -> list[str]:
+        """The stored types an ``_include`` may reach (its own target, or the parameter's)."""
+        if include.target_type is not None:
+            wanted = {include.target_type}
+        else:
+            wanted = set(search_param(include.source_type, include.param).targets) or {"Patient"}
+        return sorted(wanted & self._table.resource_types)
+
+    def _check_type(self, resource_type: str) -> None:
+        self._table.for_type(resource_type)  # UnsupportedResourceType
+
+    def _subject_of(self, resource: Mapping[str, Any]) -> str:
+        """The key subject: the patient whose compartment holds it, or the directory."""
+        if resource.get("resourceType") == "Patient":
+            return str(resource["id"])
+        return patient_of(resource) or DIRECTORY_SUBJECT
+
+    def _scopes(
+        self, caller: Caller, resource_type: str, interaction: Interaction
+    ) -> list[PolicyScope] | None:
+        """The SQL scope of a search or history (None: nothing can be admitted). Tenant
+        isolation is the store's own, always."""
+        if not self._controls.policy:
+            return []
+        scope = search_scope(
+            self._policy, caller.access, resource_type, interaction, now=self._clock()
+        )
+        if scope.empty:
+            return None
+        return [PolicyScope(scope, practitioner_of(caller.access.fhir_user))]
+
+    def _needs_care(self, caller: Caller) -> bool:
+        return practitioner_of(caller.access.fhir_user) is not None and any(
+            (role_policy := self._policy.policy.roles.get(role)) is not None
+            and role_policy.relationship is Relationship.CARE
+            for role in caller.access.roles
+        )
+
+    def _care_related(
+        self, uow: RecordUnitOfWork, caller: Caller, patients: Collection[str]
+    ) -> set[str]:
+        practitioner = practitioner_of(caller.access.fhir_user)
+        wanted = {p for p in patients if p != DIRECTORY_SUBJECT}
+        if practitioner is None or not wanted or not self._needs_care(caller):
+            return set()
+        return uow.care_related(caller.access.tenant, practitioner, wanted)
+
+    def _decide_rows(
+        self,
+        uow: RecordUnitOfWork,
+        caller: Caller,
+        rows: Sequence[StoredVersion],
+        interaction: Interaction,
+    ) -> list[Decision]:
+        related = self._care_related(uow, caller, {r.key_subject for r in rows})
+        return [
+            self._decide(caller, r.key.resource_type, r.key_subject, related, interaction)
+            for r in rows
+        ]
+
+    def _decide(
+        self,
+        caller: Caller,
+        resource_type: str,
+        subject: str,
+        related: Collection[str],
+        interaction: Interaction,
+    ) -> Decision:
+        if not self._controls.policy:
+            return _ALL_ALLOWED
+        patient = _patient_of_subject(subject)
+        facts = RelationshipFacts(
+            caller.access.tenant, patient, care_relationship=patient in related
+        )
+        return decide(
+            self._policy, caller.access, resource_type, interaction, facts, now=self._clock()
+        )
+
+    def _decide_write(
+        self,
+        caller: Caller,
+        resource_type: str,
+        subject: str,
+        related: Collection[str],
+        interaction: Interaction,
+    ) -> Decision:
+        return self._decide(caller, resource_type, subject, related, interaction)
+
+    async def _refuse_write(
+        self,
+        caller: Caller,
+        interaction: Interaction,
+        subject: str,
+        decision: Decision,
+        reason: str | None = None,
+    ) -> None:
+        why = reason or str(decision.reason or "denied")
+        await self._record_miss(
+            caller,
+            interaction.value,
+            _INTERACTION_ACTION[interaction],
+            _patient_of_subject(subject),
+            why,
+        )
+        if reason == "group-not-permitted":
+            raise AccessDenied(
+                f"this caller may not write some element groups of the resource ({why})"
+            )
+        raise AccessDenied(f"{interaction.value} is not allowed for this caller here ({why})")
+
+    def _resolve(
+        self,
+        uow: RecordUnitOfWork,
+        caller: Caller,
+        lookup: ConditionalLookup,
+        tokens: Callable[..., Any],
+    ) -> list[str]:
+        """A conditional lookup, scoped like a search by the caller: what the caller could
+        not find by searching, a conditional reference cannot find either."""
+        scopes = self._scopes(caller, lookup.resource_type, Interaction.SEARCH)
+        if scopes is None:
+            return []
+        terms = blind_terms(lookup.query, tokens)
+        return uow.find_ids(caller.access.tenant, lookup.query, blind=terms, scopes=scopes, limit=2)
+
+    async def _resolve_now(self, caller: Caller, lookup: ConditionalLookup) -> list[str]:
+        indexer = await self._keyring.blind_indexer(caller.access.tenant)
+
+        def run() -> list[str]:
+            with self._store.unit_of_work(read_only=True) as uow:
+                return self._resolve(uow, caller, lookup, indexer.tokens)
+
+        return await _blocking(run)
+
+    # --- encryption --------------------------------------------------------------------------
+
+    async def _seal(
+        self,
+        tenant: str,
+        subject: str,
+        envelope: Envelope,
+        groups: Mapping[ElementGroup, bytes],
+    ) -> dict[str, bytes]:
+        if not self._controls.encryption:
+            return {g.value: data for g, data in groups.items()}
+        cipher = await self._keyring.patient_cipher(tenant, subject, create=True)
+        refs = [(group_element_ref(tenant, envelope, g), data) for g, data in groups.items()]
+        sealed = cipher.seal_many(refs)
+        return {g.value: c for g, c in zip(groups, sealed, strict=True)}
+
+    def _visible(self, stored: StoredVersion, decision: Decision) -> RecordVersion:
+        """The version's clear facts (no plaintext yet)."""
+        withheld = any(ElementGroup(g) not in decision.groups for g in stored.groups)
+        return RecordVersion(
+            stored.key.resource_type,
+            stored.key.resource_id,
+            stored.version,
+            stored.last_updated,
+            deleted=stored.deleted,
+            redacted=withheld,
+        )
+
+    async def _opened(
+        self, caller: Caller, stored: StoredVersion, decision: Decision, record: RecordVersion
+    ) -> RecordVersion:
+        """Open the groups the decision allows (only those), assemble, taint."""
+        if stored.deleted:
+            return record
+        envelope = Envelope(
+            stored.key.resource_type,
+            stored.key.resource_id,
+            str(stored.version),
+            _instant(stored.last_updated),
+        )
+        allowed = [ElementGroup(g) for g in stored.groups if ElementGroup(g) in decision.groups]
+        withheld = [
+            ElementGroup(g) for g in stored.groups if ElementGroup(g) not in decision.groups
+        ]
+        tenant = stored.key.tenant
+        if self._controls.encryption:
+            try:
+                cipher = await self._keyring.patient_cipher(tenant, stored.key_subject)
+                plain = cipher.open_many(
+                    (group_element_ref(tenant, envelope, g), stored.groups[g.value])
+                    for g in allowed
+                )
+            except DecryptionFailed:
+                await self._record_miss(
+                    caller, "read", Action.READ, _patient_of_subject(stored.key_subject),
+                    "integrity-failure", outcome=Outcome.SERIOUS_FAILURE,
+                )  # fmt: skip
+                raise IntegrityFailure(
+                    f"{stored.key.resource_type}/{stored.key.resource_id}: a stored element "
+                    "failed its integrity check; nothing of it is disclosed"
+                ) from None
+        else:
+            plain = [stored.groups[g.value] for g in allowed]
+        contents = {g: GroupContent.decode(p) for g, p in zip(allowed, plain, strict=True)}
+        _taint_contents(contents.values())
+        resource = assemble(envelope, contents, withheld=withheld)
+        return RecordVersion(
+            record.resource_type,
+            record.id,
+            record.version,
+            record.last_updated,
+            deleted=False,
+            resource=resource,
+            redacted=bool(withheld),
+        )
+
+    # --- audit -------------------------------------------------------------------------------
+
+    async def _query_hash(self, caller: Caller, query: SearchQuery) -> str | None:
+        if not self._controls.audit or not self._controls.encryption:
+            return None
+        tokenizer = await self._keyring.ledger_tokenizer(caller.access.tenant)
+        return tokenizer.token("query", _normalized_query(query))
+
+    async def _record_miss(
+        self,
+        caller: Caller,
+        subtype: str,
+        action: Action,
+        patient: str | None,
+        reason: str,
+        *,
+        outcome: Outcome = Outcome.MINOR_FAILURE,
+    ) -> None:
+        """A refused or failed interaction is evidence too (who tried what, and why not)."""
+        if not self._controls.audit:
+            return
+        event = caller.audit.event(
+            kind=EventKind.REST,
+            subtype=subtype,
+            action=action,
+            outcome=outcome,
+            outcome_reason=reason,
+            patient=None if patient is None else f"Patient/{patient}",
+        )
+        await caller.audit.record(event)
+
+    async def _record_disclosure(
+        self,
+        caller: Caller,
+        subtype: str,
+        action: Action,
+        disclosed: Sequence[tuple[StoredVersion, Decision, RecordVersion]],
+        *,
+        query_hash: str | None = None,
+    ) -> None:
+        """One event per patient whose records are disclosed (so that each patient's chain,
+        and their accounting of disclosures, has it), recorded together (one group commit),
+        all durable before anything is returned."""
+        if not self._controls.audit:
+            return
+        by_patient: dict[str | None, list[tuple[StoredVersion, Decision, RecordVersion]]] = (
+            defaultdict(list)
+        )
+        for item in disclosed:
+            by_patient[_patient_of_subject(item[0].key_subject)].append(item)
+        if not by_patient:
+            by_patient[None] = []
+        query_entity = (Entity(query_hash=query_hash, role=EntityRole.QUERY),) if query_hash else ()
+        events = []
+        for patient, items in by_patient.items():
+            purposes = sorted({p for _, d, _ in items for p in d.purposes})
+            grant = next((d.grant_id for _, d, _ in items if d.grant_id), None)
+            entities = tuple(
+                Entity(
+                    what=r.versioned_reference, security_labels=("REDACTED",) if r.redacted else ()
+                )
+                for _, _, r in items
+            )
+            events.append(
+                caller.audit.event(
+                    kind=EventKind.REST,
+                    subtype=subtype,
+                    action=action,
+                    patient=None if patient is None else f"Patient/{patient}",
+                    entities=query_entity + entities,
+                    purpose_of_use=tuple(purposes) if purposes else None,
+                    break_glass_grant=grant,
+                )
+            )
+        await asyncio.gather(*(caller.audit.record(e) for e in events))
+
+    async def _record_writes(
+        self,
+        caller: Caller,
+        subtype: str,
+        action: Action,
+        writes: Sequence[_Write],
+        *,
+        reason: str,
+        outcome: Outcome = Outcome.SUCCESS,
+        fail_quietly: bool = False,
+    ) -> None:
+        """The intent (before the commit) or the outcome (after it) of writes, one event per
+        patient. The entities name the exact versions, which is what reconciliation checks."""
+        if not self._controls.audit:
+            return
+        by_patient: dict[str | None, list[_Write]] = defaultdict(list)
+        for write in writes:
+            by_patient[write.patient].append(write)
+        events = []
+        for patient, items in by_patient.items():
+            purposes = sorted({p for w in items for p in w.decision.purposes})
+            events.append(
+                caller.audit.event(
+                    kind=EventKind.REST,
+                    subtype=subtype,
+                    action=action,
+                    outcome=outcome,
+                    outcome_reason=reason,
+                    patient=None if patient is None else f"Patient/{patient}",
+                    entities=tuple(Entity(what=w.what) for w in items),
+                    purpose_of_use=tuple(purposes) if purposes else None,
+                    break_glass_grant=next(
+                        (w.decision.grant_id for w in items if w.decision.grant_id), None
+                    ),
+                )
+            )
+        try:
+            await asyncio.gather(*(caller.audit.record(e) for e in events))
+        except Exception:
+            if not fail_quietly:
+                raise
+
+    # --- crash recovery ----------------------------------------------------------------------
+
+    async def reconcile(self, ledger: Ledger, *, cursor: Path | None = None) -> ReconcileReport:
+        """Settle the write intents a crash left without an outcome. Run it on start, before
+        serving (the embedded shape has one process, so no intent is still in flight).
+
+        Every intent event names the exact versions it was about to write; a transaction is
+        all or nothing, so either all of them are in the store (committed before the crash)
+        or none is. Each open intent gets an outcome event: ``reconciled-committed`` or
+        ``reconciled-absent``. ``cursor`` (a small file) remembers how far the ledger was
+        scanned, so a start reads only the entries written since the last one.
+        """
+        start = _read_cursor(cursor)
+        end = ledger.size
+
+        def scan() -> list[AuditEvent]:
+            intents: dict[tuple[str | None, tuple[str, ...]], AuditEvent] = {}
+            settled: set[tuple[str | None, tuple[str, ...]]] = set()
+            for index in range(start, end):
+                event = ledger.read(index).event
+                if event.kind is not EventKind.REST or event.outcome_reason is None:
+                    continue
+                key = (event.request_id, _written(event))
+                if event.outcome_reason == _INTENT:
+                    intents[key] = event
+                elif event.outcome_reason in _OUTCOME_REASONS:
+                    settled.add(key)
+            return [event for key, event in intents.items() if key not in settled]
+
+        open_intents = await _blocking(scan)
+        committed = absent = 0
+        for intent in open_intents:
+            written = _written(intent)
+
+            def present(event: AuditEvent = intent, whats: tuple[str, ...] = written) -> bool:
+                with self._store.unit_of_work(read_only=True) as uow:
+                    for what in whats:
+                        kind, ident, _, version = what.split("/")
+                        key = ResourceKey(event.tenant, kind, ident)
+                        if uow.vread(key, int(version), groups=()) is None:
+                            return False
+                return True
+
+            done = await _blocking(present)
+            committed += done
+            absent += not done
+            await ledger.record(
+                AuditEvent(
+                    kind=EventKind.REST,
+                    subtype=intent.subtype,
+                    action=intent.action,
+                    recorded=datetime.fromtimestamp(self._clock(), UTC),
+                    outcome=Outcome.SUCCESS if done else Outcome.SERIOUS_FAILURE,
+                    outcome_reason="reconciled-committed" if done else "reconciled-absent",
+                    tenant=intent.tenant,
+                    patient=intent.patient,
+                    agents=(Agent(who=_SYSTEM_AGENT, requestor=False),),
+                    source=Source(observer=self._observer),
+                    entities=tuple(Entity(what=w) for w in written),
+                    purpose_of_use=intent.purpose_of_use,
+                    request_id=intent.request_id,
+                )
+            )
+        _write_cursor(cursor, end)
+        return ReconcileReport(start, end, committed, absent)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+_Check = tuple[ConditionalLookup, tuple[str, ...]]
+_T = TypeVar("_T")
+_READ_OUTCOMES: Final = frozenset({PlanOutcome.READ, PlanOutcome.SEARCH})
+_OUTCOME_REASONS: Final = frozenset(
+    {_COMMITTED, _ROLLED_BACK, "reconciled-committed", "reconciled-absent"}
+)
+_ALL_ALLOWED: Final = Decision(True, frozenset(ElementGroup))
+_STATUS: Final[tuple[tuple[type[BaseException], int], ...]] = (
+    (RecordNotFound, 404),
+    (RecordGone, 410),
+    (AccessDenied, 403),
+    (IfMatchFailed, 412),
+    (TransactionConflict, 409),
+    (VersionConflict, 409),
+    (PreconditionFailed, 412),
+    (AmbiguousReference, 412),
+    (UnsupportedResourceType, 404),
+    (IntegrityFailure, 500),
+    (InvalidInput, 400),
+    (StoreUnavailable, 503),
+)
+
+
+async def _blocking(work: Callable[[], _T]) -> _T:
+    """Run storage work on a worker thread: the event loop never waits on a database."""
+    return await anyio.to_thread.run_sync(work)
+
+
+def _version_number(text: str) -> int | None:
+    if not text.isdigit() or len(text) > 9:
+        return None
+    number = int(text)
+    return number if number >= 1 else None
+
+
+def _etag_version(text: str) -> int | None:
+    """``W/"3"``, ``"3"`` or ``3`` -> 3."""
+    value = text.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return _version_number(value.strip('"'))
+
+
+def _patient_of_subject(subject: str) -> str | None:
+    return None if subject == DIRECTORY_SUBJECT else subject
+
+
+def _instant(moment: datetime) -> str:
+    """FHIR instant in UTC with microseconds (what the store keeps)."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _resource_type_of(resource: object, *, path: str) -> str:
+    if not isinstance(resource, Mapping):
+        raise InvalidInput("must be a JSON object (a FHIR resource)", path="(body)")
+    kind = resource.get("resourceType")
+    if not isinstance(kind, str) or not kind:
+        raise InvalidInput("is missing or not a string", path=path)
+    return kind
+
+
+def _single_result(outcome: BundleOutcome) -> WriteResult:
+    entry = outcome.entries[0]
+    if entry.record is None:
+        raise TransactionConflict("the write did not take place; retry it")
+    return WriteResult(entry.record, created=entry.status == 201)
+
+
+def _patients_touched(entry: PlannedEntry, head: StoredVersion | None) -> set[str]:
+    found: set[str] = set()
+    if head is not None:
+        found.add(head.key_subject)
+    if entry.resource is not None:
+        if entry.resource_type == "Patient" and entry.id:
+            found.add(entry.id)
+        else:
+            patient = patient_of(entry.resource)
+            if patient:
+                found.add(patient)
+    return found
+
+
+def _unique_versions(
+    included: Iterable[StoredVersion], matches: Iterable[StoredVersion]
+) -> list[StoredVersion]:
+    """``_include`` results minus duplicates and minus what is already a match."""
+    seen = {m.key for m in matches}
+    out: list[StoredVersion] = []
+    for version in included:
+        if version.key not in seen:
+            seen.add(version.key)
+            out.append(version)
+    return out
+
+
+def _taint_contents(contents: Iterable[GroupContent]) -> None:
+    """Every string and number opened from a group is PHI for the rest of the request."""
+    stack: list[Any] = []
+    for content in contents:
+        stack.extend(content.elements.values())
+        stack.extend(value for _, value in content.fragments)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str | int | float) and not isinstance(node, bool):
+            taint(node)
+
+
+def _normalized_query(query: SearchQuery) -> str:
+    """The query's meaning as text (only ever hashed with a keyed HMAC, never stored)."""
+    return repr((query.resource_type, query.criteria, query.sort, query.includes))
+
+
+def _written(event: AuditEvent) -> tuple[str, ...]:
+    """The versioned references an intent or outcome event names."""
+    return tuple(
+        sorted(
+            e.what
+            for e in event.entities
+            if e.what is not None
+            and e.role is EntityRole.DOMAIN_RESOURCE
+            and "/_history/" in e.what
+        )
+    )
+
+
+def _read_cursor(cursor: Path | None) -> int:
+    if cursor is None or not cursor.exists():
+        return 0
+    text = cursor.read_text(encoding="ascii").strip()
+    if not text.isdigit():
+        raise ConfigurationError(f"{cursor.name} is not a ledger index; remove it to rescan")
+    return int(text)
+
+
+def _write_cursor(cursor: Path | None, value: int) -> None:
+    if cursor is None:
+        return
+    temporary = cursor.with_suffix(".tmp")
+    temporary.write_text(f"{value}\n", encoding="ascii")
+    temporary.replace(cursor)
