@@ -21,8 +21,10 @@ from phivault.api.problems import (
     HttpProblem,
     NotFound,
     PreconditionFailed,
+    ServiceUnavailable,
     Unprocessable,
 )
+from phivault.crypto.errors import KeyUnavailable, PatientShredded, Sealed
 from phivault.errors import InvalidInput
 from phivault.records.bundles import AmbiguousReference
 from phivault.records.bundles import PreconditionFailed as BundlePreconditionFailed
@@ -60,6 +62,11 @@ def translate(exc: BaseException, *, if_match: bool = False) -> HttpProblem | No
     """
     if isinstance(exc, HttpProblem):
         return exc
+    if isinstance(exc, PatientShredded):
+        return Gone("the patient's records were erased")
+    if isinstance(exc, (Sealed, KeyUnavailable)):
+        # Sealed until operators unseal it (or a key provider is down): retry later.
+        return ServiceUnavailable(headers={"Retry-After": "5"})
     if isinstance(exc, RecordNotFound):
         return NotFound("the resource is not known")
     if isinstance(exc, RecordGone):
