@@ -50,8 +50,10 @@ _TAINTED: ContextVar[set[str] | None] = ContextVar("phivault_tainted_values", de
 def tainted_scope() -> Iterator[set[str]]:
     """Open a fresh tainted-value set for one request (the front door does this)."""
     token = open_tainted_scope()
+    current = _TAINTED.get()
+    assert current is not None  # just set
     try:
-        yield _TAINTED.get() or set()
+        yield current  # the live set (an empty set is falsy: never ``or set()`` here)
     finally:
         close_tainted_scope(token)
 
