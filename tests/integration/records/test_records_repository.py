@@ -70,8 +70,9 @@ def without_meta_and_refs(resource: Any, ids: dict[str, str]) -> Any:
             if key in ("meta", "id"):
                 continue
             if key == "reference" and isinstance(value, str) and value in ids:
-                value = ids[value]
-            out[key] = without_meta_and_refs(value, ids)
+                out[key] = ids[value]
+            else:
+                out[key] = without_meta_and_refs(value, ids)
         return out
     if isinstance(resource, list):
         return [without_meta_and_refs(v, ids) for v in resource]
@@ -102,7 +103,7 @@ async def test_a_patient_reads_back_equal_and_only_their_own(kit: Kit, fixtures_
 
 
 async def test_roles_are_decided_in_the_query(kit: Kit, fixtures_dir: Path) -> None:
-    patient_id, ids, doc = await load_patient(kit, fixtures_dir)
+    patient_id, ids, _ = await load_patient(kit, fixtures_dir)
     practitioner = next(v for v in ids.values() if v.startswith("Practitioner/"))
     # the loader writes but never reads PHI back, and cannot search patients
     with pytest.raises(RecordNotFound):
