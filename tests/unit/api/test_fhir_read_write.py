@@ -197,6 +197,21 @@ async def test_a_malformed_id_in_the_url_is_400(fhir: Fhir) -> None:
     assert issue(response)["expression"] == ["id"]
 
 
+async def test_an_id_shaped_like_personal_data_is_400(fhir: Fhir) -> None:
+    # Ids go into audit events and logs: one that looks like an SSN is refused, not stored.
+    ssn = "123-45-6789"
+    put = await fhir.client.put(
+        f"/fhir/Organization/{ssn}",
+        content=json.dumps(organization(id=ssn)),
+        headers=fhir.service(),
+    )
+    assert put.status_code == 400
+    assert issue(put)["expression"] == ["id"]
+    assert ssn not in put.text
+    read = await fhir.client.get(f"/fhir/Organization/{ssn}", headers=fhir.service())
+    assert read.status_code == 400
+
+
 async def test_oversized_body_is_413(fhir: Fhir) -> None:
     big = patient(text={"status": "generated", "div": "<div>" + "x" * MAX_BODY + "</div>"})
     response = await fhir.create(big)

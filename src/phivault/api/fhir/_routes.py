@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, ValidationError
 
 from phivault.access.decision import AccessContext
 from phivault.api.context import AuditCtx, CurrentPrincipal
@@ -46,6 +47,7 @@ from phivault.api.fhir._http import (
 )
 from phivault.api.problems import BadRequest, HttpProblem, NotFound, ServiceUnavailable
 from phivault.errors import PhivaultError
+from phivault.ledger.events import Reference
 from phivault.records.classification import Classification, default_classification
 from phivault.records.query import (
     MAX_COUNT,
@@ -60,6 +62,7 @@ __all__ = ["FHIR_PREFIX", "FhirRoute", "fhir_router"]
 FHIR_PREFIX: Final = "/fhir"
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _VERSION_RE: Final = re.compile(r"^[1-9][0-9]{0,17}$")
+_REFERENCE: Final[TypeAdapter[str]] = TypeAdapter(Reference)
 #: Parameters a history interaction takes; FHIR's ``_since``/``_at``/``_list`` are not
 #: supported (refused with a 400, or ignored under ``Prefer: handling=lenient``).
 _HISTORY_PARAMS: Final = frozenset({"_count", OFFSET_PARAM}) | FORMAT_PARAMS
@@ -113,9 +116,17 @@ def _now(request: Request) -> datetime:
     return datetime.fromtimestamp(clock(), UTC)
 
 
-def _check_id(resource_id: str) -> None:
+def _check_id(resource_type: str, resource_id: str) -> None:
+    """A FHIR id that the audit ledger can record: ids go into audit events and logs, so one
+    shaped like personal data (an SSN, a phone number) is refused rather than stored."""
     if not _ID_RE.match(resource_id):
         raise BadRequest("not a FHIR resource id", expression="id")
+    try:
+        _REFERENCE.validate_python(f"{resource_type}/{resource_id}")
+    except ValidationError:
+        raise BadRequest(
+            "the id looks like personal data; resource ids must be opaque", expression="id"
+        ) from None
 
 
 def _check_body(
@@ -370,7 +381,7 @@ def fhir_router(
         resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
     ) -> Response:
         check_type(resource_type)
-        _check_id(resource_id)
+        _check_id(resource_type, resource_id)
         pretty = check_format(query_pairs(request))
         record = await repo.read(caller, resource_type, resource_id)
         headers = version_headers(record, _base(request), location=False)
@@ -381,7 +392,7 @@ def fhir_router(
         resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
     ) -> Response:
         check_type(resource_type)
-        _check_id(resource_id)
+        _check_id(resource_type, resource_id)
         pretty = check_format(query_pairs(request))
         prefer = parse_prefer(request)
         if_match = parse_if_match(request)
@@ -404,7 +415,7 @@ def fhir_router(
         """A versioned tombstone; 204 whether or not the resource existed (FHIR allows both),
         200 with an OperationOutcome under ``Prefer: return=OperationOutcome``."""
         check_type(resource_type)
-        _check_id(resource_id)
+        _check_id(resource_type, resource_id)
         pretty = check_format(query_pairs(request))
         prefer = parse_prefer(request)
         record = await repo.delete(caller, resource_type, resource_id)
@@ -421,7 +432,7 @@ def fhir_router(
         resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
     ) -> Response:
         check_type(resource_type)
-        _check_id(resource_id)
+        _check_id(resource_type, resource_id)
         return await run_history(request, resource_type, resource_id, caller, repo)
 
     @router.get("/{resource_type}/{resource_id}/_history/{version_id}")
@@ -435,7 +446,7 @@ def fhir_router(
         repo: Repo,
     ) -> Response:
         check_type(resource_type)
-        _check_id(resource_id)
+        _check_id(resource_type, resource_id)
         if not _VERSION_RE.match(version_id):
             raise NotFound("the resource version is not known")
         pretty = check_format(query_pairs(request))
