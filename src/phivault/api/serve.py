@@ -166,7 +166,11 @@ async def open_service(
                 routers=[
                     MountedRouter(keys_router(), prefix="/admin/keys"),
                     MountedRouter(
-                        fhir_router(default_count=records.default_count), prefix=FHIR_PREFIX
+                        fhir_router(
+                            default_count=records.default_count,
+                            max_bundle_entries=records.max_bundle_entries,
+                        ),
+                        prefix=FHIR_PREFIX,
                     ),
                 ],
                 state={"unseal": unseal, "records": repository},

@@ -143,7 +143,9 @@ def settings(max_body_bytes: int = MAX_BODY) -> Settings:
 
 
 @asynccontextmanager
-async def open_fhir(tmp_path: Path, *, default_count: int = 50) -> AsyncIterator[Fhir]:
+async def open_fhir(
+    tmp_path: Path, *, default_count: int = 50, max_bundle_entries: int = 1000
+) -> AsyncIterator[Fhir]:
     keys_dir = tmp_path / "keys"
     _, shares = SealedLocalProvider.initialize(keys_dir, threshold=2, shares=2)
     keystore = SqliteKeyStore(keys_dir / SqliteKeyStore.FILENAME)
@@ -157,13 +159,24 @@ async def open_fhir(tmp_path: Path, *, default_count: int = 50) -> AsyncIterator
     )
     await ring.unseal(shares)
     store = SqlRecordStore(f"sqlite:///{tmp_path}/records.db")
-    repository = RecordsRepository(store, ring, compile_policy(default_policy()), clock=clock)
+    repository = RecordsRepository(
+        store,
+        ring,
+        compile_policy(default_policy()),
+        clock=clock,
+        max_bundle_entries=max_bundle_entries,
+    )
     issuer = FakeIssuer()
     app = create_app(
         settings(),
         audit_sink=sink,
         key_sources={issuer.issuer: issuer.key_source()},
-        routers=[MountedRouter(fhir_router(default_count=default_count), prefix=FHIR_PREFIX)],
+        routers=[
+            MountedRouter(
+                fhir_router(default_count=default_count, max_bundle_entries=max_bundle_entries),
+                prefix=FHIR_PREFIX,
+            )
+        ],
         state={"records": repository},
         clock=clock,
     )

@@ -131,6 +131,19 @@ async def test_what_is_not_a_batch_or_transaction_is_400(fhir: Fhir) -> None:
     assert entries_not_a_list.status_code == 400
 
 
+async def test_a_bundle_with_too_many_entries_is_413(tmp_path: Path) -> None:
+    async with open_fhir(tmp_path, max_bundle_entries=5) as fhir:
+        before = fhir.row_count()
+        for kind in ("transaction", "batch"):
+            doc = bundle(kind, *[entry(organization(f"Clinic {n}")) for n in range(6)])
+            response = await post(fhir, doc)
+            assert response.status_code == 413
+            assert response.json()["issue"][0]["expression"] == ["Bundle.entry"]
+        assert fhir.row_count() == before
+        doc = bundle("transaction", *[entry(organization(f"Clinic {n}")) for n in range(5)])
+        assert (await post(fhir, doc)).status_code == 200
+
+
 async def test_a_bundle_above_the_body_limit_is_413(fhir: Fhir) -> None:
     doc = bundle("transaction", *[entry(organization(f"Clinic {n}")) for n in range(5000)])
     response = await post(fhir, doc)

@@ -131,6 +131,8 @@ async def test_malformed_search_values_name_the_parameter(fhir: Fhir) -> None:
         ("_sort=name", "_sort"),
         ("_offset=x", "_offset"),
         ("general-practitioner.name=x", "general-practitioner.name"),
+        ("_summary=true", "_summary"),  # would narrow the answer: refused, never ignored
+        ("_elements=id", "_elements"),
     ):
         response = await fhir.client.get(f"/fhir/Patient?{query}", headers=fhir.patient(pid))
         assert response.status_code == 400, query

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: HTTP-level parameters that are not search criteria (FHIR R4 3.1.1.2 and our paging).
-FORMAT_PARAMS: Final = frozenset({"_format", "_pretty", "_summary", "_elements"})
+FORMAT_PARAMS: Final = frozenset({"_format", "_pretty"})
 _JSON_FORMATS: Final = frozenset(
     {"json", "application/json", "application/fhir+json", "application/json+fhir"}
 )

@@ -45,7 +45,13 @@ from phivault.api.fhir._http import (
     read_json_object,
     version_headers,
 )
-from phivault.api.problems import BadRequest, HttpProblem, NotFound, ServiceUnavailable
+from phivault.api.problems import (
+    BadRequest,
+    HttpProblem,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
 from phivault.errors import PhivaultError
 from phivault.ledger.events import Reference
 from phivault.records.classification import Classification, default_classification
@@ -191,13 +197,15 @@ def fhir_router(
     *,
     classification: Classification | None = None,
     default_count: int = 50,
+    max_bundle_entries: int = 10_000,
     published: datetime | None = None,
     software_version: str = "0.1.0",
 ) -> APIRouter:
     """The FHIR routes, to mount at :data:`FHIR_PREFIX` behind the front door.
 
     ``app.state.records`` must hold the :class:`RecordsRepository`. ``default_count`` is the
-    page size of searches and histories without ``_count``; ``published`` dates the
+    page size of searches and histories without ``_count``; a Bundle with more than
+    ``max_bundle_entries`` entries is a 413 (as the repository's own limit); ``published`` dates the
     CapabilityStatement (default: when the router was built).
     """
     table = classification or default_classification()
@@ -233,6 +241,11 @@ def fhir_router(
         if bundle.get("resourceType") != "Bundle":
             raise BadRequest("the system endpoint takes a Bundle", expression="resourceType")
         kind = bundle.get("type")
+        entries = bundle.get("entry")
+        if isinstance(entries, list) and len(entries) > max_bundle_entries:
+            raise PayloadTooLarge(
+                f"a Bundle takes at most {max_bundle_entries} entries", expression="Bundle.entry"
+            )
         if kind == "transaction":
             outcome = await repo.transaction(caller, bundle)
         elif kind == "batch":
