@@ -450,3 +450,34 @@ def test_retries_end() -> None:
     assert result.http_status == 503
     assert len(requests) == 6
     assert max(sleeps) <= 30.0
+
+
+# --- the command, in process --------------------------------------------------------------
+
+
+def test_ctrl_c_reports_the_bundle_in_flight_as_unknown_and_the_rest_as_not_attempted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from phivault.cli import load as load_module
+    from phivault.cli.main import app
+
+    files = [write(tmp_path / f"{n}.json", TWO) for n in ("a", "b", "c")]
+    sent: list[str] = []
+
+    def send(self: Loader, result: FileResult, document: dict[str, Any]) -> None:
+        sent.append(result.file.name)
+        if len(sent) == 2:
+            raise KeyboardInterrupt
+        result.status = "loaded"
+
+    monkeypatch.setattr(load_module.Loader, "send", send)
+    outcome = CliRunner().invoke(
+        app, ["load", "--token", "t", "--json", *map(str, files)], catch_exceptions=False
+    )
+    assert outcome.exit_code == 130
+    report = json.loads(outcome.stdout)
+    assert report["error"] == "interrupted"
+    assert [r["status"] for r in report["results"]] == ["loaded", "unknown", "not-attempted"]
+    assert sent == ["a.json", "b.json"]

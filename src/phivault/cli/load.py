@@ -24,7 +24,8 @@ not attempted (the load stopped first).
 
 Exit codes: 0 every file loaded; 1 at least one bundle did not load (a 403 from the access
 policy included: it may concern only some bundles); 2 bad input (nothing was sent); 3 the
-load stopped (the server could not be reached, or refused the token with a 401).
+load stopped (the server could not be reached, or refused the token with a 401); 130
+interrupted (Ctrl-C: the bundle being sent is reported as unknown).
 
 The token: ``--token`` (or ``PHIVAULT_TOKEN``), or else a short-lived service token minted
 by the development identity provider of a ``phivault init --dev`` data directory (role
@@ -94,6 +95,7 @@ _MAX_RETRY_WAIT_S = 30.0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
+EXIT_INTERRUPTED = 130
 
 
 class BundleFileError(Exception):
@@ -656,7 +658,7 @@ def load(
         _report(
             output,
             results,
-            url=url,
+            url=fhir_base(url),
             error=("bad-input", "some files cannot be loaded; nothing was sent"),
         )
         raise typer.Exit(EXIT_BAD_INPUT)
@@ -671,7 +673,11 @@ def load(
     ):
         loader = Loader(client, url, token_source)
         for result in results:
-            bundle = read_bundle(result.file)
+            try:
+                bundle = read_bundle(result.file)  # again: files are not all held in memory
+            except BundleFileError as exc:  # changed since it was checked
+                result.status, result.message = "invalid", str(exc)
+                continue
             result.conditional_creates = add_conditional_creates(bundle)
             try:
                 loader.send(result, bundle)
@@ -680,6 +686,11 @@ def load(
                 result.status = "not-attempted" if exc.kind == "unreachable" else "failed"
                 result.http_status = exc.http_status
                 stopped = exc
+                break
+            except KeyboardInterrupt:
+                result.status = "unknown"
+                result.message = "interrupted while sending; it may or may not have been written"
+                stopped = LoadStopped("interrupted", "interrupted (Ctrl-C)")
                 break
             progress.advance(result.entries)
             mark = ("ok ", "green") if result.ok else (f"{result.status} ", "bold red")
@@ -692,6 +703,6 @@ def load(
             )
     _report(output, results, url=loader.endpoint, stopped=stopped)
     if stopped is not None:
-        raise typer.Exit(EXIT_STOPPED)
+        raise typer.Exit(EXIT_INTERRUPTED if stopped.kind == "interrupted" else EXIT_STOPPED)
     if not all(r.ok for r in results):
         raise typer.Exit(EXIT_FAILED)
