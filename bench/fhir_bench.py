@@ -23,17 +23,32 @@ ratios come from the same minutes of the same machine:
 * **policy off**: the access policy off (development settings again), on a copy of the "on"
   data directory taken after loading, so the same records and ids are read.
 
-Rate limits are raised out of the way in all three (the load generator is one address).
+Rate limits are raised out of the way in all three (the load generator is one address). A
+fourth server with no phivault at all (FastAPI answering one Observation from memory) gives
+the ceiling of the HTTP stack and the load generator on the machine at that moment.
+
 The last line printed is one JSON object: the figures, the same figures under
 ``controls_off`` and ``policy_off``, ``controls_cost`` (1 - read_rps on / off),
-``policy_cost`` (the larger of the read and search costs), and ``goals``: each goal of
-issues 5 and 6 with the measured value and a pass flag. Goals are reported, never asserted.
+``policy_cost`` (the larger of the read and search costs), ``goals`` (each goal of issues 5
+and 6 with the measured value and a pass flag; reported, never asserted) and
+``framework_ceiling``. Each workload also reports the server's CPU time per request
+(``*_server_cpu_ms``, all its threads, from /proc) and the CPU cores it got
+(``*_server_cores``): on a shared 2-core machine throughput drifts with the neighbours,
+CPU per request much less, so ``controls_cost_cpu`` and ``policy_cost_cpu`` give the same
+costs from CPU time. Latencies are per request, closed loop: with 64 connections
+the mean is 64 / throughput (Little's law), so p99 under 50 ms needs well over 1,280/s.
 
-    python bench/fhir_bench.py [--quick] [--duration S] [--rounds N] [--profile DIR]
+    python bench/fhir_bench.py [--quick] [--patients N] [--duration S] [--rounds N]
+                               [--profile DIR] [--keep]
 
-With ``--profile DIR`` and ``py-spy`` on the PATH, one extra read and create period of the
-"on" server is sampled after the measured rounds, and the hottest frames are summarised on
-stderr (the flame data stays in DIR).
+A full run loads the 20 Synthea patients (about 10,000 resources) into two servers and
+measures 2 rounds of 5 s; at the goal rates that is about 2 minutes, at slower load rates
+the loading dominates (``--patients`` trims it). ``--quick`` is 6 patients, 1 round of 2 s.
+
+With ``--profile DIR`` and ``py-spy`` on the PATH (or ``PY_SPY=...``), the "on" server is
+sampled after the measured rounds under each workload, only while a thread holds the GIL:
+the milliseconds per request by part (HTTP stack, records store, ledger, scrubbing, ...)
+go to stderr and to ``profile_ms_per_request``; their sum bounds one worker's throughput.
 """
 
 from __future__ import annotations
@@ -52,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,11 +282,22 @@ class Server:
                 self.process.wait()
         self.process = None
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process, all threads (Linux /proc)."""
+        if self.process is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self, lines: int = 30) -> str:
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log.read_text(errors="replace").splitlines()
         except OSError:
             return ""
+        return "\n".join([line for line in text if '"http.request"' not in line][-lines:])
 
 
 def request(
@@ -310,7 +337,7 @@ def run_client(work: Path, spec: dict[str, Any], timeout: float) -> dict[str, An
 # --- what is loaded and what is asked ------------------------------------------------------
 
 
-def bundle_files(quick: bool) -> tuple[list[Path], list[Path]]:
+def bundle_files(patients: int | None) -> tuple[list[Path], list[Path]]:
     """Companion bundles in ``phivault load``'s order (hospitals, then practitioners), then
     the patients' transactions.
 
@@ -324,8 +351,8 @@ def bundle_files(quick: bool) -> tuple[list[Path], list[Path]]:
     companions = [p for p in order_files(files) if "Information" in p.name]
     wasee = [p for p in files if p.name.startswith("wasee11_") and p not in companions]
     sof = [p for p in files if p.name.startswith("sof2019_") and p not in companions]
-    if quick:
-        wasee, sof = wasee[:3], sof[:3]
+    if patients is not None:  # as many of each generation
+        wasee, sof = wasee[: (patients + 1) // 2], sof[: patients // 2]
     return companions, wasee + sof
 
 
@@ -339,8 +366,10 @@ class Loaded:
     failures: list[str]
 
 
-def load(server: Server, tokens: Tokens, work: Path, quick: bool, concurrency: int) -> Loaded:
-    companions, patients = bundle_files(quick)
+def load(
+    server: Server, tokens: Tokens, work: Path, patients_wanted: int | None, concurrency: int
+) -> Loaded:
+    companions, patients = bundle_files(patients_wanted)
     result = run_client(
         work,
         {
@@ -469,7 +498,10 @@ def preflight(server: Server, work: Workloads) -> dict[str, Any]:
 def drive(
     server: Server, requests: list[list[Any]], work: Path, duration: float, concurrency: int
 ) -> dict[str, Any]:
-    return run_client(
+    """One measured period; adds the server's CPU time per request and its CPU use in cores
+    (of the machine's two), which tell a busy server from one that waits."""
+    cpu_before = server.cpu_seconds()
+    result = run_client(
         work,
         {
             "kind": "drive",
@@ -480,15 +512,34 @@ def drive(
         },
         timeout=duration + 300,
     )
+    cpu_after = server.cpu_seconds()
+    if cpu_before is not None and cpu_after is not None:
+        used = cpu_after - cpu_before
+        done = result["ok"] + result["failed"]
+        result["server_cpu_ms_per_request"] = 1000 * used / done if done else None
+        result["server_cores"] = used / result["seconds"]
+    return result
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "rps": statistics.median(r["rps"] for r in runs),
-        "p99_ms": statistics.median(r["p99_ms"] for r in runs),
-        "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+        "rps": _median(runs, "rps"),
+        "p99_ms": _median(runs, "p99_ms"),
+        "p50_ms": _median(runs, "p50_ms"),
         "failed": sum(r["failed"] + r["connection_errors"] for r in runs),
+        "server_cpu_ms": _median(runs, "server_cpu_ms_per_request"),
+        "server_cores": _median(runs, "server_cores"),
+        "client_cpu_ms": _median(runs, "client_cpu_ms_per_request"),
     }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def figures(results: dict[str, list[dict[str, Any]]], load_rate: float | None) -> dict[str, Any]:
@@ -496,10 +547,13 @@ def figures(results: dict[str, list[dict[str, Any]]], load_rate: float | None) -
     for kind in ("read", "search", "create"):
         if results.get(kind):
             s = summarise(results[kind])
-            out[f"{kind}_rps"] = round(s["rps"], 1)
-            out[f"{kind}_p50_ms"] = round(s["p50_ms"], 2)
-            out[f"{kind}_p99_ms"] = round(s["p99_ms"], 2)
+            out[f"{kind}_rps"] = _round(s["rps"], 1)
+            out[f"{kind}_p50_ms"] = _round(s["p50_ms"], 2)
+            out[f"{kind}_p99_ms"] = _round(s["p99_ms"], 2)
             out[f"{kind}_failed"] = s["failed"]
+            out[f"{kind}_server_cpu_ms"] = _round(s["server_cpu_ms"], 3)
+            out[f"{kind}_server_cores"] = _round(s["server_cores"], 2)
+            out[f"{kind}_client_cpu_ms"] = _round(s["client_cpu_ms"], 3)
     if load_rate is not None:
         out["load_resources_per_s"] = round(load_rate, 1)
     return out
@@ -511,6 +565,19 @@ def cost(on: float | None, off: float | None) -> float | None:
     return round(1 - on / off, 3)
 
 
+def cpu_cost(on_ms: float | None, off_ms: float | None) -> float | None:
+    """The share of the server's CPU time per request that the switched-off part takes."""
+    if not on_ms or off_ms is None:
+        return None
+    return round(1 - off_ms / on_ms, 3)
+
+
+def worst(costs: list[float | None]) -> float | None:
+    """The larger cost, or None unless both were measured."""
+    known = [c for c in costs if c is not None]
+    return max(known) if known and len(known) == len(costs) else None
+
+
 def verdict(value: float | None, comparison: str, goal: float) -> dict[str, Any]:
     if value is None:
         return {"measured": None, "goal": f"{comparison} {goal}", "pass": False}
@@ -518,18 +585,133 @@ def verdict(value: float | None, comparison: str, goal: float) -> dict[str, Any]
     return {"measured": value, "goal": f"{comparison} {goal}", "pass": passed}
 
 
+PROFILE_RATE = 250  # samples per second per thread
+
+# Where a sample's time goes: its innermost frame that is not a generic library (pydantic,
+# json, re, ...) decides. Checked in order; the first pattern found in that frame wins.
+CATEGORIES = [
+    ("append_durably", "ledger: write + fdatasync (disk wait)"),
+    ("do_commit", "records store: SQLite commit (fsync)"),
+    ("sqlalchemy/", "records store: SQLAlchemy + SQLite"),
+    ("sqlite3", "records store: SQLAlchemy + SQLite"),
+    ("phivault/records/store/", "records store: SQLAlchemy + SQLite"),
+    ("phivault/crypto/", "crypto: keys, AES-GCM, blind indexes"),
+    ("cryptography/", "crypto: keys, AES-GCM, blind indexes"),
+    ("phivault/ledger/", "ledger: events, encoding, Merkle, checkpoints"),
+    ("phivault/access/", "access policy"),
+    ("phivault/privacy/", "PHI scrubbing (responses, logs)"),
+    ("phivault/identity/", "tokens and sessions"),
+    ("joserfc/", "tokens and sessions"),
+    ("limits/", "rate limiting"),
+    ("phivault/api/ratelimit", "rate limiting"),
+    ("structlog/", "logging and metrics"),
+    ("prometheus_client/", "logging and metrics"),
+    ("phivault/api/observability", "logging and metrics"),
+    ("phivault/api/context", "audit context (building events)"),
+    ("phivault/records/", "records repository (decide, split, assemble)"),
+    ("phivault/api/fhir/", "FHIR routes (parse, serialize)"),
+    ("phivault/api/", "front door middleware"),
+    ("phivault/", "other phivault code"),
+]
+# Modules that only serve their caller: a sample inside them is charged to the caller.
+GENERIC = (
+    "re/",
+    "json/",
+    "pydantic",
+    "orjson",
+    "copy.py",
+    "enum.py",
+    "typing.py",
+    "dataclasses.py",
+    "functools.py",
+    "contextlib.py",
+    "abc.py",
+    "<frozen",
+    "collections/",
+    "datetime.py",
+    "uuid.py",
+    "random.py",
+    "base64.py",
+    "hmac.py",
+    "hashlib.py",
+    "secrets.py",
+    "<string>",
+    "ipaddress.py",
+    "urllib/",
+    "weakref.py",
+    "typing_extensions.py",
+)
+LOOP = (
+    "asyncio/",
+    "anyio/",
+    "threading.py",
+    "concurrent/",
+    "selectors.py",
+    "socket.py",
+    "queue.py",
+)
+HTTP = ("uvicorn/", "h11/", "starlette/", "fastapi/")
+IDLE_FRAMES = ("select (selectors", "Condition.wait", "Queue.get", "_worker (concurrent")
+
+
+def _module(frame: str) -> str:
+    return frame.rsplit(" (", 1)[-1].rstrip(")")
+
+
+def categorize(stack: list[str]) -> str | None:
+    """The category of one sampled stack (innermost first), or None when it is idle."""
+    if not stack or any(marker in stack[0] for marker in IDLE_FRAMES):
+        return None
+    for frame in stack:
+        module = _module(frame)
+        if module.startswith(GENERIC):
+            continue
+        for pattern, category in CATEGORIES:
+            if pattern in frame:
+                return category
+        if module.startswith(LOOP):
+            return "event loop and thread hand-offs (asyncio, anyio, threads)"
+        if module.startswith(HTTP):
+            return "HTTP server and routing (uvicorn/h11, Starlette, FastAPI)"
+        return "other libraries"
+    return "other libraries"
+
+
+def breakdown(folded: Path, requests: int) -> dict[str, float]:
+    """Milliseconds per request by category, from py-spy samples of the thread holding the
+    GIL (``--gil``). One worker runs Python on one core at a time, so the sum bounds the
+    throughput: 1000 / sum requests per second at best. Work that releases the GIL (the
+    ledger's fdatasync, SQLite's own C code, AES-GCM) is not in it."""
+    totals: dict[str, int] = {}
+    if not folded.exists() or requests <= 0:
+        return {}
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")[1:]  # the first frame names the thread
+        category = categorize(frames[::-1])
+        if category is not None:
+            totals[category] = totals.get(category, 0) + int(count)
+    per_request = {k: 1000 * n / PROFILE_RATE / requests for k, n in totals.items()}
+    return dict(sorted(per_request.items(), key=lambda kv: -kv[1]))
+
+
 def profile_server(
     server: Server, work: Workloads, tmp: Path, out_dir: Path, duration: float, concurrency: int
-) -> None:
-    """Sample the "on" server with py-spy under reads, then creates; summarise on stderr."""
+) -> dict[str, dict[str, float]]:
+    """Sample the "on" server with py-spy under reads, searches and creates; where the time
+    goes, in ms per request by category (also printed on stderr)."""
     py_spy = shutil.which("py-spy") or os.environ.get("PY_SPY")
     if server.process is None:
-        return
+        return {}
     if not py_spy:
         warn("--profile needs py-spy on the PATH (or PY_SPY=/path/to/py-spy); skipped")
-        return
+        return {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for kind, requests in (("read", work.read), ("search", work.search), ("create", work.create)):
+    seconds = max(1, round(duration))
+    profiles: dict[str, dict[str, float]] = {}
+    for kind in ("read", "search", "create"):
         raw = out_dir / f"{kind}.folded"
         spy = subprocess.Popen(
             [
@@ -538,51 +720,32 @@ def profile_server(
                 "--pid",
                 str(server.process.pid),
                 "--duration",
-                str(round(duration)),
+                str(seconds),
                 "--rate",
-                "250",
+                str(PROFILE_RATE),
                 "--threads",
+                "--gil",
+                "--nonblocking",
                 "--format",
                 "raw",
                 "--output",
                 str(raw),
-                "--nonblocking",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        run = drive(server, requests, tmp, duration + 1, concurrency)
+        run = drive(server, getattr(work, kind), tmp, seconds + 1.0, concurrency)
         spy.wait(timeout=60)
-        warn(f"profile of {kind}s ({run['rps']:.0f}/s while sampled): {raw}")
-        for line in summarise_folded(raw):
-            print(f"    {line}", file=sys.stderr)
-
-
-def summarise_folded(path: Path, top: int = 25) -> list[str]:
-    """Inclusive share of samples per phivault/sqlalchemy/... frame, hottest first."""
-    if not path.exists():
-        return ["(no samples)"]
-    inclusive: dict[str, int] = {}
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        seen = set()
-        for frame in stack.split(";"):
-            name = frame.split(" (")[0]
-            where = frame.split(" (", 1)[1].rstrip(")") if " (" in frame else ""
-            module = where.split("site-packages/")[-1].split("src/")[-1].split(":")[0]
-            key = f"{name} ({module})"
-            if key not in seen:
-                seen.add(key)
-                inclusive[key] = inclusive.get(key, 0) + count
-    if not total:
-        return ["(no samples)"]
-    hot = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
-    return [f"{100 * n / total:5.1f}%  {key}" for key, n in hot]
+        sampled = round(run["rps"] * seconds)
+        profiles[kind] = {k: round(v, 3) for k, v in breakdown(raw, sampled).items()}
+        profiles[kind]["total"] = round(sum(profiles[kind].values()), 3)
+        warn(
+            f"where a {kind} spends its time ({run['rps']:.0f}/s while sampled; "
+            f"ms holding the GIL per request; flame data in {raw}):"
+        )
+        for category, ms in profiles[kind].items():
+            print(f"    {ms:7.3f} ms  {category}", file=sys.stderr)
+    return profiles
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -591,7 +754,8 @@ def summarise_folded(path: Path, top: int = 25) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     duration = args.duration or (2.0 if args.quick else 5.0)
     rounds = args.rounds or (1 if args.quick else 2)
-    warmup = 1.0 if args.quick else 2.0
+    warmup = 1.0
+    patients = args.patients if args.patients is not None else (6 if args.quick else None)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
     servers: list[Server] = []
@@ -613,7 +777,7 @@ def main(args: argparse.Namespace) -> int:
             loaded: dict[str, Loaded] = {}
             for server in (on, off):
                 with ui.step(f"{server.name}: loading Synthea bundles"):
-                    loaded[server.name] = load(server, tokens, tmp, args.quick, args.load_conc)
+                    loaded[server.name] = load(server, tokens, tmp, patients, args.load_conc)
                 got = loaded[server.name]
                 ui.log(
                     f"{server.name}: loaded {got.resources} resources in {got.seconds:.1f}s "
@@ -633,15 +797,20 @@ def main(args: argparse.Namespace) -> int:
                 on.wait_ready()
                 policy.wait_ready()
             loaded["policy-off"] = loaded["on"]
-
-            work = {name: workloads(loaded[name], tokens) for name in ("on", "controls-off")}
-            work["policy-off"] = work["on"]
-            checks = {s.name: preflight(s, work[s.name]) for s in servers}
+            framework = Server("framework", "framework", tmp / "on", tmp)
+            framework.start()
+            framework.wait_ready()
 
             results: dict[str, dict[str, list[dict[str, Any]]]] = {s.name: {} for s in servers}
+            work = {name: workloads(loaded[name], tokens) for name in ("on", "controls-off")}
+            work["policy-off"] = work["framework"] = work["on"]
+            checks = {s.name: preflight(s, work[s.name]) for s in servers}
+            servers.append(framework)
+            results["framework"] = {}
+
             plan = [
-                ("read", servers),
-                ("search", servers),
+                ("read", [on, off, policy, framework]),
+                ("search", [on, off, policy]),
                 ("create", [on, off]),
             ]
             for kind, targets in plan:
@@ -658,13 +827,17 @@ def main(args: argparse.Namespace) -> int:
                         results[server.name].setdefault(kind, []).append(run)
                         ui.log(
                             f"{label}: {run['rps']:.0f}/s, p50 {run['p50_ms']:.1f} ms, "
-                            f"p99 {run['p99_ms']:.1f} ms, failed {run['failed']}"
+                            f"p99 {run['p99_ms']:.1f} ms, failed {run['failed']}, "
+                            f"server {run.get('server_cores') or 0:.2f} cores"
                         )
                         for sample in run["failure_samples"][:1]:
                             warn(f"{server.name} {kind}: {sample}")
+            profiles: dict[str, dict[str, float]] = {}
             if args.profile:
                 with ui.step("profiling the production server"):
-                    profile_server(on, work["on"], tmp, Path(args.profile), duration, args.conc)
+                    profiles = profile_server(
+                        on, work["on"], tmp, Path(args.profile), duration, args.conc
+                    )
 
         main_figures = figures(results["on"], loaded["on"].resources_per_s)
         off_figures = figures(results["controls-off"], loaded["controls-off"].resources_per_s)
@@ -672,16 +845,33 @@ def main(args: argparse.Namespace) -> int:
         controls_cost = cost(main_figures.get("read_rps"), off_figures.get("read_rps"))
         policy_read_cost = cost(main_figures.get("read_rps"), policy_figures.get("read_rps"))
         policy_search_cost = cost(main_figures.get("search_rps"), policy_figures.get("search_rps"))
-        known = [c for c in (policy_read_cost, policy_search_cost) if c is not None]
-        policy_cost = max(known) if len(known) == 2 else None
+        policy_cost = worst([policy_read_cost, policy_search_cost])
+        # The same costs by server CPU time per request: what the controls add to each
+        # request's work, steady even when other processes share the machine.
+        policy_cpu = [
+            cpu_cost(
+                main_figures.get(f"{k}_server_cpu_ms"), policy_figures.get(f"{k}_server_cpu_ms")
+            )
+            for k in ("read", "search")
+        ]
+        framework_figures = figures(results["framework"], None)
         summary = {
             **main_figures,
             "controls_off": {**off_figures, "settings": MODES["controls-off"]},
             "controls_cost": controls_cost,
+            "controls_cost_cpu": cpu_cost(
+                main_figures.get("read_server_cpu_ms"), off_figures.get("read_server_cpu_ms")
+            ),
             "policy_off": {**policy_figures, "settings": MODES["policy-off"]},
             "policy_cost": policy_cost,
             "policy_read_cost": policy_read_cost,
             "policy_search_cost": policy_search_cost,
+            "policy_cost_cpu": worst(policy_cpu),
+            "framework_ceiling": {
+                key: framework_figures.get(key)
+                for key in ("read_rps", "read_p99_ms", "read_server_cpu_ms")
+            }
+            | {"settings": MODES["framework"]},
         }
         values = {**main_figures, "controls_cost": controls_cost, "policy_cost": policy_cost}
         summary["goals"] = {
@@ -700,11 +890,15 @@ def main(args: argparse.Namespace) -> int:
             "read_ids": len(work["on"].read),
             "checks": checks,
             "wall_s": round(time.monotonic() - started, 1),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
         }
+        if profiles:
+            summary["profile_ms_per_request"] = profiles
     except Exception as exc:  # a broken server is reported, in the same one-line shape
+        traceback.print_exc()
         warn(f"failed: {exc}")
         for server in servers:
-            tail = server.log_tail()
+            tail = server.log_tail()  # the server's own messages, not its request log
             if tail:
                 warn(f"{server.name} server log (last lines):\n{tail}")
         print(json.dumps({"error": str(exc).splitlines()[0][:500], **summary}))
@@ -723,6 +917,7 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 patients, 2 s periods, 1 round")
+    parser.add_argument("--patients", type=int, help="patient bundles to load (default: all 20)")
     parser.add_argument("--duration", type=float, help="seconds per measured period")
     parser.add_argument("--rounds", type=int, help="measured periods per workload and server")
     parser.add_argument("--concurrency", dest="conc", type=int, default=64)

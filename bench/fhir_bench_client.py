@@ -139,6 +139,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     statuses: dict[int, int] = {}
     failures: list[str] = []
     state = {"connection_errors": 0}
+    cpu_started = time.process_time()
     started = time.perf_counter()
     deadline = started + duration
 
@@ -165,6 +166,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
 
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
     latencies.sort()
     ms = [v * 1000 for v in latencies]
@@ -179,6 +181,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         "p90_ms": percentile(ms, 0.90),
         "p99_ms": percentile(ms, 0.99),
         "max_ms": ms[-1] if ms else 0.0,
+        "client_cpu_ms_per_request": 1000 * cpu / len(ms) if ms else None,
         "failure_samples": failures,
     }
 

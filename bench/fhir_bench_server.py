@@ -11,7 +11,9 @@ Modes (the settings are printed on stderr, and in the benchmark's JSON line):
   load generator on loopback is one address and a handful of principals);
 * ``controls-off``: development environment (production refuses the switches) with
   ``records.bench_audit_off`` and ``records.bench_encryption_off``, everything else equal;
-* ``policy-off``: development environment with ``records.bench_policy_off`` only.
+* ``policy-off``: development environment with ``records.bench_policy_off`` only;
+* ``framework``: no phivault, a bare FastAPI app serving one Observation from memory (the
+  ceiling of uvicorn, FastAPI and the load generator on the machine at that moment).
 
 The token issuer is a test issuer (``phivault.identity.testing.FakeIssuer`` in the
 orchestrator); this process trusts its public key from ISSUER.json. ``--profile`` runs the
@@ -40,7 +42,35 @@ MODES = {
         "development environment (production refuses the switch) with records.bench_policy_off "
         "only; audit and encryption on, everything else equal (rate limits raised)"
     ),
+    "framework": (
+        "no phivault at all: a FastAPI app answering GET /fhir/Observation/{id} with one fixed "
+        "Observation from memory, same uvicorn settings; the ceiling of the HTTP stack and the "
+        "load generator on this machine"
+    ),
 }
+
+OBSERVATION = json.dumps(
+    {
+        "resourceType": "Observation",
+        "id": "0",
+        "meta": {"versionId": "1", "lastUpdated": "2026-11-30T01:00:00Z"},
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "vital-signs",
+                    }
+                ]
+            }
+        ],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": "Patient/0"},
+        "effectiveDateTime": "2026-11-30T01:00:00Z",
+        "valueQuantity": {"value": 72, "unit": "/min", "system": "http://unitsofmeasure.org"},
+    }
+).encode()
 
 
 def settings_for(mode: str, data_dir: Path) -> Any:
@@ -63,6 +93,38 @@ def _factory(name: str) -> Callable[..., Any]:
     return factory
 
 
+def _uvicorn_config(app: Any, port: int) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        workers=1,
+        access_log=False,
+        server_header=False,
+        log_level="warning",
+        lifespan="on",
+    )
+
+
+async def run_framework(port: int) -> None:
+    import uvicorn
+    from fastapi import FastAPI, Response
+
+    app = FastAPI()
+
+    @app.get("/readyz")
+    async def ready() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @app.get("/fhir/Observation/{resource_id}")
+    async def read(resource_id: str) -> Response:
+        return Response(OBSERVATION, media_type="application/fhir+json")
+
+    await uvicorn.Server(_uvicorn_config(app, port)).serve()
+
+
 async def run(args: argparse.Namespace) -> None:
     import uvicorn
     from joserfc import jwk
@@ -82,17 +144,7 @@ async def run(args: argparse.Namespace) -> None:
         key_sources={issuer["issuer"]: source},
         unseal_shares=shares,
     ) as app:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=args.port,
-            workers=1,
-            access_log=False,
-            server_header=False,
-            log_level="warning",
-            lifespan="on",
-        )
-        await uvicorn.Server(config).serve()
+        await uvicorn.Server(_uvicorn_config(app, args.port)).serve()
 
 
 def main() -> None:
@@ -106,7 +158,9 @@ def main() -> None:
     # What builds the app (a test double can stand in while the real one is being written).
     parser.add_argument("--service", default="phivault.api.serve:open_service")
     args = parser.parse_args()
-    if args.profile:
+    if args.mode == "framework":
+        asyncio.run(run_framework(args.port))
+    elif args.profile:
         import cProfile
 
         profiler = cProfile.Profile()
