@@ -353,6 +353,7 @@ _INTERACTION_ACTION: Final = {
     Interaction.UPDATE: Action.UPDATE,
     Interaction.DELETE: Action.DELETE,
 }
+_Check = tuple[ConditionalLookup, tuple[str, ...]]  # a lookup and what it found
 _INTENT: Final = "intent"
 _COMMITTED: Final = "committed"
 _ROLLED_BACK: Final = "rolled-back"
@@ -375,6 +376,7 @@ class _Write:
     resource: dict[str, Any] | None = field(repr=False)
     decision: Decision
     created: bool
+    checks: tuple[_Check, ...] = ()
 
     @property
     def patient(self) -> str | None:
@@ -720,18 +722,29 @@ class RecordsRepository:
 
         planned = await _blocking(plan)
         results: list[BundleEntryOutcome] = []
+        writes: list[PlannedEntry] = []
+        seen: set[tuple[str, str | None]] = set()
         for position, item in enumerate(planned.entries):
             if isinstance(item, InvalidInput):
                 results.append(BundleEntryOutcome(position, http_status(item), error=item))
+            elif item.outcome in _READ_OUTCOMES:
                 continue
-            try:
-                if item.outcome in _READ_OUTCOMES:
-                    results.append(await self._read_entry(caller, item))
-                else:
-                    done = await self._write(caller, [item])
-                    results.append(done.entries[0])
-            except PhivaultError as exc:
-                results.append(BundleEntryOutcome(item.index, http_status(exc), error=exc))
+            elif item.id is not None and (item.resource_type, item.id) in seen:
+                # two entries changing one resource: the later one fails alone
+                error = InvalidBundle(
+                    "another entry of this batch changes the same resource",
+                    path=f"Bundle.entry[{item.index}].request.url",
+                )
+                results.append(BundleEntryOutcome(item.index, 400, error=error))
+            else:
+                seen.add((item.resource_type, item.id))
+                writes.append(item)
+        if writes:
+            results.extend((await self._write(caller, writes, independent=True)).entries)
+        for item in planned.entries:  # reads after writes, as in a transaction
+            if not isinstance(item, InvalidInput) and item.outcome in _READ_OUTCOMES:
+                results.append(await self._read_entry(caller, item))
+        results.sort(key=lambda r: r.index)
         return BundleOutcome("batch", results)
 
     async def _read_entry(self, caller: Caller, entry: PlannedEntry) -> BundleEntryOutcome:
@@ -757,24 +770,55 @@ class RecordsRepository:
         *,
         checks: Sequence[_Check] | None = None,
         kind: str | None = None,
+        independent: bool = False,
     ) -> BundleOutcome:
-        """The write path shared by every interaction (one entry, or a whole transaction).
+        """The write path shared by every interaction (one entry, a transaction, a batch).
 
         ``checks``: the lookups the request relied on (default: the entries' own); the
         writing transaction re-runs them and refuses (409) if an answer changed meanwhile.
+        ``independent`` (a batch): an entry that fails fails alone; the others are written
+        together in one database transaction, or one by one if that one fails.
         """
-        tenant = caller.access.tenant
         for entry in entries:
             if entry.outcome is PlanOutcome.PATCH:
                 raise InvalidBundle(
                     "PATCH is not supported", path=f"Bundle.entry[{entry.index}].request.method"
                 )
-        if checks is None:
-            checks = [c for e in entries for c in e.lookups]
-        indexer = await self._keyring.blind_indexer(tenant) if checks else None
+        found, related = await self._heads(caller, entries)
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        writes: list[_Write] = []
+        results: list[BundleEntryOutcome] = []
+        for entry in entries:
+            try:
+                results.extend(
+                    await self._prepare_entry(
+                        caller, entry, found=found, related=related, now=now, writes=writes
+                    )
+                )
+            except PhivaultError as exc:
+                if not independent:
+                    raise
+                results.append(BundleEntryOutcome(entry.index, http_status(exc), error=exc))
+        if writes and not independent:
+            relied_on = (
+                list(checks) if checks is not None else [c for w in writes for c in w.checks]
+            )
+            await self._apply(caller, writes, relied_on, kind=kind, entries=entries)
+            results.extend(_written_outcome(w) for w in writes)
+        elif writes:
+            results.extend(await self._apply_independently(caller, writes))
+        results.sort(key=lambda r: r.index)
+        return BundleOutcome(kind or "write", results)
+
+    async def _heads(
+        self, caller: Caller, entries: Sequence[PlannedEntry]
+    ) -> tuple[dict[ResourceKey, StoredVersion | None], set[str]]:
+        """The current envelope of every resource the entries name, and which of their
+        patients the caller has a care relationship with (one read-only transaction)."""
+        tenant = caller.access.tenant
         keys = {ResourceKey(tenant, e.resource_type, e.id) for e in entries if e.id}
 
-        def heads() -> tuple[dict[ResourceKey, StoredVersion | None], set[str]]:
+        def run() -> tuple[dict[ResourceKey, StoredVersion | None], set[str]]:
             with self._store.unit_of_work(read_only=True) as uow:
                 found = {key: uow.read(key, groups=()) for key in keys}
                 patients = {
@@ -786,52 +830,76 @@ class RecordsRepository:
                 }
                 return found, self._care_related(uow, caller, patients)
 
-        found, related = await _blocking(heads)
-        now = datetime.fromtimestamp(self._clock(), UTC)
-        writes: list[_Write] = []
-        results: list[BundleEntryOutcome] = []
-        for entry in entries:
-            if entry.outcome is PlanOutcome.EXISTS:
-                key = ResourceKey(tenant, entry.resource_type, entry.id or "")
-                results.append(await self._existing(caller, key, entry.index))
-                continue
-            head = found.get(ResourceKey(tenant, entry.resource_type, entry.id or ""))
-            prepared = await self._prepare(caller, entry, head, now, related)
-            if prepared is not None:
-                writes.append(prepared)
-            else:  # a delete of nothing: FHIR answers success, nothing is written
-                results.append(BundleEntryOutcome(entry.index, 204))
-        if writes:
-            subtype = kind or writes[0].interaction.value
-            action = Action.EXECUTE if kind else _INTERACTION_ACTION[writes[0].interaction]
-            await self._record_writes(caller, subtype, action, writes, reason=_INTENT)
+        return await _blocking(run)
+
+    async def _prepare_entry(
+        self,
+        caller: Caller,
+        entry: PlannedEntry,
+        *,
+        found: Mapping[ResourceKey, StoredVersion | None],
+        related: set[str],
+        now: datetime,
+        writes: list[_Write],
+    ) -> list[BundleEntryOutcome]:
+        """Prepare one entry into ``writes``; the outcomes of entries that write nothing."""
+        key = ResourceKey(caller.access.tenant, entry.resource_type, entry.id or "")
+        if entry.outcome is PlanOutcome.EXISTS:
+            return [await self._existing(caller, key, entry.index)]
+        prepared = await self._prepare(caller, entry, found.get(key), now, related)
+        if prepared is None:  # a delete of nothing: FHIR answers success, nothing is written
+            return [BundleEntryOutcome(entry.index, 204)]
+        writes.append(prepared)
+        return []
+
+    async def _apply(
+        self,
+        caller: Caller,
+        writes: Sequence[_Write],
+        checks: Sequence[_Check],
+        *,
+        kind: str | None,
+        entries: Sequence[PlannedEntry] = (),
+    ) -> None:
+        """Intent event, one database transaction, outcome event."""
+        subtype = kind or writes[0].interaction.value
+        action = Action.EXECUTE if kind else _INTERACTION_ACTION[writes[0].interaction]
+        indexer = await self._keyring.blind_indexer(caller.access.tenant) if checks else None
+        await self._record_writes(caller, subtype, action, writes, reason=_INTENT)
+        try:
+            await _blocking(lambda: self._commit(caller, writes, checks, indexer))
+        except BaseException as exc:
+            await self._record_writes(
+                caller, subtype, action, writes, reason=_ROLLED_BACK,
+                outcome=Outcome.SERIOUS_FAILURE, fail_quietly=True,
+            )  # fmt: skip
+            if isinstance(exc, VersionConflict) and any(e.if_match for e in entries):
+                raise IfMatchFailed(
+                    f"{exc.resource_type}/{exc.resource_id}: If-Match does not name "
+                    "the current version"
+                ) from None
+            raise
+        await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+
+    async def _apply_independently(
+        self, caller: Caller, writes: Sequence[_Write]
+    ) -> list[BundleEntryOutcome]:
+        """A batch's writes: together if they all succeed, else each on its own."""
+        if len(writes) > 1:
             try:
-                await _blocking(lambda: self._commit(caller, writes, checks, indexer))
-            except BaseException as exc:
-                await self._record_writes(
-                    caller, subtype, action, writes, reason=_ROLLED_BACK,
-                    outcome=Outcome.SERIOUS_FAILURE, fail_quietly=True,
-                )  # fmt: skip
-                if isinstance(exc, VersionConflict) and any(e.if_match for e in entries):
-                    raise IfMatchFailed(
-                        f"{exc.resource_type}/{exc.resource_id}: If-Match does not name "
-                        "the current version"
-                    ) from None
-                raise
-            await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+                relied_on = [c for w in writes for c in w.checks]
+                await self._apply(caller, writes, relied_on, kind="batch")
+                return [_written_outcome(w) for w in writes]
+            except (VersionConflict, TransactionConflict):
+                pass  # another writer collided with some entry: find which, one by one
+        results = []
         for write in writes:
-            record = RecordVersion(
-                write.key.resource_type,
-                write.key.resource_id,
-                write.version,
-                write.last_updated,
-                deleted=write.interaction is Interaction.DELETE,
-                resource=write.resource,
-            )
-            status = 204 if record.deleted else (201 if write.created else 200)
-            results.append(BundleEntryOutcome(write.index, status, record=record))
-        results.sort(key=lambda r: r.index)
-        return BundleOutcome(kind or "write", results)
+            try:
+                await self._apply(caller, [write], list(write.checks), kind=None)
+                results.append(_written_outcome(write))
+            except PhivaultError as exc:
+                results.append(BundleEntryOutcome(write.index, http_status(exc), error=exc))
+        return results
 
     async def _existing(self, caller: Caller, key: ResourceKey, index: int) -> BundleEntryOutcome:
         """If-None-Exist matched ``key``: nothing written; its version, and its content only
@@ -885,7 +953,7 @@ class RecordsRepository:
                 await self._refuse_write(caller, Interaction.DELETE, facts_subject, decision)
             return _Write(
                 entry.index, Interaction.DELETE, key, head.version, head.version + 1, now,
-                head.key_subject, {}, [], None, decision, created=False,
+                head.key_subject, {}, [], None, decision, created=False, checks=entry.lookups,
             )  # fmt: skip
         if entry.resource is None:
             raise InvalidBundle("the entry has no resource", path=f"{where}.resource")
@@ -919,7 +987,7 @@ class RecordsRepository:
         entries = index_entries(resource, indexer.tokens)
         return _Write(
             entry.index, interaction, key, previous, version, now, subject, sealed, entries,
-            resource, decision, created=current is None,
+            resource, decision, created=current is None, checks=entry.lookups,
         )  # fmt: skip
 
     def _commit(
@@ -938,7 +1006,11 @@ class RecordsRepository:
                         "a conditional reference, If-None-Exist or conditional update matched "
                         "differently while the request ran; retry it"
                     )
+            fresh = [w for w in writes if w.previous is None]
+            uow.create_many([_new_version(w) for w in fresh])
             for write in writes:
+                if write.previous is None:
+                    continue
                 if write.interaction is Interaction.DELETE:
                     uow.delete(
                         write.key,
@@ -947,13 +1019,7 @@ class RecordsRepository:
                         previous=write.previous or 0,
                     )
                 else:
-                    uow.write(
-                        NewVersion(
-                            write.key, write.version, write.last_updated, write.subject,
-                            write.groups, write.entries,
-                        ),
-                        previous=write.previous,
-                    )  # fmt: skip
+                    uow.write(_new_version(write), previous=write.previous)
             uow.commit()
 
     # --- decisions -------------------------------------------------------------------------
@@ -1355,7 +1421,6 @@ class RecordsRepository:
 
 # --- helpers ------------------------------------------------------------------------------
 
-_Check = tuple[ConditionalLookup, tuple[str, ...]]
 _T = TypeVar("_T")
 _READ_OUTCOMES: Final = frozenset({PlanOutcome.READ, PlanOutcome.SEARCH})
 _OUTCOME_REASONS: Final = frozenset(
@@ -1381,6 +1446,25 @@ _STATUS: Final[tuple[tuple[type[BaseException], int], ...]] = (
 async def _blocking(work: Callable[[], _T]) -> _T:
     """Run storage work on a worker thread: the event loop never waits on a database."""
     return await anyio.to_thread.run_sync(work)
+
+
+def _written_outcome(write: _Write) -> BundleEntryOutcome:
+    record = RecordVersion(
+        write.key.resource_type,
+        write.key.resource_id,
+        write.version,
+        write.last_updated,
+        deleted=write.interaction is Interaction.DELETE,
+        resource=write.resource,
+    )
+    status = 204 if record.deleted else (201 if write.created else 200)
+    return BundleEntryOutcome(write.index, status, record=record)
+
+
+def _new_version(write: _Write) -> NewVersion:
+    return NewVersion(
+        write.key, write.version, write.last_updated, write.subject, write.groups, write.entries
+    )
 
 
 def _version_number(text: str) -> int | None:

@@ -187,6 +187,11 @@ class RecordUnitOfWork(Protocol):
         resource must not exist). Raises :class:`VersionConflict`."""
         ...
 
+    def create_many(self, news: Sequence[NewVersion]) -> None:
+        """Create many new resources (each at version 1) at once: what a transaction Bundle
+        mostly is. Raises :class:`VersionConflict` if one exists already."""
+        ...
+
     def delete(
         self, key: ResourceKey, *, version: int, last_updated: datetime, previous: int
     ) -> StoredVersion:
