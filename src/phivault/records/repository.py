@@ -816,7 +816,13 @@ class RecordsRepository:
         """The current envelope of every resource the entries name, and which of their
         patients the caller has a care relationship with (one read-only transaction)."""
         tenant = caller.access.tenant
-        keys = {ResourceKey(tenant, e.resource_type, e.id) for e in entries if e.id}
+        # A POST gets a fresh server-assigned id: it has no head to read (if one appears by
+        # a freak collision, the bulk insert's compare-and-swap refuses it).
+        keys = {
+            ResourceKey(tenant, e.resource_type, e.id)
+            for e in entries
+            if e.id and not (e.method is Method.POST and e.outcome is PlanOutcome.CREATE)
+        }
 
         def run() -> tuple[dict[ResourceKey, StoredVersion | None], set[str]]:
             with self._store.unit_of_work(read_only=True) as uow:
