@@ -43,7 +43,7 @@ the mean is 64 / throughput (Little's law), so p99 under 50 ms needs well over 1
 
 A full run loads the 20 Synthea patients (about 10,000 resources) into two servers and
 measures 2 rounds of 5 s; at the goal rates that is about 2 minutes, at slower load rates
-the loading dominates (``--patients`` trims it). ``--quick`` is 6 patients, 1 round of 2 s.
+the loading dominates (``--patients`` trims it). ``--quick`` is 4 patients, 1 round of 2 s.
 
 With ``--profile DIR`` and ``py-spy`` on the PATH (or ``PY_SPY=...``), the "on" server is
 sampled after the measured rounds under each workload, only while a thread holds the GIL:
@@ -755,7 +755,7 @@ def main(args: argparse.Namespace) -> int:
     duration = args.duration or (2.0 if args.quick else 5.0)
     rounds = args.rounds or (1 if args.quick else 2)
     warmup = 1.0
-    patients = args.patients if args.patients is not None else (6 if args.quick else None)
+    patients = args.patients if args.patients is not None else (4 if args.quick else None)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
     servers: list[Server] = []
@@ -916,7 +916,7 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="6 patients, 2 s periods, 1 round")
+    parser.add_argument("--quick", action="store_true", help="4 patients, 2 s periods, 1 round")
     parser.add_argument("--patients", type=int, help="patient bundles to load (default: all 20)")
     parser.add_argument("--duration", type=float, help="seconds per measured period")
     parser.add_argument("--rounds", type=int, help="measured periods per workload and server")
