@@ -457,18 +457,16 @@ class RecordsRepository:
     def _load_one(
         self, caller: Caller, key: ResourceKey, version: int | None, interaction: Interaction
     ) -> tuple[StoredVersion | None, Decision | None]:
-        """The envelope first (no ciphertext), the decision on it, then the groups."""
+        """The version with its sealed groups (one query), and the decision on its envelope.
+        Ciphertext of a refused caller is dropped unopened; only allowed groups are opened."""
         with self._store.unit_of_work(read_only=True) as uow:
-            head = (
-                uow.read(key, groups=()) if version is None else uow.vread(key, version, groups=())
-            )
-            if head is None:
+            found = uow.read(key) if version is None else uow.vread(key, version)
+            if found is None:
                 return None, None
-            decision = self._decide_rows(uow, caller, [head], interaction)[0]
-            if not decision.allowed or head.deleted:
-                return head, decision
-            full = uow.vread(key, head.version, groups=None)
-            return full, decision
+            decision = self._decide_rows(uow, caller, [found], interaction)[0]
+            if not decision.allowed:
+                return dataclasses.replace(found, groups={}), decision
+            return found, decision
 
     async def _disclose_one(
         self,
@@ -1229,7 +1227,7 @@ class RecordsRepository:
             plain = [stored.groups[g.value] for g in allowed]
         contents = {g: GroupContent.decode(p) for g, p in zip(allowed, plain, strict=True)}
         _taint_contents(contents.values())
-        resource = assemble(envelope, contents, withheld=withheld)
+        resource = assemble(envelope, contents, withheld=withheld, fresh=True)
         return RecordVersion(
             record.resource_type,
             record.id,

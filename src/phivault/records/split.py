@@ -305,19 +305,26 @@ def _prune(node: Any) -> Any:
     return node
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def assemble(
     envelope: Envelope,
     groups: Mapping[ElementGroup, bytes | GroupContent],
     *,
     withheld: Iterable[ElementGroup] = (),
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Rebuild a resource from its envelope and the (opened) groups given.
 
     ``withheld`` names groups the resource has but the caller may not see: the result is
     marked ``meta.security`` REDACTED, parts whose parent was withheld are dropped, and empty
     containers are pruned. ``assemble(r.envelope, r.groups) == resource`` for every resource
-    :func:`split` accepts.
+    :func:`split` accepts. ``fresh``: the contents were just decoded and are not used
+    elsewhere, so their values are placed as they are instead of copied.
     """
+    own = _same if fresh else copy.deepcopy
     doc: dict[str, Any] = {"resourceType": envelope.resource_type}
     if envelope.id is not None:
         doc["id"] = envelope.id
@@ -336,10 +343,10 @@ def assemble(
         content = GroupContent.decode(raw) if isinstance(raw, bytes) else raw
         for key, value in content.elements.items():
             if key == "meta" and isinstance(value, dict):
-                doc["meta"] = {**copy.deepcopy(value), **doc.get("meta", {})}
+                doc["meta"] = {**own(value), **doc.get("meta", {})}
             else:
-                doc[key] = copy.deepcopy(value)
-        placed.extend((p, copy.deepcopy(v)) for p, v in content.fragments)
+                doc[key] = own(value)
+        placed.extend((p, own(v)) for p, v in content.fragments)
     for pointer, value in sorted(placed, key=_pointer_key):
         _place(doc, pointer, value)
     if set(withheld) - set(groups):
