@@ -7,8 +7,8 @@ vread, search, history, create, update, delete, batch and transaction -- comes t
 1. decides access with the access policy (``phivault.access.decision``): tenant isolation,
    roles, relationships, purpose of use and the token's SMART scopes; searches and type
    histories are scoped **in SQL** (:class:`PolicyScope`), single resources are decided on
-   their clear envelope before any ciphertext is fetched;
-2. fetches only the element groups the decision allows (the others are never decrypted);
+   their clear envelope;
+2. opens only the element groups the decision allows (the others are never decrypted);
 3. records the audit event and waits until it is durable, **before** any plaintext leaves
    (reads) or any change is committed (writes: an *intent* event before the commit and an
    *outcome* event after it; :func:`reconcile` settles intents a crash left open);
