@@ -42,7 +42,7 @@ the mean is 64 / throughput (Little's law), so p99 under 50 ms needs well over 1
                                [--profile DIR] [--keep]
 
 A full run loads the 20 Synthea patients (about 10,000 resources) into two servers and
-measures 2 rounds of 5 s; at the goal rates that is about 2 minutes, at slower load rates
+measures 2 rounds of 4 s; at the goal rates that is about 2 minutes, at slower load rates
 the loading dominates (``--patients`` trims it). ``--quick`` is 4 patients, 1 round of 2 s.
 
 With ``--profile DIR`` and ``py-spy`` on the PATH (or ``PY_SPY=...``), the "on" server is
@@ -752,7 +752,7 @@ def profile_server(
 
 
 def main(args: argparse.Namespace) -> int:
-    duration = args.duration or (2.0 if args.quick else 5.0)
+    duration = args.duration or (2.0 if args.quick else 4.0)
     rounds = args.rounds or (1 if args.quick else 2)
     warmup = 1.0
     patients = args.patients if args.patients is not None else (4 if args.quick else None)
