@@ -14,19 +14,22 @@ delete from it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import ForbiddenError, OperationOutcome, ResourceNotFound
-from live_server import phivault_serve
 
 from phivault.datadir import DataDir
 from phivault.identity.dev_provider import DEMO_USERS, DevIdentityProvider, DevProviderWarning
@@ -44,6 +47,43 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def phivault_serving(data_dir: Path, *, env: dict[str, str], log: Path) -> Iterator[str]:
+    """``phivault serve`` on a free port, its log in a file; SIGINT it after.
+
+    Not live_server.phivault_serve: that one pipes the server's stderr and never reads it, so
+    a server that logs a line per request blocks once the pipe is full (about a thousand
+    requests), which a test of thousands of requests reaches.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [PHIVAULT, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(f"{url}/healthz", timeout=1)
+                    break
+                except httpx.TransportError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("phivault serve did not start") from None
+                    time.sleep(0.1)
+            yield url
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @dataclass
@@ -72,7 +112,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    data_dir = tmp_path_factory.mktemp("fhirpy") / "data"
+    folder = tmp_path_factory.mktemp("fhirpy")
+    data_dir = folder / "data"
     init = subprocess.run(
         [PHIVAULT, "init", "--dev", "--json", "--data-dir", str(data_dir)],
         capture_output=True,
@@ -81,10 +122,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         check=False,
     )
     assert init.returncode == 0, init.stderr
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PHIVAULT_API__RATE_LIMIT_PER_ADDRESS": "100000/minute"}
-    with phivault_serve(["--port", str(port), "--data-dir", str(data_dir)], url=url, env=env):
+    with phivault_serving(data_dir, env=env, log=folder / "serve.log") as url:
         yield Server(fhir=f"{url}/fhir", data_dir=data_dir)
 
 
