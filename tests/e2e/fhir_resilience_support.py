@@ -12,14 +12,20 @@ import subprocess
 import sys
 import warnings
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from phivault.access.decision import AccessContext
 from phivault.cli.load import LOADER_PURPOSE, LOADER_SCOPES
 from phivault.datadir import DataDir
 from phivault.identity.dev_provider import DevIdentityProvider, DevProviderWarning
 from phivault.identity.principal import Role
+from phivault.identity.scopes import parse_scopes
+from phivault.ledger.events import Action, Agent, AuditEvent, Entity, EventKind, Outcome, Source
+from phivault.ledger.ports import AuditSink
 from phivault.ledger.service import open_ledger_readonly
+from phivault.records.repository import Caller
 from phivault.settings import Settings
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
@@ -135,3 +141,58 @@ def open_intents(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def verify_ledger(data_dir: Path) -> subprocess.CompletedProcess[str]:
     """``phivault ledger verify --thorough``, offline, as an auditor runs it."""
     return run_cli("ledger", "verify", "--thorough", "--data-dir", str(data_dir))
+
+
+class LedgerTrail:
+    """An audit trail as the front door builds one (who, request id), over any sink."""
+
+    def __init__(self, sink: AuditSink, who: str, request_id: str, purposes: tuple[str, ...]):
+        self.sink, self.who, self.request_id, self.purposes = sink, who, request_id, purposes
+
+    def event(
+        self,
+        *,
+        kind: EventKind,
+        subtype: str,
+        action: Action,
+        outcome: Outcome = Outcome.SUCCESS,
+        outcome_reason: str | None = None,
+        patient: str | None = None,
+        entities: tuple[Entity, ...] = (),
+        purpose_of_use: tuple[str, ...] | None = None,
+        break_glass_grant: str | None = None,
+    ) -> AuditEvent:
+        return AuditEvent(
+            kind=kind,
+            subtype=subtype,
+            action=action,
+            recorded=datetime.now(UTC),
+            outcome=outcome,
+            outcome_reason=outcome_reason,
+            tenant="default",
+            patient=patient,
+            agents=(Agent(who=self.who),),
+            source=Source(observer="resilience-test"),
+            entities=entities,
+            purpose_of_use=purpose_of_use or self.purposes,
+            request_id=self.request_id,
+            break_glass_grant=break_glass_grant,
+        )
+
+    async def record(self, event: AuditEvent) -> int:
+        return await self.sink.record(event)
+
+
+def service_caller(
+    sink: AuditSink, *, scopes: str, purpose: str, request_id: str = "req-test"
+) -> Caller:
+    """A service caller of the ``default`` tenant (a dev data directory's), audited to
+    ``sink`` (the service's own ledger)."""
+    access = AccessContext(
+        subject=f"service-{purpose.lower()}",
+        tenant="default",
+        roles=frozenset({Role.SERVICE}),
+        scopes=parse_scopes(scopes)[0],
+        purposes=(purpose,),
+    )
+    return Caller(access, LedgerTrail(sink, access.subject, request_id, (purpose,)))

@@ -31,7 +31,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +44,15 @@ from fhir_resilience_support import (
     init_dev_data_dir,
     ledger_events,
     open_intents,
+    service_caller,
     verify_ledger,
 )
 
-from phivault.access.decision import AccessContext
 from phivault.api.serve import open_service
 from phivault.datadir import DataDir
-from phivault.identity.principal import Role
-from phivault.identity.scopes import parse_scopes
-from phivault.ledger.events import Action, Agent, AuditEvent, Entity, EventKind, Outcome, Source
 from phivault.ledger.service import Ledger
 from phivault.records.query import parse_search
-from phivault.records.repository import Caller, RecordsRepository
+from phivault.records.repository import RecordsRepository
 from phivault.settings import ApiSettings, Settings
 
 pytestmark = [
@@ -184,58 +180,6 @@ def row_counts(db: Path) -> dict[str, int]:
         return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
 
 
-# --- a caller for checking through the repository ----------------------------------------
-
-
-class _Trail:
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            kind=kind,
-            subtype=subtype,
-            action=action,
-            recorded=datetime.now(UTC),
-            outcome=outcome,
-            outcome_reason=outcome_reason,
-            tenant="default",
-            patient=patient,
-            agents=(Agent(who="fail-closed-check"),),
-            source=Source(observer="fail-closed-test"),
-            entities=entities,
-            purpose_of_use=purpose_of_use or ("PUBHLTH",),
-            request_id="fail-closed-check",
-            break_glass_grant=break_glass_grant,
-        )
-
-    async def record(self, event: AuditEvent) -> int:
-        return await self.ledger.record(event)
-
-
-def registry_caller(ledger: Ledger) -> Caller:
-    access = AccessContext(
-        subject="fail-closed-check",
-        tenant="default",
-        roles=frozenset({Role.SERVICE}),
-        scopes=parse_scopes("system/Patient.rs")[0],
-        purposes=("PUBHLTH",),
-    )
-    return Caller(access, _Trail(ledger))
-
-
 # --- the test ----------------------------------------------------------------------------
 
 
@@ -355,7 +299,8 @@ def test_a_full_ledger_disk_fails_phi_closed_and_keeps_the_rest_up(
         assert again.json()["total"] == observations.json()["total"]
 
     # through the repository: the refused create and transaction wrote nothing
-    repo, caller = service.repository, registry_caller(service.ledger)
+    repo = service.repository
+    caller = service_caller(service.ledger, scopes="system/Patient.rs", purpose="PUBHLTH")
     for query, expected in (
         ("identifier=mrn-vandersloot-1961", 0),
         (f"identifier=http://hl7.org/fhir/sid/us-ssn|{ssn}", 1),
