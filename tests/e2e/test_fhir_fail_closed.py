@@ -316,3 +316,66 @@ def test_a_full_ledger_disk_fails_phi_closed_and_keeps_the_rest_up(
     assert any(e.get("outcome_reason") == "committed" for e in events)
     verified = verify_ledger(data_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_disk_that_fills_between_intent_and_outcome_is_settled_on_restart(
+    tmp_path: Path, fixtures_dir: Path
+) -> None:
+    """The intent is durable, the database commits, then the outcome cannot be written: the
+    client is not told it worked, and the next start settles the intent as committed."""
+    data_dir = init_dev_data_dir(tmp_path / "data")
+    service = Service(data_dir, _settings())
+    service.start()
+    tokens = Tokens(data_dir, service.settings)
+    loader = tokens.loader()
+    bundle = orjson.loads((fixtures_dir / "synthea" / "sof2019_Micaela_Romero.json").read_bytes())
+    db = data_dir / "records" / "records.db"
+    try:
+        with httpx.Client(base_url=service.url, timeout=60) as http:
+            warm = http.get("/fhir/Organization?_count=1", headers=loader)  # session start
+            assert warm.status_code == 200
+            rows, start = row_counts(db), service.ledger.size
+            answer: list[httpx.Response] = []
+            poster = threading.Thread(
+                target=lambda: answer.append(
+                    http.post("/fhir", content=orjson.dumps(bundle), headers=loader)
+                )
+            )
+            poster.start()
+            # the intent acknowledged (the ledger's size counts only what was fsync'd)
+            deadline = time.monotonic() + 60
+            while (
+                not any(
+                    e.get("outcome_reason") == "intent" for e in ledger_events(data_dir)[start:]
+                )
+                or service.ledger.size <= start
+            ):
+                assert time.monotonic() < deadline and poster.is_alive()
+                time.sleep(0.002)
+            with full_disk(data_dir / "ledger"):
+                poster.join(timeout=60)
+            (response,) = answer
+    finally:
+        service.stop()
+    committed = row_counts(db) != rows
+    events = ledger_events(data_dir)
+    left_open = open_intents(events)
+    assert left_open  # one intent per patient, and one for the directory resources
+    # what the client was told must not claim success without an outcome in the ledger
+    assert response.status_code == 503, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+    # the next start settles it, by what the store holds
+    service = Service(data_dir, _settings())
+    service.start()
+    service.stop()
+    events = ledger_events(data_dir)
+    assert open_intents(events) == []
+    reconciled = [
+        e["outcome_reason"] for e in events if "reconciled" in e.get("outcome_reason", "")
+    ]
+    assert reconciled == ["reconciled-committed" if committed else "reconciled-absent"] * len(
+        left_open
+    )
+    assert committed  # the database did not need the ledger's disk
+    verified = verify_ledger(data_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
