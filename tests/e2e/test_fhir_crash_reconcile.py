@@ -281,14 +281,6 @@ def test_sigkill_mid_transaction_leaves_all_or_nothing_and_every_intent_settled(
 # --- a request cancelled between intent and outcome -------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "RecordsRepository._apply: a cancelled request records 'rolled-back' while the commit "
-        "it started on a worker thread (anyio.to_thread.run_sync, not shielded) goes on and "
-        "commits; the outcome exists, so reconcile never corrects it"
-    ),
-)
 def test_a_cancelled_write_is_not_recorded_as_rolled_back_when_it_commits(
     tmp_path: Path, fixtures_dir: Path
 ) -> None:

@@ -425,6 +425,7 @@ class RecordsRepository:
         self._controls = controls
         self._max_entries = max_bundle_entries
         self._observer = observer
+        self._settling: set[asyncio.Future[None]] = set()
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -865,25 +866,41 @@ class RecordsRepository:
         kind: str | None,
         entries: Sequence[PlannedEntry] = (),
     ) -> None:
-        """Intent event, one database transaction, outcome event."""
+        """Intent event, one database transaction, outcome event.
+
+        The transaction and its outcome event run as one shielded task: if the request is
+        cancelled meanwhile (client gone, shutdown, timeout), the database transaction goes
+        on in its thread regardless, so the outcome must wait for it and say what really
+        happened (committed or rolled back), never guess from the cancellation.
+        """
         subtype = kind or writes[0].interaction.value
         action = Action.EXECUTE if kind else _INTERACTION_ACTION[writes[0].interaction]
         indexer = await self._keyring.blind_indexer(caller.access.tenant) if checks else None
         await self._record_writes(caller, subtype, action, writes, reason=_INTENT)
+
+        async def settle() -> None:
+            try:
+                await _blocking(lambda: self._commit(caller, writes, checks, indexer))
+            except BaseException:
+                await self._record_writes(
+                    caller, subtype, action, writes, reason=_ROLLED_BACK,
+                    outcome=Outcome.SERIOUS_FAILURE, fail_quietly=True,
+                )  # fmt: skip
+                raise
+            await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+
+        settling = asyncio.ensure_future(settle())
+        self._settling.add(settling)  # keep a reference until it is done
+        settling.add_done_callback(self._settling.discard)
         try:
-            await _blocking(lambda: self._commit(caller, writes, checks, indexer))
-        except BaseException as exc:
-            await self._record_writes(
-                caller, subtype, action, writes, reason=_ROLLED_BACK,
-                outcome=Outcome.SERIOUS_FAILURE, fail_quietly=True,
-            )  # fmt: skip
-            if isinstance(exc, VersionConflict) and any(e.if_match for e in entries):
+            await asyncio.shield(settling)
+        except VersionConflict as exc:
+            if any(e.if_match for e in entries):
                 raise IfMatchFailed(
                     f"{exc.resource_type}/{exc.resource_id}: If-Match does not name "
                     "the current version"
                 ) from None
             raise
-        await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
 
     async def _apply_independently(
         self, caller: Caller, writes: Sequence[_Write]
