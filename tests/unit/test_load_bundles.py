@@ -18,6 +18,7 @@ from phivault.cli.load import (
     Loader,
     LoadStopped,
     add_conditional_creates,
+    creates_conditionally,
     fhir_base,
     identifier_condition,
     order_files,
@@ -481,3 +482,90 @@ def test_ctrl_c_reports_the_bundle_in_flight_as_unknown_and_the_rest_as_not_atte
     assert report["error"] == "interrupted"
     assert [r["status"] for r in report["results"]] == ["loaded", "unknown", "not-attempted"]
     assert sent == ["a.json", "b.json"]
+
+
+def test_creates_conditionally() -> None:
+    assert not creates_conditionally(TWO)
+    plain = bundle(entry(practitioner()))
+    add_conditional_creates(plain)
+    assert creates_conditionally(plain)
+    assert creates_conditionally(
+        bundle(entry(practitioner(), method="PUT", url="Practitioner?identifier=s|1"))
+    )
+    assert not creates_conditionally(
+        bundle(entry(practitioner(), method="PUT", url="Practitioner/abc"))
+    )
+
+
+def test_jobs_send_companions_first_and_conditional_creators_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    from typer.testing import CliRunner
+
+    from phivault.cli import load as load_module
+    from phivault.cli.main import app
+
+    patient_only = bundle(entry({"resourceType": "Patient"}))
+    files = [
+        write(tmp_path / "p1.json", patient_only),
+        write(tmp_path / "sof_a.json", TWO),  # inline directory resources: conditional creates
+        write(tmp_path / "p2.json", patient_only),
+        write(tmp_path / "x_hospitalInformation.json", TWO),
+        write(tmp_path / "sof_b.json", TWO),
+        write(tmp_path / "p3.json", patient_only),
+        write(tmp_path / "p4.json", patient_only),
+    ]
+    spans: dict[str, tuple[float, float]] = {}
+    lock = threading.Lock()
+
+    def send(self: Loader, result: FileResult, document: dict[str, Any]) -> None:
+        started = time.monotonic()
+        time.sleep(0.05)
+        with lock:
+            spans[result.file.name] = (started, time.monotonic())
+        result.status = "loaded"
+
+    monkeypatch.setattr(load_module.Loader, "send", send)
+    outcome = CliRunner().invoke(
+        app, ["load", "--token", "t", "--json", "--jobs", "3", *map(str, files)]
+    )
+    assert outcome.exit_code == 0, outcome.stdout
+    assert json.loads(outcome.stdout)["loaded"] == 7
+    companion_end = spans["x_hospitalInformation.json"][1]
+    assert all(start >= companion_end for name, (start, _) in spans.items() if "hosp" not in name)
+    assert spans["sof_b.json"][0] >= spans["sof_a.json"][1]  # in order, never together
+    overlapping = [
+        (a, b)
+        for a in spans
+        for b in spans
+        if a < b and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+    ]
+    assert overlapping  # the others went side by side
+
+
+def test_jobs_stop_taking_bundles_once_the_token_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from phivault.cli import load as load_module
+    from phivault.cli.main import app
+
+    files = [write(tmp_path / f"p{n}.json", TWO) for n in range(8)]
+
+    def send(self: Loader, result: FileResult, document: dict[str, Any]) -> None:
+        raise LoadStopped("unauthorized", "the server refused the token (401): expired")
+
+    monkeypatch.setattr(load_module.Loader, "send", send)
+    outcome = CliRunner().invoke(
+        app, ["load", "--token", "t", "--json", "--jobs", "2", *map(str, files)]
+    )
+    assert outcome.exit_code == 3
+    report = json.loads(outcome.stdout)
+    assert report["error"] == "unauthorized"
+    statuses = [r["status"] for r in report["results"]]
+    assert statuses.count("failed") <= 2  # at most one per lane was in flight
+    assert statuses.count("not-attempted") >= 6

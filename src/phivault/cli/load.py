@@ -35,9 +35,11 @@ by the development identity provider of a ``phivault init --dev`` data directory
 from __future__ import annotations
 
 import ssl
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -64,6 +66,7 @@ __all__ = [
     "LoadStopped",
     "Loader",
     "add_conditional_creates",
+    "creates_conditionally",
     "fhir_base",
     "identifier_condition",
     "load",
@@ -209,6 +212,25 @@ def order_files(paths: Iterable[Path]) -> list[Path]:
         return len(COMPANION_PATTERNS)
 
     return sorted(expanded, key=rank)  # sorted() is stable: the given order stays in a group
+
+
+def _is_companion(path: Path) -> bool:
+    return any(pattern in path.name for pattern in COMPANION_PATTERNS)
+
+
+def creates_conditionally(bundle: dict[str, Any]) -> bool:
+    """Whether a bundle has a conditional create, update, patch or delete: two such bundles
+    may touch the same resource, so ``--jobs`` sends them one at a time, in order."""
+    for entry in bundle.get("entry", []):
+        request = entry.get("request")
+        if not isinstance(request, dict):
+            continue
+        if "ifNoneExist" in request:
+            return True
+        url = request.get("url")
+        if request.get("method") in ("PUT", "PATCH", "DELETE") and "?" in str(url):
+            return True
+    return False
 
 
 def read_bundle(path: Path) -> dict[str, Any]:
@@ -634,6 +656,16 @@ def load(
     timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Seconds to wait for each bundle.")
     ] = 300.0,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            min=1,
+            max=32,
+            help="After the companions, send this many bundles at a time (bundles that "
+            "create conditionally still go one at a time, in order).",
+        ),
+    ] = 1,
     data_dir: DataDirOption = default_data_dir(),
     json_mode: JsonOption = False,
 ) -> None:
@@ -645,8 +677,9 @@ def load(
 
     # Every file is checked before anything is sent: a bad file stops nothing half-way.
     results = [FileResult(file=path) for path in ordered]
+    conditional: list[int] = []  # the bundles that create conditionally (see --jobs)
     invalid = False
-    for result in results:
+    for index, result in enumerate(results):
         try:
             bundle = read_bundle(result.file)
         except BundleFileError as exc:
@@ -654,6 +687,9 @@ def load(
             continue
         result.bundle_type = str(bundle["type"])
         result.entries = len(bundle.get("entry", []))
+        add_conditional_creates(bundle)
+        if creates_conditionally(bundle):
+            conditional.append(index)
     if invalid:
         _report(
             output,
@@ -665,33 +701,44 @@ def load(
 
     token_source = (lambda: token) if token else _dev_token_source(output, data_dir, tenant)
     verify = _verify(output, ca_cert)
-    stopped: LoadStopped | None = None
     total = sum(r.entries for r in results)
+    stop = threading.Event()
+    stops: list[LoadStopped] = []
+    in_flight: set[int] = set()  # indexes into results
+    lock = threading.Lock()
+    limits = httpx.Limits(max_connections=jobs, max_keepalive_connections=jobs)
     with (
-        httpx.Client(verify=verify, timeout=httpx.Timeout(timeout, connect=10.0)) as client,
+        httpx.Client(
+            verify=verify, timeout=httpx.Timeout(timeout, connect=10.0), limits=limits
+        ) as client,
         output.progress("loading", total=total) as progress,
     ):
         loader = Loader(client, url, token_source)
-        for result in results:
+
+        def send_one(index: int) -> None:
+            result = results[index]
             try:
                 bundle = read_bundle(result.file)  # again: files are not all held in memory
             except BundleFileError as exc:  # changed since it was checked
                 result.status, result.message = "invalid", str(exc)
-                continue
+                return
             result.conditional_creates = add_conditional_creates(bundle)
+            with lock:
+                in_flight.add(index)
             try:
                 loader.send(result, bundle)
             except LoadStopped as exc:
                 # Unreachable: nothing was sent. A refused token (401): the server wrote nothing.
                 result.status = "not-attempted" if exc.kind == "unreachable" else "failed"
                 result.http_status = exc.http_status
-                stopped = exc
-                break
-            except KeyboardInterrupt:
-                result.status = "unknown"
-                result.message = "interrupted while sending; it may or may not have been written"
-                stopped = LoadStopped("interrupted", "interrupted (Ctrl-C)")
-                break
+                with lock:
+                    stops.append(exc)
+                    in_flight.discard(index)
+                stop.set()
+                return
+            # (On Ctrl-C the index stays in flight: the interrupt handler reports it unknown.)
+            with lock:
+                in_flight.discard(index)
             progress.advance(result.entries)
             mark = ("ok ", "green") if result.ok else (f"{result.status} ", "bold red")
             output.say(
@@ -701,6 +748,57 @@ def load(
                     f"in {result.seconds:.1f}s",
                 )
             )
+
+        def lane(indexes: Iterable[int]) -> None:
+            for index in indexes:
+                if stop.is_set():
+                    return
+                send_one(index)
+
+        companions = [i for i, r in enumerate(results) if _is_companion(r.file)]
+        serial = [i for i in conditional if i not in companions]
+        shared = [i for i in range(len(results)) if i not in companions and i not in serial]
+        interrupted = False
+        try:
+            if jobs == 1:
+                lane(range(len(results)))
+            else:
+                lane(companions)
+                # The bundles that create conditionally go one at a time, in order (two of
+                # them may create the same resource); the others N at a time.
+                queue = iter(shared)
+
+                def worker(first: Sequence[int]) -> None:
+                    lane(first)
+                    while not stop.is_set():
+                        with lock:
+                            index = next(queue, None)
+                        if index is None:
+                            return
+                        send_one(index)
+
+                with ThreadPoolExecutor(jobs, thread_name_prefix="load") as pool:
+                    lanes = [serial] + [[] for _ in range(jobs - 1)]
+                    futures = [pool.submit(worker, first) for first in lanes]
+                    try:
+                        for future in futures:
+                            future.result()
+                    except KeyboardInterrupt:
+                        # Stop taking bundles; those in flight finish and are reported.
+                        stop.set()
+                        interrupted = True
+        except KeyboardInterrupt:
+            stop.set()
+            interrupted = True
+            with lock:
+                for index in in_flight:
+                    results[index].status = "unknown"
+                    results[
+                        index
+                    ].message = "interrupted while sending; it may or may not have been written"
+    stopped: LoadStopped | None = stops[0] if stops else None
+    if interrupted:
+        stopped = LoadStopped("interrupted", "interrupted (Ctrl-C)")
     _report(output, results, url=loader.endpoint, stopped=stopped)
     if stopped is not None:
         raise typer.Exit(EXIT_INTERRUPTED if stopped.kind == "interrupted" else EXIT_STOPPED)
