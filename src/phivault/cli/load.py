@@ -7,6 +7,9 @@ What it does, in order:
 2. Orders the files: companion bundles first (``*hospitalInformation*``, then
    ``*practitionerInformation*``), then the rest in the order given, so that the patient
    bundles' conditional references (``Practitioner?identifier=...``) find what they point to.
+   With ``--jobs N`` the bundles after the companions go N at a time, except those with a
+   conditional create, update or delete: two of them may create the same resource, so they
+   go one at a time, in order.
 3. Turns each plain ``POST`` of a Practitioner, Organization or Location that carries an
    identifier into a conditional create (``ifNoneExist: identifier=system|value``, with the
    first identifier that has both). Synthea 2019 (``sof2019_*``) repeats its directory
