@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -67,27 +68,35 @@ def serve_app(app: FastAPI) -> Iterator[str]:
 def phivault_serve(
     args: list[str], *, url: str, verify: ssl.SSLContext | bool = True, env: dict[str, str]
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``phivault serve ARGS`` as a user would; wait for /healthz; SIGINT it after."""
+    """Run ``phivault serve ARGS`` as a user would; wait for /healthz; SIGINT it after.
+
+    The server's output goes to a temporary file, never to a pipe nobody reads (a full pipe
+    would block the server after a few thousand log lines); it is shown if the start fails.
+    """
     phivault = str(Path(sys.executable).with_name("phivault"))
-    process = subprocess.Popen(
-        [phivault, "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-    )
-    deadline = time.monotonic() + 20
-    while True:
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [phivault, "serve", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", verify=verify, timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    log.seek(0)
+                    output = log.read().decode(errors="replace")[-4000:]
+                    raise RuntimeError(f"phivault serve did not start:\n{output}") from None
+                time.sleep(0.1)
         try:
-            httpx.get(f"{url}/healthz", verify=verify, timeout=1)
-            break
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
+            yield process
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
                 process.kill()
-                raise RuntimeError("phivault serve did not start") from None
-            time.sleep(0.1)
-    try:
-        yield process
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+                process.wait()
