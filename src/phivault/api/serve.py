@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,17 @@ if TYPE_CHECKING:
     from phivault.identity.jwks import KeySource
     from phivault.records.store import SqlRecordStore
 
-__all__ = ["ServeOptions", "open_service", "records_store_url", "serve", "tls_context"]
+__all__ = [
+    "RECONCILE_CURSOR",
+    "ServeOptions",
+    "open_service",
+    "records_store_url",
+    "serve",
+    "tls_context",
+]
+
+#: In the data directory's records folder: the ledger index reconciliation has scanned up to.
+RECONCILE_CURSOR = "reconcile.cursor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +105,8 @@ def records_store_url(settings: Settings, data_dir: DataDir) -> str:
 def _open_store(settings: Settings, data_dir: DataDir) -> SqlRecordStore:
     from phivault.records.store import SqlRecordStore
 
-    if not settings.records.store_url:
-        data_dir.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The folder holds the embedded database and, in every shape, the reconcile cursor.
+    data_dir.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return SqlRecordStore(
         records_store_url(settings, data_dir), schema=settings.records.store_schema
     )
@@ -147,12 +157,9 @@ async def open_service(
                 ),
                 max_bundle_entries=records.max_bundle_entries,
             )
-            # Settle the write intents a crash left open before serving anything.
-            reconcile: Callable[[object], Awaitable[object]] | None = getattr(
-                repository, "reconcile", None
-            )
-            if reconcile is not None:
-                await reconcile(ledger)
+            # Settle the write intents a crash left open before serving anything; the cursor
+            # file remembers how far the ledger was scanned, so a start reads only what is new.
+            await repository.reconcile(ledger, cursor=data_dir.records_dir / RECONCILE_CURSOR)
             unseal = UnsealState(ring)
 
             async def keys_unsealed() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
-from phivault.api.serve import open_service, records_store_url
+from phivault.api.serve import RECONCILE_CURSOR, open_service, records_store_url
 from phivault.datadir import DataDir
 from phivault.identity.testing import FakeIssuer
 from phivault.initialize import initialize_data_dir
@@ -57,6 +57,8 @@ async def test_open_service_serves_fhir_and_keeps_records_across_restarts(tmp_pa
     assert records_store_url(settings, data_dir) == f"sqlite:///{db}"
     assert db.is_file()
     assert NAME.encode() not in db.read_bytes()
+    # Reconciliation ran and remembers how far it scanned the ledger.
+    assert (data_dir.records_dir / RECONCILE_CURSOR).read_text().strip().isdigit()
 
     # Restarted without shares: sealed, not ready; metadata answers, PHI does not.
     own = bearer(issuer, roles=["patient"], scope="patient/*.rs", fhirUser=f"Patient/{pid}")
@@ -86,4 +88,4 @@ async def test_a_configured_store_url_is_used(tmp_path: Path) -> None:
     async with open_service(settings, data_dir, key_sources={issuer.issuer: issuer.key_source()}):
         pass
     assert elsewhere.is_file()
-    assert not data_dir.records_dir.exists()
+    assert not (data_dir.records_dir / "records.db").exists()
