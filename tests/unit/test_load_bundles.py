@@ -357,9 +357,23 @@ def test_a_failing_transaction_reports_the_outcome() -> None:
 
 
 def test_a_failing_answer_without_an_outcome() -> None:
-    result, _ = send(lambda _: httpx.Response(500, text="<html>oops</html>"), TWO)
+    result, _ = send(lambda _: httpx.Response(400, text="<html>bad</html>"), TWO)
     assert result.status == "failed"
-    assert result.message == "the server answered 500 without an outcome"
+    assert result.message == "the server answered 400 without an outcome"
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_server_error_leaves_the_outcome_unknown_and_is_not_sent_again(status: int) -> None:
+    # A 503 can follow a commit whose outcome the ledger could not take: sending the bundle
+    # again could write it twice.
+    result, requests = send(
+        lambda _: httpx.Response(status, json=outcome("transient", "audit unavailable")), TWO
+    )
+    assert result.status == "unknown"
+    assert result.http_status == status
+    assert "may or may not have been written" in (result.message or "")
+    assert result.issues[0].diagnostics == "audit unavailable"
+    assert len(requests) == 1
 
 
 def test_a_batch_with_a_failed_entry_is_partial() -> None:
@@ -425,11 +439,11 @@ def test_a_timeout_leaves_the_outcome_unknown_and_is_not_retried() -> None:
     assert len(requests) == 1
 
 
-def test_rate_limits_and_unavailability_are_retried_with_their_waits() -> None:
+def test_rate_limits_are_waited_out() -> None:
     answers = iter(
         [
             httpx.Response(429, headers={"Retry-After": "2"}),
-            httpx.Response(503, json=outcome("transient", "audit unavailable")),
+            httpx.Response(429),
             httpx.Response(200, json=response_bundle("transaction", "201 Created", "201 Created")),
         ]
     )
@@ -443,12 +457,12 @@ def test_rate_limits_and_unavailability_are_retried_with_their_waits() -> None:
 def test_retries_end() -> None:
     sleeps: list[float] = []
     result, requests = send(
-        lambda _: httpx.Response(503, json=outcome("transient", "audit unavailable")),
+        lambda _: httpx.Response(429, json=outcome("throttled", "too many requests")),
         TWO,
         sleeps=sleeps,
     )
     assert result.status == "failed"
-    assert result.http_status == 503
+    assert result.http_status == 429
     assert len(requests) == 6
     assert max(sleeps) <= 30.0
 

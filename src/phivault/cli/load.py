@@ -22,7 +22,7 @@ What it does, in order:
 Errors are reported without any resource value: only the file, the HTTP status and the
 server's OperationOutcome (severity, code, diagnostics, expression). Nothing is lost silently:
 the summary names every file as loaded, failed, partial (a batch with failed entries),
-unknown (the server did not answer in time: it may or may not have written the bundle) or
+unknown (no answer in time, or a 5xx: the server may or may not have written the bundle) or
 not attempted (the load stopped first).
 
 Exit codes: 0 every file loaded; 1 at least one bundle did not load (a 403 from the access
@@ -401,8 +401,10 @@ class Loader:
                     f"cannot reach the server at {self._endpoint} "
                     f"({type(exc).__name__}); is `phivault serve` running?",
                 ) from None
-            # 429 (rate limited) and 503 (the server changed nothing) are safe to send again.
-            if response.status_code in (429, 503) and attempt < _RETRIES:
+            # A 429 comes before anything is done, so sending again is safe. A 503 is not: the
+            # server also answers 503 when a write committed but its outcome could not be
+            # recorded in the audit ledger, so a second send could write the bundle twice.
+            if response.status_code == 429 and attempt < _RETRIES:
                 self._sleep(_retry_wait(response, attempt))
                 attempt += 1
                 continue
@@ -432,6 +434,14 @@ class Loader:
                 + _issue_text(payload, "it is missing, expired or not trusted"),
                 http_status=401,
             )
+        if response.is_server_error:
+            result.status = "unknown"
+            result.issues = outcome_issues(payload)
+            result.message = (
+                f"the server failed ({response.status_code}); the bundle may or may not have "
+                "been written: check before sending it again"
+            )
+            return
         if not response.is_success:
             result.status = "failed"
             result.issues = outcome_issues(payload)
