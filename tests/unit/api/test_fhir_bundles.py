@@ -115,6 +115,22 @@ async def test_batch_answers_each_entry(fhir: Fhir) -> None:
     assert found["type"] == "searchset"
 
 
+async def test_an_entry_id_shaped_like_personal_data_is_400(fhir: Fhir) -> None:
+    before = fhir.row_count()
+    ssn = "123-45-6789"
+    for kind in ("transaction", "batch"):
+        doc = bundle(
+            kind,
+            entry(organization("Fine")),
+            entry(organization(id=ssn), method="PUT", url=f"Organization/{ssn}"),
+        )
+        response = await post(fhir, doc)
+        assert response.status_code == 400, response.text
+        assert response.json()["issue"][0]["expression"] == ["Bundle.entry[1].request.url"]
+        assert ssn not in response.text
+    assert fhir.row_count() == before
+
+
 async def test_what_is_not_a_batch_or_transaction_is_400(fhir: Fhir) -> None:
     for doc, where in (
         (patient(), "resourceType"),

@@ -69,6 +69,7 @@ FHIR_PREFIX: Final = "/fhir"
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _VERSION_RE: Final = re.compile(r"^[1-9][0-9]{0,17}$")
 _REFERENCE: Final[TypeAdapter[str]] = TypeAdapter(Reference)
+_TYPE_RE: Final = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 #: Parameters a history interaction takes; FHIR's ``_since``/``_at``/``_list`` are not
 #: supported (refused with a 400, or ignored under ``Prefer: handling=lenient``).
 _HISTORY_PARAMS: Final = frozenset({"_count", OFFSET_PARAM}) | FORMAT_PARAMS
@@ -122,17 +123,33 @@ def _now(request: Request) -> datetime:
     return datetime.fromtimestamp(clock(), UTC)
 
 
-def _check_id(resource_type: str, resource_id: str) -> None:
+def _check_id(resource_type: str, resource_id: str, *, where: str = "id") -> None:
     """A FHIR id that the audit ledger can record: ids go into audit events and logs, so one
     shaped like personal data (an SSN, a phone number) is refused rather than stored."""
     if not _ID_RE.match(resource_id):
-        raise BadRequest("not a FHIR resource id", expression="id")
+        raise BadRequest("not a FHIR resource id", expression=where)
     try:
         _REFERENCE.validate_python(f"{resource_type}/{resource_id}")
     except ValidationError:
         raise BadRequest(
-            "the id looks like personal data; resource ids must be opaque", expression="id"
+            "the id looks like personal data; resource ids must be opaque", expression=where
         ) from None
+
+
+def _check_entry_ids(entries: object) -> None:
+    """The ids a Bundle's entries address (``request.url`` ``Type/id``), checked as the URL's
+    would be, before anything is planned or written. The rest of the Bundle is the
+    repository's to validate."""
+    if not isinstance(entries, list):
+        return
+    for index, entry in enumerate(entries):
+        request = entry.get("request") if isinstance(entry, dict) else None
+        url = request.get("url") if isinstance(request, dict) else None
+        if not isinstance(url, str):
+            continue
+        parts = url.split("?", 1)[0].strip("/").split("/")
+        if len(parts) >= 2 and _TYPE_RE.match(parts[0]):
+            _check_id(parts[0], parts[1], where=f"Bundle.entry[{index}].request.url")
 
 
 def _check_body(
@@ -246,6 +263,7 @@ def fhir_router(
             raise PayloadTooLarge(
                 f"a Bundle takes at most {max_bundle_entries} entries", expression="Bundle.entry"
             )
+        _check_entry_ids(entries)
         if kind == "transaction":
             outcome = await repo.transaction(caller, bundle)
         elif kind == "batch":
