@@ -226,9 +226,19 @@ class Server:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
+    gc_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = self.work / f"server-{self.name}.log"
+        self.gc_file = self.work / f"gc-{self.name}.json"
+
+    def gc_pauses(self) -> dict[str, Any] | None:
+        """Garbage collection pauses of the server's last life (written when it stops)."""
+        try:
+            result: dict[str, Any] = json.loads(self.gc_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return result
 
     def start(self) -> None:
         self.port = free_port()
@@ -251,6 +261,8 @@ class Server:
                     str(self.work / "issuer.json"),
                     "--shares-file",
                     str(self.data_dir.parent / f"{self.data_dir.name}.shares.json"),
+                    "--gc-stats",
+                    str(self.gc_file),
                     *service,
                 ],
                 env=env,
@@ -839,6 +851,7 @@ def main(args: argparse.Namespace) -> int:
                         on, work["on"], tmp, Path(args.profile), duration, args.conc
                     )
 
+            on.stop()  # it writes its garbage collection pauses as it stops
         main_figures = figures(results["on"], loaded["on"].resources_per_s)
         off_figures = figures(results["controls-off"], loaded["controls-off"].resources_per_s)
         policy_figures = figures(results["policy-off"], None)
@@ -892,6 +905,9 @@ def main(args: argparse.Namespace) -> int:
             "wall_s": round(time.monotonic() - started, 1),
             "load_average": [round(x, 2) for x in os.getloadavg()],
         }
+        # The "on" server's collections since its restart after loading: the measured
+        # workloads (and the profiled ones). A long one stalls every request in flight.
+        summary["gc_pauses"] = on.gc_pauses()
         if profiles:
             summary["profile_ms_per_request"] = profiles
     except Exception as exc:  # a broken server is reported, in the same one-line shape

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +88,48 @@ def settings_for(mode: str, data_dir: Path) -> Any:
         else RecordsSettings(bench_policy_off=True)
     )
     return Settings(environment="development", data_dir=data_dir, api=api, records=records)
+
+
+class GcPauses:
+    """Garbage collections by generation: how many, and their pauses in wall-clock and CPU
+    time (total and longest), from ``gc.callbacks``.
+
+    A collection runs inside whichever request allocated last and holds the GIL, so a long
+    one stalls every request in flight; a profile shows it as time in an innocent frame. On
+    a crowded machine the wall-clock pause also holds the time the process was not running,
+    hence the CPU time beside it."""
+
+    def __init__(self) -> None:
+        self.started = (0.0, 0.0)
+        self.stats: dict[int, list[float]] = {}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = (time.perf_counter(), time.thread_time())
+            return
+        wall = time.perf_counter() - self.started[0]
+        cpu = time.thread_time() - self.started[1]
+        entry = self.stats.setdefault(info["generation"], [0, 0.0, 0.0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += wall
+        entry[2] = max(entry[2], wall)
+        entry[3] += cpu
+        entry[4] = max(entry[4], cpu)
+
+    def write(self, path: Path, tracked_objects: int) -> None:
+        """The pauses, and how many objects the collector tracks (what a full one walks)."""
+        doc: dict[str, object] = {
+            f"gen{generation}": {
+                "collections": int(count),
+                "wall_ms": round(1000 * wall, 1),
+                "max_wall_ms": round(1000 * max_wall, 1),
+                "cpu_ms": round(1000 * cpu, 1),
+                "max_cpu_ms": round(1000 * max_cpu, 1),
+            }
+            for generation, (count, wall, max_wall, cpu, max_cpu) in sorted(self.stats.items())
+        }
+        doc["tracked_objects"] = tracked_objects
+        path.write_text(json.dumps(doc))
 
 
 def _factory(name: str) -> Callable[..., Any]:
@@ -155,9 +200,32 @@ def main() -> None:
     parser.add_argument("--issuer-file", required=True)
     parser.add_argument("--shares-file", required=True)
     parser.add_argument("--profile", help="write cProfile stats here when the server stops")
+    parser.add_argument("--gc-stats", help="write garbage collection pauses here on exit")
     # What builds the app (a test double can stand in while the real one is being written).
     parser.add_argument("--service", default="phivault.api.serve:open_service")
     args = parser.parse_args()
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
+
+    tracked = 0
+
+    def stop(signum: int, _frame: object) -> None:
+        # uvicorn shuts down on SIGTERM, then raises it again under the handler it found:
+        # this one, so the service closes normally and the pauses are written. The service
+        # is still open here: what the collector tracks now is its live heap.
+        nonlocal tracked
+        tracked = len(gc.get_objects())
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        _run(args)
+    finally:
+        if args.gc_stats:
+            pauses.write(Path(args.gc_stats), tracked)
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.mode == "framework":
         asyncio.run(run_framework(args.port))
     elif args.profile:
