@@ -228,6 +228,25 @@ async def test_content_type_and_format(fhir: Fhir) -> None:
     assert response.status_code == 415
     xml = await fhir.client.get("/fhir/Patient/x?_format=xml", headers=fhir.service())
     assert xml.status_code == 406
+    assert issue(xml)["expression"] == ["_format"]
+    only_xml = await fhir.client.get(
+        "/fhir/metadata", headers={"Accept": "application/fhir+xml, text/html;q=0.5"}
+    )
+    assert only_xml.status_code == 406
+    assert issue(only_xml)["expression"] == ["Accept"]
+    for accept in (
+        "application/fhir+json",
+        "application/json;q=0.9",
+        "*/*",
+        "text/html, */*;q=0.1",
+    ):
+        assert (
+            await fhir.client.get("/fhir/metadata", headers={"Accept": accept})
+        ).status_code == 200
+    overridden = await fhir.client.get(
+        "/fhir/metadata?_format=json", headers={"Accept": "application/fhir+xml"}
+    )
+    assert overridden.status_code == 200
     org = await fhir.created(organization())
     pretty = await fhir.client.get(
         f"/fhir/Organization/{org['id']}?_format=json&_pretty=true", headers=fhir.service()

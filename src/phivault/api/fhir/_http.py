@@ -90,14 +90,35 @@ def query_pairs(request: Request) -> list[tuple[str, str]]:
     return parse_qsl(request.url.query, keep_blank_values=True)
 
 
-def check_format(pairs: Iterable[tuple[str, str]]) -> bool:
-    """Whether the caller asked for pretty output; refuses formats other than JSON (406)."""
+def _accepts_json(accept: str) -> bool:
+    for item in accept.split(","):
+        media, *params = (part.strip().lower() for part in item.split(";"))
+        if media not in _JSON_FORMATS and media not in ("*/*", "application/*"):
+            continue
+        quality = next((p[2:] for p in params if p.startswith("q=")), "1")
+        try:
+            if float(quality) > 0:
+                return True
+        except ValueError:
+            return True  # a malformed weight: take the range as acceptable
+    return False
+
+
+def check_format(request: Request, pairs: Iterable[tuple[str, str]]) -> bool:
+    """Whether the caller asked for pretty output. Answers are JSON only: a ``_format``
+    (which overrides ``Accept``, as FHIR says) or an ``Accept`` that excludes JSON is a 406."""
     pretty = False
+    formatted = False
     for key, value in pairs:
-        if key == "_format" and value.strip().lower().split(";")[0] not in _JSON_FORMATS:
-            raise NotAcceptable(expression="_format")
+        if key == "_format":
+            formatted = True
+            if value.strip().lower().split(";")[0] not in _JSON_FORMATS:
+                raise NotAcceptable(expression="_format")
         if key == "_pretty":
             pretty = value.strip().lower() == "true"
+    accept = request.headers.get("accept")
+    if not formatted and accept and accept.strip() and not _accepts_json(accept):
+        raise NotAcceptable(expression="Accept")
     return pretty
 
 

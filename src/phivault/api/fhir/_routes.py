@@ -239,7 +239,7 @@ def fhir_router(
     async def metadata(request: Request) -> Response:
         """The CapabilityStatement (public, PHI-free, no audit event: it answers when the
         ledger is down)."""
-        pretty = check_format(query_pairs(request))
+        pretty = check_format(request, query_pairs(request))
         base = _base(request)
         statement = statements.get(base)
         if statement is None:
@@ -252,7 +252,7 @@ def fhir_router(
 
     @router.post("")
     async def batch_or_transaction(request: Request, caller: FhirCaller, repo: Repo) -> Response:
-        pretty = check_format(query_pairs(request))
+        pretty = check_format(request, query_pairs(request))
         prefer = parse_prefer(request)
         bundle = await read_json_object(request)
         if bundle.get("resourceType") != "Bundle":
@@ -289,7 +289,7 @@ def fhir_router(
         repo: RecordsRepository,
     ) -> Response:
         check_type(resource_type)
-        pretty = check_format(pairs)
+        pretty = check_format(request, pairs)
         prefer = parse_prefer(request)
         offset = parse_offset(pairs, OFFSET_PARAM)
         criteria = [(k, v) for k, v in _criteria(pairs) if k != OFFSET_PARAM]
@@ -334,7 +334,7 @@ def fhir_router(
         resource_type: str, request: Request, caller: FhirCaller, repo: Repo
     ) -> Response:
         check_type(resource_type)
-        pretty = check_format(query_pairs(request))
+        pretty = check_format(request, query_pairs(request))
         prefer = parse_prefer(request)
         body = await read_json_object(request)
         _check_body(body, resource_type, None, id_required=False)
@@ -360,7 +360,7 @@ def fhir_router(
     ) -> Response:
         check_type(resource_type)
         pairs = query_pairs(request)
-        pretty = check_format(pairs)
+        pretty = check_format(request, pairs)
         prefer = parse_prefer(request)
         criteria = _criteria(pairs)
         if not criteria:
@@ -393,7 +393,7 @@ def fhir_router(
     ) -> Response:
         prefer = parse_prefer(request)
         pairs = _history_pairs(query_pairs(request), prefer)
-        pretty = check_format(pairs)
+        pretty = check_format(request, pairs)
         count = parse_count(pairs, default_count, MAX_COUNT)
         offset = parse_offset(pairs, OFFSET_PARAM)
         page = await repo.history(caller, resource_type, resource_id, count=count, offset=offset)
@@ -413,7 +413,7 @@ def fhir_router(
     ) -> Response:
         check_type(resource_type)
         _check_id(resource_type, resource_id)
-        pretty = check_format(query_pairs(request))
+        pretty = check_format(request, query_pairs(request))
         record = await repo.read(caller, resource_type, resource_id)
         headers = version_headers(record, _base(request), location=False)
         return fhir_response(record.resource, headers=headers, pretty=pretty)
@@ -424,7 +424,7 @@ def fhir_router(
     ) -> Response:
         check_type(resource_type)
         _check_id(resource_type, resource_id)
-        pretty = check_format(query_pairs(request))
+        pretty = check_format(request, query_pairs(request))
         prefer = parse_prefer(request)
         if_match = parse_if_match(request)
         body = await read_json_object(request)
@@ -447,7 +447,7 @@ def fhir_router(
         200 with an OperationOutcome under ``Prefer: return=OperationOutcome``."""
         check_type(resource_type)
         _check_id(resource_type, resource_id)
-        pretty = check_format(query_pairs(request))
+        pretty = check_format(request, query_pairs(request))
         prefer = parse_prefer(request)
         record = await repo.delete(caller, resource_type, resource_id)
         headers = {"ETag": record.etag} if record is not None else {}
@@ -480,7 +480,7 @@ def fhir_router(
         _check_id(resource_type, resource_id)
         if not _VERSION_RE.match(version_id):
             raise NotFound("the resource version is not known")
-        pretty = check_format(query_pairs(request))
+        pretty = check_format(request, query_pairs(request))
         record = await repo.vread(caller, resource_type, resource_id, version_id)
         headers = version_headers(record, _base(request), location=False)
         return fhir_response(record.resource, headers=headers, pretty=pretty)
