@@ -13,6 +13,7 @@ from phivault.api.serve import RECONCILE_CURSOR, open_service, records_store_url
 from phivault.datadir import DataDir
 from phivault.identity.testing import FakeIssuer
 from phivault.initialize import initialize_data_dir
+from phivault.ledger.service import open_ledger_readonly
 from phivault.settings import RecordsSettings, Settings
 
 NAME = "Quackenbush"
@@ -89,3 +90,37 @@ async def test_a_configured_store_url_is_used(tmp_path: Path) -> None:
         pass
     assert elsewhere.is_file()
     assert not (data_dir.records_dir / "records.db").exists()
+
+
+async def _ledger_size_after_creates(folder: Path, records: RecordsSettings, count: int) -> int:
+    init = initialize_data_dir(folder, dev=False, threshold=2, shares=2)
+    data_dir = DataDir.open(folder)
+    issuer = FakeIssuer()
+    loader = bearer(
+        issuer, roles=["service"], scope="system/*.cruds", purpose_of_use=["HOPERAT"], fhirUser=None
+    )
+    async with (
+        open_service(
+            Settings(records=records),
+            data_dir,
+            key_sources={issuer.issuer: issuer.key_source()},
+            unseal_shares=init.keystore.shares,
+        ) as app,
+        client(app) as http,
+    ):
+        for n in range(count):
+            body = json.dumps({"resourceType": "Organization", "name": f"Clinic {n}"})
+            created = await http.post("/fhir/Organization", content=body, headers=loader)
+            assert created.status_code == 201, created.text
+    with open_ledger_readonly(data_dir) as store:
+        return store.size()
+
+
+async def test_the_benchmark_switches_reach_the_repository(tmp_path: Path) -> None:
+    """``records.bench_audit_off`` (refused by production settings) is what the benchmark's
+    ``controls_off`` run measures: writes record no intent or outcome events."""
+    on = await _ledger_size_after_creates(tmp_path / "on", RecordsSettings(), 3)
+    off = await _ledger_size_after_creates(
+        tmp_path / "off", RecordsSettings(bench_audit_off=True), 3
+    )
+    assert on - off >= 2 * 3  # an intent and an outcome per create
