@@ -27,7 +27,7 @@ import dataclasses
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -887,11 +887,16 @@ class RecordsRepository:
                     outcome=Outcome.SERIOUS_FAILURE, fail_quietly=True,
                 )  # fmt: skip
                 raise
-            await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+            try:
+                await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+            except Exception:
+                # Committed, but the ledger refused the outcome: the request fails (503, the
+                # client is not told it worked), and the outcome is recorded as soon as the
+                # ledger takes events again (reconcile() settles it if the process dies first).
+                self._keep(self._record_later(caller, subtype, action, writes))
+                raise
 
-        settling = asyncio.ensure_future(settle())
-        self._settling.add(settling)  # keep a reference until it is done
-        settling.add_done_callback(self._settling.discard)
+        settling = self._keep(settle())
         try:
             await asyncio.shield(settling)
         except VersionConflict as exc:
@@ -901,6 +906,27 @@ class RecordsRepository:
                     "the current version"
                 ) from None
             raise
+
+    def _keep(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Run ``work`` as a task the repository holds until it is done."""
+        task = asyncio.ensure_future(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
+
+    async def _record_later(
+        self, caller: Caller, subtype: str, action: Action, writes: Sequence[_Write]
+    ) -> None:
+        """Retry a committed write's outcome event until the ledger takes it (backing off to
+        one try every 5 s); give up silently at shutdown, where reconcile() takes over."""
+        delay = 0.2
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+                return
+            except Exception:
+                delay = min(delay * 2, 5.0)
 
     async def _apply_independently(
         self, caller: Caller, writes: Sequence[_Write]
