@@ -339,3 +339,20 @@ async def test_ledger_down_fails_closed(fhir: Fhir) -> None:
     assert fhir.row_count() == before
     metadata = await fhir.client.get("/fhir/metadata")
     assert metadata.status_code == 200
+
+
+async def test_conditions_matching_several_resources_are_412(fhir: Fhir) -> None:
+    for _ in range(2):
+        await fhir.created(organization("Same"))
+    before = fhir.row_count()
+    update = await fhir.client.put(
+        "/fhir/Organization?identifier=urn:org|same",
+        content=json.dumps(organization("Same")),
+        headers=fhir.service(),
+    )
+    assert update.status_code == 412
+    assert issue(update)["code"] == "conflict"
+    create = await fhir.create(organization("Same"), **{"If-None-Exist": "identifier=urn:org|same"})
+    assert create.status_code == 412
+    assert issue(create)["expression"] == ["If-None-Exist"]
+    assert fhir.row_count() == before

@@ -231,3 +231,20 @@ async def test_search_is_audited_and_fails_closed(fhir: Fhir) -> None:
     )
     assert response.status_code == 503
     assert "entry" not in response.text
+
+
+async def test_count_zero_gives_the_total_and_no_next_link(fhir: Fhir) -> None:
+    for n in range(3):
+        await fhir.created(organization(f"Clinic {n}"))
+    page = await search(fhir, "/fhir/Organization?_count=0&_total=accurate", fhir.service())
+    assert page["total"] == 3
+    assert "entry" not in page
+    assert set(links(page)) == {"self"}
+    past = await search(fhir, "/fhir/Organization?_offset=50", fhir.service())
+    assert "entry" not in past
+    assert set(links(past)) == {"self"}
+
+
+async def test_history_of_nothing_is_404(fhir: Fhir) -> None:
+    response = await fhir.client.get("/fhir/Organization/nope/_history", headers=fhir.admin())
+    assert response.status_code == 404
