@@ -143,21 +143,18 @@ def history_bundle(
     return bundle
 
 
-def _entry_method(bundle: Mapping[str, Any], index: int) -> str:
+def _entry_request(bundle: Mapping[str, Any], index: int) -> tuple[str, str]:
+    """The ``request.method`` and ``request.url`` of entry ``index`` (empty when absent)."""
     entries = bundle.get("entry")
-    if isinstance(entries, list) and 0 <= index < len(entries):
-        entry = entries[index]
-        request = entry.get("request") if isinstance(entry, dict) else None
-        method = request.get("method") if isinstance(request, dict) else None
-        if isinstance(method, str):
-            return method.upper()
-    return ""
-
-
-def _entry_url(bundle: Mapping[str, Any], index: int) -> str:
-    entry = bundle["entry"][index]
-    url = entry["request"].get("url", "")
-    return url if isinstance(url, str) else ""
+    entry = entries[index] if isinstance(entries, list) and 0 <= index < len(entries) else None
+    request = entry.get("request") if isinstance(entry, dict) else None
+    if not isinstance(request, dict):
+        return "", ""
+    method, url = request.get("method"), request.get("url")
+    return (
+        method.upper() if isinstance(method, str) else "",
+        url if isinstance(url, str) else "",
+    )
 
 
 def _response_entry(
@@ -169,7 +166,7 @@ def _response_entry(
     now: datetime,
     scrub: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> dict[str, Any]:
-    method = _entry_method(bundle, outcome.index)
+    method, url = _entry_request(bundle, outcome.index)
     entry: dict[str, Any] = {}
     response: dict[str, Any] = {"status": status_line(outcome.status)}
     record = outcome.record
@@ -183,7 +180,6 @@ def _response_entry(
         if record.resource is not None and not record.deleted and (reading or representation):
             entry["resource"] = record.resource
     if outcome.search is not None:
-        url = _entry_url(bundle, outcome.index)
         path, _, query = url.partition("?")
         entry["resource"] = searchset_bundle(
             outcome.search,
