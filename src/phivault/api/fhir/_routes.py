@@ -19,7 +19,6 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from pydantic import TypeAdapter, ValidationError
 
 from phivault.access.decision import AccessContext
 from phivault.api.context import AuditCtx, CurrentPrincipal
@@ -30,6 +29,7 @@ from phivault.api.fhir._bundles import (
     transaction_response,
 )
 from phivault.api.fhir._capability import capability_statement
+from phivault.api.fhir._checks import check_body, check_entry_ids, check_id, history_pairs
 from phivault.api.fhir._errors import translate
 from phivault.api.fhir._http import (
     FORMAT_PARAMS,
@@ -53,26 +53,14 @@ from phivault.api.problems import (
     ServiceUnavailable,
 )
 from phivault.errors import PhivaultError
-from phivault.ledger.events import Reference
 from phivault.records.classification import Classification, default_classification
-from phivault.records.query import (
-    MAX_COUNT,
-    UnknownSearchParameter,
-    UnsupportedSearch,
-    parse_search,
-)
+from phivault.records.query import MAX_COUNT, parse_search
 from phivault.records.repository import Caller, RecordsRepository, RecordVersion
 
 __all__ = ["FHIR_PREFIX", "FhirRoute", "fhir_router"]
 
 FHIR_PREFIX: Final = "/fhir"
-_ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _VERSION_RE: Final = re.compile(r"^[1-9][0-9]{0,17}$")
-_REFERENCE: Final[TypeAdapter[str]] = TypeAdapter(Reference)
-_TYPE_RE: Final = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-#: Parameters a history interaction takes; FHIR's ``_since``/``_at``/``_list`` are not
-#: supported (refused with a 400, or ignored under ``Prefer: handling=lenient``).
-_HISTORY_PARAMS: Final = frozenset({"_count", OFFSET_PARAM}) | FORMAT_PARAMS
 _FORM: Final = "application/x-www-form-urlencoded"
 
 
@@ -123,54 +111,6 @@ def _now(request: Request) -> datetime:
     return datetime.fromtimestamp(clock(), UTC)
 
 
-def _check_id(resource_type: str, resource_id: str, *, where: str = "id") -> None:
-    """A FHIR id that the audit ledger can record: ids go into audit events and logs, so one
-    shaped like personal data (an SSN, a phone number) is refused rather than stored."""
-    if not _ID_RE.match(resource_id):
-        raise BadRequest("not a FHIR resource id", expression=where)
-    try:
-        _REFERENCE.validate_python(f"{resource_type}/{resource_id}")
-    except ValidationError:
-        raise BadRequest(
-            "the id looks like personal data; resource ids must be opaque", expression=where
-        ) from None
-
-
-def _check_entry_ids(entries: object) -> None:
-    """The ids a Bundle's entries address (``request.url`` ``Type/id``), checked as the URL's
-    would be, before anything is planned or written. The rest of the Bundle is the
-    repository's to validate."""
-    if not isinstance(entries, list):
-        return
-    for index, entry in enumerate(entries):
-        request = entry.get("request") if isinstance(entry, dict) else None
-        url = request.get("url") if isinstance(request, dict) else None
-        if not isinstance(url, str):
-            continue
-        parts = url.split("?", 1)[0].strip("/").split("/")
-        if len(parts) >= 2 and _TYPE_RE.match(parts[0]):
-            _check_id(parts[0], parts[1], where=f"Bundle.entry[{index}].request.url")
-
-
-def _check_body(
-    body: dict[str, Any], resource_type: str, resource_id: str | None, *, id_required: bool
-) -> None:
-    declared = body.get("resourceType")
-    if not isinstance(declared, str):
-        raise BadRequest("the resource has no resourceType", expression="resourceType")
-    if declared != resource_type:
-        raise BadRequest(
-            "resourceType does not match the type in the URL", expression="resourceType"
-        )
-    if resource_id is None:
-        return
-    body_id = body.get("id")
-    if body_id is None and id_required:
-        raise BadRequest("an update needs the resource's id in the body", expression="id")
-    if body_id != resource_id:
-        raise BadRequest("the id in the body does not match the id in the URL", expression="id")
-
-
 def _write_answer(
     request: Request,
     record: RecordVersion,
@@ -193,21 +133,6 @@ def _write_answer(
 
 def _criteria(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(key, value) for key, value in pairs if key not in FORMAT_PARAMS]
-
-
-def _history_pairs(pairs: list[tuple[str, str]], prefer: Prefer) -> list[tuple[str, str]]:
-    """The history parameters; unknown ones are a 400 unless ``handling=lenient``."""
-    kept = []
-    for key, value in pairs:
-        if key in _HISTORY_PARAMS:
-            kept.append((key, value))
-        elif prefer.lenient:
-            continue
-        elif key in ("_since", "_at", "_list"):
-            raise UnsupportedSearch("is not supported on history", path=key)
-        else:
-            raise UnknownSearchParameter("unknown history parameter", path="query")
-    return kept
 
 
 def fhir_router(
@@ -263,7 +188,7 @@ def fhir_router(
             raise PayloadTooLarge(
                 f"a Bundle takes at most {max_bundle_entries} entries", expression="Bundle.entry"
             )
-        _check_entry_ids(entries)
+        check_entry_ids(entries)
         if kind == "transaction":
             outcome = await repo.transaction(caller, bundle)
         elif kind == "batch":
@@ -337,7 +262,7 @@ def fhir_router(
         pretty = check_format(request, query_pairs(request))
         prefer = parse_prefer(request)
         body = await read_json_object(request)
-        _check_body(body, resource_type, None, id_required=False)
+        check_body(body, resource_type, None, id_required=False)
         body.pop("id", None)  # FHIR: the server assigns the id of a created resource
         condition = request.headers.get("if-none-exist")
         if condition is not None:
@@ -366,7 +291,7 @@ def fhir_router(
         if not criteria:
             raise BadRequest("a conditional update needs search criteria", expression="query")
         body = await read_json_object(request)
-        _check_body(body, resource_type, None, id_required=False)
+        check_body(body, resource_type, None, id_required=False)
         result = await repo.conditional_update(caller, resource_type, urlencode(criteria), body)
         return _write_answer(
             request,
@@ -392,7 +317,7 @@ def fhir_router(
         repo: RecordsRepository,
     ) -> Response:
         prefer = parse_prefer(request)
-        pairs = _history_pairs(query_pairs(request), prefer)
+        pairs = history_pairs(query_pairs(request), prefer)
         pretty = check_format(request, pairs)
         count = parse_count(pairs, default_count, MAX_COUNT)
         offset = parse_offset(pairs, OFFSET_PARAM)
@@ -412,7 +337,7 @@ def fhir_router(
         resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
     ) -> Response:
         check_type(resource_type)
-        _check_id(resource_type, resource_id)
+        check_id(resource_type, resource_id)
         pretty = check_format(request, query_pairs(request))
         record = await repo.read(caller, resource_type, resource_id)
         headers = version_headers(record, _base(request), location=False)
@@ -423,12 +348,12 @@ def fhir_router(
         resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
     ) -> Response:
         check_type(resource_type)
-        _check_id(resource_type, resource_id)
+        check_id(resource_type, resource_id)
         pretty = check_format(request, query_pairs(request))
         prefer = parse_prefer(request)
         if_match = parse_if_match(request)
         body = await read_json_object(request)
-        _check_body(body, resource_type, resource_id, id_required=True)
+        check_body(body, resource_type, resource_id, id_required=True)
         result = await repo.update(caller, resource_type, resource_id, body, if_match=if_match)
         return _write_answer(
             request,
@@ -446,7 +371,7 @@ def fhir_router(
         """A versioned tombstone; 204 whether or not the resource existed (FHIR allows both),
         200 with an OperationOutcome under ``Prefer: return=OperationOutcome``."""
         check_type(resource_type)
-        _check_id(resource_type, resource_id)
+        check_id(resource_type, resource_id)
         pretty = check_format(request, query_pairs(request))
         prefer = parse_prefer(request)
         record = await repo.delete(caller, resource_type, resource_id)
@@ -463,7 +388,7 @@ def fhir_router(
         resource_type: str, resource_id: str, request: Request, caller: FhirCaller, repo: Repo
     ) -> Response:
         check_type(resource_type)
-        _check_id(resource_type, resource_id)
+        check_id(resource_type, resource_id)
         return await run_history(request, resource_type, resource_id, caller, repo)
 
     @router.get("/{resource_type}/{resource_id}/_history/{version_id}")
@@ -477,7 +402,7 @@ def fhir_router(
         repo: Repo,
     ) -> Response:
         check_type(resource_type)
-        _check_id(resource_type, resource_id)
+        check_id(resource_type, resource_id)
         if not _VERSION_RE.match(version_id):
             raise NotFound("the resource version is not known")
         pretty = check_format(request, query_pairs(request))
