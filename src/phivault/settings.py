@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "AccessSettings",
     "ApiSettings",
     "Environment",
     "IdentitySettings",
@@ -88,6 +89,15 @@ class ApiSettings(BaseModel):
     public_url: str | None = None
 
 
+class AccessSettings(BaseModel):
+    """Access control (phivault.access): break-glass time box and review deadline."""
+
+    # How long a break-glass grant lasts, on the server's clock.
+    break_glass_minutes: int = Field(default=60, gt=0, le=24 * 60)
+    # Grants not reviewed this long after they were made are reported as overdue.
+    break_glass_overdue_hours: float = Field(default=24.0, gt=0, le=24 * 90)
+
+
 class KeyProviderKind(StrEnum):
     SEALED = "sealed"  # Shamir-shared root key (embedded default)
     PKCS11 = "pkcs11"  # an HSM through PKCS#11
@@ -140,6 +150,7 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = LedgerSettings()
     identity: IdentitySettings = IdentitySettings()
     api: ApiSettings = ApiSettings()
+    access: AccessSettings = AccessSettings()
     keys: KeySettings = KeySettings()
     records: RecordsSettings = RecordsSettings()
 

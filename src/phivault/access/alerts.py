@@ -1,0 +1,216 @@
+"""Break-glass alerts: a webhook and the log, with a PHI-free payload, never blocking a request.
+
+The payload (:func:`alert_payload`) holds the event (``granted`` / ``revoked``), the grant id,
+tenant, the user (the token's subject), the coded reason and the grant's period. Never a name,
+never the free-text justification, and **no patient id**:
+
+* a webhook usually ends in a chat room, a pager or a SIEM, outside the envelope's custody;
+  "patient X needed emergency access" is itself a disclosure about patient X, and a FHIR
+  logical id joins back to the record for anyone with other access;
+* the grant id is enough to act on: the review queue (``GET /admin/break-glass/{id}``)
+  resolves it to the patient, for privacy officers only, and that look is itself audited.
+
+The log sink writes the same payload (one JSON line). The webhook sink queues alerts in
+memory and POSTs them from a background task with retries and exponential back-off; a full
+queue drops the oldest alert and counts it (the grant's ledger event, recorded before the grant
+took effect, is the durable record; alerts are the prompt). :meth:`WebhookAlertSink.aclose`
+drains what it can on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol, TextIO
+
+import httpx
+
+from phivault.access.breakglass import GrantRecord
+
+__all__ = [
+    "Alert",
+    "AlertFanout",
+    "AlertSink",
+    "LogAlertSink",
+    "WebhookAlertSink",
+    "alert_payload",
+]
+
+Alert = dict[str, Any]
+
+
+def _instant(seconds: float) -> str:
+    moment = datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="seconds") + "Z"
+
+
+def alert_payload(event: str, record: GrantRecord) -> Alert:
+    """The PHI-free alert for ``record`` (see the module docstring for what is left out)."""
+    payload: Alert = {
+        "type": "phivault.break-glass",
+        "event": event,
+        "grant": record.grant_id,
+        "tenant": record.tenant,
+        "user": record.subject,
+        "reason": record.reason.value,
+        "starts": _instant(record.starts_at),
+        "expires": _instant(record.expires_at),
+    }
+    if record.revoked_at is not None:
+        payload["revoked"] = _instant(record.revoked_at)
+    return payload
+
+
+class AlertSink(Protocol):
+    """Takes an alert without blocking and without raising."""
+
+    def send(self, alert: Alert) -> None: ...
+
+
+class LogAlertSink:
+    """One JSON line per alert on ``stream`` (standard error by default)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+
+    def send(self, alert: Alert) -> None:
+        stream = self._stream or sys.stderr
+        line = json.dumps({"event": "break-glass-alert", **alert}, sort_keys=True)
+        with contextlib.suppress(Exception):  # an alert never fails the request
+            stream.write(line + "\n")
+            stream.flush()
+
+
+class WebhookAlertSink:
+    """POST each alert as JSON to ``url``, in the background, with retries.
+
+    ``send`` only enqueues. Call :meth:`start` inside the running loop (the app's lifespan or
+    the first ``send`` does it) and :meth:`aclose` on shutdown. ``delivered`` and ``dropped``
+    count outcomes (tests and metrics read them).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client: httpx.AsyncClient | None = None,
+        headers: dict[str, str] | None = None,
+        max_queue: int = 1000,
+        attempts: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 5.0,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        if not url.startswith(("https://", "http://")):
+            raise ValueError("the alert webhook needs an http(s) URL")
+        self.url = url
+        self._client = client
+        self._owns_client = client is None
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        self._queue: asyncio.Queue[Alert] | None = None
+        self._max_queue = max_queue
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
+        self._sleep = sleep
+        self._task: asyncio.Task[None] | None = None
+        self.delivered = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._queue = asyncio.Queue(self._max_queue)
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def send(self, alert: Alert) -> None:
+        try:
+            self.start()
+        except RuntimeError:  # no running loop: nothing can deliver it
+            self.dropped += 1
+            return
+        queue = self._queue
+        if queue is None:
+            return
+        while True:
+            try:
+                queue.put_nowait(alert)
+                return
+            except asyncio.QueueFull:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+                    queue.task_done()
+                    self.dropped += 1
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Wait until every queued alert was delivered or given up (tests, shutdown)."""
+        if self._queue is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        await self.drain(timeout_s)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _run(self) -> None:
+        queue = self._queue
+        if queue is None:
+            return
+        while True:
+            alert = await queue.get()
+            try:
+                await self._deliver(alert)
+            finally:
+                queue.task_done()
+
+    async def _deliver(self, alert: Alert) -> None:
+        body = json.dumps(alert, sort_keys=True).encode()
+        for attempt in range(self._attempts):
+            try:
+                if self._client is None:
+                    return
+                response = await self._client.post(self.url, content=body, headers=self._headers)
+                if response.status_code < 300:
+                    self.delivered += 1
+                    return
+                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+                    break  # the receiver refuses it: retrying will not help
+            except httpx.HTTPError:
+                pass
+            if attempt + 1 < self._attempts:
+                await self._sleep(self._backoff_s * (2**attempt))
+        self.failed += 1
+
+
+class AlertFanout:
+    """The :class:`~phivault.access.breakglass.AlertPublisher` the service uses: every grant
+    and revocation goes to each sink; a sink's failure never reaches the request."""
+
+    def __init__(self, sinks: Sequence[AlertSink]) -> None:
+        self._sinks = tuple(sinks)
+
+    def grant_made(self, record: GrantRecord) -> None:
+        self._publish(alert_payload("granted", record))
+
+    def grant_revoked(self, record: GrantRecord) -> None:
+        self._publish(alert_payload("revoked", record))
+
+    def _publish(self, alert: Alert) -> None:
+        for sink in self._sinks:
+            with contextlib.suppress(Exception):
+                sink.send(dict(alert))

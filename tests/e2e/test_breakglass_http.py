@@ -1,0 +1,497 @@
+"""Break-glass over HTTP: the whole ASGI stack (front door, step-up, FHIR routes, repository,
+SQLite, key ring) with the break-glass routers mounted as the service will mount them.
+
+Only the identity provider, the clock and the ledger are doubles. The FHIR router's caller is
+built with the caller's grants (``break_glass_grants``), exactly the wiring ``open_service``
+adds; until then the test installs it as a dependency override.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Request
+
+from phivault.access.alerts import Alert, AlertFanout, LogAlertSink
+from phivault.access.breakglass import REASON_SYSTEM, BreakGlassService
+from phivault.access.decision import AccessContext, compile_policy
+from phivault.access.grant_store import SqlGrantStore
+from phivault.access.policy import default_policy
+from phivault.api import MountedRouter, create_app
+from phivault.api.breakglass import (
+    break_glass_admin_router,
+    break_glass_grants,
+    break_glass_router,
+)
+from phivault.api.context import AuditCtx, CurrentPrincipal
+from phivault.api.fhir import FHIR_PREFIX, fhir_router
+from phivault.api.fhir._routes import _caller
+from phivault.crypto.keyring import KeyRing
+from phivault.crypto.keystore import SqliteKeyStore
+from phivault.crypto.providers.sealed import SealedLocalProvider
+from phivault.identity.testing import FakeIssuer
+from phivault.ledger.events import EventKind, Outcome
+from phivault.ledger.testing import InMemoryAuditSink
+from phivault.records.repository import Caller, RecordsRepository
+from phivault.records.store import SqlRecordStore
+from phivault.settings import ApiSettings, IdentitySettings, Settings
+
+START = 1_800_000_000.0
+FHIR_JSON = "application/fhir+json"
+SECRET_TEXT = "Zebulon Quackenbush collapsed in the lobby, MRN 555-12-3456"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = START
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+
+    def send(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+
+
+@dataclass
+class World:
+    client: httpx.AsyncClient
+    issuer: FakeIssuer
+    sink: InMemoryAuditSink
+    clock: Clock
+    alerts: RecordingSink
+    log: io.StringIO
+    store: SqlRecordStore
+    patient_id: str
+
+    def headers(self, **claims: Any) -> dict[str, str]:
+        token = self.issuer.token(now=self.clock.t, **claims)
+        return {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
+
+    def er_doctor(self, *, mfa: bool = True, sub: str = "dr-er") -> dict[str, str]:
+        """A clinician with no care relationship to the patient."""
+        return self.headers(
+            sub=sub,
+            roles=["clinician"],
+            scope="openid fhirUser user/*.rs",
+            fhirUser="Practitioner/er-1",
+            purpose_of_use=["TREAT"],
+            amr=["pwd", "otp"] if mfa else ["pwd"],
+            acr="urn:mfa" if mfa else None,
+        )
+
+    def privacy_officer(self) -> dict[str, str]:
+        return self.headers(
+            sub="po-1",
+            roles=["privacy-officer"],
+            scope="openid",
+            fhirUser=None,
+            amr=["pwd", "otp"],
+            acr="urn:mfa",
+        )
+
+    def nurse(self) -> dict[str, str]:
+        return self.headers(
+            sub="nurse-1",
+            roles=["nurse"],
+            scope="openid fhirUser user/*.rs",
+            fhirUser="Practitioner/n-1",
+            amr=["pwd", "otp"],
+            acr="urn:mfa",
+        )
+
+    def events(self, subtype: str | None = None) -> list[Any]:
+        return [
+            e
+            for e in self.sink.events
+            if e.kind is EventKind.BREAK_GLASS and (subtype is None or e.subtype == subtype)
+        ]
+
+    async def break_glass(
+        self, headers: dict[str, str], *, reason: str = "emergency-treatment"
+    ) -> httpx.Response:
+        body = {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "reason", "valueCoding": {"system": REASON_SYSTEM, "code": reason}},
+                {"name": "justification", "valueString": SECRET_TEXT},
+            ],
+        }
+        return await self.client.post(
+            f"/fhir/Patient/{self.patient_id}/$break-glass",
+            content=json.dumps(body),
+            headers=headers,
+        )
+
+    async def read_patient(self, headers: dict[str, str]) -> httpx.Response:
+        return await self.client.get(f"/fhir/Patient/{self.patient_id}", headers=headers)
+
+
+def _grant_id(response: httpx.Response) -> str:
+    params = {p["name"]: p for p in response.json()["parameter"]}
+    value: str = params["grant"]["valueId"]
+    return value
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    keys_dir = tmp_path / "keys"
+    _, shares = SealedLocalProvider.initialize(keys_dir, threshold=2, shares=2)
+    keystore = SqliteKeyStore(keys_dir / SqliteKeyStore.FILENAME)
+    sink = InMemoryAuditSink()
+    clock = Clock()
+    ring = KeyRing(
+        store=keystore, provider=SealedLocalProvider(keys_dir), audit=sink, observer="bg-test"
+    )
+    await ring.unseal(shares)
+    store = SqlRecordStore(f"sqlite:///{tmp_path}/records.db")
+    policy = compile_policy(default_policy())
+    repository = RecordsRepository(store, ring, policy, clock=clock)
+    alerts = RecordingSink()
+    log = io.StringIO()
+    service = BreakGlassService(
+        SqlGrantStore(store.engine),
+        ring,
+        policy,
+        clock=clock,
+        duration_s=60 * 60,
+        overdue_s=24 * 3600,
+        alerts=AlertFanout([alerts, LogAlertSink(log)]),
+    )
+    issuer = FakeIssuer()
+    settings = Settings(
+        identity=IdentitySettings(mfa_acr_values=["urn:mfa"]),
+        api=ApiSettings(
+            rate_limit_per_address="100000/minute", rate_limit_per_principal="100000/minute"
+        ),
+    )
+    app = create_app(
+        settings,
+        audit_sink=sink,
+        key_sources={issuer.issuer: issuer.key_source()},
+        routers=[
+            MountedRouter(break_glass_router()),
+            MountedRouter(break_glass_admin_router(), prefix="/admin/break-glass"),
+            MountedRouter(fhir_router(default_count=50, max_bundle_entries=100), FHIR_PREFIX),
+        ],
+        state={"records": repository, "break_glass": service},
+        clock=clock,
+    )
+
+    # The wiring open_service's FHIR router will do: the caller's grants in its context.
+    async def caller_with_grants(
+        request: Request, principal: CurrentPrincipal, audit: AuditCtx
+    ) -> Caller:
+        grants = await break_glass_grants(request, principal)
+        return Caller(AccessContext.from_principal(principal, grants=grants), audit)
+
+    app.dependency_overrides[_caller] = caller_with_grants
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+    try:
+        async with client:
+            loader = issuer.token(
+                now=clock.t,
+                sub="loader",
+                roles=["service"],
+                scope="system/*.cruds",
+                purpose_of_use=["HOPERAT"],
+                fhirUser=None,
+            )
+            created = await client.post(
+                "/fhir/Patient",
+                content=json.dumps(
+                    {
+                        "resourceType": "Patient",
+                        "name": [{"family": "Quackenbush", "given": ["Zebulon"]}],
+                        "birthDate": "1970-04-01",
+                    }
+                ),
+                headers={"Authorization": f"Bearer {loader}", "Content-Type": FHIR_JSON},
+            )
+            assert created.status_code == 201, created.text
+            yield World(client, issuer, sink, clock, alerts, log, store, created.json()["id"])
+    finally:
+        store.close()
+        keystore.close()
+
+
+async def test_granting_needs_a_recent_mfa(world: World) -> None:
+    response = await world.break_glass(world.er_doctor(mfa=False))
+    assert response.status_code == 401
+    assert "insufficient_user_authentication" in response.headers.get("www-authenticate", "")
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert world.events("grant") == []
+
+
+async def test_grant_then_read_as_etreat_with_the_grant_in_the_ledger(world: World) -> None:
+    before = await world.read_patient(world.er_doctor())
+    assert before.status_code == 404
+
+    granted = await world.break_glass(world.er_doctor())
+    assert granted.status_code == 200, granted.text
+    assert granted.headers["content-type"].startswith(FHIR_JSON)
+    params = {p["name"]: p for p in granted.json()["parameter"]}
+    grant_id = params["grant"]["valueId"]
+    assert params["expires"]["valueInstant"] == "2027-01-15T09:00:00.000Z"
+    assert params["status"]["valueCode"] == "active"
+    assert SECRET_TEXT not in granted.text
+
+    [grant_event] = world.events("grant")
+    assert grant_event.break_glass_grant == grant_id
+    assert grant_event.outcome is Outcome.SUCCESS
+    assert grant_event.patient == f"Patient/{world.patient_id}"
+    assert SECRET_TEXT not in grant_event.model_dump_json()
+
+    read = await world.read_patient(world.er_doctor())
+    assert read.status_code == 200, read.text
+    assert read.json()["name"][0]["family"] == "Quackenbush"
+    reads = [e for e in world.sink.events if e.kind is EventKind.REST and e.subtype == "read"]
+    assert reads[-1].break_glass_grant == grant_id
+    assert "ETREAT" in reads[-1].purpose_of_use
+
+    # The grant is the caller's only: another clinician still sees nothing.
+    other = await world.read_patient(world.er_doctor(sub="dr-other"))
+    assert other.status_code == 404
+
+
+async def test_expiry_on_the_server_clock_stops_access_even_with_a_valid_token(
+    world: World,
+) -> None:
+    granted = await world.break_glass(world.er_doctor())
+    assert granted.status_code == 200
+    world.clock.t += 59 * 60
+    assert (await world.read_patient(world.er_doctor())).status_code == 200
+    world.clock.t += 61  # past the hour; the token below is freshly minted and valid
+    assert (await world.read_patient(world.er_doctor())).status_code == 404
+    reads = [e for e in world.sink.events if e.kind is EventKind.REST]
+    assert reads[-1].outcome_reason == "break-glass-expired"
+
+
+async def test_revocation_stops_access(world: World) -> None:
+    granted = await world.break_glass(world.er_doctor())
+    grant_id = _grant_id(granted)
+    assert (await world.read_patient(world.er_doctor())).status_code == 200
+
+    # Someone else's grant is not found; the grantee may end their own.
+    stranger = await world.client.post(
+        f"/fhir/Patient/{world.patient_id}/$break-glass/{grant_id}/$revoke",
+        headers=world.er_doctor(sub="dr-other"),
+    )
+    assert stranger.status_code == 404
+    revoked = await world.client.post(
+        f"/fhir/Patient/{world.patient_id}/$break-glass/{grant_id}/$revoke",
+        headers=world.er_doctor(),
+    )
+    assert revoked.status_code == 200, revoked.text
+    assert [e.break_glass_grant for e in world.events("revoke")] == [grant_id]
+    assert (await world.read_patient(world.er_doctor())).status_code == 404
+    again = await world.client.post(
+        f"/fhir/Patient/{world.patient_id}/$break-glass/{grant_id}/$revoke",
+        headers=world.er_doctor(),
+    )
+    assert again.status_code == 409
+    assert [a["event"] for a in world.alerts.alerts] == ["granted", "revoked"]
+
+
+async def test_review_queue_overdue_and_review(world: World) -> None:
+    first = _grant_id(await world.break_glass(world.er_doctor()))
+    world.clock.t += 25 * 3600
+    second = _grant_id(await world.break_glass(world.er_doctor(), reason="urgent-consult"))
+    po = world.privacy_officer()
+
+    queue = await world.client.get("/admin/break-glass?status=unreviewed", headers=po)
+    assert queue.status_code == 200, queue.text
+    grants = queue.json()["grants"]
+    assert [g["grant"] for g in grants] == [second, first]
+    assert {g["grant"]: g["review_status"] for g in grants} == {
+        first: "overdue",
+        second: "unreviewed",
+    }
+    assert SECRET_TEXT not in queue.text
+    overdue = await world.client.get("/admin/break-glass?status=overdue", headers=po)
+    assert [g["grant"] for g in overdue.json()["grants"]] == [first]
+
+    detail = await world.client.get(f"/admin/break-glass/{first}", headers=po)
+    assert detail.status_code == 200
+    assert detail.json()["justification"] == SECRET_TEXT
+    assert world.events("read")[-1].break_glass_grant == first
+
+    review = await world.client.post(
+        f"/admin/break-glass/{first}/review",
+        content=json.dumps({"outcome": "appropriate", "note": "checked with the ED lead"}),
+        headers=po,
+    )
+    assert review.status_code == 200, review.text
+    body = review.json()
+    assert body["review_status"] == "reviewed" and body["review_outcome"] == "appropriate"
+    assert body["review_note"] == "checked with the ED lead"
+    [review_event] = world.events("review")
+    assert review_event.break_glass_grant == first
+    assert "checked" not in review_event.model_dump_json()
+
+    twice = await world.client.post(
+        f"/admin/break-glass/{first}/review",
+        content=json.dumps({"outcome": "inappropriate"}),
+        headers=po,
+    )
+    assert twice.status_code == 409
+    left = await world.client.get("/admin/break-glass?status=unreviewed", headers=po)
+    assert [g["grant"] for g in left.json()["grants"]] == [second]
+    done = await world.client.get("/admin/break-glass?status=reviewed", headers=po)
+    assert [g["grant"] for g in done.json()["grants"]] == [first]
+
+
+async def test_privacy_officers_only(world: World) -> None:
+    grant_id = _grant_id(await world.break_glass(world.er_doctor()))
+    for headers in (world.er_doctor(), world.nurse()):
+        queue = await world.client.get("/admin/break-glass", headers=headers)
+        assert queue.status_code == 403
+        assert queue.json()["resourceType"] == "OperationOutcome"
+        review = await world.client.post(
+            f"/admin/break-glass/{grant_id}/review",
+            content=json.dumps({"outcome": "appropriate"}),
+            headers=headers,
+        )
+        assert review.status_code == 403
+    refused = [e for e in world.sink.events if e.outcome is not Outcome.SUCCESS]
+    assert {e.outcome_reason for e in refused} == {"not-privacy-officer"}
+
+
+async def test_only_break_glass_roles_may_ask(world: World) -> None:
+    for headers in (world.nurse(), world.privacy_officer()):
+        response = await world.break_glass(headers)
+        assert response.status_code == 403
+    [*refusals] = world.events("grant")
+    assert {e.outcome_reason for e in refusals} == {"role-not-permitted"}
+    assert world.alerts.alerts == []
+
+
+async def test_the_alert_is_phi_free(world: World) -> None:
+    grant_id = _grant_id(await world.break_glass(world.er_doctor()))
+    [alert] = world.alerts.alerts
+    assert alert["grant"] == grant_id and alert["user"] == "dr-er"
+    assert alert["reason"] == "emergency-treatment"
+    text = json.dumps(alert) + world.log.getvalue()
+    for phi in (SECRET_TEXT, "Quackenbush", "Zebulon", "1970-04-01", world.patient_id):
+        assert phi not in text
+    assert grant_id in world.log.getvalue()
+
+
+async def test_unknown_patient_is_404_and_recorded(world: World) -> None:
+    response = await world.client.post(
+        "/fhir/Patient/no-such-patient/$break-glass",
+        content=json.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "reason", "valueCode": "emergency-treatment"},
+                    {"name": "justification", "valueString": "x"},
+                ],
+            }
+        ),
+        headers=world.er_doctor(),
+    )
+    assert response.status_code == 404
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert [e.outcome_reason for e in world.events("grant")] == ["patient-not-found"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json at all Quackenbush",
+        b'{"resourceType": "Patient", "name": "Quackenbush"}',
+        json.dumps({"resourceType": "Parameters", "parameter": "Quackenbush"}).encode(),
+        json.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "reason", "valueCode": "Quackenbush"},
+                    {"name": "justification", "valueString": "Quackenbush fell"},
+                ],
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "reason", "valueCode": "emergency-treatment"},
+                    {"name": "justification", "valueString": "   "},
+                ],
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [{"name": "Quackenbush", "valueString": "Quackenbush"}],
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "reason", "valueCode": "emergency-treatment"},
+                    {"name": "justification", "valueString": "Quackenbush " * 400},
+                ],
+            }
+        ).encode(),
+    ],
+)
+async def test_bad_input_is_an_operation_outcome_without_echo(world: World, body: bytes) -> None:
+    response = await world.client.post(
+        f"/fhir/Patient/{world.patient_id}/$break-glass",
+        content=body,
+        headers=world.er_doctor(),
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert "Quackenbush" not in response.text
+    assert world.events("grant") == []
+    review = await world.client.post(
+        "/admin/break-glass/bg-x/review",
+        content=json.dumps({"outcome": "Quackenbush"}),
+        headers=world.privacy_officer(),
+    )
+    assert review.status_code == 400
+    assert "Quackenbush" not in review.text
+
+
+async def test_a_phi_shaped_patient_id_is_refused_without_echo(world: World) -> None:
+    response = await world.client.post(
+        "/fhir/Patient/555-12-3456/$break-glass",
+        content=json.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "reason", "valueCode": "emergency-treatment"},
+                    {"name": "justification", "valueString": "unconscious in the ED"},
+                ],
+            }
+        ),
+        headers=world.er_doctor(),
+    )
+    assert response.status_code == 400, response.text
+    assert "555-12-3456" not in response.text
+    assert world.events() == []
+
+
+async def test_the_ledger_refusing_the_grant_event_leaves_no_grant(world: World) -> None:
+    world.sink.failing = True
+    response = await world.break_glass(world.er_doctor())
+    assert response.status_code == 503
+    world.sink.failing = False
+    assert (await world.read_patient(world.er_doctor())).status_code == 404
+    with world.store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM bg_grants").scalar_one() == 0
+    assert world.alerts.alerts == []
