@@ -135,7 +135,8 @@ def test_malformed_toml_names_the_line() -> None:
         ('purposes = ["TREAT", "ETREAT", "CAREMGT"]', 'purposes = ["TREAT", "CAREMGT"]',
          "roles.clinician.break_glass", "inconsistent-role"),
         ('relationship = "tenant"\npurposes = ["PUBHLTH", "HPAYMT", "HOPERAT"]',
-         'purposes = ["PUBHLTH", "HPAYMT", "HOPERAT"]', "roles.service.relationship", "inconsistent-role"),
+         'purposes = ["PUBHLTH", "HPAYMT", "HOPERAT"]', "roles.service.relationship",
+         "inconsistent-role"),
     ],
 )  # fmt: skip
 def test_each_kind_of_mistake_is_named_by_its_place(
