@@ -10,8 +10,8 @@
    relationship and the loader. They go to ``<data-dir>/tokens.env``.
 4. Walks through what each control did: requests as those users (the ``curl`` lines to try),
    the audit events each one left in the ledger before data moved, the records database
-   searched byte by byte for the patient's name, ``phivault ledger verify``, and an edited
-   ledger caught.
+   searched byte by byte for the patient's name, ``phivault ledger report`` and ``verify``,
+   and an edited evidence bundle caught.
 5. Keeps the server in the foreground until Ctrl-C (``--no-serve``: stops it and exits;
    exit code 1 if any step did not do what it should).
 
@@ -156,6 +156,7 @@ class Demo:
             self.provider = DevIdentityProvider.open(DataDir.open(data_dir), settings)
         self.audience = settings.identity.audience
         self.tokens: dict[str, str] = {}
+        self.resolved: dict[str, str | None] = {}  # conditional reference -> Practitioner id
         self.client = httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0))
 
     # --- output ---------------------------------------------------------------------------
@@ -243,11 +244,33 @@ def pick_port(requested: int) -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True, slots=True)
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def wait_ready(self, console: Console) -> None:
+        """Until ``/readyz`` says ready (ledger open, keys unsealed)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with console.status("starting the server (opening the ledger, unsealing the keys)"):
+            while True:
+                if self.process.poll() is not None:
+                    raise DemoFailed(
+                        f"phivault serve exited with {self.process.returncode}; see {self.log_path}"
+                    )
+                with suppress(httpx.TransportError):
+                    if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise DemoFailed(f"phivault serve was not ready in time; see {self.log_path}")
+                time.sleep(0.1)
+
+
 @contextmanager
-def running_server(
-    console: Console, data_dir: Path, port: int
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``phivault serve`` on ``data_dir``, ready (unsealed) when this yields; stopped after."""
+def started_server(console: Console, data_dir: Path, port: int) -> Iterator[Server]:
+    """``phivault serve`` on ``data_dir``, starting (see :meth:`Server.wait_ready`); stopped
+    on exit."""
     log_path = data_dir / "serve.log"
     command = ["serve", "--data-dir", str(data_dir), "--port", str(port)]
     console.print(f"[bold cyan]$ phivault {' '.join(command)}[/]  (its log: {log_path})")
@@ -259,21 +282,7 @@ def running_server(
             stderr=log,
         )
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        with console.status("starting the server (opening the ledger, unsealing the keys)"):
-            while True:
-                if process.poll() is not None:
-                    raise DemoFailed(
-                        f"phivault serve exited with {process.returncode}; see {log_path}"
-                    )
-                with suppress(httpx.TransportError):
-                    if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise DemoFailed(f"phivault serve was not ready in time; see {log_path}")
-                time.sleep(0.1)
-        yield process
+        yield Server(process, f"http://127.0.0.1:{port}", log_path)
     finally:
         stop_server(process)
 
@@ -291,14 +300,19 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 # --- loading the fixtures -------------------------------------------------------------------
 
 
-def load_fixtures(demo: Demo) -> dict[str, FileResult]:
+def read_fixtures() -> list[tuple[Path, dict[str, Any]]]:
+    """The Synthea bundles, companions first (as ``phivault load`` orders them)."""
+    return [(path, read_bundle(path)) for path in order_files([FIXTURES])]
+
+
+def load_fixtures(
+    demo: Demo, bundles: Sequence[tuple[Path, dict[str, Any]]]
+) -> dict[str, FileResult]:
     """Every Synthea bundle through ``POST /fhir``, as ``phivault load`` sends them."""
-    files = order_files([FIXTURES])
-    bundles = [(path, read_bundle(path)) for path in files]
     total = sum(len(bundle.get("entry", [])) for _, bundle in bundles)
     demo.console.print(
         f"[bold cyan]$ phivault load --jobs 2 --url {demo.url} {FIXTURES}[/]  "
-        f"({len(files)} bundles, {total:,} entries; companions first)"
+        f"({len(bundles)} bundles, {total:,} entries; companions first)"
     )
     token = demo.mint(LOADER)
     loader = Loader(demo.client, demo.url, lambda: token)
@@ -417,16 +431,22 @@ def _resolve(demo: Demo, reference: str, locations: dict[str, str]) -> str | Non
     if reference.startswith("urn:uuid:"):
         target = locations.get(reference, "")
         return target.split("/", 1)[1] if target.startswith("Practitioner/") else None
+    if reference in demo.resolved:
+        return demo.resolved[reference]
     kind, _, query = reference.partition("?")
     name, _, value = query.partition("=")
-    if kind != "Practitioner" or name != "identifier":
-        return None
-    response = demo.get(LOADER, f"Practitioner?identifier={quote(value, safe='')}")
-    entries = response.json().get("entry", []) if response.status_code == 200 else []
-    return str(entries[0]["resource"]["id"]) if len(entries) == 1 else None
+    found = None
+    if kind == "Practitioner" and name == "identifier":
+        response = demo.get(LOADER, f"Practitioner?identifier={quote(value, safe='')}")
+        entries = response.json().get("entry", []) if response.status_code == 200 else []
+        found = str(entries[0]["resource"]["id"]) if len(entries) == 1 else None
+    demo.resolved[reference] = found
+    return found
 
 
-def cast_from(demo: Demo, results: dict[str, FileResult]) -> Cast:
+def cast_from(
+    demo: Demo, results: dict[str, FileResult], bundles: dict[str, dict[str, Any]]
+) -> Cast:
     """The tour's patient (the first loaded wasee11 patient) and practitioners around them."""
     patients = [
         name
@@ -438,7 +458,7 @@ def cast_from(demo: Demo, results: dict[str, FileResult]) -> Cast:
     )
     if chosen is None:
         raise DemoFailed("no patient bundle loaded")
-    bundle = read_bundle(results[chosen].file)
+    bundle = bundles[chosen]
     locations = _locations(results[chosen])
     patient_entry = next(
         e for e in bundle["entry"] if e.get("resource", {}).get("resourceType") == "Patient"
@@ -470,8 +490,7 @@ def cast_from(demo: Demo, results: dict[str, FileResult]) -> Cast:
     for other in patients:
         if other == chosen:
             continue
-        other_bundle = read_bundle(results[other].file)
-        for reference, _ in _participants(other_bundle).most_common():
+        for reference, _ in _participants(bundles[other]).most_common():
             pid = _resolve(demo, reference, _locations(results[other]))
             if pid is not None and pid not in carers:
                 unrelated = pid
@@ -616,8 +635,11 @@ def token_command(user: User, data_dir: Path) -> str:
 def show_tokens(demo: Demo, users: Sequence[User]) -> Path:
     """Mint a token for each demo user, print them, and write them to ``tokens.env``."""
     table = Table(title="Demo users (development tokens, valid one hour)", title_justify="left")
-    for column in ("$VARIABLE", "who", "sub", "fhirUser", "purpose", "scopes"):
-        table.add_column(column, overflow="fold")
+    table.add_column("$VARIABLE", overflow="fold")
+    table.add_column("sub: who", overflow="fold")
+    table.add_column("fhirUser", no_wrap=True)
+    table.add_column("purpose")
+    table.add_column("scopes", overflow="fold")
     lines = [
         "# phivault demo tokens (development identity provider); `source` this file.",
         "# Each lasts an hour, and a session idles out after 15 minutes: a fresh one with",
@@ -627,8 +649,7 @@ def show_tokens(demo: Demo, users: Sequence[User]) -> Path:
         token = demo.mint(user)
         table.add_row(
             user.var,
-            user.label + (" (MFA)" if user.mfa else ""),
-            user.user,
+            f"{user.user}: {user.label}" + (" (MFA)" if user.mfa else ""),
             user.fhir_user or "",
             user.purpose,
             " ".join(user.scopes),
@@ -763,6 +784,8 @@ def run_requests(demo: Demo, users: dict[str, User], cast: Cast) -> list[Step]:
                 label = code.get("text") or (code.get("coding") or [{}])[0].get("display", "")
                 value = resource.get("valueQuantity", {})
                 shown = f"{value.get('value', '')} {value.get('unit', '')}".strip()
+                concept = resource.get("valueCodeableConcept", {})
+                shown = shown or concept.get("text") or str(resource.get("valueString", ""))
                 demo.console.print(
                     f"  {resource.get('effectiveDateTime', '')[:10]} {label} {shown}",
                     markup=False,
@@ -799,9 +822,9 @@ def show_audit(demo: Demo, steps: Sequence[Step]) -> None:
     )
     events = _leaf_events(demo.data_dir)
     table = Table(show_lines=True)
-    for column in ("request", "seq", "event", "who (role)", "purpose", "outcome"):
+    for column in ("#", "seq", "who (role)", "event", "purpose", "outcome"):
         table.add_column(column, overflow="fold")
-    table.add_column("what (Type/id/_history/version)", overflow="fold", min_width=30)
+    table.add_column("what (Type/id/_history/version)", no_wrap=True)
     for number, step in enumerate(steps, 1):
         step.events = [e for e in events if e.get("request_id") == step.request_id]
         for event in step.events:
@@ -812,10 +835,10 @@ def show_audit(demo: Demo, steps: Sequence[Step]) -> None:
             if event.get("outcome_reason"):
                 outcome += f": {event['outcome_reason']}"
             table.add_row(
-                f"{number}. ${step.user.var}",
+                str(number),
                 str(event.get("seq")),
-                str(event.get("subtype")),
                 f"{agent.get('who')} ({', '.join(agent.get('roles', []))})",
+                str(event.get("subtype")),
                 ", ".join(event.get("purpose_of_use", [])),
                 outcome,
                 _what(event),
@@ -948,8 +971,12 @@ def closing_panel(demo: Demo, steps: Sequence[Step], cast: Cast, tokens: Path) -
     lines = [f"source {tokens}"]
     lines += [demo.curl(step) for step in steps]
     lines += [
+        bearer.format(var="NURSE", url=f"{demo.fhir}/Patient/{cast.patient}")
+        + "   # another of the patient's Encounter participants",
         bearer.format(var="FRONT_DESK", url=f"{demo.fhir}/Patient/{cast.patient}")
         + "   # demographics only",
+        bearer.format(var="PRIVACY_OFFICER", url=f"{demo.fhir}/Patient/{cast.patient}")
+        + "   # 404: no PHI; the access report below is theirs",
         bearer.format(var="ADMIN", url=f"{demo.fhir}/Practitioner/{cast.clinician}")
         + "   # the directory, no PHI",
         f"{_phivault()} ledger report --patient {cast.patient} --data-dir {demo.data_dir}",
@@ -978,12 +1005,17 @@ def run(console: Console, data_dir: Path, port: int, *, serve: bool) -> int:
     )
     started = time.monotonic()
     fresh_data_dir(console, data_dir)
-    port = pick_port(port)
-    with running_server(console, data_dir, port) as server:
-        demo = Demo(console, data_dir, f"http://127.0.0.1:{port}")
+    chosen = pick_port(port)
+    if port and chosen != port:
+        console.print(f"port {port} is taken; serving on {chosen} instead")
+    port = chosen
+    with started_server(console, data_dir, port) as server:
+        bundles = read_fixtures()  # while the server starts
+        server.wait_ready(console)
+        demo = Demo(console, data_dir, server.url)
         with demo.client:
-            results = load_fixtures(demo)
-            cast = cast_from(demo, results)
+            results = load_fixtures(demo, bundles)
+            cast = cast_from(demo, results, {path.name: bundle for path, bundle in bundles})
             console.print(f"ready in {time.monotonic() - started:.0f}s")
             demo.heading("Tokens for the demo users")
             users = demo_users(cast)
@@ -993,6 +1025,7 @@ def run(console: Console, data_dir: Path, port: int, *, serve: bool) -> int:
             show_at_rest(demo, cast)
             show_ledger(demo, cast, steps)
         console.print()
+        console.print(f"the whole tour took {time.monotonic() - started:.0f}s")
         if demo.failures:
             console.print(
                 f"[bold red]{len(demo.failures)} step(s) did not do what they should:[/] "
@@ -1004,7 +1037,7 @@ def run(console: Console, data_dir: Path, port: int, *, serve: bool) -> int:
             return 1 if demo.failures else 0
         console.print(closing_panel(demo, steps, cast, tokens))
         try:
-            server.wait()
+            server.process.wait()
         except KeyboardInterrupt:
             console.print("stopping the server")
         return 1 if demo.failures else 0
