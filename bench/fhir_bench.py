@@ -34,8 +34,8 @@ and 6 with the measured value and a pass flag; reported, never asserted) and
 ``framework_ceiling``. Each workload also reports the server's CPU time per request
 (``*_server_cpu_ms``, all its threads, from /proc) and the CPU cores it got
 (``*_server_cores``): on a shared 2-core machine throughput drifts with the neighbours,
-CPU per request much less, so ``controls_cost_cpu`` and ``policy_cost_cpu`` give the same
-costs from CPU time. Latencies are per request, closed loop: with 64 connections
+CPU per request less, so ``controls_cost_cpu`` and ``policy_cost_cpu`` give the same costs
+from CPU time. Latencies are per request, closed loop: with 64 connections
 the mean is 64 / throughput (Little's law), so p99 under 50 ms needs well over 1,280/s.
 
     python bench/fhir_bench.py [--quick] [--patients N] [--duration S] [--rounds N]
