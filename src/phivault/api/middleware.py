@@ -92,6 +92,8 @@ _OPAQUE_ID: TypeAdapter[str] = TypeAdapter(OpaqueId)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _JSON_TYPES = frozenset({"application/json", "application/fhir+json"})
+# FHIR's POST [type]/_search sends its parameters as a form: accepted there and nowhere else.
+_FORM_TYPE = "application/x-www-form-urlencoded"
 # Reasons that suggest an attack rather than an honest mistake: recorded as security alerts.
 _ALERT_REASONS = frozenset(
     {
@@ -316,7 +318,8 @@ class ResponseScrubLayer(_Layer):
 
 
 class BodyGuardLayer(_Layer):
-    """Refuses oversized bodies (413) and non-JSON bodies (415) before anyone reads them."""
+    """Refuses oversized bodies (413) and non-JSON bodies (415, except the form of a FHIR
+    ``_search``) before anyone reads them."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -337,7 +340,8 @@ class BodyGuardLayer(_Layer):
         if scope["method"] in _BODY_METHODS and (declared > 0 or chunked):
             types = _header(scope, b"content-type")
             media = types[0].split(";", 1)[0].strip().lower() if len(types) == 1 else ""
-            if media not in _JSON_TYPES:
+            form_search = media == _FORM_TYPE and scope["path"].endswith("/_search")
+            if media not in _JSON_TYPES and not form_search:
                 await send_problem(send, problem_for(UnsupportedMediaType()))
                 return
         if declared == 0 and not chunked:
