@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from phivault.cli import breakglass as breakglass_cmd
 from phivault.cli import init as init_cmd
 from phivault.cli import keys as keys_cmd
 from phivault.cli import ledger as ledger_cmd
@@ -26,6 +27,7 @@ app.command("token")(token_cmd.token)
 app.command("serve")(serve_cmd.serve)
 app.add_typer(policy_cmd.app, name="policy")
 app.command("load")(load_cmd.load)
+app.add_typer(breakglass_cmd.app, name="breakglass")
 
 
 def run() -> None:
