@@ -19,17 +19,12 @@ import httpx
 import pytest
 from fastapi import Request
 
-from phivault.access.alerts import Alert, AlertFanout, LogAlertSink
-from phivault.access.breakglass import REASON_SYSTEM, BreakGlassService
-from phivault.access.decision import AccessContext, compile_policy
-from phivault.access.grant_store import SqlGrantStore
+from phivault.access.alerts import Alert
+from phivault.access.breakglass import REASON_SYSTEM
+from phivault.access.decision import compile_policy
 from phivault.access.policy import default_policy
 from phivault.api import MountedRouter, create_app
-from phivault.api.breakglass import (
-    break_glass_admin_router,
-    break_glass_grants,
-    break_glass_router,
-)
+from phivault.api.breakglass import access_context_with_grants, wire_break_glass
 from phivault.api.context import AuditCtx, CurrentPrincipal
 from phivault.api.fhir import FHIR_PREFIX, fhir_router
 from phivault.api.fhir._routes import _caller
@@ -41,7 +36,7 @@ from phivault.ledger.events import EventKind, Outcome
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.records.repository import Caller, RecordsRepository
 from phivault.records.store import SqlRecordStore
-from phivault.settings import ApiSettings, IdentitySettings, Settings
+from phivault.settings import AccessSettings, ApiSettings, IdentitySettings, Settings
 
 START = 1_800_000_000.0
 FHIR_JSON = "application/fhir+json"
@@ -160,41 +155,42 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     repository = RecordsRepository(store, ring, policy, clock=clock)
     alerts = RecordingSink()
     log = io.StringIO()
-    service = BreakGlassService(
-        SqlGrantStore(store.engine),
-        ring,
-        policy,
-        clock=clock,
-        duration_s=60 * 60,
-        overdue_s=24 * 3600,
-        alerts=AlertFanout([alerts, LogAlertSink(log)]),
-    )
     issuer = FakeIssuer()
     settings = Settings(
         identity=IdentitySettings(mfa_acr_values=["urn:mfa"]),
         api=ApiSettings(
             rate_limit_per_address="100000/minute", rate_limit_per_principal="100000/minute"
         ),
+        access=AccessSettings(break_glass_minutes=60, break_glass_overdue_hours=24),
+    )
+    # What open_service will do: build break-glass, mount its routers, keep it on app.state.
+    wiring = wire_break_glass(
+        settings,
+        engine=store.engine,
+        ciphers=ring,
+        policy=policy,
+        clock=clock,
+        log_stream=log,
+        extra_sinks=[alerts],
     )
     app = create_app(
         settings,
         audit_sink=sink,
         key_sources={issuer.issuer: issuer.key_source()},
         routers=[
-            MountedRouter(break_glass_router()),
-            MountedRouter(break_glass_admin_router(), prefix="/admin/break-glass"),
+            *wiring.routers,
             MountedRouter(fhir_router(default_count=50, max_bundle_entries=100), FHIR_PREFIX),
         ],
-        state={"records": repository, "break_glass": service},
+        state={"records": repository, "break_glass": wiring.service},
         clock=clock,
+        on_shutdown=wiring.on_shutdown,
     )
 
-    # The wiring open_service's FHIR router will do: the caller's grants in its context.
+    # And the FHIR router's caller construction: the caller's grants in its access context.
     async def caller_with_grants(
         request: Request, principal: CurrentPrincipal, audit: AuditCtx
     ) -> Caller:
-        grants = await break_glass_grants(request, principal)
-        return Caller(AccessContext.from_principal(principal, grants=grants), audit)
+        return Caller(await access_context_with_grants(request, principal), audit)
 
     app.dependency_overrides[_caller] = caller_with_grants
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")

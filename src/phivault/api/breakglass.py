@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TextIO
 
+import httpx
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from sqlalchemy import Engine
 
+from phivault.access.alerts import AlertFanout, AlertSink, LogAlertSink, WebhookAlertSink
 from phivault.access.breakglass import (
     REASON_SYSTEM,
     BreakGlassService,
@@ -40,14 +44,21 @@ from phivault.access.breakglass import (
     GrantNotFound,
     GrantRecord,
     GrantView,
+    PatientCiphers,
     PatientNotFound,
     ReviewOutcome,
     can_break_glass,
     parse_reason,
 )
-from phivault.access.decision import AccessContext, BreakGlassGrant, allows_operation
+from phivault.access.decision import (
+    AccessContext,
+    BreakGlassGrant,
+    CompiledPolicy,
+    allows_operation,
+)
+from phivault.access.grant_store import SqlGrantStore
 from phivault.access.vocabulary import Operation
-from phivault.api.context import AuditCtx, CurrentPrincipal, SteppedUp
+from phivault.api.context import AuditCtx, CurrentPrincipal, MountedRouter, SteppedUp
 from phivault.api.problems import (
     FHIR_JSON,
     BadRequest,
@@ -59,12 +70,16 @@ from phivault.api.problems import (
 )
 from phivault.errors import InvalidInput
 from phivault.identity.principal import Principal
+from phivault.settings import Settings
 
 __all__ = [
+    "BreakGlassWiring",
+    "access_context_with_grants",
     "break_glass_admin_router",
     "break_glass_grants",
     "break_glass_router",
     "break_glass_service",
+    "wire_break_glass",
 ]
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -108,6 +123,61 @@ async def break_glass_grants(request: Request, principal: Principal) -> tuple[Br
     if not isinstance(service, BreakGlassService):
         return ()
     return await service.active_grants(principal.tenant, principal.subject, roles=principal.roles)
+
+
+async def access_context_with_grants(request: Request, principal: Principal) -> AccessContext:
+    """The caller's access context with its break-glass grants (what the FHIR router's caller
+    construction uses)."""
+    grants = await break_glass_grants(request, principal)
+    return AccessContext.from_principal(principal, grants=grants)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakGlassWiring:
+    """What the composition root adds: the service (``state={"break_glass": service}``),
+    the routers to mount, and the callbacks to run on shutdown (the webhook's drain)."""
+
+    service: BreakGlassService
+    routers: tuple[MountedRouter, ...]
+    on_shutdown: tuple[Callable[[], Awaitable[None]], ...]
+
+
+def wire_break_glass(
+    settings: Settings,
+    *,
+    engine: Engine,
+    ciphers: PatientCiphers,
+    policy: CompiledPolicy,
+    clock: Callable[[], float],
+    webhook_url: str | None = None,
+    http_client: httpx.AsyncClient | None = None,
+    log_stream: TextIO | None = None,
+    extra_sinks: Sequence[AlertSink] = (),
+) -> BreakGlassWiring:
+    """Build break-glass from ``settings.access`` on the records database's ``engine`` (the
+    records migrations created its table): grants in SQL, alerts to the log (``log_stream``,
+    standard error by default) and, given ``webhook_url``, a background webhook."""
+    sinks: list[AlertSink] = [LogAlertSink(log_stream), *extra_sinks]
+    shutdown: list[Callable[[], Awaitable[None]]] = []
+    if webhook_url is not None:
+        webhook = WebhookAlertSink(webhook_url, client=http_client)
+        sinks.append(webhook)
+        shutdown.append(webhook.aclose)
+    access = settings.access
+    service = BreakGlassService(
+        SqlGrantStore(engine),
+        ciphers,
+        policy,
+        clock=clock,
+        duration_s=access.break_glass_minutes * 60.0,
+        overdue_s=access.break_glass_overdue_hours * 3600.0,
+        alerts=AlertFanout(sinks),
+    )
+    routers = (
+        MountedRouter(break_glass_router()),
+        MountedRouter(break_glass_admin_router(), prefix="/admin/break-glass"),
+    )
+    return BreakGlassWiring(service, routers, tuple(shutdown))
 
 
 # --- parsing ---------------------------------------------------------------------------
