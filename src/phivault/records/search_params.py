@@ -58,6 +58,7 @@ __all__ = [
     "TokenEntry",
     "UnknownSearchParameter",
     "blind_lookup",
+    "known_parameter_names",
     "date_range",
     "index_entries",
     "parse_reference",
@@ -455,6 +456,11 @@ def search_params(resource_type: str) -> Mapping[str, SearchParam]:
     if found is None:
         raise UnknownSearchParameter("resource type has no search parameters", path=resource_type)
     return found
+
+
+def known_parameter_names() -> frozenset[str]:
+    """Every search parameter name of every type (for messages that may name a parameter)."""
+    return frozenset(name for table in _params().values() for name in table)
 
 
 def search_param(resource_type: str, name: str) -> SearchParam:
