@@ -37,6 +37,7 @@ from typing import Protocol
 
 from phivault.access.decision import BreakGlassGrant, CompiledPolicy
 from phivault.crypto.elements import ElementRef, PatientCipher
+from phivault.crypto.errors import DecryptionFailed, KeyUnavailable
 from phivault.errors import InvalidInput, PhivaultError
 from phivault.identity.principal import Role
 from phivault.ledger.events import (
@@ -164,6 +165,9 @@ class GrantView:
     status: ReviewStatus
     justification: str | None = field(default=None, repr=False)
     review_note: str | None = field(default=None, repr=False)
+    # The sealed text exists but cannot be opened (the patient's key was shredded, or the data
+    # key it was sealed under has been retired).
+    unreadable: bool = False
 
 
 def review_status(record: GrantRecord, now: float, overdue_s: float) -> ReviewStatus:
@@ -579,14 +583,19 @@ class BreakGlassService:
         view = self._view(record, self._clock())
         if record.justification is None and record.review_note is None:
             return view
-        cipher = await self._ciphers.patient_cipher(record.tenant, record.patient)
         justification = note = None
-        if record.justification is not None:
-            ref = _justification_ref(record.tenant, record.patient, record.grant_id, "reason")
-            justification = cipher.open(ref, record.justification).decode()
-        if record.review_note is not None:
-            ref = _justification_ref(record.tenant, record.patient, record.grant_id, "review-note")
-            note = cipher.open(ref, record.review_note).decode()
+        try:
+            cipher = await self._ciphers.patient_cipher(record.tenant, record.patient)
+            if record.justification is not None:
+                ref = _justification_ref(record.tenant, record.patient, record.grant_id, "reason")
+                justification = cipher.open(ref, record.justification).decode()
+            if record.review_note is not None:
+                ref = _justification_ref(
+                    record.tenant, record.patient, record.grant_id, "review-note"
+                )
+                note = cipher.open(ref, record.review_note).decode()
+        except (KeyUnavailable, DecryptionFailed):
+            return replace(view, unreadable=True)
         return replace(view, justification=justification, review_note=note)
 
     async def _record_not_stored(

@@ -64,10 +64,12 @@ from phivault.api.problems import (
     BadRequest,
     Conflict,
     Forbidden,
+    Gone,
     NotFound,
     ServiceUnavailable,
     UnsupportedMediaType,
 )
+from phivault.crypto.errors import KeyUnavailable, PatientShredded, Sealed
 from phivault.errors import InvalidInput
 from phivault.identity.principal import Principal
 from phivault.settings import Settings
@@ -100,6 +102,10 @@ class _Route(APIRoute):
                 raise NotFound(str(exc)) from exc
             except GrantConflict as exc:
                 raise Conflict(str(exc)) from exc
+            except PatientShredded as exc:
+                raise Gone("the patient's data was destroyed") from exc
+            except (Sealed, KeyUnavailable) as exc:
+                raise ServiceUnavailable("the patient's keys are unavailable") from exc
 
         return route
 
@@ -303,6 +309,8 @@ def _view_document(view: GrantView, *, opened: bool) -> dict[str, Any]:
     if opened:
         doc["justification"] = view.justification
         doc["review_note"] = view.review_note
+        if view.unreadable:
+            doc["justification_unreadable"] = True
     return doc
 
 

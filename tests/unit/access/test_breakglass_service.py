@@ -333,3 +333,16 @@ async def test_queue_overdue_review_once_and_tenant_isolation(
     ]
     reviews = [e for e in sink.events if e.subtype == "review"]
     assert len(reviews) == 1 and reviews[0].break_glass_grant == old.grant_id
+
+
+async def test_a_justification_that_no_longer_opens_is_reported_not_raised(
+    store: SqlRecordStore, sink: InMemoryAuditSink, clock: Clock
+) -> None:
+    ciphers = Ciphers()
+    service = BreakGlassService(
+        SqlGrantStore(store.engine), ciphers, compile_policy(default_policy()), clock=clock
+    )
+    record = await _grant(service, Trail(sink, clock))
+    ciphers._keys.clear()  # another data key now: as after a retirement or a shred
+    view = await service.detail(Trail(sink, clock, "po"), tenant="t1", grant_id=record.grant_id)
+    assert view.unreadable and view.justification is None
