@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import anyio.to_thread
+from pydantic import ValidationError
 from sqlalchemy import ColumnElement, FromClause, and_, false, or_, true
 
 from phivault.access.decision import (
@@ -431,6 +432,7 @@ class RecordsRepository:
 
     async def read(self, caller: Caller, resource_type: str, resource_id: str) -> RecordVersion:
         self._check_type(resource_type)
+        _check_auditable(resource_type, resource_id)
         key = ResourceKey(caller.access.tenant, resource_type, resource_id)
         stored, decision = await _blocking(
             lambda: self._load_one(caller, key, None, Interaction.READ)
@@ -443,6 +445,7 @@ class RecordsRepository:
         self, caller: Caller, resource_type: str, resource_id: str, version: str
     ) -> RecordVersion:
         self._check_type(resource_type)
+        _check_auditable(resource_type, resource_id)
         key = ResourceKey(caller.access.tenant, resource_type, resource_id)
         number = _version_number(version)
         if number is None:  # a version that cannot exist is simply not known
@@ -562,6 +565,8 @@ class RecordsRepository:
         offset: int = 0,
     ) -> HistoryPage:
         self._check_type(resource_type)
+        if resource_id is not None:
+            _check_auditable(resource_type, resource_id)
         if not 0 <= count <= 1000:
             raise InvalidInput("must be between 0 and 1000", path="_count")
         if offset < 0:
@@ -637,6 +642,7 @@ class RecordsRepository:
         if_match: int | None = None,
     ) -> WriteResult:
         self._check_type(resource_type)
+        _check_auditable(resource_type, resource_id)
         if _resource_type_of(resource, path="resourceType") != resource_type:
             raise InvalidInput("does not match the resource type in the URL", path="resourceType")
         if resource.get("id") != resource_id:
@@ -679,6 +685,12 @@ class RecordsRepository:
         self, caller: Caller, resource_type: str, resource_id: str
     ) -> RecordVersion | None:
         self._check_type(resource_type)
+        _check_auditable(resource_type, resource_id)
+        if self._scopes(caller, resource_type, Interaction.DELETE) is None:
+            # Refused for the type before looking: a 204-or-403 would tell who may not
+            # delete whether the resource exists.
+            await self._record_miss(caller, "delete", Action.DELETE, None, "not-permitted")
+            raise AccessDenied(f"deleting {resource_type} is not allowed for this caller")
         entry = PlannedEntry(0, Method.DELETE, PlanOutcome.DELETE, resource_type, resource_id)
         outcome = await self._write(caller, [entry])
         return outcome.entries[0].record
@@ -979,8 +991,9 @@ class RecordsRepository:
         """Decide, check the version, seal and index one write (no transaction is open)."""
         tenant = caller.access.tenant
         the_id = entry.id or ""
-        key = ResourceKey(tenant, entry.resource_type, the_id)
         where = f"Bundle.entry[{entry.index}]"
+        _check_auditable(entry.resource_type, the_id, path=f"{where}.request.url")
+        key = ResourceKey(tenant, entry.resource_type, the_id)
         current = None if head is None or head.deleted else head.version
         if entry.if_match is not None:
             wanted = _etag_version(entry.if_match)
@@ -1512,6 +1525,19 @@ def _new_version(write: _Write) -> NewVersion:
     return NewVersion(
         write.key, write.version, write.last_updated, write.subject, write.groups, write.entries
     )
+
+
+def _check_auditable(resource_type: str, resource_id: str, *, path: str = "id") -> None:
+    """What cannot be recorded in the ledger is not served: an id with the shape of personal
+    data (an SSN, a phone number, a date) is refused before anything happens."""
+    try:
+        Entity(what=f"{resource_type}/{resource_id}")
+    except ValidationError:
+        raise InvalidInput(
+            "is not an id the audit ledger can record (it has the shape of personal data or "
+            "is not a FHIR id)",
+            path=path,
+        ) from None
 
 
 def _version_number(text: str) -> int | None:
