@@ -966,7 +966,8 @@ def show_ledger(demo: Demo, cast: Cast, steps: Sequence[Step]) -> None:
 # --- main -----------------------------------------------------------------------------------
 
 
-def closing_panel(demo: Demo, steps: Sequence[Step], cast: Cast, tokens: Path) -> Panel:
+def show_serving(demo: Demo, steps: Sequence[Step], cast: Cast, tokens: Path) -> None:
+    """The URL and lines to try, plain (no box around them, so they copy and paste whole)."""
     bearer = 'curl -s -H "Authorization: Bearer ${var}" "{url}"'
     lines = [f"source {tokens}"]
     lines += [demo.curl(step) for step in steps]
@@ -981,12 +982,11 @@ def closing_panel(demo: Demo, steps: Sequence[Step], cast: Cast, tokens: Path) -
         + "   # the directory, no PHI",
         f"{_phivault()} ledger report --patient {cast.patient} --data-dir {demo.data_dir}",
         f"tail -f {demo.data_dir / 'serve.log'}   # the server's log: no PHI in it",
-        "",
-        "Ctrl-C stops the server.",
     ]
-    return Panel(
-        Text("\n".join(lines)), title=f"phivault is serving {demo.fhir}", border_style="green"
-    )
+    demo.heading(f"phivault is serving {demo.fhir}")
+    for line in lines:
+        demo.console.print(line, markup=False)
+    demo.console.print("[bold]Ctrl-C stops the server.[/]")
 
 
 def run(console: Console, data_dir: Path, port: int, *, serve: bool) -> int:
@@ -1035,9 +1035,10 @@ def run(console: Console, data_dir: Path, port: int, *, serve: bool) -> int:
             console.print("[bold green]every control did what it should[/]")
         if not serve:
             return 1 if demo.failures else 0
-        console.print(closing_panel(demo, steps, cast, tokens))
+        show_serving(demo, steps, cast, tokens)
         try:
-            server.process.wait()
+            code = server.process.wait()
+            console.print(f"the server stopped (exit code {code}); see {server.log_path}")
         except KeyboardInterrupt:
             console.print("stopping the server")
         return 1 if demo.failures else 0
