@@ -857,9 +857,18 @@ def show_audit(demo: Demo, steps: Sequence[Step]) -> None:
     )
 
 
-def _count(path: Path, needles: Sequence[bytes]) -> list[int]:
-    data = path.read_bytes().lower()
-    return [data.count(needle.lower()) for needle in needles]
+def _count(path: Path, needles: Sequence[bytes], chunk: int = 8 << 20) -> list[int]:
+    """Occurrences of each needle in the file, case-insensitive, reading it in chunks."""
+    lowered = [needle.lower() for needle in needles]
+    counts = [0] * len(lowered)
+    tail = b""  # the end of what was read before: a match may straddle two chunks
+    with path.open("rb") as fh:
+        while block := fh.read(chunk).lower():
+            for index, needle in enumerate(lowered):
+                keep = len(needle) - 1  # shorter than the needle: no match counted twice
+                counts[index] += (tail[max(0, len(tail) - keep) :] + block).count(needle)
+            tail = (tail + block)[-max(map(len, lowered)) :]
+    return counts
 
 
 def show_at_rest(demo: Demo, cast: Cast) -> None:

@@ -5,7 +5,8 @@ mints the demo users' tokens, makes its requests and checks each control itself;
 only if every check held. This test runs it as ``make demo`` does (a subprocess, output to a
 pipe) and asserts the exit code and the lines that say what each control did. It also checks
 that the server's log, which the demo keeps in the data directory, carries no name of the
-patient the tour is about, and that the tokens file works as a shell file.
+patient the tour is about, and that the tokens file works as a shell file. And that the demo
+leaves alone a directory it did not make (it removes only a previous demo's dev data dir).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 FIXTURES = (
     Path(os.environ.get("PHIVAULT_SHARED", Path(__file__).resolve().parents[3] / "shared"))
@@ -27,30 +28,36 @@ FIXTURES = (
 )
 
 
+def run_demo(data_dir: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "phivault.demo", "--data-dir", str(data_dir), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=cwd,
+        # pytest sets COLUMNS=80; the demo's tables fold long ids at that width.
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_demo_leaves_a_directory_it_did_not_make_alone(tmp_path: Path) -> None:
+    precious = tmp_path / "not-a-demo"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    result = run_demo(precious, tmp_path, "--no-serve")
+    assert result.returncode == 2
+    assert "is not a phivault development data directory; not touching it" in result.stdout
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(
     not FIXTURES.is_dir(), reason="the Synthea fixtures are not beside the checkout"
 )
 def test_demo_runs_the_tour_and_every_control_holds(tmp_path: Path) -> None:
     data_dir = tmp_path / "demo-data"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "phivault.demo",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            "0",
-            "--no-serve",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=tmp_path,
-        # pytest sets COLUMNS=80; the demo's tables fold long ids at that width.
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    result = run_demo(data_dir, tmp_path, "--port", "0", "--no-serve")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "✗" not in out
