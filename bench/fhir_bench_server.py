@@ -189,6 +189,10 @@ async def run(args: argparse.Namespace) -> None:
         key_sources={issuer["issuer"]: source},
         unseal_shares=shares,
     ) as app:
+        if args.service == "phivault.api.serve:open_service":
+            from phivault.api.serve import tune_for_serving
+
+            tune_for_serving()  # what `phivault serve` does
         await uvicorn.Server(_uvicorn_config(app, args.port)).serve()
 
 

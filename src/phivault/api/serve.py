@@ -15,6 +15,7 @@ the ledger lock.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -42,6 +43,7 @@ __all__ = [
     "records_store_url",
     "serve",
     "tls_context",
+    "tune_for_serving",
 ]
 
 #: In the data directory's records folder: the ledger index reconciliation has scanned up to.
@@ -188,6 +190,20 @@ async def open_service(
             store.close()
 
 
+def tune_for_serving() -> None:
+    """Process settings for a long-running server (``phivault serve`` and the benchmark).
+
+    Everything built at start (the app, policy tables, classification, caches) is moved out
+    of the garbage collector's sight (``gc.freeze``), and young collections run every 50,000
+    allocations instead of 700: a request allocates thousands of short-lived objects, and
+    under load a full collection stalled every request in flight for hundreds of
+    milliseconds (measured by bench/fhir_bench.py; 8-14% less CPU per read with these).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1_000)
+
+
 async def _serve(
     settings: Settings,
     data_dir: DataDir,
@@ -196,6 +212,7 @@ async def _serve(
     on_ready: Callable[[str], None] | None,
 ) -> None:
     async with open_service(settings, data_dir) as app:
+        tune_for_serving()
         config = uvicorn.Config(
             app,
             host=options.host,

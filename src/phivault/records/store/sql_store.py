@@ -795,8 +795,15 @@ class SqlRecordStore:
                     raise ConfigurationError("the embedded records store needs a file path")
                 connect_args["timeout"] = 30
                 # hide_parameters: a driver exception kept as __cause__ holds no values
+                # As many pooled connections as worker threads may run units of work at
+                # once (anyio's default limiter is 40): a thread waiting for a connection
+                # was most of a create's tail latency under load.
                 self._engine: Engine = create_engine(
-                    parsed, connect_args=connect_args, hide_parameters=True
+                    parsed,
+                    connect_args=connect_args,
+                    hide_parameters=True,
+                    pool_size=20,
+                    max_overflow=20,
                 )
                 event.listen(self._engine, "connect", _sqlite_connect)
                 event.listen(self._engine, "begin", _sqlite_begin)
