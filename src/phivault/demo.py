@@ -358,6 +358,12 @@ def load_fixtures(
                 result = results[path.name]
                 loader.send(result, bundle)
                 progress.advance(task, result.entries)
+                if not demo.console.is_terminal:  # no progress bar: a line per bundle
+                    demo.console.print(
+                        f"  {result.status} {path.name}: {result.entries} entries "
+                        f"in {result.seconds:.1f}s",
+                        markup=False,
+                    )
 
         try:
             send(companions)
