@@ -22,6 +22,7 @@ those allowed to see them; the server's log, the ledger and the database never c
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -67,7 +68,8 @@ from phivault.errors import PhivaultError
 from phivault.identity.dev_provider import DevIdentityProvider, DevProviderWarning
 from phivault.identity.principal import Role
 from phivault.initialize import initialize_data_dir
-from phivault.ledger.service import open_ledger_readonly, verifier_key_of
+from phivault.ledger.errors import LedgerLocked
+from phivault.ledger.service import open_ledger, open_ledger_readonly, verifier_key_of
 from phivault.settings import Settings
 
 __all__ = ["main"]
@@ -202,6 +204,22 @@ class Demo:
 # --- the data directory and the server ------------------------------------------------------
 
 
+def _served(data_dir: DataDir) -> bool:
+    """Whether a server holds the data directory's ledger (its one writer) right now."""
+
+    async def probe() -> None:
+        async with open_ledger(data_dir):
+            pass
+
+    try:
+        asyncio.run(probe())
+    except LedgerLocked:
+        return True
+    except PhivaultError:
+        return False  # damaged, say: it is a demo's, and goes anyway
+    return False
+
+
 def fresh_data_dir(console: Console, path: Path) -> DataDir:
     """A new ``--dev`` data directory at ``path``; a previous demo's is removed first."""
     if path.exists():
@@ -213,6 +231,11 @@ def fresh_data_dir(console: Console, path: Path) -> DataDir:
             raise DemoFailed(
                 f"{path} exists and is not a phivault development data directory; "
                 "not touching it (pass another --data-dir)"
+            )
+        if _served(existing):
+            raise DemoFailed(
+                f"a server is running on {path} (another demo?); stop it first, or pass "
+                "another --data-dir"
             )
         console.print(f"removing the previous demo data directory {path} (a fresh one each run)")
         shutil.rmtree(path)

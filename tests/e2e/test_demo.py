@@ -6,18 +6,23 @@ only if every check held. This test runs it as ``make demo`` does (a subprocess,
 pipe) and asserts the exit code and the lines that say what each control did. It also checks
 that the server's log, which the demo keeps in the data directory, carries no name of the
 patient the tour is about, and that the tokens file works as a shell file. And that the demo
-leaves alone a directory it did not make (it removes only a previous demo's dev data dir).
+leaves alone a directory it did not make, and one a server is running on (it removes only a
+previous demo's dev data directory, once nothing uses it).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from live_server import phivault_serve
+
+from phivault.initialize import initialize_data_dir
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +54,23 @@ def test_demo_leaves_a_directory_it_did_not_make_alone(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "is not a phivault development data directory; not touching it" in result.stdout
     assert (precious / "keep.txt").read_text() == "mine"
+
+
+def test_demo_leaves_a_served_data_directory_alone(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo-data"
+    initialize_data_dir(data_dir, dev=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with phivault_serve(
+        ["--data-dir", str(data_dir), "--port", str(port)],
+        url=f"http://127.0.0.1:{port}",
+        env=dict(os.environ),
+    ):
+        result = run_demo(data_dir, tmp_path, "--no-serve")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"a server is running on {data_dir}" in result.stdout
+        assert (data_dir / "ledger").is_dir()
 
 
 @pytest.mark.slow
