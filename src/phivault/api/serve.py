@@ -137,6 +137,7 @@ async def open_service(
     from phivault.api.keys import UnsealState, keys_router, require_unsealed
     from phivault.crypto import open_keyring
     from phivault.ledger.service import open_ledger
+    from phivault.records.audit_events import AuditEventReader
     from phivault.records.repository import RecordControls, RecordsRepository
 
     records = settings.records
@@ -147,10 +148,11 @@ async def open_service(
     ):
         store = await asyncio.to_thread(_open_store, settings, data_dir)
         try:
+            policy = compile_policy(default_policy())
             repository = RecordsRepository(
                 store,
                 ring,
-                compile_policy(default_policy()),
+                policy,
                 clock=clock,
                 controls=RecordControls(
                     audit=not records.bench_audit_off,
@@ -158,6 +160,7 @@ async def open_service(
                     policy=not records.bench_policy_off,
                 ),
                 max_bundle_entries=records.max_bundle_entries,
+                observer=data_dir.node_id,
             )
             # Settle the write intents a crash left open before serving anything; the cursor
             # file remembers how far the ledger was scanned, so a start reads only what is new.
@@ -182,7 +185,11 @@ async def open_service(
                         prefix=FHIR_PREFIX,
                     ),
                 ],
-                state={"unseal": unseal, "records": repository},
+                state={
+                    "unseal": unseal,
+                    "records": repository,
+                    "audit_events": AuditEventReader(ledger, policy, clock=clock),
+                },
                 readiness_checks=[keys_unsealed],
                 clock=clock,
             )

@@ -87,9 +87,10 @@ def parse_audit_query(pairs: list[tuple[str, str]]) -> tuple[AuditEventQuery, in
                 raise InvalidInput("must be a ledger index", path="_before")
             before = int(value)
         elif name not in ("_format", "_pretty"):
+            # Never the caller's parameter name: it could be anything they typed.
             raise InvalidInput(
-                "unknown search parameter (AuditEvent supports patient, agent, date)",
-                path=name if name.replace("_", "").replace("-", "").isalnum() else "(parameter)",
+                "unknown search parameter (AuditEvent supports patient, agent, date, _count)",
+                path="(parameter)",
             )
     return AuditEventQuery(patient, agent, tuple(dates), count), before
 

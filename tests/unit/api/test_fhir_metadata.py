@@ -45,7 +45,11 @@ async def test_capability_statement_states_what_is_supported(fhir: Fhir) -> None
     assert rest["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
     assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch"}
     resources = {r["type"]: r for r in rest["resource"]}
-    assert set(resources) == set(default_classification().resource_types)
+    # every stored type, and AuditEvent (read-only, from the ledger)
+    assert set(resources) == set(default_classification().resource_types) | {"AuditEvent"}
+    audit = resources.pop("AuditEvent")
+    assert {i["code"] for i in audit["interaction"]} == {"read", "search-type"}
+    assert {p["name"] for p in audit["searchParam"]} == {"patient", "agent", "date"}
     for name, resource in resources.items():
         codes = {i["code"] for i in resource["interaction"]}
         assert {"read", "vread", "update", "delete", "create"} <= codes

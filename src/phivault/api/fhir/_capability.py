@@ -88,6 +88,26 @@ def _resource(resource_type: str) -> dict[str, Any]:
     return entry
 
 
+# AuditEvent: served read-only from the ledger (privacy officers; a patient, their own).
+_AUDIT_EVENT: Final[dict[str, Any]] = {
+    "type": "AuditEvent",
+    "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+    "documentation": "Read-only, from the audit ledger (ids are ledger-<index>); newest first.",
+    "interaction": [{"code": "read"}, {"code": "search-type"}],
+    "versioning": "no-version",
+    "readHistory": False,
+    "updateCreate": False,
+    "conditionalCreate": False,
+    "conditionalUpdate": False,
+    "conditionalDelete": "not-supported",
+    "searchParam": [
+        {"name": "patient", "type": "reference"},
+        {"name": "agent", "type": "token"},
+        {"name": "date", "type": "date"},
+    ],
+}
+
+
 def capability_statement(
     classification: Classification, *, base_url: str, published: datetime, software_version: str
 ) -> dict[str, Any]:
@@ -110,7 +130,10 @@ def capability_statement(
                     "access is decided per request and recorded in the audit ledger first."
                 ),
                 "security": {"cors": False, "service": [_SMART]},
-                "resource": [_resource(name) for name in sorted(classification.resource_types)],
+                "resource": sorted(
+                    [_resource(name) for name in classification.resource_types] + [_AUDIT_EVENT],
+                    key=lambda r: str(r["type"]),
+                ),
                 "interaction": [{"code": "transaction"}, {"code": "batch"}],
             }
         ],

@@ -53,6 +53,7 @@ from phivault.api.problems import (
     ServiceUnavailable,
 )
 from phivault.errors import PhivaultError
+from phivault.records.audit_events import AuditEventReader, parse_audit_query
 from phivault.records.classification import Classification, default_classification
 from phivault.records.query import MAX_COUNT, parse_search
 from phivault.records.repository import Caller, RecordsRepository, RecordVersion
@@ -89,6 +90,13 @@ async def _repository(request: Request) -> RecordsRepository:
     if not isinstance(repo, RecordsRepository):
         raise ServiceUnavailable("the records service is not configured")
     return repo
+
+
+def _audit_events(request: Request) -> AuditEventReader:
+    reader = getattr(request.app.state, "audit_events", None)
+    if not isinstance(reader, AuditEventReader):
+        raise ServiceUnavailable("the audit event service is not configured")
+    return reader
 
 
 async def _caller(principal: CurrentPrincipal, audit: AuditCtx) -> Caller:
@@ -174,6 +182,41 @@ def fhir_router(
             if len(statements) < 16:  # a few public URLs at most; never unbounded
                 statements[base] = statement
         return fhir_response(statement, pretty=pretty)
+
+    # AuditEvent: read-only from the ledger, registered before the generic routes.
+    @router.get("/AuditEvent")
+    async def audit_event_search(request: Request, caller: FhirCaller) -> Response:
+        pairs = query_pairs(request)
+        pretty = check_format(request, pairs)
+        query, before = parse_audit_query([(k, v) for k, v in pairs if k not in FORMAT_PARAMS])
+        page = await _audit_events(request).search(caller, query, before=before)
+        base = _base(request)
+        links = [{"relation": "self", "url": f"{base}/AuditEvent"}]
+        if page.next_before is not None:
+            kept = [(k, v) for k, v in pairs if k not in ("_before", *FORMAT_PARAMS)]
+            kept.append(("_before", str(page.next_before)))
+            links.append({"relation": "next", "url": f"{base}/AuditEvent?{urlencode(kept)}"})
+        doc = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "timestamp": _now(request).isoformat().replace("+00:00", "Z"),
+            "link": links,
+            "entry": [
+                {
+                    "fullUrl": f"{base}/AuditEvent/{event['id']}",
+                    "resource": event,
+                    "search": {"mode": "match"},
+                }
+                for event in page.events
+            ],
+        }
+        return fhir_response(doc, pretty=pretty)
+
+    @router.get("/AuditEvent/{event_id}")
+    async def audit_event_read(event_id: str, request: Request, caller: FhirCaller) -> Response:
+        pretty = check_format(request, query_pairs(request))
+        event = await _audit_events(request).read(caller, event_id)
+        return fhir_response(event, pretty=pretty)
 
     @router.post("")
     async def batch_or_transaction(request: Request, caller: FhirCaller, repo: Repo) -> Response:
