@@ -233,6 +233,10 @@ async def test_granting_needs_a_recent_mfa(world: World) -> None:
 async def test_grant_then_read_as_etreat_with_the_grant_in_the_ledger(world: World) -> None:
     before = await world.read_patient(world.er_doctor())
     assert before.status_code == 404
+    unseen = await world.client.get(
+        "/fhir/Patient", params={"_id": world.patient_id}, headers=world.er_doctor()
+    )
+    assert unseen.status_code == 200 and unseen.json().get("entry", []) == []
 
     granted = await world.break_glass(world.er_doctor())
     assert granted.status_code == 200, granted.text
@@ -255,6 +259,13 @@ async def test_grant_then_read_as_etreat_with_the_grant_in_the_ledger(world: Wor
     reads = [e for e in world.sink.events if e.kind is EventKind.REST and e.subtype == "read"]
     assert reads[-1].break_glass_grant == grant_id
     assert "ETREAT" in reads[-1].purpose_of_use
+
+    # Searches are scoped by the grant too (in the query), and only for this patient.
+    found = await world.client.get(
+        "/fhir/Patient", params={"_id": world.patient_id}, headers=world.er_doctor()
+    )
+    assert found.status_code == 200, found.text
+    assert [e["resource"]["id"] for e in found.json().get("entry", [])] == [world.patient_id]
 
     # The grant is the caller's only: another clinician still sees nothing.
     other = await world.read_patient(world.er_doctor(sub="dr-other"))
