@@ -53,13 +53,15 @@ def obs(
 
 
 def test_migrations_create_exactly_the_declared_schema(stores: StoreFactory) -> None:
+    import phivault.access.grant_store  # noqa: F401  (declares bg_grants on the records metadata)
+
     store = stores.open()
     stores.open()  # a second open (another worker) finds it at head and changes nothing
     with store.engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), metadata)
         head = conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar_one()
     assert [d for d in diffs if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
-    assert head == "0001"
+    assert head == "0002"
 
 
 def test_create_read_update_vread(store: SqlRecordStore) -> None:
