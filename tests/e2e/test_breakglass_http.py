@@ -8,6 +8,7 @@ adds; until then the test installs it as a dependency override.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -17,7 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Request
+from fastapi import FastAPI, Request
+from live_server import serve_app
+from typer.testing import CliRunner
 
 from phivault.access.alerts import Alert
 from phivault.access.breakglass import REASON_SYSTEM
@@ -28,6 +31,7 @@ from phivault.api.breakglass import access_context_with_grants, wire_break_glass
 from phivault.api.context import AuditCtx, CurrentPrincipal
 from phivault.api.fhir import FHIR_PREFIX, fhir_router
 from phivault.api.fhir._routes import _caller
+from phivault.cli.main import app as cli_app
 from phivault.crypto.keyring import KeyRing
 from phivault.crypto.keystore import SqliteKeyStore
 from phivault.crypto.providers.sealed import SealedLocalProvider
@@ -139,8 +143,41 @@ def _grant_id(response: httpx.Response) -> str:
     return value
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+@dataclass
+class Parts:
+    app: FastAPI
+    issuer: FakeIssuer
+    sink: InMemoryAuditSink
+    clock: Clock
+    alerts: RecordingSink
+    log: io.StringIO
+    store: SqlRecordStore
+    keystore: SqliteKeyStore
+
+    def close(self) -> None:
+        self.store.close()
+        self.keystore.close()
+
+    def loader(self) -> dict[str, str]:
+        token = self.issuer.token(
+            now=self.clock.t,
+            sub="loader",
+            roles=["service"],
+            scope="system/*.cruds",
+            purpose_of_use=["HOPERAT"],
+            fhirUser=None,
+        )
+        return {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
+
+
+PATIENT = {
+    "resourceType": "Patient",
+    "name": [{"family": "Quackenbush", "given": ["Zebulon"]}],
+    "birthDate": "1970-04-01",
+}
+
+
+async def build(tmp_path: Path) -> Parts:
     keys_dir = tmp_path / "keys"
     _, shares = SealedLocalProvider.initialize(keys_dir, threshold=2, shares=2)
     keystore = SqliteKeyStore(keys_dir / SqliteKeyStore.FILENAME)
@@ -193,33 +230,33 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         return Caller(await access_context_with_grants(request, principal), audit)
 
     app.dependency_overrides[_caller] = caller_with_grants
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+    return Parts(app, issuer, sink, clock, alerts, log, store, keystore)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    parts = await build(tmp_path)
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=parts.app), base_url="http://testserver"
+    )
     try:
         async with client:
-            loader = issuer.token(
-                now=clock.t,
-                sub="loader",
-                roles=["service"],
-                scope="system/*.cruds",
-                purpose_of_use=["HOPERAT"],
-                fhirUser=None,
-            )
             created = await client.post(
-                "/fhir/Patient",
-                content=json.dumps(
-                    {
-                        "resourceType": "Patient",
-                        "name": [{"family": "Quackenbush", "given": ["Zebulon"]}],
-                        "birthDate": "1970-04-01",
-                    }
-                ),
-                headers={"Authorization": f"Bearer {loader}", "Content-Type": FHIR_JSON},
+                "/fhir/Patient", content=json.dumps(PATIENT), headers=parts.loader()
             )
             assert created.status_code == 201, created.text
-            yield World(client, issuer, sink, clock, alerts, log, store, created.json()["id"])
+            yield World(
+                client,
+                parts.issuer,
+                parts.sink,
+                parts.clock,
+                parts.alerts,
+                parts.log,
+                parts.store,
+                created.json()["id"],
+            )
     finally:
-        store.close()
-        keystore.close()
+        parts.close()
 
 
 async def test_granting_needs_a_recent_mfa(world: World) -> None:
@@ -502,3 +539,72 @@ async def test_the_ledger_refusing_the_grant_event_leaves_no_grant(world: World)
     with world.store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM bg_grants").scalar_one() == 0
     assert world.alerts.alerts == []
+
+
+def test_the_review_cli_against_a_live_server(tmp_path: Path) -> None:
+    """``phivault breakglass list|review`` over real HTTP against uvicorn serving the app."""
+    parts = asyncio.run(build(tmp_path))
+    try:
+        with serve_app(parts.app) as url, httpx.Client(base_url=url) as http:
+            created = http.post(
+                "/fhir/Patient", content=json.dumps(PATIENT), headers=parts.loader()
+            )
+            assert created.status_code == 201, created.text
+            doctor = parts.issuer.token(
+                now=parts.clock.t,
+                sub="dr-er",
+                roles=["clinician"],
+                scope="openid fhirUser user/*.rs",
+                fhirUser="Practitioner/er-1",
+                amr=["pwd", "otp"],
+                acr="urn:mfa",
+            )
+            granted = http.post(
+                f"/fhir/Patient/{created.json()['id']}/$break-glass",
+                content=json.dumps(
+                    {
+                        "resourceType": "Parameters",
+                        "parameter": [
+                            {"name": "reason", "valueCode": "covering-clinician"},
+                            {"name": "justification", "valueString": SECRET_TEXT},
+                        ],
+                    }
+                ),
+                headers={"Authorization": f"Bearer {doctor}", "Content-Type": FHIR_JSON},
+            )
+            assert granted.status_code == 200, granted.text
+            grant_id = _grant_id(granted)
+            po = parts.issuer.token(
+                now=parts.clock.t,
+                sub="po-1",
+                roles=["privacy-officer"],
+                scope="openid",
+                fhirUser=None,
+                amr=["pwd", "otp"],
+                acr="urn:mfa",
+            )
+            runner = CliRunner()
+            env = {"PHIVAULT_URL": url, "PHIVAULT_TOKEN": po}
+            listed = runner.invoke(cli_app, ["breakglass", "list", "--json"], env=env)
+            assert listed.exit_code == 0, listed.output
+            assert [g["grant"] for g in json.loads(listed.stdout)["grants"]] == [grant_id]
+            assert SECRET_TEXT not in listed.stdout
+            reviewed = runner.invoke(
+                cli_app,
+                ["breakglass", "review", grant_id, "--outcome", "inappropriate", "--json"],
+                env=env,
+            )
+            assert reviewed.exit_code == 0, reviewed.output
+            assert json.loads(reviewed.stdout)["review_outcome"] == "inappropriate"
+            empty = runner.invoke(cli_app, ["breakglass", "list"], env=env)
+            assert empty.exit_code == 0 and "no unreviewed" in empty.stdout
+            refused = runner.invoke(
+                cli_app, ["breakglass", "list"], env={**env, "PHIVAULT_TOKEN": doctor}
+            )
+            assert refused.exit_code == 1
+        kinds = [
+            (e.subtype, e.outcome) for e in parts.sink.events if e.kind is EventKind.BREAK_GLASS
+        ]
+        assert ("review", Outcome.SUCCESS) in kinds and ("queue", Outcome.MINOR_FAILURE) in kinds
+    finally:
+        parts.close()
