@@ -66,6 +66,7 @@ __all__ = [
     "PatientNotFound",
     "ReviewOutcome",
     "ReviewStatus",
+    "SelfReview",
     "Trail",
     "can_break_glass",
     "new_grant_id",
@@ -114,6 +115,10 @@ class PatientNotFound(PhivaultError):
 
 class GrantConflict(PhivaultError):
     """The grant was already revoked or reviewed: a 409."""
+
+
+class SelfReview(PhivaultError):
+    """A reviewer may not review their own grant (separation of duties): a 403."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,8 +526,12 @@ class BreakGlassService:
         outcome: ReviewOutcome,
         note: str | None = None,
     ) -> GrantView:
-        """A privacy officer's review: recorded first, then stored; once per grant."""
+        """A privacy officer's review: recorded first, then stored; once per grant, and never
+        by the grantee (someone holding both roles may not clear their own emergency access)."""
         record = await self._find(tenant, grant_id)
+        if record.subject == by:
+            await self.refuse(trail, subtype="review", reason="self-review", patient=record.patient)
+            raise SelfReview("a grant is reviewed by someone other than its holder")
         if record.reviewed_at is not None:
             raise GrantConflict("the grant was already reviewed")
         sealed_note: bytes | None = None

@@ -47,6 +47,7 @@ from phivault.access.breakglass import (
     PatientCiphers,
     PatientNotFound,
     ReviewOutcome,
+    SelfReview,
     can_break_glass,
     parse_reason,
 )
@@ -102,6 +103,8 @@ class _Route(APIRoute):
                 raise NotFound(str(exc)) from exc
             except GrantConflict as exc:
                 raise Conflict(str(exc)) from exc
+            except SelfReview as exc:
+                raise Forbidden(str(exc)) from exc
             except PatientShredded as exc:
                 raise Gone("the patient's data was destroyed") from exc
             except (Sealed, KeyUnavailable) as exc:

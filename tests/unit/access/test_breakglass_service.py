@@ -21,6 +21,7 @@ from phivault.access.breakglass import (
     PatientNotFound,
     ReviewOutcome,
     ReviewStatus,
+    SelfReview,
     can_break_glass,
     parse_reason,
     review_status,
@@ -346,3 +347,21 @@ async def test_a_justification_that_no_longer_opens_is_reported_not_raised(
     ciphers._keys.clear()  # another data key now: as after a retirement or a shred
     view = await service.detail(Trail(sink, clock, "po"), tenant="t1", grant_id=record.grant_id)
     assert view.unreadable and view.justification is None
+
+
+async def test_nobody_reviews_their_own_grant(
+    service: BreakGlassService, sink: InMemoryAuditSink, clock: Clock
+) -> None:
+    record = await _grant(service, Trail(sink, clock))
+    with pytest.raises(SelfReview):
+        await service.review(
+            Trail(sink, clock),
+            tenant="t1",
+            grant_id=record.grant_id,
+            by="dr-er",
+            outcome=ReviewOutcome.APPROPRIATE,
+        )
+    assert [(e.subtype, e.outcome_reason) for e in sink.events] == [
+        ("grant", None),
+        ("review", "self-review"),
+    ]
