@@ -62,6 +62,7 @@ __all__ = [
     "GrantRecord",
     "GrantStore",
     "GrantView",
+    "NotPermitted",
     "PatientCiphers",
     "PatientNotFound",
     "ReviewOutcome",
@@ -115,6 +116,10 @@ class PatientNotFound(PhivaultError):
 
 class GrantConflict(PhivaultError):
     """The grant was already revoked or reviewed: a 409."""
+
+
+class NotPermitted(PhivaultError):
+    """No role of the caller may break the glass: a 403."""
 
 
 class SelfReview(PhivaultError):
@@ -360,13 +365,16 @@ class BreakGlassService:
     ) -> GrantRecord:
         """Grant ``subject`` emergency access to ``patient`` for ``duration_s`` from now.
 
-        The API layer checks :func:`can_break_glass` first (and records a refusal with
-        :meth:`refuse`); here the patient must exist in ``tenant``, else the refusal is
-        recorded and :class:`PatientNotFound` raised.
+        A role of the caller must allow break-glass (:func:`can_break_glass`, else
+        :class:`NotPermitted`) and the patient must exist in ``tenant`` (else
+        :class:`PatientNotFound`); both refusals are recorded.
         """
         text = _clean_text(justification, "justification")
         patient_ref = f"Patient/{patient}"
         grant_id = new_grant_id()
+        if not can_break_glass(self.policy, roles):
+            await self.refuse(trail, subtype="grant", reason="role-not-permitted", patient=patient)
+            raise NotPermitted("no role of the caller may break the glass")
         if not await asyncio.to_thread(self._store.patient_exists, tenant, patient):
             await trail.record(
                 trail.event(

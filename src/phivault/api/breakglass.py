@@ -44,11 +44,11 @@ from phivault.access.breakglass import (
     GrantNotFound,
     GrantRecord,
     GrantView,
+    NotPermitted,
     PatientCiphers,
     PatientNotFound,
     ReviewOutcome,
     SelfReview,
-    can_break_glass,
     parse_reason,
 )
 from phivault.access.decision import (
@@ -103,7 +103,7 @@ class _Route(APIRoute):
                 raise NotFound(str(exc)) from exc
             except GrantConflict as exc:
                 raise Conflict(str(exc)) from exc
-            except SelfReview as exc:
+            except (SelfReview, NotPermitted) as exc:
                 raise Forbidden(str(exc)) from exc
             except PatientShredded as exc:
                 raise Gone("the patient's data was destroyed") from exc
@@ -345,11 +345,6 @@ def break_glass_router() -> APIRouter:
         _check_id(patient_id, "patient")
         reason_code, justification = _parameters(await _json_body(request))
         reason = parse_reason(reason_code)
-        if not can_break_glass(service.policy, principal.roles):
-            await service.refuse(
-                audit, subtype="grant", reason="role-not-permitted", patient=patient_id
-            )
-            raise Forbidden("no role of the caller may break the glass")
         record = await service.request(
             audit,
             tenant=principal.tenant,

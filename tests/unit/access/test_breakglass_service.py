@@ -18,6 +18,7 @@ from phivault.access.breakglass import (
     GrantConflict,
     GrantNotFound,
     GrantRecord,
+    NotPermitted,
     PatientNotFound,
     ReviewOutcome,
     ReviewStatus,
@@ -365,3 +366,21 @@ async def test_nobody_reviews_their_own_grant(
         ("grant", None),
         ("review", "self-review"),
     ]
+
+
+async def test_a_role_without_break_glass_is_refused_and_recorded(
+    service: BreakGlassService, sink: InMemoryAuditSink, clock: Clock
+) -> None:
+    with pytest.raises(NotPermitted):
+        await service.request(
+            Trail(sink, clock, "nurse-1"),
+            tenant="t1",
+            subject="nurse-1",
+            roles=frozenset({Role.NURSE}),
+            patient="p1",
+            reason=BreakGlassReason.EMERGENCY_TREATMENT,
+            justification=SECRET,
+        )
+    [event] = sink.events
+    assert (event.subtype, event.outcome_reason) == ("grant", "role-not-permitted")
+    assert await service.active_grants("t1", "nurse-1") == ()
