@@ -1,9 +1,13 @@
 """Break-glass over HTTP: the whole ASGI stack (front door, step-up, FHIR routes, repository,
 SQLite, key ring) with the break-glass routers mounted as the service will mount them.
 
-Only the identity provider, the clock and the ledger are doubles. The FHIR router's caller is
-built with the caller's grants (``break_glass_grants``), exactly the wiring ``open_service``
-adds; until then the test installs it as a dependency override.
+Only the identity provider, the clock and the ledger are doubles. The app is built as
+``open_service`` will build it (``wire_break_glass``: service on ``app.state.break_glass``, its
+routers mounted); the FHIR router's caller gets the caller's grants
+(``access_context_with_grants``), installed here as a dependency override until the FHIR
+router does it. ``test_open_service_wires_break_glass`` is a strict xfail on the real
+composition: it flips when ``open_service`` and the FHIR router's ``_caller`` are wired (then
+remove the marker).
 """
 
 from __future__ import annotations
@@ -608,3 +612,83 @@ def test_the_review_cli_against_a_live_server(tmp_path: Path) -> None:
         assert ("review", Outcome.SUCCESS) in kinds and ("queue", Outcome.MINOR_FAILURE) in kinds
     finally:
         parts.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open_service does not wire break-glass yet (the lead's wiring: see the module doc)",
+)
+async def test_open_service_wires_break_glass(tmp_path: Path) -> None:
+    """``phivault serve``'s composition: grant, read under it, queue, after the wiring lands."""
+    from phivault.api.serve import open_service
+    from phivault.datadir import DataDir
+    from phivault.initialize import initialize_data_dir
+
+    init = initialize_data_dir(tmp_path / "data", dev=False, threshold=2, shares=3)
+    data_dir = DataDir.open(tmp_path / "data")
+    issuer = FakeIssuer()
+    settings = Settings(identity=IdentitySettings(mfa_acr_values=["urn:mfa"]))
+    async with (
+        open_service(
+            settings,
+            data_dir,
+            key_sources={issuer.issuer: issuer.key_source()},
+            unseal_shares=init.keystore.shares[:2],
+        ) as app,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        ) as http,
+    ):
+        loader = issuer.token(
+            sub="loader",
+            roles=["service"],
+            scope="system/*.cruds",
+            purpose_of_use=["HOPERAT"],
+            fhirUser=None,
+        )
+        created = await http.post(
+            "/fhir/Patient",
+            content=json.dumps(PATIENT),
+            headers={"Authorization": f"Bearer {loader}", "Content-Type": FHIR_JSON},
+        )
+        assert created.status_code == 201, created.text
+        patient_id = created.json()["id"]
+        doctor = {
+            "Authorization": "Bearer "
+            + issuer.token(
+                sub="dr-er",
+                roles=["clinician"],
+                scope="openid fhirUser user/*.rs",
+                fhirUser="Practitioner/er-1",
+                amr=["pwd", "otp"],
+                acr="urn:mfa",
+            ),
+            "Content-Type": FHIR_JSON,
+        }
+        assert (await http.get(f"/fhir/Patient/{patient_id}", headers=doctor)).status_code == 404
+        granted = await http.post(
+            f"/fhir/Patient/{patient_id}/$break-glass",
+            content=json.dumps(
+                {
+                    "resourceType": "Parameters",
+                    "parameter": [
+                        {"name": "reason", "valueCode": "emergency-treatment"},
+                        {"name": "justification", "valueString": SECRET_TEXT},
+                    ],
+                }
+            ),
+            headers=doctor,
+        )
+        assert granted.status_code == 200, granted.text
+        read = await http.get(f"/fhir/Patient/{patient_id}", headers=doctor)
+        assert read.status_code == 200, read.text
+        po = issuer.token(
+            sub="po-1",
+            roles=["privacy-officer"],
+            scope="openid",
+            fhirUser=None,
+            amr=["pwd", "otp"],
+            acr="urn:mfa",
+        )
+        queue = await http.get("/admin/break-glass", headers={"Authorization": f"Bearer {po}"})
+        assert [g["grant"] for g in queue.json()["grants"]] == [_grant_id(granted)]

@@ -10,7 +10,8 @@ never the free-text justification, and **no patient id**:
 * the grant id is enough to act on: the review queue (``GET /admin/break-glass/{id}``)
   resolves it to the patient, for privacy officers only, and that look is itself audited.
 
-The log sink writes the same payload (one JSON line). The webhook sink queues alerts in
+The log sink writes the same payload (one JSON line, ``{"event": "break-glass.alert",
+"level": "warning", "ts": ..., "alert": {...}}``). The webhook sink queues alerts in
 memory and POSTs them from a background task with retries and exponential back-off; a full
 queue drops the oldest alert and counts it (the grant's ledger event, recorded before the grant
 took effect, is the durable record; alerts are the prompt). :meth:`WebhookAlertSink.aclose`
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
@@ -79,7 +81,13 @@ class LogAlertSink:
 
     def send(self, alert: Alert) -> None:
         stream = self._stream or sys.stderr
-        line = json.dumps({"event": "break-glass-alert", **alert}, sort_keys=True)
+        entry = {
+            "event": "break-glass.alert",
+            "level": "warning",
+            "ts": time.time(),
+            "alert": alert,
+        }
+        line = json.dumps(entry, sort_keys=True)
         with contextlib.suppress(Exception):  # an alert never fails the request
             stream.write(line + "\n")
             stream.flush()

@@ -55,7 +55,9 @@ def test_the_log_sink_writes_one_json_line() -> None:
     stream = io.StringIO()
     AlertFanout([LogAlertSink(stream)]).grant_made(RECORD)
     [line] = stream.getvalue().splitlines()
-    assert json.loads(line)["grant"] == "bg-0123"
+    entry = json.loads(line)
+    assert entry["event"] == "break-glass.alert" and entry["level"] == "warning"
+    assert entry["alert"]["grant"] == "bg-0123" and entry["alert"]["event"] == "granted"
 
 
 def test_a_failing_sink_never_reaches_the_caller() -> None:
@@ -65,7 +67,7 @@ def test_a_failing_sink_never_reaches_the_caller() -> None:
 
     stream = io.StringIO()
     AlertFanout([Broken(), LogAlertSink(stream)]).grant_revoked(RECORD)
-    assert json.loads(stream.getvalue())["event"] == "revoked"
+    assert json.loads(stream.getvalue())["alert"]["event"] == "revoked"
 
 
 async def test_the_webhook_retries_until_delivered() -> None:
