@@ -5,9 +5,7 @@ Only the identity provider, the clock and the ledger are doubles. The app is bui
 ``open_service`` will build it (``wire_break_glass``: service on ``app.state.break_glass``, its
 routers mounted); the FHIR router's caller gets the caller's grants
 (``access_context_with_grants``), installed here as a dependency override until the FHIR
-router does it. ``test_open_service_wires_break_glass`` is a strict xfail on the real
-composition: it flips when ``open_service`` and the FHIR router's ``_caller`` are wired (then
-remove the marker).
+router does it; ``test_open_service_wires_break_glass`` checks the real composition.
 """
 
 from __future__ import annotations
@@ -614,10 +612,6 @@ def test_the_review_cli_against_a_live_server(tmp_path: Path) -> None:
         parts.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open_service does not wire break-glass yet (the lead's wiring: see the module doc)",
-)
 async def test_open_service_wires_break_glass(tmp_path: Path) -> None:
     """``phivault serve``'s composition: grant, read under it, queue, after the wiring lands."""
     from phivault.api.serve import open_service

@@ -132,6 +132,7 @@ async def open_service(
     from phivault.access.decision import compile_policy
     from phivault.access.policy import default_policy
     from phivault.api.app import create_app
+    from phivault.api.breakglass import wire_break_glass
     from phivault.api.context import MountedRouter
     from phivault.api.fhir import FHIR_PREFIX, fhir_router
     from phivault.api.keys import UnsealState, keys_router, require_unsealed
@@ -170,6 +171,10 @@ async def open_service(
             async def keys_unsealed() -> None:
                 await require_unsealed(unseal)
 
+            break_glass = wire_break_glass(
+                settings, engine=store.engine, ciphers=ring, policy=policy, clock=clock
+            )
+
             yield create_app(
                 settings,
                 audit_sink=ledger,
@@ -177,6 +182,7 @@ async def open_service(
                 key_sources=key_sources,
                 routers=[
                     MountedRouter(keys_router(), prefix="/admin/keys"),
+                    *break_glass.routers,
                     MountedRouter(
                         fhir_router(
                             default_count=records.default_count,
@@ -189,7 +195,9 @@ async def open_service(
                     "unseal": unseal,
                     "records": repository,
                     "audit_events": AuditEventReader(ledger, policy, clock=clock),
+                    "break_glass": break_glass.service,
                 },
+                on_shutdown=break_glass.on_shutdown,
                 readiness_checks=[keys_unsealed],
                 clock=clock,
             )

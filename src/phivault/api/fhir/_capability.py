@@ -85,7 +85,16 @@ def _resource(resource_type: str) -> dict[str, Any]:
                 row["definition"] = _SPEC_PARAMS[name]
             rows.append(row)
         entry["searchParam"] = rows
+    if resource_type == "Patient":
+        # Emergency access (break-glass): time-boxed, step-up, reviewed; see docs/api.md.
+        entry["operation"] = [
+            {"name": "break-glass", "definition": _OPERATION_BASE + "break-glass"},
+            {"name": "revoke", "definition": _OPERATION_BASE + "break-glass-revoke"},
+        ]
     return entry
+
+
+_OPERATION_BASE: Final = "https://phivault.dev/fhir/OperationDefinition/"
 
 
 # AuditEvent: served read-only from the ledger (privacy officers; a patient, their own).

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from phivault.access.decision import AccessContext
+from phivault.api.breakglass import access_context_with_grants
 from phivault.api.context import AuditCtx, CurrentPrincipal
 from phivault.api.fhir._bundles import (
     OFFSET_PARAM,
@@ -99,8 +99,10 @@ def _audit_events(request: Request) -> AuditEventReader:
     return reader
 
 
-async def _caller(principal: CurrentPrincipal, audit: AuditCtx) -> Caller:
-    return Caller(AccessContext.from_principal(principal), audit)
+async def _caller(request: Request, principal: CurrentPrincipal, audit: AuditCtx) -> Caller:
+    # The caller's active break-glass grants join the access context (roles that cannot use
+    # break-glass skip the lookup).
+    return Caller(await access_context_with_grants(request, principal), audit)
 
 
 Repo = Annotated[RecordsRepository, Depends(_repository)]
