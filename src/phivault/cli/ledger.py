@@ -22,6 +22,7 @@ from rich.table import Table
 from phivault.cli._common import DataDirOption, JsonOption, Output, fail, open_data_dir
 from phivault.datadir import DataDir, default_data_dir
 from phivault.errors import InvalidInput, PhivaultError
+from phivault.ledger.access_report import AccessReportInvalid, verify_access_report
 from phivault.ledger.bundle import read_bundle, verify_bundle, write_bundle
 from phivault.ledger.checkpoint import unverified_checkpoint
 from phivault.ledger.errors import LedgerTampered
@@ -454,3 +455,50 @@ def report(
             f"newest event {result.chain[0]} is included in the checkpoint of size {signed}"
             f" (proof: {len(result.proof)} hashes; --json carries it)"
         )
+
+
+@app.command("verify-report")
+def verify_report(
+    report_file: Annotated[
+        Path, typer.Argument(help="A $access-report Bundle (JSON) saved from the API.")
+    ],
+    *,
+    trusted_key: Annotated[
+        str | None,
+        typer.Option("--key", help="The verifier key you trust (default: the data directory's)."),
+    ] = None,
+    data_dir: DataDirOption = default_data_dir(),
+    json_mode: JsonOption = False,
+) -> None:
+    """Check a patient's access report offline: signed checkpoint, every event's inclusion,
+    the back-link chain down past the window, and the events shown. Exits 0 only if all hold;
+    2 naming the check that failed."""
+    output = Output(json_mode=json_mode)
+    try:
+        text = report_file.read_bytes()
+    except OSError as exc:
+        fail(output, f"cannot read {report_file.name}: {exc.strerror}", kind="invalid", code=2)
+    try:
+        document = json.loads(text)
+    except ValueError:
+        fail(output, f"{report_file.name} is not JSON", kind="invalid", code=2)
+    try:
+        key = trusted_key or verifier_key_of(open_data_dir(output, data_dir))
+        verified = verify_access_report(document, NoteVerifier.from_verifier_key(key))
+    except AccessReportInvalid as exc:
+        fail(output, str(exc), kind=exc.failure.value, code=2)
+    except PhivaultError as exc:
+        fail(output, str(exc), kind="invalid", code=2)
+    summary = {
+        "verified": True,
+        "patient": verified.patient,
+        "checkpoint_size": verified.checkpoint.size,
+        "events": [index for index, _ in verified.events],
+    }
+    if json_mode:
+        output.json(summary)
+        return
+    output.say(
+        f"verified: {len(verified.events)} events of {verified.patient}, each included in the "
+        f"signed checkpoint of size {verified.checkpoint.size}, none missing from the window"
+    )

@@ -25,6 +25,7 @@ from phivault.access.decision import CompiledPolicy, allows_operation
 from phivault.access.vocabulary import Operation
 from phivault.errors import InvalidInput
 from phivault.identity.scopes import Permission
+from phivault.ledger.access_report import build_access_report
 from phivault.ledger.events import Action, AuditEvent, Entity, EventKind, Outcome
 from phivault.ledger.fhir import audit_event_to_fhir
 from phivault.records.repository import AccessDenied, Caller, RecordNotFound
@@ -147,6 +148,47 @@ class AuditEventReader:
             patient=None if patient is None else f"Patient/{patient}",
         )
         return page
+
+    async def access_report(
+        self,
+        caller: Caller,
+        patient: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> dict[str, Any]:
+        """``$access-report``: the patient's accounting of disclosures, provable offline
+        (:mod:`phivault.ledger.access_report`). Privacy officers for any patient; a patient
+        for themselves. The report itself is a disclosure: recorded before it is answered."""
+        access = caller.access
+        allowed = _scoped(caller, Permission.READ) and (
+            allows_operation(self._policy, access, Operation.ACCESS_REPORTS)
+            or allows_operation(self._policy, access, Operation.OWN_ACCESS_REPORT, patient=patient)
+        )
+        reference = f"Patient/{patient}"
+        if not allowed:
+            await self._record(caller, "access-report", (), outcome_reason="not-permitted")
+            raise AccessDenied("this caller may not have this patient's access report")
+        await self._ledger.checkpoint()  # cover every event up to now
+
+        def build() -> dict[str, Any]:
+            notes = self._ledger.checkpoint_notes()
+            return build_access_report(
+                list(self._ledger.patient_chain(reference)),
+                patient=reference,
+                tenant=access.tenant,
+                checkpoint_note=notes[-1],
+                proof_of=self._ledger.inclusion_proof,
+                start=start,
+                end=end,
+            )
+
+        report = await anyio.to_thread.run_sync(build)
+        shown = tuple(
+            int(e["resource"]["id"].removeprefix(_ID_PREFIX)) for e in report["entry"][1:]
+        )
+        await self._record(caller, "access-report", shown, patient=reference)
+        return report
 
     # --- internals -------------------------------------------------------------------------
 

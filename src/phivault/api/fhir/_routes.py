@@ -220,6 +220,30 @@ def fhir_router(
         event = await _audit_events(request).read(caller, event_id)
         return fhir_response(event, pretty=pretty)
 
+    @router.get("/Patient/{patient_id}/$access-report")
+    async def access_report(patient_id: str, request: Request, caller: FhirCaller) -> Response:
+        """The patient's accounting of disclosures (who saw the record, when, why), with the
+        proofs ``phivault ledger verify-report`` checks offline."""
+        pairs = query_pairs(request)
+        pretty = check_format(request, pairs)
+        check_id("Patient", patient_id)
+        window: dict[str, datetime | None] = {"start": None, "end": None}
+        for key, value in pairs:
+            if key in window:
+                try:
+                    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                except ValueError:
+                    raise BadRequest("not an ISO 8601 date or instant", expression=key) from None
+                window[key] = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+            elif key not in FORMAT_PARAMS:
+                raise BadRequest(
+                    "$access-report takes start and end only", expression="(parameter)"
+                )
+        report = await _audit_events(request).access_report(
+            caller, patient_id, start=window["start"], end=window["end"]
+        )
+        return fhir_response(report, pretty=pretty)
+
     @router.post("")
     async def batch_or_transaction(request: Request, caller: FhirCaller, repo: Repo) -> Response:
         pretty = check_format(request, query_pairs(request))
