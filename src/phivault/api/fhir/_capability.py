@@ -90,6 +90,7 @@ def _resource(resource_type: str) -> dict[str, Any]:
         entry["operation"] = [
             {"name": "break-glass", "definition": _OPERATION_BASE + "break-glass"},
             {"name": "revoke", "definition": _OPERATION_BASE + "break-glass-revoke"},
+            {"name": "access-report", "definition": _OPERATION_BASE + "access-report"},
         ]
     return entry
 
