@@ -47,8 +47,8 @@ DOCTORS = ("d1", "d2", "d3")
 CARE = {("d1", "p1"), ("d1", "p2"), ("d2", "p3"), ("d3", "p4")}
 TYPES = ("Patient", "Observation", "Encounter", "Claim", "Practitioner")
 SCOPES = (
-    "user/*.rs", "user/*.rs", "patient/*.rs", "user/Observation.rs", "user/Patient.rs user/Claim.rs",
-    "user/*.r", "system/*.rs", "user/Encounter.s",
+    "user/*.rs", "user/*.rs", "patient/*.rs", "user/Observation.rs",
+    "user/Patient.rs user/Claim.rs", "user/*.r", "system/*.rs", "user/Encounter.s",
 )  # fmt: skip
 PURPOSES = ((), ("TREAT",), ("ETREAT",), ("HPAYMT",), ("PATADM",), ("PATRQT",))
 SEARCHING_ROLES = [Role.CLINICIAN, Role.NURSE, Role.FRONT_DESK, Role.BILLING, Role.PATIENT]
@@ -97,9 +97,10 @@ def _bundle() -> tuple[dict[str, Any], list[tuple[str, str | None]]]:
                               "subject": {"reference": uuid[p]},
                               "participant": [{"member": {"reference": uuid[d]}}]})  # fmt: skip
         else:
+            individual = {"individual": {"reference": uuid[d]}}
             add(f"enc{i}", p, {"resourceType": "Encounter", "status": "finished",
                                "class": {"code": "AMB"}, "subject": {"reference": uuid[p]},
-                               "participant": [{"individual": {"reference": uuid[d]}}]})  # fmt: skip
+                               "participant": [individual]})  # fmt: skip
     add("e-void", "p2", {"resourceType": "Encounter", "status": "entered-in-error",
                          "class": {"code": "AMB"}, "subject": {"reference": uuid["p2"]},
                          "participant": [{"individual": {"reference": uuid["d2"]}}]})  # fmt: skip
