@@ -90,7 +90,12 @@ class ApiSettings(BaseModel):
 
 
 class AccessSettings(BaseModel):
-    """Access control (phivault.access): break-glass time box and review deadline."""
+    """Access control (phivault.access): the policy file, break-glass time box and review
+    deadline."""
+
+    # An operator's policy (TOML, as `phivault policy check FILE` validates it); None: the
+    # shipped default. An invalid policy stops the server at start with every problem listed.
+    policy_file: Path | None = None
 
     # How long a break-glass grant lasts, on the server's clock.
     break_glass_minutes: int = Field(default=60, gt=0, le=24 * 60)

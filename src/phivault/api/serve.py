@@ -33,6 +33,7 @@ from phivault.settings import Settings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from phivault.access.policy import Policy
     from phivault.identity.jwks import KeySource
     from phivault.records.store import SqlRecordStore
 
@@ -130,7 +131,6 @@ async def open_service(
     ``/admin/keys/unseal``, and ``/readyz`` says "not ready" until then).
     """
     from phivault.access.decision import compile_policy
-    from phivault.access.policy import default_policy
     from phivault.api.app import create_app
     from phivault.api.breakglass import wire_break_glass
     from phivault.api.context import MountedRouter
@@ -149,7 +149,7 @@ async def open_service(
     ):
         store = await asyncio.to_thread(_open_store, settings, data_dir)
         try:
-            policy = compile_policy(default_policy())
+            policy = compile_policy(_load_policy(settings))
             repository = RecordsRepository(
                 store,
                 ring,
@@ -203,6 +203,23 @@ async def open_service(
             )
         finally:
             store.close()
+
+
+def _load_policy(settings: Settings) -> Policy:
+    """The operator's policy file if one is set (validated: an invalid policy stops the
+    start with every problem listed), else the shipped default."""
+    from phivault.access.policy import default_policy, load_policy
+
+    path = settings.access.policy_file
+    if path is None:
+        return default_policy()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(
+            f"the access policy file {path.name} cannot be read ({exc.strerror})"
+        ) from None
+    return load_policy(text, source=str(path))
 
 
 def tune_for_serving() -> None:
