@@ -133,6 +133,7 @@ async def open_service(
     from phivault.access.decision import compile_policy
     from phivault.api.app import create_app
     from phivault.api.breakglass import wire_break_glass
+    from phivault.api.care_assignments import care_assignments_router
     from phivault.api.context import MountedRouter
     from phivault.api.fhir import FHIR_PREFIX, fhir_router
     from phivault.api.keys import UnsealState, keys_router, require_unsealed
@@ -182,6 +183,7 @@ async def open_service(
                 key_sources=key_sources,
                 routers=[
                     MountedRouter(keys_router(), prefix="/admin/keys"),
+                    MountedRouter(care_assignments_router(), prefix="/admin/care-assignments"),
                     *break_glass.routers,
                     MountedRouter(
                         fhir_router(

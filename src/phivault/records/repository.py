@@ -43,10 +43,11 @@ from phivault.access.decision import (
     Decision,
     RelationshipFacts,
     SearchScope,
+    allows_operation,
     decide,
     search_scope,
 )
-from phivault.access.vocabulary import Interaction, Relationship
+from phivault.access.vocabulary import Interaction, Operation, Relationship
 from phivault.crypto.blind_index import BlindIndexer
 from phivault.crypto.errors import DecryptionFailed
 from phivault.crypto.keyring import KeyRing
@@ -1411,6 +1412,47 @@ class RecordsRepository:
         except Exception:
             if not fail_quietly:
                 raise
+
+    # --- explicit care assignments ------------------------------------------------------------
+
+    async def assign_care(
+        self, caller: Caller, practitioner: str, patient: str, *, assigned: bool = True
+    ) -> bool:
+        """Assign (or, with ``assigned=False``, unassign) a practitioner to a patient: a care
+        relationship made by an administrator (a covering physician, a consult). Needs the
+        ``users`` operation; recorded in the ledger before the change. Returns whether
+        anything changed."""
+        if not allows_operation(self._policy, caller.access, Operation.USERS):
+            await self._record_miss(caller, "care-assignment", Action.UPDATE, None, "not-permitted")
+            raise AccessDenied("assigning care is not allowed for this caller")
+        who = practitioner_of(practitioner)
+        if who is None:
+            raise InvalidInput(
+                "must be Practitioner/<id> or PractitionerRole/<id>", path="practitioner"
+            )
+        _check_auditable(who[0], who[1], path="practitioner")
+        _check_auditable("Patient", patient, path="patient")
+        tenant = caller.access.tenant
+        event = caller.audit.event(
+            kind=EventKind.ADMINISTRATION,
+            subtype="care-assignment" if assigned else "care-unassignment",
+            action=Action.CREATE if assigned else Action.DELETE,
+            patient=f"Patient/{patient}",
+            entities=(Entity(what=f"{who[0]}/{who[1]}"),),
+        )
+        await caller.audit.record(event)
+        stamp = int(self._clock() * 1_000_000)
+
+        def change() -> bool:
+            with self._store.unit_of_work() as uow:
+                if assigned:
+                    done = uow.assign_care(tenant, who, patient, by=caller.access.subject, at=stamp)
+                else:
+                    done = uow.unassign_care(tenant, who, patient)
+                uow.commit()
+                return done
+
+        return await _blocking(change)
 
     # --- crash recovery ----------------------------------------------------------------------
 

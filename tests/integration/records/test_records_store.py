@@ -21,7 +21,7 @@ from phivault.records.store import (
     SqlRecordStore,
     VersionConflict,
 )
-from phivault.records.store.schema import VERSION_TABLE, metadata
+from phivault.records.store.schema import HEAD_REVISION, VERSION_TABLE, metadata
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -61,7 +61,7 @@ def test_migrations_create_exactly_the_declared_schema(stores: StoreFactory) -> 
         diffs = compare_metadata(MigrationContext.configure(conn), metadata)
         head = conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar_one()
     assert [d for d in diffs if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
-    assert head == "0002"
+    assert head == HEAD_REVISION
 
 
 def test_create_read_update_vread(store: SqlRecordStore) -> None:

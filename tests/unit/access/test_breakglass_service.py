@@ -44,7 +44,7 @@ from phivault.ledger.events import (
 )
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.records.store import NewVersion, ResourceKey, SqlRecordStore
-from phivault.records.store.schema import VERSION_TABLE, metadata
+from phivault.records.store.schema import HEAD_REVISION, VERSION_TABLE, metadata
 
 T0 = 1_800_000_000.0
 SECRET = "Zebulon Quackenbush, found unconscious"
@@ -182,7 +182,7 @@ def test_the_migration_creates_exactly_the_declared_table(store: SqlRecordStore)
         diffs = compare_metadata(MigrationContext.configure(conn), metadata)
         head = conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar_one()
     assert [d for d in diffs if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
-    assert head == "0002"
+    assert head == HEAD_REVISION
 
 
 def test_review_status_is_pure_on_the_clock() -> None:

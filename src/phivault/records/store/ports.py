@@ -224,6 +224,17 @@ class RecordUnitOfWork(Protocol):
         versions every scope admits (a scope sees each version's own ``key_subject``)."""
         ...
 
+    def assign_care(
+        self, tenant: str, practitioner: tuple[str, str], patient: str, *, by: str, at: int
+    ) -> bool:
+        """Record an explicit care assignment (a care relationship an administrator made);
+        False if it already existed."""
+        ...
+
+    def unassign_care(self, tenant: str, practitioner: tuple[str, str], patient: str) -> bool:
+        """Remove an explicit care assignment; False if there was none."""
+        ...
+
     def care_related(
         self, tenant: str, practitioner: tuple[str, str], patients: Collection[str]
     ) -> set[str]:

@@ -48,6 +48,7 @@ __all__ = [
     "DATE_MIN",
     "HEAD_REVISION",
     "VERSION_TABLE",
+    "care_assignments",
     "groups",
     "idx_blind",
     "idx_date",
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 #: The Alembic revision :func:`upgrade` brings a database to.
-HEAD_REVISION: Final = "0002"
+HEAD_REVISION: Final = "0003"
 #: Alembic's bookkeeping table for this part (other parts may use Alembic in the same database).
 VERSION_TABLE: Final = "rec_alembic_version"
 #: Open lower / upper bounds of a date range (microseconds).
@@ -199,6 +200,24 @@ idx_blind = Table(
     Index("rec_idx_blind_by_resource", "tenant", "resource_type", "resource_id"),
     Index("rec_idx_blind_by_subject", "tenant", "key_subject"),
     Index("rec_idx_blind_by_key_version", "tenant", "key_version"),
+)  # fmt: skip
+
+
+#: Explicit care assignments (migration 0003): a care relationship an administrator made.
+care_assignments = Table(
+    "acc_care_assignments",
+    metadata,
+    _tenant(),
+    Column("practitioner_type", String(64), nullable=False),
+    Column("practitioner_id", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("assigned_by", String(128), nullable=False),
+    Column("assigned_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint(
+        "tenant", "practitioner_type", "practitioner_id", "patient_id",
+        name="acc_care_assignments_pk",
+    ),
+    Index("acc_care_assignments_by_patient", "tenant", "patient_id"),
 )  # fmt: skip
 
 

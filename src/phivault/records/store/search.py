@@ -57,6 +57,7 @@ from phivault.records.store.ports import BlindTerms, Scope
 from phivault.records.store.schema import (
     DATE_MAX,
     DATE_MIN,
+    care_assignments,
     idx_blind,
     idx_date,
     idx_reference,
@@ -312,7 +313,8 @@ def linked_patients(
 ) -> list[Select[Any]]:
     """Queries of the patient ids ``practitioner_type/practitioner_id`` has a care
     relationship with in ``tenant`` (a column to correlate on, or a value): as a participant
-    of a CareTeam or an Encounter that is not voided, or as a general practitioner."""
+    of a CareTeam or an Encounter that is not voided, as a general practitioner, or by an
+    explicit assignment (``acc_care_assignments``)."""
     via = idx_reference.alias("care_via")
     to = idx_reference.alias("care_patient")
     linked: list[Select[Any]] = [
@@ -339,6 +341,14 @@ def linked_patients(
         )
         for kind, through, patient in CARE_LINKS
     ]
+    assigned = care_assignments.c
+    linked.append(
+        select(assigned.patient_id).where(
+            assigned.tenant == tenant,
+            assigned.practitioner_type == practitioner_type,
+            assigned.practitioner_id == practitioner_id,
+        )
+    )
     gp = idx_reference.alias("care_gp")
     linked.append(
         select(gp.c.resource_id).where(

@@ -75,6 +75,7 @@ from phivault.records.store.ports import (
 from phivault.records.store.schema import (
     DATE_MAX,
     DATE_MIN,
+    care_assignments,
     groups,
     idx_blind,
     idx_date,
@@ -549,6 +550,51 @@ class SqlUnitOfWork:
         )
         statement = page_select(where).order_by(h.resource_type, h.resource_id)
         return self._versions(statement, groups)
+
+    def assign_care(
+        self, tenant: str, practitioner: tuple[str, str], patient: str, *, by: str, at: int
+    ) -> bool:
+        """Record an explicit care assignment; False if it already existed."""
+        _check_tenant(tenant)
+        _check_type(practitioner[0])
+        for value, where in ((practitioner[1], "practitioner"), (patient, "patient")):
+            if not _ID_RE.match(value):
+                raise InvalidInput("not a resource id", path=where)
+        conn = self._writable()
+        a = care_assignments.c
+        key = (
+            a.tenant == tenant,
+            a.practitioner_type == practitioner[0],
+            a.practitioner_id == practitioner[1],
+            a.patient_id == patient,
+        )
+        with self._translate("assign care"):
+            if conn.execute(select(a.patient_id).where(*key)).first() is not None:
+                return False
+            conn.execute(
+                insert(care_assignments).values(
+                    tenant=tenant, practitioner_type=practitioner[0],
+                    practitioner_id=practitioner[1], patient_id=patient,
+                    assigned_by=by, assigned_at=at,
+                )
+            )  # fmt: skip
+        return True
+
+    def unassign_care(self, tenant: str, practitioner: tuple[str, str], patient: str) -> bool:
+        """Remove an explicit care assignment; False if there was none."""
+        _check_tenant(tenant)
+        conn = self._writable()
+        a = care_assignments.c
+        with self._translate("unassign care"):
+            removed = conn.execute(
+                delete(care_assignments).where(
+                    a.tenant == tenant,
+                    a.practitioner_type == practitioner[0],
+                    a.practitioner_id == practitioner[1],
+                    a.patient_id == patient,
+                )
+            ).rowcount
+        return bool(removed)
 
     def care_related(
         self, tenant: str, practitioner: tuple[str, str], patients: Collection[str]
