@@ -236,6 +236,25 @@ def test_what_comes_back_is_exactly_what_the_decision_allows(
         assert match.redacted == (
             set(_groups_of(world, match.reference)) - expected[match.reference] != set()
         )
+    # _include shows only patients the caller could search for themselves
+    if resource_type == "Observation":
+        with_patients = run(
+            world.repo.search(
+                caller, parse_search("Observation", "_count=100&_include=Observation:patient")
+            )
+        )
+        patients_allowed = _expected(world, ctx, "Patient", Interaction.SEARCH)
+        assert {r.reference for r in with_patients.included} <= set(patients_allowed)
+        assert {m.reference for m in with_patients.matches} == set(expected)
+    # a type history holds only versions of resources the caller may see
+    history_allowed = _expected(world, ctx, resource_type, Interaction.HISTORY)
+    try:
+        page = run(world.repo.history(caller, resource_type, count=200))
+    except Exception as exc:
+        assert type(exc).__name__ == "AccessDenied"
+        assert not history_allowed
+    else:
+        assert {v.reference for v in page.versions} == set(history_allowed)
     # what the audit events name is what was disclosed, nothing more
     named = {e.what.rsplit("/_history/", 1)[0] for ev in sink.events for e in ev.entities if e.what}
     assert named - {r for r in named if r.startswith("Patient/")} <= got | set()
