@@ -101,6 +101,9 @@ class AccessSettings(BaseModel):
     break_glass_minutes: int = Field(default=60, gt=0, le=24 * 60)
     # Grants not reviewed this long after they were made are reported as overdue.
     break_glass_overdue_hours: float = Field(default=24.0, gt=0, le=24 * 90)
+    # Where break-glass alerts are POSTed besides the log (PHI-free payload; queued and
+    # retried in the background). None: the log only.
+    break_glass_webhook_url: str | None = None
 
 
 class KeyProviderKind(StrEnum):
@@ -166,6 +169,9 @@ class Settings(BaseSettings):
                 "production settings refuse the benchmark-only switches that turn off audit, "
                 "encryption or the access policy (records.bench_*)"
             )
+        hook = self.access.break_glass_webhook_url
+        if self.environment is Environment.PRODUCTION and hook and not hook.startswith("https://"):
+            raise ValueError("production sends break-glass alerts over HTTPS only")
         return self
 
     @property

@@ -173,7 +173,12 @@ async def open_service(
                 await require_unsealed(unseal)
 
             break_glass = wire_break_glass(
-                settings, engine=store.engine, ciphers=ring, policy=policy, clock=clock
+                settings,
+                engine=store.engine,
+                ciphers=ring,
+                policy=policy,
+                clock=clock,
+                webhook_url=settings.access.break_glass_webhook_url,
             )
 
             yield create_app(
