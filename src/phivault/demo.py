@@ -1015,7 +1015,12 @@ def show_serving(demo: Demo, steps: Sequence[Step], cast: Cast, tokens: Path) ->
         bearer.format(var="FRONT_DESK", url=f"{demo.fhir}/Patient/{cast.patient}")
         + "   # demographics only",
         bearer.format(var="PRIVACY_OFFICER", url=f"{demo.fhir}/Patient/{cast.patient}")
-        + "   # 404: no PHI; the access report below is theirs",
+        + "   # 404: no PHI; the audit trail is theirs:",
+        bearer.format(var="PRIVACY_OFFICER", url=f"{demo.fhir}/AuditEvent?patient={cast.patient}")
+        + "   # who saw the record",
+        bearer.format(var="PATIENT", url=f"{demo.fhir}/Patient/{cast.patient}/\\$access-report")
+        + " > report.json   # the patient's own accounting of disclosures, then:",
+        f"{_phivault()} ledger verify-report report.json --data-dir {demo.data_dir}",
         bearer.format(var="ADMIN", url=f"{demo.fhir}/Practitioner/{cast.clinician}")
         + "   # the directory, no PHI",
         f"{_phivault()} ledger report --patient {cast.patient} --data-dir {demo.data_dir}",
