@@ -63,9 +63,9 @@ __all__ = [
     "allows_operation",
     "compile_policy",
     "decide",
-    "groups_bound",
     "groups_of_mask",
     "mask_of_groups",
+    "scopes_allow",
     "search_scope",
 ]
 
@@ -436,22 +436,6 @@ def search_scope(
     )
 
 
-def groups_bound(
-    policy: CompiledPolicy, ctx: AccessContext, resource_type: str, interaction: Interaction
-) -> frozenset[ElementGroup]:
-    """The most element groups any decision for this caller, type and interaction can allow
-    (every role, every purpose): what a search must fetch at most. Each row's own decision
-    (:func:`decide`) then says which of them are opened."""
-    mask = 0
-    for role in ctx.roles:
-        compiled = policy.roles.get(role)
-        slots = None if compiled is None else compiled.table.get((resource_type, interaction))
-        if slots:
-            for value in slots.values():
-                mask |= value
-    return _MASKS[mask]
-
-
 def allows_operation(
     policy: CompiledPolicy, ctx: AccessContext, operation: Operation, *, patient: str | None = None
 ) -> bool:
@@ -492,6 +476,15 @@ def _grant_for(
             return grant.grant_id, None
         expired = True
     return None, DenyReason.BREAK_GLASS_EXPIRED if expired else DenyReason.NO_RELATIONSHIP
+
+
+def scopes_allow(
+    ctx: AccessContext, resource_type: str, permission: Permission, patient: str | None = None
+) -> bool:
+    """Whether the token's SMART scopes grant ``permission`` on ``resource_type`` (for
+    ``patient``'s compartment, when the scope is a ``patient/`` one). Scopes narrow access,
+    never widen it: every check of a resource type outside the policy's tables uses this."""
+    return _scope_allows(ctx, resource_type, permission, patient)
 
 
 def _scope_allows(

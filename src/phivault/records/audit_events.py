@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio.to_thread
 
-from phivault.access.decision import CompiledPolicy, allows_operation
+from phivault.access.decision import CompiledPolicy, allows_operation, scopes_allow
 from phivault.access.vocabulary import Operation
 from phivault.errors import InvalidInput
 from phivault.identity.scopes import Permission
@@ -161,7 +161,7 @@ class AuditEventReader:
         (:mod:`phivault.ledger.access_report`). Privacy officers for any patient; a patient
         for themselves. The report itself is a disclosure: recorded before it is answered."""
         access = caller.access
-        allowed = _scoped(caller, Permission.READ) and (
+        allowed = _scoped(caller, Permission.READ, patient) and (
             allows_operation(self._policy, access, Operation.ACCESS_REPORTS)
             or allows_operation(self._policy, access, Operation.OWN_ACCESS_REPORT, patient=patient)
         )
@@ -194,7 +194,8 @@ class AuditEventReader:
 
     def _may_see(self, caller: Caller, event: AuditEvent) -> bool:
         access = caller.access
-        if event.tenant != access.tenant or not _scoped(caller, Permission.READ):
+        about = None if event.patient is None else event.patient.removeprefix("Patient/")
+        if event.tenant != access.tenant or not _scoped(caller, Permission.READ, about):
             return False
         if allows_operation(self._policy, access, Operation.AUDIT_EVENTS):
             return True
@@ -277,14 +278,9 @@ class AuditEventReader:
 _LEDGER_FIELDS: Final = ("seq", "chain", "patient_prev")
 
 
-def _scoped(caller: Caller, permission: Permission) -> bool:
+def _scoped(caller: Caller, permission: Permission, patient: str | None = None) -> bool:
     """The token's SMART scopes must grant AuditEvent too: scopes narrow, never widen."""
-    return any(
-        scope.query is None
-        and permission in scope.permissions
-        and scope.resource in ("*", "AuditEvent")
-        for scope in caller.access.scopes
-    )
+    return scopes_allow(caller.access, "AuditEvent", permission, patient)
 
 
 def _index_of(event_id: str) -> int | None:

@@ -187,15 +187,12 @@ def _blind_pair(criterion: Criterion, value: Value) -> tuple[IndexField, str]:
     return blind_lookup(param, text, modifier=criterion.modifier)
 
 
-_KNOWN_NAMES: Final = known_parameter_names()
-
-
 def _label(name: str) -> str:
     """The parameter name for an error message, or a neutral word if it is not a name."""
     # Only a name FHIR defines is repeated: an unknown one could be anything the caller
     # typed (a patient's name as a parameter name), and errors never echo input.
     base = name.partition(":")[0].partition(".")[0]
-    known = base.startswith("_") or base in _KNOWN_NAMES
+    known = base.startswith("_") or base in known_parameter_names()
     return name if known and _NAME_RE.match(name) else "(parameter)"
 
 

@@ -1007,7 +1007,7 @@ class RecordsRepository:
             if head is None or head.deleted:
                 return None
             facts_subject = head.key_subject
-            decision = self._decide_write(
+            decision = self._decide(
                 caller, entry.resource_type, facts_subject, related, Interaction.DELETE
             )
             if not decision.allowed:
@@ -1029,12 +1029,12 @@ class RecordsRepository:
             raise InvalidInput("must be an object", path="meta")
         resource["meta"] = {**(meta or {}), "versionId": str(version), "lastUpdated": stamp}
         subject = self._subject_of(resource)
-        decision = self._decide_write(caller, entry.resource_type, subject, related, interaction)
+        decision = self._decide(caller, entry.resource_type, subject, related, interaction)
         if not decision.allowed:
             await self._refuse_write(caller, interaction, subject, decision)
         if head is not None and not head.deleted and head.key_subject != subject:
             # Moving a record to another patient is a write to both compartments.
-            before = self._decide_write(
+            before = self._decide(
                 caller, entry.resource_type, head.key_subject, related, Interaction.UPDATE
             )
             if not before.allowed:
@@ -1162,16 +1162,6 @@ class RecordsRepository:
         return decide(
             self._policy, caller.access, resource_type, interaction, facts, now=self._clock()
         )
-
-    def _decide_write(
-        self,
-        caller: Caller,
-        resource_type: str,
-        subject: str,
-        related: Collection[str],
-        interaction: Interaction,
-    ) -> Decision:
-        return self._decide(caller, resource_type, subject, related, interaction)
 
     async def _refuse_write(
         self,

@@ -458,6 +458,7 @@ def search_params(resource_type: str) -> Mapping[str, SearchParam]:
     return found
 
 
+@functools.cache
 def known_parameter_names() -> frozenset[str]:
     """Every search parameter name of every type (for messages that may name a parameter)."""
     return frozenset(name for table in _params().values() for name in table)
