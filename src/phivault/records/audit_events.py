@@ -40,6 +40,7 @@ __all__ = ["MAX_SCAN", "AuditEventPage", "AuditEventQuery", "AuditEventReader", 
 MAX_SCAN: Final = 50_000
 _PREFIXES: Final = ("eq", "ne", "gt", "lt", "ge", "le")
 _ID_PREFIX: Final = "ledger-"
+_SCAN_CHUNK: Final = 512  # ledger entries read at once when walking back
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,10 +238,12 @@ class AuditEventReader:
                 prev = item.document.get("patient_prev")
                 yield item.index, AuditEvent.from_document(document), prev
             return
-        start = self._ledger.size if before is None else min(before, self._ledger.size)
-        for index in range(start - 1, -1, -1):
-            entry = self._ledger.read(index)
-            yield index, entry.event, entry.patient_prev
+        stop = self._ledger.size if before is None else min(before, self._ledger.size)
+        while stop > 0:  # newest first, a chunk at a time
+            start = max(0, stop - _SCAN_CHUNK)
+            for entry in reversed(self._ledger.read_range(start, stop)):
+                yield entry.index, entry.event, entry.patient_prev
+            stop = start
 
     def _matches(self, caller: Caller, event: AuditEvent, query: AuditEventQuery) -> bool:
         if not self._may_see(caller, event):

@@ -1462,8 +1462,12 @@ class RecordsRepository:
         def scan() -> list[AuditEvent]:
             intents: dict[tuple[str | None, tuple[str, ...]], AuditEvent] = {}
             settled: set[tuple[str | None, tuple[str, ...]]] = set()
-            for index in range(start, end):
-                event = ledger.read(index).event
+            events = (
+                entry.event
+                for chunk in range(start, end, _SCAN_CHUNK)
+                for entry in ledger.read_range(chunk, min(chunk + _SCAN_CHUNK, end))
+            )
+            for event in events:
                 if event.kind is not EventKind.REST or event.outcome_reason is None:
                     continue
                 key = (event.request_id, _written(event))
@@ -1514,6 +1518,7 @@ class RecordsRepository:
 # --- helpers ------------------------------------------------------------------------------
 
 _T = TypeVar("_T")
+_SCAN_CHUNK: Final = 1024  # ledger entries read at once by reconcile()
 _READ_OUTCOMES: Final = frozenset({PlanOutcome.READ, PlanOutcome.SEARCH})
 _OUTCOME_REASONS: Final = frozenset(
     {_COMMITTED, _ROLLED_BACK, "reconciled-committed", "reconciled-absent"}

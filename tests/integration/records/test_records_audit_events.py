@@ -71,6 +71,10 @@ async def test_privacy_officers_search_by_patient_agent_and_date(
     assert (await reader.search(po, none)).events == []  # type: ignore[arg-type]
     one = await reader.read(po, page.events[0]["id"])  # type: ignore[arg-type]
     assert one["id"] == page.events[0]["id"]
+    # the chunked read the scans use gives exactly the entries one read at a time gives
+    assert ledger.read_range(0, ledger.size) == [ledger.read(i) for i in range(ledger.size)]
+    with pytest.raises(Exception, match="no entries"):
+        ledger.read_range(0, ledger.size + 1)
 
 
 async def test_a_patient_sees_only_their_own_and_others_nothing(
