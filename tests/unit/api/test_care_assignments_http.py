@@ -6,46 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
-
-from phivault.api.serve import open_service
-from phivault.datadir import DataDir
-from phivault.identity.testing import FakeIssuer
-from phivault.initialize import initialize_data_dir
-from phivault.settings import Settings
-
-MFA = "http://schemas.openid.net/pape/policies/2007/06/multi-factor"
-
-
-def bearer(issuer: FakeIssuer, **claims: object) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {issuer.token(**claims)}",
-        "Content-Type": "application/fhir+json",
-    }
+from service_support import MFA, bearer, served
 
 
 async def test_an_admin_assigns_a_covering_clinician(tmp_path: Path) -> None:
-    init = initialize_data_dir(tmp_path / "data", dev=False, threshold=2, shares=3)
-    issuer = FakeIssuer()
-    loader = bearer(
-        issuer, roles=["service"], scope="system/*.cruds", purpose_of_use=["HOPERAT"], fhirUser=None
-    )
-    admin = bearer(
-        issuer, sub="admin-1", roles=["admin"], scope="user/Practitioner.cruds", fhirUser=None,
-        amr=["pwd", "otp"], acr=MFA,
-    )  # fmt: skip
-    doctor = bearer(issuer, roles=["clinician"], scope="user/*.rs", fhirUser="Practitioner/cov-1")
-    async with (
-        open_service(
-            Settings(),
-            DataDir.open(tmp_path / "data"),
-            key_sources={issuer.issuer: issuer.key_source()},
-            unseal_shares=init.keystore.shares[:2],
-        ) as app,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
-        ) as http,
-    ):
+    async with served(tmp_path) as service:
+        http, issuer, loader = service.http, service.issuer, service.loader()
+        admin = bearer(
+            issuer, sub="admin-1", roles=["admin"], scope="user/Practitioner.cruds",
+            fhirUser=None, amr=["pwd", "otp"], acr=MFA,
+        )  # fmt: skip
+        doctor = bearer(
+            issuer, roles=["clinician"], scope="user/*.rs", fhirUser="Practitioner/cov-1"
+        )
         body = json.dumps({"resourceType": "Patient", "gender": "other"})
         pid = (await http.post("/fhir/Patient", content=body, headers=loader)).json()["id"]
         assert (await http.get(f"/fhir/Patient/{pid}", headers=doctor)).status_code == 404

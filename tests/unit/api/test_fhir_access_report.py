@@ -11,13 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI
+from service_support import bearer, served
 
-from phivault.api.serve import open_service
 from phivault.datadir import DataDir
-from phivault.identity.testing import FakeIssuer
 from phivault.initialize import initialize_data_dir
 from phivault.ledger.access_report import (
     AccessReportInvalid,
@@ -26,18 +23,6 @@ from phivault.ledger.access_report import (
 )
 from phivault.ledger.note import NoteVerifier
 from phivault.ledger.service import verifier_key_of
-from phivault.settings import Settings
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
-def bearer(issuer: FakeIssuer, **claims: object) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {issuer.token(**claims)}",
-        "Content-Type": "application/fhir+json",
-    }
 
 
 def verify_cli(path: Path, key: str) -> subprocess.CompletedProcess[str]:
@@ -52,28 +37,12 @@ def verify_cli(path: Path, key: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_access_report_is_served_and_verifies_offline(tmp_path: Path) -> None:
-    init = initialize_data_dir(tmp_path / "data", dev=False, threshold=2, shares=3)
-    data_dir = DataDir.open(tmp_path / "data")
-    issuer = FakeIssuer()
-    loader = bearer(
-        issuer, roles=["service"], scope="system/*.cruds", purpose_of_use=["HOPERAT"], fhirUser=None
-    )
-    officer = bearer(
-        issuer, sub="po-1", roles=["privacy-officer"], scope="user/AuditEvent.rs", fhirUser=None,
-        amr=["pwd", "otp"], acr="http://schemas.openid.net/pape/policies/2007/06/multi-factor",
-    )  # fmt: skip
-    async with (
-        open_service(
-            Settings(),
-            data_dir,
-            key_sources={issuer.issuer: issuer.key_source()},
-            unseal_shares=init.keystore.shares[:2],
-        ) as app,
-        client(app) as http,
-    ):
+    async with served(tmp_path) as service:
+        http, issuer, data_dir = service.http, service.issuer, service.data_dir
+        loader, officer = service.loader(), service.officer()
         body = json.dumps({"resourceType": "Patient", "gender": "female"})
         pid = (await http.post("/fhir/Patient", content=body, headers=loader)).json()["id"]
-        own = bearer(issuer, roles=["patient"], scope="patient/*.rs", fhirUser=f"Patient/{pid}")
+        own = service.patient(pid)
         for _ in range(3):
             assert (await http.get(f"/fhir/Patient/{pid}", headers=own)).status_code == 200
         answer = await http.get(f"/fhir/Patient/{pid}/$access-report", headers=officer)

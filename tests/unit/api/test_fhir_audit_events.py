@@ -7,53 +7,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
-from fastapi import FastAPI
-
-from phivault.api.serve import open_service
-from phivault.datadir import DataDir
-from phivault.identity.testing import FakeIssuer
-from phivault.initialize import initialize_data_dir
-from phivault.settings import Settings
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
-def bearer(issuer: FakeIssuer, **claims: object) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {issuer.token(**claims)}",
-        "Content-Type": "application/fhir+json",
-    }
+from service_support import bearer, served
 
 
 async def test_audit_events_are_served_from_the_ledger(tmp_path: Path) -> None:
-    init = initialize_data_dir(tmp_path / "data", dev=False, threshold=2, shares=3)
-    issuer = FakeIssuer()
-    loader = bearer(
-        issuer, roles=["service"], scope="system/*.cruds", purpose_of_use=["HOPERAT"], fhirUser=None
-    )
-    officer = bearer(
-        issuer, sub="po-1", roles=["privacy-officer"], scope="user/AuditEvent.rs", fhirUser=None,
-        amr=["pwd", "otp"], acr="http://schemas.openid.net/pape/policies/2007/06/multi-factor",
-    )  # fmt: skip
-    clinician = bearer(
-        issuer, roles=["clinician"], scope="user/*.rs", fhirUser="Practitioner/nobody"
-    )
-    async with (
-        open_service(
-            Settings(),
-            DataDir.open(tmp_path / "data"),
-            key_sources={issuer.issuer: issuer.key_source()},
-            unseal_shares=init.keystore.shares[:2],
-        ) as app,
-        client(app) as http,
-    ):
+    async with served(tmp_path) as service:
+        http, issuer = service.http, service.issuer
+        loader, officer = service.loader(), service.officer()
+        clinician = bearer(
+            issuer, roles=["clinician"], scope="user/*.rs", fhirUser="Practitioner/nobody"
+        )
         patient = {"resourceType": "Patient", "gender": "female"}
         created = await http.post("/fhir/Patient", content=json.dumps(patient), headers=loader)
         pid = created.json()["id"]
-        own = bearer(issuer, roles=["patient"], scope="patient/*.rs", fhirUser=f"Patient/{pid}")
+        own = service.patient(pid)
         assert (await http.get(f"/fhir/Patient/{pid}", headers=own)).status_code == 200
 
         found = await http.get(f"/fhir/AuditEvent?patient={pid}", headers=officer)
