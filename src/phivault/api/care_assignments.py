@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from phivault.access.decision import AccessContext
 from phivault.api.context import AuditCtx, CurrentPrincipal
-from phivault.api.fhir._routes import FhirRoute
+from phivault.api.fhir import FhirRoute
 from phivault.api.problems import ServiceUnavailable
 from phivault.records.repository import Caller, RecordsRepository
 
