@@ -312,22 +312,35 @@ class PolicyScope:
                 if clause.by_relationship:
                     admitted.append(true())
                 continue
-            if clause.by_relationship:
-                required = clause.relationship
-                if required is Relationship.TENANT:
-                    admitted.append(true())
-                elif required is Relationship.CARE and self.practitioner is not None:
-                    care = CareRelationshipScope(*self.practitioner).predicate(resources)
-                    admitted.append(and_(has_patient, care))
-                elif required is Relationship.OWN and scope.own_patient is not None:
-                    admitted.append(subject == scope.own_patient)
+            related = self._related(clause.relationship, resources)
+            if clause.by_relationship and related is not None:
+                admitted.append(related)
             if clause.granted:
-                admitted.append(and_(has_patient, subject.in_(sorted(clause.granted))))
+                granted = and_(has_patient, subject.in_(sorted(clause.granted)))
+                # A grant stands in only where the relationship does not hold: a related
+                # caller is judged by the purposes claimed, grant or no grant (``decide``).
+                if not clause.by_relationship and related is not None:
+                    granted = and_(granted, ~related)
+                admitted.append(granted)
         predicate = or_(false(), *admitted)
         if scope.patient_only:
             context = [] if scope.patient_context is None else [subject == scope.patient_context]
             predicate = and_(predicate, or_(~has_patient, *context))
         return predicate
+
+    def _related(
+        self, required: Relationship | None, resources: FromClause
+    ) -> ColumnElement[bool] | None:
+        """Rows whose patient relates to the caller by ``required``; None: none can."""
+        subject = resources.c.key_subject
+        if required is Relationship.TENANT:
+            return true()
+        if required is Relationship.CARE and self.practitioner is not None:
+            care = CareRelationshipScope(*self.practitioner).predicate(resources)
+            return and_(subject != DIRECTORY_SUBJECT, care)
+        if required is Relationship.OWN and self.scope.own_patient is not None:
+            return subject == self.scope.own_patient
+        return None
 
 
 def practitioner_of(fhir_user: str | None) -> tuple[str, str] | None:
