@@ -3,16 +3,30 @@
 Nothing reads settings at import time. Each part owns a section; production settings refuse
 development-only adapters (the dev unseal file, the dev identity provider) and
 benchmark-only switches, failing closed with a :class:`~phivault.errors.ConfigurationError`.
+
+The ``[shape]`` section picks the adapters (docs/deploy/): the embedded shape (SQLite, the
+local ledger, per-process state, sealed keys) by default, or the scaled one (PostgreSQL,
+the JetStream audit stream and its sequencer, Redis, an HSM or KMS). A settings file
+(:func:`load_settings`, ``phivault serve --config FILE``) holds the same sections as TOML;
+environment variables override it.
 """
 
 from __future__ import annotations
 
+import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from phivault.errors import ConfigurationError
 
 __all__ = [
     "AccessSettings",
@@ -21,10 +35,16 @@ __all__ = [
     "IdentitySettings",
     "KeyProviderKind",
     "KeySettings",
+    "LedgerKind",
     "LedgerSettings",
     "RecordsSettings",
     "Settings",
+    "ShapeSettings",
+    "SharedStateKind",
+    "StoreKind",
     "TrustedIssuer",
+    "describe_invalid_settings",
+    "load_settings",
 ]
 
 
@@ -33,14 +53,44 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
-class LedgerSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreKind(StrEnum):
+    SQLITE = "sqlite"  # the embedded database in the data directory
+    POSTGRES = "postgres"  # records.store_url, with optional streaming replicas
+
+
+class LedgerKind(StrEnum):
+    LOCAL = "local"  # the embedded ledger files, written by the one server process
+    JETSTREAM = "jetstream"  # workers publish to a JetStream stream; `phivault sequencer` appends
+
+
+class SharedStateKind(StrEnum):
+    MEMORY = "memory"  # rate limits, DPoP replay cache, sessions per process
+    REDIS = "redis"  # shared by every worker
+
+
+class LedgerSettings(_Section):
     # C2SP checkpoints are issued at most this long after an event arrives.
     checkpoint_interval_s: float = Field(default=1.0, gt=0, le=60)
     # How long a group commit may wait to gather more appends before its fsync.
     group_commit_window_s: float = Field(default=0.0, ge=0, le=0.1)
+    # --- the scaled shape (shape.ledger = "jetstream") ---
+    # Where the sequencer keeps the ledger and workers read it (libpq conninfo or URL).
+    postgres_url: str | None = None
+    postgres_schema: str = Field(default="phivault_ledger", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    nats_urls: list[str] = ["nats://127.0.0.1:4222"]
+    stream: str = Field(default="PHIVAULT_AUDIT", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # File storage replicas of the stream: 3 in production (a 3-node cluster), 1 in tests.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    # How long a worker waits for the stream's acknowledgement before answering 503.
+    publish_timeout_s: float = Field(default=2.0, gt=0, le=30)
 
 
-class TrustedIssuer(BaseModel):
+class TrustedIssuer(_Section):
     issuer: str = Field(min_length=1)
     # None: found through OIDC discovery at <issuer>/.well-known/openid-configuration.
     jwks_url: str | None = None
@@ -49,7 +99,7 @@ class TrustedIssuer(BaseModel):
 _PHI_ROLES = ("clinician", "nurse", "front-desk", "billing", "researcher", "patient")
 
 
-class IdentitySettings(BaseModel):
+class IdentitySettings(_Section):
     """Token validation, DPoP and sessions (phivault.identity)."""
 
     issuers: list[TrustedIssuer] = []
@@ -76,7 +126,7 @@ class IdentitySettings(BaseModel):
     default_tenant: str | None = "default"
 
 
-class ApiSettings(BaseModel):
+class ApiSettings(_Section):
     """The ASGI front door (phivault.api)."""
 
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
@@ -89,7 +139,7 @@ class ApiSettings(BaseModel):
     public_url: str | None = None
 
 
-class AccessSettings(BaseModel):
+class AccessSettings(_Section):
     """Access control (phivault.access): the policy file, break-glass time box and review
     deadline."""
 
@@ -112,7 +162,7 @@ class KeyProviderKind(StrEnum):
     AWSKMS = "awskms"  # AWS KMS
 
 
-class KeySettings(BaseModel):
+class KeySettings(_Section):
     """Key custody (phivault.crypto). Production refuses the dev unseal file."""
 
     provider: KeyProviderKind = KeyProviderKind.SEALED
@@ -127,7 +177,7 @@ class KeySettings(BaseModel):
     dek_cache_ttl_s: float = Field(default=300.0, ge=0)
 
 
-class RecordsSettings(BaseModel):
+class RecordsSettings(_Section):
     """The records service (phivault.records): where records live and how FHIR pages."""
 
     # None: the embedded SQLite database in the data directory's records/ folder. Otherwise a
@@ -135,6 +185,10 @@ class RecordsSettings(BaseModel):
     store_url: str | None = None
     # PostgreSQL only: the schema that holds the records tables (it must exist).
     store_schema: str | None = None
+    # Streaming replicas (SQLAlchemy URLs) that PHI and display reads may use when their
+    # replication lag is under replica_max_lag_ms; authorization state and writes never do.
+    replica_urls: list[str] = []
+    replica_max_lag_ms: float = Field(default=100.0, gt=0, le=60_000)
     max_bundle_entries: int = Field(default=10_000, gt=0, le=100_000)
     default_count: int = Field(default=50, gt=0, le=1000)
     # Benchmark-only switches (bench/fhir_bench.py measures what the controls cost).
@@ -148,12 +202,31 @@ class RecordsSettings(BaseModel):
         return self.bench_audit_off or self.bench_encryption_off or self.bench_policy_off
 
 
+class ShapeSettings(_Section):
+    """Which adapter each port gets (issue 7): the same domain code in every shape."""
+
+    store: StoreKind = StoreKind.SQLITE
+    ledger: LedgerKind = LedgerKind.LOCAL
+    shared_state: SharedStateKind = SharedStateKind.MEMORY
+    keys: KeyProviderKind = KeyProviderKind.SEALED
+
+    @property
+    def scaled(self) -> bool:
+        """Several workers may serve: nothing that matters lives in one process."""
+        return (
+            self.store is StoreKind.POSTGRES
+            and self.ledger is LedgerKind.JETSTREAM
+            and self.shared_state is SharedStateKind.REDIS
+        )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PHIVAULT_", env_nested_delimiter="__", extra="forbid"
     )
 
     environment: Environment = Environment.DEVELOPMENT
+    shape: ShapeSettings = ShapeSettings()
     data_dir: Path = Path("./phivault-data")
     ledger: LedgerSettings = LedgerSettings()
     identity: IdentitySettings = IdentitySettings()
@@ -161,6 +234,42 @@ class Settings(BaseSettings):
     access: AccessSettings = AccessSettings()
     keys: KeySettings = KeySettings()
     records: RecordsSettings = RecordsSettings()
+
+    @model_validator(mode="after")
+    def _one_source_per_choice(self) -> Settings:
+        # `api.shared_state` and `keys.provider` predate [shape]; shape is the source of truth,
+        # but a setting made the old way is still honoured if the shape does not say.
+        shape_set = self.shape.model_fields_set
+        if "shared_state" not in shape_set and "shared_state" in self.api.model_fields_set:
+            self.shape.shared_state = SharedStateKind(self.api.shared_state)
+        if "keys" not in shape_set and "provider" in self.keys.model_fields_set:
+            self.shape.keys = self.keys.provider
+        self.api.shared_state = self.shape.shared_state.value
+        self.keys.provider = self.shape.keys
+        return self
+
+    @model_validator(mode="after")
+    def _shape_has_what_it_needs(self) -> Settings:
+        url = self.records.store_url or ""
+        if self.shape.store is StoreKind.POSTGRES and not url.startswith("postgresql"):
+            raise ValueError("shape.store = postgres needs records.store_url = postgresql://...")
+        if self.shape.store is StoreKind.SQLITE and url and not url.startswith("sqlite"):
+            raise ValueError("records.store_url is not SQLite: set shape.store = postgres")
+        if self.records.replica_urls and self.shape.store is not StoreKind.POSTGRES:
+            raise ValueError("records.replica_urls need shape.store = postgres")
+        if self.shape.ledger is LedgerKind.JETSTREAM:
+            if not self.ledger.postgres_url:
+                raise ValueError(
+                    "shape.ledger = jetstream needs ledger.postgres_url (where the sequencer "
+                    "keeps the ledger and workers read it)"
+                )
+            if not self.ledger.nats_urls:
+                raise ValueError("shape.ledger = jetstream needs ledger.nats_urls")
+            if self.is_production and self.ledger.stream_replicas < 3:
+                raise ValueError(
+                    "production keeps the audit stream on 3 replicas (ledger.stream_replicas)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _production_keeps_every_control(self) -> Settings:
@@ -177,3 +286,65 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.environment is Environment.PRODUCTION
+
+
+class _FileSettings(Settings):
+    """Settings read from a TOML file, with environment variables over it."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(
+            settings_cls, toml_file=settings_cls.model_config.get("toml_file")
+        )
+        return (init_settings, env_settings, toml, file_secret_settings)
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """The settings: environment variables over ``config_file`` (TOML, the same sections as
+    the environment's ``PHIVAULT_SECTION__KEY`` names) over the defaults.
+
+    Raises :class:`ConfigurationError` naming every problem (file, section and key; never a
+    value, which may be a secret).
+    """
+    if config_file is None:
+        try:
+            return Settings()
+        except ValidationError as exc:
+            raise ConfigurationError(describe_invalid_settings(exc, "the environment")) from None
+    try:
+        with config_file.open("rb") as handle:
+            tomllib.load(handle)  # a clear error for bad TOML before pydantic sees it
+    except OSError as exc:
+        raise ConfigurationError(
+            f"the settings file {config_file} cannot be read ({exc.strerror})"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(
+            f"the settings file {config_file} is not valid TOML: {exc}"
+        ) from None
+    reader = type(
+        "_FromFile",
+        (_FileSettings,),
+        {"model_config": {**_FileSettings.model_config, "toml_file": config_file}},
+    )
+    try:
+        loaded = reader()
+        return Settings.model_validate(loaded.model_dump())
+    except ValidationError as exc:
+        raise ConfigurationError(describe_invalid_settings(exc, str(config_file))) from None
+
+
+def describe_invalid_settings(exc: ValidationError, source: str) -> str:
+    """Every problem in ``exc`` as ``section.key: message`` lines, without the values."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        problems.append(f"{where}: {error['msg']}")
+    return f"invalid settings in {source}:\n  " + "\n  ".join(problems)
