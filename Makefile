@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= ./phivault-data
 
-.PHONY: demo test test-fast lint bench system-deps services clean help
+.PHONY: demo test test-fast test-faults lint bench system-deps services clean help
 
 help:
 	@echo "make demo   - set up and run the embedded demo with sample patients"
 	@echo "make test   - set up and run the whole test suite"
+	@echo "make test-faults - only the fault tests of the scaled shape (real processes)"
 	@echo "make lint   - ruff and mypy --strict on the package"
 	@echo "make bench  - run the benchmarks (one JSON line each, last)"
 
@@ -30,6 +31,10 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
+
+# The scaled shape's fault tests alone (they are part of `make test` too).
+test-faults: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q tests/faults
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
