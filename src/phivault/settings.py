@@ -175,6 +175,9 @@ class KeySettings(_Section):
     awskms_region: str | None = None
     dek_cache_size: int = Field(default=10_000, ge=0)
     dek_cache_ttl_s: float = Field(default=300.0, ge=0)
+    # shape.store = postgres: the wrapped data keys live in the records database, in this
+    # schema, shared by every worker (embedded: keys/ in the data directory).
+    postgres_schema: str = Field(default="phivault_keys", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 class RecordsSettings(_Section):
