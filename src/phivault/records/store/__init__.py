@@ -10,6 +10,9 @@ the repository above it seals and opens. Public names:
   :func:`blind_terms`, :data:`DIRECTORY_SUBJECT`;
 * errors: :class:`VersionConflict`, :class:`StaleBlindIndex`, :class:`RecordStoreUnavailable`;
 * the adapter: :class:`SqlRecordStore` (and its key-ring view :class:`SqlSealedElements`);
+* replica routing: :class:`ReadClass` (what a read-only unit reads), :func:`caller_session`
+  (the read-your-writes key of the units opened in a block), :data:`PRIMARY`, and the
+  router itself in :mod:`phivault.records.store.routing`;
 * ready-made scopes: :class:`SubjectScope` (patient compartments) and
   :class:`CareRelationshipScope` (patients a practitioner cares for).
 """
@@ -20,6 +23,7 @@ from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
     BlindTerms,
     NewVersion,
+    ReadClass,
     RecordStore,
     RecordStoreUnavailable,
     RecordUnitOfWork,
@@ -31,14 +35,17 @@ from phivault.records.store.ports import (
     VersionConflict,
     blind_terms,
 )
+from phivault.records.store.routing import PRIMARY, caller_session
 from phivault.records.store.search import CareRelationshipScope, SubjectScope
 from phivault.records.store.sql_store import SqlRecordStore, SqlSealedElements, SqlUnitOfWork
 
 __all__ = [
     "DIRECTORY_SUBJECT",
+    "PRIMARY",
     "BlindTerms",
     "CareRelationshipScope",
     "NewVersion",
+    "ReadClass",
     "RecordStore",
     "RecordStoreUnavailable",
     "RecordUnitOfWork",
@@ -53,4 +60,5 @@ __all__ = [
     "SubjectScope",
     "VersionConflict",
     "blind_terms",
+    "caller_session",
 ]

@@ -12,6 +12,10 @@ Why this shape (Cosmic Python's unit of work; docs/decisions/records-storage.md)
   resource's current version): the caller needs the version and ``lastUpdated`` before it
   computes the index entries (``_lastUpdated``) and the envelope, and the store guarantees
   that two writers racing from the same version cannot both win (:class:`VersionConflict`).
+* Read-only units of work name what they read (:class:`ReadClass`): PHI and display reads
+  may be served by a streaming replica within a lag bound, authorization state and reads
+  that must see the latest commit never are, and writes always run on the primary
+  (docs/decisions/replica-routing.md). ``served_by`` says which node answered.
 * Search takes a parsed :class:`~phivault.records.query.SearchQuery`, its blind values already
   tokenized (:func:`blind_terms`), and any number of :class:`Scope` predicates that the caller
   (the access policy) ANDs in: tenant scoping is always applied by the store itself.
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import TYPE_CHECKING, Final, Protocol
 
 from phivault.crypto.blind_index import BlindToken, IndexField
@@ -38,6 +43,7 @@ __all__ = [
     "DIRECTORY_SUBJECT",
     "BlindTerms",
     "NewVersion",
+    "ReadClass",
     "RecordStore",
     "RecordStoreUnavailable",
     "RecordUnitOfWork",
@@ -58,6 +64,28 @@ DIRECTORY_SUBJECT: Final = "directory.tenant"
 
 #: Blind tokens per blind criterion of a query (every live index-key version).
 BlindTerms = Mapping[Criterion, Sequence[BlindToken]]
+
+
+class ReadClass(Enum):
+    """What a read-only unit of work reads, which decides the node that may serve it.
+
+    ``PHI``: clinical records for a disclosure (read, vread, search, history, includes): a
+    replica whose replication lag is under the store's bound, else the primary.
+    ``AGGREGATE``: aggregate and display reads (counts, dashboards): a replica under the
+    looser display bound, else the primary.
+    ``AUTHORIZATION``: care relationships, assignments, grants: always the primary, so a
+    revocation takes effect at once.
+    ``FRESH``: reads that must see every committed write (the head before a write,
+    reconciling write intents after a crash): always the primary.
+
+    Care-relationship checks made inside a ``PHI`` unit (:meth:`RecordUnitOfWork.care_related`)
+    run on the primary too.
+    """
+
+    PHI = "phi"
+    AGGREGATE = "aggregate"
+    AUTHORIZATION = "authorization"
+    FRESH = "fresh"
 
 
 class RecordStoreUnavailable(StoreUnavailable):
@@ -176,7 +204,18 @@ def blind_terms(
 
 class RecordUnitOfWork(Protocol):
     """One transaction over the records tables. Use as a context manager; call
-    :meth:`commit` to keep the writes; leaving without it (or on an exception) rolls back."""
+    :meth:`commit` to keep the writes; leaving without it (or on an exception) rolls back.
+
+    ``served_by`` names the database node whose data the unit's record reads returned:
+    ``"primary"`` or ``"replica:<host>:<port>"``; if a replica failed in the middle of a unit
+    and the primary served the rest, both, comma-separated in the order they served
+    (``nodes`` has them as a tuple). The disclosure audit event records it."""
+
+    @property
+    def served_by(self) -> str: ...
+
+    @property
+    def nodes(self) -> tuple[str, ...]: ...
 
     def commit(self) -> None: ...
 
@@ -297,9 +336,19 @@ class RecordUnitOfWork(Protocol):
 class RecordStore(Protocol):
     """The records database. Build it in the composition root; close it on shutdown."""
 
-    def unit_of_work(self, *, read_only: bool = False) -> AbstractContextManager[RecordUnitOfWork]:
+    def unit_of_work(
+        self,
+        *,
+        read_only: bool = False,
+        reads: ReadClass = ReadClass.PHI,
+        session: str | None = None,
+    ) -> AbstractContextManager[RecordUnitOfWork]:
         """A new transaction (``read_only``: a deferred one on SQLite, READ ONLY on
-        PostgreSQL, for reads and searches)."""
+        PostgreSQL, for reads and searches). ``reads`` says what a read-only unit reads (it
+        chooses the node; writes ignore it). ``session`` keys read-your-writes: after a write
+        under a key, that key's reads stay on the primary until a replica has replayed it
+        (None: the key set by :func:`~phivault.records.store.routing.caller_session`, else
+        one key shared by every unkeyed caller)."""
         ...
 
     def close(self) -> None: ...

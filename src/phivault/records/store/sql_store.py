@@ -11,17 +11,23 @@ driver's class name and never its statement or parameters). The same tables also
 key ring's :class:`~phivault.crypto.ports.SealedElementStore` port
 (:meth:`SqlRecordStore.sealed_elements`), so DEK rotation re-seals and shredding drops the
 blind tokens of real records.
+
+With ``replica_urls`` (PostgreSQL streaming replicas), read-only units of work are routed
+(:mod:`~phivault.records.store.routing`): PHI and display reads may run on a replica whose
+lag is under the bound, care-relationship checks and writes run on the primary, and a
+replica that fails in the middle of a unit hands the rest of the unit to the primary.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -42,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from phivault.crypto.blind_index import BlindToken
@@ -63,6 +69,7 @@ from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
     BlindTerms,
     NewVersion,
+    ReadClass,
     RecordStore,
     RecordStoreUnavailable,
     ResourceKey,
@@ -71,6 +78,16 @@ from phivault.records.store.ports import (
     StaleBlindIndex,
     StoredVersion,
     VersionConflict,
+)
+from phivault.records.store.routing import (
+    PRIMARY,
+    CooldownHealth,
+    Replica,
+    ReplicaHealth,
+    ReplicaRouter,
+    current_session,
+    postgres_probe,
+    replica_name,
 )
 from phivault.records.store.schema import (
     DATE_MAX,
@@ -118,6 +135,27 @@ def _driver_error(exc: SQLAlchemyError, doing: str) -> RecordStoreUnavailable:
     )
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _failover(
+    method: Callable[Concatenate[SqlUnitOfWork, _P], _R],
+) -> Callable[Concatenate[SqlUnitOfWork, _P], _R]:
+    """A record read that a failing replica hands to the primary (once, then it stays there)."""
+
+    @functools.wraps(method)
+    def read(uow: SqlUnitOfWork, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(uow, *args, **kwargs)
+        except RecordStoreUnavailable as exc:
+            if not uow._fail_over(exc):
+                raise
+        return method(uow, *args, **kwargs)
+
+    return read
+
+
 def _check_key(key: ResourceKey) -> None:
     _check_tenant(key.tenant)
     _check_type(key.resource_type)
@@ -140,25 +178,115 @@ def _check_groups(wanted: Collection[str] | None) -> None:
         raise InvalidInput("unknown element group", path="groups")
 
 
-class SqlUnitOfWork:
-    """One transaction on one connection: see :class:`~.ports.RecordUnitOfWork`."""
+class _ReplicaLink:
+    """What a unit of work reading from a replica needs besides its connection: the router
+    (to report a failure) and a way to open a read-only transaction on the primary (for
+    authorization state, and to take over when the replica fails)."""
 
-    def __init__(self, connection: Connection, *, read_only: bool = False) -> None:
+    __slots__ = ("open_primary", "replica", "router")
+
+    def __init__(
+        self, router: ReplicaRouter, replica: Replica, open_primary: Callable[[], Connection]
+    ) -> None:
+        self.router = router
+        self.replica = replica
+        self.open_primary = open_primary
+
+
+class SqlUnitOfWork:
+    """One transaction: see :class:`~.ports.RecordUnitOfWork`.
+
+    Usually one connection. A unit routed to a replica (``link``) reads records there and
+    opens a second, read-only transaction on the primary when it first needs authorization
+    state (:meth:`care_related`); if a record read fails on the replica, the unit moves to
+    the primary for that read and the rest (``served_by`` then names both).
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        read_only: bool = False,
+        link: _ReplicaLink | None = None,
+        after_commit: Callable[[Connection], None] | None = None,
+    ) -> None:
         self._conn = connection
         self._done = False
         self._read_only = read_only
+        self._link = link
+        self._primary: Connection | None = None  # the authority beside a replica
+        self._nodes = [PRIMARY if link is None else link.replica.name]
+        self._after_commit = after_commit
+
+    @property
+    def served_by(self) -> str:
+        """``primary``, ``replica:<host>:<port>``, or both (comma-separated) after a failover."""
+        return ",".join(self._nodes)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(self._nodes)
 
     # transaction ------------------------------------------------------------------------
 
     def commit(self) -> None:
         with self._translate("commit"):
             self._conn.commit()
+            if self._primary is not None:
+                self._primary.commit()
         self._done = True
+        if self._after_commit is not None:
+            self._after_commit(self._conn)
 
     def rollback(self) -> None:
         with self._translate("rollback"):
             self._conn.rollback()
+            if self._primary is not None:
+                self._primary.rollback()
         self._done = True
+
+    def _close(self) -> None:
+        """End the unit (rolling back what was not committed) and release its connections."""
+        extra, self._primary = self._primary, None
+        try:
+            if not self._done:
+                self._conn.rollback()
+            self._conn.close()
+            if extra is not None:
+                if not self._done:
+                    extra.rollback()
+                extra.close()
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, "rollback") from exc
+        finally:
+            self._done = True
+
+    def _authority(self) -> Connection:
+        """The connection for authorization state: the primary's, always."""
+        conn = self._live()
+        link = self._link
+        if link is None:
+            return conn
+        if self._primary is None:
+            self._primary = link.open_primary()
+        return self._primary
+
+    def _fail_over(self, exc: RecordStoreUnavailable) -> bool:
+        """Move this unit from its replica to the primary after a driver error there (the
+        replica is reported down if the error was a lost connection). False: nothing to do."""
+        link = self._link
+        if link is None or self._done or not isinstance(exc.__cause__, SQLAlchemyError):
+            return False
+        cause = exc.__cause__
+        if not isinstance(cause, DBAPIError) or cause.connection_invalidated:
+            link.router.replica_failed(link.replica)  # else (a recovery conflict): still up
+        failed, self._link = self._conn, None
+        with suppress(SQLAlchemyError):  # the replica is gone; its connection with it
+            failed.close()
+        self._conn = self._primary if self._primary is not None else link.open_primary()
+        self._primary = None
+        self._nodes.append(PRIMARY)
+        return True
 
     @contextmanager
     def _translate(self, doing: str) -> Iterator[None]:
@@ -382,6 +510,7 @@ class SqlUnitOfWork:
 
     # reads ------------------------------------------------------------------------------
 
+    @_failover
     def read(
         self, key: ResourceKey, *, groups: Collection[str] | None = None
     ) -> StoredVersion | None:
@@ -390,6 +519,7 @@ class SqlUnitOfWork:
         found = self._versions(_CURRENT, groups, _key_params(key))
         return found[0] if found else None
 
+    @_failover
     def vread(
         self, key: ResourceKey, version: int, *, groups: Collection[str] | None = None
     ) -> StoredVersion | None:
@@ -398,6 +528,7 @@ class SqlUnitOfWork:
         found = self._versions(_VREAD, groups, {**_key_params(key), "version": version})
         return found[0] if found else None
 
+    @_failover
     def history(
         self,
         tenant: str,
@@ -460,6 +591,7 @@ class SqlUnitOfWork:
             for r in rows
         ]
 
+    @_failover
     def scan_current(
         self,
         tenant: str,
@@ -481,6 +613,7 @@ class SqlUnitOfWork:
 
     # search -----------------------------------------------------------------------------
 
+    @_failover
     def search(
         self,
         tenant: str,
@@ -514,6 +647,7 @@ class SqlUnitOfWork:
             tuple(found[: query.count]), offset, offset + query.count if more else None, total
         )
 
+    @_failover
     def included(
         self,
         tenant: str,
@@ -599,12 +733,14 @@ class SqlUnitOfWork:
     def care_related(
         self, tenant: str, practitioner: tuple[str, str], patients: Collection[str]
     ) -> set[str]:
-        """Which of ``patients`` the practitioner (type, id) has a care relationship with."""
+        """Which of ``patients`` the practitioner (type, id) has a care relationship with.
+        Authorization state: read on the primary even in a unit served by a replica, so that
+        a relationship ended a moment ago no longer counts."""
         _check_tenant(tenant)
         wanted = sorted(set(patients))
         if not wanted:
             return set()
-        conn = self._live()
+        conn = self._authority()
         found: set[str] = set()
         with self._translate("care relationship"):
             for query in linked_patients(tenant, *practitioner):
@@ -614,6 +750,7 @@ class SqlUnitOfWork:
                 )
         return found
 
+    @_failover
     def find_ids(
         self,
         tenant: str,
@@ -818,13 +955,34 @@ class SqlRecordStore:
     ``schema`` (PostgreSQL only) puts the tables in that schema (it must exist).
     ``migrate=True`` runs the Alembic migrations to head on open (serialized by an advisory
     lock on PostgreSQL, so several workers may start at once).
+
+    ``replica_urls`` (PostgreSQL only): streaming replicas of the primary, same database and
+    schema. Read-only units of work reading PHI go to one whose lag is under
+    ``replica_max_lag_s``, display reads (:attr:`ReadClass.AGGREGATE`) under
+    ``replica_display_max_lag_s``; the lag is probed at most every ``replica_sample_s``.
+    ``replica_health`` builds each replica's health state from its name (default: skip it
+    for ``replica_retry_s`` after a failure); it is the seam for a circuit breaker.
     """
 
-    def __init__(self, url: str, *, schema: str | None = None, migrate: bool = True) -> None:
-        parsed = make_url(url)
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        migrate: bool = True,
+        replica_urls: Sequence[str] = (),
+        replica_max_lag_s: float = 0.1,
+        replica_display_max_lag_s: float = 5.0,
+        replica_sample_s: float = 0.05,
+        replica_retry_s: float = 1.0,
+        replica_health: Callable[[str], ReplicaHealth] | None = None,
+    ) -> None:
+        parsed = _parse_url(url)
         backend = parsed.get_backend_name()
         if backend not in ("sqlite", "postgresql"):
             raise ConfigurationError("the records store needs a sqlite or postgresql URL")
+        if replica_urls and backend != "postgresql":
+            raise ConfigurationError("records replicas need a PostgreSQL records store")
         if backend == "postgresql" and parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         connect_args: dict[str, Any] = {}
@@ -857,18 +1015,75 @@ class SqlRecordStore:
                 self._engine = create_engine(
                     parsed, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
                 )
+            self._replicas: dict[str, Engine] = {}
+            self._router: ReplicaRouter | None = None
+            if replica_urls:
+                self._router = self._open_replicas(
+                    replica_urls,
+                    connect_args,
+                    health=replica_health
+                    or (lambda _name: CooldownHealth(retry_after_s=replica_retry_s)),
+                    max_lag_s=replica_max_lag_s,
+                    display_max_lag_s=replica_display_max_lag_s,
+                    sample_ttl_s=replica_sample_s,
+                )
             if migrate:
                 self.migrate()
         except SQLAlchemyError as exc:
             raise _driver_error(exc, "open") from exc
 
+    def _open_replicas(
+        self,
+        urls: Sequence[str],
+        connect_args: Mapping[str, Any],
+        *,
+        health: Callable[[str], ReplicaHealth],
+        max_lag_s: float,
+        display_max_lag_s: float,
+        sample_ttl_s: float,
+    ) -> ReplicaRouter:
+        replicas = []
+        for url in urls:
+            parsed = _parse_url(url)
+            if parsed.get_backend_name() != "postgresql":
+                raise ConfigurationError("a records replica needs a postgresql URL")
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            name = replica_name(parsed.host or "localhost", parsed.port or 5432)
+            if name in self._replicas:
+                raise ConfigurationError(f"the records replica {name} is listed twice")
+            # A short connect timeout: a replica that is down must cost a request little.
+            engine = create_engine(
+                parsed,
+                connect_args={**connect_args, "connect_timeout": _REPLICA_CONNECT_TIMEOUT_S},
+                pool_pre_ping=True,
+                hide_parameters=True,
+            )
+            self._replicas[name] = engine
+            replicas.append(Replica(name, postgres_probe(engine), health(name)))
+        return ReplicaRouter(
+            replicas,
+            max_lag_s=max_lag_s,
+            display_max_lag_s=display_max_lag_s,
+            sample_ttl_s=sample_ttl_s,
+        )
+
+    @property
+    def router(self) -> ReplicaRouter | None:
+        """The replica router (None without replicas): health and lag samples, for operators."""
+        return self._router
+
     def migrate(self) -> None:
-        """Run the migrations to head, in one transaction."""
+        """Run the migrations to head, in one transaction (replicas are read from only once
+        they have replayed it)."""
         try:
             with self._engine.begin() as conn:
                 if self.dialect == "postgresql":
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
                 upgrade(conn)
+            if self._router is not None:
+                with self._engine.connect() as conn:
+                    self._router.note_write_everyone(_written_lsn(conn))
         except SQLAlchemyError as exc:
             raise _driver_error(exc, "migrate") from exc
 
@@ -878,10 +1093,52 @@ class SqlRecordStore:
         return self._engine
 
     @contextmanager
-    def unit_of_work(self, *, read_only: bool = False) -> Iterator[SqlUnitOfWork]:
-        """A transaction; commit explicitly, anything else rolls back."""
+    def unit_of_work(
+        self,
+        *,
+        read_only: bool = False,
+        reads: ReadClass = ReadClass.PHI,
+        session: str | None = None,
+    ) -> Iterator[SqlUnitOfWork]:
+        """A transaction; commit explicitly, anything else rolls back. With replicas, a
+        read-only unit goes where the router sends ``reads`` for ``session`` (a replica that
+        cannot be reached is skipped: the primary serves), and a write unit's commit is noted
+        for the session's read-your-writes."""
+        router = self._router
+        if router is None:
+            uow = SqlUnitOfWork(self._begin(self._engine, read_only=read_only), read_only=read_only)
+        elif read_only:
+            uow = self._routed(router, reads, session)
+        else:
+            key = current_session(session)
+            uow = SqlUnitOfWork(
+                self._begin(self._engine, read_only=False),
+                after_commit=lambda conn: router.note_write(key, _written_lsn(conn)),
+            )
         try:
-            conn = self._engine.connect()
+            yield uow
+        finally:
+            uow._close()
+
+    def _routed(
+        self, router: ReplicaRouter, reads: ReadClass, session: str | None
+    ) -> SqlUnitOfWork:
+        replica = router.choose(reads, session)
+        if replica is not None:
+            try:
+                conn = self._begin(self._replicas[replica.name], read_only=True)
+            except RecordStoreUnavailable:
+                router.replica_failed(replica)  # it went down since its last probe
+            else:
+                link = _ReplicaLink(
+                    router, replica, lambda: self._begin(self._engine, read_only=True)
+                )
+                return SqlUnitOfWork(conn, read_only=True, link=link)
+        return SqlUnitOfWork(self._begin(self._engine, read_only=True), read_only=True)
+
+    def _begin(self, engine: Engine, *, read_only: bool) -> Connection:
+        try:
+            conn = engine.connect()
             if read_only:
                 conn = conn.execution_options(
                     phivault_read_only=True,
@@ -890,16 +1147,7 @@ class SqlRecordStore:
             conn.begin()
         except SQLAlchemyError as exc:
             raise _driver_error(exc, "begin") from exc
-        uow = SqlUnitOfWork(conn, read_only=read_only)
-        try:
-            yield uow
-        finally:
-            try:
-                if not uow._done:
-                    conn.rollback()
-                conn.close()
-            except SQLAlchemyError as exc:
-                raise _driver_error(exc, "rollback") from exc
+        return conn
 
     def sealed_elements(self) -> SqlSealedElements:
         """The key ring's view of these tables (DEK rotation, index upkeep, shredding)."""
@@ -907,6 +1155,31 @@ class SqlRecordStore:
 
     def close(self) -> None:
         self._engine.dispose()
+        for engine in self._replicas.values():
+            engine.dispose()
+
+
+_REPLICA_CONNECT_TIMEOUT_S: Final = 2
+
+
+def _parse_url(url: str) -> Any:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        # The URL may hold a password: it stays out of the message.
+        raise ConfigurationError("not a database URL (records store)") from None
+
+
+def _written_lsn(conn: Connection) -> int | None:
+    """The primary's WAL insert position after a commit: at or past the commit's record, so
+    a replica that has replayed it has the write (None if it cannot be read: the session
+    then stays on the primary for a while)."""
+    try:
+        lsn = conn.exec_driver_sql("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").scalar()
+        conn.rollback()
+    except SQLAlchemyError:
+        return None
+    return None if lsn is None else int(lsn)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -1,0 +1,388 @@
+"""Which database node serves a read: the primary or a streaming replica.
+
+Why (docs/decisions/replica-routing.md): replicas take PHI and display reads off the primary,
+but a replica is always a little behind, and some reads cannot be. The router decides per
+unit of work, by what it reads (:class:`~phivault.records.store.ports.ReadClass`):
+
+* writes, authorization state and ``FRESH`` reads: the primary, always;
+* PHI reads: a replica whose lag is under ``max_lag_s`` (default 100 ms), else the primary;
+* aggregate and display reads: a replica under the looser ``display_max_lag_s``;
+* read-your-writes: after a caller's write, that caller's reads stay on the primary until a
+  replica has replayed the write's WAL position (its LSN).
+
+A replica that cannot be reached never fails a request: it is skipped (its
+:class:`ReplicaHealth` says when to try it again) and the primary answers.
+
+Lag is measured on the replica (:func:`postgres_probe`) and kept for ``sample_ttl_s``
+(default 50 ms) so that routing costs no query per request; a kept sample is trusted only as
+far as ``lag + age <= bound``, since a replica whose replay stopped falls behind by the age
+of the sample at most.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from phivault.errors import ConfigurationError, PhivaultError
+from phivault.records.store.ports import ReadClass
+
+__all__ = [
+    "PRIMARY",
+    "CooldownHealth",
+    "LagSample",
+    "Replica",
+    "ReplicaHealth",
+    "ReplicaRouter",
+    "ReplicaStatus",
+    "ReplicaUnreachable",
+    "caller_session",
+    "current_session",
+    "postgres_probe",
+    "replica_name",
+]
+
+#: The name of the primary node in ``served_by``.
+PRIMARY: Final = "primary"
+#: The read-your-writes key of callers that name none: they share it.
+_ANONYMOUS: Final = ""
+_SESSION: ContextVar[str | None] = ContextVar("phivault_records_session", default=None)
+
+
+def replica_name(host: str, port: int) -> str:
+    """``replica:<host>:<port>``: how a replica is named in ``served_by`` and audit events."""
+    return f"replica:{host}:{port}"
+
+
+@contextmanager
+def caller_session(key: str) -> Iterator[None]:
+    """Key read-your-writes by ``key`` (a caller's subject or session id) for the units of
+    work opened inside the block, in this context (asyncio tasks and the worker threads
+    started from them inherit it)."""
+    token = _SESSION.set(key)
+    try:
+        yield
+    finally:
+        _SESSION.reset(token)
+
+
+def current_session(explicit: str | None = None) -> str:
+    """The read-your-writes key: ``explicit``, else :func:`caller_session`'s, else the one
+    key shared by every caller that names none."""
+    if explicit is not None:
+        return explicit
+    found = _SESSION.get()
+    return _ANONYMOUS if found is None else found
+
+
+class ReplicaUnreachable(PhivaultError):
+    """A replica did not answer its lag probe (the router falls back to the primary)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """What a probe found. ``lag_s`` None: the lag cannot be vouched for (not streaming from
+    the primary, nothing replayed yet, promoted); ``replay_lsn`` is the last replayed WAL
+    position as a byte offset."""
+
+    lag_s: float | None
+    replay_lsn: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class LagSample:
+    """A probe's result and when (router clock) the probe started."""
+
+    lag_s: float | None
+    replay_lsn: int | None
+    taken_at: float
+
+
+class ReplicaHealth(Protocol):
+    """Whether to try a replica at all: the seam for a circuit breaker. ``allow`` is asked
+    before each use; ``failed`` is told of every failure to connect, probe or read,
+    ``succeeded`` of every successful probe. Implementations must be thread-safe."""
+
+    def allow(self) -> bool: ...
+
+    def succeeded(self) -> None: ...
+
+    def failed(self) -> None: ...
+
+
+class CooldownHealth:
+    """Skip a replica for ``retry_after_s`` after a failure, then let the next use try it
+    again (a failed try starts another cool-down): requests never wait on a replica that is
+    known to be down, and reads return to it within ``retry_after_s`` of its recovery."""
+
+    def __init__(
+        self, *, retry_after_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if retry_after_s <= 0:
+            raise ConfigurationError("a replica's retry interval must be positive")
+        self._retry_after = retry_after_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_until: float | None = None
+        self.failures = 0
+
+    @property
+    def up(self) -> bool:
+        return self._down_until is None
+
+    def allow(self) -> bool:
+        with self._lock:
+            return self._down_until is None or self._clock() >= self._down_until
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._down_until = None
+
+    def failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+            self._down_until = self._clock() + self._retry_after
+
+
+class Replica:
+    """One replica as the router sees it: a name, a lag probe and a health state."""
+
+    def __init__(
+        self, name: str, probe: Callable[[], ReplicaStatus], health: ReplicaHealth
+    ) -> None:
+        self.name = name
+        self.health = health
+        self._probe = probe
+        self._lock = threading.Lock()
+        self.sample: LagSample | None = None
+
+    def __repr__(self) -> str:
+        return f"<Replica {self.name}>"
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A session's newest write not known to be on every replica yet. ``lsn`` None: its
+    position is unknown, so the session stays on the primary until ``until``."""
+
+    lsn: int | None
+    until: float
+
+
+class ReplicaRouter:
+    """Chooses the node of each read-only unit of work (thread-safe; one per store).
+
+    ``choose`` returns the replica to read from, or None for the primary. ``note_write``
+    records a committed write's LSN under its session (read-your-writes);
+    ``note_write_everyone`` one that every session must see (schema migrations).
+    ``unknown_pin_s`` keeps a session on the primary after a write whose LSN could not be
+    read. At most ``max_sessions`` sessions are tracked; beyond that the oldest are folded
+    into one floor that every session must see (safe, only less precise).
+    """
+
+    def __init__(
+        self,
+        replicas: Sequence[Replica],
+        *,
+        max_lag_s: float = 0.1,
+        display_max_lag_s: float = 5.0,
+        sample_ttl_s: float = 0.05,
+        unknown_pin_s: float = 1.0,
+        max_sessions: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_lag_s <= 0 or display_max_lag_s <= 0:
+            raise ConfigurationError("a replica lag bound must be positive")
+        if not 0 <= sample_ttl_s < max_lag_s:
+            raise ConfigurationError("the lag sample must be kept for less than the lag bound")
+        names = [r.name for r in replicas]
+        if len(set(names)) != len(names):
+            raise ConfigurationError("two replicas have the same host and port")
+        self.replicas = tuple(replicas)
+        self.max_lag_s = max_lag_s
+        self.display_max_lag_s = max(display_max_lag_s, max_lag_s)
+        self._ttl = sample_ttl_s
+        self._unknown_pin = unknown_pin_s
+        self._max_sessions = max_sessions
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._floor = 0  # an LSN every session must find replayed
+        self._floor_until = 0.0  # every session stays on the primary until then
+        self._turn = 0
+
+    # routing ------------------------------------------------------------------------------
+
+    def choose(self, reads: ReadClass, session: str | None = None) -> Replica | None:
+        """The replica to serve a read-only unit reading ``reads`` for ``session`` (see
+        :func:`current_session`), or None: the primary."""
+        if reads in (ReadClass.AUTHORIZATION, ReadClass.FRESH) or not self.replicas:
+            return None
+        bound = self.max_lag_s if reads is ReadClass.PHI else self.display_max_lag_s
+        key = current_session(session)
+        now = self._clock()
+        with self._lock:
+            pending = self._pending.get(key)
+            need, pinned_until = self._floor, self._floor_until
+            if pending is not None:
+                if pending.lsn is None and now >= pending.until:
+                    del self._pending[key]  # an unknown position's pin has run out
+                    pending = None
+                else:
+                    pinned_until = max(pinned_until, pending.until)
+                    need = max(need, pending.lsn or 0)
+            start = self._turn
+            self._turn = (self._turn + 1) % len(self.replicas)
+        if now < pinned_until:
+            return None
+        count = len(self.replicas)
+        for step in range(count):
+            replica = self.replicas[(start + step) % count]
+            sample = self._sample(replica)
+            if sample is None or sample.lag_s is None:
+                continue
+            if sample.lag_s + (self._clock() - sample.taken_at) > bound:
+                continue
+            if need and (sample.replay_lsn is None or sample.replay_lsn < need):
+                continue
+            if pending is not None and pending.lsn is not None:
+                self._forget_if_everywhere(key, pending)
+            return replica
+        return None
+
+    def replica_failed(self, replica: Replica) -> None:
+        """A connection to or a read on ``replica`` failed: skip it until its health allows."""
+        replica.sample = None
+        replica.health.failed()
+
+    def sample(self, replica: Replica) -> LagSample | None:
+        """The replica's lag sample, probed again if older than the sample TTL (None: the
+        replica is skipped for now, or did not answer)."""
+        return self._sample(replica)
+
+    def _sample(self, replica: Replica) -> LagSample | None:
+        if not replica.health.allow():
+            return None
+        kept = replica.sample
+        if kept is not None and self._clock() - kept.taken_at < self._ttl:
+            return kept
+        with replica._lock:  # one probe at a time; the others use its result
+            kept = replica.sample
+            if kept is not None and self._clock() - kept.taken_at < self._ttl:
+                return kept
+            started = self._clock()
+            try:
+                status = replica._probe()
+            except ReplicaUnreachable:
+                self.replica_failed(replica)
+                return None
+            replica.health.succeeded()
+            replica.sample = LagSample(status.lag_s, status.replay_lsn, started)
+            return replica.sample
+
+    # read-your-writes ---------------------------------------------------------------------
+
+    def note_write(self, session: str | None, lsn: int | None) -> None:
+        """A write under ``session`` (see :func:`current_session`) committed at or before WAL
+        position ``lsn`` (None: unknown, keep the session on the primary for a while)."""
+        key = current_session(session)
+        with self._lock:
+            old = self._pending.pop(key, None)
+            if lsn is None:
+                until = self._clock() + self._unknown_pin
+                entry = _Pending(old.lsn if old else None, until)
+            else:
+                entry = _Pending(max(lsn, old.lsn or 0) if old else lsn, old.until if old else 0)
+            self._pending[key] = entry
+            if len(self._pending) > self._max_sessions:
+                self._fold_oldest()
+
+    def note_write_everyone(self, lsn: int | None) -> None:
+        """A write every session must see before reading from a replica (a migration)."""
+        with self._lock:
+            if lsn is None:
+                self._floor_until = max(self._floor_until, self._clock() + self._unknown_pin)
+            else:
+                self._floor = max(self._floor, lsn)
+
+    def _forget_if_everywhere(self, key: str, pending: _Pending) -> None:
+        """Drop a session's entry once every replica has replayed its write."""
+        lsn = pending.lsn
+        if lsn is None or self._clock() < pending.until:
+            return
+        for replica in self.replicas:
+            kept = replica.sample
+            if kept is None or kept.replay_lsn is None or kept.replay_lsn < lsn:
+                return
+        with self._lock:
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+
+    def _fold_oldest(self) -> None:
+        # Called with the lock held: the oldest half become the floor every session sees.
+        for _ in range(max(1, len(self._pending) // 2)):
+            _, entry = self._pending.popitem(last=False)
+            if entry.lsn is not None:
+                self._floor = max(self._floor, entry.lsn)
+            self._floor_until = max(self._floor_until, entry.until)
+
+    @property
+    def tracked_sessions(self) -> int:
+        return len(self._pending)
+
+
+# The replica's own view of its lag. The WAL it has received but not replayed is what
+# separates it from the primary; when it has replayed all it received, the lag is 0 however
+# long ago the last transaction was (an idle primary sends nothing), provided a WAL receiver
+# is streaming from the primary (without one, "all received" says nothing).
+_PROBE: Final = text(
+    """
+    SELECT pg_is_in_recovery() AS standby,
+           pg_last_wal_receive_lsn() - '0/0'::pg_lsn AS received,
+           pg_last_wal_replay_lsn() - '0/0'::pg_lsn AS replayed,
+           EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp())
+               AS since_replay,
+           EXISTS (
+               SELECT 1 FROM pg_stat_wal_receiver
+               WHERE pid IS NOT NULL AND coalesce(status, 'streaming') = 'streaming'
+           ) AS streaming
+    """
+)
+
+
+def postgres_probe(engine: Engine, *, timeout_ms: int = 1000) -> Callable[[], ReplicaStatus]:
+    """A probe measuring a PostgreSQL streaming replica's lag on the replica itself.
+
+    Not a replica (promoted), no WAL receiver streaming, or nothing replayed yet: lag
+    unknown (the router uses the primary). Errors raise :class:`ReplicaUnreachable` (the
+    driver's class name only)."""
+
+    def probe() -> ReplicaStatus:
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+                row = conn.execute(_PROBE).one()
+                conn.rollback()
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None)
+            kind = type(orig if orig is not None else exc).__name__
+            raise ReplicaUnreachable(f"replica lag probe failed ({kind})") from exc
+        replayed = None if row.replayed is None else int(row.replayed)
+        if not row.standby or not row.streaming or row.received is None or replayed is None:
+            return ReplicaStatus(None, replayed if row.standby else None)
+        if replayed >= int(row.received):
+            return ReplicaStatus(0.0, replayed)
+        if row.since_replay is None:
+            return ReplicaStatus(None, replayed)
+        return ReplicaStatus(max(0.0, float(row.since_replay)), replayed)
+
+    return probe
