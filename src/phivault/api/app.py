@@ -3,10 +3,15 @@
 Everything is built here from settings, nothing at import time: the token validator with one
 key source per trusted issuer (a JWKS cache, or the dev provider's key in a ``--dev`` data
 directory), the DPoP replay cache, session store and rate limiter (memory, or Redis when
-``api.shared_state = "redis"``), the scrubbing logger, the metrics registry, and the front
+``shape.shared_state = "redis"``), the scrubbing logger, the metrics registry with the
+circuit breakers (:mod:`phivault.resilience`), and the front
 door layers in their documented order (:mod:`phivault.api.middleware`). Missing or unsafe
 configuration fails here, before a single request is served: no trusted issuer, a symmetric
 algorithm in the allow-list, or the dev identity provider under production settings.
+
+While Redis is unreachable, rate limits fall back to this worker's memory until it is back;
+the DPoP replay cache and the session store fail closed (503), and ``/readyz`` says not
+ready (``docs/decisions/resilience.md``). Circuit breakers spare each request the attempt.
 
 The records service mounts its routers with ``routers=[MountedRouter(router, "/fhir")]``
 (see :mod:`phivault.api.context` for the dependencies its routes receive).
@@ -58,11 +63,25 @@ from phivault.identity.sessions import (
 from phivault.identity.tokens import TokenValidator, TrustedIssuerKeys
 from phivault.ledger.ports import AuditSink
 from phivault.privacy.scrub import Scrubber
-from phivault.settings import Settings
+from phivault.resilience import Breaker, Breakers
+from phivault.settings import Settings, SharedStateKind
 
-__all__ = ["create_app", "session_policy"]
+__all__ = ["REDIS_PROBE_S", "REDIS_TIMEOUT_S", "create_app", "session_policy"]
+
+REDIS_TIMEOUT_S = 0.5  # one Redis round trip; a slower Redis counts as down
+REDIS_PROBE_S = 5.0  # how often an open Redis breaker lets one request try again
 
 ReadinessCheck = Callable[[], Awaitable[None]]
+
+
+def _redis_breaker(name: str) -> Breaker:
+    # Three straight failures open it; then one request in REDIS_PROBE_S tries Redis again.
+    return Breaker(
+        name,
+        failure_threshold=3,
+        reset_timeout_s=REDIS_PROBE_S,
+        call_timeout_s=2 * REDIS_TIMEOUT_S,
+    )
 
 
 def session_policy(settings: Settings) -> SessionPolicy:
@@ -100,12 +119,15 @@ def create_app(
     readiness_checks: Sequence[ReadinessCheck] = (),
     state: Mapping[str, object] | None = None,
     on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+    breakers: Breakers | None = None,
 ) -> FastAPI:
     """Build the application.
 
     ``key_sources`` (issuer -> keys) adds issuers, mainly for tests. ``state`` puts objects the
     mounted routers need (a unit of work factory, a repository) on ``app.state``;
     ``on_shutdown`` callbacks run when the server stops; ``readiness_checks`` join ``/readyz``.
+    ``breakers``: the process's circuit breakers (the key ring's among them), exported at
+    ``/metrics`` with the app's own (``app.state.breakers``).
     """
     ident = settings.identity
     api = settings.api
@@ -143,21 +165,43 @@ def create_app(
         skew_s=ident.clock_skew_s,
     )
 
+    scrubber = Scrubber()
+    metrics = Metrics()
+    log = make_logger(scrubber, log_stream)
+    breakers = breakers if breakers is not None else Breakers()
+    metrics.registry.register(breakers)
+
     # Shared state: per process (embedded) or in Redis (several workers).
     owns_redis = False
     replay: ReplayCache
     sessions: SessionStore
-    if api.shared_state == "redis":
+    if settings.shape.shared_state is SharedStateKind.REDIS:
         if redis is None:
-            redis = Redis.from_url(api.redis_url)  # connects lazily, on first use
+            redis = Redis.from_url(  # connects lazily, on first use
+                api.redis_url,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
+                socket_timeout=REDIS_TIMEOUT_S,
+            )
             owns_redis = True
-        replay = RedisReplayCache(redis, prefix=api.redis_key_prefix)
-        sessions = RedisSessionStore(redis, prefix=api.redis_key_prefix)
+        replay = RedisReplayCache(
+            redis,
+            prefix=api.redis_key_prefix,
+            breaker=breakers.add(_redis_breaker("redis.dpop")),
+        )
+        sessions = RedisSessionStore(
+            redis,
+            prefix=api.redis_key_prefix,
+            breaker=breakers.add(_redis_breaker("redis.sessions")),
+        )
         limiter = RateLimiter.redis(
             api.redis_url,
             prefix=api.redis_key_prefix,
             per_address=api.rate_limit_per_address,
             per_principal=api.rate_limit_per_principal,
+            breakers=breakers,
+            log=log,
+            timeout_s=REDIS_TIMEOUT_S,
+            probe_every_s=REDIS_PROBE_S,
         )
     else:
         replay = MemoryReplayCache()
@@ -179,8 +223,6 @@ def create_app(
         default_tenant=ident.default_tenant,
     )
 
-    scrubber = Scrubber()
-    metrics = Metrics()
     public_paths = PUBLIC_PATHS | (DEV_PATHS if dev_provider is not None else frozenset())
     if settings.is_production:
         public_paths = public_paths - {"/docs", "/docs/oauth2-redirect"}
@@ -188,7 +230,7 @@ def create_app(
         authenticator=authenticator,
         limiter=limiter,
         metrics=metrics,
-        log=make_logger(scrubber, log_stream),
+        log=log,
         scrubber=scrubber,
         audit_sink=audit_sink,
         observer=data_dir.node_id if data_dir is not None else "phivault",
@@ -249,6 +291,8 @@ def create_app(
     for name, value in (state or {}).items():
         setattr(app.state, name, value)
     app.state.front_door = door
+    app.state.breakers = breakers
+    app.state.rate_limiter = limiter
     app.state.session_policy = policy
     app.state.clock = clock
     app.state.ready = ready

@@ -5,8 +5,15 @@ counter increment each, not a signature check. At that point the principal is no
 yet, so the per-principal limit is keyed by a fingerprint (SHA-256) of the presented
 credential rather than by an unverified ``sub`` claim: keying on a claim anyone can write
 would let an attacker exhaust a victim's quota with forged tokens naming the victim. Counters
-live in the ``limits`` library's storage: memory (embedded) or Redis (scaled). If the storage
-is down, requests fail closed with 503.
+live in the ``limits`` library's storage: memory (embedded) or Redis (scaled).
+
+If Redis is unreachable, limiting falls back to this worker's own in-memory counters (a
+rate limit is a brake on abuse, not a security boundary: N workers then allow up to N times
+the limit, which beats refusing every request). Redis is reached through a circuit breaker,
+so once it is known to be down it costs a request nothing; every few seconds one request
+probes it, and the first success returns to the shared counters. Entering and leaving
+fallback each log one line and show in ``phivault_fallback_active{fallback=...}`` (see
+``docs/decisions/resilience.md``).
 """
 
 from __future__ import annotations
@@ -22,12 +29,21 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
 from phivault.errors import ConfigurationError, StoreUnavailable
+from phivault.resilience import Breaker, Breakers, EventLog, Fallback
 
-__all__ = ["Limited", "RateLimitUnavailable", "RateLimiter", "credential_fingerprint"]
+__all__ = [
+    "FALLBACK_NAME",
+    "Limited",
+    "RateLimitUnavailable",
+    "RateLimiter",
+    "credential_fingerprint",
+]
+
+FALLBACK_NAME = "shared-state.ratelimit"
 
 
 class RateLimitUnavailable(StoreUnavailable):
-    """The rate limit counters cannot be reached: fail closed."""
+    """The rate limit counters cannot be reached (a fallback, if any, takes over)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,56 +58,118 @@ def credential_fingerprint(authorization: str) -> str:
     return hashlib.sha256(authorization.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-class RateLimiter:
-    """Two sliding-window counters (O(1) state per key): per address and per credential."""
+class _Counters:
+    """Two sliding-window counters (O(1) state per key) in one storage."""
 
-    def __init__(self, storage: Storage, *, per_address: str, per_principal: str) -> None:
+    def __init__(self, storage: Storage, address: RateLimitItem, principal: RateLimitItem) -> None:
+        self.storage = storage
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self._address = address
+        self._principal = principal
+
+    async def check(self, address: str, credential: str | None) -> Limited | None:
         try:
-            self._address_limit: RateLimitItem = parse(per_address)
-            self._principal_limit: RateLimitItem = parse(per_principal)
+            if not await self._limiter.hit(self._address, "address", address):
+                return Limited(
+                    "address", await self._retry_after(self._address, "address", address)
+                )
+            if credential is not None and not await self._limiter.hit(
+                self._principal, "principal", credential
+            ):
+                return Limited(
+                    "principal", await self._retry_after(self._principal, "principal", credential)
+                )
+        except (StorageError, OSError) as exc:
+            raise RateLimitUnavailable("the rate limit store is unavailable") from exc
+        return None
+
+    async def _retry_after(self, item: RateLimitItem, *ids: str) -> int:
+        stats = await self._limiter.get_window_stats(item, *ids)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+
+class RateLimiter:
+    """Limits per address and per credential; shared in Redis with a per-worker fallback."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        per_address: str,
+        per_principal: str,
+        fallback: Fallback | None = None,
+    ) -> None:
+        try:
+            address: RateLimitItem = parse(per_address)
+            principal: RateLimitItem = parse(per_principal)
         except ValueError as exc:
             raise ConfigurationError("a rate limit setting is not a valid limit") from exc
-        self._storage = storage
-        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self._counters = _Counters(storage, address, principal)
+        self._fallback = fallback
+        # Only used while the fallback is active; memory storage needs no connection.
+        self._local = _Counters(MemoryStorage(), address, principal) if fallback else None
 
     @classmethod
     def in_memory(cls, *, per_address: str, per_principal: str) -> RateLimiter:
         return cls(MemoryStorage(), per_address=per_address, per_principal=per_principal)
 
     @classmethod
-    def redis(cls, url: str, *, prefix: str, per_address: str, per_principal: str) -> RateLimiter:
+    def redis(
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        per_address: str,
+        per_principal: str,
+        breakers: Breakers | None = None,
+        log: EventLog | None = None,
+        timeout_s: float = 0.5,
+        probe_every_s: float = 5.0,
+    ) -> RateLimiter:
+        """Counters in Redis; while Redis is unreachable, in this worker's memory.
+
+        ``timeout_s`` bounds each Redis round trip; ``probe_every_s`` is how often an open
+        breaker lets one request try Redis again.
+        """
         storage = RedisStorage(
             "async+" + url if not url.startswith("async+") else url,
             wrap_exceptions=True,
             implementation="redispy",
             key_prefix=f"{prefix}:limits",
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
         )
-        return cls(storage, per_address=per_address, per_principal=per_principal)
+        breaker = Breaker(
+            "redis.ratelimit",
+            failure_threshold=3,
+            reset_timeout_s=probe_every_s,
+            call_timeout_s=2 * timeout_s,
+        )
+        registry = breakers if breakers is not None else Breakers()
+        fallback = registry.fallback(FALLBACK_NAME, breaker, log=log)
+        return cls(storage, per_address=per_address, per_principal=per_principal, fallback=fallback)
+
+    @property
+    def falling_back(self) -> bool:
+        """True while the shared counters are replaced by this worker's own."""
+        return self._fallback is not None and self._fallback.active
 
     async def check(self, *, address: str, credential: str | None) -> Limited | None:
-        """Count one request; return a :class:`Limited` if it must be refused."""
-        try:
-            if not await self._limiter.hit(self._address_limit, "address", address):
-                return Limited(
-                    "address", await self._retry_after(self._address_limit, "address", address)
-                )
-            if credential is not None and not await self._limiter.hit(
-                self._principal_limit, "principal", credential
-            ):
-                return Limited(
-                    "principal",
-                    await self._retry_after(self._principal_limit, "principal", credential),
-                )
-        except (StorageError, OSError) as exc:
-            raise RateLimitUnavailable("the rate limit store is unavailable") from exc
-        return None
+        """Count one request; return a :class:`Limited` if it must be refused.
+
+        Raises :class:`RateLimitUnavailable` only without a fallback (memory never does).
+        """
+        shared = self._counters
+        if self._fallback is None or self._local is None:
+            return await shared.check(address, credential)
+        local = self._local
+        return await self._fallback.run(
+            lambda: shared.check(address, credential), lambda: local.check(address, credential)
+        )
 
     async def ping(self) -> bool:
+        """Whether the (shared) counter storage answers."""
         try:
-            return bool(await self._storage.check())
+            return bool(await self._counters.storage.check())
         except (StorageError, OSError):
             return False
-
-    async def _retry_after(self, item: RateLimitItem, *ids: str) -> int:
-        stats = await self._limiter.get_window_stats(item, *ids)
-        return max(1, math.ceil(stats.reset_time - time.time()))

@@ -7,6 +7,10 @@ of the access token (``ath``). :class:`DPoPVerifier` checks all of it and rememb
 ``jti`` in a :class:`ReplayCache` for as long as the proof could be accepted, so a captured
 proof cannot be replayed. The cache is in memory for the embedded shape and in Redis when
 several workers serve the same clients (a proof used at one worker is refused at all others).
+
+If Redis is unreachable, every bound token is refused (503): without the shared memory of
+``jti``\\s a proof replayed at another worker could not be recognised, so there is no safe
+fallback. A circuit breaker keeps a dead Redis from costing each request a connection attempt.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from joserfc.errors import JoseError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from phivault.errors import StoreUnavailable
 from phivault.identity.errors import DPoPError, IdentityUnavailable
 from phivault.identity.tokens import b64url_decode, check_algorithms
+from phivault.resilience import Breaker
 
 __all__ = [
     "DPoPVerifier",
@@ -71,20 +77,36 @@ class MemoryReplayCache:
 
 
 class RedisReplayCache:
-    """A replay cache shared by every worker: ``SET key 1 NX EX ttl`` is the atomic test."""
+    """A replay cache shared by every worker: ``SET key 1 NX PX ttl`` is the atomic test.
 
-    def __init__(self, client: Redis, *, prefix: str) -> None:
+    Fails closed: Redis errors, an open ``breaker`` and timeouts all raise
+    :class:`IdentityUnavailable`. The ``SET`` is never retried: a retry after a lost reply
+    would find the key set by the first try and refuse a valid proof as a replay.
+    """
+
+    def __init__(self, client: Redis, *, prefix: str, breaker: Breaker | None = None) -> None:
         self._client = client
         self._prefix = prefix
+        self._breaker = breaker
 
     async def first_use(self, key: str, ttl_s: float) -> bool:
+        name = f"{self._prefix}:dpop:{key}"
+        ttl_ms = max(1, int(ttl_s * 1000))
+
+        async def claim() -> bool:
+            try:
+                return bool(await self._client.set(name, b"1", nx=True, px=ttl_ms))
+            except (RedisError, OSError) as exc:
+                raise IdentityUnavailable("the DPoP replay cache is unavailable") from exc
+
+        if self._breaker is None:
+            return await claim()
         try:
-            created = await self._client.set(
-                f"{self._prefix}:dpop:{key}", b"1", nx=True, px=max(1, int(ttl_s * 1000))
-            )
-        except (RedisError, OSError) as exc:
+            return await self._breaker.call(claim)
+        except IdentityUnavailable:
+            raise
+        except StoreUnavailable as exc:  # open breaker or timed out
             raise IdentityUnavailable("the DPoP replay cache is unavailable") from exc
-        return bool(created)
 
 
 def access_token_hash(access_token: str) -> str:

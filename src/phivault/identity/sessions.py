@@ -20,8 +20,10 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from phivault.errors import StoreUnavailable
 from phivault.identity.errors import IdentityUnavailable, InsufficientAuthentication, SessionExpired
 from phivault.identity.principal import Principal, Role
+from phivault.resilience import Breaker
 
 __all__ = [
     "MemorySessionStore",
@@ -88,21 +90,39 @@ return 'new'
 
 
 class RedisSessionStore:
-    """Sessions shared by every worker; one Lua script makes each touch atomic."""
+    """Sessions shared by every worker; one Lua script makes each touch atomic.
 
-    def __init__(self, client: Redis, *, prefix: str) -> None:
+    Fails closed: Redis errors, an open ``breaker`` and timeouts all raise
+    :class:`IdentityUnavailable` (503); the breaker spares requests the connection attempts
+    while Redis is known to be down. A touch is never retried (it is not idempotent: a retry
+    after a lost reply would see its own update).
+    """
+
+    def __init__(self, client: Redis, *, prefix: str, breaker: Breaker | None = None) -> None:
         self._client = client
         self._prefix = prefix
         self._script = client.register_script(_TOUCH)
+        self._breaker = breaker
 
     async def touch(self, key: str, *, now: float, idle_s: float, keep_s: float) -> SessionState:
-        try:
-            result = await self._script(
-                keys=[f"{self._prefix}:session:{key}"],
-                args=[repr(now), repr(idle_s), str(max(1, int(keep_s * 1000)))],
-            )
-        except (RedisError, OSError) as exc:
-            raise IdentityUnavailable("the session store is unavailable") from exc
+        async def run() -> object:
+            try:
+                return await self._script(
+                    keys=[f"{self._prefix}:session:{key}"],
+                    args=[repr(now), repr(idle_s), str(max(1, int(keep_s * 1000)))],
+                )
+            except (RedisError, OSError) as exc:
+                raise IdentityUnavailable("the session store is unavailable") from exc
+
+        if self._breaker is None:
+            result = await run()
+        else:
+            try:
+                result = await self._breaker.call(run)
+            except IdentityUnavailable:
+                raise
+            except StoreUnavailable as exc:  # open breaker or timed out
+                raise IdentityUnavailable("the session store is unavailable") from exc
         text = result.decode() if isinstance(result, bytes) else str(result)
         return SessionState(text)
 

@@ -1,0 +1,315 @@
+"""Redis down, for real: rate limits fall back to the worker, bound tokens are refused.
+
+"Down" is either a closed local port or a real redis-server this test starts on a free port
+and kills (then starts again, to see the service return to Redis by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+import phivault.api.app as app_module
+from phivault.api import create_app
+from phivault.api.ratelimit import FALLBACK_NAME, Limited, RateLimiter
+from phivault.identity.dpop import RedisReplayCache
+from phivault.identity.errors import IdentityUnavailable
+from phivault.identity.testing import DPoPKey, FakeIssuer
+from phivault.ledger.testing import InMemoryAuditSink
+from phivault.resilience import Breaker, Breakers
+from phivault.settings import ApiSettings, Settings, ShapeSettings
+
+pytestmark = pytest.mark.integration
+ISSUER = FakeIssuer("https://idp.fallback.test")
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of this test's own, on a free loopback port."""
+
+    directory: Path
+    port: int = field(default_factory=_free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(5)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-fallback-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+async def local_redis(prefix: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(LOCAL_REDIS)
+    try:
+        await client.ping()
+    except Exception:  # pragma: no cover - the machine has Redis
+        pytest.fail(f"Redis is not reachable at {LOCAL_REDIS}")
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.events.append(event)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.events.append(event)
+
+
+def _limiter(url: str, prefix: str, log: Recorder, **kwargs: Any) -> RateLimiter:
+    return RateLimiter.redis(
+        url,
+        prefix=prefix,
+        per_address="3/minute",
+        per_principal="100/minute",
+        log=log,
+        **kwargs,
+    )
+
+
+async def test_the_limiter_uses_redis_while_it_is_up(local_redis: Redis, prefix: str) -> None:
+    log = Recorder()
+    a = _limiter(LOCAL_REDIS, prefix, log)
+    b = _limiter(LOCAL_REDIS, prefix, log)  # another worker
+    results = [
+        await (a if i % 2 else b).check(address="10.0.0.1", credential=None) for i in range(4)
+    ]
+    assert results[:3] == [None, None, None] and isinstance(results[3], Limited)
+    assert [key async for key in local_redis.scan_iter(match=f"{prefix}:limits*")]
+    assert not a.falling_back and log.events == []
+
+
+async def test_with_redis_on_a_closed_port_the_limiter_falls_back_to_the_worker(
+    prefix: str,
+) -> None:
+    log = Recorder()
+    registry = CollectorRegistry()
+    limiter = _limiter(
+        f"redis://127.0.0.1:{_free_port()}/0", prefix, log, breakers=Breakers(registry)
+    )
+    started = time.monotonic()
+    results = [await limiter.check(address="10.0.0.2", credential=None) for _ in range(20)]
+    assert time.monotonic() - started < 2
+    # The worker's own counters still limit: 3 a minute.
+    assert results[:3] == [None, None, None]
+    assert all(isinstance(result, Limited) for result in results[3:])
+    assert limiter.falling_back
+    assert log.events == ["fallback.entered"]  # one line, not one per request
+    assert registry.get_sample_value("phivault_fallback_active", {"fallback": FALLBACK_NAME}) == 1
+    state = registry.get_sample_value("phivault_breaker_state", {"breaker": "redis.ratelimit"})
+    assert state == 2  # open: Redis is not even tried per request
+    rejected = registry.get_sample_value(
+        "phivault_breaker_rejected_total", {"breaker": "redis.ratelimit"}
+    )
+    assert rejected is not None and rejected >= 15
+
+
+async def test_the_limiter_returns_to_redis_by_itself(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    log = Recorder()
+    limiter = _limiter(redis_server.url, prefix, log, probe_every_s=0.2)
+    client = Redis.from_url(redis_server.url)
+    try:
+        assert await limiter.check(address="10.0.0.3", credential=None) is None
+        assert await client.keys(f"{prefix}:limits*")
+    finally:
+        await client.aclose()
+    redis_server.kill()
+    for _ in range(10):
+        await limiter.check(address="10.0.0.4", credential="c")
+    assert limiter.falling_back and log.events == ["fallback.entered"]
+    redis_server.start()  # empty: it keeps nothing on disk
+    await asyncio.sleep(0.25)  # past the probe interval: the next request tries Redis
+    assert await limiter.check(address="10.0.0.5", credential=None) is None
+    assert not limiter.falling_back
+    assert log.events == ["fallback.entered", "fallback.left"]
+    client = Redis.from_url(redis_server.url)
+    try:
+        assert await client.keys(f"{prefix}:limits*")  # counted in Redis again
+    finally:
+        await client.aclose()
+
+
+async def test_the_dpop_replay_cache_fails_closed_and_recovers(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    breaker = Breaker("redis.dpop", failure_threshold=2, reset_timeout_s=0.2, call_timeout_s=1)
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    cache = RedisReplayCache(client, prefix=prefix, breaker=breaker)
+    try:
+        assert await cache.first_use("jkt:one", 10) is True
+        assert await cache.first_use("jkt:one", 10) is False
+        redis_server.kill()
+        for _ in range(5):
+            with pytest.raises(IdentityUnavailable):
+                await cache.first_use("jkt:two", 10)
+        assert breaker.state == "open" and breaker.rejected == 3
+        redis_server.start()
+        await asyncio.sleep(0.25)
+        assert await cache.first_use("jkt:two", 10) is True
+        assert breaker.state == "closed"
+    finally:
+        await client.aclose()
+
+
+# --- through the application ------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    app: FastAPI
+    client: httpx.AsyncClient
+    logs: io.StringIO
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in self.logs.getvalue().splitlines() if line.strip()]
+        return [line for line in lines if line.get("event") == name]
+
+
+def _worker(redis_url: str, prefix: str, per_address: str = "3/minute") -> Worker:
+    settings = Settings(
+        shape=ShapeSettings(shared_state="redis"),
+        api=ApiSettings(
+            redis_url=redis_url,
+            redis_key_prefix=prefix,
+            rate_limit_per_address=per_address,
+            rate_limit_per_principal="100/minute",
+        ),
+    )
+    logs = io.StringIO()
+    app = create_app(
+        settings,
+        audit_sink=InMemoryAuditSink(),
+        key_sources={ISSUER.issuer: ISSUER.key_source()},
+        log_stream=logs,
+    )
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+    return Worker(app, client, logs)
+
+
+def _dpop_headers(url: str = "http://testserver/whoami") -> dict[str, str]:
+    key = DPoPKey()
+    now = time.time()
+    token = ISSUER.token(now=now, cnf={"jkt": key.jkt})
+    return {
+        "Authorization": f"DPoP {token}",
+        "DPoP": key.proof("GET", url, access_token=token, iat=now),
+    }
+
+
+async def test_app_with_redis_on_a_closed_port(prefix: str) -> None:
+    worker = _worker(f"redis://127.0.0.1:{_free_port()}/0", prefix)
+    async with worker.client as client:
+        # A bound token cannot be checked against replays: refused (fail closed).
+        refused = await client.get("/whoami", headers=_dpop_headers())
+        assert refused.status_code == 503
+        assert refused.json()["resourceType"] == "OperationOutcome"
+        # Sessions cannot be checked either: an unbound token is refused too (fail closed).
+        bearer = {"Authorization": f"Bearer {ISSUER.token(now=time.time())}"}
+        assert (await client.get("/whoami", headers=bearer)).status_code == 503
+        # Rate limiting did not fail closed: the limiter let the next one through to
+        # authentication (401), then the worker's own limit (3 a minute) answers.
+        statuses = [(await client.get("/whoami")).status_code for _ in range(4)]
+        assert statuses == [401, 429, 429, 429]
+        assert len(worker.events("fallback.entered")) == 1
+        metrics = (await client.get("/metrics")).text
+        assert f'phivault_fallback_active{{fallback="{FALLBACK_NAME}"}} 1.0' in metrics
+        assert 'phivault_breaker_state{breaker="redis.dpop"}' in metrics
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 503
+
+
+async def test_app_through_a_redis_outage_and_back(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "REDIS_PROBE_S", 0.2)
+    worker = _worker(redis_server.url, prefix, per_address="1000/minute")
+    async with worker.client as client:
+        assert (await client.get("/whoami", headers=_dpop_headers())).status_code == 200
+        redis_server.kill()
+        for _ in range(4):
+            assert (await client.get("/whoami", headers=_dpop_headers())).status_code == 503
+        metrics = (await client.get("/metrics")).text
+        assert 'phivault_breaker_state{breaker="redis.dpop"} 2.0' in metrics
+        assert len(worker.events("fallback.entered")) == 1
+        redis_server.start()
+        await asyncio.sleep(0.25)
+        assert (await client.get("/whoami", headers=_dpop_headers())).status_code == 200
+        assert len(worker.events("fallback.left")) == 1
+        assert (await client.get("/readyz")).status_code == 200
