@@ -13,6 +13,7 @@ environment variables override it.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -29,6 +30,7 @@ from pydantic_settings import (
 from phivault.errors import ConfigurationError
 
 __all__ = [
+    "CONFIG_ENV_VAR",
     "AccessSettings",
     "ApiSettings",
     "Environment",
@@ -46,6 +48,10 @@ __all__ = [
     "describe_invalid_settings",
     "load_settings",
 ]
+
+
+#: Names the settings file that :func:`load_settings` reads when not given one.
+CONFIG_ENV_VAR = "PHIVAULT_CONFIG"
 
 
 class Environment(StrEnum):
@@ -313,9 +319,12 @@ def load_settings(config_file: Path | None = None) -> Settings:
     """The settings: environment variables over ``config_file`` (TOML, the same sections as
     the environment's ``PHIVAULT_SECTION__KEY`` names) over the defaults.
 
+    With no ``config_file``, the file named by ``PHIVAULT_CONFIG`` if that is set.
     Raises :class:`ConfigurationError` naming every problem (file, section and key; never a
     value, which may be a secret).
     """
+    if config_file is None and os.environ.get(CONFIG_ENV_VAR):
+        config_file = Path(os.environ[CONFIG_ENV_VAR])
     if config_file is None:
         try:
             return Settings()

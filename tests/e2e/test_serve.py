@@ -145,3 +145,23 @@ def test_serve_refuses_several_workers_with_the_embedded_ledger(
     result = run_cli("serve", "--workers", "2", "--data-dir", str(data_dir))
     assert result.returncode == 1
     assert "single writer" in result.stderr
+
+
+def test_serve_names_every_problem_of_a_settings_file(tmp_path: Path) -> None:
+    missing = run_cli("serve", "--config", str(tmp_path / "absent.toml"))
+    assert missing.returncode == 1
+    assert "cannot be read" in missing.stderr
+    bad = tmp_path / "phivault.toml"
+    bad.write_text('[shape]\nstore = "postgres"\n[api]\nmax_body_bytes = -1\n', encoding="utf-8")
+    result = run_cli("serve", "--config", str(bad), "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "api.max_body_bytes" in result.stderr
+    assert "-1" not in result.stderr  # problems are named, values never echoed
+
+
+def test_several_workers_need_the_scaled_shape(tmp_path: Path) -> None:
+    config = tmp_path / "phivault.toml"
+    config.write_text('[shape]\nshared_state = "redis"\n', encoding="utf-8")
+    result = run_cli("serve", "--config", str(config), "--workers", "2")
+    assert result.returncode == 1
+    assert "scaled shape" in result.stderr

@@ -9,13 +9,14 @@ with production settings. Everything is closed again, in reverse order, on exit.
 With a certificate it serves HTTPS only, TLS 1.2 at least (TLS 1.3 is negotiated whenever the
 client supports it). The embedded ledger has exactly one writer per data directory, so
 ``--workers`` above 1 is refused in the embedded shape rather than having workers fight over
-the ledger lock.
+the ledger lock; the scaled shape runs N workers (:mod:`phivault.api.workers`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -40,9 +41,11 @@ if TYPE_CHECKING:
 __all__ = [
     "RECONCILE_CURSOR",
     "ServeOptions",
+    "check_options",
     "open_service",
     "records_store_url",
     "serve",
+    "serve_on_socket",
     "tls_context",
     "tune_for_serving",
 ]
@@ -73,11 +76,13 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def _check(options: ServeOptions) -> None:
-    if options.workers != 1:
+def check_options(settings: Settings, options: ServeOptions) -> None:
+    """Refuse options the settings cannot serve (before anything is opened)."""
+    if options.workers != 1 and not settings.shape.scaled:
         raise ConfigurationError(
-            "the embedded ledger has a single writer: run one worker per data directory "
-            "(several workers need the scaled shape's audit stream)"
+            "several workers need the scaled shape (shape.store = postgres, shape.ledger = "
+            "jetstream, shape.shared_state = redis): the embedded ledger has a single writer "
+            "and per-process rate limits, replay cache and sessions"
         )
     if (options.tls_cert is None) != (options.tls_key is None):
         raise ConfigurationError("--tls-cert and --tls-key go together")
@@ -91,11 +96,27 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until interrupted. Raises ConfigurationError for settings it refuses."""
-    _check(options)
-    context = None
-    if options.tls_cert is not None and options.tls_key is not None:
-        context = tls_context(options.tls_cert, options.tls_key)
+    check_options(settings, options)
+    context = _context_of(options)  # a bad certificate fails here, before any worker starts
+    if options.workers > 1:
+        from phivault.api.workers import run_workers
+
+        run_workers(settings, data_dir.path, options, on_ready=on_ready)
+        return
     asyncio.run(_serve(settings, data_dir, options, context, on_ready))
+
+
+def serve_on_socket(
+    settings: Settings, data_dir: DataDir, options: ServeOptions, listener: socket.socket
+) -> None:
+    """One worker of several: serve on a socket the supervisor bound (until SIGTERM)."""
+    asyncio.run(_serve(settings, data_dir, options, _context_of(options), None, listener=listener))
+
+
+def _context_of(options: ServeOptions) -> ssl.SSLContext | None:
+    if options.tls_cert is not None and options.tls_key is not None:
+        return tls_context(options.tls_cert, options.tls_key)
+    return None
 
 
 def records_store_url(settings: Settings, data_dir: DataDir) -> str:
@@ -249,6 +270,8 @@ async def _serve(
     options: ServeOptions,
     context: ssl.SSLContext | None,
     on_ready: Callable[[str], None] | None,
+    *,
+    listener: socket.socket | None = None,
 ) -> None:
     async with open_service(settings, data_dir) as app:
         tune_for_serving()
@@ -269,4 +292,4 @@ async def _serve(
         if on_ready is not None:
             scheme = "https" if context is not None else "http"
             on_ready(f"{scheme}://{options.host}:{options.port}")
-        await server.serve()
+        await server.serve(sockets=None if listener is None else [listener])

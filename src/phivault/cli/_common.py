@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,7 +27,10 @@ from rich.text import Text
 
 from phivault.datadir import ENV_VAR, DataDir
 
-__all__ = ["DataDirOption", "JsonOption", "Output", "fail"]
+if TYPE_CHECKING:
+    from phivault.settings import Settings
+
+__all__ = ["ConfigOption", "DataDirOption", "JsonOption", "Output", "fail", "load_settings_or_fail"]
 
 DataDirOption = Annotated[
     Path,
@@ -36,6 +39,15 @@ DataDirOption = Annotated[
         envvar=ENV_VAR,
         help="The phivault data directory.",
         show_default=True,
+    ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar="PHIVAULT_CONFIG",
+        help="A settings file (TOML); PHIVAULT_* environment variables override it.",
+        dir_okay=False,
     ),
 ]
 JsonOption = Annotated[
@@ -121,3 +133,15 @@ def open_data_dir(output: Output, path: Path) -> DataDir:
         return DataDir.open(path)
     except PhivaultError as exc:
         fail(output, str(exc), kind="data-dir")
+
+
+def load_settings_or_fail(output: Output, config: Path | None = None) -> Settings:
+    """The settings (``config`` file, then the environment), or a clear error naming every
+    problem."""
+    from phivault.errors import ConfigurationError
+    from phivault.settings import load_settings
+
+    try:
+        return load_settings(config)
+    except ConfigurationError as exc:
+        fail(output, str(exc), kind="settings")

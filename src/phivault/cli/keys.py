@@ -30,7 +30,7 @@ from phivault.datadir import DataDir, default_data_dir
 from phivault.errors import PhivaultError
 from phivault.ledger.errors import LedgerUnavailable
 from phivault.ledger.events import AuditEvent
-from phivault.settings import KeyProviderKind, Settings
+from phivault.settings import KeyProviderKind, load_settings
 
 __all__ = ["app"]
 
@@ -89,7 +89,7 @@ def _read_shares(
         collected += [line.strip() for line in text.splitlines() if line.strip()]
     if collected:
         return collected
-    settings = Settings()
+    settings = load_settings()
     if settings.keys.provider is not KeyProviderKind.SEALED:
         return None
     from phivault.crypto.custody import read_dev_unseal_file
@@ -116,7 +116,7 @@ async def _keyring(
     from phivault.crypto.custody import open_keyring
     from phivault.ledger.service import open_ledger
 
-    settings = Settings()
+    settings = load_settings()
     if read_only:
         async with open_keyring(
             directory, settings, _RefusingSink(), read_only=True, operator=_operator()

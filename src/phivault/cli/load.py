@@ -51,10 +51,16 @@ from urllib.parse import quote
 import httpx
 import orjson
 import typer
-from pydantic import ValidationError
 from rich.text import Text
 
-from phivault.cli._common import DataDirOption, JsonOption, Output, fail, open_data_dir
+from phivault.cli._common import (
+    DataDirOption,
+    JsonOption,
+    Output,
+    fail,
+    load_settings_or_fail,
+    open_data_dir,
+)
 from phivault.datadir import default_data_dir
 
 __all__ = [
@@ -518,12 +524,8 @@ def _dev_token_source(output: Output, data_dir: Path, tenant: str) -> Callable[[
     from phivault.errors import PhivaultError
     from phivault.identity.dev_provider import DevIdentityProvider, DevProviderWarning
     from phivault.identity.principal import Role
-    from phivault.settings import Settings
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        fail(output, f"invalid settings ({exc.error_count()} errors)", kind="settings")
+    settings = load_settings_or_fail(output)
     if not (data_dir / "phivault.json").exists():
         fail(
             output,

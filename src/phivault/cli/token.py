@@ -12,9 +12,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from phivault.cli._common import DataDirOption, JsonOption, Output, fail, open_data_dir
+from phivault.cli._common import (
+    DataDirOption,
+    JsonOption,
+    Output,
+    fail,
+    load_settings_or_fail,
+    open_data_dir,
+)
 from phivault.datadir import default_data_dir
 from phivault.errors import PhivaultError
 
@@ -59,12 +65,8 @@ def token(
         dpop_thumbprint,
     )
     from phivault.identity.principal import Role
-    from phivault.settings import Settings
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        fail(output, f"invalid settings ({exc.error_count()} errors)", kind="settings")
+    settings = load_settings_or_fail(output)
     try:
         roles = [Role(name) for name in role]
     except ValueError:
