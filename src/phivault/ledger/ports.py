@@ -5,19 +5,35 @@
   implements it; the scaled shape implements it with a JetStream publisher.
 * :class:`LedgerStore` is the durable, append-only storage of leaves and checkpoints under
   the ledger: the embedded file store now, a PostgreSQL store in the scaled shape.
+  :class:`RefreshableLedgerStore` is one that a reader can bring up to date with what another
+  process appended (:class:`~phivault.ledger.view.LedgerView` reads through it), and
+  :class:`VerifiableStore` one that hands every stored leaf, damaged or not, to the verifier.
+* :class:`LedgerReader` is what reads the ledger (AuditEvent searches, access reports,
+  reconciliation): the embedded :class:`~phivault.ledger.service.Ledger`, or in the scaled
+  shape a :class:`~phivault.ledger.view.LedgerView` of the ledger the sequencer writes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from phivault.ledger.events import AuditEvent
 
 if TYPE_CHECKING:
     from phivault.ledger.file_store import TornTailRecovery
+    from phivault.ledger.report import ReportEvent
+    from phivault.ledger.service import LedgerEntry
 
-__all__ = ["AuditSink", "LedgerStore"]
+__all__ = [
+    "AuditSink",
+    "LedgerReader",
+    "LedgerStore",
+    "RefreshableLedgerStore",
+    "StoreGrowth",
+    "VerifiableStore",
+]
 
 
 class AuditSink(Protocol):
@@ -77,3 +93,75 @@ class LedgerStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoreGrowth:
+    """What a reader's refresh found appended since the last one, from one snapshot.
+
+    ``leaves`` are entries ``first`` .. ``first + len(leaves) - 1`` with their concatenated leaf
+    hashes; ``notes`` are the checkpoints stored since (none covers an entry the reader cannot
+    see yet).
+    """
+
+    first: int
+    leaves: list[bytes]
+    hashes: bytes
+    notes: list[str]
+
+
+class RefreshableLedgerStore(LedgerStore, Protocol):
+    """A store another process writes, which a reader brings up to date incrementally."""
+
+    def refresh(self) -> StoreGrowth:
+        """Load what was committed since the last refresh (only the new rows); return it."""
+        ...
+
+
+class VerifiableStore(LedgerStore, Protocol):
+    """A store that hands every stored leaf to the verifier, damaged ones included."""
+
+    def raw_frames(self) -> Iterator[tuple[int, bytes | None, str | None]]:
+        """(position, leaf or None, damage reason or None) for every stored leaf, in order."""
+        ...
+
+
+class LedgerReader(Protocol):
+    """What reads the ledger: exactly what the AuditEvent reader and reconciliation use.
+
+    Reads are blocking (store I/O) and are called from worker threads; ``checkpoint`` and
+    ``refresh`` are coroutines. Call ``refresh()`` before a read that must see every event
+    committed so far (a view of another process's ledger only sees what it loaded; the
+    embedded ledger is always current and does nothing).
+    """
+
+    @property
+    def size(self) -> int:
+        """Entries visible to this reader."""
+        ...
+
+    def read(self, index: int) -> LedgerEntry: ...
+
+    def read_range(self, start: int, stop: int) -> list[LedgerEntry]: ...
+
+    def patient_chain(self, patient: str) -> Iterator[ReportEvent]:
+        """The patient's events, newest first, by following the back-links."""
+        ...
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]: ...
+
+    def checkpoint_notes(self) -> list[str]:
+        """Every signed checkpoint note this reader holds, oldest first."""
+        ...
+
+    async def checkpoint(self) -> str:
+        """A signed checkpoint note covering every entry visible when called.
+
+        The embedded ledger signs one; a view waits for the writer's, and raises
+        :class:`~phivault.ledger.errors.LedgerUnavailable` if none comes in time.
+        """
+        ...
+
+    async def refresh(self) -> None:
+        """Load what the writer appended since the last refresh."""
+        ...

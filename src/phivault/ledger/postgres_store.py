@@ -28,26 +28,36 @@ whose stored hash no longer matches its leaf, or an index missing from the table
 a read-only open records it in :attr:`PostgresLedgerStore.damage`, and
 :meth:`PostgresLedgerStore.raw_frames` hands it to the verifier, which names it.
 
+Readers beside the writer (the API workers' :class:`~phivault.ledger.view.LedgerView`,
+``phivault ledger verify`` and ``export``): a read-only open loads one consistent snapshot,
+and :meth:`PostgresLedgerStore.refresh` then loads only the rows committed since, again from
+one snapshot (so a checkpoint never covers a leaf the reader cannot see), checking each new
+row's hash as the open does. Reads run on a small set of connections, so several threads read
+at once; a connection that fails is dropped and the next read opens a fresh one (a reader
+holds no lock, so it simply recovers once PostgreSQL is back).
+
 No psycopg exception crosses the port: they become
 :class:`~phivault.ledger.errors.LedgerUnavailable` (``raise ... from exc``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from phivault.errors import ConfigurationError
 from phivault.ledger.errors import LedgerError, LedgerLocked, LedgerUnavailable
 from phivault.ledger.file_store import MAX_LEAF_BYTES, TornTailRecovery
 from phivault.ledger.merkle import leaf_hash
-from phivault.ledger.ports import LedgerStore
+from phivault.ledger.ports import RefreshableLedgerStore, StoreGrowth
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -60,7 +70,8 @@ __all__ = [
 DEFAULT_SCHEMA: Final = "phivault_ledger"
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _HASH_SIZE: Final = 32
-_CHUNK: Final = 4096  # rows per read when scanning
+_CHUNK: Final = 4096  # rows per read when scanning or refreshing
+_READ_CONNECTIONS: Final = 4  # connections a read-only store reads on at once, at most
 _HASH_CHUNK: Final = 1 << 20  # leaf hashes per query when loading (32 MiB of bytea)
 # Durable enough as they are: "on" (and "remote_apply") wait for the local WAL flush.
 _DURABLE_COMMIT: Final = frozenset({"on", "remote_apply"})
@@ -218,7 +229,7 @@ def create_ledger_schema(
 
 
 def _grant_append_only(
-    conn: psycopg.Connection[Any], ident: sql.Identifier, schema: str, app_role: str
+    conn: psycopg.Connection[TupleRow], ident: sql.Identifier, schema: str, app_role: str
 ) -> None:
     row = conn.execute(
         "SELECT r.rolsuper, pg_has_role(r.oid, c.relowner, 'MEMBER') "
@@ -257,8 +268,10 @@ class PostgresLedgerStore:
     opened. ``strict_role=True`` (production) refuses to open as a role that could change
     history: a superuser, the tables' owner, or one granted UPDATE, DELETE or TRUNCATE.
 
-    Methods may be called from several threads (the ledger's I/O thread and its event loop);
-    they share one connection under a lock.
+    Methods may be called from several threads. A writable store uses its one connection (the
+    one holding the writer lock) under a lock; a read-only store reads on up to
+    ``read_connections`` connections at once and brings itself up to date with
+    :meth:`refresh`.
     """
 
     def __init__(
@@ -270,34 +283,29 @@ class PostgresLedgerStore:
         strict_role: bool = False,
         connect_timeout_s: int = 5,
         statement_timeout_s: float = 30.0,
+        read_connections: int = _READ_CONNECTIONS,
     ) -> None:
         _check_schema_name(schema)
+        if read_connections < 1:
+            raise ConfigurationError("a ledger store reads on at least one connection")
         self.schema = schema
         self.writable = writable
         # Read-only opens keep the good prefix and say where damage starts, for verification.
         self.damage: tuple[int, str] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writer's connection, and the loaded state
+        self._refresh_lock = threading.Lock()  # one refresh at a time
         self._broken: str | None = None
         self._closed = False
         self._hashes = bytearray()
         self._size = 0
         self._notes: list[str] = []
+        self._last_note_seq = -1
         self._q = _Queries(schema)
-        try:
-            self._conn = psycopg.connect(
-                conninfo,
-                autocommit=True,
-                connect_timeout=connect_timeout_s,
-                application_name="phivault-ledger" + ("-writer" if writable else "-reader"),
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
-            )
-        except psycopg.Error as exc:
-            raise LedgerUnavailable(
-                f"cannot connect to PostgreSQL for the ledger: {_driver_message(exc)}"
-            ) from exc
+        self._conninfo = conninfo
+        self._connect_timeout_s = connect_timeout_s
+        self._statement_timeout_ms = int(statement_timeout_s * 1000)
+        self._readers: _ReaderConnections | None = None
+        self._conn = self._connect()
         try:
             self.synchronous_commit = self._configure_session()
             if writable:
@@ -305,11 +313,7 @@ class PostgresLedgerStore:
             self._load()
             if strict_role:
                 self._refuse_a_role_that_can_change_history()
-            self._conn.execute(
-                sql.SQL("SET statement_timeout = {ms}").format(
-                    ms=sql.Literal(int(statement_timeout_s * 1000))
-                )
-            )
+            self._set_statement_timeout(self._conn)
         except psycopg.Error as exc:
             self._conn.close()
             if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
@@ -323,8 +327,46 @@ class PostgresLedgerStore:
         except BaseException:
             self._conn.close()
             raise
+        if not writable:
+            self._readers = _ReaderConnections(self._connect_reader, self._conn, read_connections)
 
     # -- opening ----------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[TupleRow]:
+        try:
+            return psycopg.connect(
+                self._conninfo,
+                autocommit=True,
+                connect_timeout=self._connect_timeout_s,
+                application_name="phivault-ledger" + ("-writer" if self.writable else "-reader"),
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(
+                f"cannot connect to PostgreSQL for the ledger: {_driver_message(exc)}"
+            ) from exc
+
+    def _connect_reader(self) -> psycopg.Connection[TupleRow]:
+        """Another connection for a read-only store (more threads, or after a failure)."""
+        conn = self._connect()
+        try:
+            self._set_statement_timeout(conn)
+        except psycopg.Error as exc:
+            conn.close()
+            raise LedgerUnavailable(
+                f"cannot open the ledger in schema {self.schema}: {_driver_message(exc)}"
+            ) from exc
+        return conn
+
+    def _set_statement_timeout(self, conn: psycopg.Connection[TupleRow]) -> None:
+        conn.execute(
+            sql.SQL("SET statement_timeout = {ms}").format(
+                ms=sql.Literal(self._statement_timeout_ms)
+            )
+        )
 
     def _configure_session(self) -> str:
         """Durable commits, and a server that notices a vanished writer; return the commit mode.
@@ -392,9 +434,15 @@ class PostgresLedgerStore:
                 if seq != position and self.writable:
                     raise LedgerRowDamaged("checkpoints", position, "checkpoint missing")
                 self._notes.append(str(note))
+                self._last_note_seq = int(seq)
 
-    def _one(self, query: str | sql.Composed, params: Sequence[Any] = ()) -> tuple[Any, ...]:
-        row = self._conn.execute(query, params or None).fetchone()
+    def _one(
+        self,
+        query: str | sql.Composed,
+        params: Sequence[Any] = (),
+        conn: psycopg.Connection[TupleRow] | None = None,
+    ) -> tuple[Any, ...]:
+        row = (conn or self._conn).execute(query, params or None).fetchone()
         if row is None:  # aggregate and SHOW queries always return a row
             raise LedgerUnavailable("PostgreSQL returned no row where one was expected")
         return row
@@ -435,14 +483,21 @@ class PostgresLedgerStore:
         return bytes(hashes)
 
     def read(self, start: int, stop: int) -> list[bytes]:
-        if not 0 <= start <= stop <= self._size:
-            raise IndexError(f"entries {start}..{stop} are outside 0..{self._size}")
+        """Leaves ``start`` to ``stop``, each checked against the hash it had when it was
+        appended (or loaded): a leaf changed since raises :class:`LedgerRowDamaged`, never
+        served silently (the tree and its proofs were built from the original)."""
+        size = self._size
+        if not 0 <= start <= stop <= size:
+            raise IndexError(f"entries {start}..{stop} are outside 0..{size}")
         if start == stop:
             return []
         leaves = []
         for expected, (idx, leaf, _hash) in enumerate(self._rows(start, stop), start):
             if idx != expected:
                 raise LedgerRowDamaged("leaves", expected, "entry missing")
+            known = self._hashes[expected * _HASH_SIZE : (expected + 1) * _HASH_SIZE]
+            if leaf_hash(leaf) != known:
+                raise LedgerRowDamaged("leaves", expected, "the leaf changed after it was stored")
             leaves.append(leaf)
         if len(leaves) != stop - start:
             raise LedgerRowDamaged("leaves", start + len(leaves), "entry missing")
@@ -456,13 +511,7 @@ class PostgresLedgerStore:
         """
         end = self._size
         for first in range(start, end, _CHUNK):
-            stop = min(first + _CHUNK, end)
-            for offset, leaf in enumerate(self.read(first, stop)):
-                index = first + offset
-                actual = leaf_hash(leaf)
-                if actual != self._hashes[index * _HASH_SIZE : (index + 1) * _HASH_SIZE]:
-                    raise LedgerRowDamaged("leaves", index, "the leaf changed after it was stored")
-                yield leaf
+            yield from self.read(first, min(first + _CHUNK, end))
 
     def leaf_hashes(self) -> bytes:
         return bytes(self._hashes)
@@ -484,8 +533,79 @@ class PostgresLedgerStore:
             if self._closed:
                 return
             self._closed = True
+            if self._readers is not None:
+                self._readers.close()  # closes self._conn too: it is one of them
             # Ending the session releases the writer lock; no explicit unlock is needed.
             self._conn.close()
+
+    # -- reading beside the writer ----------------------------------------------------------
+
+    def refresh(self) -> StoreGrowth:
+        """Load the leaves and checkpoints committed since the open or the last refresh.
+
+        Only the new rows are read, from one snapshot, and each is checked as the open checks
+        every row: a row whose stored hash does not match its leaf, or a missing index, stops
+        the growth there and is recorded in :attr:`damage` (the good prefix stays usable;
+        ``phivault ledger verify`` names the damage). Once damage is found, later refreshes
+        load checkpoints only. A writable store is the only writer, so it has nothing to load.
+        """
+        if self._readers is None:
+            with self._lock:
+                self._check_usable(writing=False)
+                return StoreGrowth(self._size, [], b"", [])
+        with self._refresh_lock, self._reading() as conn:
+            first = self._size
+            try:
+                leaves, hashes, damage, notes = self._read_growth(conn, first)
+            except psycopg.Error as exc:
+                raise self._failed("refresh", exc, conn) from exc
+            with self._lock:
+                # Hashes before the size: a reader never sees a size its hashes do not cover.
+                self._hashes += hashes
+                self._size = first + len(leaves)
+                if damage is not None:
+                    self.damage = damage
+                for seq, note in notes:
+                    self._notes.append(note)
+                    self._last_note_seq = seq
+        return StoreGrowth(first, leaves, bytes(hashes), [note for _seq, note in notes])
+
+    def _read_growth(
+        self, conn: psycopg.Connection[TupleRow], first: int
+    ) -> tuple[list[bytes], bytearray, tuple[int, str] | None, list[tuple[int, str]]]:
+        leaves: list[bytes] = []
+        hashes = bytearray()
+        damage: tuple[int, str] | None = None
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            if self.damage is None:
+                (rows,) = self._one(self._q.count_leaves, conn=conn)
+                count = int(rows)
+                if count < first:
+                    damage = (count, "entries missing from the end")
+                expected = first
+                while damage is None and expected < count:
+                    stop = min(expected + _CHUNK, count)
+                    for idx, leaf, stored_hash in conn.execute(
+                        self._q.read_rows, (expected, stop)
+                    ).fetchall():
+                        actual = leaf_hash(leaf)
+                        if idx != expected:
+                            damage = (expected, "entry missing")
+                        elif actual != stored_hash:
+                            damage = (expected, "stored leaf hash does not match the leaf")
+                        if damage is not None:
+                            break
+                        leaves.append(leaf)
+                        hashes += actual
+                        expected += 1
+                    if damage is None and expected < stop:
+                        damage = (expected, "entry missing")
+            notes = [
+                (int(seq), str(note))
+                for seq, note in conn.execute(self._q.checkpoints_after, (self._last_note_seq,))
+            ]
+        return leaves, hashes, damage, notes
 
     # -- raw access for verification of the table itself -----------------------------------
 
@@ -500,12 +620,11 @@ class PostgresLedgerStore:
         position = 0
         after = -1
         while True:
-            with self._lock:
-                self._check_usable(writing=False)
+            with self._reading() as conn:
                 try:
-                    rows = self._conn.execute(self._q.raw_rows, (after, _CHUNK)).fetchall()
+                    rows = conn.execute(self._q.raw_rows, (after, _CHUNK)).fetchall()
                 except psycopg.Error as exc:
-                    raise self._failed("read", exc) from exc
+                    raise self._failed("read", exc, conn) from exc
             if not rows:
                 return
             for idx, leaf, stored_hash in rows:
@@ -518,13 +637,27 @@ class PostgresLedgerStore:
 
     # -- internals --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        """A connection to read on: the writer's own (under the lock), or a reader's."""
+        if self._readers is None:
+            with self._lock:
+                self._check_usable(writing=False)
+                yield self._conn
+            return
+        self._check_usable(writing=False)
+        conn = self._readers.take()
+        try:
+            yield conn
+        finally:
+            self._readers.give(conn)
+
     def _rows(self, start: int, stop: int) -> list[tuple[int, bytes, bytes]]:
-        with self._lock:
-            self._check_usable(writing=False)
+        with self._reading() as conn:
             try:
-                return self._conn.execute(self._q.read_rows, (start, stop)).fetchall()
+                return conn.execute(self._q.read_rows, (start, stop)).fetchall()
             except psycopg.Error as exc:
-                raise self._failed("read", exc) from exc
+                raise self._failed("read", exc, conn) from exc
 
     def _check_usable(self, *, writing: bool) -> None:
         if self._closed:
@@ -536,10 +669,16 @@ class PostgresLedgerStore:
                 f"the ledger store stopped after a failure ({self._broken}); reopen it"
             )
 
-    def _failed(self, action: str, exc: psycopg.Error) -> LedgerUnavailable:
+    def _failed(
+        self, action: str, exc: psycopg.Error, conn: psycopg.Connection[TupleRow] | None = None
+    ) -> LedgerUnavailable:
         """Translate a driver error; stop writing unless the table is known to be unchanged."""
         message = f"cannot {action} the ledger: {_driver_message(exc)}"
-        if self._conn.closed or self._conn.broken:
+        conn = conn or self._conn
+        if conn.closed or conn.broken:
+            if self._readers is not None:
+                # A reader holds no lock: the connection is dropped, the next read reconnects.
+                return LedgerUnavailable(message + "; the connection was lost")
             # The session is gone, and the writer lock with it; a commit may or may not have
             # happened. Only a fresh open can tell.
             self._broken = "the connection to PostgreSQL was lost"
@@ -584,6 +723,9 @@ class _Queries:
             "SELECT idx, leaf, leaf_hash FROM {schema}.leaves WHERE idx > %s ORDER BY idx LIMIT %s"
         )
         self.checkpoints = q("SELECT seq, note FROM {schema}.checkpoints ORDER BY seq")
+        self.checkpoints_after = q(
+            "SELECT seq, note FROM {schema}.checkpoints WHERE seq > %s ORDER BY seq"
+        )
         # The first position where the keys skip an index, or a stored hash is wrong.
         self.first_damage = q(
             "SELECT pos, CASE WHEN idx <> pos THEN 'entry missing' "
@@ -604,6 +746,65 @@ class _Queries:
         )
 
 
-def _conforms(store: PostgresLedgerStore) -> LedgerStore:
+class _ReaderConnections:
+    """The connections a read-only store reads on: at most ``limit``, opened as threads need
+    them, and a failed one dropped (the next taker opens a fresh one)."""
+
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection[TupleRow]],
+        first: psycopg.Connection[TupleRow],
+        limit: int,
+    ) -> None:
+        self._connect = connect
+        self._idle = [first]
+        self._open = 1
+        self._limit = limit
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def take(self) -> psycopg.Connection[TupleRow]:
+        with self._changed:
+            while True:
+                if self._closed:
+                    raise LedgerUnavailable("the ledger store is closed")
+                if self._idle:
+                    conn = self._idle.pop()
+                    if not (conn.closed or conn.broken):
+                        return conn
+                    self._open -= 1
+                    continue
+                if self._open < self._limit:
+                    self._open += 1
+                    break
+                self._changed.wait()
+        try:
+            return self._connect()
+        except BaseException:
+            with self._changed:
+                self._open -= 1
+                self._changed.notify()
+            raise
+
+    def give(self, conn: psycopg.Connection[TupleRow]) -> None:
+        with self._changed:
+            if self._closed or conn.closed or conn.broken:
+                conn.close()
+                self._open -= 1
+            else:
+                self._idle.append(conn)
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            for conn in self._idle:
+                conn.close()
+            self._open -= len(self._idle)
+            self._idle.clear()
+            self._changed.notify_all()
+
+
+def _conforms(store: PostgresLedgerStore) -> RefreshableLedgerStore:
     """Type-checks that the store implements the port (mypy fails here if it drifts)."""
     return store

@@ -25,7 +25,7 @@ import base64
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +40,20 @@ from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
 from phivault.ledger.file_store import FileLedgerStore, TornTailRecovery, create_store_files
 from phivault.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash, verify_consistency
 from phivault.ledger.note import NoteSigner
-from phivault.ledger.ports import LedgerStore
+from phivault.ledger.ports import LedgerReader, LedgerStore
 from phivault.ledger.report import ReportEvent, walk_patient_chain
 from phivault.settings import LedgerSettings
 
 __all__ = [
     "Ledger",
     "LedgerEntry",
+    "LedgerReading",
+    "check_matches_checkpoint",
     "initialize_ledger",
     "open_ledger",
     "open_ledger_on",
     "open_ledger_readonly",
+    "patient_heads",
     "signer_path",
     "verifier_key_of",
 ]
@@ -116,7 +119,96 @@ def patient_of_leaf(leaf: bytes) -> str | None:
     return match.group(1).decode() if match else None
 
 
-class Ledger:
+class LedgerReading:
+    """What the ledger and its read-only views share: the Merkle tree over the store's leaves,
+    the patient heads (newest event of each patient), reads, proofs and back-link walks.
+
+    The tree grows in place while other threads read it (request handlers read from worker
+    threads), so :attr:`size` is published only after the tree is complete up to it, and
+    every read works at a size no larger than the published one.
+    """
+
+    def __init__(self, store: LedgerStore) -> None:
+        self._store = store
+        self._tree = MerkleTree(store.leaf_hashes())
+        self._heads: dict[str, int] = {}
+        self._heads.update(patient_heads(store.scan(), 0))
+        self._size = self._tree.size
+
+    def _grow(self, hashes: bytes, heads: dict[str, int]) -> None:
+        """Extend the tree by ``hashes`` (already durable) and move the patients' heads."""
+        self._tree.extend(hashes)
+        self._size = self._tree.size
+        self._heads.update(heads)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, index: int) -> LedgerEntry:
+        if not 0 <= index < self._size:
+            raise LedgerError(f"no entry at index {index} (the ledger holds {self._size})")
+        return read_entry(self._store, index)
+
+    def read_range(self, start: int, stop: int) -> list[LedgerEntry]:
+        """Entries ``start`` (inclusive) to ``stop`` (exclusive), in one store read: for
+        scans (reconciliation, audit searches), which one read per entry made slow."""
+        if not 0 <= start <= stop <= self._size:
+            raise LedgerError(f"no entries {start}..{stop} (the ledger holds {self._size})")
+        leaves = self._store.read(start, stop)
+        return [
+            LedgerEntry(index=start + offset, leaf=leaf, document=json.loads(leaf))
+            for offset, leaf in enumerate(leaves)
+        ]
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        return self._tree.inclusion_proof(index, self._size if size is None else size)
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        return self._tree.consistency_proof(old_size, new_size)
+
+    def root(self, size: int | None = None) -> bytes:
+        return self._tree.root(self._size if size is None else size)
+
+    def leaf_hash(self, index: int) -> bytes:
+        return self._tree.leaf_hash_at(index)
+
+    def patient_head(self, patient: str) -> int | None:
+        return self._heads.get(patient)
+
+    def patient_chain(self, patient: str) -> Iterator[ReportEvent]:
+        """The patient's events, newest first, by following the back-links."""
+        yield from walk_patient_chain(self._store, self._heads.get(patient), patient)
+
+
+def patient_heads(leaves: Iterable[bytes], first: int) -> dict[str, int]:
+    """The newest index of each patient among ``leaves`` (the first at index ``first``)."""
+    heads: dict[str, int] = {}
+    for index, leaf in enumerate(leaves, first):
+        patient = patient_of_leaf(leaf)
+        if patient is not None:
+            heads[patient] = index
+    return heads
+
+
+def check_matches_checkpoint(tree: MerkleTree, size: int, checkpoint: Checkpoint) -> None:
+    """Raise :class:`LedgerTampered` unless the first ``size`` entries extend ``checkpoint``:
+    never extend (sign, or serve proofs of) a history that differs from one already signed."""
+    if checkpoint.size > size:
+        raise LedgerTampered(
+            size,
+            TamperKind.TRUNCATED,
+            f"the store holds {size} entries but a checkpoint was signed at size {checkpoint.size}",
+        )
+    if tree.root(checkpoint.size) != checkpoint.root_hash:
+        raise LedgerTampered(
+            0,
+            TamperKind.FORKED,
+            f"the entries do not match the checkpoint signed at size {checkpoint.size}",
+        )
+
+
+class Ledger(LedgerReading):
     """The audit ledger over a :class:`~phivault.ledger.ports.LedgerStore`.
 
     Build it with :func:`open_ledger`. Appends and checkpoints run on the event loop of the
@@ -130,14 +222,11 @@ class Ledger:
         origin: str,
         settings: LedgerSettings,
     ) -> None:
-        self._store = store
+        super().__init__(store)
         self._signer = signer
         self.origin = origin
         self._settings = settings
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-io")
-        self._tree = MerkleTree(store.leaf_hashes())
-        self._heads: dict[str, int] = {}
-        self._rebuild_patient_heads()
         self._last_hash = (
             self._tree.leaf_hash_at(self._tree.size - 1) if self._tree.size else _ZERO_HASH
         )
@@ -153,46 +242,21 @@ class Ledger:
         self._last_checkpoint: Checkpoint | None = (
             unverified_checkpoint(notes[-1]) if notes else None
         )
-        self._check_store_matches_last_checkpoint()
+        if self._last_checkpoint is not None:
+            check_matches_checkpoint(self._tree, self._tree.size, self._last_checkpoint)
 
     # -- opening ----------------------------------------------------------------------------
-
-    def _rebuild_patient_heads(self) -> None:
-        heads = self._heads
-        for index, leaf in enumerate(self._store.scan()):
-            patient = patient_of_leaf(leaf)
-            if patient is not None:
-                heads[patient] = index
-
-    def _check_store_matches_last_checkpoint(self) -> None:
-        # Never extend (and later sign) a history that differs from one already signed.
-        last = self._last_checkpoint
-        if last is None:
-            return
-        if last.size > self._tree.size:
-            raise LedgerTampered(
-                self._tree.size,
-                TamperKind.TRUNCATED,
-                f"the store holds {self._tree.size} entries but a checkpoint was signed "
-                f"at size {last.size}",
-            )
-        if self._tree.root(last.size) != last.root_hash:
-            raise LedgerTampered(
-                0,
-                TamperKind.FORKED,
-                f"the entries do not match the checkpoint signed at size {last.size}",
-            )
 
     @property
     def recovery(self) -> TornTailRecovery | None:
         """What opening cut from a torn tail after a crash, if anything."""
         return self._store.recovery
 
-    # -- appending --------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Nothing to do: this ledger is the only writer, so it is always current. (Readers
+        call ``refresh()`` on any :class:`~phivault.ledger.ports.LedgerReader`.)"""
 
-    @property
-    def size(self) -> int:
-        return self._tree.size
+    # -- appending --------------------------------------------------------------------------
 
     async def record(self, event: AuditEvent) -> int:
         """Append ``event`` durably; return its index. Raises LedgerUnavailable if it cannot."""
@@ -238,8 +302,7 @@ class Ledger:
                 continue
             first = self._tree.size
             self.batches_committed += 1
-            self._tree.extend(hashes)
-            self._heads.update(heads)
+            self._grow(hashes, heads)
             self._last_hash = last_hash
             for offset, (_doc, _plain, future) in enumerate(batch):
                 if not future.done():
@@ -330,41 +393,6 @@ class Ledger:
     def checkpoint_notes(self) -> list[str]:
         return self._store.checkpoints()
 
-    # -- reading ----------------------------------------------------------------------------
-
-    def read(self, index: int) -> LedgerEntry:
-        return read_entry(self._store, index)
-
-    def read_range(self, start: int, stop: int) -> list[LedgerEntry]:
-        """Entries ``start`` (inclusive) to ``stop`` (exclusive), in one store read: for
-        scans (reconciliation, audit searches), which one read per entry made slow."""
-        if not 0 <= start <= stop <= self._store.size():
-            raise LedgerError(f"no entries {start}..{stop} (the ledger holds {self._store.size()})")
-        leaves = self._store.read(start, stop)
-        return [
-            LedgerEntry(index=start + offset, leaf=leaf, document=json.loads(leaf))
-            for offset, leaf in enumerate(leaves)
-        ]
-
-    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
-        return self._tree.inclusion_proof(index, self._tree.size if size is None else size)
-
-    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
-        return self._tree.consistency_proof(old_size, new_size)
-
-    def root(self, size: int | None = None) -> bytes:
-        return self._tree.root(self._tree.size if size is None else size)
-
-    def leaf_hash(self, index: int) -> bytes:
-        return self._tree.leaf_hash_at(index)
-
-    def patient_head(self, patient: str) -> int | None:
-        return self._heads.get(patient)
-
-    def patient_chain(self, patient: str) -> Iterator[ReportEvent]:
-        """The patient's events, newest first, by following the back-links."""
-        yield from walk_patient_chain(self._store, self._heads.get(patient), patient)
-
     # -- closing ----------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -452,3 +480,8 @@ def open_ledger_readonly(data_dir: DataDir) -> Iterator[FileLedgerStore]:
         yield store
     finally:
         store.close()
+
+
+def _conforms(ledger: Ledger) -> LedgerReader:
+    """Type-checks that the ledger implements the reader port (mypy fails here if it drifts)."""
+    return ledger
