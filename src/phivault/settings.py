@@ -198,6 +198,10 @@ class RecordsSettings(_Section):
     # replication lag is under replica_max_lag_ms; authorization state and writes never do.
     replica_urls: list[str] = []
     replica_max_lag_ms: float = Field(default=100.0, gt=0, le=60_000)
+    # Several workers: how often open write intents are looked for, and how old one must
+    # be before it is settled (longer than any request lives).
+    reconcile_every_s: float = Field(default=15.0, gt=0, le=3600)
+    settle_intents_after_s: float = Field(default=120.0, gt=0, le=24 * 3600)
     max_bundle_entries: int = Field(default=10_000, gt=0, le=100_000)
     default_count: int = Field(default=50, gt=0, le=1000)
     # Benchmark-only switches (bench/fhir_bench.py measures what the controls cost).

@@ -187,7 +187,9 @@ async def open_service(
             )
             # Settle the write intents a crash left open before serving anything; the cursor
             # file remembers how far the ledger was scanned, so a start reads only what is new.
-            await repository.reconcile(ledger, cursor=data_dir.records_dir / RECONCILE_CURSOR)
+            await repository.reconcile(
+                ledger, sink=ledger, cursor=data_dir.records_dir / RECONCILE_CURSOR
+            )
             unseal = UnsealState(ring)
 
             async def keys_unsealed() -> None:

@@ -32,7 +32,7 @@ from phivault.records.repository import AccessDenied, Caller, RecordNotFound
 from phivault.records.search_params import DateRange, date_range
 
 if TYPE_CHECKING:
-    from phivault.ledger.service import Ledger
+    from phivault.ledger.ports import LedgerReader
 
 __all__ = ["MAX_SCAN", "AuditEventPage", "AuditEventQuery", "AuditEventReader", "parse_audit_query"]
 
@@ -101,14 +101,17 @@ class AuditEventReader:
     """Reads and searches the ledger as FHIR AuditEvents, decided and audited."""
 
     def __init__(
-        self, ledger: Ledger, policy: CompiledPolicy, *, clock: Callable[[], float]
+        self, ledger: LedgerReader, policy: CompiledPolicy, *, clock: Callable[[], float]
     ) -> None:
+        # The embedded ledger, or (scaled shape) a view of the sequencer's ledger, refreshed
+        # before each answer so that it includes every event committed so far.
         self._ledger = ledger
         self._policy = policy
         self._clock = clock
 
     async def read(self, caller: Caller, event_id: str) -> dict[str, Any]:
         """``GET /fhir/AuditEvent/ledger-<n>``; 404 for anything the caller may not see."""
+        await self._ledger.refresh()
         index = _index_of(event_id)
         if index is None or index >= self._ledger.size:
             await self._record(caller, "read", (), outcome_reason="not-found")
@@ -140,6 +143,7 @@ class AuditEventReader:
                 await self._record(caller, "search", (), outcome_reason="not-permitted")
                 raise AccessDenied("searching audit events is not allowed for this caller")
             patient = own
+        await self._ledger.refresh()
         page = await anyio.to_thread.run_sync(self._search, caller, query, patient, before)
         indexes = tuple(int(e["id"].removeprefix(_ID_PREFIX)) for e in page.events)
         await self._record(
@@ -170,6 +174,7 @@ class AuditEventReader:
         if not allowed:
             await self._record(caller, "access-report", (), outcome_reason="not-permitted")
             raise AccessDenied("this caller may not have this patient's access report")
+        await self._ledger.refresh()
         await self._ledger.checkpoint()  # cover every event up to now
 
         def build() -> dict[str, Any]:

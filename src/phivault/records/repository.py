@@ -99,7 +99,7 @@ from phivault.records.store.ports import (
 from phivault.records.store.search import CareRelationshipScope
 
 if TYPE_CHECKING:
-    from phivault.ledger.service import Ledger
+    from phivault.ledger.ports import AuditSink, LedgerReader
 
 __all__ = [
     "AccessDenied",
@@ -1459,38 +1459,62 @@ class RecordsRepository:
 
     # --- crash recovery ----------------------------------------------------------------------
 
-    async def reconcile(self, ledger: Ledger, *, cursor: Path | None = None) -> ReconcileReport:
-        """Settle the write intents a crash left without an outcome. Run it on start, before
-        serving (the embedded shape has one process, so no intent is still in flight).
+    async def reconcile(
+        self,
+        ledger: LedgerReader,
+        *,
+        sink: AuditSink,
+        cursor: Path | None = None,
+        settle_after_s: float | None = None,
+    ) -> ReconcileReport:
+        """Settle the write intents that a crash left without an outcome.
 
         Every intent event names the exact versions it was about to write; a transaction is
         all or nothing, so either all of them are in the store (committed before the crash)
-        or none is. Each open intent gets an outcome event: ``reconciled-committed`` or
+        or none is. Each open intent gets an outcome event, recorded through ``sink`` (the
+        embedded ledger itself, or the audit stream): ``reconciled-committed`` or
         ``reconciled-absent``. ``cursor`` (a small file) remembers how far the ledger was
-        scanned, so a start reads only the entries written since the last one.
+        scanned, so a run reads only the entries written since the last one.
+
+        The embedded shape runs it once at start, before serving: no intent can still be in
+        flight. With several workers (the scaled shape) another worker's write may be in
+        flight right now, so only intents older than ``settle_after_s`` are settled (a
+        request never lives that long), and the cursor stops at the oldest one left open.
         """
+        await ledger.refresh()
         start = _read_cursor(cursor)
         end = ledger.size
+        young_after = (
+            None
+            if settle_after_s is None
+            else datetime.fromtimestamp(self._clock() - settle_after_s, UTC)
+        )
 
-        def scan() -> list[AuditEvent]:
-            intents: dict[tuple[str | None, tuple[str, ...]], AuditEvent] = {}
+        def scan() -> tuple[list[AuditEvent], int]:
+            intents: dict[tuple[str | None, tuple[str, ...]], tuple[int, AuditEvent]] = {}
             settled: set[tuple[str | None, tuple[str, ...]]] = set()
-            events = (
-                entry.event
-                for chunk in range(start, end, _SCAN_CHUNK)
-                for entry in ledger.read_range(chunk, min(chunk + _SCAN_CHUNK, end))
-            )
-            for event in events:
-                if event.kind is not EventKind.REST or event.outcome_reason is None:
+            for chunk in range(start, end, _SCAN_CHUNK):
+                for entry in ledger.read_range(chunk, min(chunk + _SCAN_CHUNK, end)):
+                    event = entry.event
+                    if event.kind is not EventKind.REST or event.outcome_reason is None:
+                        continue
+                    key = (event.request_id, _written(event))
+                    if event.outcome_reason == _INTENT:
+                        intents[key] = (entry.index, event)
+                    elif event.outcome_reason in _OUTCOME_REASONS:
+                        settled.add(key)
+            due: list[AuditEvent] = []
+            resume = end
+            for key, (index, event) in intents.items():
+                if key in settled:
                     continue
-                key = (event.request_id, _written(event))
-                if event.outcome_reason == _INTENT:
-                    intents[key] = event
-                elif event.outcome_reason in _OUTCOME_REASONS:
-                    settled.add(key)
-            return [event for key, event in intents.items() if key not in settled]
+                if young_after is not None and event.recorded > young_after:
+                    resume = min(resume, index)  # maybe still in flight: look again next time
+                    continue
+                due.append(event)
+            return due, resume
 
-        open_intents = await _blocking(scan)
+        open_intents, resume = await _blocking(scan)
         committed = absent = 0
         for intent in open_intents:
             written = _written(intent)
@@ -1507,7 +1531,7 @@ class RecordsRepository:
             done = await _blocking(present)
             committed += done
             absent += not done
-            await ledger.record(
+            await sink.record(
                 AuditEvent(
                     kind=EventKind.REST,
                     subtype=intent.subtype,
@@ -1524,8 +1548,8 @@ class RecordsRepository:
                     request_id=intent.request_id,
                 )
             )
-        _write_cursor(cursor, end)
-        return ReconcileReport(start, end, committed, absent)
+        _write_cursor(cursor, resume)
+        return ReconcileReport(start, resume, committed, absent)
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -298,7 +298,7 @@ async def test_intents_left_open_by_a_crash_are_reconciled(
             RecordsRepository._record_writes = real_record  # type: ignore[method-assign]
             RecordsRepository._commit = real_commit  # type: ignore[method-assign]
         cursor = tmp_path / "reconciled"
-        report = await repo.reconcile(ledger, cursor=cursor)
+        report = await repo.reconcile(ledger, sink=ledger, cursor=cursor)
         assert (report.committed, report.absent) == (1, 1)
         settled = [ledger.read(i).event for i in range(report.scanned_from, ledger.size)]
         reasons = {e.outcome_reason: e for e in settled if e.outcome_reason}
@@ -306,6 +306,40 @@ async def test_intents_left_open_by_a_crash_are_reconciled(
             f"Organization/{done.record.id}/_history/1"
         )
         assert reasons["reconciled-absent"].outcome is Outcome.SERIOUS_FAILURE
-        again = await repo.reconcile(ledger, cursor=cursor)
+        again = await repo.reconcile(ledger, sink=ledger, cursor=cursor)
         assert (again.committed, again.absent) == (0, 0)
         assert again.scanned_from == report.scanned_to
+
+
+async def test_intents_that_may_still_be_in_flight_are_left_for_later(
+    stores: StoreFactory, tmp_path: Path
+) -> None:
+    """With several workers, an open intent may belong to a write still in flight: only
+    intents older than ``settle_after_s`` are settled, and the cursor waits for the rest."""
+    from phivault.datadir import DataDir
+
+    data_dir = DataDir.create(tmp_path / "data", dev=True)
+    initialize_ledger(data_dir)
+    async with open_kit(stores, tmp_path) as kit, open_ledger(data_dir) as ledger:
+        real_record = RecordsRepository._record_writes
+
+        async def no_outcome(self: RecordsRepository, *args: Any, **kwargs: Any) -> None:
+            if kwargs["reason"] == "intent":
+                await real_record(self, *args, **kwargs)
+
+        RecordsRepository._record_writes = no_outcome  # type: ignore[method-assign]
+        try:
+            await kit.repo.create(loader(ledger), {"resourceType": "Organization", "name": "A"})
+        finally:
+            RecordsRepository._record_writes = real_record  # type: ignore[method-assign]
+        intent_at = next(
+            i for i in range(ledger.size) if ledger.read(i).event.outcome_reason == "intent"
+        )
+        cursor = tmp_path / "reconciled"
+        young = await kit.repo.reconcile(ledger, sink=ledger, cursor=cursor, settle_after_s=60)
+        assert (young.committed, young.absent) == (0, 0)
+        assert young.scanned_to == intent_at  # the next run looks at it again
+        kit.clock.t += 61
+        old = await kit.repo.reconcile(ledger, sink=ledger, cursor=cursor, settle_after_s=60)
+        assert (old.scanned_from, old.committed, old.absent) == (intent_at, 1, 0)
+        assert old.scanned_to > intent_at
