@@ -240,17 +240,26 @@ class ManagedProcess:
         return code
 
     def kill(self) -> None:
-        """SIGKILL the process group and wait until every member is gone (no grace, as a
-        crash). Waiting matters: PostgreSQL refuses to start while the pid in its lock file
-        still exists, even as a zombie nobody has reaped yet."""
+        """SIGKILL the process group and everything it started, and wait until all of it is
+        gone (no grace, as a crash). PostgreSQL backends make themselves session leaders, so
+        the group alone would miss them: the group is stopped first (nothing forks while we
+        look), then every descendant is found and killed. Waiting matters too: PostgreSQL
+        refuses to start while the pid in its lock file exists, even as an unreaped zombie."""
         if self._popen is None:
             return
         self.stopped_on_purpose = True
+        self.signal_group(signal.SIGSTOP)
+        doomed = set(_group_members(self._popen.pid))
+        for pid in list(doomed):
+            doomed.update(_descendants(pid))
         self.signal_group(signal.SIGKILL)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(10)
         wait_until(
-            lambda: not _group_members(self._popen.pid if self._popen else 0),
+            lambda: not any(_exists(pid) for pid in doomed),
             10,
             what=f"every process of {self.name} to be gone",
         )
@@ -277,9 +286,9 @@ class ManagedProcess:
                 _LIVE.discard(self)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Pids (zombies included) whose process group is ``pgid``, read from /proc."""
-    members: list[int] = []
+def _proc_table() -> list[tuple[int, int, int]]:
+    """(pid, ppid, pgid) of every process, zombies included, read from /proc."""
+    table: list[tuple[int, int, int]] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -289,9 +298,28 @@ def _group_members(pgid: int) -> list[int]:
             continue  # it ended while we looked
         # The command may hold spaces and parentheses: fields resume after the last ')'.
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
+        table.append((int(entry.name), int(fields[1]), int(fields[2])))
+    return table
+
+
+def _group_members(pgid: int) -> list[int]:
+    return [pid for pid, _ppid, group in _proc_table() if group == pgid]
+
+
+def _descendants(root: int) -> set[int]:
+    table = _proc_table()
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        children = {pid for pid, ppid, _ in table if ppid in frontier and pid not in found}
+        found |= children
+        frontier = children
+    return found
+
+
+def _exists(pid: int) -> bool:
+    """Whether ``pid`` exists at all (a zombie counts: its pid is still taken)."""
+    return Path(f"/proc/{pid}").exists()
 
 
 def kill_everything() -> int:
