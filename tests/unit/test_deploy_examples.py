@@ -1,25 +1,48 @@
 """The deployment examples under docs/deploy/ are things an operator can actually use.
 
-The example settings file loads as production settings in the scaled shape, documents every
-setting and holds no secret; (the manifests and unit files are checked below).
+* the example settings file loads as production settings in the scaled shape, documents every
+  setting and holds no secret;
+* every Kubernetes document parses and is well-formed; the NetworkPolicies allow exactly the
+  intended traffic between components (default deny, only the load balancer reaches the API);
+  every container is hardened; the settings' host names are the manifests' Services;
+* the systemd units carry their hardening options;
+* every `phivault` command line in the manifests and units names a subcommand and options that
+  exist (typer's own --help), and every inline Python names functions and keywords that exist.
+  Commands and options another part of issue 7 has not landed yet are skipped, by name
+  (PENDING below), until they land; then they are checked like the rest.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
+import functools
+import importlib
+import inspect
 import os
 import re
+import shlex
 import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from pydantic import BaseModel
+from typer.main import get_command
+from typer.testing import CliRunner
 
+from phivault.cli.main import app as phivault_app
 from phivault.settings import Environment, KeyProviderKind, Settings, load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "docs" / "deploy"
 EXAMPLE_TOML = DEPLOY / "phivault.toml"
+KUBERNETES = DEPLOY / "kubernetes"
+SYSTEMD = DEPLOY / "systemd"
+NAMESPACE = "phi"
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +146,441 @@ def test_the_example_documents_every_setting() -> None:
             if not re.search(rf"\b{re.escape(key)}\b", comments):
                 missing.append(f"{section}.{key}")
     assert not missing, f"settings missing from docs/deploy/phivault.toml: {missing}"
+
+
+# -- Kubernetes manifests -------------------------------------------------------------------
+
+
+@functools.cache
+def _parsed() -> tuple[tuple[str, dict[str, Any]], ...]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    docs = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        with path.open(encoding="utf-8") as handle:
+            for doc in yaml.load_all(handle, Loader=loader):
+                if doc is not None:
+                    docs.append((path.name, doc))
+    return tuple(docs)
+
+
+def _documents() -> list[tuple[str, dict[str, Any]]]:
+    """Every document, parsed once; copies, so that no test changes what another sees."""
+    return copy.deepcopy(list(_parsed()))
+
+
+def _kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in _documents() if doc["kind"] == kind]
+
+
+WORKLOADS = ("Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob")
+
+
+def _pod_specs() -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """(workload name, pod spec, pod labels) of every workload in the manifests."""
+    pods = []
+    for _, doc in _documents():
+        if doc["kind"] not in WORKLOADS:
+            continue
+        spec = doc["spec"]
+        if doc["kind"] == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        template = spec["template"]
+        pods.append((doc["metadata"]["name"], template["spec"], template["metadata"]["labels"]))
+    return pods
+
+
+def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def test_every_document_parses_and_is_well_formed() -> None:
+    documents = _documents()
+    assert len(documents) >= 20
+    for name, doc in documents:
+        assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], name
+        assert isinstance(doc.get("kind"), str) and doc["kind"], name
+        metadata = doc.get("metadata")
+        assert isinstance(metadata, dict) and metadata.get("name"), f"{name}: {doc['kind']}"
+        if doc["kind"] != "Namespace":
+            assert metadata.get("namespace") == NAMESPACE, f"{name}: {metadata['name']}"
+    namespace = _kind("Namespace")
+    assert [n["metadata"]["name"] for n in namespace] == [NAMESPACE]
+    labels = namespace[0]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_the_shapes_replicas() -> None:
+    by_name = {doc["metadata"]["name"]: doc for _, doc in _documents() if doc["kind"] in WORKLOADS}
+    assert by_name["phivault-sequencer"]["spec"]["replicas"] == 2  # one active, one standby
+    assert by_name["nats"]["spec"]["replicas"] == 3
+    assert by_name["phivault-api"]["spec"]["replicas"] >= 2
+    (cluster,) = _kind("Cluster")
+    assert cluster["apiVersion"].startswith("postgresql.cnpg.io/")
+    assert cluster["spec"]["instances"] >= 3  # a primary and two streaming replicas
+    assert cluster["spec"]["enableSuperuserAccess"] is False
+
+
+def test_disruption_budgets_cover_the_api_the_sequencer_and_nats() -> None:
+    budgets = {
+        doc["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]: doc["spec"]
+        for doc in _kind("PodDisruptionBudget")
+    }
+    assert budgets["phivault-api"]["minAvailable"] >= 1
+    assert budgets["phivault-sequencer"]["minAvailable"] == 1
+    assert budgets["nats"]["maxUnavailable"] == 1  # two of three keep the stream's quorum
+
+
+def test_every_container_is_hardened() -> None:
+    pods = _pod_specs()
+    assert {labels["app.kubernetes.io/name"] for _, _, labels in pods} >= {
+        "phivault-api", "phivault-sequencer", "phivault-schema", "nats", "redis",
+    }  # fmt: skip
+    for workload, pod, _ in pods:
+        pod_context = pod.get("securityContext", {})
+        assert pod.get("automountServiceAccountToken") is False, workload
+        assert pod_context.get("seccompProfile", {}).get("type") == "RuntimeDefault", workload
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+        for container in _containers(pod):
+            where = f"{workload}/{container['name']}"
+            context = container.get("securityContext", {})
+            non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
+            assert non_root is True, f"{where} may run as root"
+            user = context.get("runAsUser", pod_context.get("runAsUser"))
+            assert user is None or user > 0, where
+            assert context.get("readOnlyRootFilesystem") is True, where
+            assert context.get("allowPrivilegeEscalation") is False, where
+            assert context.get("privileged") is not True, where
+            assert "ALL" in context.get("capabilities", {}).get("drop", []), where
+            resources = container.get("resources", {})
+            assert resources.get("requests", {}).get("cpu"), where
+            assert resources.get("requests", {}).get("memory"), where
+            assert resources.get("limits", {}).get("memory"), where
+            image = container["image"]
+            assert ":" in image and not image.endswith(":latest"), where
+
+
+# The intended segments: who may open a connection to whom, on which port. "ns:X" is a peer
+# outside namespace phi (the load balancer's namespace, monitoring, the database operator).
+INGRESS = {
+    "phivault-api": {("ns:ingress-nginx", 8443), ("ns:monitoring", 8443)},
+    "phivault-sequencer": set(),
+    "phivault-schema": set(),
+    "phivault-pg": {
+        ("phivault-api", 5432), ("phivault-sequencer", 5432), ("phivault-schema", 5432),
+        ("phivault-pg", 5432), ("phivault-pg", 8000), ("ns:cnpg-system", 8000),
+        ("ns:monitoring", 9187),
+    },
+    "nats": {
+        ("phivault-api", 4222), ("phivault-sequencer", 4222), ("nats", 6222),
+        ("ns:monitoring", 8222),
+    },
+    "redis": {("phivault-api", 6379)},
+}  # fmt: skip
+EGRESS_IN_NAMESPACE = {
+    "phivault-api": {("phivault-pg", 5432), ("nats", 4222), ("redis", 6379)},
+    "phivault-sequencer": {("phivault-pg", 5432), ("nats", 4222)},
+    "phivault-schema": {("phivault-pg", 5432)},
+    "phivault-pg": {("phivault-pg", 5432), ("phivault-pg", 8000)},
+    "nats": {("nats", 6222)},
+    "redis": set(),
+}
+# Only these reach addresses outside the cluster (ipBlocks): the identity provider, webhook
+# and HSM or KMS for the API; the Kubernetes API and the backup store for PostgreSQL.
+EGRESS_OUTSIDE = {"phivault-api", "phivault-pg"}
+PHI_COMPONENTS = ("phivault-api", "phivault-sequencer", "phivault-pg", "nats", "redis")
+
+
+def _components() -> dict[str, dict[str, str]]:
+    """Component name -> the labels of its pods (CloudNativePG's pods by cluster name)."""
+    components = {labels["app.kubernetes.io/name"]: labels for _, _, labels in _pod_specs()}
+    for cluster in _kind("Cluster"):
+        name = cluster["metadata"]["name"]
+        components[name] = {"cnpg.io/cluster": name}
+    return components
+
+
+def _selected(selector: dict[str, Any]) -> set[str]:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are evaluated here"
+    wanted = selector.get("matchLabels", {}).items()
+    return {name for name, labels in _components().items() if wanted <= labels.items()}
+
+
+def _peers(peers: list[dict[str, Any]]) -> set[str]:
+    found: set[str] = set()
+    for peer in peers:
+        if "ipBlock" in peer:
+            cidr = peer["ipBlock"]["cidr"]
+            assert cidr not in ("0.0.0.0/0", "::/0"), "egress to anywhere"
+            found.add(f"ip:{cidr}")
+        elif "namespaceSelector" in peer:
+            namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            found.add(f"ns:{namespace}")
+        else:
+            found |= _selected(peer["podSelector"])
+    return found
+
+
+def _ports(rule: dict[str, Any]) -> set[int]:
+    ports = rule.get("ports")
+    assert ports, "every rule names its ports"
+    return {int(port["port"]) for port in ports}
+
+
+def _allowed(direction: str) -> dict[str, set[tuple[str, int]]]:
+    allowed: dict[str, set[tuple[str, int]]] = {name: set() for name in _components()}
+    key = "from" if direction == "ingress" else "to"
+    for policy in _kind("NetworkPolicy"):
+        spec = policy["spec"]
+        for target in _selected(spec["podSelector"]):
+            for rule in spec.get(direction, []):
+                assert rule.get(key), f"{policy['metadata']['name']}: a rule open to anyone"
+                for peer in _peers(rule[key]):
+                    allowed[target] |= {(peer, port) for port in _ports(rule)}
+    return allowed
+
+
+def test_everything_in_the_phi_segment_is_denied_unless_allowed() -> None:
+    defaults = [
+        p
+        for p in _kind("NetworkPolicy")
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert defaults, "no default-deny NetworkPolicy (ingress and egress) in namespace phi"
+    # Each PHI component has a policy of its own that says what it may do.
+    for component in PHI_COMPONENTS:
+        own = [
+            p
+            for p in _kind("NetworkPolicy")
+            if p["spec"]["podSelector"] and component in _selected(p["spec"]["podSelector"])
+        ]
+        assert own, f"no NetworkPolicy selects {component}"
+        assert all("Ingress" in p["spec"]["policyTypes"] for p in own), component
+
+
+def test_the_network_policies_allow_exactly_the_intended_ingress() -> None:
+    allowed = _allowed("ingress")
+    assert allowed == INGRESS
+    # Only the API is reachable from the load balancer; no datastore from outside the
+    # namespace except by its operator and monitoring.
+    outside = {t for t, peers in allowed.items() for p, _ in peers if p == "ns:ingress-nginx"}
+    assert outside == {"phivault-api"}
+
+
+def test_the_network_policies_allow_exactly_the_intended_egress() -> None:
+    allowed = _allowed("egress")
+    dns = {("ns:kube-system", 53)}
+    for component, peers in allowed.items():
+        inside = {(p, port) for p, port in peers - dns if not p.startswith("ip:")}
+        assert inside == EGRESS_IN_NAMESPACE[component], component
+        if any(p.startswith("ip:") for p, _ in peers):
+            assert component in EGRESS_OUTSIDE, f"{component} reaches outside the cluster"
+    api_outside = {port for p, port in allowed["phivault-api"] if p.startswith("ip:")}
+    assert 443 in api_outside  # identity provider JWKS, alert webhook (HTTPS)
+
+
+def _host(url: str) -> str:
+    if "://" in url:
+        return urlsplit(url).hostname or ""
+    match = re.search(r"\bhost=(\S+)", url)
+    assert match, url
+    return match.group(1)
+
+
+def test_the_example_settings_name_the_manifests_services() -> None:
+    settings = load_settings(EXAMPLE_TOML)
+    services = {doc["metadata"]["name"] for doc in _kind("Service")}
+    (cluster,) = _kind("Cluster")
+    primary = f"{cluster['metadata']['name']}-rw"  # the operator's read-write Service
+    assert _host(settings.records.store_url or "").split(".")[0] == primary
+    assert _host(settings.ledger.postgres_url or "").split(".")[0] == primary
+    replicas = [_host(url).split(".")[0] for url in settings.records.replica_urls]
+    assert set(replicas) <= services and len(replicas) == cluster["spec"]["instances"]
+    assert _host(settings.api.redis_url).split(".")[0] in services
+    (nats,) = [d for d in _kind("StatefulSet") if d["metadata"]["name"] == "nats"]
+    pods = {f"nats-{i}" for i in range(nats["spec"]["replicas"])}
+    for url in settings.ledger.nats_urls:
+        pod, service = _host(url).split(".")[:2]
+        assert pod in pods and service == nats["spec"]["serviceName"]
+
+
+# -- systemd units ------------------------------------------------------------------------
+
+
+def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """Sections -> key -> every value (a key may repeat), comments and continuations handled."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"{path.name}: a setting outside a section"
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+UNITS = ("phivault-api@.service", "phivault-sequencer.service")
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_the_systemd_units_are_hardened(name: str) -> None:
+    service = _unit(SYSTEMD / name)["Service"]
+
+    def one(key: str) -> str:
+        assert key in service, f"{name}: no {key}="
+        return service[key][-1]
+
+    assert one("User") not in ("", "root", "0")
+    assert one("NoNewPrivileges") == "yes"
+    assert one("ProtectSystem") == "strict"
+    assert one("ProtectHome") == "yes"
+    assert one("PrivateTmp") == "yes"
+    assert one("CapabilityBoundingSet") == ""
+    assert one("RestrictSUIDSGID") == "yes"
+    assert one("SystemCallArchitectures") == "native"
+    assert one("UMask") == "0077"
+    assert one("IPAddressDeny") == "any"
+    assert "IPAddressAllow" in service
+    assert one("Restart") in ("on-failure", "always")
+    assert len(service["ExecStart"]) == 1
+
+
+# -- phivault command lines -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    where: str
+    argv: tuple[str, ...]
+
+
+def _is_phivault(argv: list[str] | tuple[str, ...]) -> bool:
+    return bool(argv) and Path(argv[0]).name == "phivault"
+
+
+def _command_lines() -> Iterator[CommandLine]:
+    for _, doc in _documents():
+        if doc["kind"] not in WORKLOADS:
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for container in _containers(pod):
+            argv = [*container.get("command", []), *container.get("args", [])]
+            where = f"{doc['metadata']['name']}/{container['name']}"
+            if _is_phivault(argv):
+                yield CommandLine(where, tuple(str(word) for word in argv))
+    for name in UNITS:
+        service = _unit(SYSTEMD / name)["Service"]
+        for key in ("ExecStartPre", "ExecStart", "ExecStartPost", "ExecReload", "ExecStop"):
+            for value in service.get(key, []):
+                argv = shlex.split(value.lstrip("-@:+!"))
+                if _is_phivault(argv):
+                    yield CommandLine(f"{name} {key}", tuple(argv))
+
+
+COMMAND_LINES = list(_command_lines())
+
+# Parts of issue 7 that the examples use but that another engineer has not landed yet (their
+# contract is in docs/deploy/README.md). A line using one is skipped while it is missing and
+# checked like every other line once it exists.
+PENDING = {
+    ("sequencer",): "`phivault sequencer` (the ledger sequencer)",
+    ("sequencer", "--config"): "`phivault sequencer --config FILE`",
+    ("sequencer", "--data-dir"): "`phivault sequencer --data-dir DIR`",
+}
+
+
+def _help(path: list[str]) -> str:
+    result = CliRunner().invoke(phivault_app, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0, f"phivault {' '.join(path)} --help failed:\n{result.output}"
+    return result.output
+
+
+def test_the_examples_run_the_api_and_the_sequencer() -> None:
+    commands = {line.argv[1] for line in COMMAND_LINES}
+    assert commands == {"serve", "sequencer"}
+    assert len(COMMAND_LINES) == 4  # each in Kubernetes and in systemd
+
+
+@pytest.mark.parametrize("line", COMMAND_LINES, ids=lambda line: line.where)
+def test_every_phivault_command_line_uses_what_exists(line: CommandLine) -> None:
+    command: Any = get_command(phivault_app)
+    path: list[str] = []
+    words = list(line.argv[1:])
+    # Typer's groups (its own vendored click) hold their subcommands in .commands.
+    while hasattr(command, "commands") and words and not words[0].startswith("-"):
+        sub = command.commands.get(words[0])
+        if sub is None:
+            key = (*path, words[0])
+            if key in PENDING:
+                pytest.skip(f"not landed yet: {PENDING[key]}")
+            pytest.fail(f"{line.where}: `phivault {' '.join(key)}` does not exist")
+        path.append(words.pop(0))
+        command = sub
+    assert path, f"{line.where}: no subcommand"
+    help_text = _help(path)
+    known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    pending = []
+    for word in words:
+        if not word.startswith("--"):
+            continue
+        option = word.split("=", 1)[0]
+        if option in known:
+            assert option in help_text, f"{option} is hidden from `phivault {path[0]} --help`"
+        elif (*path, option) in PENDING:
+            pending.append(PENDING[(*path, option)])
+        else:
+            pytest.fail(f"{line.where}: `phivault {' '.join(path)}` has no option {option}")
+    if pending:
+        pytest.skip(f"not landed yet: {', '.join(pending)}")
+
+
+def _inline_python() -> Iterator[tuple[str, str]]:
+    for _, doc in _documents():
+        if doc["kind"] not in WORKLOADS:
+            continue
+        for container in _containers(doc["spec"]["template"]["spec"]):
+            argv = [*container.get("command", []), *container.get("args", [])]
+            if argv[:2] == ["python", "-c"]:
+                yield f"{doc['metadata']['name']}/{container['name']}", argv[2]
+
+
+def test_inline_python_calls_what_exists_with_keywords_it_takes() -> None:
+    snippets = list(_inline_python())
+    assert {where for where, _ in snippets} == {
+        "phivault-schema/ledger-schema",
+        "phivault-schema/records-migrations",
+    }
+    for where, code in snippets:
+        tree = ast.parse(code)
+        names: dict[str, Any] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{where}: {node.module}.{alias.name}"
+                    names[alias.asname or alias.name] = getattr(module, alias.name)
+        calls = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in names
+        ]
+        assert calls, where
+        for call in calls:
+            target = names[call.func.id]  # type: ignore[attr-defined]
+            args = [object()] * len(call.args)
+            kwargs = {keyword.arg: object() for keyword in call.keywords if keyword.arg}
+            inspect.signature(target).bind(*args, **kwargs)  # TypeError if they do not fit
