@@ -36,10 +36,12 @@ def initialize_data_dir(
     shares: int = 5,
 ) -> Initialized:
     """Create the data directory: the ledger and its signing key, the keystore (root key split
-    ``threshold`` of ``shares``), and with ``dev`` the dev identity provider's key.
+    ``threshold`` of ``shares``; PostgreSQL tables for ``shape.store = postgres``), and with
+    ``dev`` the dev identity provider's key.
 
     Settings are checked before anything is written; if a later step fails, the directory
-    this call created is removed again, so a failed ``init`` can simply be retried.
+    this call created is removed again, so a failed ``init`` can simply be retried (an empty
+    keystore schema it created in PostgreSQL stays: creating it is idempotent).
     """
     settings = settings or Settings()
     check_keystore_settings(settings.keys, threshold=threshold, shares=shares)
@@ -47,7 +49,9 @@ def initialize_data_dir(
     created = DataDir.create(path, dev=dev, origin=origin)  # refuses an existing one
     try:
         verifier_key = initialize_ledger(created)
-        keystore = initialize_keystore(created, settings.keys, threshold=threshold, shares=shares)
+        # The scaled shape's keystore is a schema in the records database (created if missing);
+        # the root key provider and its public facts stay in this directory's keys/.
+        keystore = initialize_keystore(created, settings, threshold=threshold, shares=shares)
         dev_issuer = None
         if dev:
             from phivault.identity.dev_provider import DevIdentityProvider

@@ -6,7 +6,14 @@ from typing import Annotated
 
 import typer
 
-from phivault.cli._common import DataDirOption, JsonOption, Output, fail
+from phivault.cli._common import (
+    ConfigOption,
+    DataDirOption,
+    JsonOption,
+    Output,
+    fail,
+    load_settings_or_fail,
+)
 from phivault.datadir import default_data_dir
 from phivault.errors import PhivaultError
 
@@ -14,6 +21,7 @@ from phivault.errors import PhivaultError
 def init(
     *,
     data_dir: DataDirOption = default_data_dir(),
+    config: ConfigOption = None,
     json_mode: JsonOption = False,
     dev: Annotated[
         bool,
@@ -34,13 +42,21 @@ def init(
         int, typer.Option("--threshold", help="How many shares unseal the keystore.")
     ] = 3,
 ) -> None:
-    """Create a new data directory (ledger and its signing key). Refuses to overwrite one."""
+    """Create a new data directory (ledger and its signing key, the keystore). Refuses to
+    overwrite one. With the scaled shape (``shape.store = postgres``) the keystore's tables are
+    made in the records database, schema ``keys.postgres_schema``."""
     output = Output(json_mode=json_mode)
+    settings = load_settings_or_fail(output, config)
     from phivault.initialize import initialize_data_dir
 
     try:
         done = initialize_data_dir(
-            data_dir, dev=dev, origin=origin, threshold=threshold, shares=shares
+            data_dir,
+            dev=dev,
+            settings=settings,
+            origin=origin,
+            threshold=threshold,
+            shares=shares,
         )
     except PhivaultError as exc:
         fail(output, f"{exc}; nothing was created", kind="init")

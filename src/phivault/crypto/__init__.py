@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from phivault.crypto.blind_index import BlindIndexer, BlindToken, IndexField, Normalization
-    from phivault.crypto.custody import initialize_keystore, open_keyring
+    from phivault.crypto.custody import initialize_keystore, open_keyring, open_keystore
     from phivault.crypto.element_store import SqliteSealedElementStore
     from phivault.crypto.elements import ElementRef, PatientCipher
     from phivault.crypto.errors import (
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
         Sealed,
     )
     from phivault.crypto.keyring import Inventory, KeyInfo, KeyRing, RotationReport
+    from phivault.crypto.keystore import SqliteKeyStore
+    from phivault.crypto.keystore_postgres import KeyStoreConflict, PostgresKeyStore
     from phivault.crypto.ports import KeyStore, RootKeyProvider, SealedElement, SealedElementStore
     from phivault.crypto.tokens import LedgerTokenizer
 
@@ -47,11 +49,13 @@ __all__ = [
     "KeyNotFound",
     "KeyRing",
     "KeyStore",
+    "KeyStoreConflict",
     "KeyUnavailable",
     "LedgerTokenizer",
     "Normalization",
     "PatientCipher",
     "PatientShredded",
+    "PostgresKeyStore",
     "RetentionHold",
     "RootKeyProvider",
     "RotationInProgress",
@@ -59,9 +63,11 @@ __all__ = [
     "Sealed",
     "SealedElement",
     "SealedElementStore",
+    "SqliteKeyStore",
     "SqliteSealedElementStore",
     "initialize_keystore",
     "open_keyring",
+    "open_keystore",
 ]
 
 _WHERE = {
@@ -71,6 +77,10 @@ _WHERE = {
     "Normalization": "blind_index",
     "initialize_keystore": "custody",
     "open_keyring": "custody",
+    "open_keystore": "custody",
+    "SqliteKeyStore": "keystore",
+    "KeyStoreConflict": "keystore_postgres",
+    "PostgresKeyStore": "keystore_postgres",
     "SqliteSealedElementStore": "element_store",
     "ElementRef": "elements",
     "PatientCipher": "elements",

@@ -1,9 +1,12 @@
 """Composition of key custody for a data directory: initialize it, open a key ring on it.
 
-Why here: ``phivault init``, the CLI and (later) the server's bootstrap must build the same
-thing from settings: the chosen root key provider, the embedded keystore under
-``<data-dir>/keys/``, and a :class:`KeyRing` that records to the ledger. Production settings
-refuse the development unseal file (and a development data directory) here, failing closed.
+Why here: ``phivault init``, the CLI and the server's bootstrap must build the same thing from
+settings: the chosen root key provider, the keystore (embedded: SQLite under
+``<data-dir>/keys/``; scaled, ``shape.store = postgres``: the schema ``keys.postgres_schema`` of
+the records database, shared by every worker), and a :class:`KeyRing` that records to the
+ledger. The root key provider is the same in both shapes: its public facts stay in ``keys/``.
+Production settings refuse the development unseal file (and a development data directory)
+here, failing closed.
 
 The dev unseal file (``keys/dev-unseal.json``, written by ``phivault init --dev``) holds M
 shares in clear so that the demo unseals itself. It is custody in name only: it warns loudly.
@@ -23,12 +26,12 @@ from typing import TYPE_CHECKING
 from phivault.crypto.errors import Sealed
 from phivault.crypto.keyring import KeyRing
 from phivault.crypto.keystore import SqliteKeyStore
-from phivault.crypto.ports import RootKeyProvider
+from phivault.crypto.ports import KeyPurpose, KeyStore, RootKeyProvider
 from phivault.crypto.providers.sealed import ROOT_FILE, SealedLocalProvider
 from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError
 from phivault.ledger.ports import AuditSink
-from phivault.settings import KeyProviderKind, KeySettings, Settings
+from phivault.settings import KeyProviderKind, KeySettings, Settings, StoreKind
 
 if TYPE_CHECKING:
     from phivault.crypto.providers.pkcs11 import Pkcs11Provider
@@ -41,6 +44,7 @@ __all__ = [
     "check_keystore_settings",
     "initialize_keystore",
     "open_keyring",
+    "open_keystore",
     "read_dev_unseal_file",
 ]
 
@@ -81,48 +85,96 @@ def check_keystore_settings(settings: KeySettings, *, threshold: int, shares: in
         raise ConfigurationError("keys.awskms_key_id is required for the awskms provider")
 
 
+def open_keystore(data_dir: DataDir, settings: Settings, *, create: bool = False) -> KeyStore:
+    """The keystore ``settings`` choose: PostgreSQL when ``shape.store = postgres`` (the records
+    database, schema ``keys.postgres_schema``; ``create`` makes the schema if missing), else the
+    SQLite file under ``<data-dir>/keys/``."""
+    if settings.shape.store is StoreKind.POSTGRES:
+        from phivault.crypto.keystore_postgres import PostgresKeyStore
+
+        if not settings.records.store_url:
+            raise ConfigurationError(
+                "shape.store = postgres needs records.store_url: the keystore lives there"
+            )
+        return PostgresKeyStore(
+            settings.records.store_url, schema=settings.keys.postgres_schema, create=create
+        )
+    return SqliteKeyStore(data_dir.keys_dir / SqliteKeyStore.FILENAME)
+
+
+def _roots_in(store: KeyStore) -> set[str]:
+    """The root keys that wrap the store's live KEKs (``root:<id>``)."""
+    return {r.wrapped_by for r in store.records(purpose=KeyPurpose.KEK, include_destroyed=False)}
+
+
 def initialize_keystore(
     data_dir: DataDir,
-    settings: KeySettings,
+    settings: Settings | KeySettings,
     *,
     threshold: int = 3,
     shares: int = 5,
 ) -> KeystoreInit:
-    """Create the root key (or find it in the HSM/KMS) and the empty keystore."""
-    check_keystore_settings(settings, threshold=threshold, shares=shares)
+    """Create the root key (or find it in the HSM/KMS) and the empty keystore.
+
+    ``settings`` as a whole choose the keystore (:func:`open_keystore`); ``KeySettings`` alone
+    mean the embedded one. A shared PostgreSQL keystore that already holds keys under another
+    root key is refused: a second data directory of the same deployment gets a copy of the
+    first one's ``keys/`` folder (or the same HSM/KMS key), never a root key of its own.
+    """
+    keys = settings.keys if isinstance(settings, Settings) else settings
+    check_keystore_settings(keys, threshold=threshold, shares=shares)
     keys_dir = data_dir.keys_dir
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if (keys_dir / PROVIDER_FILE).exists():
         raise ConfigurationError(f"{keys_dir} already holds a keystore")
-    texts: list[str] = []
-    dev_file: Path | None = None
-    if settings.provider is KeyProviderKind.SEALED:
-        provider, texts = SealedLocalProvider.initialize(
-            keys_dir, threshold=threshold, shares=shares
-        )
-        root_key_id = provider.root_key_id
-        if data_dir.dev:
-            dev_file = keys_dir / DEV_UNSEAL_FILE
-            _write_json(dev_file, {"warning": DEV_UNSEAL_WARNING, "shares": texts[:threshold]})
-    elif settings.provider is KeyProviderKind.PKCS11:
-        hsm = _pkcs11(settings)
-        if settings.pkcs11_pin is None:
-            raise ConfigurationError("keys.pkcs11_pin is required to create the HSM root key")
-        hsm.initialize(settings.pkcs11_pin.get_secret_value())
-        root_key_id, threshold, shares = hsm.root_key_id, 0, 0
+    if isinstance(settings, Settings):
+        store = open_keystore(data_dir, settings, create=True)
     else:
-        root_key_id, threshold, shares = _kms(settings).root_key_id, 0, 0
-    SqliteKeyStore(keys_dir / SqliteKeyStore.FILENAME).close()
+        store = SqliteKeyStore(keys_dir / SqliteKeyStore.FILENAME)
+    try:
+        roots = _roots_in(store)
+        if roots and keys.provider is KeyProviderKind.SEALED:
+            raise _other_roots(store, roots)  # a new sealed root key is always another one
+        texts: list[str] = []
+        dev_file: Path | None = None
+        if keys.provider is KeyProviderKind.SEALED:
+            provider, texts = SealedLocalProvider.initialize(
+                keys_dir, threshold=threshold, shares=shares
+            )
+            root_key_id = provider.root_key_id
+            if data_dir.dev:
+                dev_file = keys_dir / DEV_UNSEAL_FILE
+                _write_json(dev_file, {"warning": DEV_UNSEAL_WARNING, "shares": texts[:threshold]})
+        elif keys.provider is KeyProviderKind.PKCS11:
+            hsm = _pkcs11(keys)
+            if keys.pkcs11_pin is None:
+                raise ConfigurationError("keys.pkcs11_pin is required to create the HSM root key")
+            hsm.initialize(keys.pkcs11_pin.get_secret_value())
+            root_key_id, threshold, shares = hsm.root_key_id, 0, 0
+        else:
+            root_key_id, threshold, shares = _kms(keys).root_key_id, 0, 0
+        if roots - {f"root:{root_key_id}"}:
+            raise _other_roots(store, roots)
+    finally:
+        store.close()
     _write_json(
-        keys_dir / PROVIDER_FILE, {"provider": settings.provider.value, "root_key_id": root_key_id}
+        keys_dir / PROVIDER_FILE, {"provider": keys.provider.value, "root_key_id": root_key_id}
     )
     return KeystoreInit(
-        provider=settings.provider.value,
+        provider=keys.provider.value,
         root_key_id=root_key_id,
         threshold=threshold,
         share_count=shares,
         shares=tuple(texts),
         dev_unseal_file=dev_file,
+    )
+
+
+def _other_roots(store: KeyStore, roots: set[str]) -> ConfigurationError:
+    return ConfigurationError(
+        f"the keystore {store!r} already holds keys wrapped by "
+        f"{', '.join(sorted(roots))}; give this data directory a copy of that deployment's "
+        "keys/ folder (or the same HSM or KMS key) instead of a new root key"
     )
 
 
@@ -216,7 +268,7 @@ async def open_keyring(
         )
     keys = settings.keys
     provider = build_provider(data_dir, keys)
-    store = SqliteKeyStore(data_dir.keys_dir / SqliteKeyStore.FILENAME)
+    store = open_keystore(data_dir, settings)
     ring = KeyRing(
         store=store,
         provider=provider,

@@ -1,4 +1,5 @@
-"""Rotation (KEK, DEK, blind index), shredding and holds, on real SQLite stores."""
+"""Rotation (KEK, DEK, blind index), shredding and holds, on real SQLite element stores and
+both keystores (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from crypto_support import Env
+from crypto_support import Env, stored_bytes
 
 from phivault.crypto.blind_index import IndexField, Normalization
 from phivault.crypto.element_store import SqliteSealedElementStore
@@ -173,6 +174,8 @@ async def test_shred_destroys_keys_tokens_and_leaves_evidence(
     await _load(env, elements)
     element = elements.get(ElementRef("acme", "Patient", "p1", "name[0].family"))
     assert element is not None
+    p1_before = env.store.records("acme", KeyPurpose.DEK, "p1")
+    assert p1_before[0].wrapped is not None and p1_before[0].wrapped in stored_bytes(env)
     record = await env.ring.shred_patient("acme", "p1", reason="erasure-request", elements=elements)
     assert len(record.keys_destroyed) == 1 and record.reason == "erasure-request"
     event = env.sink.events[record.ledger_index]
@@ -184,15 +187,17 @@ async def test_shred_destroys_keys_tokens_and_leaves_evidence(
     assert all(r.wrapped is None for r in env.store.records("acme", KeyPurpose.DEK, "p1"))
     indexer = await env.ring.blind_indexer("acme")
     assert {e.patient for e in elements.find("acme", indexer.tokens(FAMILY, "Smith"))} == {"p3"}
-    # the wrapped key bytes are gone from the database file itself
-    raw = (env.keys_dir / "keystore.sqlite3").read_bytes()
+    # the wrapped key bytes are gone from the database file itself (PostgreSQL: the keys
+    # table's heap file, once the store's VACUUM pruned the old row versions)
+    raw = stored_bytes(env)
     (p2,) = env.store.records("acme", KeyPurpose.DEK, "p2")
     assert p2.wrapped is not None and p2.wrapped in raw
+    assert all(r.wrapped is None or r.wrapped not in raw for r in [*p1_before])
     assert await env.ring.shred_patient("acme", "p1", reason="again") == record  # idempotent
     # shredding works while sealed: it needs no key
     await env.ring.seal()
     await env.ring.shred_patient("acme", "p2", reason="erasure-request")
-    assert p2.wrapped not in (env.keys_dir / "keystore.sqlite3").read_bytes()
+    assert p2.wrapped not in stored_bytes(env)
 
 
 async def test_shredded_patient_data_in_a_backup_stays_unreadable(
