@@ -11,6 +11,14 @@ Hierarchy: root key (in its provider) -> per-tenant KEK (versioned, wrapped by t
 tenant's KEK). Every wrapped key is bound by associated data to its tenant, purpose, subject,
 version and key id, so a wrapped key moved to another row does not unwrap.
 
+Availability: every wrap and unwrap by the root key provider (HSM, KMS) runs in a worker
+thread through a circuit breaker with a time limit (:mod:`phivault.resilience`). The ring
+fails closed: a provider that is down, slow, or behind an open breaker raises
+:class:`KeyUnavailable`, which PHI interactions answer with 503; nothing is served without
+its key. Provider calls are not retried here (botocore already retries KMS throttling; an HSM
+error is not transient), and once the breaker is open a request costs nothing until its
+reset timeout lets one call try the provider again.
+
 Audit: create, rotate, unseal, seal, shred, hold and every failed unwrap are ``key-operation``
 events. Destructive operations (shred, hold) record their event *before* the change, so an
 unavailable ledger refuses them (fail closed).
@@ -24,7 +32,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -68,9 +76,11 @@ from phivault.ledger.events import (
     Source,
 )
 from phivault.ledger.ports import AuditSink
+from phivault.resilience import Breaker, CallTimedOut, CircuitOpen
 
 __all__ = [
     "PRINCIPALS",
+    "PROVIDER_BREAKER",
     "SERVICE_PRINCIPAL",
     "SYSTEM_TENANT",
     "DekSummary",
@@ -80,9 +90,13 @@ __all__ = [
     "Progress",
     "RotationReport",
     "key_aad",
+    "provider_breaker",
 ]
 
+_T = TypeVar("_T")
+
 SERVICE_PRINCIPAL: Final = "service:phivault-keys"
+PROVIDER_BREAKER: Final = "keys.root-provider"  # the breaker's name in metrics
 SYSTEM_TENANT: Final = "system"  # the tenant of events about the whole keystore (unseal, seal)
 
 # Which service principals may use each kind of key: the custody statement of the inventory.
@@ -105,6 +119,25 @@ _PATIENT_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
 
 Progress = Callable[[int, int | None], None]
+
+
+def provider_breaker(
+    *,
+    failure_threshold: int = 5,
+    reset_timeout_s: float = 30.0,
+    call_timeout_s: float = 10.0,
+) -> Breaker:
+    """The breaker of the root key provider: opens after ``failure_threshold`` straight
+    failures for ``reset_timeout_s``; each wrap or unwrap may take ``call_timeout_s``."""
+    return Breaker(
+        PROVIDER_BREAKER,
+        failure_threshold=failure_threshold,
+        reset_timeout_s=reset_timeout_s,
+        call_timeout_s=call_timeout_s,
+        # Provider down or slow. Not Sealed (an operator's state) nor DecryptionFailed (the
+        # provider answered: that wrapped key does not authenticate).
+        failure_types=(KeyUnavailable, OSError, TimeoutError),
+    )
 
 
 def _lp(value: str) -> bytes:
@@ -234,9 +267,13 @@ class KeyRing:
         cache_size: int = 10_000,
         cache_ttl_s: float = 300.0,
         operator: str | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
+        """``breaker`` guards the root key provider's wrap and unwrap (default:
+        :func:`provider_breaker`); export it with the process's other breakers."""
         self._store = store
         self._provider = provider
+        self.breaker = breaker or provider_breaker()
         self._audit = audit
         self._observer = observer
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -267,6 +304,22 @@ class KeyRing:
     @property
     def cached_ciphers(self) -> int:
         return len(self._ciphers)
+
+    async def _root(self, operation: Callable[..., _T], *args: Any) -> _T:
+        """One wrap or unwrap by the root key provider: in a worker thread (providers block),
+        through the breaker. A timed-out call's thread finishes on its own; its result is
+        dropped."""
+        try:
+            return await self.breaker.call(lambda: asyncio.to_thread(operation, *args))
+        except CircuitOpen as exc:
+            raise KeyUnavailable(
+                f"the root key provider ({self._provider.name}) is unavailable; "
+                f"retry in {exc.retry_after_s:.0f} s"
+            ) from exc
+        except CallTimedOut as exc:
+            raise KeyUnavailable(
+                f"the root key provider ({self._provider.name}) did not answer in {exc.timeout_s} s"
+            ) from exc
 
     def _require_unsealed(self) -> None:
         if self._provider.sealed:
@@ -421,7 +474,7 @@ class KeyRing:
         )
         secret = generate_key("kek")
         try:
-            wrapped = await asyncio.to_thread(self._provider.wrap, secret, aad)
+            wrapped = await self._root(self._provider.wrap, secret, aad)
             self._keks[record.key_id] = aead(secret)
         finally:
             secret.wipe()
@@ -436,7 +489,7 @@ class KeyRing:
         if record.wrapped is None or record.purpose is not KeyPurpose.KEK:
             raise KeyUnavailable(f"key-encryption key {key_id} is {record.state.value}")
         try:
-            secret = await asyncio.to_thread(self._provider.unwrap, record.wrapped, _aad_of(record))
+            secret = await self._root(self._provider.unwrap, record.wrapped, _aad_of(record))
         except DecryptionFailed as exc:
             raise await self._unwrap_failed(record, exc.diagnostic) from None
         try:
