@@ -1,22 +1,28 @@
-"""DEK rotation survives SIGKILL mid-way: rerunning resumes the same job and finishes cleanly."""
+"""DEK rotation survives SIGKILL mid-way: rerunning resumes the same job and finishes cleanly,
+with the keystore in SQLite and in PostgreSQL."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from phivault.crypto.element_store import SqliteSealedElementStore
 from phivault.crypto.elements import ElementRef, key_version_of
 from phivault.crypto.keyring import KeyRing
 from phivault.crypto.keystore import SqliteKeyStore
-from phivault.crypto.ports import JobKind, KeyPurpose, KeyState
+from phivault.crypto.keystore_postgres import PostgresKeyStore
+from phivault.crypto.ports import JobKind, KeyPurpose, KeyState, KeyStore
 from phivault.crypto.providers.sealed import SealedLocalProvider
 from phivault.ledger.testing import InMemoryAuditSink
 
@@ -32,11 +38,16 @@ CHILD = textwrap.dedent(
     from phivault.crypto.element_store import SqliteSealedElementStore
     from phivault.crypto.keyring import KeyRing
     from phivault.crypto.keystore import SqliteKeyStore
+    from phivault.crypto.keystore_postgres import PostgresKeyStore
     from phivault.crypto.providers.sealed import SealedLocalProvider
     from phivault.ledger.testing import InMemoryAuditSink
 
     async def main(base: Path) -> None:
-        store = SqliteKeyStore(base / "keys" / "keystore.sqlite3")
+        where = json.loads((base / "store.json").read_text())
+        if where["kind"] == "sqlite":
+            store = SqliteKeyStore(base / "keys" / "keystore.sqlite3")
+        else:
+            store = PostgresKeyStore(where["conninfo"], schema=where["schema"], create=False)
         ring = KeyRing(store=store, provider=SealedLocalProvider(base / "keys"),
                        audit=InMemoryAuditSink(), observer="node-child")
         await ring.unseal(json.loads((base / "shares.json").read_text()))
@@ -54,16 +65,37 @@ CHILD = textwrap.dedent(
 )
 
 
-def _ring(base: Path) -> tuple[KeyRing, SqliteKeyStore]:
-    store = SqliteKeyStore(base / "keys" / "keystore.sqlite3")
+@pytest.fixture(params=["sqlite", "postgres"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Where the keystore lives (written for the child process too)."""
+    if request.param == "sqlite":
+        found = {"kind": "sqlite"}
+        (tmp_path / "store.json").write_text(json.dumps(found))
+        yield found
+        return
+    conninfo = request.getfixturevalue("postgres")
+    schema = f"test_keys_{secrets.token_hex(6)}"
+    found = {"kind": "postgres", "conninfo": conninfo, "schema": schema}
+    (tmp_path / "store.json").write_text(json.dumps(found))
+    yield found
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _ring(base: Path, where: dict[str, str]) -> tuple[KeyRing, KeyStore]:
+    store: KeyStore
+    if where["kind"] == "sqlite":
+        store = SqliteKeyStore(base / "keys" / "keystore.sqlite3")
+    else:
+        store = PostgresKeyStore(where["conninfo"], schema=where["schema"])
     provider = SealedLocalProvider(base / "keys")
     return KeyRing(store=store, provider=provider, audit=InMemoryAuditSink(), observer="n"), store
 
 
-async def test_sigkill_mid_rotation_then_resume(tmp_path: Path) -> None:
+async def test_sigkill_mid_rotation_then_resume(tmp_path: Path, where: dict[str, str]) -> None:
     _, shares = SealedLocalProvider.initialize(tmp_path / "keys", threshold=2, shares=3)
     (tmp_path / "shares.json").write_text(json.dumps(shares[:2]))
-    ring, store = _ring(tmp_path)
+    ring, store = _ring(tmp_path, where)
     await ring.unseal(shares[:2])
     elements = SqliteSealedElementStore(tmp_path / "elements.sqlite3")
     plaintexts: dict[ElementRef, bytes] = {}
