@@ -1,0 +1,661 @@
+"""The ledger sequencer: the one writer that moves audit events from the stream to the ledger.
+
+API workers publish events to the JetStream audit stream (:mod:`phivault.ledger.stream`). The
+sequencer reads that stream in order and appends each message, as one leaf, to the ledger
+stored in PostgreSQL through the ordinary :class:`~phivault.ledger.service.Ledger` (which
+computes the chain and patient back-links, group-commits and signs checkpoints within
+``checkpoint_interval_s``). Several sequencers may run; one is active.
+
+**Who writes.** The writable :class:`~phivault.ledger.postgres_store.PostgresLedgerStore`
+holds a PostgreSQL advisory lock on the connection that appends. A standby retries every
+``lock_retry_s`` and gets :class:`~phivault.ledger.errors.LedgerLocked` until the active one's
+session ends (it stopped, crashed, or was SIGKILLed: the server drops the session and its
+lock); then it opens the ledger and becomes active. An old active one that lost its session
+can no longer append: the lock and the appends share the connection.
+
+**Where to resume (no gap, no duplicate).** Stream messages and ledger entries correspond one
+to one and in the same order: the sequencer appends message after message and never skips
+one. So the ledger itself says how many messages are in it; what it cannot say is which stream
+sequence number the first of them had, because a leaf holds the event and not its message.
+The sequencer therefore keeps an append-only cursor table beside the leaves
+(``<schema>.stream_cursor``: *the first ``ledger_size`` entries are the stream's messages up to
+``stream_seq``*), written after appends are durable, at most every ``cursor_interval_s``.
+The cursor may lag behind the ledger (a crash, even ``kill -9``, between an append and the next
+cursor row), never run ahead of it. On taking over, with the ledger holding ``S`` entries and
+the last cursor row saying ``(S_c, Q_c)``:
+
+1. read the stream from ``Q_c + 1``: its first ``S - S_c`` messages are, in order, the ledger
+   entries ``S_c .. S - 1``; each is compared with its entry (the event document without the
+   ledger's own fields) and any difference stops the sequencer (the ledger and the stream
+   disagree: an operator must look);
+2. append from the next message on.
+
+Stream sequence numbers must be contiguous: the stream is created with deletes and purges
+denied and duplicates dropped without taking a number, so a message missing from the sequence
+means an event was lost from the stream before it reached the ledger, and the sequencer stops
+(:class:`StreamGap`). A message that is not a valid event also stops it
+(:class:`InvalidStreamMessage`): nothing is dropped silently, and every sequencer stops at the
+same message until an operator decides. See ``docs/decisions/audit-stream.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final, Literal, Protocol
+
+import nats.errors
+import nats.js.errors
+import psycopg
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from psycopg import sql
+from pydantic import ValidationError
+
+from phivault.errors import ConfigurationError, InvalidInput
+from phivault.ledger.canonical import canonical_json
+from phivault.ledger.errors import LedgerError, LedgerLocked, LedgerUnavailable
+from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
+from phivault.ledger.note import NoteSigner
+from phivault.ledger.postgres_store import DEFAULT_SCHEMA, PostgresLedgerStore
+from phivault.ledger.service import Ledger, open_ledger_on
+from phivault.ledger.stream import (
+    ENCODING_DOCUMENT,
+    ENCODING_EVENT,
+    ENCODING_HEADER,
+    MAX_EVENT_BYTES,
+    audit_subject,
+    connect_nats,
+)
+from phivault.settings import LedgerSettings
+
+__all__ = [
+    "CURSOR_TABLE",
+    "InvalidStreamMessage",
+    "LedgerStreamMismatch",
+    "Sequencer",
+    "SequencerError",
+    "SequencerLog",
+    "SequencerProgress",
+    "StreamGap",
+    "create_cursor_table",
+]
+
+CURSOR_TABLE: Final = "stream_cursor"
+_NATS_ERRORS: Final = (nats.errors.Error, OSError, TimeoutError)
+
+
+class SequencerError(LedgerError):
+    """The sequencer stopped on something an operator must look at (it will not go on)."""
+
+
+class InvalidStreamMessage(SequencerError):
+    """A stream message is not an event the ledger can take. Names its sequence, not its data."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(
+            f"stream message {seq} is not a valid audit event ({reason}); the sequencer stops "
+            "here rather than drop it"
+        )
+        self.seq = seq
+        self.reason = reason
+
+
+class StreamGap(SequencerError):
+    """Stream messages are missing before they reached the ledger (deleted or aged out)."""
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(
+            f"the audit stream skips from message {expected - 1} to {found}: messages "
+            f"{expected}..{found - 1} are gone from the stream but not in the ledger"
+        )
+        self.expected = expected
+        self.found = found
+
+
+class LedgerStreamMismatch(SequencerError):
+    """The ledger's tail is not the stream's messages at the cursor: they disagree."""
+
+
+# -- the cursor table ----------------------------------------------------------------------
+
+_CURSOR_DDL: Final = """
+CREATE TABLE IF NOT EXISTS {schema}.{table} (
+    ledger_size bigint PRIMARY KEY CHECK (ledger_size >= 0),
+    stream_seq bigint NOT NULL CHECK (stream_seq >= 0),
+    stream text NOT NULL,
+    recorded timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE TRIGGER {append_only}
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.refuse_history_change();
+ALTER TABLE {schema}.{table} ENABLE ALWAYS TRIGGER {append_only};
+REVOKE ALL ON {schema}.{table} FROM PUBLIC
+"""
+
+
+def create_cursor_table(
+    conninfo: str, *, schema: str = DEFAULT_SCHEMA, app_role: str | None = None
+) -> None:
+    """Create the sequencer's append-only cursor table in the ledger's schema (idempotent).
+
+    Run it at deploy time as the schema's owner, after
+    :func:`~phivault.ledger.postgres_store.create_ledger_schema` (it reuses that schema's
+    refusal trigger). ``app_role`` (the role the sequencer connects as) gets ``SELECT`` and
+    ``INSERT`` on it and nothing else.
+    """
+    names = {
+        "schema": sql.Identifier(schema),
+        "table": sql.Identifier(CURSOR_TABLE),
+        "append_only": sql.Identifier(f"{CURSOR_TABLE}_append_only"),
+    }
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
+            conn.execute(sql.SQL(_CURSOR_DDL).format(**names))
+            if app_role is not None:
+                role = sql.Identifier(app_role)
+                conn.execute(
+                    sql.SQL("REVOKE ALL ON {schema}.{table} FROM {role}").format(role=role, **names)
+                )
+                conn.execute(
+                    sql.SQL("GRANT SELECT, INSERT ON {schema}.{table} TO {role}").format(
+                        role=role, **names
+                    )
+                )
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(
+            f"cannot set up the sequencer's cursor table in schema {schema}: "
+            f"{type(exc).__name__} [{exc.sqlstate}]"
+        ) from exc
+
+
+class _Cursor:
+    """The cursor table, on its own connection (hints only: see the module docstring)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], schema: str, stream: str) -> None:
+        self._conn = conn
+        self._stream = stream
+        names = {"schema": sql.Identifier(schema), "table": sql.Identifier(CURSOR_TABLE)}
+        self._latest = sql.SQL(
+            "SELECT ledger_size, stream_seq, stream FROM {schema}.{table} "
+            "ORDER BY ledger_size DESC LIMIT 1"
+        ).format(**names)
+        self._insert = sql.SQL(
+            "INSERT INTO {schema}.{table} (ledger_size, stream_seq, stream) VALUES (%s, %s, %s) "
+            "ON CONFLICT (ledger_size) DO NOTHING"
+        ).format(**names)
+        self.written_size = -1
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, conninfo: str, schema: str, stream: str) -> AsyncIterator[_Cursor]:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo, autocommit=True, connect_timeout=5, application_name="phivault-sequencer"
+            )
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(
+                f"cannot connect to PostgreSQL for the sequencer's cursor: {type(exc).__name__}"
+            ) from exc
+        try:
+            # A lost cursor row only means re-reading a little more of the stream at the next
+            # takeover (the ledger is the truth), so its commits need not wait for the disk.
+            await conn.execute("SET synchronous_commit = off")
+            yield cls(conn, schema, stream)
+        finally:
+            await conn.close()
+
+    async def latest(self) -> tuple[int, int]:
+        """(ledger_size, stream_seq) of the last row, or (0, 0) before the first batch."""
+        try:
+            row = await (await self._conn.execute(self._latest)).fetchone()
+        except psycopg.errors.UndefinedTable as exc:
+            raise ConfigurationError(
+                f"the sequencer's cursor table is missing from the ledger schema; create it as "
+                f"the schema's owner (create_cursor_table, or `phivault sequencer "
+                f"--create-schema`): {type(exc).__name__}"
+            ) from exc
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(
+                f"cannot read the sequencer's cursor: {type(exc).__name__} [{exc.sqlstate}]"
+            ) from exc
+        if row is None:
+            return 0, 0
+        size, seq, stream = int(row[0]), int(row[1]), str(row[2])
+        if stream != self._stream:
+            raise LedgerStreamMismatch(
+                f"this ledger was fed from the stream {stream}, not {self._stream}; refusing "
+                "to append another stream's events to it"
+            )
+        self.written_size = size
+        return size, seq
+
+    async def write(self, ledger_size: int, stream_seq: int) -> None:
+        if ledger_size <= self.written_size:
+            return
+        try:
+            await self._conn.execute(self._insert, (ledger_size, stream_seq, self._stream))
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(
+                f"cannot write the sequencer's cursor: {type(exc).__name__} [{exc.sqlstate}]"
+            ) from exc
+        self.written_size = ledger_size
+
+
+# -- reading the stream ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Incoming:
+    """One decoded stream message: what the embedded ledger would have been handed."""
+
+    seq: int
+    document: dict[str, Any]
+    event: AuditEvent | None  # set for "event" messages: appended with Ledger.record
+
+
+def _decode(seq: int, msg: Msg) -> _Incoming:
+    headers = msg.headers or {}
+    encoding = headers.get(ENCODING_HEADER)
+    if encoding not in (ENCODING_EVENT, ENCODING_DOCUMENT):
+        raise InvalidStreamMessage(seq, f"no or unknown {ENCODING_HEADER} header")
+    data = msg.data
+    if len(data) > MAX_EVENT_BYTES:
+        raise InvalidStreamMessage(seq, f"{len(data)} bytes, over {MAX_EVENT_BYTES}")
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidStreamMessage(seq, "not JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidStreamMessage(seq, "not a JSON object")
+    if any(field in document for field in LEDGER_FIELDS):
+        raise InvalidStreamMessage(seq, "it sets a field the ledger adds")
+    try:
+        # Publishers send canonical bytes; anything else was not written by a sink.
+        canonical = canonical_json(document)
+    except InvalidInput:
+        raise InvalidStreamMessage(seq, "not canonicalizable") from None
+    if canonical != data:
+        raise InvalidStreamMessage(seq, "not in canonical form")
+    if encoding == ENCODING_DOCUMENT:
+        return _Incoming(seq, document, None)
+    try:
+        event = AuditEvent.from_document(document)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) or "event" for e in exc.errors()})
+        raise InvalidStreamMessage(seq, f"invalid event fields: {', '.join(fields)}") from None
+    if event.to_document() != document:
+        raise InvalidStreamMessage(seq, "the event does not encode back to the same document")
+    return _Incoming(seq, document, event)
+
+
+class _StreamReader:
+    """The stream from a given sequence number on, contiguous, through an ephemeral consumer.
+
+    The consumer acknowledges nothing (where to resume is the ledger's business, not the
+    consumer's); when it or the connection fails it is recreated from the next number.
+    """
+
+    def __init__(
+        self, js: JetStreamContext, stream: str, subject: str, start: int, log: SequencerLog
+    ) -> None:
+        self._js = js
+        self._stream = stream
+        self._subject = subject
+        self.next_seq = start  # the number the next message must have
+        self._buffer: deque[_Incoming | SequencerError] = deque()
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._log = log
+        self.pending = 0  # messages after the last one fetched, as the stream last said
+
+    async def take(self, limit: int, wait_s: float) -> list[_Incoming]:
+        """Up to ``limit`` next messages (none if nothing came within ``wait_s``)."""
+        if not self._buffer:
+            await self._fetch(limit, wait_s)
+        out: list[_Incoming] = []
+        while self._buffer and len(out) < limit:
+            item = self._buffer[0]
+            if isinstance(item, SequencerError):
+                if out:
+                    break  # hand over the good ones first; the error comes next time
+                raise item
+            out.append(item)
+            self._buffer.popleft()
+        return out
+
+    async def last_stream_seq(self) -> int:
+        info = await self._js.stream_info(self._stream)
+        return int(info.state.last_seq)
+
+    async def _fetch(self, limit: int, wait_s: float) -> None:
+        try:
+            if self._sub is None:
+                self._sub = await self._subscribe()
+            msgs = await self._sub.fetch(limit, timeout=wait_s)
+        except nats.errors.TimeoutError:
+            return  # nothing new
+        except _NATS_ERRORS as exc:
+            self._log.warning(
+                "sequencer.stream-read-failed", error=type(exc).__name__, next_seq=self.next_seq
+            )
+            await self.close()
+            await asyncio.sleep(min(wait_s, 0.5))
+            return
+        for msg in msgs:
+            metadata = msg.metadata
+            seq = int(metadata.sequence.stream)
+            if seq < self.next_seq:
+                continue  # delivered twice: already taken
+            if seq > self.next_seq:
+                self._buffer.append(StreamGap(self.next_seq, seq))
+                await self.close()
+                return
+            try:
+                self._buffer.append(_decode(seq, msg))
+            except InvalidStreamMessage as exc:
+                self._buffer.append(exc)
+                await self.close()
+                return
+            self.next_seq = seq + 1
+            self.pending = int(metadata.num_pending)
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.next_seq,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=30.0,  # the server removes it if this process dies
+            mem_storage=True,
+            num_replicas=1,
+        )
+        return await self._js.pull_subscribe(self._subject, stream=self._stream, config=config)
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
+
+
+# -- the sequencer ---------------------------------------------------------------------------
+
+
+class SequencerLog(Protocol):
+    """Where the sequencer logs (a structlog logger fits). Fields carry no PHI."""
+
+    def info(self, event: str, **fields: Any) -> Any: ...
+
+    def warning(self, event: str, **fields: Any) -> Any: ...
+
+
+class _StdlibLog:
+    def __init__(self) -> None:
+        self._log = logging.getLogger("phivault.sequencer")
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log.info("%s %s", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log.warning("%s %s", event, fields)
+
+
+Role = Literal["starting", "standby", "active", "stopped"]
+
+
+@dataclass
+class SequencerProgress:
+    """What the sequencer has done, for metrics and logs."""
+
+    role: Role = "starting"
+    last_applied_seq: int = 0  # stream sequence of the last message in the ledger
+    ledger_size: int = 0
+    lag: int = 0  # stream messages not yet in the ledger, as of the last read
+    appended: int = 0  # entries this process appended
+    batches: int = 0  # group commits this process made
+    takeovers: int = 0  # times this process became the active sequencer
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Sequencer:
+    """Moves audit events from the stream to the PostgreSQL ledger; see the module docstring.
+
+    ``await run(stop)`` runs until ``stop`` is set, standing by while another sequencer is
+    active. It returns after a clean stop (the last batch appended, the cursor written, a final
+    checkpoint signed). Losing PostgreSQL or NATS is waited out; it raises
+    :class:`SequencerError` for what an operator must decide (an invalid message, a gap, a
+    ledger that disagrees with the stream).
+    """
+
+    def __init__(
+        self,
+        *,
+        nats_urls: Sequence[str],
+        stream: str,
+        ledger_conninfo: str,
+        signer: NoteSigner,
+        origin: str,
+        ledger_schema: str = DEFAULT_SCHEMA,
+        subject: str | None = None,
+        settings: LedgerSettings | None = None,
+        batch_max: int = 500,
+        lock_retry_s: float = 0.5,
+        fetch_wait_s: float = 0.25,
+        cursor_interval_s: float = 1.0,
+        progress_interval_s: float = 10.0,
+        client_name: str = "phivault-sequencer",
+        log: SequencerLog | None = None,
+    ) -> None:
+        if batch_max < 1:
+            raise ConfigurationError("the sequencer's batch size must be at least 1")
+        self.nats_urls = list(nats_urls)
+        self.stream = stream
+        self.subject = subject or audit_subject(stream)
+        self.ledger_conninfo = ledger_conninfo
+        self.ledger_schema = ledger_schema
+        self._signer = signer
+        self._origin = origin
+        self._settings = settings or LedgerSettings()
+        self.batch_max = batch_max
+        self.lock_retry_s = lock_retry_s
+        self.fetch_wait_s = fetch_wait_s
+        self.cursor_interval_s = cursor_interval_s
+        self.progress_interval_s = progress_interval_s
+        self._client_name = client_name
+        self._log: SequencerLog = log or _StdlibLog()
+        self._nats: NatsClient | None = None
+        self.progress = SequencerProgress()
+
+    # -- the outer loop: standby until the writer lock is ours ------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                opened = open_ledger_on(
+                    self._open_store, self._signer, self._origin, self._settings
+                )
+                try:
+                    ledger = await opened.__aenter__()
+                except LedgerLocked:
+                    self._set_role("standby")
+                    await _wait(stop, self.lock_retry_s)
+                    continue
+                except LedgerUnavailable as exc:
+                    self._set_role("standby")
+                    self._log.warning("sequencer.ledger-unavailable", error=str(exc))
+                    await _wait(stop, self.lock_retry_s)
+                    continue
+                try:
+                    await self._lead(ledger, stop)
+                except LedgerUnavailable as exc:
+                    # PostgreSQL or the cursor went away: close, and compete for the lock again.
+                    self._log.warning("sequencer.lost-ledger", error=str(exc))
+                finally:
+                    try:
+                        await opened.__aexit__(None, None, None)
+                    except LedgerError as exc:
+                        self._log.warning("sequencer.close-failed", error=str(exc))
+                    self.progress.role = "standby"
+        finally:
+            self._set_role("stopped")
+            if self._nats is not None and not self._nats.is_closed:
+                with contextlib.suppress(*_NATS_ERRORS):
+                    await self._nats.close()
+
+    def _open_store(self) -> PostgresLedgerStore:
+        return PostgresLedgerStore(self.ledger_conninfo, schema=self.ledger_schema, writable=True)
+
+    def _set_role(self, role: Role) -> None:
+        if self.progress.role != role:
+            self.progress.role = role
+            self._log.info("sequencer.role", **self.progress.as_dict())
+
+    # -- active --------------------------------------------------------------------------
+
+    async def _lead(self, ledger: Ledger, stop: asyncio.Event) -> None:
+        self.progress.takeovers += 1
+        self._set_role("active")
+        async with _Cursor.open(self.ledger_conninfo, self.ledger_schema, self.stream) as cursor:
+            cursor_size, cursor_seq = await cursor.latest()
+            size = ledger.size
+            if cursor_size > size:
+                raise LedgerStreamMismatch(
+                    f"the cursor says {cursor_size} entries came from the stream but the ledger "
+                    f"holds {size}"
+                )
+            js = await self._jetstream(stop)
+            if js is None:
+                return
+            reader = _StreamReader(js, self.stream, self.subject, cursor_seq + 1, self._log)
+            try:
+                last_seq = await self._match_tail(ledger, reader, cursor_size, cursor_seq, stop)
+                if last_seq is None:
+                    return
+                self.progress.ledger_size = ledger.size
+                self.progress.last_applied_seq = last_seq
+                await cursor.write(ledger.size, last_seq)
+                self._log.info("sequencer.resumed", **self.progress.as_dict())
+                await self._sequence(ledger, reader, cursor, stop)
+            finally:
+                await reader.close()
+
+    async def _match_tail(
+        self,
+        ledger: Ledger,
+        reader: _StreamReader,
+        cursor_size: int,
+        cursor_seq: int,
+        stop: asyncio.Event,
+    ) -> int | None:
+        """Check the entries after the cursor against the stream; return the last one's seq.
+
+        ``None`` if asked to stop first.
+        """
+        index, last_seq = cursor_size, cursor_seq
+        size = ledger.size
+        while index < size:
+            if stop.is_set():
+                return None
+            batch = await reader.take(min(self.batch_max, size - index), self.fetch_wait_s)
+            if not batch:
+                if await _nats_call(reader.last_stream_seq()) < reader.next_seq:
+                    raise LedgerStreamMismatch(
+                        f"the ledger holds {size - index} entries after its cursor (stream "
+                        f"message {cursor_seq}) that the stream does not have"
+                    )
+                continue
+            entries = await asyncio.to_thread(ledger.read_range, index, index + len(batch))
+            for entry, incoming in zip(entries, batch, strict=True):
+                stored = {k: v for k, v in entry.document.items() if k not in LEDGER_FIELDS}
+                if stored != incoming.document:
+                    raise LedgerStreamMismatch(
+                        f"ledger entry {entry.index} is not stream message {incoming.seq}, "
+                        "which should be there; the ledger and the stream disagree"
+                    )
+            index += len(batch)
+            last_seq = batch[-1].seq
+        return last_seq
+
+    async def _sequence(
+        self, ledger: Ledger, reader: _StreamReader, cursor: _Cursor, stop: asyncio.Event
+    ) -> None:
+        progress = self.progress
+        cursor_due = time.monotonic() + self.cursor_interval_s
+        log_due = time.monotonic() + self.progress_interval_s
+        try:
+            while not stop.is_set():
+                batch = await reader.take(self.batch_max, self.fetch_wait_s)
+                if batch:
+                    await self._append(ledger, batch)
+                    progress.lag = reader.pending
+                now = time.monotonic()
+                if now >= cursor_due:
+                    await cursor.write(progress.ledger_size, progress.last_applied_seq)
+                    cursor_due = now + self.cursor_interval_s
+                if now >= log_due:
+                    self._log.info("sequencer.progress", **progress.as_dict())
+                    log_due = now + self.progress_interval_s
+        except SequencerError:
+            # What was appended before the bad message is durable: let the cursor say so.
+            await cursor.write(progress.ledger_size, progress.last_applied_seq)
+            raise
+        await cursor.write(progress.ledger_size, progress.last_applied_seq)
+
+    async def _append(self, ledger: Ledger, batch: list[_Incoming]) -> None:
+        first = ledger.size
+        # All records are queued before the ledger's flusher runs: one group commit, in order.
+        calls: list[Awaitable[int]] = [
+            ledger.record(item.event)
+            if item.event is not None
+            else ledger.record_document(item.document)
+            for item in batch
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                # Some of the batch may be durable: only a fresh open knows what the ledger
+                # holds, so give up the writer role and take it again from the start.
+                if isinstance(result, LedgerUnavailable):
+                    raise result
+                raise LedgerUnavailable(
+                    f"an append failed ({type(result).__name__}); reopening the ledger"
+                ) from result
+        if results != list(range(first, first + len(batch))):
+            raise LedgerUnavailable("the ledger assigned unexpected indexes; reopening it")
+        self.progress.ledger_size = ledger.size
+        self.progress.last_applied_seq = batch[-1].seq
+        self.progress.appended += len(batch)
+        self.progress.batches += 1
+
+    async def _jetstream(self, stop: asyncio.Event) -> JetStreamContext | None:
+        """The JetStream context, connecting (and retrying) if needed; None if stopped."""
+        while self._nats is None or self._nats.is_closed:
+            try:
+                self._nats = await connect_nats(self.nats_urls, name=self._client_name)
+            except LedgerUnavailable as exc:
+                self._log.warning("sequencer.nats-unavailable", error=str(exc))
+                if await _wait(stop, self.lock_retry_s):
+                    return None
+        return self._nats.jetstream()
+
+
+async def _nats_call(call: Awaitable[int]) -> int:
+    try:
+        return await call
+    except _NATS_ERRORS as exc:
+        raise LedgerUnavailable(f"cannot read the audit stream: {type(exc).__name__}") from exc
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True if ``stop`` was set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()

@@ -1,0 +1,380 @@
+"""The scaled shape's audit stream: API workers publish events to NATS JetStream.
+
+In the scaled shape the ledger has one writer, the sequencer (:mod:`phivault.ledger.sequencer`),
+and the API workers are many. A worker's :class:`JetStreamAuditSink` publishes each event to a
+JetStream stream and returns only once the stream has acknowledged it: the acknowledgement is
+given after the stream stored the message (on a quorum of its replicas), so invariant 1 holds
+with the stream as the durable record until the sequencer appends the event to the ledger.
+
+What a message carries (and what the sequencer relies on):
+
+* the payload is the RFC 8785 canonical JSON of the event document, exactly the bytes the
+  embedded ledger encodes before adding its own fields;
+* the header :data:`ENCODING_HEADER` says how the embedded ledger would have taken it:
+  ``event`` for :meth:`~JetStreamAuditSink.record` (an :class:`AuditEvent`, re-validated by the
+  sequencer and appended through ``Ledger.record``), ``document`` for
+  :meth:`~JetStreamAuditSink.record_document` (appended through ``Ledger.record_document``),
+  so the ledger ends up with the same leaves as the embedded ledger for the same calls;
+* ``Nats-Msg-Id`` is a fresh unique id per call, reused by every retry of that call: the
+  stream's duplicate window drops a retried message that had in fact been stored, so a retry
+  after a lost acknowledgement never records an event twice.
+
+No nats exception crosses the port: every failure to get an acknowledgement becomes
+:class:`~phivault.ledger.errors.LedgerUnavailable` (callers serving PHI answer 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext, api
+
+from phivault.errors import ConfigurationError, InvalidInput
+from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
+from phivault.ledger.errors import LedgerError, LedgerUnavailable
+from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
+from phivault.ledger.file_store import MAX_LEAF_BYTES
+from phivault.resilience import retrying
+
+if TYPE_CHECKING:
+    from phivault.resilience import Breaker
+
+__all__ = [
+    "ENCODING_DOCUMENT",
+    "ENCODING_EVENT",
+    "ENCODING_HEADER",
+    "MAX_EVENT_BYTES",
+    "JetStreamAuditSink",
+    "audit_subject",
+    "connect_nats",
+    "ensure_audit_stream",
+]
+
+ENCODING_HEADER: Final = "Phivault-Audit-Encoding"
+ENCODING_EVENT: Final = "event"
+ENCODING_DOCUMENT: Final = "document"
+# Room left in a leaf for the fields the ledger adds (seq, chain, patient_prev).
+_LEDGER_FIELDS_ROOM: Final = 256
+MAX_EVENT_BYTES: Final = MAX_LEAF_BYTES - _LEDGER_FIELDS_ROOM
+_MSG_ID: Final = "Nats-Msg-Id"
+
+
+def audit_subject(stream: str) -> str:
+    """The subject the audit events of ``stream`` are published on (one subject: one order)."""
+    return f"phivault.audit.{stream}"
+
+
+# -- the stream -----------------------------------------------------------------------------
+
+
+async def ensure_audit_stream(
+    js: JetStreamContext,
+    *,
+    name: str,
+    subject: str,
+    replicas: int,
+    duplicate_window_s: float = 120,
+) -> None:
+    """Create the audit stream, or bring an existing one to this configuration.
+
+    * File storage: an acknowledged event must survive a restart of the NATS servers.
+    * Limits retention with no limits: nothing is removed when the sequencer has read it
+      (work-queue or interest retention would do that), so a standby sequencer can always
+      re-read from where the ledger ends, and the stream holds a second copy of the history.
+    * Discard policy ``new``, and message deletion and purging denied: the stream never drops
+      an acknowledged event to make room. If an operator adds a size limit and the stream
+      fills, publishing fails and PHI interactions answer 503 (fail closed) rather than losing
+      events the sequencer may not have appended yet.
+    * ``duplicate_window_s``: the window in which a retried publish with the same
+      ``Nats-Msg-Id`` is dropped; it must outlast any publisher's retries (seconds).
+
+    An existing stream with another storage or retention cannot be changed in place and is
+    refused with :class:`~phivault.errors.ConfigurationError`; replicas, the duplicate window,
+    discard and deny flags are updated. NATS failures raise :class:`LedgerUnavailable`.
+    """
+    if replicas < 1:
+        raise ConfigurationError("the audit stream needs at least one replica")
+    if duplicate_window_s <= 0:
+        raise ConfigurationError("the audit stream's duplicate window must be positive")
+    wanted = api.StreamConfig(
+        name=name,
+        subjects=[subject],
+        storage=api.StorageType.FILE,
+        retention=api.RetentionPolicy.LIMITS,
+        discard=api.DiscardPolicy.NEW,
+        max_msgs=-1,
+        max_bytes=-1,
+        max_age=0,
+        num_replicas=replicas,
+        duplicate_window=duplicate_window_s,
+        deny_delete=True,
+        deny_purge=True,
+    )
+    try:
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(wanted)
+            return
+        current = info.config
+        if current.storage != api.StorageType.FILE:
+            raise ConfigurationError(
+                f"the audit stream {name} exists with {current.storage} storage; it must use "
+                "file storage (recreate it: storage cannot change in place)"
+            )
+        if current.retention != api.RetentionPolicy.LIMITS:
+            raise ConfigurationError(
+                f"the audit stream {name} exists with {current.retention} retention; it must "
+                "keep messages after they are read (limits retention)"
+            )
+        subjects = list(current.subjects or [])
+        if subject not in subjects:
+            subjects.append(subject)
+        if (
+            subjects != list(current.subjects or [])
+            or current.num_replicas != replicas
+            or current.duplicate_window != duplicate_window_s
+            or current.discard != api.DiscardPolicy.NEW
+            or not current.deny_delete
+            or not current.deny_purge
+        ):
+            wanted.subjects = subjects
+            # Limits an operator set on purpose are kept; everything else is ours.
+            wanted.max_msgs = current.max_msgs
+            wanted.max_bytes = current.max_bytes
+            wanted.max_age = current.max_age
+            await js.update_stream(wanted)
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise LedgerUnavailable(f"cannot set up the audit stream {name}: {_describe(exc)}") from exc
+
+
+# -- connecting -------------------------------------------------------------------------------
+
+
+async def connect_nats(
+    urls: Sequence[str], *, name: str, connect_timeout_s: float = 5.0
+) -> NatsClient:
+    """Connect to NATS; reconnect by itself forever afterwards.
+
+    Raises :class:`LedgerUnavailable` if no server answers within ``connect_timeout_s``, and
+    :class:`~phivault.errors.ConfigurationError` for no URL at all.
+    """
+    if not urls:
+        raise ConfigurationError("no NATS server URL is configured for the audit stream")
+
+    async def quiet(exc: Exception) -> None:
+        # nats-py logs a traceback per failed attempt otherwise; failures surface as
+        # LedgerUnavailable on publish, and reconnects happen by themselves.
+        return None
+
+    try:
+        client: NatsClient = await asyncio.wait_for(
+            nats.connect(
+                servers=list(urls),
+                name=name,
+                connect_timeout=min(2.0, connect_timeout_s),
+                reconnect_time_wait=0.25,
+                max_reconnect_attempts=-1,  # a worker outlives any NATS outage
+                error_cb=quiet,
+            ),
+            connect_timeout_s,
+        )
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise LedgerUnavailable(
+            f"cannot connect to NATS at {', '.join(urls)} within {connect_timeout_s} s: "
+            f"{_describe(exc)}"
+        ) from exc
+    return client
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# Worth another try with the same message id: the stream (or its leader) may answer in a moment.
+_TRANSIENT: Final[tuple[type[BaseException], ...]] = (
+    nats.errors.TimeoutError,
+    TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+)
+
+
+class JetStreamAuditSink:
+    """An :class:`~phivault.ledger.ports.AuditSink` that publishes to the audit stream.
+
+    ``await record(event)`` returns the event's stream sequence number once the stream has
+    acknowledged it (the ledger index is assigned later by the sequencer, in that order).
+    It raises :class:`LedgerUnavailable` if no acknowledgement comes within
+    ``publish_timeout_s``: a timeout, no stream, no responders, a closed or reconnecting
+    connection, or any other NATS error. Retries inside that time reuse the message id, so
+    they never duplicate.
+
+    Build it with :meth:`connect` (owns and closes its connection) or around an existing
+    client; close it with :meth:`aclose` or ``async with``. Optionally a
+    :class:`~phivault.resilience.Breaker` wraps each publish (with its retries): while it is
+    open, callers fail at once.
+    """
+
+    def __init__(
+        self,
+        client: NatsClient,
+        *,
+        stream: str,
+        subject: str | None = None,
+        publish_timeout_s: float = 2.0,
+        breaker: Breaker | None = None,
+        owns_client: bool = False,
+    ) -> None:
+        if publish_timeout_s <= 0:
+            raise ConfigurationError("the audit stream's publish timeout must be positive")
+        self._client = client
+        self._js = client.jetstream()
+        self.stream = stream
+        self.subject = subject or audit_subject(stream)
+        self.publish_timeout_s = publish_timeout_s
+        self._breaker = breaker
+        self._owns_client = owns_client
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        urls: Sequence[str],
+        *,
+        name: str,
+        stream: str,
+        subject: str | None = None,
+        publish_timeout_s: float = 2.0,
+        connect_timeout_s: float = 5.0,
+        breaker: Breaker | None = None,
+    ) -> JetStreamAuditSink:
+        """Connect to NATS (``urls``, client ``name``) and publish to ``stream``."""
+        client = await connect_nats(urls, name=name, connect_timeout_s=connect_timeout_s)
+        return cls(
+            client,
+            stream=stream,
+            subject=subject,
+            publish_timeout_s=publish_timeout_s,
+            breaker=breaker,
+            owns_client=True,
+        )
+
+    # -- the AuditSink port ---------------------------------------------------------------
+
+    async def record(self, event: AuditEvent) -> int:
+        """Publish ``event``; return its stream sequence number once acknowledged."""
+        # The same fast encoding the embedded ledger uses for events (plain documents).
+        payload = canonical_json_of_plain_document(event.to_document())
+        return await self._publish(payload, ENCODING_EVENT)
+
+    async def record_document(self, document: dict[str, Any]) -> int:
+        """Publish an event document from elsewhere, checked as ``Ledger.record_document``
+        checks it (no ledger fields; canonical JSON or :class:`InvalidInput`)."""
+        for field in LEDGER_FIELDS:
+            if field in document:
+                raise LedgerError(f"an event document may not set the ledger field {field!r}")
+        return await self._publish(canonical_json(document), ENCODING_DOCUMENT)
+
+    # -- closing --------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop publishing; flush and close the connection if this sink owns it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client and not self._client.is_closed:
+            try:
+                await self._client.drain()
+            except (nats.errors.Error, OSError, TimeoutError):
+                await self._client.close()
+
+    async def __aenter__(self) -> JetStreamAuditSink:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def _publish(self, payload: bytes, encoding: str) -> int:
+        if len(payload) > MAX_EVENT_BYTES:
+            raise InvalidInput(
+                f"an audit event of {len(payload)} bytes exceeds the limit of {MAX_EVENT_BYTES}"
+            )
+        if self._closed:
+            raise LedgerUnavailable("the audit stream sink is closed")
+        msg_id = uuid.uuid4().hex
+        if self._breaker is None:
+            return await self._publish_with_retries(payload, encoding, msg_id)
+        try:
+            return await self._breaker.call(
+                lambda: self._publish_with_retries(payload, encoding, msg_id)
+            )
+        except LedgerUnavailable:
+            raise
+        except (ConfigurationError, InvalidInput, LedgerError):
+            raise
+        except Exception as exc:
+            # CircuitOpen and CallTimedOut: the stream is known (or just found) to be down.
+            raise LedgerUnavailable(
+                f"the audit stream {self.stream} is unavailable: {exc}"
+            ) from exc
+
+    async def _publish_with_retries(self, payload: bytes, encoding: str, msg_id: str) -> int:
+        deadline = time.monotonic() + self.publish_timeout_s
+        # Leave room for a second try within the deadline after a lost acknowledgement.
+        attempt_timeout = max(0.05, self.publish_timeout_s / 2)
+        headers = {_MSG_ID: msg_id, ENCODING_HEADER: encoding}
+        try:
+            async for attempt in retrying(
+                attempts=5,
+                initial_backoff_s=0.02,
+                max_backoff_s=0.25,
+                deadline_s=self.publish_timeout_s,
+                retry_on=_TRANSIENT,
+            ):
+                with attempt:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise nats.errors.TimeoutError
+                    ack = await self._js.publish(
+                        self.subject,
+                        payload,
+                        timeout=min(attempt_timeout, remaining),
+                        stream=self.stream,
+                        headers=dict(headers),
+                    )
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise LedgerUnavailable(self._failure(exc)) from exc
+        return int(ack.seq)
+
+    def _failure(self, exc: BaseException) -> str:
+        where = f"the audit stream {self.stream}"
+        if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+            return f"{where} did not answer (it does not exist, or has no leader)"
+        if isinstance(exc, nats.errors.TimeoutError | TimeoutError):
+            return f"{where} did not acknowledge within {self.publish_timeout_s} s"
+        if isinstance(exc, nats.errors.ConnectionClosedError):
+            return f"the connection to NATS is closed; {where} cannot be reached"
+        if isinstance(exc, nats.errors.ConnectionReconnectingError):
+            return f"the connection to NATS is reconnecting; {where} cannot be reached"
+        return f"cannot publish to {where}: {_describe(exc)}"
