@@ -10,6 +10,7 @@ from phivault.cli import keys as keys_cmd
 from phivault.cli import ledger as ledger_cmd
 from phivault.cli import load as load_cmd
 from phivault.cli import policy as policy_cmd
+from phivault.cli import sequencer as sequencer_cmd
 from phivault.cli import serve as serve_cmd
 from phivault.cli import token as token_cmd
 
@@ -28,6 +29,7 @@ app.command("serve")(serve_cmd.serve)
 app.add_typer(policy_cmd.app, name="policy")
 app.command("load")(load_cmd.load)
 app.add_typer(breakglass_cmd.app, name="breakglass")
+app.command("sequencer")(sequencer_cmd.sequencer)
 
 
 def run() -> None:
