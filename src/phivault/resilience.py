@@ -513,5 +513,11 @@ async def call_with_retries(
         retry_on=retry_on,
         sleep=sleep,
     )
-    result: T = await retry(fn)
+
+    async def attempt() -> T:
+        # A coroutine function, so tenacity awaits it (a lambda returning a coroutine is
+        # taken for a plain function by tenacity, and its coroutine never runs).
+        return await fn()
+
+    result: T = await retry(attempt)
     return result

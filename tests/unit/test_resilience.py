@@ -362,6 +362,24 @@ async def test_what_is_not_retried() -> None:
         retrying(attempts=0)
 
 
+async def test_retries_of_a_lambda_through_a_breaker() -> None:
+    # Regression: tenacity took a lambda returning a coroutine for a plain function and
+    # never ran the coroutine (a webhook alert counted as delivered without a request).
+    breaker = Breaker("dep", failure_threshold=10, reset_timeout_s=LONG)
+    answers = iter([_down, _ok])
+    calls = 0
+
+    async def next_answer() -> str:
+        nonlocal calls
+        calls += 1
+        return await next(answers)()
+
+    result = await call_with_retries(
+        lambda: breaker.call(next_answer), attempts=3, sleep=lambda _: asyncio.sleep(0)
+    )
+    assert (result, calls, breaker.failures) == ("ok", 2, 1)
+
+
 async def test_retrying_as_an_iterator_and_through_a_breaker() -> None:
     breaker = Breaker("dep", failure_threshold=10, reset_timeout_s=LONG)
     answers = iter([_down, _down, _ok])
