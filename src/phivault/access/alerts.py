@@ -12,10 +12,15 @@ never the free-text justification, and **no patient id**:
 
 The log sink writes the same payload (one JSON line, ``{"event": "break-glass.alert",
 "level": "warning", "ts": ..., "alert": {...}}``). The webhook sink queues alerts in
-memory and POSTs them from a background task with retries and exponential back-off; a full
-queue drops the oldest alert and counts it (the grant's ledger event, recorded before the grant
-took effect, is the durable record; alerts are the prompt). :meth:`WebhookAlertSink.aclose`
-drains what it can on shutdown.
+memory and POSTs them from a background task, so a request never waits for the receiver:
+bounded retries (tenacity: exponential back-off with full jitter) through a circuit breaker.
+While the receiver is down the breaker is open and the alert at the head of the queue waits
+(up to ``hold_s``) instead of burning its attempts; one POST per reset timeout probes the
+receiver. A full queue drops the oldest alert and counts it (the grant's ledger event,
+recorded before the grant took effect, is the durable record; alerts are the prompt).
+Delivery is at least once: a retried POST whose first reply was lost arrives twice, so
+receivers deduplicate on ``(grant, event)``. :meth:`WebhookAlertSink.aclose` drains what it
+can on shutdown.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from typing import Any, Protocol, TextIO
 import httpx
 
 from phivault.access.breakglass import GrantRecord
+from phivault.errors import StoreUnavailable
+from phivault.resilience import Breaker, CallTimedOut, CircuitOpen, call_with_retries
 
 __all__ = [
     "Alert",
@@ -93,12 +100,21 @@ class LogAlertSink:
             stream.flush()
 
 
+class _ReceiverDown(StoreUnavailable):
+    """The webhook did not take the alert (transport error, 5xx, 408, 429): retry later."""
+
+
+class _ReceiverRefused(Exception):
+    """The webhook answered 4xx: it will not take this alert, retrying will not help."""
+
+
 class WebhookAlertSink:
-    """POST each alert as JSON to ``url``, in the background, with retries.
+    """POST each alert as JSON to ``url``, in the background, with retries and a breaker.
 
     ``send`` only enqueues. Call :meth:`start` inside the running loop (the app's lifespan or
-    the first ``send`` does it) and :meth:`aclose` on shutdown. ``delivered`` and ``dropped``
-    count outcomes (tests and metrics read them).
+    the first ``send`` does it) and :meth:`aclose` on shutdown. ``delivered``, ``dropped`` and
+    ``failed`` count outcomes (tests and metrics read them); ``breaker`` can be exported with
+    the process's other breakers.
     """
 
     def __init__(
@@ -110,7 +126,10 @@ class WebhookAlertSink:
         max_queue: int = 1000,
         attempts: int = 5,
         backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
         timeout_s: float = 5.0,
+        hold_s: float = 3600.0,
+        breaker: Breaker | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         if not url.startswith(("https://", "http://")):
@@ -123,7 +142,15 @@ class WebhookAlertSink:
         self._max_queue = max_queue
         self._attempts = attempts
         self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
         self._timeout_s = timeout_s
+        self._hold_s = hold_s
+        self.breaker = breaker or Breaker(
+            "alerts.webhook",
+            failure_threshold=5,
+            reset_timeout_s=30.0,
+            call_timeout_s=timeout_s,
+        )
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
         self.delivered = 0
@@ -183,26 +210,60 @@ class WebhookAlertSink:
             alert = await queue.get()
             try:
                 await self._deliver(alert)
+            except Exception:  # counted: the worker must outlive any one alert
+                self.failed += 1
             finally:
                 queue.task_done()
 
     async def _deliver(self, alert: Alert) -> None:
         body = json.dumps(alert, sort_keys=True).encode()
-        for attempt in range(self._attempts):
+        held = 0.0  # seconds this alert waited for an open breaker (counted, not measured)
+        while True:
             try:
-                if self._client is None:
-                    return
-                response = await self._client.post(self.url, content=body, headers=self._headers)
-                if response.status_code < 300:
-                    self.delivered += 1
-                    return
-                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
-                    break  # the receiver refuses it: retrying will not help
-            except httpx.HTTPError:
-                pass
-            if attempt + 1 < self._attempts:
-                await self._sleep(self._backoff_s * (2**attempt))
+                # A POST is not idempotent in general; alerts are, by (grant, event): see
+                # the module docstring.
+                await call_with_retries(
+                    lambda: self.breaker.call(lambda: self._post(body)),
+                    attempts=self._attempts,
+                    initial_backoff_s=self._backoff_s,
+                    max_backoff_s=self._max_backoff_s,
+                    deadline_s=(self._timeout_s + self._max_backoff_s) * self._attempts,
+                    retry_on=(_ReceiverDown, CallTimedOut),
+                    sleep=self._wait,
+                )
+            except CircuitOpen as exc:
+                if held >= self._hold_s:
+                    break
+                pause = max(0.05, min(exc.retry_after_s, self._hold_s - held))
+                await self._wait(pause)
+                held += pause
+                continue
+            except (_ReceiverDown, CallTimedOut, _ReceiverRefused):
+                break
+            self.delivered += 1
+            return
         self.failed += 1
+
+    async def _wait(self, seconds: float) -> None:
+        await self._sleep(seconds)
+
+    async def _post(self, body: bytes) -> None:
+        client = self._client
+        if client is None:
+            raise _ReceiverDown("the alert sink is closed")
+        try:
+            response = await client.post(self.url, content=body, headers=self._headers)
+        except httpx.HTTPError as exc:
+            # The type only: a webhook URL can carry a secret, and httpx messages name it.
+            raise _ReceiverDown(
+                f"the alert webhook is unreachable ({type(exc).__name__})"
+            ) from None
+        status = response.status_code
+        if status < 300:
+            return
+        if 400 <= status < 500 and status not in (408, 429):
+            raise _ReceiverRefused(f"the alert webhook refused the alert ({status})")
+        raise _ReceiverDown(f"the alert webhook answered {status}")
 
 
 class AlertFanout:
