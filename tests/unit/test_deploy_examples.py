@@ -609,3 +609,20 @@ def test_inline_python_calls_what_exists_with_keywords_it_takes() -> None:
             args = [object()] * len(call.args)
             kwargs = {keyword.arg: object() for keyword in call.keywords if keyword.arg}
             inspect.signature(target).bind(*args, **kwargs)  # TypeError if they do not fit
+
+
+def test_the_image_runs_as_the_user_the_manifests_expect() -> None:
+    text = (DEPLOY / "Containerfile").read_text(encoding="utf-8")
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", text, flags=re.MULTILINE)
+    assert int(user[0]) > 0
+    phivault_pods = [
+        pod
+        for _, pod, labels in _pod_specs()
+        if labels["app.kubernetes.io/name"].startswith("phivault")
+    ]
+    assert phivault_pods
+    for pod in phivault_pods:
+        assert pod["securityContext"]["runAsUser"] == int(user[0])
+        assert pod["securityContext"]["runAsGroup"] == int(user[1])
+    # The manifests' `python -c` and `phivault` resolve through the image's PATH.
+    assert "ENV PATH=/opt/phivault/bin:$PATH" in text
