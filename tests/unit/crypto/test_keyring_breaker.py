@@ -217,3 +217,13 @@ async def test_phi_interactions_answer_503_while_the_provider_is_down(
             assert created.status_code == 201, created.text
     finally:
         store.close()
+
+
+def test_a_kms_call_ends_inside_the_breaker_time_limit() -> None:
+    from phivault.crypto.providers.awskms import AwsKmsProvider
+
+    provider = AwsKmsProvider.connect("arn:aws:kms:eu-west-1:1:key/x", region="eu-west-1")
+    config = provider._client.meta.config
+    worst = (config.connect_timeout + config.read_timeout) * config.retries["total_max_attempts"]
+    limit = provider_breaker().call_timeout_s
+    assert limit is not None and worst < limit

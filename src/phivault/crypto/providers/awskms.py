@@ -41,10 +41,17 @@ class AwsKmsProvider:
 
     @classmethod
     def connect(cls, key_id: str, *, region: str | None = None) -> AwsKmsProvider:
+        """A client whose calls end well inside the key ring's 10 s breaker limit: 1 s to
+        connect, 3 s to read, two attempts (botocore's standard retries, with jitter, cover
+        throttling; the key ring's breaker covers an outage)."""
         import boto3
+        from botocore.config import Config
 
+        config = Config(
+            connect_timeout=1, read_timeout=3, retries={"mode": "standard", "total_max_attempts": 2}
+        )
         try:
-            client = boto3.client("kms", region_name=region)
+            client = boto3.client("kms", region_name=region, config=config)
         except Exception as exc:  # botocore raises several unrelated types here
             raise KeyUnavailable(f"cannot create a KMS client: {type(exc).__name__}") from exc
         return cls(client, key_id)
