@@ -90,6 +90,8 @@ __all__ = [
 
 CURSOR_TABLE: Final = "stream_cursor"
 _NATS_ERRORS: Final = (nats.errors.Error, OSError, TimeoutError)
+# After the first message of a batch: how long to wait for the rest to be delivered.
+_MORE_WAIT_S: Final = 0.005
 
 
 class SequencerError(LedgerError):
@@ -338,7 +340,13 @@ class _StreamReader:
         try:
             if self._sub is None:
                 self._sub = await self._subscribe()
-            msgs = await self._sub.fetch(limit, timeout=wait_s)
+            # A waiting fetch of many lingers until it has them all or time is up; a trickle of
+            # events would wait for the whole time. So wait for one, then take what else is
+            # there already.
+            msgs = await self._sub.fetch(1, timeout=wait_s)
+            if limit > 1:
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    msgs += await self._sub.fetch(limit - 1, timeout=_MORE_WAIT_S)
         except nats.errors.TimeoutError:
             return  # nothing new
         except _NATS_ERRORS as exc:

@@ -275,19 +275,23 @@ class JetStreamAuditSink:
 
     # -- the AuditSink port ---------------------------------------------------------------
 
-    async def record(self, event: AuditEvent) -> int:
-        """Publish ``event``; return its stream sequence number once acknowledged."""
+    async def record(self, event: AuditEvent, *, msg_id: str | None = None) -> int:
+        """Publish ``event``; return its stream sequence number once acknowledged.
+
+        ``msg_id`` (default: a fresh one) is the idempotency key: a caller that retries the
+        same event itself passes the same key, and the stream keeps one copy.
+        """
         # The same fast encoding the embedded ledger uses for events (plain documents).
         payload = canonical_json_of_plain_document(event.to_document())
-        return await self._publish(payload, ENCODING_EVENT)
+        return await self._publish(payload, ENCODING_EVENT, msg_id)
 
-    async def record_document(self, document: dict[str, Any]) -> int:
+    async def record_document(self, document: dict[str, Any], *, msg_id: str | None = None) -> int:
         """Publish an event document from elsewhere, checked as ``Ledger.record_document``
         checks it (no ledger fields; canonical JSON or :class:`InvalidInput`)."""
         for field in LEDGER_FIELDS:
             if field in document:
                 raise LedgerError(f"an event document may not set the ledger field {field!r}")
-        return await self._publish(canonical_json(document), ENCODING_DOCUMENT)
+        return await self._publish(canonical_json(document), ENCODING_DOCUMENT, msg_id)
 
     # -- closing --------------------------------------------------------------------------
 
@@ -315,19 +319,23 @@ class JetStreamAuditSink:
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def _publish(self, payload: bytes, encoding: str) -> int:
+    async def _publish(self, payload: bytes, encoding: str, msg_id: str | None) -> int:
         if len(payload) > MAX_EVENT_BYTES:
             raise InvalidInput(
                 f"an audit event of {len(payload)} bytes exceeds the limit of {MAX_EVENT_BYTES}"
             )
         if self._closed:
             raise LedgerUnavailable("the audit stream sink is closed")
-        msg_id = uuid.uuid4().hex
+        if msg_id is None:
+            msg_id = uuid.uuid4().hex
+        elif not msg_id or len(msg_id) > 128:
+            raise InvalidInput("an audit message id must have 1 to 128 characters")
+        key = msg_id
         if self._breaker is None:
-            return await self._publish_with_retries(payload, encoding, msg_id)
+            return await self._publish_with_retries(payload, encoding, key)
         try:
             return await self._breaker.call(
-                lambda: self._publish_with_retries(payload, encoding, msg_id)
+                lambda: self._publish_with_retries(payload, encoding, key)
             )
         except LedgerUnavailable:
             raise

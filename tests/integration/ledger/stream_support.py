@@ -1,0 +1,126 @@
+"""Shared fixtures for the audit stream and sequencer tests (this module holds no tests).
+
+* ``audit_stream`` (``stream_fixture``): a JetStream stream with a unique name and subject on
+  the test NATS server (``PHIVAULT_TEST_NATS``, default 127.0.0.1:4222), deleted afterwards.
+* ``signer`` (``signer_fixture``): the checkpoint signer of a test module's ledgers.
+* ``seq_ledger`` (``seq_ledger_fixture``): a PostgreSQL ledger schema and application role
+  (from ``test_postgres_support``) with the sequencer's cursor table.
+
+NATS or PostgreSQL being down fails the tests clearly; they never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import nats
+import pytest
+import pytest_asyncio
+from nats.js import JetStreamContext
+from test_postgres_support import PgLedger
+
+from phivault.crypto.signing import Ed25519NoteSigner
+from phivault.ledger.note import NoteVerifier
+from phivault.ledger.postgres_store import PostgresLedgerStore
+from phivault.ledger.sequencer import create_cursor_table
+from phivault.ledger.stream import ensure_audit_stream
+from phivault.ledger.verify import Damaged, VerificationReport, verify_ledger
+
+NATS_URL = os.environ.get("PHIVAULT_TEST_NATS", "nats://127.0.0.1:4222")
+ORIGIN = "phivault.test/sequencer"
+
+
+@dataclass(frozen=True)
+class AuditStream:
+    name: str
+    subject: str
+    js: JetStreamContext
+
+
+@pytest_asyncio.fixture(name="audit_stream")
+async def stream_fixture() -> AsyncIterator[AuditStream]:
+    suffix = secrets.token_hex(5)
+    name, subject = f"PV_TEST_{suffix}", f"phivault.test.{suffix}"
+    try:
+        client = await asyncio.wait_for(
+            nats.connect(servers=[NATS_URL], max_reconnect_attempts=1, connect_timeout=2), 5
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        pytest.fail(
+            f"NATS with JetStream is not reachable at {NATS_URL} (CI starts it; set "
+            f"PHIVAULT_TEST_NATS): {exc!r}",
+            pytrace=False,
+        )
+    js = client.jetstream()
+    try:
+        await ensure_audit_stream(js, name=name, subject=subject, replicas=1)
+        yield AuditStream(name, subject, js)
+    finally:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(name)
+        await client.close()
+
+
+@pytest.fixture(name="seq_ledger")
+def seq_ledger_fixture(pg: PgLedger) -> PgLedger:
+    create_cursor_table(pg.admin, schema=pg.schema, app_role=pg.role)
+    return pg
+
+
+@pytest.fixture(name="signer", scope="module")
+def signer_fixture() -> Ed25519NoteSigner:
+    return Ed25519NoteSigner.generate(ORIGIN)
+
+
+def ledger_size(pg: PgLedger) -> int:
+    ((count,),) = pg.admin_sql("SELECT count(*) FROM {s}.leaves")
+    return int(str(count))
+
+
+def checkpoint_count(pg: PgLedger) -> int:
+    ((count,),) = pg.admin_sql("SELECT count(*) FROM {s}.checkpoints")
+    return int(str(count))
+
+
+def read_leaves(pg: PgLedger) -> list[bytes]:
+    store = PostgresLedgerStore(pg.app, schema=pg.schema, writable=False)
+    try:
+        return store.read(0, store.size())
+    finally:
+        store.close()
+
+
+def verify(pg: PgLedger, signer: Ed25519NoteSigner) -> VerificationReport:
+    store = PostgresLedgerStore(pg.app, schema=pg.schema, writable=False)
+    try:
+
+        def leaves() -> Iterator[bytes | Damaged]:
+            for _index, leaf, reason in store.raw_frames():
+                yield leaf if leaf is not None else Damaged(reason or "damaged")
+
+        return verify_ledger(
+            leaves,
+            store.checkpoints(),
+            NoteVerifier.from_verifier_key(signer.verifier_key),
+            origin=ORIGIN,
+        )
+    finally:
+        store.close()
+
+
+async def eventually(
+    condition: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "condition"
+) -> float:
+    """Poll ``condition`` until true; return how long it took (fails the test on timeout)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not condition():
+        if loop.time() - start > timeout_s:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)  # each poll may open a connection: keep it light
+    return loop.time() - start
