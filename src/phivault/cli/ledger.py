@@ -2,6 +2,12 @@
 
 Commands that write (append, checkpoint) open the ledger for writing and refuse while another
 process (the server) holds it. The others read beside a running writer.
+
+``verify`` and ``export`` read either ledger: the data directory's files (the embedded shape),
+or the scaled shape's PostgreSQL tables that the sequencer writes (``--postgres CONNINFO``
+``--schema NAME``, or the settings: ``shape.ledger = jetstream`` with ``ledger.postgres_url``
+and ``ledger.postgres_schema``). Both go through the same store port, so they check and
+export exactly the same way; a bundle exported from either verifies offline alike.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import base64
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,29 +26,131 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from phivault.cli._common import DataDirOption, JsonOption, Output, fail, open_data_dir
+from phivault.cli._common import (
+    ConfigOption,
+    DataDirOption,
+    JsonOption,
+    Output,
+    fail,
+    load_settings_or_fail,
+    open_data_dir,
+)
 from phivault.datadir import DataDir, default_data_dir
 from phivault.errors import InvalidInput, PhivaultError
 from phivault.ledger.access_report import AccessReportInvalid, verify_access_report
 from phivault.ledger.bundle import read_bundle, verify_bundle, write_bundle
 from phivault.ledger.checkpoint import unverified_checkpoint
-from phivault.ledger.errors import LedgerTampered
+from phivault.ledger.errors import LedgerTampered, LedgerUnavailable
 from phivault.ledger.events import AuditEvent
+from phivault.ledger.file_store import FileLedgerStore
 from phivault.ledger.merkle import MerkleTree
 from phivault.ledger.note import NoteVerifier
-from phivault.ledger.ports import LedgerStore
+from phivault.ledger.ports import LedgerStore, VerifiableStore
 from phivault.ledger.report import patient_reference, patient_report
 from phivault.ledger.service import (
     open_ledger,
     open_ledger_readonly,
     verifier_key_of,
 )
-from phivault.ledger.verify import Damaged, VerificationReport, verify_ledger
+from phivault.ledger.verify import VerificationReport, verify_store
 
 app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
 
 # Exit codes: 0 verified / done, 1 usage or input error, 2 tampering found.
 EXIT_TAMPERED = 2
+
+PostgresOption = Annotated[
+    str | None,
+    typer.Option(
+        "--postgres",
+        metavar="CONNINFO",
+        help="Read the scaled shape's ledger from this PostgreSQL (libpq connection string or "
+        "URL) instead of the data directory. Default: the settings' ledger.postgres_url when "
+        "shape.ledger = jetstream.",
+        show_default=False,
+    ),
+]
+SchemaOption = Annotated[
+    str | None,
+    typer.Option(
+        "--schema",
+        metavar="NAME",
+        help="The ledger's PostgreSQL schema (default: the settings' ledger.postgres_schema).",
+        show_default=False,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a reading command finds the ledger, and the key and origin to check it with."""
+
+    name: str  # for people: the data directory, or the PostgreSQL schema (never a conninfo)
+    open_store: Callable[[], VerifiableStore]
+    verifier_key: str
+    origin: str
+    directory: DataDir | None  # the embedded ledger's data directory
+
+
+def _ledger_source(
+    output: Output,
+    *,
+    data_dir: Path,
+    config: Path | None,
+    postgres: str | None,
+    schema: str | None,
+    trusted_key: str | None,
+) -> _Source:
+    """The embedded ledger of ``data_dir``, or the PostgreSQL ledger the options or the
+    settings name. Its verifier key: ``trusted_key``, else the data directory's."""
+    if postgres is None:
+        from phivault.settings import LedgerKind
+
+        settings = load_settings_or_fail(output, config)
+        if settings.shape.ledger is LedgerKind.JETSTREAM:
+            postgres = settings.ledger.postgres_url
+            schema = schema or settings.ledger.postgres_schema
+        elif schema is not None:
+            fail(output, "--schema needs --postgres (or shape.ledger = jetstream)", kind="invalid")
+    if postgres is None:
+        directory = open_data_dir(output, data_dir)
+        try:
+            key = trusted_key or verifier_key_of(directory)
+        except PhivaultError as exc:
+            fail(output, str(exc), kind="ledger")
+        return _Source(
+            str(directory.path),
+            lambda: FileLedgerStore(directory.ledger_dir, writable=False),
+            key,
+            directory.origin,
+            directory,
+        )
+    from phivault.ledger.postgres_store import DEFAULT_SCHEMA, PostgresLedgerStore
+
+    conninfo, schema_name = postgres, schema or DEFAULT_SCHEMA
+    if trusted_key is None:
+        if not data_dir.is_dir():
+            fail(
+                output,
+                "give --key: the verifier key of the ledger in PostgreSQL (no data directory "
+                f"at {data_dir} to take it from)",
+                kind="invalid",
+            )
+        try:
+            trusted_key = verifier_key_of(open_data_dir(output, data_dir))
+        except PhivaultError as exc:
+            fail(output, str(exc), kind="ledger")
+    try:
+        origin = NoteVerifier.from_verifier_key(trusted_key).name
+    except (PhivaultError, ValueError) as exc:
+        fail(output, f"the verifier key is not valid: {exc}", kind="invalid")
+    return _Source(
+        f"PostgreSQL schema {schema_name}",
+        lambda: PostgresLedgerStore(conninfo, schema=schema_name, writable=False),
+        trusted_key,
+        origin,
+        None,
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -198,10 +307,15 @@ def verify(
             "checkpoint covers yet (slower; shows that what was signed is well-formed).",
         ),
     ] = False,
+    postgres: PostgresOption = None,
+    schema: SchemaOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Re-hash every entry, rebuild the tree, check every checkpoint signature and consistency.
 
-    Exits 0 only if everything holds; 2 naming the first bad index and the kind of failure.
+    The data directory's ledger, or the scaled shape's in PostgreSQL (--postgres, or the
+    settings). Exits 0 only if everything holds; 2 naming the first bad index and the kind of
+    failure.
     """
     output = Output(json_mode=json_mode)
     trusted_note = None
@@ -225,44 +339,45 @@ def verify(
                 )
             _report_verified(output, report, str(bundle))
             return
-        directory = open_data_dir(output, data_dir)
-        report = _verify_local(output, directory, trusted_key, trusted_note, thorough=thorough)
-        _report_verified(output, report, str(directory.path))
+        source = _ledger_source(
+            output,
+            data_dir=data_dir,
+            config=config,
+            postgres=postgres,
+            schema=schema,
+            trusted_key=trusted_key,
+        )
+        report = _verify_source(output, source, trusted_note, thorough=thorough)
+        _report_verified(output, report, source.name)
     except LedgerTampered as exc:
         _tampered(output, exc)
+    except LedgerUnavailable as exc:
+        fail(output, str(exc), kind="unavailable")
     except PhivaultError as exc:
         fail(output, str(exc), kind="invalid")
 
 
-def _verify_local(
-    output: Output,
-    directory: DataDir,
-    trusted_key: str | None,
-    trusted_note: str | None,
-    *,
-    thorough: bool,
+def _verify_source(
+    output: Output, source: _Source, trusted_note: str | None, *, thorough: bool
 ) -> VerificationReport:
-    verifier = NoteVerifier.from_verifier_key(trusted_key or verifier_key_of(directory))
-    with open_ledger_readonly(directory) as store:
-
-        def leaves() -> Iterator[bytes | Damaged]:
-            for _index, leaf, reason in store.raw_frames():
-                yield leaf if leaf is not None else Damaged(reason or "damaged frame")
-
-        with output.progress("verifying ledger", total=store.size()) as bar:
-            return verify_ledger(
-                leaves,
-                store.checkpoints(),
-                verifier,
-                origin=directory.origin,
-                trusted_checkpoint=trusted_note,
-                progress=bar.reporter(),
-                thorough=thorough,
-            )
+    verifier = NoteVerifier.from_verifier_key(source.verifier_key)
+    with (
+        contextlib.closing(source.open_store()) as store,
+        output.progress("verifying ledger", total=store.size()) as bar,
+    ):
+        return verify_store(
+            store,
+            verifier,
+            origin=source.origin,
+            trusted_checkpoint=trusted_note,
+            progress=bar.reporter(),
+            thorough=thorough,
+        )
 
 
 @app.command()
 def export(
+    *,
     out: Annotated[Path, typer.Option("--out", help="Where to write (refuses to overwrite).")],
     data_dir: DataDirOption = default_data_dir(),
     json_mode: JsonOption = False,
@@ -270,19 +385,43 @@ def export(
         str,
         typer.Option("--format", help="bundle: offline evidence bundle; fhir: AuditEvent NDJSON."),
     ] = "bundle",
+    postgres: PostgresOption = None,
+    schema: SchemaOption = None,
+    config: ConfigOption = None,
+    trusted_key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="The ledger's verifier key, written into the bundle (default: the data "
+            "directory's). Needed with --postgres when there is no data directory.",
+        ),
+    ] = None,
 ) -> None:
-    """Export the ledger: an offline evidence bundle, or FHIR AuditEvents as NDJSON."""
+    """Export the ledger: an offline evidence bundle, or FHIR AuditEvents as NDJSON.
+
+    The data directory's ledger, or the scaled shape's in PostgreSQL (--postgres, or the
+    settings); a bundle holds what the newest signed checkpoint covers.
+    """
     output = Output(json_mode=json_mode)
     if fmt not in ("bundle", "fhir"):
         fail(output, f"--format must be 'bundle' or 'fhir', not {fmt!r}", kind="invalid")
-    directory = open_data_dir(output, data_dir)
+    source = _ledger_source(
+        output,
+        data_dir=data_dir,
+        config=config,
+        postgres=postgres,
+        schema=schema,
+        trusted_key=trusted_key,
+    )
     if out.exists():
         fail(output, f"{out} exists; refusing to overwrite it", kind="invalid")
-    _checkpoint_if_idle(directory)
+    if source.directory is not None:
+        _checkpoint_if_idle(source.directory)
+    # In PostgreSQL the sequencer is the only writer (and signer): export what it signed.
     tmp = out.with_name(out.name + ".partial")
     try:
         with (
-            open_ledger_readonly(directory) as store,
+            contextlib.closing(source.open_store()) as store,
             tmp.open("w", encoding="utf-8") as fh,
             output.progress(f"exporting ({fmt})", total=store.size()) as bar,
         ):
@@ -290,8 +429,8 @@ def export(
                 count = write_bundle(
                     fh,
                     store,
-                    origin=directory.origin,
-                    verifier_key=verifier_key_of(directory),
+                    origin=source.origin,
+                    verifier_key=source.verifier_key,
                     progress=bar.reporter(),
                 )
             else:

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from phivault.errors import InvalidInput
 from phivault.ledger.checkpoint import unverified_checkpoint
-from phivault.ledger.errors import InvalidProof, LedgerTampered, TamperKind
+from phivault.ledger.errors import InvalidProof, LedgerError, LedgerTampered, TamperKind
 from phivault.ledger.note import NoteVerifier
 from phivault.ledger.ports import LedgerStore
 from phivault.ledger.verify import Damaged, VerificationReport, verify_ledger
@@ -50,13 +50,22 @@ def write_bundle(
     verifier_key: str,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Stream a bundle of every entry covered by the newest checkpoint; return its size."""
+    """Stream a bundle of every entry covered by the newest checkpoint; return its size.
+
+    Any store: the embedded files or the scaled shape's PostgreSQL tables (opened read-only).
+    """
     notes = store.checkpoints()
     if not notes:
         raise InvalidInput(
-            "the ledger has no checkpoint yet; issue one with `phivault ledger checkpoint`"
+            "the ledger has no checkpoint yet (its writer signs one within a second of an "
+            "event; for the embedded ledger, `phivault ledger checkpoint` issues one)"
         )
     size = unverified_checkpoint(notes[-1]).size
+    if size > store.size():
+        raise LedgerError(
+            f"the newest checkpoint covers {size} entries but only {store.size()} can be read; "
+            "run `phivault ledger verify` for a diagnosis"
+        )
     out.write("{")
     out.write(f'"origin":{json.dumps(origin)},"verifier_key":{json.dumps(verifier_key)},')
     out.write('"entries":[')

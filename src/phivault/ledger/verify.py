@@ -13,13 +13,16 @@ returns a :class:`VerificationReport` only if everything holds, and otherwise ra
 * ``truncated``: fewer entries than a signed checkpoint covers;
 * ``forked``: the entries chain together but do not hash to a signed root (a rewritten history);
 * ``bad-signature``: a checkpoint that does not verify under the trusted key.
+
+:func:`verify_store` verifies a store as it is stored (the embedded files or the PostgreSQL
+tables, through their ``raw_frames``), the same way whichever it is.
 """
 
 from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,8 +30,9 @@ from phivault.ledger.checkpoint import Checkpoint, open_checkpoint
 from phivault.ledger.errors import InvalidProof, LedgerTampered, TamperKind
 from phivault.ledger.merkle import MerkleTree, leaf_hash
 from phivault.ledger.note import NoteVerifier
+from phivault.ledger.ports import VerifiableStore
 
-__all__ = ["Damaged", "VerificationReport", "verify_ledger"]
+__all__ = ["Damaged", "VerificationReport", "verify_ledger", "verify_store"]
 
 _SEQ_RE: Final = re.compile(rb'[{,]"seq":(\d+)[,}]')
 _CHAIN_RE: Final = re.compile(rb'[{,]"chain":"([A-Za-z0-9+/=]{44})"')
@@ -169,6 +173,37 @@ def verify_ledger(
         checkpoints=len(checkpoints),
         covered=covered,
         root_hash=tree.root(count),
+    )
+
+
+def verify_store(
+    store: VerifiableStore,
+    verifier: NoteVerifier,
+    *,
+    origin: str | None = None,
+    trusted_checkpoint: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    thorough: bool = False,
+) -> VerificationReport:
+    """Verify every entry as stored, damaged ones included, against the store's checkpoints
+    (see :func:`verify_ledger`); raise :class:`LedgerTampered` naming the first failure.
+
+    The entries are read from storage on each pass, never from what the store loaded: a
+    damaged frame or row is named where it is, not silently left out.
+    """
+
+    def leaves() -> Iterator[bytes | Damaged]:
+        for _position, leaf, reason in store.raw_frames():
+            yield leaf if leaf is not None else Damaged(reason or "damaged entry")
+
+    return verify_ledger(
+        leaves,
+        store.checkpoints(),
+        verifier,
+        origin=origin,
+        trusted_checkpoint=trusted_checkpoint,
+        progress=progress,
+        thorough=thorough,
     )
 
 
