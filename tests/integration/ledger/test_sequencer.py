@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js import api
 from stream_support import (  # noqa: F401
     NATS_URL,
     ORIGIN,
@@ -37,8 +38,14 @@ from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.datadir import DataDir
 from phivault.ledger.checkpoint import unverified_checkpoint
 from phivault.ledger.events import AuditEvent
-from phivault.ledger.sequencer import InvalidStreamMessage, Sequencer
-from phivault.ledger.service import initialize_ledger, open_ledger, signer_path
+from phivault.ledger.postgres_store import PostgresLedgerStore
+from phivault.ledger.sequencer import (
+    InvalidStreamMessage,
+    LedgerStreamMismatch,
+    Sequencer,
+    StreamGap,
+)
+from phivault.ledger.service import initialize_ledger, open_ledger, open_ledger_on, signer_path
 from phivault.ledger.stream import (
     ENCODING_HEADER,
     JetStreamAuditSink,
@@ -358,3 +365,50 @@ def test_the_command_explains_missing_settings(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "no ledger database" in result.stderr.decode()
     assert time.monotonic() - started < 30
+
+
+async def test_a_message_gone_from_the_stream_stops_the_sequencer(
+    audit_stream: AuditStream, seq_ledger: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    # Our streams deny deletes; this one, made by hand, does not.
+    name = audit_stream.name + "_LOOSE"
+    subject = audit_stream.subject + ".loose"
+    await audit_stream.js.add_stream(
+        api.StreamConfig(name=name, subjects=[subject], storage=api.StorageType.FILE)
+    )
+    try:
+        async with await JetStreamAuditSink.connect(
+            [NATS_URL], name="test-publisher", stream=name, subject=subject
+        ) as sink:
+            for i in range(4):
+                await sink.record(sample_event(i))
+        await audit_stream.js.delete_msg(name, 3)
+        loose = AuditStream(name, subject, audit_stream.js)
+        worker = _sequencer(loose, seq_ledger, signer)
+        with pytest.raises(StreamGap, match=r"messages 3\.\.3 are gone"):
+            await asyncio.wait_for(worker.run(asyncio.Event()), 10)
+        assert _request_ids(seq_ledger) == ["req-0", "req-1"]
+    finally:
+        await audit_stream.js.delete_stream(name)
+
+
+async def test_a_ledger_that_disagrees_with_the_stream_is_refused(
+    audit_stream: AuditStream, seq_ledger: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    # Entries that did not come from this stream: written by a ledger opened directly.
+    async with open_ledger_on(
+        lambda: PostgresLedgerStore(seq_ledger.app, schema=seq_ledger.schema, writable=True),
+        signer,
+        ORIGIN,
+    ) as direct:
+        await direct.record(sample_event(100))
+    worker = _sequencer(audit_stream, seq_ledger, signer)
+    async with await _sink(audit_stream) as sink:
+        # An empty stream cannot account for the entry...
+        with pytest.raises(LedgerStreamMismatch, match="the stream does not have"):
+            await asyncio.wait_for(worker.run(asyncio.Event()), 10)
+        # ...and a different first message does not match it.
+        await sink.record(sample_event(0))
+        with pytest.raises(LedgerStreamMismatch, match="ledger entry 0 is not stream message 1"):
+            await asyncio.wait_for(worker.run(asyncio.Event()), 10)
+    assert ledger_size(seq_ledger) == 1
