@@ -626,3 +626,21 @@ def test_the_image_runs_as_the_user_the_manifests_expect() -> None:
         assert pod["securityContext"]["runAsGroup"] == int(user[1])
     # The manifests' `python -c` and `phivault` resolve through the image's PATH.
     assert "ENV PATH=/opt/phivault/bin:$PATH" in text
+
+
+def test_the_metrics_the_readme_names_are_exported() -> None:
+    from phivault.api.observability import Metrics
+    from phivault.resilience import Breakers
+
+    metrics = Metrics()
+    metrics.registry.register(Breakers())
+    exported: set[str] = set()
+    for family in metrics.registry.collect():
+        exported.add(family.name)
+        if family.type == "counter":
+            exported.add(f"{family.name}_total")
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    checklist = readme.split("## Operations checklist", 1)[1].split("\nThe sequencer", 1)[0]
+    named = set(re.findall(r"`(phivault_[a-z_]+)`", checklist))
+    assert len(named) >= 10
+    assert named <= exported, f"not exported: {sorted(named - exported)}"
