@@ -155,6 +155,53 @@ async def test_reads_from_many_threads_at_once(pg: PgLedger, signer: Ed25519Note
         assert not failures, failures
 
 
+async def test_a_view_keeps_up_with_a_writer_appending_while_it_reads(
+    pg: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    # The writer appends and checkpoints (every 50 ms) while the view refreshes and proves:
+    # every checkpoint the view holds covers only entries it has, and its proofs verify.
+    fast = LedgerSettings(checkpoint_interval_s=0.05)
+    async with writer(pg, signer, fast) as ledger, _view(pg) as view:
+
+        async def append() -> None:
+            for start in range(0, 120, 6):
+                await asyncio.gather(
+                    *(ledger.record(sample_event(i, patient=f"Patient/p-{i % 5}"))
+                      for i in range(start, start + 6))
+                )  # fmt: skip
+                await asyncio.sleep(0.005)
+
+        appending = asyncio.create_task(append())
+        sizes = []
+        while not appending.done() or view.size < ledger.size:
+            await view.refresh()
+            sizes.append(view.size)
+            latest = view.latest_checkpoint
+            if latest is not None and latest.size:
+                assert latest.size <= view.size
+                index = latest.size - 1
+                proof = view.inclusion_proof(index, latest.size)
+                leaf = await asyncio.to_thread(view.read, index)
+                verify_inclusion(leaf_hash(leaf.leaf), index, latest.size, proof, latest.root_hash)
+            await asyncio.sleep(0.002)
+        await appending
+        assert sizes == sorted(sizes) and len(set(sizes)) > 3  # it grew in steps
+        await ledger.checkpoint()
+        await view.refresh()
+        _same_reads(view, ledger, patients=5)
+
+
+async def test_a_view_can_refresh_itself_in_the_background(
+    pg: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    async with writer(pg, signer, QUIET) as ledger, _view(pg, refresh_every_s=0.05) as view:
+        await _record(ledger, range(4))
+        deadline = time.monotonic() + 3
+        while view.size < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert view.size == 4 and view.refresh_failure is None
+
+
 async def test_checkpoint_waits_for_the_writers_checkpoint(
     pg: PgLedger, signer: Ed25519NoteSigner
 ) -> None:
