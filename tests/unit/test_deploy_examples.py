@@ -4,12 +4,13 @@
   setting and holds no secret;
 * every Kubernetes document parses and is well-formed; the NetworkPolicies allow exactly the
   intended traffic between components (default deny, only the load balancer reaches the API);
-  every container is hardened; the settings' host names are the manifests' Services;
+  every container is hardened; the settings' host names are the manifests' Services; the
+  image's user is the pods' user;
 * the systemd units carry their hardening options;
-* every `phivault` command line in the manifests and units names a subcommand and options that
-  exist (typer's own --help), and every inline Python names functions and keywords that exist.
-  Commands and options another part of issue 7 has not landed yet are skipped, by name
-  (PENDING below), until they land; then they are checked like the rest.
+* every `phivault` command line in the manifests, units and README names a subcommand and
+  options that exist (typer's own --help), every inline Python names functions and keywords
+  that exist, and every metric the README lists is exported. A command or option of issue 7
+  that has not landed yet would be listed in PENDING and skipped, by name, until it lands.
 """
 
 from __future__ import annotations
@@ -471,13 +472,10 @@ def _is_phivault(argv: list[str] | tuple[str, ...]) -> bool:
 
 
 def _command_lines() -> Iterator[CommandLine]:
-    for _, doc in _documents():
-        if doc["kind"] not in WORKLOADS:
-            continue
-        pod = doc["spec"]["template"]["spec"]
+    for workload, pod, _ in _pod_specs():
         for container in _containers(pod):
             argv = [*container.get("command", []), *container.get("args", [])]
-            where = f"{doc['metadata']['name']}/{container['name']}"
+            where = f"{workload}/{container['name']}"
             if _is_phivault(argv):
                 yield CommandLine(where, tuple(str(word) for word in argv))
     for name in UNITS:
@@ -575,13 +573,11 @@ def test_the_readme_names_only_commands_that_exist() -> None:
 
 
 def _inline_python() -> Iterator[tuple[str, str]]:
-    for _, doc in _documents():
-        if doc["kind"] not in WORKLOADS:
-            continue
-        for container in _containers(doc["spec"]["template"]["spec"]):
+    for workload, pod, _ in _pod_specs():
+        for container in _containers(pod):
             argv = [*container.get("command", []), *container.get("args", [])]
             if argv[:2] == ["python", "-c"]:
-                yield f"{doc['metadata']['name']}/{container['name']}", argv[2]
+                yield f"{workload}/{container['name']}", argv[2]
 
 
 def test_inline_python_calls_what_exists_with_keywords_it_takes() -> None:
