@@ -242,9 +242,16 @@ class _Pool:
     """
 
     def __init__(
-        self, conninfo: str, *, size: int, connect_timeout_s: int, statement_timeout_s: float
+        self,
+        conninfo: str,
+        *,
+        name: str,
+        size: int,
+        connect_timeout_s: int,
+        statement_timeout_s: float,
     ) -> None:
         self._conninfo = conninfo
+        self._name = name
         self._connect_timeout_s = connect_timeout_s
         self._statement_timeout_ms = int(statement_timeout_s * 1000)
         self._slots = threading.BoundedSemaphore(size)
@@ -258,7 +265,7 @@ class _Pool:
             self._conninfo,
             autocommit=True,
             connect_timeout=self._connect_timeout_s,
-            application_name="phivault-keys",
+            application_name=self._name,
             keepalives=1,
             keepalives_idle=10,
             keepalives_interval=5,
@@ -366,6 +373,8 @@ class PostgresKeyStore:
         self._statements: dict[str, sql.Composed] = {}
         self._pool = _Pool(
             postgres_conninfo(url),
+            # operators see which keystore a session serves (pg_stat_activity)
+            name=f"phivault-keys:{schema}"[:63],
             size=pool_size,
             connect_timeout_s=connect_timeout_s,
             statement_timeout_s=statement_timeout_s,

@@ -1,0 +1,585 @@
+"""The scaled shape's keystore on the machine's PostgreSQL: many workers, one set of keys.
+
+Races are run for real: two processes (or threads, each with its own store and connections)
+against one schema. Where a race needs both sides past their checks at once, a gate in front of
+the real store holds them at a barrier; the database decides the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import phivault.crypto.keyring as keyring_module
+from phivault.crypto._hazmat import SecretKey
+from phivault.crypto.elements import ElementRef
+from phivault.crypto.errors import PatientShredded
+from phivault.crypto.keyring import KeyRing
+from phivault.crypto.keystore_postgres import (
+    KeyStoreConflict,
+    PostgresKeyStore,
+    postgres_conninfo,
+)
+from phivault.crypto.ports import JobKind, KeyPurpose, KeyRecord, KeyState, RotationJob, ShredRecord
+from phivault.crypto.providers.sealed import SealedLocalProvider
+from phivault.errors import ConfigurationError, StoreUnavailable
+from phivault.ledger.testing import InMemoryAuditSink
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def schema(postgres: str) -> Iterator[str]:
+    name = f"test_keys_{secrets.token_hex(6)}"
+    yield name
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def store(postgres: str, schema: str) -> Iterator[PostgresKeyStore]:
+    opened = PostgresKeyStore(postgres, schema=schema)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def sealed_keys(tmp_path: Path) -> tuple[Path, list[str]]:
+    keys_dir = tmp_path / "keys"
+    _, shares = SealedLocalProvider.initialize(keys_dir, threshold=2, shares=3)
+    return keys_dir, shares[:2]
+
+
+def _ring(store: PostgresKeyStore, keys_dir: Path) -> KeyRing:
+    provider = SealedLocalProvider(keys_dir)
+    return KeyRing(store=store, provider=provider, audit=InMemoryAuditSink(), observer="t")
+
+
+def _dek(patient: str, version: int, *, state: KeyState = KeyState.ACTIVE) -> KeyRecord:
+    return KeyRecord(
+        key_id=f"dek-{secrets.token_hex(8)}",
+        tenant="acme",
+        purpose=KeyPurpose.DEK,
+        subject=patient,
+        version=version,
+        state=state,
+        wrapped=secrets.token_bytes(60),
+        wrapped_by="kek-test",
+        created=NOW,
+    )
+
+
+class _Gate(PostgresKeyStore):
+    """The real store, holding data-key inserts at a barrier so both racers are past their
+    checks before either writes."""
+
+    def __init__(self, *args: Any, barrier: threading.Barrier, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._barrier = barrier
+
+    def add(self, records: Sequence[KeyRecord], *, demote: Sequence[str] = ()) -> None:
+        if any(r.purpose is KeyPurpose.DEK for r in records):
+            self._barrier.wait(timeout=10)
+        super().add(records, demote=demote)
+
+
+# -- the first data key of a patient, created by two workers at once ---------------------------
+
+
+async def test_two_workers_creating_the_first_dek_end_with_one_key(
+    postgres: str, schema: str, sealed_keys: tuple[Path, list[str]]
+) -> None:
+    keys_dir, shares = sealed_keys
+    setup = PostgresKeyStore(postgres, schema=schema)
+    first = _ring(setup, keys_dir)
+    await first.unseal(shares)
+    await first.ensure_tenant("acme")  # the race is about the patient's key
+    barrier = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def worker() -> None:
+        gate = _Gate(postgres, schema=schema, barrier=barrier)
+
+        async def create() -> object:
+            ring = _ring(gate, keys_dir)
+            await ring.unseal(shares)
+            try:
+                return (await ring.create_patient_key("acme", "p1")).key_id
+            except KeyStoreConflict as exc:
+                return exc
+            finally:
+                await ring.seal()
+
+        try:
+            outcomes.append(asyncio.run(create()))
+        finally:
+            gate.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    won = [o for o in outcomes if isinstance(o, str)]
+    lost = [o for o in outcomes if isinstance(o, KeyStoreConflict)]
+    assert len(won) == 1 and len(lost) == 1, outcomes
+    assert "another worker" in str(lost[0]) and isinstance(lost[0], StoreUnavailable)
+    (live,) = setup.live("acme", KeyPurpose.DEK, "p1")
+    assert live.key_id == won[0]
+    # the loser's retry finds the winner's key: both workers now seal with the same key
+    assert (await first.create_patient_key("acme", "p1")).key_id == won[0]
+    await first.seal()
+    setup.close()
+
+
+CREATOR = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    from phivault.crypto.keyring import KeyRing
+    from phivault.crypto.keystore_postgres import KeyStoreConflict, PostgresKeyStore
+    from phivault.crypto.providers.sealed import SealedLocalProvider
+    from phivault.ledger.testing import InMemoryAuditSink
+
+    async def main(base: Path, conninfo: str, schema: str) -> None:
+        store = PostgresKeyStore(conninfo, schema=schema, create=False)
+        ring = KeyRing(store=store, provider=SealedLocalProvider(base / "keys"),
+                       audit=InMemoryAuditSink(), observer="node-" + sys.argv[4])
+        await ring.unseal(json.loads((base / "shares.json").read_text()))
+        print("ready", flush=True)
+        sys.stdin.readline()  # both workers start together
+        keys, conflicts = {}, 0
+        for i in range(40):
+            patient = f"p{i:03d}"
+            for _ in range(3):
+                try:
+                    keys[patient] = (await ring.create_patient_key("acme", patient)).key_id
+                    break
+                except KeyStoreConflict:
+                    conflicts += 1  # another worker won: creating again returns its key
+        print(json.dumps({"keys": keys, "conflicts": conflicts}), flush=True)
+        await ring.seal()
+        store.close()
+
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))
+    """
+)
+
+
+async def test_two_processes_creating_the_same_patients_keys_agree(
+    postgres: str, schema: str, sealed_keys: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    _, shares = sealed_keys
+    (tmp_path / "shares.json").write_text(json.dumps(shares))
+    store = PostgresKeyStore(postgres, schema=schema)
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CREATOR, str(tmp_path), postgres, schema, str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for n in range(2)
+    ]
+    for child in children:  # connected and unsealed
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+    results = []
+    for child in children:
+        out, err = child.communicate("go\n", timeout=60)
+        assert child.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0]["keys"] == results[1]["keys"]  # every patient: one key, the same for both
+    assert len(results[0]["keys"]) == 40
+    deks = store.records("acme", KeyPurpose.DEK)
+    assert len(deks) == 40 and {r.state for r in deks} == {KeyState.ACTIVE}
+    assert len(store.records("acme", KeyPurpose.KEK)) == 1  # the tenant race too: one KEK
+    store.close()
+
+
+# -- uniqueness the database enforces -------------------------------------------------------
+
+
+def test_one_version_one_active_key_and_one_open_rotation(store: PostgresKeyStore) -> None:
+    store.add([_dek("p1", 1)])
+    with pytest.raises(KeyStoreConflict, match="this key version first"):
+        store.add([_dek("p1", 1)])
+    with pytest.raises(KeyStoreConflict, match="active first"):
+        store.add([_dek("p1", 2)])  # a second active version without demoting the first
+    (one,) = store.live("acme", KeyPurpose.DEK, "p1")
+    two = _dek("p1", 2)
+    store.add([two], demote=[one.key_id])  # a rotation: demote and add in one transaction
+    assert [(r.version, r.state) for r in store.live("acme", KeyPurpose.DEK, "p1")] == [
+        (1, KeyState.DECRYPT_ONLY),
+        (2, KeyState.ACTIVE),
+    ]
+    job = RotationJob("rot-1", JobKind.DEK, "acme", None, "keys", 0, NOW, NOW)
+    store.start_job(job)
+    with pytest.raises(KeyStoreConflict, match="rotation of this tenant first"):
+        store.start_job(RotationJob("rot-2", JobKind.KEK, "acme", None, "keys", 0, NOW, NOW))
+    store.finish_job("rot-1", NOW)
+    store.start_job(RotationJob("rot-3", JobKind.KEK, "acme", None, "keys", 0, NOW, NOW))
+    assert [j.job_id for j in store.open_jobs("acme")] == ["rot-3"]
+
+
+def test_subjects_page_in_byte_order_whatever_the_collation(store: PostgresKeyStore) -> None:
+    patients = ["B", "a", "a-1", "a_1", "Z9", "z"]
+    store.add([_dek(p, 1) for p in patients])
+    seen: list[str] = []
+    after = ""
+    while page := store.subjects("acme", after, 2):
+        seen.extend(page)
+        after = page[-1]
+    assert seen == sorted(patients)  # Python's order, as the key ring's cursor assumes
+
+
+# -- shredding -------------------------------------------------------------------------------
+
+
+def _shred(patient: str, keys: Sequence[str] = ()) -> ShredRecord:
+    return ShredRecord("acme", patient, NOW, "operator:test", "erasure-request", tuple(keys), 7)
+
+
+def test_shred_is_all_or_nothing(store: PostgresKeyStore, postgres: str) -> None:
+    store.add([_dek("p1", 1), _dek("p2", 1)])
+    (p1,) = store.live("acme", KeyPurpose.DEK, "p1")
+    store.shred(_shred("p1", [p1.key_id]))
+    assert store.live("acme", KeyPurpose.DEK, "p1") == []
+    (gone,) = store.records("acme", KeyPurpose.DEK, "p1")
+    assert gone.state is KeyState.DESTROYED and gone.wrapped is None and gone.destroyed == NOW
+    assert store.shred_record("acme", "p1") == _shred("p1", [p1.key_id])
+    # a shred that cannot keep its record destroys nothing: here a record already exists
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.shreds VALUES ('acme', 'p2', now(), 'x', 'y', '{{}}', 1)"
+            ).format(sql.Identifier(store.schema))
+        )
+    with pytest.raises(KeyStoreConflict, match="shredded this patient first"):
+        store.shred(_shred("p2"))
+    (p2,) = store.live("acme", KeyPurpose.DEK, "p2")
+    assert p2.wrapped is not None and p2.state is KeyState.ACTIVE
+
+
+def test_a_shredded_patient_never_gets_a_key_again(store: PostgresKeyStore) -> None:
+    store.add([_dek("p1", 1)])
+    store.shred(_shred("p1"))
+    with pytest.raises(PatientShredded):
+        store.add([_dek("p2", 1), _dek("p1", 2)])  # a worker that checked before the shred
+    assert store.records("acme", KeyPurpose.DEK, "p2") == []  # the whole batch refused
+
+
+def test_shred_racing_key_creation_leaves_no_live_key(postgres: str, schema: str) -> None:
+    """A worker keeps creating new versions of a patient's key while another shreds them."""
+    setup = PostgresKeyStore(postgres, schema=schema)
+    setup.add([_dek("p1", 1)])
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def creator() -> None:
+        own = PostgresKeyStore(postgres, schema=schema, create=False)
+        try:
+            version = 1
+            while True:
+                live = own.live("acme", KeyPurpose.DEK, "p1")
+                if not live:
+                    return  # shredded between two rounds
+                current = live[-1]  # the active version (older ones are decrypt-only)
+                version += 1
+                started.set()
+                try:
+                    own.add([_dek("p1", version)], demote=[current.key_id])
+                except PatientShredded:
+                    return
+        except BaseException as exc:  # anything else fails the test
+            errors.append(exc)
+        finally:
+            own.close()
+
+    def shredder() -> None:
+        own = PostgresKeyStore(postgres, schema=schema, create=False)
+        try:
+            started.wait(timeout=10)
+            own.shred(_shred("p1"))
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=creator), threading.Thread(target=shredder)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    assert setup.live("acme", KeyPurpose.DEK, "p1") == []
+    assert all(r.wrapped is None for r in setup.records("acme", KeyPurpose.DEK, "p1"))
+    setup.close()
+
+
+# -- compare-and-swap rewrap -----------------------------------------------------------------
+
+
+def test_rewrap_is_compare_and_swap_under_concurrency(postgres: str, schema: str) -> None:
+    setup = PostgresKeyStore(postgres, schema=schema)
+    setup.add([_dek(f"p{i}", 1) for i in range(200)])
+    rows = setup.records("acme", KeyPurpose.DEK)
+    barrier = threading.Barrier(2)
+    counts: dict[str, int] = {}
+
+    def rotate(name: str) -> None:
+        own = PostgresKeyStore(postgres, schema=schema, create=False)
+        try:
+            updates = []
+            for r in rows:
+                assert r.wrapped is not None
+                updates.append((r.seq, r.wrapped, name.encode() * 20, f"kek-{name}"))
+            barrier.wait(timeout=10)
+            counts[name] = own.rewrap(updates, NOW)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=rotate, args=(n,)) for n in ("aaa", "bbb")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert counts["aaa"] + counts["bbb"] == 200  # every key swapped exactly once
+    after = setup.records("acme", KeyPurpose.DEK)
+    for row in after:  # and wrapped_by always matches the bytes that won
+        assert row.wrapped == row.wrapped_by.removeprefix("kek-").encode() * 20
+    stale = [(r.seq, b"not what is stored", b"x" * 60, "kek-x") for r in after[:5]]
+    assert setup.rewrap(stale, NOW) == 0
+    setup.close()
+
+
+# -- key material ----------------------------------------------------------------------------
+
+
+async def test_tables_hold_wrapped_keys_only(
+    store: PostgresKeyStore,
+    postgres: str,
+    sealed_keys: tuple[Path, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    generated: list[bytes] = []
+    real = keyring_module.generate_key
+
+    def remember(label: str) -> SecretKey:
+        key = real(label)
+        generated.append(key.reveal())
+        return key
+
+    monkeypatch.setattr(keyring_module, "generate_key", remember)
+    keys_dir, shares = sealed_keys
+    ring = _ring(store, keys_dir)
+    await ring.unseal(shares)
+    for patient in ("p1", "p2", "p3"):
+        await ring.create_patient_key("acme", patient)
+    await ring.rotate_kek("acme")
+    await ring.shred_patient("acme", "p3", reason="erasure-request")
+    await ring.seal()
+    assert len(generated) == 3 + 3 + 1  # KEK, index and token keys; three DEKs; the new KEK
+    dump = bytearray()
+    with psycopg.connect(postgres) as conn:
+        for table in ("keys", "holds", "shreds", "jobs", "meta"):
+            for (row,) in conn.execute(
+                sql.SQL("SELECT row_to_json(t)::text FROM {}.{} t").format(
+                    sql.Identifier(store.schema), sql.Identifier(table)
+                )
+            ):
+                dump += row.encode()
+        for (wrapped,) in conn.execute(
+            sql.SQL("SELECT wrapped FROM {}.keys WHERE wrapped IS NOT NULL").format(
+                sql.Identifier(store.schema)
+            )
+        ):
+            dump += bytes(wrapped)
+            assert len(wrapped) == 12 + 32 + 16  # nonce, key, tag: wrapped, never bare
+    text = bytes(dump)
+    for key in generated:
+        assert key not in text and key.hex().encode() not in text
+
+
+# -- the store unreachable -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class _Proxy:
+    """A TCP relay to PostgreSQL that the test can cut (as a network partition would)."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port = port
+        self._target = target
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self._listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(timeout=5)
+        with self._lock:
+            for s in self._sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+
+def test_unreachable_at_open_is_store_unavailable() -> None:
+    conninfo = f"host=127.0.0.1 port={_free_port()} dbname=test user=postgres"
+    with pytest.raises(StoreUnavailable, match="cannot open the keystore") as info:
+        PostgresKeyStore(conninfo, connect_timeout_s=2)
+    assert not isinstance(info.value, psycopg.Error)
+
+
+async def test_a_lost_server_fails_the_key_ring_cleanly_then_recovers(
+    postgres: str, schema: str, sealed_keys: tuple[Path, list[str]]
+) -> None:
+    parts = psycopg.conninfo.conninfo_to_dict(postgres)
+    target = (str(parts.get("host", "127.0.0.1")), int(str(parts.get("port", 5432))))
+    port = _free_port()
+    proxy = _Proxy(port, target)
+    conninfo = psycopg.conninfo.make_conninfo(postgres, host="127.0.0.1", port=port)
+    store = PostgresKeyStore(conninfo, schema=schema, connect_timeout_s=2, statement_timeout_s=3)
+    keys_dir, shares = sealed_keys
+    ring = _ring(store, keys_dir)
+    await ring.unseal(shares)
+    ref = ElementRef("acme", "Patient", "p1", "birthDate")
+    sealed = (await ring.patient_cipher("acme", "p1", create=True)).seal(ref, b"1970")
+    proxy.cut()
+    for attempt in (
+        ring.create_patient_key("acme", "p2"),
+        ring.shred_patient("acme", "p1", reason="erasure-request"),
+    ):
+        with pytest.raises(StoreUnavailable) as info:
+            await attempt
+        assert not isinstance(info.value, psycopg.Error)
+        assert isinstance(info.value.__cause__, psycopg.Error)  # kept for operators, not leaked
+    proxy = _Proxy(port, target)  # the network is back: the store reconnects by itself
+    try:
+        await ring.create_patient_key("acme", "p2")
+        await ring.seal()
+        await ring.unseal(shares)
+        assert (await ring.patient_cipher("acme", "p1")).open(ref, sealed) == b"1970"
+    finally:
+        await ring.seal()
+        store.close()
+        proxy.cut()
+
+
+def test_a_terminated_session_is_replaced_for_reads(store: PostgresKeyStore, postgres: str) -> None:
+    store.add([_dek("p1", 1)])
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"phivault-keys:{store.schema}",),
+        )
+    assert len(store.live("acme", KeyPurpose.DEK, "p1")) == 1  # retried on a fresh session
+
+
+def test_closed_store_is_unavailable(store: PostgresKeyStore) -> None:
+    store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.live("acme", KeyPurpose.DEK, "p1")
+
+
+# -- opening -------------------------------------------------------------------------------
+
+
+def test_workers_opening_a_new_schema_at_once_all_succeed(postgres: str, schema: str) -> None:
+    opened: list[PostgresKeyStore] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            opened.append(PostgresKeyStore(postgres, schema=schema))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors and len(opened) == 6
+    for each in opened:
+        each.close()
+
+
+def test_urls_and_refusals(postgres: str, schema: str) -> None:
+    parts = psycopg.conninfo.conninfo_to_dict(postgres)
+    url = (
+        f"postgresql+psycopg://{parts.get('user', 'postgres')}:secret-pw@"
+        f"{parts.get('host', '127.0.0.1')}:{parts.get('port', 5432)}/{parts.get('dbname', 'test')}"
+    )
+    assert postgres_conninfo(url).startswith("postgresql://")
+    assert postgres_conninfo(postgres) == postgres
+    with pytest.raises(ConfigurationError):
+        postgres_conninfo("sqlite:///keys.db")
+    with pytest.raises(ConfigurationError):
+        postgres_conninfo("host=127.0.0.1 nonsense")
+    with pytest.raises(ConfigurationError, match="lower-case"):
+        PostgresKeyStore(postgres, schema="Keys; DROP")
+    with pytest.raises(StoreUnavailable, match="not set up"):
+        PostgresKeyStore(postgres, schema=schema, create=False)
+    store = PostgresKeyStore(url.replace(":secret-pw", ""), schema=schema)
+    assert "secret" not in repr(store) and schema in repr(store)
+    store.close()
