@@ -60,7 +60,7 @@ from psycopg import sql
 from pydantic import ValidationError
 
 from phivault.errors import ConfigurationError, InvalidInput
-from phivault.ledger.canonical import canonical_json
+from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
 from phivault.ledger.errors import LedgerError, LedgerLocked, LedgerUnavailable
 from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
 from phivault.ledger.note import NoteSigner
@@ -279,22 +279,26 @@ def _decode(seq: int, msg: Msg) -> _Incoming:
         raise InvalidStreamMessage(seq, "not a JSON object")
     if any(field in document for field in LEDGER_FIELDS):
         raise InvalidStreamMessage(seq, "it sets a field the ledger adds")
-    try:
-        # Publishers send canonical bytes; anything else was not written by a sink.
-        canonical = canonical_json(document)
-    except InvalidInput:
-        raise InvalidStreamMessage(seq, "not canonicalizable") from None
-    if canonical != data:
-        raise InvalidStreamMessage(seq, "not in canonical form")
     if encoding == ENCODING_DOCUMENT:
+        try:
+            canonical = canonical_json(document)
+        except InvalidInput:
+            raise InvalidStreamMessage(seq, "not canonicalizable") from None
+        # Publishers send canonical bytes; anything else was not written by a sink.
+        if canonical != data:
+            raise InvalidStreamMessage(seq, "not in canonical form")
         return _Incoming(seq, document, None)
     try:
         event = AuditEvent.from_document(document)
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in e["loc"]) or "event" for e in exc.errors()})
         raise InvalidStreamMessage(seq, f"invalid event fields: {', '.join(fields)}") from None
-    if event.to_document() != document:
+    encoded = event.to_document()
+    if encoded != document:
         raise InvalidStreamMessage(seq, "the event does not encode back to the same document")
+    # A valid event's document is plain, so the fast encoder gives its canonical bytes.
+    if canonical_json_of_plain_document(encoded) != data:
+        raise InvalidStreamMessage(seq, "not in canonical form")
     return _Incoming(seq, document, event)
 
 

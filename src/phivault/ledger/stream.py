@@ -352,28 +352,39 @@ class JetStreamAuditSink:
         # Leave room for a second try within the deadline after a lost acknowledgement.
         attempt_timeout = max(0.05, self.publish_timeout_s / 2)
         headers = {_MSG_ID: msg_id, ENCODING_HEADER: encoding}
+
+        async def attempt() -> int:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise nats.errors.TimeoutError
+            ack = await self._js.publish(
+                self.subject,
+                payload,
+                timeout=min(attempt_timeout, remaining),
+                stream=self.stream,
+                headers=dict(headers),
+            )
+            return int(ack.seq)
+
         try:
-            async for attempt in retrying(
-                attempts=5,
+            try:
+                # The first try runs bare: building a retry loop per event costs more than
+                # the publish itself, and it is almost always the only try.
+                return await attempt()
+            except _TRANSIENT:
+                pass
+            async for retry in retrying(
+                attempts=4,
                 initial_backoff_s=0.02,
                 max_backoff_s=0.25,
-                deadline_s=self.publish_timeout_s,
+                deadline_s=max(0.0, deadline - time.monotonic()),
                 retry_on=_TRANSIENT,
             ):
-                with attempt:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise nats.errors.TimeoutError
-                    ack = await self._js.publish(
-                        self.subject,
-                        payload,
-                        timeout=min(attempt_timeout, remaining),
-                        stream=self.stream,
-                        headers=dict(headers),
-                    )
+                with retry:
+                    return await attempt()
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise LedgerUnavailable(self._failure(exc)) from exc
-        return int(ack.seq)
+        raise LedgerUnavailable(f"the audit stream {self.stream} did not acknowledge")
 
     def _failure(self, exc: BaseException) -> str:
         where = f"the audit stream {self.stream}"
