@@ -110,6 +110,42 @@ def test_the_example_holds_no_secret() -> None:
     assert settings.keys.pkcs11_pin is None, "the HSM PIN belongs in the environment"
 
 
+# Values no two deployments share: the example must flag each as CHANGE ME in the comment
+# just above it.
+MUST_CHANGE = (
+    ("shape", "keys"),
+    ("records", "store_url"),
+    ("records", "replica_urls"),
+    ("ledger", "postgres_url"),
+    ("ledger", "nats_urls"),
+    ("identity", "issuers"),
+    ("identity", "audience"),
+    ("api", "public_url"),
+    ("api", "redis_url"),
+    ("access", "break_glass_webhook_url"),
+    ("keys", "pkcs11_module"),
+)
+
+
+def test_every_value_an_operator_must_change_is_marked() -> None:
+    section = ""
+    comment: list[str] = []
+    marked: dict[tuple[str, str], bool] = {}
+    for raw in EXAMPLE_TOML.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            section, comment = line.strip("[]"), []
+        elif line.startswith("#"):
+            comment.append(line)
+        elif "=" in line and not raw.startswith(" "):
+            marked[(section, line.split("=", 1)[0].strip())] = "CHANGE ME" in " ".join(comment)
+            comment = []
+        elif not line:
+            comment = []
+    for key in MUST_CHANGE:
+        assert marked.get(key), f"{'.'.join(key)} is not marked CHANGE ME"
+
+
 def _sections() -> dict[str, type[BaseModel]]:
     sections: dict[str, type[BaseModel]] = {}
     for name, field in Settings.model_fields.items():
