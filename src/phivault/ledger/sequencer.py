@@ -92,6 +92,8 @@ CURSOR_TABLE: Final = "stream_cursor"
 _NATS_ERRORS: Final = (nats.errors.Error, OSError, TimeoutError)
 # After the first message of a batch: how long to wait for the rest to be delivered.
 _MORE_WAIT_S: Final = 0.005
+# Quiet this long: check that the stream is quiet too, not that the consumer was lost.
+_STALL_CHECK_S: Final = 2.0
 
 
 class SequencerError(LedgerError):
@@ -320,6 +322,7 @@ class _StreamReader:
         self._sub: JetStreamContext.PullSubscription | None = None
         self._log = log
         self.pending = 0  # messages after the last one fetched, as the stream last said
+        self._quiet_since = time.monotonic()
 
     async def take(self, limit: int, wait_s: float) -> list[_Incoming]:
         """Up to ``limit`` next messages (none if nothing came within ``wait_s``)."""
@@ -352,6 +355,7 @@ class _StreamReader:
                 with contextlib.suppress(nats.errors.TimeoutError):
                     msgs += await self._sub.fetch(limit - 1, timeout=_MORE_WAIT_S)
         except nats.errors.TimeoutError:
+            await self._check_quiet()
             return  # nothing new
         except _NATS_ERRORS as exc:
             self._log.warning(
@@ -360,6 +364,7 @@ class _StreamReader:
             await self.close()
             await asyncio.sleep(min(wait_s, 0.5))
             return
+        self._quiet_since = time.monotonic()
         for msg in msgs:
             metadata = msg.metadata
             seq = int(metadata.sequence.stream)
@@ -377,6 +382,27 @@ class _StreamReader:
                 return
             self.next_seq = seq + 1
             self.pending = int(metadata.num_pending)
+
+    async def _check_quiet(self) -> None:
+        """Recreate the consumer if the stream has messages it does not deliver.
+
+        An ephemeral consumer lives on one server: if that server went away, or the connection
+        was re-established, fetches merely time out. The stream (replicated) still answers.
+        """
+        if time.monotonic() - self._quiet_since < _STALL_CHECK_S:
+            return
+        self._quiet_since = time.monotonic()
+        try:
+            last = await self.last_stream_seq()
+        except _NATS_ERRORS as exc:
+            self._log.warning("sequencer.stream-unavailable", error=type(exc).__name__)
+            await self.close()
+            return
+        if last >= self.next_seq:
+            self._log.warning(
+                "sequencer.consumer-stalled", next_seq=self.next_seq, stream_last_seq=last
+            )
+            await self.close()
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
         config = api.ConsumerConfig(

@@ -412,3 +412,20 @@ async def test_a_ledger_that_disagrees_with_the_stream_is_refused(
         with pytest.raises(LedgerStreamMismatch, match="ledger entry 0 is not stream message 1"):
             await asyncio.wait_for(worker.run(asyncio.Event()), 10)
     assert ledger_size(seq_ledger) == 1
+
+
+async def test_the_sequencer_recovers_when_its_consumer_disappears(
+    audit_stream: AuditStream, seq_ledger: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    worker = _sequencer(audit_stream, seq_ledger, signer)
+    async with await _sink(audit_stream) as sink, _running(worker):
+        for i in range(10):
+            await sink.record(sample_event(i))
+        await eventually(lambda: ledger_size(seq_ledger) == 10, what="10 entries")
+        # As when the server holding the ephemeral consumer goes away.
+        for info in await audit_stream.js.consumers_info(audit_stream.name):
+            await audit_stream.js.delete_consumer(audit_stream.name, info.name)
+        for i in range(10, 20):
+            await sink.record(sample_event(i))
+        await eventually(lambda: ledger_size(seq_ledger) == 20, timeout_s=8, what="20 entries")
+    assert _request_ids(seq_ledger) == [f"req-{i}" for i in range(20)]
