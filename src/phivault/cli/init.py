@@ -16,6 +16,7 @@ from phivault.cli._common import (
 )
 from phivault.datadir import default_data_dir
 from phivault.errors import PhivaultError
+from phivault.settings import StoreKind
 
 
 def init(
@@ -61,6 +62,14 @@ def init(
     except PhivaultError as exc:
         fail(output, f"{exc}; nothing was created", kind="init")
     created, keystore = done.data_dir, done.keystore
+    if settings.shape.store is StoreKind.POSTGRES:
+        # where every worker of the scaled shape finds the wrapped keys (never the URL: it may
+        # carry a password)
+        keystore_at = f"postgresql schema {settings.keys.postgres_schema}"
+    else:
+        from phivault.crypto.keystore import SqliteKeyStore
+
+        keystore_at = str(created.keys_dir / SqliteKeyStore.FILENAME)
     verifier_key, dev_issuer = done.ledger_verifier_key, done.dev_identity_issuer
     result = {
         "ok": True,
@@ -72,6 +81,7 @@ def init(
         "keys": {
             "provider": keystore.provider,
             "root_key_id": keystore.root_key_id,
+            "keystore": keystore_at,
             # Printed once, stored nowhere: hand each share to a different custodian.
             "unseal_threshold": keystore.threshold,
             "unseal_shares": list(keystore.shares),
@@ -89,6 +99,7 @@ def init(
     output.say(f"ledger origin:       {created.origin}")
     output.say(f"ledger verifier key: {verifier_key}")
     output.say(f"root key:            {keystore.root_key_id} ({keystore.provider})")
+    output.say(f"keystore:            {keystore_at}")
     if keystore.shares:
         output.say(
             f"[bold]unseal shares[/] (any {keystore.threshold} of {keystore.share_count} unseal "

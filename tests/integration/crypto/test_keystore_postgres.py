@@ -28,6 +28,7 @@ from psycopg import sql
 
 import phivault.crypto.keyring as keyring_module
 from phivault.crypto._hazmat import SecretKey
+from phivault.crypto.custody import open_keyring
 from phivault.crypto.elements import ElementRef
 from phivault.crypto.errors import PatientShredded
 from phivault.crypto.keyring import KeyRing
@@ -38,8 +39,10 @@ from phivault.crypto.keystore_postgres import (
 )
 from phivault.crypto.ports import JobKind, KeyPurpose, KeyRecord, KeyState, RotationJob, ShredRecord
 from phivault.crypto.providers.sealed import SealedLocalProvider
+from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError, StoreUnavailable
 from phivault.ledger.testing import InMemoryAuditSink
+from phivault.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -161,6 +164,7 @@ CREATOR = textwrap.dedent(
     from phivault.crypto.keystore_postgres import KeyStoreConflict, PostgresKeyStore
     from phivault.crypto.providers.sealed import SealedLocalProvider
     from phivault.ledger.testing import InMemoryAuditSink
+from phivault.settings import load_settings
 
     async def main(base: Path, conninfo: str, schema: str) -> None:
         store = PostgresKeyStore(conninfo, schema=schema, create=False)
@@ -583,3 +587,49 @@ def test_urls_and_refusals(postgres: str, schema: str) -> None:
     store = PostgresKeyStore(url.replace(":secret-pw", ""), schema=schema)
     assert "secret" not in repr(store) and schema in repr(store)
     store.close()
+
+
+# -- phivault init and keys on the scaled shape ---------------------------------------------
+
+
+def _phivault(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "phivault.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **env},
+    )
+
+
+def test_phivault_init_makes_the_scaled_shape_keystore(
+    postgres: str, schema: str, tmp_path: Path
+) -> None:
+    parts = psycopg.conninfo.conninfo_to_dict(postgres)
+    url = (
+        f"postgresql+psycopg://{parts.get('user', 'postgres')}@{parts.get('host', '127.0.0.1')}"
+        f":{parts.get('port', 5432)}/{parts.get('dbname', 'test')}"
+    )
+    config = tmp_path / "phivault.toml"
+    config.write_text(
+        f'[shape]\nstore = "postgres"\n\n[records]\nstore_url = "{url}"\n\n'
+        f'[keys]\npostgres_schema = "{schema}"\n'
+    )
+    data = tmp_path / "data"
+    done = _phivault("init", "--dev", "--data-dir", str(data), "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["keys"]["keystore"] == f"postgresql schema {schema}"
+    assert not (data / "keys" / "keystore.sqlite3").exists()
+    # a worker of the deployment opens the same keystore through the same settings
+    settings = load_settings(config)
+
+    async def create_tenant() -> None:
+        async with open_keyring(DataDir.open(data), settings, InMemoryAuditSink()) as ring:
+            await ring.ensure_tenant("acme")
+
+    asyncio.run(create_tenant())
+    store = PostgresKeyStore(postgres, schema=schema, create=False)
+    purposes = sorted(k.purpose.value for k in store.records("acme"))
+    store.close()
+    assert purposes == ["blind-index", "kek", "ledger-token"]
