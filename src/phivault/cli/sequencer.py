@@ -82,6 +82,18 @@ def sequencer(
     batch_max: Annotated[
         int, typer.Option("--batch-max", min=1, max=10_000, help="Events per group commit.")
     ] = 500,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics (progress, lag, role) on this port.",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address for --metrics-port.")
+    ] = "127.0.0.1",
     create_schema: Annotated[
         bool,
         typer.Option(
@@ -148,8 +160,12 @@ def sequencer(
         settings=ledger_settings,
         batch_max=batch_max,
         client_name=f"phivault-sequencer-{opened.node_id}",
+        # Production refuses to write as a role that could change history.
+        strict_role=settings.is_production,
         log=log,
     )
+    if metrics_port is not None:
+        _serve_metrics(output, worker, metrics_host, metrics_port)
     try:
         asyncio.run(_run(worker, replicas=ledger_settings.stream_replicas))
     except PhivaultError as exc:
@@ -157,6 +173,19 @@ def sequencer(
         fail(output, str(exc), kind="sequencer")
     if json_mode:
         output.json({"ok": True, **worker.progress.as_dict()})
+
+
+def _serve_metrics(output: Output, worker: Any, host: str, port: int) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from phivault.ledger.sequencer import SequencerCollector
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(SequencerCollector(worker.progress))
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        fail(output, f"cannot serve metrics on {host}:{port}: {exc.strerror}", kind="usage")
 
 
 async def _run(worker: Any, *, replicas: int) -> None:

@@ -46,7 +46,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -56,6 +56,8 @@ import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from psycopg import sql
 from pydantic import ValidationError
 
@@ -81,6 +83,7 @@ __all__ = [
     "InvalidStreamMessage",
     "LedgerStreamMismatch",
     "Sequencer",
+    "SequencerCollector",
     "SequencerError",
     "SequencerLog",
     "SequencerProgress",
@@ -463,6 +466,46 @@ class SequencerProgress:
         return asdict(self)
 
 
+class SequencerCollector(Collector):
+    """The sequencer's progress as Prometheus metrics (register it on the process's registry)."""
+
+    def __init__(self, progress: SequencerProgress) -> None:
+        self._progress = progress
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        p = self._progress
+        gauges = (
+            (
+                "phivault_sequencer_active",
+                "1 while this sequencer is the active one.",
+                int(p.role == "active"),
+            ),
+            (
+                "phivault_sequencer_last_applied_seq",
+                "Stream sequence of the last message in the ledger.",
+                p.last_applied_seq,
+            ),
+            ("phivault_sequencer_ledger_size", "Entries in the ledger.", p.ledger_size),
+            ("phivault_sequencer_lag", "Stream messages not yet in the ledger.", p.lag),
+        )
+        for name, doc, value in gauges:
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+        counters = (
+            ("phivault_sequencer_appended", "Entries this process appended.", p.appended),
+            ("phivault_sequencer_batches", "Group commits this process made.", p.batches),
+            ("phivault_sequencer_takeovers", "Times this process became active.", p.takeovers),
+        )
+        for name, doc, value in counters:
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], value)
+            yield counter
+
+
 class Sequencer:
     """Moves audit events from the stream to the PostgreSQL ledger; see the module docstring.
 
@@ -490,6 +533,7 @@ class Sequencer:
         cursor_interval_s: float = 1.0,
         progress_interval_s: float = 10.0,
         client_name: str = "phivault-sequencer",
+        strict_role: bool = False,
         log: SequencerLog | None = None,
     ) -> None:
         if batch_max < 1:
@@ -508,6 +552,7 @@ class Sequencer:
         self.cursor_interval_s = cursor_interval_s
         self.progress_interval_s = progress_interval_s
         self._client_name = client_name
+        self.strict_role = strict_role
         self._log: SequencerLog = log or _StdlibLog()
         self._nats: NatsClient | None = None
         self.progress = SequencerProgress()
@@ -549,7 +594,12 @@ class Sequencer:
                     await self._nats.close()
 
     def _open_store(self) -> PostgresLedgerStore:
-        return PostgresLedgerStore(self.ledger_conninfo, schema=self.ledger_schema, writable=True)
+        return PostgresLedgerStore(
+            self.ledger_conninfo,
+            schema=self.ledger_schema,
+            writable=True,
+            strict_role=self.strict_role,
+        )
 
     def _set_role(self, role: Role) -> None:
         if self.progress.role != role:

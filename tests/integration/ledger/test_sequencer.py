@@ -10,9 +10,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,12 @@ async def _sink(stream: AuditStream) -> JetStreamAuditSink:
     return await JetStreamAuditSink.connect(
         [NATS_URL], name="test-publisher", stream=stream.name, subject=stream.subject
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _request_ids(pg: PgLedger) -> list[str]:
@@ -305,6 +313,7 @@ async def test_the_command_runs_until_sigterm(
     ) as sink:
         assert sink.subject == audit_subject(audit_stream.name)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PHIVAULT_")}
+        metrics_port = _free_port()
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -321,6 +330,8 @@ async def test_the_command_runs_until_sigterm(
                 seq_ledger.schema,
                 "--data-dir",
                 str(data_dir.path),
+                "--metrics-port",
+                str(metrics_port),
                 "--json",
             ],
             stdout=subprocess.PIPE,
@@ -332,6 +343,11 @@ async def test_the_command_runs_until_sigterm(
             for i in range(20):
                 await sink.record(sample_event(i))
             await eventually(lambda: ledger_size(seq_ledger) == 20, what="20 entries")
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+            assert b"phivault_sequencer_ledger_size 20.0" in metrics
+            assert b"phivault_sequencer_active 1.0" in metrics
+            assert b"phivault_sequencer_lag 0.0" in metrics
             proc.send_signal(signal.SIGTERM)
             out, err = await asyncio.to_thread(proc.communicate, timeout=15)
         finally:
