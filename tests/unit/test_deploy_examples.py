@@ -676,3 +676,117 @@ def test_the_metrics_the_readme_names_are_exported() -> None:
     named = set(re.findall(r"`(phivault_[a-z_]+)`", checklist))
     assert len(named) >= 10
     assert named <= exported, f"not exported: {sorted(named - exported)}"
+
+
+# -- the database roles, for real -----------------------------------------------------------
+
+ROLES = ("phivault_owner", "phivault_ledger_owner", "phivault_api", "phivault_sequencer")
+
+
+def _renamed(sql_text: str, suffix: str, database: str) -> str:
+    """The manifest's SQL with this test's own role and database names (roles are global)."""
+    sql_text = re.sub(
+        r"\b(phivault_(?:owner|ledger_owner|api|sequencer))\b", rf"\1_{suffix}", sql_text
+    )
+    return re.sub(r"\bDATABASE phivault\b", f"DATABASE {database}", sql_text)
+
+
+def test_the_database_roles_and_grants_work_as_documented(postgres: str) -> None:
+    """CloudNativePG's bootstrap as 20-postgres.yaml declares it (owner and database, the
+    postInitApplicationSQL, then the managed roles' login), the schema Job's two steps as
+    their owners, `phivault init`'s keystore as the owner; then each run-time role can do
+    what it needs and nothing more."""
+    import secrets
+
+    import psycopg
+
+    from phivault.crypto.keystore_postgres import PostgresKeyStore
+    from phivault.ledger.postgres_store import PostgresLedgerStore
+    from phivault.records.store import SqlRecordStore
+
+    (cluster,) = _kind("Cluster")
+    bootstrap = cluster["spec"]["bootstrap"]["initdb"]
+    suffix = secrets.token_hex(4)
+    database = f"deploy_{suffix}"
+    role = {name: f"{name}_{suffix}" for name in ROLES}
+    host = "host=127.0.0.1 port=5432"
+
+    def conninfo(name: str) -> str:
+        return f"{host} dbname={database} user={role[name]}"
+
+    def url(name: str) -> str:
+        return f"postgresql+psycopg://{role[name]}@127.0.0.1:5432/{database}"
+
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role[bootstrap['owner']]} LOGIN")
+        admin.execute(f"CREATE DATABASE {database} OWNER {role[bootstrap['owner']]}")
+    try:
+        with psycopg.connect(f"{host} dbname={database} user=postgres", autocommit=True) as su:
+            for statement in bootstrap["postInitApplicationSQL"]:
+                su.execute(_renamed(statement, suffix, database))
+            for managed in cluster["spec"]["managed"]["roles"]:
+                su.execute(f"ALTER ROLE {role[managed['name']]} LOGIN")
+
+        # The schema Job: the ledger as its owner (the Job's own command line), then records.
+        (job,) = [line for line in COMMAND_LINES if "--create-schema" in line.argv]
+        argv = [word for word in job.argv[1:] if word != "--config"]
+        argv = [word for word in argv if not word.endswith(".toml")]
+        argv[argv.index("--app-role") + 1] = role["phivault_sequencer"]
+        result = CliRunner().invoke(
+            phivault_app,
+            [*argv, "--ledger-postgres", conninfo("phivault_ledger_owner")],
+        )
+        assert result.exit_code == 0, result.output
+        SqlRecordStore(url("phivault_owner"), schema="phivault_records").close()
+        # `phivault init --config` makes the keystore tables as the owner.
+        PostgresKeyStore(url("phivault_owner"), schema="phivault_keys", create=True).close()
+
+        # Run time: workers open the records store (a migration to head is a no-op), the
+        # keystore and the ledger read-only; the sequencer opens the ledger for writing,
+        # strictly (a role that could change history is refused).
+        SqlRecordStore(url("phivault_api"), schema="phivault_records").close()
+        PostgresKeyStore(url("phivault_api"), schema="phivault_keys", create=False).close()
+        PostgresLedgerStore(conninfo("phivault_api"), writable=False).close()
+        PostgresLedgerStore(conninfo("phivault_sequencer"), writable=True, strict_role=True).close()
+
+        with psycopg.connect(f"{host} dbname={database} user=postgres") as su:
+
+            def privileges(name: str, schema: str) -> dict[str, set[str]]:
+                rows = su.execute(
+                    "SELECT c.relname, p.privilege FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace,"
+                    " unnest(ARRAY['SELECT','INSERT','UPDATE','DELETE','TRUNCATE']) p(privilege)"
+                    " WHERE n.nspname = %s AND c.relkind = 'r'"
+                    " AND has_table_privilege(%s, c.oid, p.privilege)",
+                    (schema, role[name]),
+                ).fetchall()
+                found: dict[str, set[str]] = {}
+                for table, privilege in rows:
+                    found.setdefault(table, set()).add(privilege)
+                return found
+
+            dml = {"SELECT", "INSERT", "UPDATE", "DELETE"}
+            for schema in ("phivault_records", "phivault_keys"):
+                tables = su.execute(
+                    "SELECT count(*) FROM pg_tables WHERE schemaname = %s", (schema,)
+                ).fetchone()
+                assert tables is not None and tables[0] > 0, schema
+                api = privileges("phivault_api", schema)
+                assert len(api) == tables[0] and all(p == dml for p in api.values()), schema
+                assert not privileges("phivault_sequencer", schema), schema
+            ledger_api = privileges("phivault_api", "phivault_ledger")
+            ledger_seq = privileges("phivault_sequencer", "phivault_ledger")
+            assert set(ledger_seq) >= {"leaves", "checkpoints", "stream_cursor"}
+            assert all(p == {"SELECT"} for p in ledger_api.values()) and ledger_api
+            assert all(p == {"SELECT", "INSERT"} for p in ledger_seq.values())
+            created = su.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'phivault%%'"
+                " AND has_schema_privilege(%s, oid, 'CREATE')",
+                (role["phivault_api"],),
+            ).fetchone()
+            assert created == (0,), "the API role can create objects"
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            for name in ROLES:
+                admin.execute(f"DROP ROLE IF EXISTS {role[name]}")
