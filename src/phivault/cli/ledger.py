@@ -3,7 +3,8 @@
 Commands that write (append, checkpoint) open the ledger for writing and refuse while another
 process (the server) holds it. The others read beside a running writer.
 
-``verify`` and ``export`` read either ledger: the data directory's files (the embedded shape),
+``verify``, ``export``, ``prove`` and ``report`` read either ledger: the data directory's files
+(the embedded shape),
 or the scaled shape's PostgreSQL tables that the sequencer writes (``--postgres CONNINFO``
 ``--schema NAME``, or the settings: ``shape.ledger = jetstream`` with ``ledger.postgres_url``
 and ``ledger.postgres_schema``). Both go through the same store port, so they check and
@@ -49,7 +50,6 @@ from phivault.ledger.ports import LedgerStore, VerifiableStore
 from phivault.ledger.report import patient_reference, patient_report
 from phivault.ledger.service import (
     open_ledger,
-    open_ledger_readonly,
     verifier_key_of,
 )
 from phivault.ledger.verify import VerificationReport, verify_store
@@ -83,12 +83,10 @@ SchemaOption = Annotated[
 
 @dataclass(frozen=True)
 class _Source:
-    """Where a reading command finds the ledger, and the key and origin to check it with."""
+    """Where a reading command finds the ledger."""
 
     name: str  # for people: the data directory, or the PostgreSQL schema (never a conninfo)
     open_store: Callable[[], VerifiableStore]
-    verifier_key: str
-    origin: str
     directory: DataDir | None  # the embedded ledger's data directory
 
 
@@ -99,10 +97,9 @@ def _ledger_source(
     config: Path | None,
     postgres: str | None,
     schema: str | None,
-    trusted_key: str | None,
 ) -> _Source:
-    """The embedded ledger of ``data_dir``, or the PostgreSQL ledger the options or the
-    settings name. Its verifier key: ``trusted_key``, else the data directory's."""
+    """The PostgreSQL ledger that ``--postgres`` or the settings name, else the embedded
+    ledger of ``data_dir``."""
     if postgres is None:
         from phivault.settings import LedgerKind
 
@@ -114,43 +111,48 @@ def _ledger_source(
             fail(output, "--schema needs --postgres (or shape.ledger = jetstream)", kind="invalid")
     if postgres is None:
         directory = open_data_dir(output, data_dir)
-        try:
-            key = trusted_key or verifier_key_of(directory)
-        except PhivaultError as exc:
-            fail(output, str(exc), kind="ledger")
         return _Source(
             str(directory.path),
             lambda: FileLedgerStore(directory.ledger_dir, writable=False),
-            key,
-            directory.origin,
             directory,
         )
     from phivault.ledger.postgres_store import DEFAULT_SCHEMA, PostgresLedgerStore
 
     conninfo, schema_name = postgres, schema or DEFAULT_SCHEMA
-    if trusted_key is None:
-        if not data_dir.is_dir():
-            fail(
-                output,
-                "give --key: the verifier key of the ledger in PostgreSQL (no data directory "
-                f"at {data_dir} to take it from)",
-                kind="invalid",
-            )
-        try:
-            trusted_key = verifier_key_of(open_data_dir(output, data_dir))
-        except PhivaultError as exc:
-            fail(output, str(exc), kind="ledger")
-    try:
-        origin = NoteVerifier.from_verifier_key(trusted_key).name
-    except (PhivaultError, ValueError) as exc:
-        fail(output, f"the verifier key is not valid: {exc}", kind="invalid")
     return _Source(
         f"PostgreSQL schema {schema_name}",
         lambda: PostgresLedgerStore(conninfo, schema=schema_name, writable=False),
-        trusted_key,
-        origin,
         None,
     )
+
+
+def _key_and_origin(
+    output: Output, source: _Source, data_dir: Path, trusted_key: str | None
+) -> tuple[str, str]:
+    """The verifier key to check ``source`` with (``trusted_key``, else the data
+    directory's) and the checkpoints' origin (the data directory's, else the key's name)."""
+    if trusted_key is not None:
+        key = trusted_key
+    else:
+        directory = source.directory
+        if directory is None:
+            if not data_dir.is_dir():
+                fail(
+                    output,
+                    "give --key: the verifier key of the ledger in PostgreSQL (no data "
+                    f"directory at {data_dir} to take it from)",
+                    kind="invalid",
+                )
+            directory = open_data_dir(output, data_dir)
+        try:
+            key = verifier_key_of(directory)
+        except PhivaultError as exc:
+            fail(output, str(exc), kind="ledger")
+    try:
+        named = NoteVerifier.from_verifier_key(key).name
+    except (PhivaultError, ValueError) as exc:
+        fail(output, str(exc), kind="invalid")
+    return key, source.directory.origin if source.directory is not None else named
 
 
 def _b64(data: bytes) -> str:
@@ -340,14 +342,10 @@ def verify(
             _report_verified(output, report, str(bundle))
             return
         source = _ledger_source(
-            output,
-            data_dir=data_dir,
-            config=config,
-            postgres=postgres,
-            schema=schema,
-            trusted_key=trusted_key,
+            output, data_dir=data_dir, config=config, postgres=postgres, schema=schema
         )
-        report = _verify_source(output, source, trusted_note, thorough=thorough)
+        key, origin = _key_and_origin(output, source, data_dir, trusted_key)
+        report = _verify_source(output, source, key, origin, trusted_note, thorough=thorough)
         _report_verified(output, report, source.name)
     except LedgerTampered as exc:
         _tampered(output, exc)
@@ -358,9 +356,15 @@ def verify(
 
 
 def _verify_source(
-    output: Output, source: _Source, trusted_note: str | None, *, thorough: bool
+    output: Output,
+    source: _Source,
+    key: str,
+    origin: str,
+    trusted_note: str | None,
+    *,
+    thorough: bool,
 ) -> VerificationReport:
-    verifier = NoteVerifier.from_verifier_key(source.verifier_key)
+    verifier = NoteVerifier.from_verifier_key(key)
     with (
         contextlib.closing(source.open_store()) as store,
         output.progress("verifying ledger", total=store.size()) as bar,
@@ -368,7 +372,7 @@ def _verify_source(
         return verify_store(
             store,
             verifier,
-            origin=source.origin,
+            origin=origin,
             trusted_checkpoint=trusted_note,
             progress=bar.reporter(),
             thorough=thorough,
@@ -406,13 +410,9 @@ def export(
     if fmt not in ("bundle", "fhir"):
         fail(output, f"--format must be 'bundle' or 'fhir', not {fmt!r}", kind="invalid")
     source = _ledger_source(
-        output,
-        data_dir=data_dir,
-        config=config,
-        postgres=postgres,
-        schema=schema,
-        trusted_key=trusted_key,
+        output, data_dir=data_dir, config=config, postgres=postgres, schema=schema
     )
+    key, origin = _key_and_origin(output, source, data_dir, trusted_key)
     if out.exists():
         fail(output, f"{out} exists; refusing to overwrite it", kind="invalid")
     if source.directory is not None:
@@ -429,8 +429,8 @@ def export(
                 count = write_bundle(
                     fh,
                     store,
-                    origin=source.origin,
-                    verifier_key=source.verifier_key,
+                    origin=origin,
+                    verifier_key=key,
                     progress=bar.reporter(),
                 )
             else:
@@ -486,17 +486,28 @@ def prove(
     ] = None,
     from_size: Annotated[int | None, typer.Option("--from", help="Consistency: old size.")] = None,
     to_size: Annotated[int | None, typer.Option("--to", help="Consistency: new size.")] = None,
+    postgres: PostgresOption = None,
+    schema: SchemaOption = None,
+    config: ConfigOption = None,
 ) -> None:
-    """Inclusion proof (--index I [--size N]) or consistency proof (--from N1 --to N2), as JSON."""
+    """Inclusion proof (--index I [--size N]) or consistency proof (--from N1 --to N2), as JSON.
+
+    The data directory's ledger, or the scaled shape's in PostgreSQL (--postgres, or the
+    settings)."""
     output = Output(json_mode=True)
     inclusion = index is not None
     consistency = from_size is not None or to_size is not None
     if inclusion == consistency:
         fail(output, "give either --index [--size] or --from and --to", kind="invalid")
-    directory = open_data_dir(output, data_dir)
-    with open_ledger_readonly(directory) as store:
-        tree = MerkleTree(store.leaf_hashes())
-        notes = store.checkpoints()
+    source = _ledger_source(
+        output, data_dir=data_dir, config=config, postgres=postgres, schema=schema
+    )
+    try:
+        with contextlib.closing(source.open_store()) as store:
+            tree = MerkleTree(store.leaf_hashes())
+            notes = store.checkpoints()
+    except PhivaultError as exc:
+        fail(output, str(exc), kind="ledger")
     signed = unverified_checkpoint(notes[-1]).size if notes else None
     try:
         if index is not None:
@@ -545,19 +556,28 @@ def _parse_date(value: str | None, *, end: bool) -> datetime | None:
 
 @app.command()
 def report(
+    *,
     patient: Annotated[str, typer.Option(help="Patient id (123 or Patient/123).")],
     data_dir: DataDirOption = default_data_dir(),
     json_mode: JsonOption = False,
     since: Annotated[str | None, typer.Option("--from", help="Start (ISO 8601 date/time).")] = None,
     until: Annotated[str | None, typer.Option("--to", help="End (ISO 8601 date/time).")] = None,
+    postgres: PostgresOption = None,
+    schema: SchemaOption = None,
+    config: ConfigOption = None,
 ) -> None:
-    """Every event of a patient in the window, via back-links, with the newest's proof."""
+    """Every event of a patient in the window, via back-links, with the newest's proof.
+
+    The data directory's ledger, or the scaled shape's in PostgreSQL (--postgres, or the
+    settings)."""
     output = Output(json_mode=json_mode)
-    directory = open_data_dir(output, data_dir)
+    source = _ledger_source(
+        output, data_dir=data_dir, config=config, postgres=postgres, schema=schema
+    )
     low, high = _parse_date(since, end=False), _parse_date(until, end=True)
     reference = patient_reference(patient)
     try:
-        with open_ledger_readonly(directory) as store:
+        with contextlib.closing(source.open_store()) as store:
             result = patient_report(store, reference, since=low, until=high)
     except (PhivaultError, ValueError) as exc:
         fail(output, str(exc), kind="report")

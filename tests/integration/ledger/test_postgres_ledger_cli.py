@@ -153,6 +153,24 @@ def test_bundles_exported_from_postgres_verify_offline_exactly_as_embedded_ones(
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["prove", "--index", "3"],
+        ["prove", "--from", "6", "--to", "12"],
+        ["report", "--patient", "p-1", "--json"],
+        ["report", "--patient", "p-0", "--from", "2026-01-01T00:00:04Z", "--json"],
+    ],
+)
+def test_proofs_and_reports_from_postgres_equal_the_embedded_ones(
+    ledgers: Ledgers, args: list[str]
+) -> None:
+    embedded = run([*args, "--data-dir", str(ledgers.data_dir)])
+    scaled = run([*args, *ledgers.pg_args()])
+    assert embedded.exit_code == scaled.exit_code == 0, scaled.output
+    assert _json(scaled) == _json(embedded)
+
+
+@pytest.mark.parametrize(
     ("tamper", "kind", "index"),
     [
         # Leaf and stored hash rewritten together: entry 5 no longer chains to entry 4.
