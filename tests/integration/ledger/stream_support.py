@@ -3,6 +3,8 @@
 * ``audit_stream`` (``stream_fixture``): a JetStream stream with a unique name and subject on
   the test NATS server (``PHIVAULT_TEST_NATS``, default 127.0.0.1:4222), deleted afterwards.
 * ``signer`` (``signer_fixture``): the checkpoint signer of a test module's ledgers.
+* ``private_nats`` (``private_nats_fixture``): a nats-server of the test's own, to kill and
+  restart.
 * ``seq_ledger`` (``seq_ledger_fixture``): a PostgreSQL ledger schema and application role
   (from ``test_postgres_support``) with the sequencer's cursor table.
 
@@ -15,8 +17,13 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
 import pytest
@@ -124,3 +131,60 @@ async def eventually(
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.05)  # each poll may open a connection: keep it light
     return loop.time() - start
+
+
+class PrivateNats:
+    """A nats-server of the test's own on a free loopback port, to stop and restart."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.store_dir = store_dir
+        self.port = _free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            [
+                shutil.which("nats-server") or "nats-server",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        pytest.fail("the test's own nats-server did not start")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(name="private_nats")
+def private_nats_fixture(tmp_path: Path) -> Iterator[PrivateNats]:
+    if shutil.which("nats-server") is None:
+        pytest.fail("nats-server is not installed (CI installs it)", pytrace=False)
+    server = PrivateNats(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

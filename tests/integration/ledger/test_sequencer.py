@@ -25,9 +25,11 @@ from stream_support import (  # noqa: F401
     NATS_URL,
     ORIGIN,
     AuditStream,
+    PrivateNats,
     checkpoint_count,
     eventually,
     ledger_size,
+    private_nats_fixture,
     read_leaves,
     seq_ledger_fixture,
     signer_fixture,
@@ -39,6 +41,7 @@ from test_postgres_support import PgLedger, pg_fixture  # noqa: F401
 from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.datadir import DataDir
 from phivault.ledger.checkpoint import unverified_checkpoint
+from phivault.ledger.errors import LedgerUnavailable
 from phivault.ledger.events import AuditEvent
 from phivault.ledger.postgres_store import PostgresLedgerStore
 from phivault.ledger.sequencer import (
@@ -52,6 +55,7 @@ from phivault.ledger.stream import (
     ENCODING_HEADER,
     JetStreamAuditSink,
     audit_subject,
+    connect_nats,
     ensure_audit_stream,
 )
 from phivault.ledger.testing import sample_event
@@ -445,3 +449,44 @@ async def test_the_sequencer_recovers_when_its_consumer_disappears(
             await sink.record(sample_event(i))
         await eventually(lambda: ledger_size(seq_ledger) == 20, timeout_s=8, what="20 entries")
     assert _request_ids(seq_ledger) == [f"req-{i}" for i in range(20)]
+
+
+async def test_the_sequencer_rides_out_a_nats_restart(
+    private_nats: PrivateNats, seq_ledger: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    name = "PV_PRIVATE"
+    setup = await connect_nats([private_nats.url], name="test-setup")
+    await ensure_audit_stream(setup.jetstream(), name=name, subject=audit_subject(name), replicas=1)
+    await setup.close()
+    worker = Sequencer(
+        nats_urls=[private_nats.url],
+        stream=name,
+        ledger_conninfo=seq_ledger.app,
+        ledger_schema=seq_ledger.schema,
+        signer=signer,
+        origin=ORIGIN,
+        lock_retry_s=0.1,
+    )
+    async with (
+        await JetStreamAuditSink.connect(
+            [private_nats.url], name="test-publisher", stream=name, publish_timeout_s=1.0
+        ) as sink,
+        _running(worker),
+    ):
+        for i in range(10):
+            await sink.record(sample_event(i))
+        await eventually(lambda: ledger_size(seq_ledger) == 10, what="10 entries")
+        private_nats.stop()
+        await asyncio.sleep(1.0)
+        private_nats.start()
+        for i in range(10, 20):
+            while True:
+                try:
+                    await sink.record(sample_event(i), msg_id=f"evt-{i}")
+                    break
+                except LedgerUnavailable:
+                    await asyncio.sleep(0.1)
+        await eventually(lambda: ledger_size(seq_ledger) == 20, timeout_s=10, what="20 entries")
+        assert worker.progress.role == "active"
+    assert _request_ids(seq_ledger) == [f"req-{i}" for i in range(20)]
+    assert verify(seq_ledger, signer).entries == 20
