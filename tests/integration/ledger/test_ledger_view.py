@@ -28,7 +28,7 @@ from phivault.ledger.checkpoint import Checkpoint, sign_checkpoint, unverified_c
 from phivault.ledger.errors import LedgerTampered, LedgerUnavailable, TamperKind
 from phivault.ledger.merkle import leaf_hash, verify_inclusion
 from phivault.ledger.note import NoteVerifier
-from phivault.ledger.ports import LedgerReader
+from phivault.ledger.ports import LedgerReader, StoreGrowth
 from phivault.ledger.postgres_store import LedgerRowDamaged, PostgresLedgerStore
 from phivault.ledger.service import Ledger, initialize_ledger, open_ledger
 from phivault.ledger.testing import sample_event
@@ -343,6 +343,41 @@ async def test_a_checkpoint_signed_by_another_key_is_refused(
         with pytest.raises(LedgerTampered) as caught:
             await view.refresh()
         assert caught.value.kind is TamperKind.BAD_SIGNATURE
+
+
+def test_store_refresh_loads_only_new_rows_and_keeps_the_damage_semantics(pg: PgLedger) -> None:
+    def leaves(numbers: range) -> list[bytes]:
+        return [f'{{"n":{i}}}'.encode() for i in numbers]
+
+    writable, reader = pg.store(), pg.store(writable=False)
+    try:
+        assert writable.refresh() == StoreGrowth(0, [], b"", [])  # the writer is always current
+        writable.append(leaves(range(3)))
+        writable.add_checkpoint("one\n")
+        growth = reader.refresh()
+        assert (growth.first, growth.leaves, growth.notes) == (0, leaves(range(3)), ["one\n"])
+        assert growth.hashes == b"".join(leaf_hash(leaf) for leaf in leaves(range(3)))
+        assert reader.refresh() == StoreGrowth(3, [], b"", [])
+        writable.append(leaves(range(3, 7)))
+        writable.add_checkpoint("two\n")
+        assert reader.refresh().leaves == leaves(range(3, 7))
+        assert (reader.size(), reader.checkpoints()) == (7, ["one\n", "two\n"])
+        assert reader.leaf_hashes() == writable.leaf_hashes()
+        # A row deleted by a superuser before a reader loaded it: growth stops right there.
+        writable.append(leaves(range(7, 10)))
+        pg.admin_sql(
+            "ALTER TABLE {s}.leaves DISABLE TRIGGER leaves_append_only",
+            "DELETE FROM {s}.leaves WHERE idx = 8",
+            "ALTER TABLE {s}.leaves ENABLE ALWAYS TRIGGER leaves_append_only",
+        )
+        assert reader.refresh().leaves == leaves(range(7, 8))
+        assert (reader.size(), reader.damage) == (8, (8, "entry missing"))
+        writable.add_checkpoint("three\n")
+        after = reader.refresh()  # checkpoints still come (evidence), leaves no longer
+        assert (after.leaves, after.notes, reader.size()) == ([], ["three\n"], 8)
+    finally:
+        writable.close()
+        reader.close()
 
 
 async def test_the_embedded_ledger_is_a_reader_too(tmp_path: Path) -> None:
