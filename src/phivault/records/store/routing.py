@@ -21,6 +21,7 @@ of the sample at most.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -90,20 +91,24 @@ class ReplicaUnreachable(PhivaultError):
 
 @dataclass(frozen=True, slots=True)
 class ReplicaStatus:
-    """What a probe found. ``lag_s`` None: the lag cannot be vouched for (not streaming from
-    the primary, nothing replayed yet, promoted); ``replay_lsn`` is the last replayed WAL
-    position as a byte offset."""
+    """What a probe found. ``lag_s`` None: the replica cannot vouch for its lag (no WAL
+    receiver streaming from the primary, or promoted); ``math.inf``: behind by an unknown
+    amount. ``replay_lsn`` and ``receive_lsn`` are the last replayed and received WAL
+    positions as byte offsets."""
 
     lag_s: float | None
     replay_lsn: int | None
+    receive_lsn: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LagSample:
-    """A probe's result and when (router clock) the probe started."""
+    """A probe's result and when (router clock) the probe started. ``lag_s`` is the probe's,
+    or less if the replica has since replayed all it had received at the previous sample."""
 
     lag_s: float | None
     replay_lsn: int | None
+    receive_lsn: int | None
     taken_at: float
 
 
@@ -286,7 +291,20 @@ class ReplicaRouter:
                 self.replica_failed(replica)
                 return None
             replica.health.succeeded()
-            replica.sample = LagSample(status.lag_s, status.replay_lsn, started)
+            lag = status.lag_s
+            # WAL that is received but not replayed yet makes the replica look as far behind
+            # as its last replayed commit is old, which on a quiet primary can be long ago.
+            # If it has replayed everything the previous sample had received, it is no
+            # further behind than that sample is old.
+            if (
+                lag is not None
+                and kept is not None
+                and kept.receive_lsn is not None
+                and status.replay_lsn is not None
+                and status.replay_lsn >= kept.receive_lsn
+            ):
+                lag = min(lag, started - kept.taken_at)
+            replica.sample = LagSample(lag, status.replay_lsn, status.receive_lsn, started)
             return replica.sample
 
     # read-your-writes ---------------------------------------------------------------------
@@ -377,12 +395,13 @@ def postgres_probe(engine: Engine, *, timeout_ms: int = 1000) -> Callable[[], Re
             kind = type(orig if orig is not None else exc).__name__
             raise ReplicaUnreachable(f"replica lag probe failed ({kind})") from exc
         replayed = None if row.replayed is None else int(row.replayed)
-        if not row.standby or not row.streaming or row.received is None or replayed is None:
-            return ReplicaStatus(None, replayed if row.standby else None)
-        if replayed >= int(row.received):
-            return ReplicaStatus(0.0, replayed)
-        if row.since_replay is None:
-            return ReplicaStatus(None, replayed)
-        return ReplicaStatus(max(0.0, float(row.since_replay)), replayed)
+        received = None if row.received is None else int(row.received)
+        if not row.standby or not row.streaming or received is None or replayed is None:
+            return ReplicaStatus(None, replayed if row.standby else None, received)
+        if replayed >= received:
+            return ReplicaStatus(0.0, replayed, received)
+        if row.since_replay is None:  # nothing replayed since it started
+            return ReplicaStatus(math.inf, replayed, received)
+        return ReplicaStatus(max(0.0, float(row.since_replay)), replayed, received)
 
     return probe

@@ -248,18 +248,29 @@ class SqlUnitOfWork:
     def _close(self) -> None:
         """End the unit (rolling back what was not committed) and release its connections."""
         extra, self._primary = self._primary, None
+        link, done, self._done = self._link, self._done, True
         try:
-            if not self._done:
-                self._conn.rollback()
-            self._conn.close()
+            if link is not None:
+                # What was read is already returned: a replica lost since then must not fail
+                # the request as it ends (ending a read-only transaction loses nothing).
+                try:
+                    if not done:
+                        self._conn.rollback()
+                    self._conn.close()
+                except SQLAlchemyError:
+                    link.router.replica_failed(link.replica)
+                    with suppress(SQLAlchemyError):
+                        self._conn.invalidate()
+            else:
+                if not done:
+                    self._conn.rollback()
+                self._conn.close()
             if extra is not None:
-                if not self._done:
+                if not done:
                     extra.rollback()
                 extra.close()
         except SQLAlchemyError as exc:
             raise _driver_error(exc, "rollback") from exc
-        finally:
-            self._done = True
 
     def _authority(self) -> Connection:
         """The connection for authorization state: the primary's, always."""
@@ -1126,7 +1137,10 @@ class SqlRecordStore:
         replica = router.choose(reads, session)
         if replica is not None:
             try:
-                conn = self._begin(self._replicas[replica.name], read_only=True)
+                # A standby refuses "BEGIN READ WRITE", which psycopg sends once a pooled
+                # connection's read-only flag has been set and reset: never set it there
+                # (every transaction on a standby is read-only anyway).
+                conn = self._begin(self._replicas[replica.name], read_only=True, standby=True)
             except RecordStoreUnavailable:
                 router.replica_failed(replica)  # it went down since its last probe
             else:
@@ -1136,13 +1150,13 @@ class SqlRecordStore:
                 return SqlUnitOfWork(conn, read_only=True, link=link)
         return SqlUnitOfWork(self._begin(self._engine, read_only=True), read_only=True)
 
-    def _begin(self, engine: Engine, *, read_only: bool) -> Connection:
+    def _begin(self, engine: Engine, *, read_only: bool, standby: bool = False) -> Connection:
         try:
             conn = engine.connect()
             if read_only:
+                flag = self.dialect == "postgresql" and not standby
                 conn = conn.execution_options(
-                    phivault_read_only=True,
-                    **({"postgresql_readonly": True} if self.dialect == "postgresql" else {}),
+                    phivault_read_only=True, **({"postgresql_readonly": True} if flag else {})
                 )
             conn.begin()
         except SQLAlchemyError as exc:

@@ -1,0 +1,460 @@
+"""Replica routing on a real streaming replica of the test PostgreSQL (pg_replica_support):
+PHI reads on the replica while it keeps up, the lag guard and read-your-writes with replay
+paused, kill and restart, writes and authorization state on the primary. The router's rules
+are also checked alone, on a fake clock and probe."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from psycopg import sql
+from records_store_support import postgres_url
+
+from pg_replica_support import PgReplica, pg_replica, replica  # noqa: F401  (fixtures)
+from phivault.errors import ConfigurationError
+from phivault.records.search_params import ReferenceEntry, TokenEntry
+from phivault.records.store import (
+    PRIMARY,
+    NewVersion,
+    ReadClass,
+    ResourceKey,
+    SqlRecordStore,
+    StoredVersion,
+    caller_session,
+)
+from phivault.records.store.routing import (
+    CooldownHealth,
+    Replica,
+    ReplicaRouter,
+    ReplicaStatus,
+    ReplicaUnreachable,
+    postgres_probe,
+)
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+TENANT = "t1"
+DOCTOR = ("Practitioner", "doc-1")
+
+
+def obs(the_id: str, version: int = 1, *, patient: str = "p1") -> NewVersion:
+    return NewVersion(
+        key=ResourceKey(TENANT, "Observation", the_id),
+        version=version,
+        last_updated=T0,
+        key_subject=patient,
+        groups={"clinical": f"sealed-{the_id}-{version}".encode()},
+        index=[TokenEntry("_id", None, the_id), ReferenceEntry("subject", "Patient", patient)],
+    )
+
+
+def key(the_id: str) -> ResourceKey:
+    return ResourceKey(TENANT, "Observation", the_id)
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def schema(postgres: str) -> Iterator[str]:
+    name = f"pv_replica_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def open_store(schema: str, replica: PgReplica) -> Iterator[Callable[..., SqlRecordStore]]:  # noqa: F811
+    opened: list[SqlRecordStore] = []
+
+    def make(**options: float) -> SqlRecordStore:
+        store = SqlRecordStore(
+            postgres_url(),
+            schema=schema,
+            replica_urls=[replica.url],
+            replica_retry_s=0.2,
+            **options,  # type: ignore[arg-type]
+        )
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def write(store: SqlRecordStore, new: NewVersion, *, session: str) -> None:
+    with store.unit_of_work(session=session) as uow:
+        uow.write(new, previous=new.version - 1 or None)
+        assert uow.served_by == PRIMARY
+        uow.commit()
+
+
+def read(
+    store: SqlRecordStore,
+    the_id: str,
+    *,
+    session: str,
+    reads: ReadClass = ReadClass.PHI,
+) -> tuple[str, StoredVersion | None]:
+    with store.unit_of_work(read_only=True, reads=reads, session=session) as uow:
+        found = uow.read(key(the_id))
+        return uow.served_by, found
+
+
+def on_replica(store: SqlRecordStore, the_id: str, session: str, name: str) -> bool:
+    return read(store, the_id, session=session)[0] == name
+
+
+# --- routing on a real replica ---------------------------------------------------------------
+
+
+def test_phi_reads_are_served_by_the_replica_while_it_keeps_up(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store()
+    write(store, obs("o1"), session="writer")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="reader on replica")
+    served, found = read(store, "o1", session="reader")
+    assert served == replica.name
+    assert found is not None and found.groups == {"clinical": b"sealed-o1-1"}
+    # the writer's own reads return to the replica once it has replayed the write
+    eventually(lambda: on_replica(store, "o1", "writer", replica.name), what="writer on replica")
+    # search, history and vread go the same way
+    with store.unit_of_work(read_only=True, session="reader") as uow:
+        assert [v.version for v in uow.history(TENANT, "Observation", "o1")] == [1]
+        assert uow.vread(key("o1"), 1) is not None
+        assert uow.served_by == replica.name
+
+
+def test_with_replay_paused_reads_go_to_the_primary_and_see_the_write(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store()
+    write(store, obs("o1"), session="writer")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="reader on replica")
+
+    replica.pause_replay()
+    write(store, obs("o1", 2), session="writer")
+    # read-your-writes: the writer's next read is on the primary at once, and sees version 2
+    served, found = read(store, "o1", session="writer")
+    assert (served, found and found.version) == (PRIMARY, 2)
+    # the lag guard: once the replica is more than 100 ms behind, nobody reads from it
+    time.sleep(0.2)
+    served, found = read(store, "o1", session="reader")
+    assert (served, found and found.version) == (PRIMARY, 2)
+    # display reads tolerate more lag (5 s): they still get the replica, one version behind
+    served, found = read(store, "o1", session="reader", reads=ReadClass.AGGREGATE)
+    assert (served, found and found.version) == (replica.name, 1)
+
+    replica.resume_replay()
+    for who in ("reader", "writer"):
+
+        def back(who: str = who) -> bool:
+            return on_replica(store, "o1", who, replica.name)
+
+        eventually(back, what=who)
+        assert read(store, "o1", session=who)[1].version == 2  # type: ignore[union-attr]
+
+
+def test_read_your_writes_follows_the_caller_session_context(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store(replica_max_lag_s=30.0)  # the lag guard out of the way
+    write(store, obs("o1"), session="someone")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "alice", replica.name), what="alice on replica")
+    replica.pause_replay()
+    with caller_session("alice"):
+        with store.unit_of_work() as uow:
+            uow.write(obs("o1", 2), previous=1)
+            uow.commit()
+        with store.unit_of_work(read_only=True) as uow:
+            assert (uow.served_by, uow.read(key("o1")).version) == (PRIMARY, 2)  # type: ignore[union-attr]
+    # bob never wrote: within the (large) bound he reads the replica, which lacks version 2
+    served, found = read(store, "o1", session="bob")
+    assert (served, found and found.version) == (replica.name, 1)
+
+
+def test_killing_the_replica_moves_reads_to_the_primary_and_restarting_brings_them_back(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store()
+    write(store, obs("o1"), session="writer")
+    write(store, obs("o2"), session="writer")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="reader on replica")
+
+    # a unit already reading from the replica when it dies finishes on the primary
+    with store.unit_of_work(read_only=True, session="reader") as uow:
+        assert uow.read(key("o1")) is not None
+        replica.kill()
+        assert uow.read(key("o2")) is not None
+        assert uow.served_by == f"{replica.name},{PRIMARY}"
+        assert uow.nodes == (replica.name, PRIMARY)
+    # new units go to the primary, without an error
+    for _ in range(5):
+        served, found = read(store, "o1", session="reader")
+        assert served == PRIMARY and found is not None
+
+    replica.start()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="back on replica")
+
+    # a unit that has read all it needed when the replica dies ends without an error too
+    with store.unit_of_work(read_only=True, session="reader") as uow:
+        assert uow.read(key("o1")) is not None
+        replica.kill()
+    assert uow.served_by == replica.name
+    assert read(store, "o1", session="reader")[0] == PRIMARY
+    replica.start()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="back again")
+
+
+def test_a_stopped_replica_is_skipped_and_found_again(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store()
+    write(store, obs("o1"), session="writer")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="reader on replica")
+    replica.stop()
+    started = time.monotonic()
+    assert read(store, "o1", session="reader")[0] == PRIMARY
+    assert time.monotonic() - started < 1.0  # a refused connection costs little
+    replica.start()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="back on replica")
+
+
+def test_writes_never_go_to_the_replica(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store()
+    write(store, obs("o1"), session="writer")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "writer", replica.name), what="writer on replica")
+    for reads in ReadClass:  # what a write unit says it reads does not matter
+        with store.unit_of_work(reads=reads, session="writer") as uow:
+            assert uow.served_by == PRIMARY
+            uow.write(obs(f"w-{reads.value}"), previous=None)
+            uow.commit()
+    with store.unit_of_work(session="writer") as uow:
+        uow.assign_care(TENANT, DOCTOR, "p1", by="admin", at=1)
+        assert uow.served_by == PRIMARY
+        uow.commit()
+    # the primary has them all; the replica only ever received them by streaming
+    replica.wait_replayed()
+    with psycopg.connect(replica.conninfo) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+
+
+def test_authorization_state_is_read_on_the_primary(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+    schema: str,
+) -> None:
+    store = open_store(replica_max_lag_s=30.0)  # PHI may come from the paused replica
+    write(store, obs("o1"), session="admin")
+    with store.unit_of_work(session="admin") as uow:
+        uow.assign_care(TENANT, DOCTOR, "p1", by="admin", at=1)
+        uow.commit()
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "doctor", replica.name), what="doctor on replica")
+
+    replica.pause_replay()
+    with store.unit_of_work(session="admin") as uow:  # the assignment ends
+        assert uow.unassign_care(TENANT, DOCTOR, "p1")
+        uow.commit()
+    with psycopg.connect(replica.conninfo) as conn:  # the replica still has it
+        conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
+        assert conn.execute("SELECT count(*) FROM acc_care_assignments").fetchone() == (1,)
+
+    with store.unit_of_work(read_only=True, session="doctor") as uow:
+        assert uow.read(key("o1")) is not None  # PHI: from the replica
+        assert uow.care_related(TENANT, DOCTOR, {"p1"}) == set()  # authorization: primary
+        assert uow.served_by == replica.name
+    for reads in (ReadClass.AUTHORIZATION, ReadClass.FRESH):
+        with store.unit_of_work(read_only=True, reads=reads, session="doctor") as uow:
+            assert uow.care_related(TENANT, DOCTOR, {"p1"}) == set()
+            assert uow.served_by == PRIMARY
+
+
+def test_the_probe_reads_zero_lag_on_a_caught_up_replica_and_real_lag_when_paused(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store()
+    probe = postgres_probe(store._replicas[replica.name])
+    replica.wait_replayed()
+    time.sleep(0.3)  # the primary may be idle now: the lag must not grow with idleness
+    status = probe()
+    assert status.lag_s is not None and status.lag_s < 0.1
+    assert status.replay_lsn is not None and status.replay_lsn >= replica.replay_lsn() - 10**9
+
+    replica.pause_replay()
+    write(store, obs("o1"), session="writer")
+
+    def lag() -> float:
+        found = probe().lag_s
+        assert found is not None  # it streams all along: the lag is known
+        return found
+
+    eventually(lambda: lag() > 0.3, 3, "the lag to show")
+    replica.resume_replay()
+    eventually(lambda: lag() < 0.1, 5, "the lag to fall")
+    replica.kill()
+    with pytest.raises(ReplicaUnreachable):
+        probe()
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_replicas_need_postgresql(tmp_path: object) -> None:
+    with pytest.raises(ConfigurationError):
+        SqlRecordStore(f"sqlite:///{tmp_path}/r.db", replica_urls=["postgresql://h/db"])
+    with pytest.raises(ConfigurationError) as refused:
+        SqlRecordStore(postgres_url(), replica_urls=["not a url :secret@"], migrate=False)
+    assert "secret" not in str(refused.value)
+    with pytest.raises(ConfigurationError):
+        SqlRecordStore(
+            postgres_url(), replica_urls=["postgresql://h:1/a", "postgresql://h:1/b"], migrate=False
+        )
+
+
+def test_without_replicas_everything_is_served_by_the_primary(schema: str) -> None:
+    store = SqlRecordStore(postgres_url(), schema=schema)
+    try:
+        with store.unit_of_work(read_only=True) as uow:
+            assert uow.read(key("o1")) is None
+            assert (uow.served_by, uow.nodes) == (PRIMARY, (PRIMARY,))
+        assert store.router is None
+    finally:
+        store.close()
+
+
+# --- the router's rules alone (fake clock and probe) -----------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeProbe:
+    def __init__(self, lag_s: float | None = 0.0, replay_lsn: int | None = 1000) -> None:
+        self.status: ReplicaStatus | None = ReplicaStatus(lag_s, replay_lsn)
+        self.calls = 0
+
+    def __call__(self) -> ReplicaStatus:
+        self.calls += 1
+        if self.status is None:
+            raise ReplicaUnreachable("down")
+        return self.status
+
+
+def router_with(probe: FakeProbe, clock: FakeClock, **options: float) -> ReplicaRouter:
+    health = CooldownHealth(retry_after_s=1.0, clock=clock)
+    return ReplicaRouter([Replica("replica:r:1", probe, health)], clock=clock, **options)  # type: ignore[arg-type]
+
+
+def test_router_keeps_a_lag_sample_briefly_and_counts_its_age() -> None:
+    clock, probe = FakeClock(), FakeProbe(lag_s=0.04)
+    router = router_with(probe, clock, sample_ttl_s=0.05)
+    assert router.choose(ReadClass.PHI) is not None
+    clock.now += 0.03
+    assert router.choose(ReadClass.PHI) is not None  # kept: 0.04 + 0.03 <= 0.1
+    assert probe.calls == 1
+    probe.status = ReplicaStatus(0.09, 1000)
+    clock.now += 0.03  # 60 ms old: probed again
+    assert router.choose(ReadClass.PHI) is not None
+    assert probe.calls == 2
+    clock.now += 0.02  # kept, but 0.09 + 0.02 > 0.1
+    assert router.choose(ReadClass.PHI) is None
+    assert router.choose(ReadClass.AGGREGATE) is not None  # the display bound is 5 s
+
+
+def test_router_sends_authorization_and_fresh_reads_to_the_primary() -> None:
+    clock, probe = FakeClock(), FakeProbe()
+    router = router_with(probe, clock)
+    assert router.choose(ReadClass.AUTHORIZATION) is None
+    assert router.choose(ReadClass.FRESH) is None
+    assert probe.calls == 0
+
+
+def test_router_unknown_lag_means_the_primary() -> None:
+    clock, probe = FakeClock(), FakeProbe(lag_s=None)
+    assert router_with(probe, clock).choose(ReadClass.AGGREGATE) is None
+
+
+def test_router_skips_a_failed_replica_for_its_cooldown_then_returns() -> None:
+    clock, probe = FakeClock(), FakeProbe()
+    probe.status = None
+    router = router_with(probe, clock)
+    assert router.choose(ReadClass.PHI) is None
+    clock.now += 0.5
+    assert router.choose(ReadClass.PHI) is None
+    assert probe.calls == 1  # not asked again during the cool-down
+    probe.status = ReplicaStatus(0.0, 1000)
+    clock.now += 0.6
+    assert router.choose(ReadClass.PHI) is not None
+
+
+def test_router_read_your_writes_by_lsn_per_session() -> None:
+    clock, probe = FakeClock(), FakeProbe(replay_lsn=1000)
+    router = router_with(probe, clock)
+    router.note_write("alice", 2000)
+    assert router.choose(ReadClass.PHI, "alice") is None
+    assert router.choose(ReadClass.PHI, "bob") is not None
+    assert router.choose(ReadClass.PHI) is not None  # the anonymous session wrote nothing
+    probe.status = ReplicaStatus(0.0, 2000)
+    clock.now += 1
+    assert router.choose(ReadClass.PHI, "alice") is not None
+    assert router.tracked_sessions == 0  # every replica has it: forgotten
+    router.note_write(None, 3000)  # an unkeyed write binds unkeyed reads
+    assert router.choose(ReadClass.PHI) is None
+    assert router.choose(ReadClass.PHI, "bob") is not None
+
+
+def test_router_unknown_write_position_pins_the_session_for_a_while() -> None:
+    clock, probe = FakeClock(), FakeProbe()
+    router = router_with(probe, clock, unknown_pin_s=1.0)
+    router.note_write("alice", None)
+    assert router.choose(ReadClass.PHI, "alice") is None
+    clock.now += 1.1
+    assert router.choose(ReadClass.PHI, "alice") is not None
+
+
+def test_router_folds_old_sessions_into_a_floor_everyone_must_see() -> None:
+    clock, probe = FakeClock(), FakeProbe(replay_lsn=1000)
+    router = router_with(probe, clock, max_sessions=4)
+    for n in range(5):
+        router.note_write(f"s{n}", 1500 + n)
+    assert router.tracked_sessions <= 4
+    assert router.choose(ReadClass.PHI, "never-wrote") is None  # the floor is past 1000
+    probe.status = ReplicaStatus(0.0, 5000)
+    clock.now += 1
+    assert router.choose(ReadClass.PHI, "never-wrote") is not None
