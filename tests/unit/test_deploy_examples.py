@@ -300,7 +300,7 @@ def test_every_container_is_hardened() -> None:
 # outside namespace phi (the load balancer's namespace, monitoring, the database operator).
 INGRESS = {
     "phivault-api": {("ns:ingress-nginx", 8443), ("ns:monitoring", 8443)},
-    "phivault-sequencer": set(),
+    "phivault-sequencer": {("ns:monitoring", 9464)},
     "phivault-schema": set(),
     "phivault-pg": {
         ("phivault-api", 5432), ("phivault-sequencer", 5432), ("phivault-schema", 5432),
@@ -662,17 +662,19 @@ def test_the_image_runs_as_the_user_the_manifests_expect() -> None:
 
 def test_the_metrics_the_readme_names_are_exported() -> None:
     from phivault.api.observability import Metrics
+    from phivault.ledger.sequencer import SequencerCollector, SequencerProgress
     from phivault.resilience import Breakers
 
     metrics = Metrics()
     metrics.registry.register(Breakers())
+    metrics.registry.register(SequencerCollector(SequencerProgress()))
     exported: set[str] = set()
     for family in metrics.registry.collect():
         exported.add(family.name)
         if family.type == "counter":
             exported.add(f"{family.name}_total")
     readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
-    checklist = readme.split("## Operations checklist", 1)[1].split("\nThe sequencer", 1)[0]
+    checklist = readme.split("## Operations checklist", 1)[1].split("\nRoutine:", 1)[0]
     named = set(re.findall(r"`(phivault_[a-z_]+)`", checklist))
     assert len(named) >= 10
     assert named <= exported, f"not exported: {sorted(named - exported)}"
