@@ -54,7 +54,6 @@ import nats.errors
 import nats.js.errors
 import psycopg
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -268,12 +267,10 @@ class _Incoming:
     event: AuditEvent | None  # set for "event" messages: appended with Ledger.record
 
 
-def _decode(seq: int, msg: Msg) -> _Incoming:
-    headers = msg.headers or {}
-    encoding = headers.get(ENCODING_HEADER)
+def _decode(seq: int, headers: dict[str, str] | None, data: bytes) -> _Incoming:
+    encoding = (headers or {}).get(ENCODING_HEADER)
     if encoding not in (ENCODING_EVENT, ENCODING_DOCUMENT):
         raise InvalidStreamMessage(seq, f"no or unknown {ENCODING_HEADER} header")
-    data = msg.data
     if len(data) > MAX_EVENT_BYTES:
         raise InvalidStreamMessage(seq, f"{len(data)} bytes, over {MAX_EVENT_BYTES}")
     try:
@@ -378,7 +375,7 @@ class _StreamReader:
                 await self.close()
                 return
             try:
-                self._buffer.append(_decode(seq, msg))
+                self._buffer.append(_decode(seq, msg.headers, msg.data))
             except InvalidStreamMessage as exc:
                 self._buffer.append(exc)
                 await self.close()
@@ -622,6 +619,9 @@ class Sequencer:
             js = await self._jetstream(stop)
             if js is None:
                 return
+            while not await self._check_anchor(js, ledger, cursor_size, cursor_seq):
+                if await _wait(stop, self.lock_retry_s):
+                    return
             reader = _StreamReader(js, self.stream, self.subject, cursor_seq + 1, self._log)
             try:
                 last_seq = await self._match_tail(ledger, reader, cursor_size, cursor_seq, stop)
@@ -634,6 +634,42 @@ class Sequencer:
                 await self._sequence(ledger, reader, cursor, stop)
             finally:
                 await reader.close()
+
+    async def _check_anchor(
+        self, js: JetStreamContext, ledger: Ledger, cursor_size: int, cursor_seq: int
+    ) -> bool:
+        """Check the stream is the one the cursor speaks of; False if it cannot be read now.
+
+        The cursor says entry ``cursor_size - 1`` is message ``cursor_seq``. A stream that was
+        recreated (numbered from 1 again) would otherwise have its first ``cursor_seq``
+        messages skipped without a trace.
+        """
+        try:
+            state = (await js.stream_info(self.stream)).state
+        except _NATS_ERRORS as exc:
+            self._log.warning("sequencer.stream-unavailable", error=type(exc).__name__)
+            return False
+        if int(state.last_seq) < cursor_seq:
+            raise LedgerStreamMismatch(
+                f"the stream {self.stream} ends at message {state.last_seq} but the ledger "
+                f"already holds its messages up to {cursor_seq} (was the stream recreated?)"
+            )
+        if cursor_size == 0 or int(state.first_seq) > cursor_seq:
+            return True  # nothing to compare, or aged out of the stream (kept in the ledger)
+        try:
+            raw = await js.get_msg(self.stream, cursor_seq)
+        except _NATS_ERRORS as exc:
+            self._log.warning("sequencer.stream-unavailable", error=type(exc).__name__)
+            return False
+        incoming = _decode(cursor_seq, raw.headers, raw.data or b"")
+        (entry,) = await asyncio.to_thread(ledger.read_range, cursor_size - 1, cursor_size)
+        stored = {k: v for k, v in entry.document.items() if k not in LEDGER_FIELDS}
+        if stored != incoming.document:
+            raise LedgerStreamMismatch(
+                f"ledger entry {entry.index} is not stream message {cursor_seq} as the cursor "
+                f"says (was the stream {self.stream} recreated?)"
+            )
+        return True
 
     async def _match_tail(
         self,

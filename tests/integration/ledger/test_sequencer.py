@@ -490,3 +490,33 @@ async def test_the_sequencer_rides_out_a_nats_restart(
         assert worker.progress.role == "active"
     assert _request_ids(seq_ledger) == [f"req-{i}" for i in range(20)]
     assert verify(seq_ledger, signer).entries == 20
+
+
+async def test_a_recreated_stream_is_refused_rather_than_its_first_messages_skipped(
+    audit_stream: AuditStream, seq_ledger: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    async with await _sink(audit_stream) as sink:
+        for i in range(5):
+            await sink.record(sample_event(i))
+    worker = _sequencer(audit_stream, seq_ledger, signer)
+    async with _running(worker):
+        await eventually(lambda: ledger_size(seq_ledger) == 5, what="5 entries")
+
+    await audit_stream.js.delete_stream(audit_stream.name)
+    await ensure_audit_stream(
+        audit_stream.js, name=audit_stream.name, subject=audit_stream.subject, replicas=1
+    )
+    async with await _sink(audit_stream) as sink:
+        for i in range(100, 103):
+            await sink.record(sample_event(i))
+        with pytest.raises(LedgerStreamMismatch, match="ends at message 3"):
+            await asyncio.wait_for(
+                _sequencer(audit_stream, seq_ledger, signer).run(asyncio.Event()), 10
+            )
+        for i in range(103, 107):
+            await sink.record(sample_event(i))
+        with pytest.raises(LedgerStreamMismatch, match="is not stream message 5"):
+            await asyncio.wait_for(
+                _sequencer(audit_stream, seq_ledger, signer).run(asyncio.Event()), 10
+            )
+    assert ledger_size(seq_ledger) == 5
