@@ -40,6 +40,7 @@ from test_postgres_support import PgLedger, pg_fixture  # noqa: F401
 
 from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.datadir import DataDir
+from phivault.errors import ConfigurationError
 from phivault.ledger.checkpoint import unverified_checkpoint
 from phivault.ledger.errors import LedgerUnavailable
 from phivault.ledger.events import AuditEvent
@@ -49,6 +50,7 @@ from phivault.ledger.sequencer import (
     LedgerStreamMismatch,
     Sequencer,
     StreamGap,
+    create_cursor_table,
 )
 from phivault.ledger.service import initialize_ledger, open_ledger, open_ledger_on, signer_path
 from phivault.ledger.stream import (
@@ -520,3 +522,16 @@ async def test_a_recreated_stream_is_refused_rather_than_its_first_messages_skip
                 _sequencer(audit_stream, seq_ledger, signer).run(asyncio.Event()), 10
             )
     assert ledger_size(seq_ledger) == 5
+
+
+async def test_a_schema_without_the_cursor_table_is_explained(
+    audit_stream: AuditStream, pg: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    worker = _sequencer(audit_stream, pg, signer)
+    with pytest.raises(ConfigurationError, match="cursor table is missing"):
+        await asyncio.wait_for(worker.run(asyncio.Event()), 10)
+    # Set up as the owner, the same ledger then runs.
+    create_cursor_table(pg.admin, schema=pg.schema, app_role=pg.role)
+    async with await _sink(audit_stream) as sink, _running(worker):
+        await sink.record(sample_event(0))
+        await eventually(lambda: ledger_size(pg) == 1, what="1 entry")
