@@ -45,6 +45,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -311,12 +312,9 @@ class _StreamReader:
     consumer's); when it or the connection fails it is recreated from the next number.
     """
 
-    def __init__(
-        self, js: JetStreamContext, stream: str, subject: str, start: int, log: SequencerLog
-    ) -> None:
+    def __init__(self, js: JetStreamContext, stream: str, start: int, log: SequencerLog) -> None:
         self._js = js
         self._stream = stream
-        self._subject = subject
         self.next_seq = start  # the number the next message must have
         self._buffer: deque[_Incoming | SequencerError] = deque()
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -405,7 +403,11 @@ class _StreamReader:
             await self.close()
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        # No subject filter: every message of the audit stream is an audit event, and a filter
+        # would make the messages of any other subject of the stream look like a gap.
+        name = f"phivault-seq-{uuid.uuid4().hex}"
         config = api.ConsumerConfig(
+            name=name,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.next_seq,
             ack_policy=api.AckPolicy.NONE,
@@ -413,7 +415,8 @@ class _StreamReader:
             mem_storage=True,
             num_replicas=1,
         )
-        return await self._js.pull_subscribe(self._subject, stream=self._stream, config=config)
+        await self._js.add_consumer(self._stream, config=config)
+        return await self._js.pull_subscribe_bind(consumer=name, stream=self._stream)
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None
@@ -511,6 +514,9 @@ class Sequencer:
     checkpoint signed). Losing PostgreSQL or NATS is waited out; it raises
     :class:`SequencerError` for what an operator must decide (an invalid message, a gap, a
     ledger that disagrees with the stream).
+
+    It reads every message of ``stream``, whatever its subject; ``subject`` is where the
+    workers publish (``phivault sequencer`` makes sure the stream has it).
     """
 
     def __init__(
@@ -622,7 +628,7 @@ class Sequencer:
             while not await self._check_anchor(js, ledger, cursor_size, cursor_seq):
                 if await _wait(stop, self.lock_retry_s):
                     return
-            reader = _StreamReader(js, self.stream, self.subject, cursor_seq + 1, self._log)
+            reader = _StreamReader(js, self.stream, cursor_seq + 1, self._log)
             try:
                 last_seq = await self._match_tail(ledger, reader, cursor_size, cursor_seq, stop)
                 if last_seq is None:
