@@ -15,6 +15,7 @@ the ledger lock; the scaled shape runs N workers (:mod:`phivault.api.workers`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import ssl
@@ -29,14 +30,17 @@ import uvicorn
 
 from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError
-from phivault.settings import Settings
+from phivault.settings import LedgerKind, Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from phivault.access.policy import Policy
     from phivault.identity.jwks import KeySource
+    from phivault.ledger.ports import AuditSink, LedgerReader
+    from phivault.ledger.service import Ledger
     from phivault.records.store import SqlRecordStore
+    from phivault.resilience import Breakers
 
 __all__ = [
     "RECONCILE_CURSOR",
@@ -131,9 +135,80 @@ def _open_store(settings: Settings, data_dir: DataDir) -> SqlRecordStore:
 
     # The folder holds the embedded database and, in every shape, the reconcile cursor.
     data_dir.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    records = settings.records
     return SqlRecordStore(
-        records_store_url(settings, data_dir), schema=settings.records.store_schema
+        records_store_url(settings, data_dir),
+        schema=records.store_schema,
+        replica_urls=records.replica_urls,
+        replica_max_lag_s=records.replica_max_lag_ms / 1000,
     )
+
+
+@dataclass(slots=True)
+class _Audit:
+    """Where audit events go and where they are read back, per shape."""
+
+    sink: AuditSink
+    reader: LedgerReader
+    embedded: Ledger | None  # the local ledger (sink and reader in one), if that is the shape
+
+
+@asynccontextmanager
+async def _open_audit(
+    settings: Settings, data_dir: DataDir, breakers: Breakers
+) -> AsyncIterator[_Audit]:
+    """The embedded ledger; or (shape.ledger = jetstream) the audit stream to publish to and
+    a refreshing view of the ledger the sequencer writes from it, in PostgreSQL."""
+    from phivault.ledger.service import open_ledger
+
+    if settings.shape.ledger is LedgerKind.LOCAL:
+        async with open_ledger(data_dir, settings.ledger) as ledger:
+            yield _Audit(ledger, ledger, ledger)
+        return
+    from phivault.ledger.note import NoteVerifier
+    from phivault.ledger.postgres_store import PostgresLedgerStore
+    from phivault.ledger.service import verifier_key_of
+    from phivault.ledger.stream import JetStreamAuditSink, connect_nats, ensure_audit_stream
+    from phivault.ledger.view import open_ledger_view
+
+    ledger_settings = settings.ledger
+    conninfo = ledger_settings.postgres_url
+    if conninfo is None:  # the settings refuse this; here for the type checker
+        raise ConfigurationError("shape.ledger = jetstream needs ledger.postgres_url")
+    # Fail closed, fast: once the stream has failed a few times in a row, PHI interactions
+    # answer 503 at once instead of each waiting out the publish timeout.
+    breaker = breakers.breaker(
+        "audit.stream",
+        failure_threshold=5,
+        reset_timeout_s=2.0,
+        call_timeout_s=ledger_settings.publish_timeout_s + 1.0,
+    )
+    client = await connect_nats(ledger_settings.nats_urls, name=f"phivault-api-{data_dir.node_id}")
+    sink = JetStreamAuditSink(
+        client,
+        stream=ledger_settings.stream,
+        publish_timeout_s=ledger_settings.publish_timeout_s,
+        breaker=breaker,
+        owns_client=True,
+    )
+    try:
+        # Idempotent: whoever starts first (a worker or the sequencer) creates the stream.
+        await ensure_audit_stream(
+            client.jetstream(),
+            name=ledger_settings.stream,
+            subject=sink.subject,
+            replicas=ledger_settings.stream_replicas,
+        )
+        async with open_ledger_view(
+            lambda: PostgresLedgerStore(
+                conninfo, schema=ledger_settings.postgres_schema, writable=False
+            ),
+            # checkpoints are checked against the sequencer's key, pinned in the data dir
+            verifier=NoteVerifier.from_verifier_key(verifier_key_of(data_dir)),
+        ) as view:
+            yield _Audit(sink, view, None)
+    finally:
+        await sink.aclose()
 
 
 @asynccontextmanager
@@ -159,17 +234,20 @@ async def open_service(
     from phivault.api.fhir import FHIR_PREFIX, fhir_router
     from phivault.api.keys import UnsealState, keys_router, require_unsealed
     from phivault.crypto import open_keyring
-    from phivault.ledger.service import open_ledger
     from phivault.records.audit_events import AuditEventReader
+    from phivault.records.reconciler import IntentReconciler
     from phivault.records.repository import RecordControls, RecordsRepository
+    from phivault.resilience import Breakers
 
     records = settings.records
     credentials = list(unseal_shares) if unseal_shares is not None else None
+    breakers = Breakers()  # every dependency's breaker, exported at /metrics
     async with (
-        open_ledger(data_dir, settings.ledger) as ledger,
-        open_keyring(data_dir, settings, ledger, credentials=credentials) as ring,
+        _open_audit(settings, data_dir, breakers) as audit,
+        open_keyring(data_dir, settings, audit.sink, credentials=credentials) as ring,
     ):
         store = await asyncio.to_thread(_open_store, settings, data_dir)
+        reconciling: asyncio.Task[None] | None = None
         try:
             policy = compile_policy(_load_policy(settings))
             repository = RecordsRepository(
@@ -185,11 +263,24 @@ async def open_service(
                 max_bundle_entries=records.max_bundle_entries,
                 observer=data_dir.node_id,
             )
-            # Settle the write intents a crash left open before serving anything; the cursor
-            # file remembers how far the ledger was scanned, so a start reads only what is new.
-            await repository.reconcile(
-                ledger, sink=ledger, cursor=data_dir.records_dir / RECONCILE_CURSOR
-            )
+            cursor = data_dir.records_dir / RECONCILE_CURSOR
+            if audit.embedded is not None:
+                # One process: settle every intent a crash left open before serving anything;
+                # the cursor file remembers how far the ledger was scanned.
+                await repository.reconcile(audit.embedded, sink=audit.embedded, cursor=cursor)
+            else:
+                # Several workers: a worker may die mid-write while others serve on, so
+                # intents are settled while serving, once old enough (records.reconciler).
+                reconciler = IntentReconciler(
+                    repository,
+                    audit.reader,
+                    audit.sink,
+                    store.engine,
+                    cursor=cursor,
+                    every_s=records.reconcile_every_s,
+                    settle_after_s=records.settle_intents_after_s,
+                )
+                reconciling = asyncio.create_task(reconciler.run(), name="reconcile-intents")
             unseal = UnsealState(ring)
 
             async def keys_unsealed() -> None:
@@ -206,7 +297,8 @@ async def open_service(
 
             yield create_app(
                 settings,
-                audit_sink=ledger,
+                audit_sink=audit.sink,
+                breakers=breakers,
                 data_dir=data_dir,
                 key_sources=key_sources,
                 routers=[
@@ -224,7 +316,7 @@ async def open_service(
                 state={
                     "unseal": unseal,
                     "records": repository,
-                    "audit_events": AuditEventReader(ledger, policy, clock=clock),
+                    "audit_events": AuditEventReader(audit.reader, policy, clock=clock),
                     "break_glass": break_glass.service,
                 },
                 on_shutdown=break_glass.on_shutdown,
@@ -232,6 +324,10 @@ async def open_service(
                 clock=clock,
             )
         finally:
+            if reconciling is not None:
+                reconciling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reconciling
             store.close()
 
 
