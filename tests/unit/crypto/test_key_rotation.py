@@ -187,8 +187,8 @@ async def test_shred_destroys_keys_tokens_and_leaves_evidence(
     assert all(r.wrapped is None for r in env.store.records("acme", KeyPurpose.DEK, "p1"))
     indexer = await env.ring.blind_indexer("acme")
     assert {e.patient for e in elements.find("acme", indexer.tokens(FAMILY, "Smith"))} == {"p3"}
-    # the wrapped key bytes are gone from the database file itself (PostgreSQL: the keys
-    # table's heap file, once the store's VACUUM pruned the old row versions)
+    # the wrapped key bytes are gone from the database file itself (PostgreSQL: from every row
+    # a session can read; old row versions: see test_keystore_postgres.py)
     raw = stored_bytes(env)
     (p2,) = env.store.records("acme", KeyPurpose.DEK, "p2")
     assert p2.wrapped is not None and p2.wrapped in raw
