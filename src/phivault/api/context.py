@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -76,13 +77,13 @@ class AuditContext:
     clock: Callable[[], float]
 
     def agent(self) -> Agent:
-        return Agent(
-            who=self.principal.subject,
-            requestor=True,
-            roles=tuple(sorted(role.value for role in self.principal.roles)),
-            client_id=self.principal.client_id,
-            network_address=self.network_address,
-            purpose_of_use=self.principal.purpose_of_use,
+        principal = self.principal
+        return _agent(
+            principal.subject,
+            tuple(sorted(role.value for role in principal.roles)),
+            principal.client_id,
+            self.network_address,
+            principal.purpose_of_use,
         )
 
     def event(
@@ -144,7 +145,7 @@ class AuditContext:
             tenant=self.principal.tenant,
             patient=patient,
             agents=(self.agent(),),
-            source=Source(observer=self.observer),
+            source=_source(self.observer),
             entities=entities,
             purpose_of_use=(
                 self.principal.purpose_of_use if purpose_of_use is None else purpose_of_use
@@ -159,6 +160,32 @@ class AuditContext:
             return await self.sink.record(event)
         except Exception as exc:  # any failure of the sink fails the request closed
             raise AuditUnavailable("the audit event could not be recorded") from exc
+
+
+# Agents and sources are immutable and validated when built; a caller's requests all carry the
+# same one, so it is built (and its ids checked) once, not on every event. A value that fails
+# validation raises every time (lru_cache keeps no exceptions).
+@lru_cache(maxsize=4096)
+def _agent(
+    who: str,
+    roles: tuple[str, ...],
+    client_id: str | None,
+    network_address: str | None,
+    purpose_of_use: tuple[str, ...],
+) -> Agent:
+    return Agent(
+        who=who,
+        requestor=True,
+        roles=roles,
+        client_id=client_id,
+        network_address=network_address,
+        purpose_of_use=purpose_of_use,
+    )
+
+
+@lru_cache(maxsize=64)
+def _source(observer: str) -> Source:
+    return Source(observer=observer)
 
 
 @dataclass(slots=True)

@@ -248,9 +248,9 @@ class RequestIdLayer(_Layer):
         # Inside the tainted scope: the log line is scrubbed against this request's values.
         route = route_template(scope)
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"  # bounded labels
-        metrics = self.door.metrics
-        metrics.requests.labels(method, route, str(status)).inc()
-        metrics.latency.labels(route).observe(elapsed)
+        counter, histogram = self.door.metrics.children(method, route, status)
+        counter.inc()
+        histogram.observe(elapsed)
         principal = state.principal
         self.door.log.info(
             "http.request",

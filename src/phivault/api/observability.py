@@ -8,12 +8,14 @@ never the raw path, which may hold a patient id), status and reason codes.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -30,11 +32,29 @@ def _timestamp(
     return event_dict
 
 
+# Dataclasses and times go to ``repr`` as structlog's own renderer sends them.
+_JSON_OPTIONS = (
+    orjson.OPT_SORT_KEYS
+    | orjson.OPT_NON_STR_KEYS
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+)
+
+
+def _render(logger: object, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+    # orjson, not the json module: a line per request, and this was most of its cost. Values
+    # it cannot encode are written as their repr, as structlog's own renderer does.
+    try:
+        return orjson.dumps(event_dict, default=repr, option=_JSON_OPTIONS).decode()
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits
+        return json.dumps(event_dict, default=repr, sort_keys=True)
+
+
 def make_logger(scrubber: Scrubber, stream: TextIO | None = None) -> Any:
     """A JSON-lines logger whose every event passes through ``scrubber``."""
     return structlog.wrap_logger(
         structlog.WriteLogger(stream or sys.stderr),
-        processors=[_timestamp, scrubber, structlog.processors.JSONRenderer(sort_keys=True)],
+        processors=[_timestamp, scrubber, _render],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         cache_logger_on_first_use=True,
     )
@@ -45,6 +65,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
             "phivault_http_requests",
             "HTTP requests by method, route template and status.",
@@ -70,6 +91,20 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
+
+    def children(self, method: str, route: str, status: int) -> tuple[Counter, Histogram]:
+        """The request counter and latency histogram of one label set. Looking a child up by
+        its labels costs more than using it; the label sets are few (bounded methods, route
+        templates and statuses), so each pair is kept."""
+        key = (method, route, status)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = (
+                self.requests.labels(method, route, str(status)),
+                self.latency.labels(route),
+            )
+            self._children[key] = pair
+        return pair
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,6 +16,7 @@ import ipaddress
 import re
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
+from functools import lru_cache
 from typing import Annotated, Any, Final
 
 from pydantic import (
@@ -56,6 +57,14 @@ _DATE_SHAPE: Final = re.compile(
 
 
 def _not_phi_shaped(value: str) -> str:
+    _check_shape(value)
+    return value
+
+
+# Every event repeats the same codes, tenant, observer and subject: the verdict on a value is
+# remembered (a refusal is not, so it is raised again each time). Pure and bounded.
+@lru_cache(maxsize=16_384)
+def _check_shape(value: str) -> None:
     if _SSN_SHAPE.search(value):
         raise ValueError("has the shape of a social security number")
     if _PHONE_SHAPE.search(value):
@@ -64,7 +73,6 @@ def _not_phi_shaped(value: str) -> str:
         raise ValueError("has the shape of an e-mail address")
     if _DATE_SHAPE.fullmatch(value):
         raise ValueError("has the shape of a date")
-    return value
 
 
 def _reference_not_phi_shaped(value: str) -> str:
@@ -112,8 +120,10 @@ PatientReference = Annotated[Reference, AfterValidator(_patient_reference)]
 KeyedToken = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{16,128}$")]
 
 
+@lru_cache(maxsize=4096)
 def _network_address(value: str) -> str:
-    # An IP address, normalized. Host names are refused: they can carry anything.
+    # An IP address, normalized. Host names are refused: they can carry anything. (Clients
+    # come back: the normalized form is remembered; a refusal is raised again each time.)
     try:
         return str(ipaddress.ip_address(value))
     except ValueError as exc:
@@ -348,8 +358,7 @@ class AuditEvent(_Model):
         if in_role - {patient}:
             raise ValueError("an entity in the patient role references another patient")
         if not in_role:
-            patient_entity = Entity(what=patient, type=EntityType.PERSON, role=EntityRole.PATIENT)
-            data = {**data, "entities": (*entities, patient_entity)}
+            data = {**data, "entities": (*entities, _patient_entity(patient))}
         return data
 
     def to_document(self) -> dict[str, Any]:
@@ -388,6 +397,12 @@ class AuditEvent(_Model):
     def from_document(cls, doc: dict[str, Any]) -> AuditEvent:
         """Parse a document produced by :meth:`to_document` (ledger fields must be removed)."""
         return cls.model_validate(doc)
+
+
+@lru_cache(maxsize=4096)
+def _patient_entity(patient: str) -> Entity:
+    # Entities are immutable, and a patient's events repeat the same one.
+    return Entity(what=patient, type=EntityType.PERSON, role=EntityRole.PATIENT)
 
 
 LEDGER_FIELDS: Final = ("seq", "chain", "patient_prev")

@@ -118,6 +118,9 @@ class Scrubber:
         tainted = _TAINTED.get()
         if tainted:
             text = self._redact_tainted(text, tainted)
+        return self._redact_patterns(text)
+
+    def _redact_patterns(self, text: str) -> str:
         if isinstance(text, Screened):
             return text
         if len(text) <= _CACHED_LENGTH and self.replacement == REDACTED:
@@ -142,10 +145,27 @@ class Scrubber:
         self, logger: object, method_name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         """The structlog processor: scrub every value of the event."""
+        tainted = _TAINTED.get()
+        if tainted:
+            # One test of the tainted values against all of the line's strings at once: a
+            # line rarely holds any, and then each string needs only the pattern net.
+            strings = [value for value in event_dict.values() if isinstance(value, str)]
+            if strings and not self._present("\x00".join(strings).lower(), tainted):
+                for key, value in event_dict.items():
+                    if isinstance(value, str):
+                        event_dict[key] = self._redact_patterns(value)
+                    elif isinstance(value, (Mapping, list, tuple)):
+                        event_dict[key] = self.scrub(value)
+                return event_dict
         for key, value in event_dict.items():
             if isinstance(value, (str, Mapping, list, tuple)):
                 event_dict[key] = self.scrub(value)
         return event_dict
+
+    @staticmethod
+    def _present(folded: str, tainted: set[str]) -> list[str]:
+        """The tainted values that occur in ``folded`` (a case-folded text)."""
+        return [value for value in tainted if value.lower() in folded]
 
     def _redact_tainted(self, text: str, tainted: set[str]) -> str:
         """Redact every tainted value found in ``text``, case-insensitively.
@@ -155,8 +175,7 @@ class Scrubber:
         log lines, so compiling a pattern of all of them per request cost more than the
         request (and concurrent requests never share a set, so no cache helps).
         """
-        folded = text.lower()  # the simple case mapping re.IGNORECASE also uses
-        present = [v for v in tainted if v.lower() in folded]
+        present = self._present(text.lower(), tainted)  # the mapping re.IGNORECASE uses
         if not present:
             return text
         present.sort(key=len, reverse=True)  # "Mary Ann" whole before "Mary"

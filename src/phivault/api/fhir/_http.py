@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode
@@ -87,6 +87,8 @@ def parse_if_match(request: Request) -> int | None:
 
 def query_pairs(request: Request) -> list[tuple[str, str]]:
     """The URL's parameters in order, blanks kept (a blank value is the parser's to refuse)."""
+    if not request.scope.get("query_string"):
+        return []  # a read: no need to build the URL to learn that it has no query
     return parse_qsl(request.url.query, keep_blank_values=True)
 
 
@@ -161,9 +163,33 @@ def instant(moment: datetime) -> str:
     return moment.isoformat()
 
 
+_DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS: Final = (
+    "Jan",
+    "Feb",
+    "Mar",
+    "Apr",
+    "May",
+    "Jun",
+    "Jul",
+    "Aug",
+    "Sep",
+    "Oct",
+    "Nov",
+    "Dec",
+)
+
+
 def http_date(moment: datetime) -> str:
-    """An RFC 9110 HTTP-date (``Last-Modified``)."""
-    return format_datetime(moment, usegmt=True)
+    """An RFC 9110 HTTP-date (``Last-Modified``) of a UTC time: what
+    ``email.utils.format_datetime(moment, usegmt=True)`` gives, at a fraction of its cost
+    (every read answers one)."""
+    if moment.tzinfo is None or moment.tzinfo != UTC:
+        return format_datetime(moment, usegmt=True)  # raises, as it always did
+    return (
+        f"{_DAYS[moment.weekday()]}, {moment.day:02d} {_MONTHS[moment.month - 1]} "
+        f"{moment.year:04d} {moment.hour:02d}:{moment.minute:02d}:{moment.second:02d} GMT"
+    )
 
 
 def version_headers(record: RecordVersion, base: str, *, location: bool) -> dict[str, str]:

@@ -1,0 +1,175 @@
+"""Micro-benchmark: the server CPU one FHIR read costs in-process, without HTTP or a client.
+
+The real service (``open_service`` with production settings, the key ring unsealed with
+shares, exactly as ``bench/fhir_bench_server.py`` builds it) on a fresh data directory; one
+companion bundle and one Synthea patient are loaded through the app; then ``GET
+/fhir/Observation/{id}`` by the patient's own token is driven straight into the ASGI app
+(hand-made scope, receive and send: no socket, no HTTP parser, no client in the process), by
+``--concurrency`` tasks. Process CPU time (all threads) divided by the reads is the figure;
+``--profile OUT.prof`` runs the measured part under cProfile; ``--py-spy OUT.txt`` samples it
+with py-spy (``PY_SPY=...`` names the binary) as folded stacks of the thread holding the GIL.
+
+    python bench/_read_cpu.py [--reads 4000] [--concurrency 16] [--profile OUT.prof]
+
+The last line is JSON: ``reads``, ``cpu_ms_per_read``, ``wall_ms_per_read``, ``reads_per_cpu_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fhir_bench import Tokens, bundle_files, make_data_dir  # noqa: E402
+from fhir_bench_server import _factory, settings_for  # noqa: E402
+
+
+async def call(
+    app: Any, method: str, path: str, token: str, body: bytes = b"", query: bytes = b""
+) -> tuple[int, bytes]:
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"authorization", b"Bearer " + token.encode()),
+        (b"accept", b"application/fhir+json"),
+    ]
+    if body:
+        headers.append((b"content-type", b"application/fhir+json"))
+        headers.append((b"content-length", str(len(body)).encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    status = 0
+    chunks: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+def _start_py_spy(out: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling this process (only the thread holding the GIL) into ``out``, folded."""
+    command = [os.environ.get("PY_SPY", "py-spy"), "record", "--gil", "--rate", "500"]
+    command += ["--format", "raw", "-o", out, "--pid", str(os.getpid())]
+    sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the clock starts
+    return sampler
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    from joserfc import jwk
+
+    from phivault.api.serve import tune_for_serving
+    from phivault.cli.load import add_conditional_creates
+    from phivault.datadir import DataDir
+    from phivault.identity.jwks import StaticKeySource
+
+    work = Path(tempfile.mkdtemp(prefix="read-cpu-"))
+    data = work / "data"
+    make_data_dir(data, work / "shares.json")
+    tokens = Tokens(work / "issuer.json")
+    issuer = json.loads((work / "issuer.json").read_text())
+    source = StaticKeySource({issuer["kid"]: jwk.import_key(issuer["jwk"])})  # type: ignore[dict-item]
+    shares = json.loads((work / "shares.json").read_text())["shares"]
+    settings = settings_for("production", data)
+    open_service = _factory("phivault.api.serve:open_service")
+    companions, patients = bundle_files(1)
+    async with open_service(
+        settings, DataDir.open(data), key_sources={issuer["issuer"]: source}, unseal_shares=shares
+    ) as app:
+        loader = tokens.loader()
+        observations: list[str] = []
+        patient = ""
+        for file in [*companions, *patients[:1]]:
+            bundle = json.loads(file.read_bytes())
+            add_conditional_creates(bundle)
+            status, answer = await call(app, "POST", "/fhir", loader, json.dumps(bundle).encode())
+            if status != 200:
+                raise SystemExit(f"load failed: {status} {answer[:300]!r}")
+            for entry in json.loads(answer).get("entry", []):
+                location = entry.get("response", {}).get("location", "")
+                parts = location.split("/_history/")[0].split("/")
+                if parts[-2] == "Observation":
+                    observations.append(parts[-1])
+                elif parts[-2] == "Patient":
+                    patient = parts[-1]
+        token = tokens.patient(patient)
+        tune_for_serving()
+        paths = [f"/fhir/Observation/{oid}" for oid in observations[:200]]
+
+        async def reader(n: int, offset: int) -> None:
+            for i in range(n):
+                status, answer = await call(app, "GET", paths[(offset + i) % len(paths)], token)
+                if status != 200:
+                    raise SystemExit(f"read failed: {status} {answer[:300]!r}")
+
+        per_task = max(1, args.reads // args.concurrency)
+        await asyncio.gather(*(reader(50, k * 7) for k in range(args.concurrency)))  # warm up
+        profiler = cProfile.Profile() if args.profile else None
+        sampler = _start_py_spy(args.py_spy) if args.py_spy else None
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        await asyncio.gather(*(reader(per_task, k * 7) for k in range(args.concurrency)))
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait(60)
+        reads = per_task * args.concurrency
+    return {
+        "reads": reads,
+        "cpu_ms_per_read": round(1000 * cpu / reads, 3),
+        "wall_ms_per_read": round(1000 * wall / reads, 3),
+        "reads_per_cpu_s": round(reads / cpu, 1),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reads", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--profile", help="write cProfile stats of the measured reads here")
+    parser.add_argument("--py-spy", help="sample the measured reads with py-spy into this file")
+    print(json.dumps(asyncio.run(main(parser.parse_args()))))
