@@ -17,8 +17,8 @@ import itertools
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,6 +215,7 @@ class Tally:
     disclosures: list[tuple[str, str]] = field(default_factory=list)  # (request id, reference)
     failures: Counter[str] = field(default_factory=Counter)  # error class -> count
     unexpected: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)  # the first few failures, with causes
     reads: int = 0
     writes: int = 0
     last_ok: float = 0.0
@@ -222,6 +223,11 @@ class Tally:
     def failed(self, exc: BaseException) -> None:
         """A request failed: fine only as "unavailable" (503 at the API)."""
         name = type(exc).__name__
+        if len(self.details) < 20:
+            cause = exc.__cause__
+            self.details.append(
+                f"{name}: {exc}" + (f" (from {type(cause).__name__}: {cause})" if cause else "")
+            )
         if isinstance(exc, StoreUnavailable) and http_status(exc) == 503:
             self.failures[name] += 1
         else:
@@ -236,11 +242,16 @@ async def run_records_load(
     writers: int = 3,
     readers: int = 3,
     reader_caller: Callable[[str], Caller] | None = None,
-    on_read: Callable[[Any], None] | None = None,
+    read_ids: Sequence[str] | None = None,
+    reader_context: Callable[[int], AbstractContextManager[Any]] | None = None,
 ) -> None:
     """Writers put new patients, readers read acknowledged ones back as the patient (or as
     ``reader_caller(id)``), until ``stop`` is set. Never raises for a failed request: the
-    tally says what happened."""
+    tally says what happened.
+
+    ``read_ids``: read only these (say, patients a replica has surely replayed) instead of
+    every acknowledged one. ``reader_context(n)``: a context reader ``n`` runs in (say, its
+    own read-your-writes session)."""
     sink = kit.ledger
     counter = itertools.count()
     reader_of = reader_caller or (lambda pid: patient_caller(sink, pid))
@@ -263,9 +274,16 @@ async def run_records_load(
             tally.last_ok = time.monotonic()
 
     async def read_loop(seed: int) -> None:
+        if reader_context is None:
+            await reads(seed)
+            return
+        with reader_context(seed):
+            await reads(seed)
+
+    async def reads(seed: int) -> None:
         turn = seed
         while not stop.is_set():
-            known = list(tally.acked)
+            known = list(tally.acked) if read_ids is None else list(read_ids)
             if not known:
                 await asyncio.sleep(0.01)
                 continue
@@ -280,8 +298,6 @@ async def run_records_load(
                 continue
             tally.reads += 1
             tally.disclosures.append((request_id_of(caller), got.versioned_reference))
-            if on_read is not None:
-                on_read(got)
             tally.last_ok = time.monotonic()
 
     await asyncio.gather(

@@ -26,6 +26,7 @@ whole server (postmaster and backends, or runuser and the server) and nothing el
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -259,9 +260,10 @@ class ManagedProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(10)
         wait_until(
-            lambda: not any(_exists(pid) for pid in doomed),
+            lambda: not any(_reaped_or_alive(pid) for pid in doomed),
             10,
             what=f"every process of {self.name} to be gone",
+            interval=0.01,
         )
         self._forget()
 
@@ -320,6 +322,27 @@ def _descendants(root: int) -> set[int]:
 def _exists(pid: int) -> bool:
     """Whether ``pid`` exists at all (a zombie counts: its pid is still taken)."""
     return Path(f"/proc/{pid}").exists()
+
+
+def _reaped_or_alive(pid: int) -> bool:
+    """Reap ``pid`` if it is our (orphaned, adopted) child; whether it still exists."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return _exists(pid)
+
+
+_PR_SET_CHILD_SUBREAPER: Final = 36
+
+
+def adopt_orphans(on: bool) -> None:
+    """Make this process the reaper of its descendants' orphans (Linux) while fault tests run.
+
+    A killed postmaster's backends (and a killed runuser's server) are orphans; without this
+    they go to init, which here reaps zombies about once a second, and PostgreSQL will not
+    start again while the old postmaster's pid exists, even as a zombie. Adopted, we reap them
+    at once (only the pids we killed: never anyone else's children)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
 
 def kill_everything() -> int:
@@ -416,8 +439,18 @@ class PrivatePostgres:
     SQLAlchemy URL. Its data survives ``stop``/``kill``/``restart`` (same directory, same port).
     """
 
-    def __init__(self, base: Path, logs: LogBook, *, name: str = "postgres") -> None:
+    def __init__(
+        self,
+        base: Path,
+        logs: LogBook,
+        *,
+        name: str = "postgres",
+        extra_settings: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
+        self.extra_settings = dict(extra_settings or {})
+        self.primary: PrivatePostgres | None = None  # set on a replica
+        self._nudged = 0.0
         self.base = base
         self.data = base / "data"
         self.sockets = base / "sockets"
@@ -452,7 +485,9 @@ class PrivatePostgres:
             "-c", "wal_level=replica",
             "-c", "max_wal_senders=4",
             "-c", "hot_standby=on",
+            "-c", "wal_keep_size=64MB",  # a replica killed for a while can still catch up
             "-c", "logging_collector=off",
+            *(arg for k, v in self.extra_settings.items() for arg in ("-c", f"{k}={v}")),
         ]  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> None:
@@ -463,7 +498,28 @@ class PrivatePostgres:
         argv = _as_postgres_user([str(postgres_bin() / "postgres"), "-D", str(self.data)])
         self._process = ManagedProcess(self.name, [*argv, *self.settings()], self.log)
         self._process.start()
-        wait_until(self.accepts_connections, timeout, what=f"{self.name} to accept connections")
+        wait_until(self._ready, timeout, what=f"{self.name} to accept connections")
+
+    def _ready(self) -> bool:
+        try:
+            return self.accepts_connections()
+        except psycopg.OperationalError:
+            if self.primary is not None:
+                self.primary.nudge_standbys()
+            raise
+
+    def nudge_standbys(self) -> None:
+        """A hot standby opens for reads only once it has replayed a snapshot of running
+        transactions, which an idle primary logs every 15 s; a checkpoint logs one now."""
+        now = time.monotonic()
+        if now - self._nudged < 0.3:
+            return
+        self._nudged = now
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(self.conninfo, autocommit=True, connect_timeout=1) as conn,
+        ):
+            conn.execute("CHECKPOINT")
 
     def accepts_connections(self) -> bool:
         if self._process is None or not self._process.running:
@@ -504,6 +560,58 @@ class PrivatePostgres:
     def close(self) -> None:
         if self._process is not None:
             self._process.kill()
+
+    @property
+    def served_by_name(self) -> str:
+        """How the records store names this node when it serves a read as a replica."""
+        return f"replica:127.0.0.1:{self.port}"
+
+    def make_replica(self, base: Path, logs: LogBook, *, name: str = "replica") -> PrivatePostgres:
+        """A hot standby of this (running) cluster: ``pg_basebackup -R`` into ``base``, not
+        started. It streams from this cluster and reconnects by itself when either returns."""
+        data = base / "data"
+        data.mkdir(mode=0o700)
+        _chown_postgres(data)
+        backup = [
+            str(postgres_bin() / "pg_basebackup"),
+            "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+            "-D", str(data), "-X", "stream", "-c", "fast", "-R", "--no-sync",
+        ]  # fmt: skip
+        done = subprocess.run(
+            _as_postgres_user(backup), check=False, capture_output=True, timeout=60
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                "pg_basebackup failed: " + done.stderr.decode(errors="replace").strip()
+            )
+        replica = PrivatePostgres(
+            base,
+            logs,
+            name=name,
+            extra_settings={
+                "wal_receiver_status_interval": "1s",
+                "wal_retrieve_retry_interval": "200ms",
+                "hot_standby_feedback": "on",
+            },
+        )
+        replica.primary = self
+        return replica
+
+    def wait_replayed_by(self, replica: PrivatePostgres, timeout: float = 20.0) -> None:
+        """Wait until ``replica`` has replayed everything this primary has written now."""
+        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert row is not None
+        target = row[0]
+
+        def replayed() -> bool:
+            with psycopg.connect(replica.conninfo, autocommit=True) as conn:
+                got = conn.execute(
+                    "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)
+                ).fetchone()
+            return bool(got and got[0])
+
+        wait_until(replayed, timeout, what=f"{replica.name} to replay the primary's WAL")
 
 
 # --- NATS -------------------------------------------------------------------------------------
@@ -674,6 +782,7 @@ class Harness:
     def __init__(self, name: str) -> None:
         self.name = name
         self.logs = LogBook()
+        adopt_orphans(True)
         self._dirs: list[Path] = []
         self._closers: list[Callable[[], None]] = []
 
@@ -688,6 +797,17 @@ class Harness:
         if start:
             pg.start()
         return pg
+
+    def replica_of(
+        self, primary: PrivatePostgres, name: str = "replica", *, start: bool = True
+    ) -> PrivatePostgres:
+        """A streaming hot standby of ``primary`` (started and caught up unless told not)."""
+        replica = primary.make_replica(self.tmpdir(f"pv-fault-{name}-"), self.logs, name=name)
+        self._closers.append(replica.close)
+        if start:
+            replica.start()
+            primary.wait_replayed_by(replica)
+        return replica
 
     def nats(self, size: int = 3, *, start: bool = True) -> NatsCluster:
         cluster = NatsCluster(self.tmpdir("pv-fault-nats-"), self.logs, size=size)
@@ -729,6 +849,7 @@ class Harness:
             if path.exists():
                 problems.append(f"could not remove {path}")
         self._dirs.clear()
+        adopt_orphans(False)
         return problems
 
 
