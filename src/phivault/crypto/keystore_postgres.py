@@ -270,6 +270,9 @@ class _Pool:
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
+            # a partition (packets unanswered, no reset) fails the call instead of waiting
+            # for the kernel's retransmission limit
+            tcp_user_timeout=self._statement_timeout_ms,
         )
         try:
             # UTC: timestamps come back aware and comparable; timeouts: a stuck server fails
