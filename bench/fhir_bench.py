@@ -39,7 +39,10 @@ from CPU time. Latencies are per request, closed loop: with 64 connections
 the mean is 64 / throughput (Little's law), so p99 under 50 ms needs well over 1,280/s.
 
     python bench/fhir_bench.py [--quick] [--patients N] [--duration S] [--rounds N]
-                               [--profile DIR] [--keep]
+                               [--profile DIR] [--keep] [--shape scaled [--workers N]]
+
+``--shape scaled`` measures the scaled shape (N workers on PostgreSQL, the JetStream audit
+stream and its sequencer, Redis) beside the embedded one instead (bench/fhir_bench_scaled.py).
 
 A full run loads the 20 Synthea patients (about 10,000 resources) into two servers and
 measures 4 rounds of 2 s, alternating between the servers; at the goal rates that is about
@@ -943,4 +946,16 @@ if __name__ == "__main__":
     parser.add_argument("--load-concurrency", dest="load_conc", type=int, default=4)
     parser.add_argument("--profile", help="sample the production server with py-spy into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the data directories")
-    sys.exit(main(parser.parse_args()))
+    parser.add_argument(
+        "--shape",
+        choices=("embedded", "scaled"),
+        default="embedded",
+        help="scaled: the scaled shape beside the embedded one (bench/fhir_bench_scaled.py)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="--shape scaled: API workers")
+    arguments = parser.parse_args()
+    if arguments.shape == "scaled":
+        import fhir_bench_scaled
+
+        sys.exit(fhir_bench_scaled.main(arguments))
+    sys.exit(main(arguments))
