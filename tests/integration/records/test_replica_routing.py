@@ -28,6 +28,7 @@ from phivault.records.store import (
     caller_session,
 )
 from phivault.records.store.routing import (
+    BreakerHealth,
     CooldownHealth,
     Replica,
     ReplicaRouter,
@@ -35,6 +36,7 @@ from phivault.records.store.routing import (
     ReplicaUnreachable,
     postgres_probe,
 )
+from phivault.resilience import Breakers
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 TENANT = "t1"
@@ -229,6 +231,35 @@ def test_killing_the_replica_moves_reads_to_the_primary_and_restarting_brings_th
     eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="back again")
 
 
+def test_a_circuit_breaker_guards_the_replica(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    breakers = Breakers()
+
+    def health(name: str) -> BreakerHealth:
+        return BreakerHealth(
+            breakers.breaker(
+                f"records-{name}", failure_threshold=1, reset_timeout_s=0.3, call_timeout_s=None
+            )
+        )
+
+    store = open_store(replica_health=health)
+    breaker = breakers.get(f"records-{replica.name}")
+    write(store, obs("o1"), session="writer")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="reader on replica")
+    assert breaker.state == "closed"
+    replica.kill()
+    assert read(store, "o1", session="reader")[0] == PRIMARY
+    assert str(breaker.state) == "open" and breaker.trips == 1
+    states = {m.name: m.samples for m in breakers.collect()}
+    assert states["phivault_breaker_state"][0].value == 2  # exported: open
+    replica.start()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="back on replica")
+    assert breaker.state == "closed"
+
+
 def test_a_stopped_replica_is_skipped_and_found_again(
     open_store: Callable[..., SqlRecordStore],
     replica: PgReplica,  # noqa: F811
@@ -421,6 +452,21 @@ def test_router_skips_a_failed_replica_for_its_cooldown_then_returns() -> None:
     probe.status = ReplicaStatus(0.0, 1000)
     clock.now += 0.6
     assert router.choose(ReadClass.PHI) is not None
+
+
+def test_breaker_health_opens_on_a_failure_and_lets_a_trial_through_later() -> None:
+    breaker = Breakers().breaker(
+        "records-replica", failure_threshold=1, reset_timeout_s=0.2, call_timeout_s=None
+    )
+    health = BreakerHealth(breaker)
+    assert health.allow()
+    health.succeeded()
+    health.failed()
+    assert not health.allow() and breaker.state == "open"
+    time.sleep(0.25)
+    assert health.allow()  # half-open: the next read tries the replica
+    health.succeeded()
+    assert str(breaker.state) == "closed" and breaker.failures == 1
 
 
 def test_router_read_your_writes_by_lsn_per_session() -> None:

@@ -11,7 +11,9 @@ unit of work, by what it reads (:class:`~phivault.records.store.ports.ReadClass`
   replica has replayed the write's WAL position (its LSN).
 
 A replica that cannot be reached never fails a request: it is skipped (its
-:class:`ReplicaHealth` says when to try it again) and the primary answers.
+:class:`ReplicaHealth` says when to try it again) and the primary answers. The health state is
+a small cool-down (:class:`CooldownHealth`) or a circuit breaker of
+:mod:`phivault.resilience` (:class:`BreakerHealth`, whose state is then a Prometheus metric).
 
 Lag is measured on the replica (:func:`postgres_probe`) and kept for ``sample_ttl_s``
 (default 50 ms) so that routing costs no query per request; a kept sample is trusted only as
@@ -21,24 +23,29 @@ of the sample at most.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from phivault.errors import ConfigurationError, PhivaultError
+from phivault.errors import ConfigurationError, StoreUnavailable
 from phivault.records.store.ports import ReadClass
+
+if TYPE_CHECKING:
+    from phivault.resilience import Breaker
 
 __all__ = [
     "PRIMARY",
+    "BreakerHealth",
     "CooldownHealth",
     "LagSample",
     "Replica",
@@ -85,8 +92,8 @@ def current_session(explicit: str | None = None) -> str:
     return _ANONYMOUS if found is None else found
 
 
-class ReplicaUnreachable(PhivaultError):
-    """A replica did not answer its lag probe (the router falls back to the primary)."""
+class ReplicaUnreachable(StoreUnavailable):
+    """A replica did not answer (the router falls back to the primary; a breaker counts it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +163,63 @@ class CooldownHealth:
         with self._lock:
             self.failures += 1
             self._down_until = self._clock() + self._retry_after
+
+
+class BreakerHealth:
+    """:class:`ReplicaHealth` over a :class:`phivault.resilience.Breaker`.
+
+    The breaker is asyncio code and the store runs in worker threads, so its calls are made
+    on one event loop of its own, in a daemon thread started on first use (each report is a
+    few microseconds of in-memory work). ``allow`` is the breaker's state: not open (a
+    half-open breaker lets reads try the replica again). Build the breaker for a fallback,
+    not a refusal: ``failure_threshold=1`` and a short ``reset_timeout_s`` (the primary
+    answers meanwhile, so there is nothing to protect by waiting for more failures), and
+    ``call_timeout_s=None`` (nothing is timed through it).
+    """
+
+    def __init__(self, breaker: Breaker) -> None:
+        self.breaker = breaker
+
+    def allow(self) -> bool:
+        return self.breaker.state != "open"
+
+    def succeeded(self) -> None:
+        _BreakerLoop.run(self._report(None))
+
+    def failed(self) -> None:
+        _BreakerLoop.run(self._report(ReplicaUnreachable("records replica unreachable")))
+
+    async def _report(self, failure: ReplicaUnreachable | None) -> None:
+        # One "call" through the breaker whose outcome is the one observed in the store.
+        # (Imported here: the embedded shape never loads the breakers' dependencies.)
+        from phivault.resilience import CircuitOpen
+
+        try:
+            async with self.breaker.guard():
+                if failure is not None:
+                    raise failure
+        except (CircuitOpen, ReplicaUnreachable):
+            pass
+
+
+class _BreakerLoop:
+    """The event loop the store's worker threads report to breakers on (one per process)."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def run(cls, work: Coroutine[Any, Any, None]) -> None:
+        with cls._lock:
+            if cls._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="phivault-replica-breakers", daemon=True
+                )
+                thread.start()
+                cls._loop = loop
+            loop = cls._loop
+        asyncio.run_coroutine_threadsafe(work, loop).result(timeout=5)
 
 
 class Replica:
