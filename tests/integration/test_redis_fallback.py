@@ -29,6 +29,7 @@ from phivault.api import create_app
 from phivault.api.ratelimit import FALLBACK_NAME, Limited, RateLimiter
 from phivault.identity.dpop import RedisReplayCache
 from phivault.identity.errors import IdentityUnavailable
+from phivault.identity.sessions import RedisSessionStore
 from phivault.identity.testing import DPoPKey, FakeIssuer
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.resilience import Breaker, Breakers
@@ -313,3 +314,16 @@ async def test_app_through_a_redis_outage_and_back(
         assert (await client.get("/whoami", headers=_dpop_headers())).status_code == 200
         assert len(worker.events("fallback.left")) == 1
         assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_the_session_store_fails_closed_behind_its_breaker(prefix: str) -> None:
+    breaker = Breaker("redis.sessions", failure_threshold=3, reset_timeout_s=3600)
+    client = Redis.from_url(f"redis://127.0.0.1:{_free_port()}/0", socket_connect_timeout=0.5)
+    store = RedisSessionStore(client, prefix=prefix, breaker=breaker)
+    try:
+        for _ in range(10):
+            with pytest.raises(IdentityUnavailable):
+                await store.touch("s1", now=1.0, idle_s=900, keep_s=3600)
+        assert (breaker.failures, breaker.rejected, breaker.state) == (3, 7, "open")
+    finally:
+        await client.aclose()
