@@ -253,7 +253,12 @@ class _Guarded:
 
     async def __aenter__(self) -> None:
         self._circuit, self._trial = await self._breaker._admit()
-        await self._timeout.__aenter__()
+        try:
+            await self._timeout.__aenter__()
+        except BaseException:
+            if self._trial:  # never leave the half-open slot taken
+                self._breaker._trial_in_flight = False
+            raise
 
     async def __aexit__(
         self,

@@ -328,6 +328,52 @@ async def test_retries_are_bounded_by_attempts_and_reraise_the_last_error() -> N
         assert 0 <= wait <= min(0.3, 0.1 * 2 ** (n + 1))
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    attempts=st.integers(1, 8),
+    initial=st.floats(0.001, 2.0),
+    cap=st.floats(0.001, 5.0),
+    fail_first=st.integers(0, 10),
+)
+def test_retries_never_exceed_their_bounds(
+    attempts: int, initial: float, cap: float, fail_first: int
+) -> None:
+    """For any bounds: at most ``attempts`` calls, every wait in [0, cap], and the call
+    succeeds exactly when it stops failing within the attempts."""
+
+    async def scenario() -> None:
+        calls = 0
+        waits: list[float] = []
+
+        async def fn() -> str:
+            nonlocal calls
+            calls += 1
+            if calls <= fail_first:
+                raise Down("down")
+            return "ok"
+
+        async def record(seconds: float) -> None:
+            waits.append(seconds)
+
+        try:
+            result = await call_with_retries(
+                fn,
+                attempts=attempts,
+                initial_backoff_s=initial,
+                max_backoff_s=cap,
+                deadline_s=3600,
+                sleep=record,
+            )
+        except Down:
+            assert fail_first >= attempts and calls == attempts
+        else:
+            assert result == "ok" and fail_first < attempts and calls == fail_first + 1
+        assert len(waits) == calls - 1
+        assert all(0 <= wait <= cap for wait in waits)
+
+    asyncio.run(scenario())
+
+
 async def test_retries_stop_at_the_deadline() -> None:
     calls = 0
 
