@@ -136,8 +136,8 @@ class PgReplica:
     and starts it; ``stop()``, ``kill()`` and ``restart()`` act on the same data directory
     and port; ``close()`` removes everything. ``host``/``port`` are where it listens,
     ``conninfo`` a superuser connection to it (database of the primary's string), ``url`` the
-    same as a SQLAlchemy URL (``url_for(schema)`` is what a store takes), ``name`` its
-    ``served_by`` name.
+    same as a SQLAlchemy URL (what ``SqlRecordStore(replica_urls=[...])`` takes; the store
+    adds its schema), ``name`` its ``served_by`` name.
     """
 
     host = "127.0.0.1"
@@ -483,7 +483,7 @@ class PgReplica:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(self.role)))
 
     def _remove_rule(self) -> None:
-        """Remove the replication rule if no other session holds the lock file."""
+        """Remove the replication rule and the group if no other session holds the lock."""
         if self._lock_fd is None:
             return
         with psycopg.connect(self.admin_conninfo, autocommit=True) as conn:
@@ -500,9 +500,11 @@ class PgReplica:
             kept = [line for line in lines if line.rstrip("\n") not in (_HBA_MARK, HBA_RULE)]
             if kept != lines:
                 hba.write_text("".join(kept))
-        if kept != lines:
-            with psycopg.connect(self.admin_conninfo, autocommit=True) as conn:
+        with psycopg.connect(self.admin_conninfo, autocommit=True) as conn:
+            if kept != lines:
                 conn.execute("SELECT pg_reload_conf()")
+            with contextlib.suppress(psycopg.Error):  # no session uses the group any more
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(GROUP)))
 
 
 _AT_LEAST_PRIMARY = (

@@ -6,6 +6,7 @@ are also checked alone, on a fake clock and probe."""
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from records_store_support import postgres_url
 
 from pg_replica_support import PgReplica, pg_replica, replica  # noqa: F401  (fixtures)
 from phivault.errors import ConfigurationError
+from phivault.records.query import parse_search
 from phivault.records.search_params import ReferenceEntry, TokenEntry
 from phivault.records.store import (
     PRIMARY,
@@ -229,6 +231,49 @@ def test_killing_the_replica_moves_reads_to_the_primary_and_restarting_brings_th
     assert read(store, "o1", session="reader")[0] == PRIMARY
     replica.start()
     eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="back again")
+
+
+def test_reads_under_load_survive_a_replica_kill_and_return_after_restart(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store()
+    for n in range(4):
+        write(store, obs(f"o{n}"), session="writer")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o0", "reader", replica.name), what="reader on replica")
+    served: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(n: int) -> None:
+        while not stop.is_set():
+            try:
+                with store.unit_of_work(read_only=True, session=f"reader-{n}") as uow:
+                    assert uow.read(key(f"o{n % 4}")) is not None
+                    assert uow.search(TENANT, parse_search("Observation", "")).matches
+                    served.append(uow.served_by)
+            except BaseException as exc:  # any error at all fails the test
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        replica.kill()
+        time.sleep(0.5)
+        during = len(served)
+        replica.start()
+        eventually(lambda: served[-1] == replica.name, what="reads back on the replica")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert errors == []
+    assert replica.name in served[:during] and PRIMARY in served[:during]
+    assert served[-1] == replica.name
 
 
 def test_a_circuit_breaker_guards_the_replica(
