@@ -89,6 +89,7 @@ from phivault.records.split import Envelope, GroupContent, assemble, group_eleme
 from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
     NewVersion,
+    ReadClass,
     RecordStore,
     RecordUnitOfWork,
     ResourceKey,
@@ -96,6 +97,7 @@ from phivault.records.store.ports import (
     VersionConflict,
     blind_terms,
 )
+from phivault.records.store.routing import PRIMARY as PRIMARY_NODE
 from phivault.records.store.search import CareRelationshipScope
 
 if TYPE_CHECKING:
@@ -448,11 +450,11 @@ class RecordsRepository:
         self._check_type(resource_type)
         _check_auditable(resource_type, resource_id)
         key = ResourceKey(caller.access.tenant, resource_type, resource_id)
-        stored, decision = await _blocking(
+        stored, decision, node = await _blocking(
             lambda: self._load_one(caller, key, None, Interaction.READ)
         )
         return await self._disclose_one(
-            caller, key, version=None, stored=stored, decision=decision, subtype="read"
+            caller, key, version=None, stored=stored, decision=decision, subtype="read", node=node
         )
 
     async def vread(
@@ -465,26 +467,33 @@ class RecordsRepository:
         if number is None:  # a version that cannot exist is simply not known
             await self._record_miss(caller, "vread", Action.READ, None, "not-found")
             raise RecordNotFound(resource_type, resource_id, "?")
-        stored, decision = await _blocking(
+        stored, decision, node = await _blocking(
             lambda: self._load_one(caller, key, number, Interaction.VREAD)
         )
         return await self._disclose_one(
-            caller, key, version=number, stored=stored, decision=decision, subtype="vread"
+            caller,
+            key,
+            version=number,
+            stored=stored,
+            decision=decision,
+            subtype="vread",
+            node=node,
         )
 
     def _load_one(
         self, caller: Caller, key: ResourceKey, version: int | None, interaction: Interaction
-    ) -> tuple[StoredVersion | None, Decision | None]:
-        """The version with its sealed groups (one query), and the decision on its envelope.
-        Ciphertext of a refused caller is dropped unopened; only allowed groups are opened."""
-        with self._store.unit_of_work(read_only=True) as uow:
+    ) -> tuple[StoredVersion | None, Decision | None, str]:
+        """The version with its sealed groups (one query), the decision on its envelope, and
+        the database node that served it. Ciphertext of a refused caller is dropped
+        unopened; only allowed groups are opened."""
+        with self._store.unit_of_work(read_only=True, session=_session(caller)) as uow:
             found = uow.read(key) if version is None else uow.vread(key, version)
             if found is None:
-                return None, None
+                return None, None, uow.served_by
             decision = self._decide_rows(uow, caller, [found], interaction)[0]
             if not decision.allowed:
-                return dataclasses.replace(found, groups={}), decision
-            return found, decision
+                return dataclasses.replace(found, groups={}), decision, uow.served_by
+            return found, decision, uow.served_by
 
     async def _disclose_one(
         self,
@@ -495,6 +504,7 @@ class RecordsRepository:
         stored: StoredVersion | None,
         decision: Decision | None,
         subtype: str,
+        node: str,
     ) -> RecordVersion:
         shown_version = None if version is None else str(version)
         if stored is None or decision is None or not decision.allowed:
@@ -503,7 +513,9 @@ class RecordsRepository:
             await self._record_miss(caller, subtype, Action.READ, patient, reason)
             raise RecordNotFound(key.resource_type, key.resource_id, shown_version)
         record = self._visible(stored, decision)
-        await self._record_disclosure(caller, subtype, Action.READ, [(stored, decision, record)])
+        await self._record_disclosure(
+            caller, subtype, Action.READ, [(stored, decision, record)], node=node
+        )
         if stored.deleted:
             raise RecordGone(key.resource_type, key.resource_id, stored.version)
         return await self._opened(caller, stored, decision, record)
@@ -520,8 +532,8 @@ class RecordsRepository:
             indexer = await self._keyring.blind_indexer(caller.access.tenant)
             blind = blind_terms(query, indexer.tokens)
 
-        def run() -> tuple[Any, list[StoredVersion], list[Decision], list[Decision]]:
-            with self._store.unit_of_work(read_only=True) as uow:
+        def run() -> tuple[Any, list[StoredVersion], list[Decision], list[Decision], str]:
+            with self._store.unit_of_work(read_only=True, session=_session(caller)) as uow:
                 page = uow.search(
                     caller.access.tenant, query, blind=blind, scopes=scopes, offset=offset
                 )
@@ -542,9 +554,9 @@ class RecordsRepository:
                 included = _unique_versions(included, page.matches)
                 decisions = self._decide_rows(uow, caller, list(page.matches), Interaction.SEARCH)
                 included_decisions = self._decide_rows(uow, caller, included, Interaction.SEARCH)
-                return page, included, decisions, included_decisions
+                return page, included, decisions, included_decisions, uow.served_by
 
-        page, included, decisions, included_decisions = await _blocking(run)
+        page, included, decisions, included_decisions, node = await _blocking(run)
         # SQL admitted exactly what the policy admits; a row the decision refuses now would be
         # a disagreement between the two, and is withheld rather than shown.
         shown = [(v, d) for v, d in zip(page.matches, decisions, strict=True) if d.allowed]
@@ -558,6 +570,7 @@ class RecordsRepository:
             Action.EXECUTE,
             disclosed,
             query_hash=await self._query_hash(caller, query),
+            node=node,
         )
         opened = [await self._opened(caller, v, d, r) for v, d, r in disclosed]
         return SearchResult(
@@ -593,8 +606,8 @@ class RecordsRepository:
             await self._record_miss(caller, "history", Action.READ, None, "scope-not-granted")
             raise AccessDenied(f"the history of {resource_type} is not allowed for this caller")
 
-        def run() -> tuple[list[StoredVersion], list[Decision]]:
-            with self._store.unit_of_work(read_only=True) as uow:
+        def run() -> tuple[list[StoredVersion], list[Decision], str]:
+            with self._store.unit_of_work(read_only=True, session=_session(caller)) as uow:
                 found = uow.history(
                     caller.access.tenant,
                     resource_type,
@@ -603,15 +616,16 @@ class RecordsRepository:
                     offset=offset,
                     scopes=scopes,
                 )
-                return found, self._decide_rows(uow, caller, found[:count], Interaction.HISTORY)
+                decisions = self._decide_rows(uow, caller, found[:count], Interaction.HISTORY)
+                return found, decisions, uow.served_by
 
-        found, decisions = await _blocking(run)
+        found, decisions, node = await _blocking(run)
         if resource_id is not None and not found and offset == 0:
             await self._record_miss(caller, "history", Action.READ, None, "not-found")
             raise RecordNotFound(resource_type, resource_id)
         rows = [(v, d) for v, d in zip(found[:count], decisions, strict=True) if d.allowed]
         disclosed = [(v, d, self._visible(v, d)) for v, d in rows]
-        await self._record_disclosure(caller, "history", Action.READ, disclosed)
+        await self._record_disclosure(caller, "history", Action.READ, disclosed, node=node)
         versions = [
             await self._opened(caller, v, d, r) if not v.deleted else r for v, d, r in disclosed
         ]
@@ -716,7 +730,7 @@ class RecordsRepository:
         indexer = await self._keyring.blind_indexer(caller.access.tenant)
 
         def plan() -> TransactionPlan:
-            with self._store.unit_of_work(read_only=True) as uow:
+            with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
                 return plan_transaction(
                     bundle,
                     lambda lookup: self._resolve(uow, caller, lookup, indexer.tokens),
@@ -738,7 +752,7 @@ class RecordsRepository:
         indexer = await self._keyring.blind_indexer(caller.access.tenant)
 
         def plan() -> BatchPlan:
-            with self._store.unit_of_work(read_only=True) as uow:
+            with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
                 return plan_batch(
                     bundle,
                     lambda lookup: self._resolve(uow, caller, lookup, indexer.tokens),
@@ -850,7 +864,7 @@ class RecordsRepository:
         }
 
         def run() -> tuple[dict[ResourceKey, StoredVersion | None], set[str]]:
-            with self._store.unit_of_work(read_only=True) as uow:
+            with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
                 found = {key: uow.read(key, groups=()) for key in keys}
                 patients = {
                     p
@@ -991,7 +1005,7 @@ class RecordsRepository:
         return BundleEntryOutcome(index, 200, record=record)
 
     def _head(self, key: ResourceKey) -> StoredVersion | None:
-        with self._store.unit_of_work(read_only=True) as uow:
+        with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
             return uow.read(key, groups=())
 
     async def _prepare(
@@ -1072,7 +1086,7 @@ class RecordsRepository:
         indexer: BlindIndexer | None,
     ) -> None:
         """One database transaction: re-check what the plan relied on, write, commit."""
-        with self._store.unit_of_work() as uow:
+        with self._store.unit_of_work(session=_session(caller)) as uow:
             for lookup, before in checks:
                 assert indexer is not None
                 if tuple(self._resolve(uow, caller, lookup, indexer.tokens)) != tuple(before):
@@ -1217,7 +1231,7 @@ class RecordsRepository:
         indexer = await self._keyring.blind_indexer(caller.access.tenant)
 
         def run() -> list[str]:
-            with self._store.unit_of_work(read_only=True) as uow:
+            with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
                 return self._resolve(uow, caller, lookup, indexer.tokens)
 
         return await _blocking(run)
@@ -1337,10 +1351,13 @@ class RecordsRepository:
         disclosed: Sequence[tuple[StoredVersion, Decision, RecordVersion]],
         *,
         query_hash: str | None = None,
+        node: str = PRIMARY_NODE,
     ) -> None:
         """One event per patient whose records are disclosed (so that each patient's chain,
         and their accounting of disclosures, has it), recorded together (one group commit),
-        all durable before anything is returned."""
+        all durable before anything is returned. When a replica served the rows, the
+        event's ``source.site`` names the database node(s), in the order they served
+        (joined by ``@``); the entities name the exact versions."""
         if not self._controls.audit:
             return
         by_patient: dict[str | None, list[tuple[StoredVersion, Decision, RecordVersion]]] = (
@@ -1372,6 +1389,12 @@ class RecordsRepository:
                     break_glass_grant=grant,
                 )
             )
+        if node != PRIMARY_NODE:
+            site = "@".join(node.split(","))
+            events = [
+                e.model_copy(update={"source": Source(observer=e.source.observer, site=site)})
+                for e in events
+            ]
         await asyncio.gather(*(caller.audit.record(e) for e in events))
 
     async def _record_writes(
@@ -1447,7 +1470,7 @@ class RecordsRepository:
         stamp = int(self._clock() * 1_000_000)
 
         def change() -> bool:
-            with self._store.unit_of_work() as uow:
+            with self._store.unit_of_work(session=_session(caller)) as uow:
                 if assigned:
                     done = uow.assign_care(tenant, who, patient, by=caller.access.subject, at=stamp)
                 else:
@@ -1520,7 +1543,7 @@ class RecordsRepository:
             written = _written(intent)
 
             def present(event: AuditEvent = intent, whats: tuple[str, ...] = written) -> bool:
-                with self._store.unit_of_work(read_only=True) as uow:
+                with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
                     for what in whats:
                         kind, ident, _, version = what.split("/")
                         key = ResourceKey(event.tenant, kind, ident)
@@ -1575,6 +1598,12 @@ _STATUS: Final[tuple[tuple[type[BaseException], int], ...]] = (
     (InvalidInput, 400),
     (StoreUnavailable, 503),
 )
+
+
+def _session(caller: Caller) -> str:
+    """The read-your-writes key of a caller (``records.store.routing``): after their write,
+    their reads go to the primary until a replica has replayed it."""
+    return f"{caller.access.tenant}/{caller.access.subject}"
 
 
 async def _blocking(work: Callable[[], _T]) -> _T:
