@@ -9,6 +9,7 @@ on standard error; ``--json`` prints a final summary on standard output.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -167,7 +168,7 @@ def sequencer(
     if metrics_port is not None:
         _serve_metrics(output, worker, metrics_host, metrics_port)
     try:
-        asyncio.run(_run(worker, replicas=ledger_settings.stream_replicas))
+        asyncio.run(_run(worker, replicas=ledger_settings.stream_replicas, log=log))
     except PhivaultError as exc:
         log.error("sequencer.stopped", error=str(exc), **worker.progress.as_dict())
         fail(output, str(exc), kind="sequencer")
@@ -188,7 +189,8 @@ def _serve_metrics(output: Output, worker: Any, host: str, port: int) -> None:
         fail(output, f"cannot serve metrics on {host}:{port}: {exc.strerror}", kind="usage")
 
 
-async def _run(worker: Any, *, replicas: int) -> None:
+async def _run(worker: Any, *, replicas: int, log: Any) -> None:
+    from phivault.ledger.errors import LedgerUnavailable
     from phivault.ledger.stream import connect_nats, ensure_audit_stream
 
     stop = asyncio.Event()
@@ -196,13 +198,24 @@ async def _run(worker: Any, *, replicas: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     # The stream must exist before anyone publishes; creating it here too is idempotent.
-    client = await connect_nats(worker.nats_urls, name="phivault-sequencer-setup")
-    try:
-        await ensure_audit_stream(
-            client.jetstream(), name=worker.stream, subject=worker.subject, replicas=replicas
-        )
-    finally:
-        await client.close()
+    # NATS being down at start is waited out like any later outage; bad settings are not.
+    while not stop.is_set():
+        try:
+            client = await connect_nats(worker.nats_urls, name="phivault-sequencer-setup")
+            try:
+                await ensure_audit_stream(
+                    client.jetstream(),
+                    name=worker.stream,
+                    subject=worker.subject,
+                    replicas=replicas,
+                )
+            finally:
+                await client.close()
+            break
+        except LedgerUnavailable as exc:
+            log.warning("sequencer.nats-unavailable", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
     await worker.run(stop)
 
 

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -160,16 +161,46 @@ async def ensure_audit_stream(
 # -- connecting -------------------------------------------------------------------------------
 
 
+_NATS_SCHEMES: Final = frozenset({"nats", "tls", "ws", "wss"})
+
+
+def _shown(url: str) -> str:
+    """A server URL for messages: never its user name or password."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _check_nats_url(url: str) -> None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in _NATS_SCHEMES or not parts.hostname or port == -1:
+        raise ConfigurationError(
+            "a NATS server URL must look like nats://HOST:PORT (or tls://, ws://, wss://); "
+            f"got {_shown(url) if parts.scheme else 'a URL without a scheme'}"
+        )
+
+
 async def connect_nats(
     urls: Sequence[str], *, name: str, connect_timeout_s: float = 5.0
 ) -> NatsClient:
     """Connect to NATS; reconnect by itself forever afterwards.
 
     Raises :class:`LedgerUnavailable` if no server answers within ``connect_timeout_s``, and
-    :class:`~phivault.errors.ConfigurationError` for no URL at all.
+    :class:`~phivault.errors.ConfigurationError` for no URL or a malformed one. Messages name
+    servers without their credentials.
     """
     if not urls:
         raise ConfigurationError("no NATS server URL is configured for the audit stream")
+    for url in urls:
+        _check_nats_url(url)
 
     async def quiet(exc: Exception) -> None:
         # nats-py logs a traceback per failed attempt otherwise; failures surface as
@@ -190,8 +221,8 @@ async def connect_nats(
         )
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         raise LedgerUnavailable(
-            f"cannot connect to NATS at {', '.join(urls)} within {connect_timeout_s} s: "
-            f"{_describe(exc)}"
+            f"cannot connect to NATS at {', '.join(_shown(u) for u in urls)} within "
+            f"{connect_timeout_s} s: {type(exc).__name__}"
         ) from exc
     return client
 

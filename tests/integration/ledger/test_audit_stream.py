@@ -235,3 +235,16 @@ async def test_the_sink_fails_closed_while_nats_is_down_and_resumes_by_itself(
         # The failed publish may or may not have reached the stream before it went down; the
         # one acknowledged before is still there, and the new one follows it.
         assert seq >= 2
+
+
+async def test_bad_urls_are_refused_and_credentials_never_shown() -> None:
+    for url in ("notaurl", "http://127.0.0.1:4222", "nats://127.0.0.1:notaport"):
+        with pytest.raises(ConfigurationError, match="NATS server URL"):
+            await JetStreamAuditSink.connect([url], name="test-sink", stream="PV_X")
+    url = f"nats://alice:s3cret@127.0.0.1:{_closed_port()}"
+    with pytest.raises(LedgerUnavailable) as raised:
+        await JetStreamAuditSink.connect(
+            [url], name="test-sink", stream="PV_X", connect_timeout_s=0.5
+        )
+    assert "s3cret" not in str(raised.value) and "alice" not in str(raised.value)
+    assert "nats://127.0.0.1:" in str(raised.value)
