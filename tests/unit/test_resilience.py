@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -99,6 +100,70 @@ def test_a_breaker_opens_exactly_after_threshold_consecutive_failures(
             assert breaker.state == ("open" if is_open else "closed")
         assert breaker.trips == (1 if is_open else 0)
         assert breaker.failures == failures
+
+    asyncio.run(scenario())
+
+
+TTL = 0.015
+STEPS = st.lists(
+    # Pauses of 0, 0.5, 1 ... 2.5 reset timeouts (evenly, rather than hypothesis's float
+    # extremes, so that pauses inside and past the timeout both come up).
+    st.one_of(
+        st.sampled_from(["ok", "down", "answered"]),
+        st.integers(0, 5).map(lambda k: k * TTL / 2),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(threshold=st.integers(1, 4), steps=STEPS)
+def test_with_real_time_an_open_breaker_calls_nothing_before_the_reset_timeout(
+    threshold: int, steps: list[str | float]
+) -> None:
+    """For any sequence of outcomes and pauses, on the real clock: while less than the reset
+    timeout has surely passed since the breaker opened, ``fn`` is not called; once it surely
+    has, the next call is let through as the trial, which closes or reopens it.
+
+    "Surely" brackets each instant between clock readings taken before and after the call
+    that opened the breaker and the call being judged, so the test holds on a slow machine.
+    """
+
+    async def scenario() -> None:
+        breaker = Breaker("dep", failure_threshold=threshold, reset_timeout_s=TTL)
+        consecutive = 0
+        opened: tuple[float, float] | None = None  # (before, after) the call that opened it
+        for step in steps:
+            if isinstance(step, float):
+                await asyncio.sleep(step)
+                continue
+            called = False
+
+            async def fn(outcome: str = step) -> str:
+                nonlocal called
+                called = True
+                return await {"ok": _ok, "down": _down, "answered": _answered}[outcome]()
+
+            before = time.time()
+            with contextlib.suppress(CircuitOpen, Down, Answered):
+                await breaker.call(fn)
+            after = time.time()
+            if opened is not None:
+                if after - opened[0] < TTL:
+                    assert not called, "called while surely open"
+                if before - opened[1] > TTL:
+                    assert called, "refused although the reset timeout surely passed"
+                if not called:
+                    continue
+                # The trial: a failure reopens at once, anything else closes.
+                opened = (before, after) if step == "down" else None
+                consecutive = 0
+                continue
+            assert called
+            consecutive = consecutive + 1 if step == "down" else 0
+            if consecutive >= threshold:
+                opened = (before, after)
+            assert (breaker.state == "closed") == (opened is None)
 
     asyncio.run(scenario())
 
