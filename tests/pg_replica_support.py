@@ -357,13 +357,18 @@ class PgReplica:
             str(bindir / "pg_basebackup"), "-d", source, "-D", str(self.data),
             "-X", "stream", "-c", "fast", "-R", "-C", "-S", self.slot, "--no-sync",
         ]  # fmt: skip
-        done = subprocess.run(
-            backup, check=False, capture_output=True, timeout=120, **self._as_postgres()
-        )
-        if done.returncode != 0:
-            raise ReplicaHarnessError(
-                "pg_basebackup failed: " + done.stderr.decode(errors="replace").strip()
+        for attempt in range(3):  # the shared server may drop the stream (a restart)
+            done = subprocess.run(
+                backup, check=False, capture_output=True, timeout=120, **self._as_postgres()
             )
+            if done.returncode == 0:
+                break
+            self._drop_slot()  # made by the failed attempt, if it got that far
+            if attempt == 2:
+                raise ReplicaHarnessError(
+                    "pg_basebackup failed: " + done.stderr.decode(errors="replace").strip()
+                )
+            require_postgres_back(self.admin_conninfo)
         self._made = True
         self._bindir = bindir
         with psycopg.connect(self.admin_conninfo, autocommit=True) as conn:
@@ -556,6 +561,17 @@ def reap_leftovers(admin_conninfo: str = ADMIN_CONNINFO) -> None:
             found = _NAME_RE.match(role)
             if found and not _alive(int(found.group(1))):
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def require_postgres_back(admin_conninfo: str, timeout: float = 30.0) -> None:
+    """Wait until the primary accepts connections again (another test may restart it)."""
+
+    def up() -> bool:
+        with psycopg.connect(admin_conninfo, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+
+    _wait(up, timeout, "the primary PostgreSQL to accept connections", 0.2)
 
 
 class _Shared:

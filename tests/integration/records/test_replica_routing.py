@@ -9,15 +9,20 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
-from records_store_support import postgres_url
+from records_store_support import StoreFactory, postgres_url
+from repository_support import bundle, caller, loader, open_kit
 
 from pg_replica_support import PgReplica, pg_replica, replica  # noqa: F401  (fixtures)
 from phivault.errors import ConfigurationError
+from phivault.identity.principal import Role
 from phivault.records.query import parse_search
 from phivault.records.search_params import ReferenceEntry, TokenEntry
 from phivault.records.store import (
@@ -26,6 +31,7 @@ from phivault.records.store import (
     ReadClass,
     ResourceKey,
     SqlRecordStore,
+    SqlUnitOfWork,
     StoredVersion,
     caller_session,
 )
@@ -401,6 +407,81 @@ def test_the_probe_reads_zero_lag_on_a_caught_up_replica_and_real_lag_when_pause
     replica.kill()
     with pytest.raises(ReplicaUnreachable):
         probe()
+
+
+class RecordingStore(SqlRecordStore):
+    """A replica-routed store that remembers which node served each read-only unit."""
+
+    served: list[str]
+
+    @contextmanager
+    def unit_of_work(self, **options: Any) -> Iterator[SqlUnitOfWork]:
+        with super().unit_of_work(**options) as uow:
+            yield uow
+        if options.get("read_only"):
+            self.served.append(uow.served_by)
+
+
+class ReplicaStores(StoreFactory):
+    def __init__(self, tmp_path: Path, schema: str, standby: PgReplica) -> None:
+        super().__init__("postgresql", tmp_path, schema)
+        self.replica = standby
+
+    def open(self, *, migrate: bool = True) -> SqlRecordStore:
+        store = RecordingStore(
+            self.url, schema=self.schema, migrate=migrate, replica_urls=[self.replica.url]
+        )
+        store.served = []
+        self._opened.append(store)
+        return store
+
+
+async def test_the_repository_as_it_is_reads_through_the_replica(
+    schema: str,
+    replica: PgReplica,  # noqa: F811
+    tmp_path: Path,
+    fixtures_dir: Path,
+) -> None:
+    stores = ReplicaStores(tmp_path, schema, replica)
+    try:
+        async with open_kit(stores, tmp_path) as kit:
+            store = stores._opened[0]
+            assert isinstance(store, RecordingStore)
+            replica.pause_replay()  # the load stays off the replica until resumed
+            outcome = await kit.repo.transaction(
+                loader(kit.sink), bundle(fixtures_dir, "sof2019_Kathe_Zieme.json")
+            )
+            refs = [e.record.reference for e in outcome.entries if e.record is not None]
+            practitioner = next(r for r in refs if r.startswith("Practitioner/"))
+            patient_id = next(r for r in refs if r.startswith("Patient/")).split("/")[1]
+            treating = caller(kit.sink, Role.CLINICIAN, "user/*.rs", fhir_user=practitioner)
+            other = caller(kit.sink, Role.CLINICIAN, "user/*.rs", fhir_user="Practitioner/x")
+
+            async def answers() -> tuple[int | None, int | None, str]:
+                seen = await kit.repo.search(treating, parse_search("Condition", "_total=accurate"))
+                unseen = await kit.repo.search(other, parse_search("Condition", "_total=accurate"))
+                got = await kit.repo.read(treating, "Patient", patient_id)
+                assert got.resource is not None
+                return seen.total, unseen.total, got.resource["id"]
+
+            # while the replica lacks the load, the (unkeyed) writer's reads are on the primary
+            store.served.clear()
+            on_primary = await answers()
+            assert set(store.served) == {PRIMARY}
+            # once the replica has the load, the same answers come from it
+            replica.resume_replay()
+            replica.wait_replayed()
+            eventually(lambda: on_replica(store, "x", "", replica.name), what="on replica")
+            store.served.clear()
+            kit.sink.events.clear()
+            assert await answers() == on_primary == (14, 0, patient_id)
+            assert set(store.served) == {replica.name}
+            # the disclosures name the node that served them, beside the exact versions
+            disclosures = [e for e in kit.sink.events if e.entities and e.outcome_reason is None]
+            assert disclosures
+            assert {e.source.site for e in disclosures} == {replica.name}
+    finally:
+        stores.close_all()
 
 
 # --- configuration ---------------------------------------------------------------------------
