@@ -554,6 +554,15 @@ def test_router_keeps_a_lag_sample_briefly_and_counts_its_age() -> None:
     assert router.choose(ReadClass.AGGREGATE) is not None  # the display bound is 5 s
 
 
+def test_router_keeps_a_sample_at_most_half_the_bound() -> None:
+    clock, probe = FakeClock(), FakeProbe(lag_s=0.0)
+    router = router_with(probe, clock, max_lag_s=0.01, sample_ttl_s=0.05)
+    assert router.choose(ReadClass.PHI) is not None
+    clock.now += 0.006  # past 5 ms: probed again, so the 10 ms bound can still hold
+    assert router.choose(ReadClass.PHI) is not None
+    assert probe.calls == 2
+
+
 def test_router_sends_authorization_and_fresh_reads_to_the_primary() -> None:
     clock, probe = FakeClock(), FakeProbe()
     router = router_with(probe, clock)
