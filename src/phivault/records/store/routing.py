@@ -271,15 +271,16 @@ class ReplicaRouter:
     ) -> None:
         if max_lag_s <= 0 or display_max_lag_s <= 0:
             raise ConfigurationError("a replica lag bound must be positive")
-        if not 0 <= sample_ttl_s < max_lag_s:
-            raise ConfigurationError("the lag sample must be kept for less than the lag bound")
+        if sample_ttl_s < 0:
+            raise ConfigurationError("the lag sample's lifetime must not be negative")
         names = [r.name for r in replicas]
         if len(set(names)) != len(names):
             raise ConfigurationError("two replicas have the same host and port")
         self.replicas = tuple(replicas)
         self.max_lag_s = max_lag_s
         self.display_max_lag_s = max(display_max_lag_s, max_lag_s)
-        self._ttl = sample_ttl_s
+        # A sample older than the bound could never admit a read: keep it half as long.
+        self._ttl = min(sample_ttl_s, max_lag_s / 2)
         self._unknown_pin = unknown_pin_s
         self._max_sessions = max_sessions
         self._clock = clock
