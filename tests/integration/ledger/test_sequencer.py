@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,10 @@ async def _sink(stream: AuditStream) -> JetStreamAuditSink:
     return await JetStreamAuditSink.connect(
         [NATS_URL], name="test-publisher", stream=stream.name, subject=stream.subject
     )
+
+
+def _any_active(workers: list[Sequencer]) -> bool:
+    return any(w.progress.role == "active" for w in workers)
 
 
 def _free_port() -> int:
@@ -535,3 +541,48 @@ async def test_a_schema_without_the_cursor_table_is_explained(
     async with await _sink(audit_stream) as sink, _running(worker):
         await sink.record(sample_event(0))
         await eventually(lambda: ledger_size(pg) == 1, what="1 entry")
+
+
+async def test_repeated_takeovers_under_load_keep_every_event_once_and_in_order(
+    audit_stream: AuditStream, seq_ledger: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    total = 300
+    rng = random.Random(7)
+    async with await _sink(audit_stream) as sink:
+
+        async def publish() -> None:
+            for i in range(total):
+                await sink.record(sample_event(i))
+                if i % 10 == 0:
+                    await asyncio.sleep(0.01)
+
+        publisher = asyncio.create_task(publish())
+        takeovers = 0
+        while not publisher.done() or ledger_size(seq_ledger) < total:
+            # Three sequencers start together; the active one is stopped after a while.
+            workers = [
+                _sequencer(
+                    audit_stream,
+                    seq_ledger,
+                    signer,
+                    cursor_interval_s=rng.choice((0.0, 0.05, 3600.0)),
+                    batch_max=rng.choice((1, 7, 50)),
+                )
+                for _ in range(3)
+            ]
+            stops = [asyncio.Event() for _ in workers]
+            tasks = [asyncio.create_task(w.run(s)) for w, s in zip(workers, stops, strict=True)]
+            await eventually(partial(_any_active, workers), what="an active one")
+            await asyncio.sleep(rng.uniform(0.05, 0.3))
+            actives = [i for i, w in enumerate(workers) if w.progress.role == "active"]
+            assert len(actives) == 1
+            takeovers += 1
+            for stop in stops:
+                stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 15)
+            if takeovers > 60:
+                pytest.fail("the ledger did not catch up")
+        await publisher
+    assert takeovers >= 3
+    assert _request_ids(seq_ledger) == [f"req-{i}" for i in range(total)]
+    assert verify(seq_ledger, signer).entries == total
