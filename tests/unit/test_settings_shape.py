@@ -124,3 +124,16 @@ def test_unreadable_or_malformed_files(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.toml")
     with pytest.raises(ConfigurationError, match="not valid TOML"):
         load_settings(_file(tmp_path, "[shape\nstore="))
+
+
+def test_several_production_workers_need_a_provider_that_unseals_itself(tmp_path: Path) -> None:
+    from phivault.api.serve import ServeOptions, check_options
+
+    text = SCALED.replace("[shape]", 'environment = "production"\n[shape]')
+    text = text.replace('keys = "pkcs11"', 'keys = "sealed"').replace(
+        "[ledger]", "[ledger]\nstream_replicas = 3"
+    )
+    settings = load_settings(_file(tmp_path, text))
+    with pytest.raises(ConfigurationError, match="unseals itself"):
+        check_options(settings, ServeOptions(workers=2))
+    check_options(settings, ServeOptions(workers=1))  # one worker is unsealed by its operator

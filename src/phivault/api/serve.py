@@ -30,7 +30,7 @@ import uvicorn
 
 from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError
-from phivault.settings import LedgerKind, Settings
+from phivault.settings import KeyProviderKind, LedgerKind, Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -87,6 +87,17 @@ def check_options(settings: Settings, options: ServeOptions) -> None:
             "several workers need the scaled shape (shape.store = postgres, shape.ledger = "
             "jetstream, shape.shared_state = redis): the embedded ledger has a single writer "
             "and per-process rate limits, replay cache and sessions"
+        )
+    if (
+        options.workers != 1
+        and settings.is_production
+        and settings.shape.keys is KeyProviderKind.SEALED
+    ):
+        # Unseal shares posted to /admin/keys/unseal reach one worker; the others would stay
+        # sealed (and not ready) until each got its own quorum.
+        raise ConfigurationError(
+            "several production workers need a root key provider that unseals itself "
+            "(shape.keys = pkcs11 or awskms), not the sealed local keystore"
         )
     if (options.tls_cert is None) != (options.tls_key is None):
         raise ConfigurationError("--tls-cert and --tls-key go together")
