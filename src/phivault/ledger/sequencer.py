@@ -579,17 +579,22 @@ class Sequencer:
                     self._log.warning("sequencer.ledger-unavailable", error=str(exc))
                     await _wait(stop, self.lock_retry_s)
                     continue
+                lost = False
                 try:
                     await self._lead(ledger, stop)
                 except LedgerUnavailable as exc:
-                    # PostgreSQL or the cursor went away: close, and compete for the lock again.
+                    # PostgreSQL, the cursor or the stream went away: close, and compete for
+                    # the lock again (after a pause: reopening reads the whole ledger).
                     self._log.warning("sequencer.lost-ledger", error=str(exc))
+                    lost = True
                 finally:
                     try:
                         await opened.__aexit__(None, None, None)
                     except LedgerError as exc:
                         self._log.warning("sequencer.close-failed", error=str(exc))
                     self.progress.role = "standby"
+                if lost:
+                    await _wait(stop, self.lock_retry_s)
         finally:
             self._set_role("stopped")
             if self._nats is not None and not self._nats.is_closed:

@@ -586,3 +586,24 @@ async def test_repeated_takeovers_under_load_keep_every_event_once_and_in_order(
     assert takeovers >= 3
     assert _request_ids(seq_ledger) == [f"req-{i}" for i in range(total)]
     assert verify(seq_ledger, signer).entries == total
+
+
+async def test_the_sequencer_rides_out_losing_its_database_sessions(
+    audit_stream: AuditStream, seq_ledger: PgLedger, signer: Ed25519NoteSigner
+) -> None:
+    worker = _sequencer(audit_stream, seq_ledger, signer)
+    async with await _sink(audit_stream) as sink, _running(worker):
+        for i in range(20):
+            await sink.record(sample_event(i))
+        await eventually(lambda: ledger_size(seq_ledger) == 20, what="20 entries")
+        # As when PostgreSQL restarts: every session of the sequencer's role is cut.
+        seq_ledger.admin_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE usename = '{seq_ledger.role}'"
+        )
+        for i in range(20, 40):
+            await sink.record(sample_event(i))
+        await eventually(lambda: ledger_size(seq_ledger) == 40, what="40 entries")
+        await eventually(lambda: worker.progress.takeovers == 2, what="a second takeover")
+    assert _request_ids(seq_ledger) == [f"req-{i}" for i in range(40)]
+    assert verify(seq_ledger, signer).entries == 40
