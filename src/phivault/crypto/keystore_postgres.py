@@ -16,7 +16,11 @@ writer got for free, the database enforces here for many processes at once:
   refuses shredded patients (:class:`~phivault.crypto.errors.PatientShredded`); a shred takes
   the same lock exclusively, then destroys the keys and keeps its record in one transaction;
 * rewraps are compare-and-swap (``UPDATE ... WHERE wrapped = old``), re-checked by PostgreSQL
-  against the committed row when two rotations race.
+  against the committed row when two rotations race;
+* a key is stored only if the KEK that wraps it is its tenant's active KEK (row-locked while
+  inserting): a worker that wrapped a new data key with a KEK another worker's rotation just
+  retired gets :class:`KeyStoreConflict` instead of storing a key that the rotation would
+  orphan when it destroys the old KEK.
 
 Secure deletion: PostgreSQL has no ``secure_delete``. A destroyed key's wrapped bytes stay in
 the old row version until VACUUM prunes it, and in WAL and backups until they expire. After
@@ -483,6 +487,7 @@ class PostgresKeyStore:
                 ).fetchone()
                 if shredded is not None:
                     raise PatientShredded(shredded[0], shredded[1])
+            self._refuse_stale_keks(conn, records)
             if demote:
                 # Demote first: the new version may take the "one active version" slot.
                 now = records[0].created if records else None
@@ -503,6 +508,41 @@ class PostgresKeyStore:
                         ),
                         rows,
                     )
+
+    def _refuse_stale_keks(
+        self, conn: psycopg.Connection[Any], records: Sequence[KeyRecord]
+    ) -> None:
+        """Keys wrapped by a KEK must name an active KEK of their tenant.
+
+        Another worker may have read the active KEK just before a KEK rotation demoted it; a
+        key it wrapped with that KEK and inserted after the rotation's scan would be lost when
+        the rotation destroys the old KEK. ``FOR SHARE`` makes the rotation's demotion wait for
+        this transaction, and this one see a demotion that committed first.
+        """
+        in_batch = {
+            (r.key_id, r.tenant)
+            for r in records
+            if r.purpose is KeyPurpose.KEK and r.state is KeyState.ACTIVE
+        }
+        wanted = {
+            (r.wrapped_by, r.tenant) for r in records if r.purpose is not KeyPurpose.KEK
+        } - in_batch
+        if not wanted:
+            return
+        found = conn.execute(
+            self._sql(
+                "SELECT key_id, tenant FROM {s}.keys WHERE key_id = ANY(%s) "
+                "AND purpose = 'kek' AND state = 'active' FOR SHARE"
+            ),
+            ([key_id for key_id, _ in wanted],),
+        ).fetchall()
+        stale = wanted - {(row[0], row[1]) for row in found}
+        if stale:
+            key_id, tenant = min(stale)
+            raise KeyStoreConflict(
+                f"keystore add: key-encryption key {key_id} is not the active one of tenant "
+                f"{tenant} (another worker rotated it); nothing was written"
+            )
 
     def get(self, key_id: str) -> KeyRecord:
         rows = self._read("get", "SELECT {cols} FROM {s}.keys WHERE key_id = %s", (key_id,))

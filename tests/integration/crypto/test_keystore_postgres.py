@@ -62,7 +62,7 @@ def schema(postgres: str) -> Iterator[str]:
 
 @pytest.fixture
 def store(postgres: str, schema: str) -> Iterator[PostgresKeyStore]:
-    opened = PostgresKeyStore(postgres, schema=schema)
+    opened = _with_kek(PostgresKeyStore(postgres, schema=schema))
     yield opened
     opened.close()
 
@@ -77,6 +77,26 @@ def sealed_keys(tmp_path: Path) -> tuple[Path, list[str]]:
 def _ring(store: PostgresKeyStore, keys_dir: Path) -> KeyRing:
     provider = SealedLocalProvider(keys_dir)
     return KeyRing(store=store, provider=provider, audit=InMemoryAuditSink(), observer="t")
+
+
+def _kek(key_id: str = "kek-test", version: int = 1) -> KeyRecord:
+    return KeyRecord(
+        key_id=key_id,
+        tenant="acme",
+        purpose=KeyPurpose.KEK,
+        subject="",
+        version=version,
+        state=KeyState.ACTIVE,
+        wrapped=secrets.token_bytes(60),
+        wrapped_by="root:test",
+        created=NOW,
+    )
+
+
+def _with_kek(store: PostgresKeyStore) -> PostgresKeyStore:
+    """The tenant's active KEK, which the test's data keys name as their wrapper."""
+    store.add([_kek()])
+    return store
 
 
 def _dek(patient: str, version: int, *, state: KeyState = KeyState.ACTIVE) -> KeyRecord:
@@ -297,7 +317,7 @@ def test_a_shredded_patient_never_gets_a_key_again(store: PostgresKeyStore) -> N
 
 def test_shred_racing_key_creation_leaves_no_live_key(postgres: str, schema: str) -> None:
     """A worker keeps creating new versions of a patient's key while another shreds them."""
-    setup = PostgresKeyStore(postgres, schema=schema)
+    setup = _with_kek(PostgresKeyStore(postgres, schema=schema))
     setup.add([_dek("p1", 1)])
     started = threading.Event()
     errors: list[BaseException] = []
@@ -345,7 +365,7 @@ def test_shred_racing_key_creation_leaves_no_live_key(postgres: str, schema: str
 
 
 def test_rewrap_is_compare_and_swap_under_concurrency(postgres: str, schema: str) -> None:
-    setup = PostgresKeyStore(postgres, schema=schema)
+    setup = _with_kek(PostgresKeyStore(postgres, schema=schema))
     setup.add([_dek(f"p{i}", 1) for i in range(200)])
     rows = setup.records("acme", KeyPurpose.DEK)
     barrier = threading.Barrier(2)
@@ -381,7 +401,7 @@ def test_rewrap_is_compare_and_swap_under_concurrency(postgres: str, schema: str
 
 
 async def test_tables_hold_wrapped_keys_only(
-    store: PostgresKeyStore,
+    schema: str,
     postgres: str,
     sealed_keys: tuple[Path, list[str]],
     monkeypatch: pytest.MonkeyPatch,
@@ -396,6 +416,7 @@ async def test_tables_hold_wrapped_keys_only(
 
     monkeypatch.setattr(keyring_module, "generate_key", remember)
     keys_dir, shares = sealed_keys
+    store = PostgresKeyStore(postgres, schema=schema)
     ring = _ring(store, keys_dir)
     await ring.unseal(shares)
     for patient in ("p1", "p2", "p3"):
@@ -403,13 +424,14 @@ async def test_tables_hold_wrapped_keys_only(
     await ring.rotate_kek("acme")
     await ring.shred_patient("acme", "p3", reason="erasure-request")
     await ring.seal()
+    store.close()
     assert len(generated) == 3 + 3 + 1  # KEK, index and token keys; three DEKs; the new KEK
     dump = bytearray()
     with psycopg.connect(postgres) as conn:
         for table in ("keys", "holds", "shreds", "jobs", "meta"):
             for (row,) in conn.execute(
                 sql.SQL("SELECT row_to_json(t)::text FROM {}.{} t").format(
-                    sql.Identifier(store.schema), sql.Identifier(table)
+                    sql.Identifier(schema), sql.Identifier(table)
                 )
             ):
                 dump += row.encode()
@@ -677,3 +699,75 @@ def test_shred_prunes_the_wrapped_key_from_the_table_file(
             time.sleep(0.2)
             conn.execute(sql.SQL("VACUUM {}.keys").format(sql.Identifier(store.schema)))
         assert p2.wrapped in heap  # the file was really read
+
+
+# -- keys wrapped by a KEK that a rotation just retired --------------------------------------
+
+
+def test_keys_must_be_wrapped_by_the_active_kek(store: PostgresKeyStore) -> None:
+    store.add([_kek("kek-two", 2)], demote=["kek-test"])  # a KEK rotation began
+    with pytest.raises(KeyStoreConflict, match="kek-test is not the active one"):
+        store.add([_dek("p1", 1)])  # wrapped by the KEK just demoted
+    wrong = _dek("p1", 1)
+    for wrapped_by in ("kek-nowhere", "kek-two"):
+        record = KeyRecord(**{**wrong.__dict__, "wrapped_by": wrapped_by, "tenant": "globex"})
+        with pytest.raises(KeyStoreConflict, match="not the active one of tenant globex"):
+            store.add([record])  # no KEK of that name, or another tenant's
+    store.add([KeyRecord(**{**wrong.__dict__, "wrapped_by": "kek-two"})])
+    assert [k.wrapped_by for k in store.live("acme", KeyPurpose.DEK, "p1")] == ["kek-two"]
+
+
+async def test_a_dek_wrapped_during_another_workers_kek_rotation_is_not_orphaned(
+    postgres: str, schema: str, sealed_keys: tuple[Path, list[str]]
+) -> None:
+    keys_dir, shares = sealed_keys
+    rotated = threading.Event()
+    reached = threading.Event()
+
+    class _Late(PostgresKeyStore):
+        """A worker that read the active KEK, then stalls until the rotation is over."""
+
+        def add(self, records: Sequence[KeyRecord], *, demote: Sequence[str] = ()) -> None:
+            if any(r.purpose is KeyPurpose.DEK for r in records) and not rotated.is_set():
+                reached.set()
+                rotated.wait(timeout=10)
+            super().add(records, demote=demote)
+
+    rotator_store = PostgresKeyStore(postgres, schema=schema)
+    rotator = _ring(rotator_store, keys_dir)
+    await rotator.unseal(shares)
+    await rotator.ensure_tenant("acme")
+    late_store = _Late(postgres, schema=schema, create=False)
+    results: list[object] = []
+
+    def late_worker() -> None:  # its own thread and event loop, as another process would be
+        async def flow() -> None:
+            late = _ring(late_store, keys_dir)
+            await late.unseal(shares)
+            try:
+                results.append(await late.create_patient_key("acme", "p1"))
+            except KeyStoreConflict as exc:
+                results.append(exc)
+                # the retry reads the active KEK again and wraps with the new one
+                results.append(await late.create_patient_key("acme", "p1"))
+            ref = ElementRef("acme", "Patient", "p1", "birthDate")
+            cipher = await late.patient_cipher("acme", "p1")
+            results.append(cipher.open(ref, cipher.seal(ref, b"1970")))
+            await late.seal()
+
+        asyncio.run(flow())
+
+    thread = threading.Thread(target=late_worker)
+    thread.start()
+    assert await asyncio.to_thread(reached.wait, 10)
+    await rotator.rotate_kek("acme")  # while the late worker holds a DEK wrapped by the old KEK
+    rotated.set()
+    await asyncio.to_thread(thread.join, 30)
+    conflict, info, opened = results
+    assert isinstance(conflict, KeyStoreConflict) and opened == b"1970"
+    (active_kek,) = rotator_store.live("acme", KeyPurpose.KEK)
+    (dek,) = rotator_store.live("acme", KeyPurpose.DEK, "p1")
+    assert dek.key_id == getattr(info, "key_id", None) and dek.wrapped_by == active_kek.key_id
+    await rotator.seal()
+    late_store.close()
+    rotator_store.close()
