@@ -24,11 +24,14 @@ The cursor may lag behind the ledger (a crash, even ``kill -9``, between an appe
 cursor row), never run ahead of it. On taking over, with the ledger holding ``S`` entries and
 the last cursor row saying ``(S_c, Q_c)``:
 
-1. read the stream from ``Q_c + 1``: its first ``S - S_c`` messages are, in order, the ledger
+1. check the anchor: the stream reaches ``Q_c`` and its message ``Q_c`` (unless aged out) is
+   entry ``S_c - 1``, so that a stream recreated under the same name is refused rather than
+   its first ``Q_c`` messages skipped;
+2. read the stream from ``Q_c + 1``: its first ``S - S_c`` messages are, in order, the ledger
    entries ``S_c .. S - 1``; each is compared with its entry (the event document without the
    ledger's own fields) and any difference stops the sequencer (the ledger and the stream
    disagree: an operator must look);
-2. append from the next message on.
+3. append from the next message on.
 
 Stream sequence numbers must be contiguous: the stream is created with deletes and purges
 denied and duplicates dropped without taking a number, so a message missing from the sequence
