@@ -202,7 +202,7 @@ async def test_an_open_breaker_fails_at_once(audit_stream: AuditStream) -> None:
         started = time.monotonic()
         with pytest.raises(LedgerUnavailable, match="circuit breaker"):
             await sink.record(sample_event(2))
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 0.25  # no publish attempted (0.3 s timeout)
 
 
 async def test_the_sink_fails_closed_while_nats_is_down_and_resumes_by_itself(
