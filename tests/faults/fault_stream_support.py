@@ -1,0 +1,180 @@
+"""The audit-stream side of the fault tests: a publishing load through the real
+:class:`~phivault.ledger.stream.JetStreamAuditSink` that keeps a tally of every acknowledged
+event (by its message id), and a reader of everything the stream holds.
+
+Each publish passes its own message id, so that afterwards every acknowledged event can be
+found in the stream (and in the ledger) exactly once, and a failed publish is known by id too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from phivault.ledger.errors import LedgerUnavailable
+from phivault.ledger.stream import JetStreamAuditSink, audit_subject, ensure_audit_stream
+from phivault.ledger.testing import sample_event
+
+__all__ = [
+    "Publication",
+    "PublishTally",
+    "StreamMessage",
+    "admin_client",
+    "publish_load",
+    "read_stream",
+    "stream_name",
+]
+
+
+def stream_name(prefix: str = "FAULT") -> str:
+    return f"{prefix}_{secrets.token_hex(4).upper()}"
+
+
+async def admin_client(urls: Sequence[str]) -> NatsClient:
+    """A plain client for setting up and reading streams (not the one under test)."""
+    client: NatsClient = await nats.connect(
+        servers=list(urls),
+        name="fault-admin",
+        connect_timeout=2,
+        reconnect_time_wait=0.25,
+        max_reconnect_attempts=-1,
+    )
+    return client
+
+
+async def create_stream(js: JetStreamContext, name: str, replicas: int) -> None:
+    await ensure_audit_stream(js, name=name, subject=audit_subject(name), replicas=replicas)
+
+
+@dataclass(frozen=True)
+class Publication:
+    msg_id: str
+    started: float
+    finished: float
+    seq: int | None  # None: it failed
+    error: str | None = None
+
+
+@dataclass
+class PublishTally:
+    """Every publish the load made, acknowledged or not."""
+
+    done: list[Publication] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def acked(self) -> dict[str, int]:
+        return {p.msg_id: p.seq for p in self.done if p.seq is not None}
+
+    def failures(self, since: float = 0.0) -> list[Publication]:
+        return [p for p in self.done if p.seq is None and p.started >= since]
+
+    def successes(self, since: float = 0.0) -> list[Publication]:
+        return [p for p in self.done if p.seq is not None and p.started >= since]
+
+    def started_since(self, since: float) -> list[Publication]:
+        return [p for p in self.done if p.started >= since]
+
+    @property
+    def last_success(self) -> float:
+        times = [p.finished for p in self.done if p.seq is not None]
+        return max(times, default=0.0)
+
+
+_numbers = itertools.count()
+
+
+async def publish_load(
+    sink: JetStreamAuditSink,
+    tally: PublishTally,
+    stop: asyncio.Event,
+    *,
+    publishers: int = 4,
+    pause_s: float = 0.005,
+) -> None:
+    """``publishers`` tasks publish events through ``sink`` until ``stop`` is set; every
+    outcome goes to ``tally`` (a LedgerUnavailable is an expected failure, anything else is
+    noted as unexpected)."""
+    run = secrets.token_hex(3)
+
+    async def publisher(lane: int) -> None:
+        while not stop.is_set():
+            n = next(_numbers)
+            msg_id = f"fault-{run}-{lane}-{n}"
+            started = time.monotonic()
+            try:
+                seq = await sink.record(sample_event(n), msg_id=msg_id)
+            except LedgerUnavailable as exc:
+                tally.done.append(Publication(msg_id, started, time.monotonic(), None, str(exc)))
+                await asyncio.sleep(0.05)
+                continue
+            except Exception as exc:
+                tally.unexpected.append(f"{type(exc).__name__}: {exc}")
+                tally.done.append(Publication(msg_id, started, time.monotonic(), None, repr(exc)))
+                await asyncio.sleep(0.05)
+                continue
+            tally.done.append(Publication(msg_id, started, time.monotonic(), seq))
+            await asyncio.sleep(pause_s)
+
+    await asyncio.gather(*(publisher(lane) for lane in range(publishers)))
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    seq: int
+    msg_id: str | None
+    data: bytes
+
+
+async def read_stream(
+    js: JetStreamContext, name: str, timeout: float = 20.0
+) -> list[StreamMessage]:
+    """Every message the stream holds, in stream order (read by sequence number)."""
+    info = await js.stream_info(name)
+    last = info.state.last_seq
+    first = info.state.first_seq
+    out: list[StreamMessage] = []
+    deadline = time.monotonic() + timeout
+    sub = await js.pull_subscribe(audit_subject(name), stream=name)
+    try:
+        while len(out) < last - first + 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read {len(out)} of {last - first + 1} messages of {name}")
+            try:
+                batch = await sub.fetch(256, timeout=2)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in batch:
+                headers = msg.headers or {}
+                out.append(
+                    StreamMessage(
+                        msg.metadata.sequence.stream, headers.get("Nats-Msg-Id"), msg.data
+                    )
+                )
+                await msg.ack()
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+def exactly_once(acked: dict[str, int], messages: list[StreamMessage]) -> None:
+    """Every acknowledged message id is in the stream exactly once, at the sequence number its
+    acknowledgement gave; no id appears twice at all."""
+    ids = Counter(m.msg_id for m in messages)
+    doubled = [i for i, n in ids.items() if n > 1]
+    assert not doubled, f"message ids stored more than once: {doubled[:5]}"
+    at = {m.msg_id: m.seq for m in messages}
+    missing = [i for i in acked if i not in at]
+    assert not missing, f"{len(missing)} acknowledged events are not in the stream: {missing[:5]}"
+    moved = [(i, s, at[i]) for i, s in acked.items() if at[i] != s]
+    assert not moved, f"acknowledged at one sequence, stored at another: {moved[:5]}"
