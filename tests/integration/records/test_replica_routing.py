@@ -563,6 +563,28 @@ def test_router_keeps_a_sample_at_most_half_the_bound() -> None:
     assert probe.calls == 2
 
 
+def test_router_does_not_wait_long_for_a_probe_that_hangs() -> None:
+    release = threading.Event()
+
+    def hanging() -> ReplicaStatus:
+        release.wait(5)
+        return ReplicaStatus(0.0, 1000)
+
+    health = CooldownHealth(retry_after_s=1.0)
+    router = ReplicaRouter([Replica("replica:r:1", hanging, health)], probe_wait_s=0.05)
+    first = threading.Thread(target=router.choose, args=(ReadClass.PHI,))
+    first.start()
+    try:
+        time.sleep(0.02)  # the first read is probing (and hangs)
+        started = time.monotonic()
+        assert router.choose(ReadClass.PHI) is None  # the second gives up on it
+        assert time.monotonic() - started < 0.5
+        assert not health.allow()  # skipped for its cool-down
+    finally:
+        release.set()
+        first.join(5)
+
+
 def test_router_sends_authorization_and_fresh_reads_to_the_primary() -> None:
     clock, probe = FakeClock(), FakeProbe()
     router = router_with(probe, clock)

@@ -254,8 +254,10 @@ class ReplicaRouter:
     records a committed write's LSN under its session (read-your-writes);
     ``note_write_everyone`` one that every session must see (schema migrations).
     ``unknown_pin_s`` keeps a session on the primary after a write whose LSN could not be
-    read. At most ``max_sessions`` sessions are tracked; beyond that the oldest are folded
-    into one floor that every session must see (safe, only less precise).
+    read. A read waits at most ``probe_wait_s`` for another thread's probe of a replica;
+    past that the replica counts as failed (it may hang) and the primary serves. At most
+    ``max_sessions`` sessions are tracked; beyond that the oldest are folded into one floor
+    that every session must see (safe, only less precise).
     """
 
     def __init__(
@@ -267,6 +269,7 @@ class ReplicaRouter:
         sample_ttl_s: float = 0.05,
         unknown_pin_s: float = 1.0,
         max_sessions: int = 100_000,
+        probe_wait_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_lag_s <= 0 or display_max_lag_s <= 0:
@@ -282,6 +285,7 @@ class ReplicaRouter:
         # A sample older than the bound could never admit a read: keep it half as long.
         self._ttl = min(sample_ttl_s, max_lag_s / 2)
         self._unknown_pin = unknown_pin_s
+        self._probe_wait = probe_wait_s
         self._max_sessions = max_sessions
         self._clock = clock
         self._lock = threading.Lock()
@@ -345,7 +349,12 @@ class ReplicaRouter:
         kept = replica.sample
         if kept is not None and self._clock() - kept.taken_at < self._ttl:
             return kept
-        with replica._lock:  # one probe at a time; the others use its result
+        # One probe at a time; the others wait for its result, but not for long: a replica
+        # that hangs (stopped, or a host that drops packets) must not hold up every read.
+        if not replica._lock.acquire(timeout=self._probe_wait):
+            self.replica_failed(replica)
+            return None
+        try:
             kept = replica.sample
             if kept is not None and self._clock() - kept.taken_at < self._ttl:
                 return kept
@@ -371,6 +380,8 @@ class ReplicaRouter:
                 lag = min(lag, started - kept.taken_at)
             replica.sample = LagSample(lag, status.replay_lsn, status.receive_lsn, started)
             return replica.sample
+        finally:
+            replica._lock.release()
 
     # read-your-writes ---------------------------------------------------------------------
 
