@@ -44,7 +44,8 @@ class AuditSink(Protocol):
     """
 
     async def record(self, event: AuditEvent) -> int:
-        """Record ``event``; return its ledger index once durable."""
+        """Record ``event`` durably; return its ledger index (embedded) or its audit stream
+        sequence number (scaled: the sequencer assigns the index later, in that order)."""
         ...
 
 
