@@ -752,15 +752,27 @@ class PostgresKeyStore:
         """
         if not self._vacuum:
             return
+        skipped: list[str] = []
+
+        def notice(diag: psycopg.errors.Diagnostic) -> None:
+            # Skipping (not the owner, table locked) is a WARNING notice, not an error.
+            if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+                skipped.append(diag.message_primary)
+
         try:
             with self._pool.connection() as conn:
-                conn.execute(self._sql("VACUUM (SKIP_LOCKED) {s}.keys"))
+                conn.add_notice_handler(notice)
+                try:
+                    conn.execute(self._sql("VACUUM (SKIP_LOCKED) {s}.keys"))
+                finally:
+                    conn.remove_notice_handler(notice)
         except (psycopg.Error, StoreUnavailable) as exc:
-            detail = _driver_message(exc) if isinstance(exc, psycopg.Error) else str(exc)
+            skipped.append(_driver_message(exc) if isinstance(exc, psycopg.Error) else str(exc))
+        if skipped:
             _log.warning(
                 "keystore: VACUUM after destroying keys did not run (%s); autovacuum will "
                 "prune the destroyed wrapped keys later",
-                detail,
+                "; ".join(skipped),
             )
 
     # rotation jobs -----------------------------------------------------------------------

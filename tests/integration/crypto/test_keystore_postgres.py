@@ -771,3 +771,39 @@ async def test_a_dek_wrapped_during_another_workers_kek_rotation_is_not_orphaned
     await rotator.seal()
     late_store.close()
     rotator_store.close()
+
+
+# -- a worker role without ownership ---------------------------------------------------------
+
+
+def test_a_worker_role_without_ownership_works_and_shreds(
+    store: PostgresKeyStore, postgres: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers need no CREATE and no ownership: init (the owner) made the schema. A shred by
+    such a role commits; the VACUUM it cannot run is a warning in the log, not a failure."""
+    role = f"test_keys_app_{secrets.token_hex(4)}"
+    ident, schema = sql.Identifier(role), sql.Identifier(store.schema)
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+        for grant in (
+            "GRANT USAGE ON SCHEMA {schema} TO {role}",
+            "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {role}",
+            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}",
+        ):
+            admin.execute(sql.SQL(grant).format(schema=schema, role=ident))
+    try:
+        conninfo = psycopg.conninfo.make_conninfo(postgres, user=role)
+        worker = PostgresKeyStore(conninfo, schema=store.schema, create=False)
+        try:
+            worker.add([_dek("p1", 1)])
+            with caplog.at_level("WARNING", logger="phivault.crypto.keystore"):
+                worker.shred(_shred("p1"))
+        finally:
+            worker.close()
+        assert store.live("acme", KeyPurpose.DEK, "p1") == []
+        assert store.shred_record("acme", "p1") is not None
+        assert "VACUUM after destroying keys did not run" in caplog.text
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+            admin.execute(sql.SQL("DROP ROLE {}").format(ident))
