@@ -1,4 +1,5 @@
-"""The key ring end to end on the sealed local keystore: create, seal/open, audit."""
+"""The key ring end to end on the sealed local keystore, with its keys in SQLite and in PostgreSQL
+(the `env` fixture runs each test on both): create, seal/open, audit."""
 
 from __future__ import annotations
 
