@@ -73,6 +73,7 @@ from phivault.api.problems import (
 from phivault.crypto.errors import KeyUnavailable, PatientShredded, Sealed
 from phivault.errors import InvalidInput
 from phivault.identity.principal import Principal
+from phivault.resilience import Breaker
 from phivault.settings import Settings
 
 __all__ = [
@@ -149,6 +150,7 @@ class BreakGlassWiring:
     service: BreakGlassService
     routers: tuple[MountedRouter, ...]
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...]
+    breakers: tuple[Breaker, ...] = ()  # the webhook's, to export with the others
 
 
 def wire_break_glass(
@@ -168,10 +170,12 @@ def wire_break_glass(
     standard error by default) and, given ``webhook_url``, a background webhook."""
     sinks: list[AlertSink] = [LogAlertSink(log_stream), *extra_sinks]
     shutdown: list[Callable[[], Awaitable[None]]] = []
+    breakers: list[Breaker] = []
     if webhook_url is not None:
         webhook = WebhookAlertSink(webhook_url, client=http_client)
         sinks.append(webhook)
         shutdown.append(webhook.aclose)
+        breakers.append(webhook.breaker)
     access = settings.access
     service = BreakGlassService(
         SqlGrantStore(engine),
@@ -186,7 +190,7 @@ def wire_break_glass(
         MountedRouter(break_glass_router()),
         MountedRouter(break_glass_admin_router(), prefix="/admin/break-glass"),
     )
-    return BreakGlassWiring(service, routers, tuple(shutdown))
+    return BreakGlassWiring(service, routers, tuple(shutdown), tuple(breakers))
 
 
 # --- parsing ---------------------------------------------------------------------------

@@ -306,6 +306,10 @@ async def open_service(
                 webhook_url=settings.access.break_glass_webhook_url,
             )
 
+            breakers.add(ring.breaker)  # the root key provider's, at /metrics with the rest
+            for breaker in break_glass.breakers:
+                breakers.add(breaker)
+
             yield create_app(
                 settings,
                 audit_sink=audit.sink,
