@@ -445,15 +445,18 @@ class PostgresKeyStore:
         self, what: str, text: LiteralString | sql.Composed, params: Sequence[Any] = ()
     ) -> list[Any]:
         statement = text if isinstance(text, sql.Composed) else self._sql(text)
-        # Reads are idempotent: one retry on a fresh connection rides over a server restart.
+        # Reads are idempotent: a session lost under them (server restart, cut connection) is
+        # retried once on a fresh one. A timeout or a refused connection is not: retrying would
+        # only double the wait.
         retried = False
         while True:
             try:
                 with self._pool.connection() as conn:
-                    return conn.execute(statement, params).fetchall()
-            except psycopg.OperationalError as exc:
-                if retried:
-                    raise _translate(exc, what) from exc
+                    try:
+                        return conn.execute(statement, params).fetchall()
+                    except psycopg.OperationalError:
+                        if retried or not conn.broken:
+                            raise
                 retried = True
             except psycopg.Error as exc:
                 raise _translate(exc, what) from exc
