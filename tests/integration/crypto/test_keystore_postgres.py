@@ -807,3 +807,29 @@ def test_a_worker_role_without_ownership_works_and_shreds(
         with psycopg.connect(postgres, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP OWNED BY {}").format(ident))
             admin.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+def test_a_stuck_table_fails_calls_within_the_timeout(postgres: str, schema: str) -> None:
+    import time
+
+    store = PostgresKeyStore(postgres, schema=schema, statement_timeout_s=1)
+    try:
+        with psycopg.connect(postgres) as admin:  # holds the table until the block ends
+            admin.execute(
+                sql.SQL("LOCK TABLE {}.keys IN ACCESS EXCLUSIVE MODE").format(
+                    sql.Identifier(schema)
+                )
+            )
+            for call in (
+                lambda: store.live("acme", KeyPurpose.DEK, "p1"),
+                lambda: store.add([_kek()]),
+            ):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="keystore") as info:
+                    call()
+                assert time.monotonic() - started < 3  # once, not retried
+                assert not isinstance(info.value, psycopg.Error)
+            admin.rollback()
+        store.add([_kek()])  # the table is free again: the same store works
+    finally:
+        store.close()
