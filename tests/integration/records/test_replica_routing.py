@@ -204,6 +204,26 @@ def test_read_your_writes_follows_the_caller_session_context(
     assert (served, found and found.version) == (replica.name, 1)
 
 
+def test_resealed_elements_are_read_from_the_primary_until_every_replica_has_them(
+    open_store: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+) -> None:
+    store = open_store(replica_max_lag_s=30.0)  # only the write floor keeps reads off it
+    write(store, obs("o1"), session="writer")
+    replica.wait_replayed()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="reader on replica")
+    replica.pause_replay()
+    elements = store.sealed_elements()
+    (element,) = elements.scan(TENANT, patient=None, after=0, limit=10)
+    assert elements.replace(element, b"resealed")  # a DEK rotation's re-seal
+    served, found = read(store, "o1", session="reader")  # a reader who wrote nothing
+    assert served == PRIMARY and found is not None
+    assert found.groups == {"clinical": b"resealed"}
+    replica.resume_replay()
+    eventually(lambda: on_replica(store, "o1", "reader", replica.name), what="back on replica")
+    assert read(store, "o1", session="reader")[1].groups == {"clinical": b"resealed"}  # type: ignore[union-attr]
+
+
 def test_killing_the_replica_moves_reads_to_the_primary_and_restarting_brings_them_back(
     open_store: Callable[..., SqlRecordStore],
     replica: PgReplica,  # noqa: F811

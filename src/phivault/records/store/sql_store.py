@@ -1165,7 +1165,7 @@ class SqlRecordStore:
 
     def sealed_elements(self) -> SqlSealedElements:
         """The key ring's view of these tables (DEK rotation, index upkeep, shredding)."""
-        return SqlSealedElements(self._engine)
+        return SqlSealedElements(self._engine, router=self._router)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -1224,14 +1224,21 @@ class SqlSealedElements:
     repository (see docs/decisions/records-storage.md on index-key rotation).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, router: ReplicaRouter | None = None) -> None:
         self._engine = engine
+        self._router = router
 
     @contextmanager
-    def _tx(self, doing: str) -> Iterator[Connection]:
+    def _tx(self, doing: str, *, writes: bool = True) -> Iterator[Connection]:
+        """One transaction. With replicas, a write's position becomes a floor every reader
+        must find replayed: an element re-sealed under a new data key must not be read back
+        in its old form from a replica once the old key may be destroyed."""
         try:
-            with self._engine.begin() as conn:
-                yield conn
+            with self._engine.connect() as conn:
+                with conn.begin():
+                    yield conn
+                if writes and self._router is not None:
+                    self._router.note_write_everyone(_written_lsn(conn))
         except SQLAlchemyError as exc:
             raise _driver_error(exc, doing) from exc
 
@@ -1251,7 +1258,7 @@ class SqlSealedElements:
         )  # fmt: skip
         if patient is not None:
             statement = statement.where(g.key_subject == patient)
-        with self._tx("scan") as conn:
+        with self._tx("scan", writes=False) as conn:
             rows = conn.execute(statement).all()
         return [
             SealedElement(
