@@ -484,7 +484,10 @@ async def test_the_repository_as_it_is_reads_through_the_replica(
                 assert got.resource is not None
                 return seen.total, unseen.total, got.resource["id"]
 
-            # while the replica lacks the load, the (unkeyed) writer's reads are on the primary
+            # while the replica lacks the load (replay paused for longer than the bound), reads
+            # are on the primary: the lag guard (the repository keys read-your-writes by
+            # caller, and these callers wrote nothing)
+            time.sleep(0.15)
             store.served.clear()
             on_primary = await answers()
             assert set(store.served) == {PRIMARY}
