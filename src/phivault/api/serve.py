@@ -141,8 +141,9 @@ def records_store_url(settings: Settings, data_dir: DataDir) -> str:
     return f"sqlite:///{data_dir.records_dir}/records.db"
 
 
-def _open_store(settings: Settings, data_dir: DataDir) -> SqlRecordStore:
+def _open_store(settings: Settings, data_dir: DataDir, breakers: Breakers) -> SqlRecordStore:
     from phivault.records.store import SqlRecordStore
+    from phivault.records.store.routing import BreakerHealth
 
     # The folder holds the embedded database and, in every shape, the reconcile cursor.
     data_dir.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -152,6 +153,13 @@ def _open_store(settings: Settings, data_dir: DataDir) -> SqlRecordStore:
         schema=records.store_schema,
         replica_urls=records.replica_urls,
         replica_max_lag_s=records.replica_max_lag_ms / 1000,
+        # A replica that fails is skipped (the primary serves) until its breaker lets a
+        # read try it again; the breakers' states are exported at /metrics.
+        replica_health=lambda name: BreakerHealth(
+            breakers.breaker(
+                f"records.{name}", failure_threshold=1, reset_timeout_s=1.0, call_timeout_s=None
+            )
+        ),
     )
 
 
@@ -257,7 +265,7 @@ async def open_service(
         _open_audit(settings, data_dir, breakers) as audit,
         open_keyring(data_dir, settings, audit.sink, credentials=credentials) as ring,
     ):
-        store = await asyncio.to_thread(_open_store, settings, data_dir)
+        store = await asyncio.to_thread(_open_store, settings, data_dir, breakers)
         reconciling: asyncio.Task[None] | None = None
         try:
             policy = compile_policy(_load_policy(settings))
