@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from phivault.errors import InvalidInput, PhivaultError
+from phivault.errors import InvalidInput, PhivaultError, StoreUnavailable
 
 __all__ = [
     "CryptoError",
     "DecryptionFailed",
     "InvalidShares",
     "KeyNotFound",
+    "KeyStoreConflict",
     "KeyUnavailable",
     "PatientShredded",
     "RetentionHold",
@@ -83,3 +84,11 @@ class InvalidShares(CryptoError, InvalidInput):
 
 class RotationInProgress(CryptoError):
     """Another rotation of a different kind is unfinished for this tenant; finish it first."""
+
+
+class KeyStoreConflict(StoreUnavailable):
+    """Another worker wrote the same key version, unfinished rotation or shred record first.
+
+    Nothing of this call was written. Reading the store again shows the other worker's row;
+    retrying the operation (the key ring's creates are idempotent) returns it.
+    """

@@ -43,6 +43,7 @@ from phivault.crypto.elements import PatientCipher, key_version_of
 from phivault.crypto.errors import (
     DecryptionFailed,
     KeyNotFound,
+    KeyStoreConflict,
     KeyUnavailable,
     PatientShredded,
     RetentionHold,
@@ -539,7 +540,14 @@ class KeyRing:
                     key_ids=[r.key_id for r in records],
                 )
             )
-            self._store.add(records)
+            try:
+                self._store.add(records)
+            except KeyStoreConflict:
+                # Another worker created the tenant's keys first: theirs are the keys.
+                winner = self._active(self._store.live(tenant, KeyPurpose.KEK))
+                if winner is None:
+                    raise
+                return winner
             return kek
 
     def _wrapped_new(
@@ -602,7 +610,14 @@ class KeyRing:
                     key_ids=(record.key_id,),
                 )
             )
-            self._store.add([record])
+            try:
+                self._store.add([record])
+            except KeyStoreConflict:
+                # Another worker created this patient's key first: theirs is the key.
+                winner = self._active(self._store.live(tenant, KeyPurpose.DEK, patient))
+                if winner is None:
+                    raise
+                return self._info(winner)
         return self._info(record)
 
     async def create_patient_keys(self, tenant: str, patients: Sequence[str]) -> int:
@@ -637,7 +652,13 @@ class KeyRing:
                     key_ids=(record.key_id,),
                 )
             )
-        self._store.add(records)
+        try:
+            self._store.add(records)
+        except KeyStoreConflict:
+            # Another worker created some of these keys meanwhile: nothing of this batch
+            # was written; create the rest one by one (each is idempotent).
+            for patient in patients:
+                await self.create_patient_key(tenant, patient)
         return len(records)
 
     async def patient_cipher(

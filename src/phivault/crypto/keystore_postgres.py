@@ -49,7 +49,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from phivault.crypto.errors import KeyNotFound, PatientShredded
+from phivault.crypto.errors import KeyNotFound, KeyStoreConflict, PatientShredded
 from phivault.crypto.ports import (
     Hold,
     JobKind,
@@ -75,14 +75,6 @@ SCHEMA_VERSION: Final = 1
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _PING_AFTER_IDLE_S: Final = 1.0  # a connection idle longer is checked before use
 _log = logging.getLogger("phivault.crypto.keystore")
-
-
-class KeyStoreConflict(StoreUnavailable):
-    """Another worker wrote the same key version, unfinished rotation or shred record first.
-
-    Nothing of this call was written. Reading the store again shows the other worker's row;
-    retrying the operation (the key ring's creates are idempotent) returns it.
-    """
 
 
 # -- connection strings ---------------------------------------------------------------------
