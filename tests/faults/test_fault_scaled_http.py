@@ -1,0 +1,189 @@
+"""The scaled shape through HTTP while its audit stream dies: ``phivault serve --workers 2``
+and ``phivault sequencer`` on a private PostgreSQL and a private 3-node NATS cluster.
+
+Every NATS node is SIGKILLed under a load of PHI reads and writes: PHI interactions answer
+503 with an OperationOutcome (nothing else), ``/healthz`` stays up; the nodes are started
+again and the same workers serve PHI again by themselves. Afterwards, with the sequencer
+caught up: every 200 read has its read event in the ledger (same request id) -- so nothing
+was disclosed without a record, and nothing was disclosed while the stream was down; every
+acknowledged write is there and has its committed outcome; every write answered 503 is
+either absent or has a committed outcome; every intent has an outcome; the ledger verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from fault_scaled_support import OUTCOMES, ScaledDeployment, deploy_scaled
+from fault_support import Harness, await_until
+
+pytestmark = pytest.mark.faults
+FAULT_TIMEOUT_S = 100
+
+
+@dataclass
+class Exchange:
+    kind: str  # "read" or "write"
+    request_id: str
+    patient: str
+    started: float
+    finished: float
+    status: int
+    resource_type: str | None
+
+
+@dataclass
+class HttpTally:
+    done: list[Exchange] = field(default_factory=list)
+    transport_errors: list[str] = field(default_factory=list)
+
+    def since(self, t: float, kind: str | None = None) -> list[Exchange]:
+        return [e for e in self.done if e.started >= t and (kind is None or e.kind == kind)]
+
+
+def patient(patient_id: str) -> dict[str, object]:
+    return {
+        "resourceType": "Patient",
+        "id": patient_id,
+        "active": True,
+        "name": [{"family": "Faultline", "given": ["Http"]}],
+    }
+
+
+async def http_load(
+    scaled: ScaledDeployment,
+    tally: HttpTally,
+    stop: asyncio.Event,
+    readable: dict[str, dict[str, str]],
+    writer: dict[str, str],
+) -> None:
+    async with httpx.AsyncClient(base_url=scaled.url, timeout=30) as client:
+
+        async def exchange(kind: str, pid: str, request: httpx.Request) -> None:
+            rid = request.headers["X-Request-ID"]
+            started = time.monotonic()
+            try:
+                response = await client.send(request)
+            except httpx.TransportError as exc:
+                tally.transport_errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            kind_of = None
+            if response.headers.get("content-type", "").startswith("application/fhir+json"):
+                kind_of = response.json().get("resourceType")
+            tally.done.append(
+                Exchange(kind, rid, pid, started, time.monotonic(), response.status_code, kind_of)
+            )
+
+        async def reader(lane: int) -> None:
+            ids = list(readable)
+            turn = lane
+            while not stop.is_set():
+                pid = ids[turn % len(ids)]
+                turn += 1
+                rid = f"fr{lane}-{secrets.token_hex(6)}"
+                headers = {**readable[pid], "X-Request-ID": rid}
+                await exchange("read", pid, client.build_request(
+                    "GET", f"/fhir/Patient/{pid}", headers=headers))  # fmt: skip
+                await asyncio.sleep(0.01)
+
+        async def write_loop() -> None:
+            while not stop.is_set():
+                pid = f"fw-{secrets.token_hex(6)}"
+                rid = f"fw-{secrets.token_hex(6)}"
+                await exchange("write", pid, client.build_request(
+                    "PUT", f"/fhir/Patient/{pid}", json=patient(pid),
+                    headers={**writer, "X-Request-ID": rid}))  # fmt: skip
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(*(reader(n) for n in range(3)), write_loop())
+
+
+async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
+    harness: Harness,
+) -> None:
+    scaled = await asyncio.to_thread(deploy_scaled, harness, workers=2)
+    writer = scaled.loader()
+    readable: dict[str, dict[str, str]] = {}
+    async with httpx.AsyncClient(base_url=scaled.url, timeout=30) as client:
+        for n in range(3):
+            pid = f"seed-{n}-{secrets.token_hex(4)}"
+            put = await client.put(f"/fhir/Patient/{pid}", json=patient(pid), headers=writer)
+            assert put.status_code == 201, put.text
+            readable[pid] = scaled.patient(pid)
+    tally = HttpTally()
+    stop = asyncio.Event()
+    load = asyncio.ensure_future(http_load(scaled, tally, stop, readable, writer))
+    try:
+        await await_until(
+            lambda: len([e for e in tally.done if e.status == 200]) >= 20, 30,
+            what="reads before the fault",
+        )  # fmt: skip
+        await asyncio.to_thread(scaled.nats.kill_all)
+        down_at = time.monotonic()
+        await await_until(
+            lambda: len([e for e in tally.since(down_at) if e.status == 503]) >= 20,
+            30,
+            what="PHI interactions to answer 503",
+        )
+        health = [await asyncio.to_thread(scaled.healthz) for _ in range(5)]
+        up_at = time.monotonic()
+        await asyncio.to_thread(scaled.nats.start)
+        await await_until(
+            lambda: (
+                len([e for e in tally.since(up_at, "read") if e.status == 200]) >= 20
+                and len([e for e in tally.since(up_at, "write") if e.status == 201]) >= 3
+            ),
+            45,
+            what="PHI reads and writes to succeed again",
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(load, 60)
+
+    assert tally.transport_errors == []
+    assert health == [200] * 5, f"/healthz answered {health} with the stream down"
+    statuses = Counter(e.status for e in tally.done)
+    assert set(statuses) <= {200, 201, 503}, statuses
+    for e in tally.done:
+        if e.status == 503:
+            assert e.resource_type == "OperationOutcome", e
+    # Started once every node was dead and finished before any came back: nothing succeeded.
+    outage = [e for e in tally.since(down_at) if e.finished < up_at]
+    assert outage and all(e.status == 503 for e in outage), Counter(e.status for e in outage)
+
+    await asyncio.to_thread(scaled.wait_ledger_caught_up)
+    documents = await asyncio.to_thread(scaled.ledger_documents)
+    by_request: dict[str, list[dict[str, object]]] = {}
+    for doc in documents:
+        by_request.setdefault(str(doc.get("request_id")), []).append(doc)
+    for e in tally.done:
+        events = by_request.get(e.request_id, [])
+        if e.kind == "read" and e.status == 200:
+            assert any(d.get("subtype") == "read" for d in events), f"no event for {e}"
+        if e.kind == "write":
+            reasons = Counter(str(d.get("outcome_reason")) for d in events)
+            if e.status == 201:
+                assert reasons["intent"] == 1 and reasons["committed"] == 1, (e, reasons)
+            elif reasons["intent"]:
+                assert sum(reasons[r] for r in OUTCOMES) >= 1, (e, reasons)
+    # Every acknowledged write is there (read back by its patient); a write answered 503 is
+    # either absent or recorded as committed.
+    async with httpx.AsyncClient(base_url=scaled.url, timeout=30) as client:
+        for e in tally.done:
+            if e.kind != "write":
+                continue
+            got = await client.get(f"/fhir/Patient/{e.patient}", headers=scaled.patient(e.patient))
+            if e.status == 201:
+                assert got.status_code == 200, (e, got.status_code)
+            elif got.status_code == 200:
+                reasons = {str(d.get("outcome_reason")) for d in by_request.get(e.request_id, [])}
+                assert reasons & {"committed", "reconciled-committed"}, (e, reasons)
+            else:
+                assert got.status_code == 404, (e, got.status_code)
+    await asyncio.to_thread(scaled.verify_ledger)
