@@ -156,8 +156,45 @@ class ScaledDeployment:
                 pids.append(int(entry.name))
         return sorted(pids)
 
+    def workers_serving(self, client_pid: int) -> list[int]:
+        """The workers holding an open connection from process ``client_pid`` (read from
+        /proc: the kernel hands each connection to one worker)."""
+        port = int(self.url.rsplit(":", 1)[1])
+        rows = _tcp_rows()
+        ours = _socket_inodes(client_pid)
+        # Our ends: connections to the server's port; their local ports name the server ends.
+        client_ports = {local for local, remote, inode in rows if inode in ours and remote == port}
+        server_inodes = {
+            inode for local, remote, inode in rows if local == port and remote in client_ports
+        }
+        return [pid for pid in self.worker_pids() if _socket_inodes(pid) & server_inodes]
+
     def healthz(self) -> int:
         return httpx.get(f"{self.url}/healthz", timeout=3).status_code
+
+
+def _tcp_rows() -> list[tuple[int, int, int]]:
+    """(local port, remote port, inode) of every established loopback TCP socket."""
+    rows = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] != "01":  # ESTABLISHED
+            continue
+        local = int(fields[1].split(":")[1], 16)
+        remote = int(fields[2].split(":")[1], 16)
+        rows.append((local, remote, int(fields[9])))
+    return rows
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
 
 
 def _env(config: Path) -> dict[str, str]:
