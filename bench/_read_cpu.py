@@ -5,11 +5,16 @@ shares, exactly as ``bench/fhir_bench_server.py`` builds it) on a fresh data dir
 companion bundle and one Synthea patient are loaded through the app; then ``GET
 /fhir/Observation/{id}`` by the patient's own token is driven straight into the ASGI app
 (hand-made scope, receive and send: no socket, no HTTP parser, no client in the process), by
-``--concurrency`` tasks. Process CPU time (all threads) divided by the reads is the figure;
-``--profile OUT.prof`` runs the measured part under cProfile; ``--py-spy OUT.txt`` samples it
-with py-spy (``PY_SPY=...`` names the binary) as folded stacks of the thread holding the GIL.
+``--concurrency`` tasks. Process CPU time (all threads) divided by the requests is the figure.
 
-    python bench/_read_cpu.py [--reads 4000] [--concurrency 16] [--profile OUT.prof]
+* ``--search``: ``GET /fhir/Observation?patient=<id>&_count=20`` instead;
+* ``--whoami``: the authenticated, PHI-free ``GET /whoami`` (the front door alone);
+* ``--flat-routes``: an experiment (see :func:`_flatten_routes`);
+* ``--profile OUT.prof``: the measured part under cProfile;
+* ``--py-spy OUT.txt``: the measured part sampled by py-spy (``PY_SPY=...`` names the
+  binary), folded stacks of the thread holding the GIL.
+
+    python bench/_read_cpu.py [--reads 4000] [--concurrency 16] [--search | --whoami]
 
 The last line is JSON: ``reads``, ``cpu_ms_per_read``, ``wall_ms_per_read``, ``reads_per_cpu_s``.
 """
@@ -95,6 +100,35 @@ def _start_py_spy(out: str) -> subprocess.Popen[bytes]:
     return sampler
 
 
+def _flatten_routes(app: Any) -> None:
+    """An experiment, not what the service does: every route of the routers the app included
+    is added to the app's own route table (with its prefix), in the same order, so that a
+    request is matched once against plain routes instead of through FastAPI's included-router
+    wrappers. What that matching costs is the difference in CPU per read."""
+    from fastapi.routing import APIRoute
+
+    flat: list[Any] = []
+    for route in app.router.routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if contexts is None:
+            flat.append(route)
+            continue
+        for context in contexts():
+            original = context.original_route
+            if not isinstance(original, APIRoute):
+                raise SystemExit("--flat-routes: an included route is not an APIRoute")
+            flat.append(
+                type(original)(
+                    context.path_format,
+                    original.endpoint,
+                    methods=original.methods,
+                    name=original.name,
+                    response_class=original.response_class,
+                )
+            )
+    app.router.routes[:] = flat
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from joserfc import jwk
 
@@ -133,12 +167,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 elif parts[-2] == "Patient":
                     patient = parts[-1]
         token = tokens.patient(patient)
+        if args.flat_routes:
+            _flatten_routes(app)
         tune_for_serving()
         paths = [f"/fhir/Observation/{oid}" for oid in observations[:200]]
+        query = b""
+        if args.whoami:
+            paths = ["/whoami"]
+        elif args.search:
+            paths, query = ["/fhir/Observation"], f"patient={patient}&_count=20".encode()
 
         async def reader(n: int, offset: int) -> None:
             for i in range(n):
-                status, answer = await call(app, "GET", paths[(offset + i) % len(paths)], token)
+                path = paths[(offset + i) % len(paths)]
+                status, answer = await call(app, "GET", path, token, query=query)
                 if status != 200:
                     raise SystemExit(f"read failed: {status} {answer[:300]!r}")
 
@@ -171,5 +213,16 @@ if __name__ == "__main__":
     parser.add_argument("--reads", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--profile", help="write cProfile stats of the measured reads here")
+    parser.add_argument(
+        "--flat-routes",
+        action="store_true",
+        help="experiment: the included routers' routes added to the app's own table",
+    )
+    parser.add_argument(
+        "--search", action="store_true", help="search the patient's Observations, pages of 20"
+    )
+    parser.add_argument(
+        "--whoami", action="store_true", help="GET /whoami instead (the front door alone)"
+    )
     parser.add_argument("--py-spy", help="sample the measured reads with py-spy into this file")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))
