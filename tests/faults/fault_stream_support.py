@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
@@ -139,13 +140,23 @@ class StreamMessage:
 async def read_stream(
     js: JetStreamContext, name: str, timeout: float = 20.0
 ) -> list[StreamMessage]:
-    """Every message the stream holds, in stream order (read by sequence number)."""
-    info = await js.stream_info(name)
+    """Every message the stream holds, in stream order (read by sequence number).
+
+    Right after a fault the cluster may still be electing its meta leader, without which no
+    consumer can be made: the set-up is retried until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = await js.stream_info(name)
+            sub = await js.pull_subscribe(audit_subject(name), stream=name)
+            break
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.25)
     last = info.state.last_seq
     first = info.state.first_seq
     out: list[StreamMessage] = []
-    deadline = time.monotonic() + timeout
-    sub = await js.pull_subscribe(audit_subject(name), stream=name)
     try:
         while len(out) < last - first + 1:
             if time.monotonic() > deadline:

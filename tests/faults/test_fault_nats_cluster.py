@@ -83,6 +83,8 @@ async def loaded(
         for sink in sinks:
             await sink.aclose()
     try:
+        # Every node back first: a consumer to read with cannot be placed on a dead one.
+        await asyncio.to_thread(cluster.start)
         messages = await read_stream(js, name)
         for tally in tallies.values():
             assert tally.unexpected == [], tally.unexpected[:3]
