@@ -324,10 +324,10 @@ async def open_service(
                 breakers=breakers,
                 data_dir=data_dir,
                 key_sources=key_sources,
+                # FHIR first: nearly every request is one, and routes are tried in order
+                # (about a fifth of a read's CPU went to failing the other routers' paths).
+                # No other router's path matches a FHIR route's.
                 routers=[
-                    MountedRouter(keys_router(), prefix="/admin/keys"),
-                    MountedRouter(care_assignments_router(), prefix="/admin/care-assignments"),
-                    *break_glass.routers,
                     MountedRouter(
                         fhir_router(
                             default_count=records.default_count,
@@ -335,6 +335,9 @@ async def open_service(
                         ),
                         prefix=FHIR_PREFIX,
                     ),
+                    MountedRouter(keys_router(), prefix="/admin/keys"),
+                    MountedRouter(care_assignments_router(), prefix="/admin/care-assignments"),
+                    *break_glass.routers,
                 ],
                 state={
                     "unseal": unseal,
