@@ -1,9 +1,11 @@
-"""The scaled shape through HTTP while its audit stream dies: ``phivault serve --workers 2``
-and ``phivault sequencer`` on a private PostgreSQL and a private 3-node NATS cluster.
+"""The scaled shape through HTTP while its audit stream or its database dies: ``phivault
+serve --workers 2`` and ``phivault sequencer`` on a private PostgreSQL and a private 3-node
+NATS cluster.
 
-Every NATS node is SIGKILLed under a load of PHI reads and writes: PHI interactions answer
-503 with an OperationOutcome (nothing else), ``/healthz`` stays up; the nodes are started
-again and the same workers serve PHI again by themselves. Afterwards, with the sequencer
+Every NATS node is SIGKILLed -- or PostgreSQL (records, keys and ledger) is shut down -- under
+a load of PHI reads and writes: PHI interactions answer 503 with an OperationOutcome (nothing
+else), ``/healthz`` stays up; the servers are started again and the same workers serve PHI
+again by themselves. Afterwards, with the sequencer
 caught up: every 200 read has its read event in the ledger (same request id) -- so nothing
 was disclosed without a record, and nothing was disclosed while the stream was down; every
 acknowledged write is there and has its committed outcome; every write answered 503 is
@@ -16,7 +18,9 @@ import asyncio
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -104,11 +108,7 @@ async def http_load(
         await asyncio.gather(*(reader(n) for n in range(3)), write_loop())
 
 
-async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
-    harness: Harness,
-) -> None:
-    scaled = await asyncio.to_thread(deploy_scaled, harness, workers=2)
-    writer = scaled.loader()
+async def seed_patients(scaled: ScaledDeployment, writer: dict[str, str]) -> dict[str, Any]:
     readable: dict[str, dict[str, str]] = {}
     async with httpx.AsyncClient(base_url=scaled.url, timeout=30) as client:
         for n in range(3):
@@ -116,6 +116,17 @@ async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
             put = await client.put(f"/fhir/Patient/{pid}", json=patient(pid), headers=writer)
             assert put.status_code == 201, put.text
             readable[pid] = scaled.patient(pid)
+    return readable
+
+
+async def through_a_fault(
+    scaled: ScaledDeployment, fault: Callable[[], None], repair: Callable[[], None]
+) -> tuple[HttpTally, list[int], float, float]:
+    """Reads and writes over HTTP; ``fault()`` once they run, until PHI answers 503; then
+    ``/healthz`` five times; then ``repair()`` and wait until reads and writes succeed again.
+    Returns the tally, the /healthz answers, and when the fault and the repair began."""
+    writer = scaled.loader()
+    readable = await seed_patients(scaled, writer)
     tally = HttpTally()
     stop = asyncio.Event()
     load = asyncio.ensure_future(http_load(scaled, tally, stop, readable, writer))
@@ -124,7 +135,7 @@ async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
             lambda: len([e for e in tally.done if e.status == 200]) >= 20, 30,
             what="reads before the fault",
         )  # fmt: skip
-        await asyncio.to_thread(scaled.nats.kill_all)
+        await asyncio.to_thread(fault)
         down_at = time.monotonic()
         await await_until(
             lambda: len([e for e in tally.since(down_at) if e.status == 503]) >= 20,
@@ -133,7 +144,7 @@ async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
         )
         health = [await asyncio.to_thread(scaled.healthz) for _ in range(5)]
         up_at = time.monotonic()
-        await asyncio.to_thread(scaled.nats.start)
+        await asyncio.to_thread(repair)
         await await_until(
             lambda: (
                 len([e for e in tally.since(up_at, "read") if e.status == 200]) >= 20
@@ -145,15 +156,22 @@ async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
     finally:
         stop.set()
         await asyncio.wait_for(load, 60)
+    return tally, health, down_at, up_at
 
+
+async def check_http_afterwards(
+    scaled: ScaledDeployment, tally: HttpTally, down_at: float, up_at: float
+) -> None:
+    """The answers were 200, 201 or a 503 OperationOutcome; nothing succeeded in the outage;
+    every disclosure has its event, every acknowledged write is there with its outcome, a
+    write answered 503 is absent or recorded as committed; the ledger verifies."""
     assert tally.transport_errors == []
-    assert health == [200] * 5, f"/healthz answered {health} with the stream down"
     statuses = Counter(e.status for e in tally.done)
     assert set(statuses) <= {200, 201, 503}, statuses
     for e in tally.done:
         if e.status == 503:
             assert e.resource_type == "OperationOutcome", e
-    # Started once every node was dead and finished before any came back: nothing succeeded.
+    # Started once the fault was complete and finished before the repair: nothing succeeded.
     outage = [e for e in tally.since(down_at) if e.finished < up_at]
     assert outage and all(e.status == 503 for e in outage), Counter(e.status for e in outage)
 
@@ -172,8 +190,6 @@ async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
                 assert reasons["intent"] == 1 and reasons["committed"] == 1, (e, reasons)
             elif reasons["intent"]:
                 assert sum(reasons[r] for r in OUTCOMES) >= 1, (e, reasons)
-    # Every acknowledged write is there (read back by its patient); a write answered 503 is
-    # either absent or recorded as committed.
     async with httpx.AsyncClient(base_url=scaled.url, timeout=30) as client:
         for e in tally.done:
             if e.kind != "write":
@@ -187,3 +203,23 @@ async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
             else:
                 assert got.status_code == 404, (e, got.status_code)
     await asyncio.to_thread(scaled.verify_ledger)
+
+
+async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
+    harness: Harness,
+) -> None:
+    scaled = await asyncio.to_thread(deploy_scaled, harness, workers=2)
+    tally, health, down_at, up_at = await through_a_fault(
+        scaled, scaled.nats.kill_all, scaled.nats.start
+    )
+    assert health == [200] * 5, f"/healthz answered {health} with the stream down"
+    await check_http_afterwards(scaled, tally, down_at, up_at)
+
+
+async def test_a_postgresql_restart_answers_503_then_service_resumes(harness: Harness) -> None:
+    scaled = await asyncio.to_thread(deploy_scaled, harness, workers=2)
+    tally, health, down_at, up_at = await through_a_fault(
+        scaled, lambda: scaled.pg.stop("fast"), scaled.pg.start
+    )
+    assert health == [200] * 5, f"/healthz answered {health} with PostgreSQL down"
+    await check_http_afterwards(scaled, tally, down_at, up_at)
