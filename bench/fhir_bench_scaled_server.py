@@ -13,7 +13,6 @@ SIGTERM stops the workers (each finishes what is in flight) and then this proces
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing
 import signal
@@ -22,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+
+from phivault.api.serve import run_server
 
 
 async def run_worker(args: argparse.Namespace, listener: socket.socket) -> None:
@@ -50,7 +51,7 @@ async def run_worker(args: argparse.Namespace, listener: socket.socket) -> None:
 
 def worker(args: argparse.Namespace, listener: socket.socket) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # fhir_bench_server, when spawned
-    asyncio.run(run_worker(args, listener))
+    run_server(run_worker(args, listener))
 
 
 def main() -> None:

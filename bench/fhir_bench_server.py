@@ -23,7 +23,6 @@ server under cProfile and writes the stats when it stops (SIGTERM stops it clean
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import importlib
 import json
@@ -32,6 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from phivault.api.serve import run_server
 
 UNLIMITED = "100000000/minute"
 
@@ -231,19 +232,19 @@ def main() -> None:
 
 def _run(args: argparse.Namespace) -> None:
     if args.mode == "framework":
-        asyncio.run(run_framework(args.port))
+        run_server(run_framework(args.port))
     elif args.profile:
         import cProfile
 
         profiler = cProfile.Profile()
         profiler.enable()
         try:
-            asyncio.run(run(args))
+            run_server(run(args))
         finally:
             profiler.disable()
             profiler.dump_stats(args.profile)
     else:
-        asyncio.run(run(args))
+        run_server(run(args))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import gc
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -48,6 +48,7 @@ __all__ = [
     "check_options",
     "open_service",
     "records_store_url",
+    "run_server",
     "serve",
     "serve_on_socket",
     "tls_context",
@@ -118,14 +119,26 @@ def serve(
 
         run_workers(settings, data_dir.path, options, on_ready=on_ready)
         return
-    asyncio.run(_serve(settings, data_dir, options, context, on_ready))
+    run_server(_serve(settings, data_dir, options, context, on_ready))
 
 
 def serve_on_socket(
     settings: Settings, data_dir: DataDir, options: ServeOptions, listener: socket.socket
 ) -> None:
     """One worker of several: serve on a socket the supervisor bound (until SIGTERM)."""
-    asyncio.run(_serve(settings, data_dir, options, _context_of(options), None, listener=listener))
+    run_server(_serve(settings, data_dir, options, _context_of(options), None, listener=listener))
+
+
+def run_server(main: Coroutine[Any, Any, None]) -> None:
+    """Run a server's main coroutine on uvloop (a faster event loop, measured by
+    bench/fhir_bench.py) where it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a pinned dependency; kept optional for porters
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def _context_of(options: ServeOptions) -> ssl.SSLContext | None:
