@@ -43,9 +43,14 @@ def stream_name(prefix: str = "FAULT") -> str:
 
 async def admin_client(urls: Sequence[str]) -> NatsClient:
     """A plain client for setting up and reading streams (not the one under test)."""
+
+    async def quiet(exc: Exception) -> None:
+        return None  # refused connections while nodes are down are the point, not news
+
     client: NatsClient = await nats.connect(
         servers=list(urls),
         name="fault-admin",
+        error_cb=quiet,
         connect_timeout=2,
         reconnect_time_wait=0.25,
         max_reconnect_attempts=-1,
@@ -138,41 +143,45 @@ class StreamMessage:
 
 
 async def read_stream(
-    js: JetStreamContext, name: str, timeout: float = 20.0
+    js: JetStreamContext, name: str, *, at_least: int = 0, timeout: float = 20.0
 ) -> list[StreamMessage]:
-    """Every message the stream holds, in stream order (read by sequence number).
+    """Every message the stream holds, in stream order, read through a consumer until none
+    is left and the sequence ``at_least`` (say, the highest acknowledged) has been read.
 
     Right after a fault the cluster may still be electing its meta leader, without which no
-    consumer can be made: the set-up is retried until ``timeout``."""
+    consumer can be made: the set-up is retried until ``timeout``. If the stream ends before
+    ``at_least``, :class:`AssertionError` says so: acknowledged events were lost."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            info = await js.stream_info(name)
             sub = await js.pull_subscribe(audit_subject(name), stream=name)
             break
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+        except (nats.errors.TimeoutError, TimeoutError, nats.js.errors.ServiceUnavailableError):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.25)
-    last = info.state.last_seq
-    first = info.state.first_seq
     out: list[StreamMessage] = []
     try:
-        while len(out) < last - first + 1:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"read {len(out)} of {last - first + 1} messages of {name}")
+        while True:
             try:
-                batch = await sub.fetch(256, timeout=2)
-            except nats.errors.TimeoutError:
-                continue
+                batch = await sub.fetch(256, timeout=1)
+            except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
+                batch = []
             for msg in batch:
                 headers = msg.headers or {}
-                out.append(
-                    StreamMessage(
-                        msg.metadata.sequence.stream, headers.get("Nats-Msg-Id"), msg.data
-                    )
-                )
+                seq = msg.metadata.sequence.stream
+                out.append(StreamMessage(seq, headers.get("Nats-Msg-Id"), msg.data))
                 await msg.ack()
+            last = out[-1].seq if out else 0
+            if not batch and last >= at_least:
+                break
+            if time.monotonic() > deadline:
+                info = await js.stream_info(name)
+                raise AssertionError(
+                    f"the stream {name} ends at {last} (its info says {info.state.last_seq}, "
+                    f"{info.state.messages} messages) but events were acknowledged up to "
+                    f"{at_least}"
+                )
     finally:
         await sub.unsubscribe()
     return out
@@ -185,7 +194,10 @@ def exactly_once(acked: dict[str, int], messages: list[StreamMessage]) -> None:
     doubled = [i for i, n in ids.items() if n > 1]
     assert not doubled, f"message ids stored more than once: {doubled[:5]}"
     at = {m.msg_id: m.seq for m in messages}
-    missing = [i for i in acked if i not in at]
-    assert not missing, f"{len(missing)} acknowledged events are not in the stream: {missing[:5]}"
+    missing = sorted((s, i) for i, s in acked.items() if i not in at)
+    assert not missing, (
+        f"{len(missing)} acknowledged events are not in the stream (which ends at "
+        f"{max(at.values(), default=0)}); (acknowledged sequence, id): {missing[:5]}"
+    )
     moved = [(i, s, at[i]) for i, s in acked.items() if at[i] != s]
     assert not moved, f"acknowledged at one sequence, stored at another: {moved[:5]}"

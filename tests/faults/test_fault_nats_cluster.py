@@ -85,7 +85,8 @@ async def loaded(
     try:
         # Every node back first: a consumer to read with cannot be placed on a dead one.
         await asyncio.to_thread(cluster.start)
-        messages = await read_stream(js, name)
+        acked = [seq for t in tallies.values() for seq in t.acked.values()]
+        messages = await read_stream(js, name, at_least=max(acked, default=0))
         for tally in tallies.values():
             assert tally.unexpected == [], tally.unexpected[:3]
             exactly_once(tally.acked, messages)

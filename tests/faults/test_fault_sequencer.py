@@ -84,7 +84,7 @@ async def test_sigkill_of_the_active_sequencer_under_load_hands_over_with_no_gap
         # A clean stop: the last batch, the cursor and a final checkpoint.
         second.process.stop(signal.SIGTERM, timeout=20)
         assert second.process.returncode == 0, "the sequencer did not stop cleanly"
-        messages = await read_stream(js, name)
+        messages = await read_stream(js, name, at_least=last)
     finally:
         await admin.close()
     report = check_ledger_matches_stream(setup, messages, tally.acked)
