@@ -152,7 +152,9 @@ def test_serve_names_every_problem_of_a_settings_file(tmp_path: Path) -> None:
     assert missing.returncode == 1
     assert "cannot be read" in missing.stderr
     bad = tmp_path / "phivault.toml"
-    bad.write_text('[shape]\nstore = "postgres"\n[api]\nmax_body_bytes = -987654\n', encoding="utf-8")
+    bad.write_text(
+        '[shape]\nstore = "postgres"\n[api]\nmax_body_bytes = -987654\n', encoding="utf-8"
+    )
     result = run_cli("serve", "--config", str(bad), "--data-dir", str(tmp_path))
     assert result.returncode == 1
     assert "api.max_body_bytes" in result.stderr
