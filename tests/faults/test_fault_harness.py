@@ -9,7 +9,7 @@ import os
 import nats
 import psycopg
 import pytest
-from fault_support import Harness
+from fault_support import Harness, await_until
 
 pytestmark = pytest.mark.faults
 
@@ -42,7 +42,9 @@ async def test_private_nats_cluster_keeps_its_stream_across_a_node_kill_and_rest
     cluster = harness.nats(3)
     assert all(not url.endswith(":4222") for url in cluster.urls)
     leader = cluster.wait_for_leader()
-    nc = await nats.connect(servers=cluster.urls, connect_timeout=2, max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        servers=cluster.urls, connect_timeout=2, reconnect_time_wait=0.25, max_reconnect_attempts=-1
+    )
     try:
         js = nc.jetstream(timeout=5)
         await js.add_stream(name="HARNESS", subjects=["harness.>"], num_replicas=3)
@@ -54,7 +56,14 @@ async def test_private_nats_cluster_keeps_its_stream_across_a_node_kill_and_rest
         cluster.kill(follower)
         assert not cluster.running(follower)
         assert cluster.wait_for_leader() == leader  # the others never noticed a thing
-        await js.publish("harness.x", b"while down", headers={"Nats-Msg-Id": "down"})
+
+        async def published() -> bool:
+            # Our client may have been on the dead node: it reconnects, and the same message
+            # id makes a retry harmless.
+            await js.publish("harness.x", b"while down", headers={"Nats-Msg-Id": "down"})
+            return True
+
+        await await_until(published, 20, what="a publish with one node down")
         cluster.restart(follower)  # back, and caught up (healthy)
         info = await js.stream_info("HARNESS")
         assert info.state.messages == 11
