@@ -175,11 +175,30 @@ async def check_http_afterwards(
     outage = [e for e in tally.since(down_at) if e.finished < up_at]
     assert outage and all(e.status == 503 for e in outage), Counter(e.status for e in outage)
 
-    await asyncio.to_thread(scaled.wait_ledger_caught_up)
-    documents = await asyncio.to_thread(scaled.ledger_documents)
-    by_request: dict[str, list[dict[str, object]]] = {}
-    for doc in documents:
-        by_request.setdefault(str(doc.get("request_id")), []).append(doc)
+    def ledger_by_request() -> dict[str, list[dict[str, object]]]:
+        scaled.wait_ledger_caught_up()
+        grouped: dict[str, list[dict[str, object]]] = {}
+        for doc in scaled.ledger_documents():
+            grouped.setdefault(str(doc.get("request_id")), []).append(doc)
+        return grouped
+
+    def open_intents(grouped: dict[str, list[dict[str, object]]]) -> list[str]:
+        open_ = []
+        for e in tally.done:
+            reasons = Counter(str(d.get("outcome_reason")) for d in grouped.get(e.request_id, []))
+            if e.kind == "write" and reasons["intent"] and not any(reasons[r] for r in OUTCOMES):
+                open_.append(e.request_id)
+        return open_
+
+    # A write that answered 503 may leave its intent open for a while: its outcome is
+    # recorded once the stream is back, or the intent reconciler settles it (after
+    # settle_intents_after_s). Wait for that, bounded.
+    by_request = await asyncio.to_thread(ledger_by_request)
+    deadline = time.monotonic() + 30
+    while open_intents(by_request) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        by_request = await asyncio.to_thread(ledger_by_request)
+    assert open_intents(by_request) == [], "intents left without an outcome"
     for e in tally.done:
         events = by_request.get(e.request_id, [])
         if e.kind == "read" and e.status == 200:
