@@ -25,6 +25,7 @@ whole server (postmaster and backends, or runuser and the server) and nothing el
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -394,6 +395,9 @@ class _TemplateCluster:
         with self._lock:
             if self._base is None or not (self._base / "data" / "PG_VERSION").exists():
                 self._base = self._initdb()
+                # Removed at the session's end by the conftest; this covers scripts and runs
+                # that end some other way.
+                atexit.register(self.remove)
             return self._base / "data"
 
     @staticmethod
