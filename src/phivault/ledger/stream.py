@@ -99,8 +99,9 @@ async def ensure_audit_stream(
       ``Nats-Msg-Id`` is dropped; it must outlast any publisher's retries (seconds).
 
     An existing stream with another storage or retention cannot be changed in place and is
-    refused with :class:`~phivault.errors.ConfigurationError`; replicas, the duplicate window,
-    discard and deny flags are updated. NATS failures raise :class:`LedgerUnavailable`.
+    refused with :class:`~phivault.errors.ConfigurationError`; the duplicate window, discard
+    and deny flags are updated, and replicas raised (never lowered). NATS failures raise
+    :class:`LedgerUnavailable`.
     """
     if replicas < 1:
         raise ConfigurationError("the audit stream needs at least one replica")
@@ -140,6 +141,10 @@ async def ensure_audit_stream(
         subjects = list(current.subjects or [])
         if subject not in subjects:
             subjects.append(subject)
+        # Never fewer copies than the stream has: a process started without the production
+        # setting (a sequencer, a worker) must not quietly drop a 3-replica stream to one.
+        replicas = max(replicas, current.num_replicas or 1)
+        wanted.num_replicas = replicas
         if (
             subjects != list(current.subjects or [])
             or current.num_replicas != replicas
@@ -404,8 +409,10 @@ class JetStreamAuditSink:
                 return await attempt()
             except _TRANSIENT:
                 pass
+            # Until the deadline, not a fixed count: while a stream elects a new leader,
+            # NATS answers "no responders" at once, and the election takes seconds.
             async for retry in retrying(
-                attempts=4,
+                attempts=1_000,
                 initial_backoff_s=0.02,
                 max_backoff_s=0.25,
                 deadline_s=max(0.0, deadline - time.monotonic()),
