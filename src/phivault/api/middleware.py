@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -314,7 +314,34 @@ class ResponseScrubLayer(_Layer):
             return operation_outcome(status)
         if not isinstance(doc, dict) or doc.get("resourceType") != "OperationOutcome":
             return operation_outcome(status)
-        return json.dumps(self.door.scrubber.scrub(doc), separators=(",", ":")).encode()
+        scrubbed = self.door.scrubber.scrub(doc)
+        # The structure is the server's own words from fixed vocabularies, never a value:
+        # a tainted value that happens to spell "OperationOutcome" or "invalid" must not
+        # turn the outcome into something a client cannot read.
+        scrubbed["resourceType"] = "OperationOutcome"
+        issues = doc.get("issue") or []
+        for original, issue in zip(issues, scrubbed.get("issue") or [], strict=True):
+            if isinstance(original, dict) and isinstance(issue, dict):
+                for field, vocabulary in _ISSUE_VOCABULARY.items():
+                    if original.get(field) in vocabulary:
+                        issue[field] = original[field]
+        return json.dumps(scrubbed, separators=(",", ":")).encode()
+
+
+# FHIR R4 IssueSeverity and IssueType codes (the only values restored after scrubbing).
+_ISSUE_VOCABULARY: Final = {
+    "severity": frozenset({"fatal", "error", "warning", "information"}),
+    "code": frozenset(
+        {
+            "invalid", "structure", "required", "value", "invariant", "security", "login",
+            "unknown", "expired", "forbidden", "suppressed", "processing", "not-supported",
+            "duplicate", "multiple-matches", "not-found", "deleted", "too-long",
+            "code-invalid", "extension", "too-costly", "business-rule", "conflict",
+            "transient", "lock-error", "no-store", "exception", "timeout", "incomplete",
+            "throttled", "informational",
+        }
+    ),
+}  # fmt: skip
 
 
 class BodyGuardLayer(_Layer):

@@ -92,6 +92,13 @@ def test_router() -> APIRouter:
         taint("Quackenbush")
         raise Conflict("conflict on Quackenbush, ssn 123-45-6789")
 
+    @router.get("/tainted-words")
+    async def tainted_words(principal: CurrentPrincipal) -> None:
+        # Values that spell the outcome's own structure (found by schemathesis).
+        for word in ("OperationOutcome", "conflict", "error", "issue"):
+            taint(word)
+        raise Conflict("conflict on OperationOutcome")
+
     return router
 
 

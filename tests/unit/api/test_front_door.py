@@ -263,6 +263,17 @@ async def test_error_bodies_are_scrubbed(harness: Harness) -> None:
     assert "[REDACTED]" in body
 
 
+async def test_a_scrubbed_outcome_keeps_its_structure(harness: Harness) -> None:
+    """Tainted values that spell "OperationOutcome" or an issue code are scrubbed from the
+    text, not from the structure: the client still gets a readable OperationOutcome."""
+    response = await harness.client.get("/t/tainted-words", headers=harness.auth())
+    body = assert_outcome(response, 409)
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"][0]["severity"] == "error"
+    assert body["issue"][0]["code"] == "conflict"
+    assert "OperationOutcome" not in body["issue"][0].get("diagnostics", "")
+
+
 async def test_logs_are_json_and_scrubbed(harness: Harness) -> None:
     await harness.client.get("/t/records/9", headers=harness.auth())
     await harness.client.get("/t/fail/500", headers=harness.auth())
