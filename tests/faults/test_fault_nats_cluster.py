@@ -190,7 +190,8 @@ async def test_a_publish_keeps_trying_for_its_whole_timeout_while_the_stream_has
         await await_until(
             lambda: len(tally.failures(since=killed_at)) >= 5, 10, what="failing publishes"
         )
-        early = [p for p in tally.failures() if p.finished - p.started < PUBLISH_TIMEOUT_S - 0.1]
+        # (the last wait between tries, up to 0.1 s, may end the try just short of it)
+        early = [p for p in tally.failures() if p.finished - p.started < PUBLISH_TIMEOUT_S - 0.25]
         assert early == [], (
             f"{len(early)} publishes failed before their {PUBLISH_TIMEOUT_S} s timeout, "
             f"the quickest after {min(p.finished - p.started for p in early):.2f} s"

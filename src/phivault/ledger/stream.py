@@ -414,7 +414,7 @@ class JetStreamAuditSink:
             async for retry in retrying(
                 attempts=1_000,
                 initial_backoff_s=0.02,
-                max_backoff_s=0.25,
+                max_backoff_s=0.1,
                 deadline_s=max(0.0, deadline - time.monotonic()),
                 retry_on=_TRANSIENT,
             ):
