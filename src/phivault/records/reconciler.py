@@ -95,10 +95,12 @@ class IntentReconciler:
         while True:
             try:
                 report = await self.run_once()
-            except PhivaultError as exc:
-                # The stream, the ledger or the store is down: the intents stay open and
-                # are settled on a later pass (the cursor did not move past them).
-                _log.warning("reconcile pass failed", error=type(exc).__name__)
+            except Exception as exc:  # the loop must outlive any one failure
+                # The stream, the ledger or the database is down (the lock's own connection
+                # fails with the driver's error): the intents stay open and are settled on a
+                # later pass (the cursor did not move past them).
+                level = _log.warning if isinstance(exc, PhivaultError) else _log.error
+                level("reconcile pass failed", error=type(exc).__name__)
             else:
                 if report is not None and (report.committed or report.absent):
                     _log.info(
