@@ -1,10 +1,13 @@
 """Running the API with uvicorn: the composition root for ``phivault serve``.
 
-:func:`open_service` opens the data directory's audit ledger, the key ring, the records store
-and repository (settling write intents a crash left open), and builds the app with
-:func:`create_app` around them: the FHIR routes at ``/fhir`` and key custody at
-``/admin/keys``. :func:`serve` runs that app with uvicorn; the benchmark opens the same service
-with production settings. Everything is closed again, in reverse order, on exit.
+:func:`open_service` opens the adapters that ``settings.shape`` picks -- the audit sink and
+reader (the data directory's ledger, or the JetStream stream and a view of the sequencer's
+PostgreSQL ledger), the key ring, the records store (SQLite, or PostgreSQL with replicas) --
+and the repository (settling write intents a crash left open: at start, or while serving when
+there are several workers), and builds the app with :func:`create_app` around them: the FHIR
+routes at ``/fhir``, key custody, care assignments and break-glass. :func:`serve` runs that
+app with uvicorn; the benchmark opens the same service with production settings. Everything
+is closed again, in reverse order, on exit.
 
 With a certificate it serves HTTPS only, TLS 1.2 at least (TLS 1.3 is negotiated whenever the
 client supports it). The embedded ledger has exactly one writer per data directory, so
