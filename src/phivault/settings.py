@@ -50,6 +50,9 @@ __all__ = [
 ]
 
 
+#: How long a worker of the scaled shape keeps a patient's cipher (keys.dek_cache_ttl_s).
+SHARED_KEY_CACHE_TTL_S = 30.0
+
 #: Names the settings file that :func:`load_settings` reads when not given one.
 CONFIG_ENV_VAR = "PHIVAULT_CONFIG"
 
@@ -259,6 +262,17 @@ class Settings(BaseSettings):
             self.shape.keys = self.keys.provider
         self.api.shared_state = self.shape.shared_state.value
         self.keys.provider = self.shape.keys
+        return self
+
+    @model_validator(mode="after")
+    def _shared_keys_are_cached_briefly(self) -> Settings:
+        # Several workers share the key store: a worker keeps a patient's cipher cached until
+        # its lifetime ends even after another worker shredded that patient, so the scaled
+        # shape caches for 30 s unless the operator chose otherwise (embedded: 300 s).
+        if self.shape.store is StoreKind.POSTGRES and "dek_cache_ttl_s" not in (
+            self.keys.model_fields_set
+        ):
+            self.keys.dek_cache_ttl_s = SHARED_KEY_CACHE_TTL_S
         return self
 
     @model_validator(mode="after")

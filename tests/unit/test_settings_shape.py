@@ -137,3 +137,12 @@ def test_several_production_workers_need_a_provider_that_unseals_itself(tmp_path
     with pytest.raises(ConfigurationError, match="unseals itself"):
         check_options(settings, ServeOptions(workers=2))
     check_options(settings, ServeOptions(workers=1))  # one worker is unsealed by its operator
+
+
+def test_the_scaled_shape_caches_patient_keys_briefly(tmp_path: Path) -> None:
+    """Another worker may shred a patient meanwhile: a shared key store means a short cache
+    lifetime by default (the window in which a cached cipher outlives a shred)."""
+    assert Settings().keys.dek_cache_ttl_s == 300.0
+    assert load_settings(_file(tmp_path, SCALED)).keys.dek_cache_ttl_s == 30.0
+    chosen = SCALED.replace("[ledger]", "[keys]\ndek_cache_ttl_s = 5\n\n[ledger]")
+    assert load_settings(_file(tmp_path, chosen)).keys.dek_cache_ttl_s == 5.0
