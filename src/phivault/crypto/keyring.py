@@ -675,7 +675,10 @@ class KeyRing:
         _check_tenant(tenant)
         _check_patient(patient)
         self._require_unsealed()
-        records = self._store.live(tenant, KeyPurpose.DEK, patient)
+        # A cache miss reads the store off the event loop: on PostgreSQL (the scaled shape)
+        # that is a network round trip, and a database that stopped answering must not stall
+        # every other request of this worker while it times out.
+        records = await asyncio.to_thread(self._store.live, tenant, KeyPurpose.DEK, patient)
         if not records:
             if self._store.shred_record(tenant, patient) is not None:
                 raise PatientShredded(tenant, patient)
