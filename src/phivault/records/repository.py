@@ -482,18 +482,18 @@ class RecordsRepository:
 
     def _load_one(
         self, caller: Caller, key: ResourceKey, version: int | None, interaction: Interaction
-    ) -> tuple[StoredVersion | None, Decision | None, str]:
+    ) -> tuple[StoredVersion | None, Decision | None, tuple[str, ...]]:
         """The version with its sealed groups (one query), the decision on its envelope, and
         the database node that served it. Ciphertext of a refused caller is dropped
         unopened; only allowed groups are opened."""
         with self._store.unit_of_work(read_only=True, session=_session(caller)) as uow:
             found = uow.read(key) if version is None else uow.vread(key, version)
             if found is None:
-                return None, None, uow.served_by
+                return None, None, uow.nodes
             decision = self._decide_rows(uow, caller, [found], interaction)[0]
             if not decision.allowed:
-                return dataclasses.replace(found, groups={}), decision, uow.served_by
-            return found, decision, uow.served_by
+                return dataclasses.replace(found, groups={}), decision, uow.nodes
+            return found, decision, uow.nodes
 
     async def _disclose_one(
         self,
@@ -504,7 +504,7 @@ class RecordsRepository:
         stored: StoredVersion | None,
         decision: Decision | None,
         subtype: str,
-        node: str,
+        node: tuple[str, ...],
     ) -> RecordVersion:
         shown_version = None if version is None else str(version)
         if stored is None or decision is None or not decision.allowed:
@@ -532,7 +532,9 @@ class RecordsRepository:
             indexer = await self._keyring.blind_indexer(caller.access.tenant)
             blind = blind_terms(query, indexer.tokens)
 
-        def run() -> tuple[Any, list[StoredVersion], list[Decision], list[Decision], str]:
+        def run() -> tuple[
+            Any, list[StoredVersion], list[Decision], list[Decision], tuple[str, ...]
+        ]:
             with self._store.unit_of_work(read_only=True, session=_session(caller)) as uow:
                 page = uow.search(
                     caller.access.tenant, query, blind=blind, scopes=scopes, offset=offset
@@ -554,7 +556,7 @@ class RecordsRepository:
                 included = _unique_versions(included, page.matches)
                 decisions = self._decide_rows(uow, caller, list(page.matches), Interaction.SEARCH)
                 included_decisions = self._decide_rows(uow, caller, included, Interaction.SEARCH)
-                return page, included, decisions, included_decisions, uow.served_by
+                return page, included, decisions, included_decisions, uow.nodes
 
         page, included, decisions, included_decisions, node = await _blocking(run)
         # SQL admitted exactly what the policy admits; a row the decision refuses now would be
@@ -606,7 +608,7 @@ class RecordsRepository:
             await self._record_miss(caller, "history", Action.READ, None, "scope-not-granted")
             raise AccessDenied(f"the history of {resource_type} is not allowed for this caller")
 
-        def run() -> tuple[list[StoredVersion], list[Decision], str]:
+        def run() -> tuple[list[StoredVersion], list[Decision], tuple[str, ...]]:
             with self._store.unit_of_work(read_only=True, session=_session(caller)) as uow:
                 found = uow.history(
                     caller.access.tenant,
@@ -617,7 +619,7 @@ class RecordsRepository:
                     scopes=scopes,
                 )
                 decisions = self._decide_rows(uow, caller, found[:count], Interaction.HISTORY)
-                return found, decisions, uow.served_by
+                return found, decisions, uow.nodes
 
         found, decisions, node = await _blocking(run)
         if resource_id is not None and not found and offset == 0:
@@ -1351,7 +1353,7 @@ class RecordsRepository:
         disclosed: Sequence[tuple[StoredVersion, Decision, RecordVersion]],
         *,
         query_hash: str | None = None,
-        node: str = PRIMARY_NODE,
+        node: tuple[str, ...] = (PRIMARY_NODE,),
     ) -> None:
         """One event per patient whose records are disclosed (so that each patient's chain,
         and their accounting of disclosures, has it), recorded together (one group commit),
@@ -1389,8 +1391,8 @@ class RecordsRepository:
                     break_glass_grant=grant,
                 )
             )
-        if node != PRIMARY_NODE:
-            site = "@".join(node.split(","))
+        if node != (PRIMARY_NODE,):
+            site = "@".join(node)
             events = [
                 e.model_copy(update={"source": Source(observer=e.source.observer, site=site)})
                 for e in events
