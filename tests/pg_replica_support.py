@@ -296,8 +296,11 @@ class PgReplica:
     def replay_lsn(self) -> int:
         return _lsn(str(self._scalar("SELECT pg_last_wal_replay_lsn()::text")))
 
-    def wait_replayed(self, lsn: int | None = None, timeout: float = 10.0) -> None:
-        """Wait until the replica has replayed ``lsn`` (default: the primary's position now)."""
+    def wait_replayed(self, lsn: int | None = None, timeout: float = 60.0) -> None:
+        """Wait until the replica has replayed ``lsn`` (default: the primary's position now).
+
+        The bound is generous because a clean-clone CI run on the loaded 2-core machine once
+        took over 10 s to replay; a replica that is truly stuck still fails the test."""
         target = self.primary_lsn() if lsn is None else lsn
         _wait(lambda: self.replay_lsn() >= target, timeout, "the replica to catch up")
 
