@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from scaled_support import Scaled, run_cli, scaled_deployment, wait_until
 
 from phivault.ledger.postgres_store import PostgresLedgerStore
@@ -84,6 +85,30 @@ def test_a_patient_in_and_out_through_two_workers(scaled: Scaled) -> None:
         )
         assert found.status_code == 200
         assert found.json()["total"] == kinds.count("Observation")
+
+    # /metrics answers for both workers whichever one the scrape lands on: between them
+    # they served the ten reads (each worker publishes its figures every second).
+    def reads_counted() -> bool:
+        with httpx.Client(timeout=10) as fresh:
+            body = fresh.get(f"{scaled.url}/metrics").text
+        workers = {
+            s.labels["worker"]
+            for f in text_string_to_metric_families(body)
+            for s in f.samples
+            if s.name == "phivault_worker_metrics_age_seconds"
+        }
+        served = sum(
+            s.value
+            for f in text_string_to_metric_families(body)
+            for s in f.samples
+            if s.name == "phivault_http_requests_total"
+            and s.labels["method"] == "GET"
+            and s.labels["route"].endswith("/{resource_id}")
+            and s.labels["status"] == "200"
+        )
+        return workers == {"0", "1"} and served >= 10
+
+    wait_until(reads_counted, 10, "both workers' reads at /metrics", logs=scaled.logs)
 
     # Every disclosure reaches the PostgreSQL ledger through the stream and the sequencer.
     def reads_recorded() -> bool:

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -65,6 +65,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._across_workers: Callable[[], bytes] | None = None
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
             "phivault_http_requests",
@@ -107,4 +108,14 @@ class Metrics:
         return pair
 
     def render(self) -> bytes:
+        """What ``/metrics`` answers: this app's registry, or every worker's when the app is
+        one worker of several (:mod:`phivault.api.worker_metrics`)."""
+        if self._across_workers is not None:
+            return self._across_workers()
+        return self.render_own()
+
+    def render_own(self) -> bytes:
         return generate_latest(self.registry)
+
+    def render_across_workers(self, render: Callable[[], bytes]) -> None:
+        self._across_workers = render

@@ -126,10 +126,27 @@ def serve(
 
 
 def serve_on_socket(
-    settings: Settings, data_dir: DataDir, options: ServeOptions, listener: socket.socket
+    settings: Settings,
+    data_dir: DataDir,
+    options: ServeOptions,
+    listener: socket.socket,
+    *,
+    worker: int,
+    metrics_dir: Path,
 ) -> None:
-    """One worker of several: serve on a socket the supervisor bound (until SIGTERM)."""
-    run_server(_serve(settings, data_dir, options, _context_of(options), None, listener=listener))
+    """Worker number ``worker`` of several: serve on a socket the supervisor bound (until
+    SIGTERM), with ``/metrics`` answering for all the workers through ``metrics_dir``."""
+    run_server(
+        _serve(
+            settings,
+            data_dir,
+            options,
+            _context_of(options),
+            None,
+            listener=listener,
+            worker=(worker, metrics_dir),
+        )
+    )
 
 
 def run_server(main: Coroutine[Any, Any, None]) -> None:
@@ -404,6 +421,32 @@ def tune_for_serving() -> None:
     gc.set_threshold(50_000, 50, 1_000)
 
 
+@asynccontextmanager
+async def _metrics_across_workers(
+    app: FastAPI, worker: tuple[int, Path] | None
+) -> AsyncIterator[None]:
+    """As one worker of several, publish this worker's metrics beside the others' and
+    answer ``/metrics`` for all of them (:mod:`phivault.api.worker_metrics`)."""
+    if worker is None:
+        yield
+        return
+    from phivault.api.worker_metrics import WorkerMetrics
+
+    number, directory = worker
+    metrics = app.state.front_door.metrics
+    exchange = WorkerMetrics(directory, number, metrics.render_own)
+    exchange.publish()
+    metrics.render_across_workers(exchange.render)
+    publishing = asyncio.create_task(exchange.run())
+    try:
+        yield
+    finally:
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        exchange.close()
+
+
 async def _serve(
     settings: Settings,
     data_dir: DataDir,
@@ -412,8 +455,9 @@ async def _serve(
     on_ready: Callable[[str], None] | None,
     *,
     listener: socket.socket | None = None,
+    worker: tuple[int, Path] | None = None,
 ) -> None:
-    async with open_service(settings, data_dir) as app:
+    async with open_service(settings, data_dir) as app, _metrics_across_workers(app, worker):
         tune_for_serving()
         config = uvicorn.Config(
             app,

@@ -17,8 +17,10 @@ the intent reconciler of the surviving workers settles it.
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +67,7 @@ class _Supervisor:
     data_dir: Path
     options: ServeOptions
     listener: socket.socket
+    metrics_dir: Path
     workers: dict[int, _Worker] = field(default_factory=dict)
     stopping: bool = False
 
@@ -73,6 +76,7 @@ class _Supervisor:
         process = context.Process(
             target=_worker_main,
             args=(self.settings, self.data_dir, self.options, self.listener),
+            kwargs={"number": number, "metrics_dir": self.metrics_dir},
             name=f"phivault-worker-{number}",
             daemon=False,
         )
@@ -122,7 +126,10 @@ def run_workers(
     """Serve with ``options.workers`` processes until SIGINT or SIGTERM."""
     listener = socket.create_server((options.host, options.port), backlog=2048)
     listener.set_inheritable(True)
-    supervisor = _Supervisor(settings, data_dir, options, listener)
+    # Where the workers exchange their metrics (so /metrics answers for all of them):
+    # private to this server's user, and gone when the server stops.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="phivault-metrics-"))
+    supervisor = _Supervisor(settings, data_dir, options, listener, metrics_dir)
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         supervisor.stopping = True
@@ -138,15 +145,24 @@ def run_workers(
     finally:
         supervisor.stop()
         listener.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def _worker_main(
-    settings: Settings, data_dir: Path, options: ServeOptions, listener: socket.socket
+    settings: Settings,
+    data_dir: Path,
+    options: ServeOptions,
+    listener: socket.socket,
+    *,
+    number: int,
+    metrics_dir: Path,
 ) -> None:
     """One worker: open the service on its own and serve on the shared socket."""
     from phivault.api.serve import serve_on_socket
     from phivault.datadir import DataDir
 
-    serve_on_socket(settings, DataDir.open(data_dir), options, listener)
+    serve_on_socket(
+        settings, DataDir.open(data_dir), options, listener, worker=number, metrics_dir=metrics_dir
+    )
