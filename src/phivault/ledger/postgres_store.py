@@ -503,6 +503,30 @@ class PostgresLedgerStore:
             raise LedgerRowDamaged("leaves", start + len(leaves), "entry missing")
         return leaves
 
+    def read_back_links(self, head: int, limit: int) -> list[tuple[int, bytes]]:
+        """Entry ``head`` and up to ``limit - 1`` entries down its ``patient_prev`` links,
+        newest first, in one round trip; each leaf checked against its known hash as
+        :meth:`read` does. The caller checks the links themselves (the database follows
+        them as written, so it only saves round trips, it proves nothing)."""
+        if not 0 <= head < self._size:
+            raise IndexError(f"entry {head} is outside 0..{self._size}")
+        with self._reading() as conn:
+            try:
+                rows = conn.execute(self._q.back_links, (head, max(1, limit))).fetchall()
+            except psycopg.Error as exc:
+                raise self._failed("read", exc, conn) from exc
+        found = []
+        for idx, leaf, _hash in rows:
+            if idx >= self._size:  # appended after this store's view: not ours to serve
+                break
+            known = self._hashes[idx * _HASH_SIZE : (idx + 1) * _HASH_SIZE]
+            if leaf_hash(leaf) != known:
+                raise LedgerRowDamaged("leaves", idx, "the leaf changed after it was stored")
+            found.append((idx, bytes(leaf)))
+        if not found or found[0][0] != head:
+            raise LedgerRowDamaged("leaves", head, "entry missing")
+        return found
+
     def scan(self, start: int = 0) -> Iterator[bytes]:
         """Every leaf from ``start``, read from the table and checked against its hashes.
 
@@ -718,6 +742,23 @@ class _Queries:
         self.read_rows = q(
             "SELECT idx, leaf, leaf_hash FROM {schema}.leaves "
             "WHERE idx >= %s AND idx < %s ORDER BY idx"
+        )
+        # A patient's back-link chain from one entry down, in one round trip. Each step must
+        # point strictly lower, so a tampered link cannot make the walk loop; the caller
+        # re-checks every link in Python (report.walk_patient_chain), the database only
+        # saves the round trips.
+        self.back_links = q(
+            "WITH RECURSIVE chain(idx, leaf, leaf_hash, depth) AS ("
+            " SELECT idx, leaf, leaf_hash, 1 FROM {schema}.leaves WHERE idx = %s"
+            " UNION ALL"
+            " SELECT l.idx, l.leaf, l.leaf_hash, c.depth + 1 FROM chain c"
+            " JOIN {schema}.leaves l ON l.idx = ("
+            "  SELECT CASE WHEN d ->> 'patient_prev' ~ '^[0-9]{{1,18}}$'"
+            "   THEN (d ->> 'patient_prev')::bigint END"
+            "  FROM (SELECT convert_from(c.leaf, 'UTF8')::jsonb AS d) AS parsed)"
+            " AND l.idx < c.idx"
+            " WHERE c.depth < %s"
+            ") SELECT idx, leaf, leaf_hash FROM chain ORDER BY idx DESC"
         )
         self.raw_rows = q(
             "SELECT idx, leaf, leaf_hash FROM {schema}.leaves WHERE idx > %s ORDER BY idx LIMIT %s"

@@ -27,6 +27,7 @@ from test_postgres_support import PgLedger, pg_fixture  # noqa: F401
 
 from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.datadir import DataDir
+from phivault.ledger import report as report_module
 from phivault.ledger.bundle import read_bundle, verify_bundle, write_bundle
 from phivault.ledger.checkpoint import open_checkpoint
 from phivault.ledger.errors import LedgerError, LedgerTampered, LedgerUnavailable, TamperKind
@@ -34,7 +35,7 @@ from phivault.ledger.file_store import FileLedgerStore
 from phivault.ledger.merkle import leaf_hash, verify_consistency, verify_inclusion
 from phivault.ledger.note import NoteVerifier
 from phivault.ledger.ports import LedgerStore
-from phivault.ledger.report import patient_report
+from phivault.ledger.report import BackLinkReader, patient_report
 from phivault.ledger.service import Ledger, initialize_ledger, open_ledger_on, signer_path
 from phivault.ledger.testing import sample_event
 from phivault.ledger.verify import Damaged, VerificationReport, verify_ledger
@@ -448,3 +449,47 @@ async def test_a_ledger_that_loses_its_session_fails_closed_and_a_standby_contin
         assert [json.loads(leaf)["request_id"] for leaf in store.read(0, 6)] == [
             f"req-{i}" for i in range(6)
         ]
+
+
+# -- a patient's back-link chain, read in batches where the store follows links itself ------
+
+
+async def test_a_long_chain_is_walked_in_batches_across_their_boundaries(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report_module, "_BACK_LINK_BATCH", 3)  # boundaries at every third link
+    patients = ["Patient/a" if i % 3 else "Patient/b" for i in range(20)]
+    async with running(backend, LedgerSettings(checkpoint_interval_s=60)) as ledger:
+        for i, patient in enumerate(patients):
+            await ledger.record(sample_event(i, patient=patient))
+    with backend.reader() as store:
+        assert isinstance(store, BackLinkReader) == (backend.name == "postgres")
+        for patient in ("Patient/a", "Patient/b"):
+            expected = [i for i in reversed(range(20)) if patients[i] == patient]
+            assert patient_report(store, patient).chain == expected
+
+
+async def test_a_back_link_rewritten_to_another_patient_is_caught(
+    pg: PgLedger, pg_backend: Backend
+) -> None:
+    async with running(pg_backend, LedgerSettings(checkpoint_interval_s=60)) as ledger:
+        for i, patient in enumerate(["Patient/a", "Patient/b", "Patient/a", None, "Patient/a"]):
+            await ledger.record(sample_event(i, patient=patient))
+    superuser_rewrite(pg, 4, b'"patient_prev":2', b'"patient_prev":1')  # 1 is Patient/b's
+    with pg_backend.reader() as store, pytest.raises(LedgerTampered) as caught:
+        patient_report(store, "Patient/a")
+    assert (caught.value.kind, caught.value.index) == (TamperKind.MODIFIED, 1)
+
+
+async def test_a_back_link_rewritten_to_point_forward_ends_the_walk_with_an_error(
+    pg: PgLedger, pg_backend: Backend
+) -> None:
+    async with running(pg_backend, LedgerSettings(checkpoint_interval_s=60)) as ledger:
+        for i, patient in enumerate(["Patient/a", "Patient/b", "Patient/a", None, "Patient/a"]):
+            await ledger.record(sample_event(i, patient=patient))
+    # Entry 2 now links up to 4, which links down to 2: a loop the database must not follow.
+    superuser_rewrite(pg, 2, b'"patient_prev":0', b'"patient_prev":4')
+    with pg_backend.reader() as store, pytest.raises(LedgerTampered) as caught:
+        patient_report(store, "Patient/a")
+    assert (caught.value.kind, caught.value.index) == (TamperKind.MODIFIED, 2)
+    assert "does not point back" in caught.value.detail
