@@ -32,12 +32,19 @@ from write_visibility_support import (
     with_rule,
 )
 
-from phivault.access.decision import AccessContext, RelationshipFacts, compile_policy, decide
+from phivault.access.decision import (
+    AccessContext,
+    RelationshipFacts,
+    compile_policy,
+    decide,
+    search_scope,
+)
 from phivault.access.policy import Policy, Rule, default_policy
 from phivault.access.vocabulary import Interaction, Relationship
 from phivault.identity.principal import Role
 from phivault.identity.scopes import parse_scopes
 from phivault.records.classification import ElementGroup
+from phivault.records.repository import _covers_tenant
 
 UNUSED = "never-used-prop"
 ROLES = (
@@ -257,3 +264,30 @@ def test_a_write_to_an_unseen_resource_answers_as_to_an_unused_id(
     assert hidden.status_code != 401, hidden.text
     assert answer(hidden, target.id) == answer(unused, UNUSED), (hidden.text, unused.text)
     assert fhir.row_count() == rows, "a write to an unseen or unused id changed the store"
+
+
+@settings(max_examples=300, deadline=None)
+@given(policy=policies(), drawn=callers_and_writes, resource_type=st.sampled_from(TYPES))
+def test_whoever_may_create_by_put_sees_every_resource_of_the_type(
+    policy: Policy, drawn: Drawn, resource_type: str
+) -> None:
+    """Update-as-create is safe where it is honoured: a caller whose scope covers the tenant
+    for a type may read or update every resource of it, whoever's, cared for or not."""
+    compiled = compile_policy(policy)
+    patients = {"p1": "id-p1", "p2": "id-p2", "p3": "id-p3"}
+    clinic = Clinic(patients, {"dr1": "id-dr1", "dr2": "id-dr2"}, {})
+    ctx = context(clinic, drawn)
+    covers = any(
+        _covers_tenant(search_scope(compiled, ctx, resource_type, i, now=1_800_000_000.0))
+        for i in (Interaction.READ, Interaction.UPDATE)
+    )
+    event(f"covers: {covers}")
+    if not covers:
+        return
+    for patient_id in (None, "id-p1", "id-p2", "id-p3", "someone-else"):
+        for care in (False, True):
+            facts = RelationshipFacts(TENANT, patient_id, care_relationship=care)
+            assert any(
+                decide(compiled, ctx, resource_type, i, facts, now=1_800_000_000.0).allowed
+                for i in (Interaction.READ, Interaction.UPDATE)
+            ), (resource_type, patient_id, care)
