@@ -699,14 +699,19 @@ class RecordsRepository:
         if len(found) > 1:
             raise PreconditionFailed("the criteria match more than one resource", path="url")
         given = resource.get("id")
+        outcome = PlanOutcome.UPDATE
         if found:
             if given is not None and given != found[0]:
                 raise InvalidInput("does not match the resource the criteria found", path="id")
             target = found[0]
+        elif isinstance(given, str):
+            target = given  # FHIR: no match and an id is an update-as-create of that id
         else:
-            target = given if isinstance(given, str) else str(uuid.uuid4())
+            # No match and no id: a create with a server-assigned id, like a POST (it names
+            # no existing id, so it is not update-as-create and reveals nothing).
+            target, outcome = str(uuid.uuid4()), PlanOutcome.CREATE
         entry = PlannedEntry(
-            0, Method.PUT, PlanOutcome.UPDATE, resource_type, target, {**resource, "id": target},
+            0, Method.PUT, outcome, resource_type, target, {**resource, "id": target},
             lookups=((lookup, tuple(found)),),
         )  # fmt: skip
         return _single_result(await self._write(caller, [entry]))
@@ -716,11 +721,8 @@ class RecordsRepository:
     ) -> RecordVersion | None:
         self._check_type(resource_type)
         _check_auditable(resource_type, resource_id)
-        if self._scopes(caller, resource_type, Interaction.DELETE) is None:
-            # Refused for the type before looking: a 204-or-403 would tell who may not
-            # delete whether the resource exists.
-            await self._record_miss(caller, "delete", Action.DELETE, None, "not-permitted")
-            raise AccessDenied(f"deleting {resource_type} is not allowed for this caller")
+        # Refused for the type before looking (no read of the head at all).
+        await self._check_may_write(caller, resource_type, Interaction.DELETE)
         entry = PlannedEntry(0, Method.DELETE, PlanOutcome.DELETE, resource_type, resource_id)
         outcome = await self._write(caller, [entry])
         return outcome.entries[0].record
@@ -1018,35 +1020,62 @@ class RecordsRepository:
         now: datetime,
         related: set[str],
     ) -> _Write | None:
-        """Decide, check the version, seal and index one write (no transaction is open)."""
+        """Decide, check the version, seal and index one write (no transaction is open).
+
+        A write names an id, so its answer must not say whether a resource the caller may not
+        see holds that id (``docs/decisions/records-write-visibility.md``): a head the caller
+        may neither read nor make this write to is treated exactly like no head at all, and
+        everything that depends on the head (``If-Match``, update-as-create, the deletion)
+        is judged on what the caller may know. Only the ledger is told the truth.
+        """
         tenant = caller.access.tenant
         the_id = entry.id or ""
         where = f"Bundle.entry[{entry.index}]"
         _check_auditable(entry.resource_type, the_id, path=f"{where}.request.url")
         key = ResourceKey(tenant, entry.resource_type, the_id)
-        current = None if head is None or head.deleted else head.version
+        by_id = entry.outcome in (PlanOutcome.UPDATE, PlanOutcome.DELETE)
+        named = Interaction.DELETE if entry.outcome is PlanOutcome.DELETE else Interaction.UPDATE
+        if by_id:
+            await self._check_may_write(caller, entry.resource_type, named)
+        hidden = self._hidden(caller, entry.resource_type, head, related, named) if by_id else None
+        seen = None if hidden is not None else head  # the head as far as the caller may know
+        current = None if seen is None or seen.deleted else seen.version
         if entry.if_match is not None:
             wanted = _etag_version(entry.if_match)
             if wanted is None or wanted != current:
-                await self._record_miss(caller, "update", Action.UPDATE, None, "version-conflict")
+                await self._record_unseen(caller, named, head, hidden, "version-conflict")
                 raise IfMatchFailed(
                     f"{entry.resource_type}/{the_id}: If-Match does not name the current version"
                 )
         if entry.outcome is PlanOutcome.DELETE:
-            if head is None or head.deleted:
+            if seen is None or seen.deleted:
+                # Nothing (the caller may see) to delete: FHIR answers success, nothing is
+                # written; the ledger records the attempt either way (one event, so that
+                # even a failing ledger answers both cases alike).
+                await self._record_unseen(caller, named, head, hidden, "not-found")
                 return None
-            facts_subject = head.key_subject
+            facts_subject = seen.key_subject
             decision = self._decide(
                 caller, entry.resource_type, facts_subject, related, Interaction.DELETE
             )
             if not decision.allowed:
                 await self._refuse_write(caller, Interaction.DELETE, facts_subject, decision)
             return _Write(
-                entry.index, Interaction.DELETE, key, head.version, head.version + 1, now,
-                head.key_subject, {}, [], None, decision, created=False, checks=entry.lookups,
+                entry.index, Interaction.DELETE, key, seen.version, seen.version + 1, now,
+                seen.key_subject, {}, [], None, decision, created=False, checks=entry.lookups,
             )  # fmt: skip
         if entry.resource is None:
             raise InvalidBundle("the entry has no resource", path=f"{where}.resource")
+        # No current resource the caller may see: update-as-create only for callers who see
+        # every resource of the type, for whom an id cannot be taken unseen (and never over
+        # an unseen head, which such a caller cannot meet: fail closed if one does).
+        if (
+            entry.outcome is PlanOutcome.UPDATE
+            and current is None
+            and (hidden is not None or not self._update_creates(caller, entry.resource_type))
+        ):
+            await self._record_unseen(caller, named, head, hidden, "not-found")
+            raise RecordNotFound(entry.resource_type, the_id)
         interaction = Interaction.CREATE if current is None else Interaction.UPDATE
         previous = None if head is None else head.version
         version = (previous or 0) + 1
@@ -1079,6 +1108,77 @@ class RecordsRepository:
             entry.index, interaction, key, previous, version, now, subject, sealed, entries,
             resource, decision, created=current is None, checks=entry.lookups,
         )  # fmt: skip
+
+    def _hidden(
+        self,
+        caller: Caller,
+        resource_type: str,
+        head: StoredVersion | None,
+        related: Collection[str],
+        interaction: Interaction,
+    ) -> Decision | None:
+        """The refusal, when ``head`` (current or a tombstone) is a resource the caller may
+        neither read nor make ``interaction`` to: for this write it does not exist. None
+        when there is no head or the caller may know of it (whoever may overwrite or delete
+        a resource learns nothing new from being told that it exists)."""
+        if head is None:
+            return None
+        subject = head.key_subject
+        refusal = self._decide(caller, resource_type, subject, related, interaction)
+        if refusal.allowed:
+            return None
+        if self._decide(caller, resource_type, subject, related, Interaction.READ).allowed:
+            return None
+        return refusal
+
+    def _update_creates(self, caller: Caller, resource_type: str) -> bool:
+        """Whether a PUT to an id with no current resource creates it (update-as-create):
+        only for a caller who may read, or update, every resource of the type in the tenant.
+        For anyone else an unused id and an id taken by a resource they may not see would
+        answer differently (201 against a refusal), so both answer 404. Depends on the
+        caller and the type only, never on what is stored."""
+        if not self._controls.policy:
+            return True
+        now = self._clock()
+        return any(
+            _covers_tenant(search_scope(self._policy, caller.access, resource_type, i, now=now))
+            for i in (Interaction.READ, Interaction.UPDATE)
+        )
+
+    async def _check_may_write(
+        self, caller: Caller, resource_type: str, interaction: Interaction
+    ) -> None:
+        """Refuse (403) a PUT or DELETE by id that this caller could not make to any resource
+        of the type, before looking at the id (so the refusal cannot depend on it). A PUT may
+        update or, for some callers, create."""
+        wanted = (interaction,) if interaction is Interaction.DELETE else (
+            Interaction.UPDATE, Interaction.CREATE,
+        )  # fmt: skip
+        if any(self._scopes(caller, resource_type, i) is not None for i in wanted):
+            return
+        await self._record_miss(
+            caller, interaction.value, _INTERACTION_ACTION[interaction], None, "not-permitted"
+        )
+        raise AccessDenied(f"{interaction.value} of {resource_type} is not allowed for this caller")
+
+    async def _record_unseen(
+        self,
+        caller: Caller,
+        interaction: Interaction,
+        head: StoredVersion | None,
+        hidden: Decision | None,
+        reason: str,
+    ) -> None:
+        """The one ledger event of a write that finds nothing the caller may see: ``reason``
+        when that is the truth, else (a resource they may not see is there) the refusal and
+        the patient it belongs to -- auditors see what happened, the caller does not."""
+        patient = None
+        if hidden is not None and head is not None:
+            patient = _patient_of_subject(head.key_subject)
+            reason = str(hidden.reason or "denied")
+        await self._record_miss(
+            caller, interaction.value, _INTERACTION_ACTION[interaction], patient, reason
+        )
 
     def _commit(
         self,
@@ -1662,6 +1762,18 @@ def _etag_version(text: str) -> int | None:
 
 def _patient_of_subject(subject: str) -> str | None:
     return None if subject == DIRECTORY_SUBJECT else subject
+
+
+def _covers_tenant(scope: SearchScope) -> bool:
+    """Whether ``scope`` admits every resource of its type in the tenant, whoever's it is
+    (``SearchScope.admits`` for every facts): a directory type any clause opens, or a
+    tenant-wide relationship not narrowed to one patient's compartment."""
+    if scope.patient_only and not scope.directory:
+        return False
+    return any(
+        c.by_relationship and (scope.directory or c.relationship is Relationship.TENANT)
+        for c in scope.clauses
+    )
 
 
 def _instant(moment: datetime) -> str:

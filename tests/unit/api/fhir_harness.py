@@ -18,7 +18,7 @@ import httpx
 from fastapi import FastAPI
 
 from phivault.access.decision import compile_policy
-from phivault.access.policy import default_policy
+from phivault.access.policy import Policy, default_policy
 from phivault.api import MountedRouter, create_app
 from phivault.api.fhir import FHIR_PREFIX, fhir_router
 from phivault.crypto.keyring import KeyRing
@@ -52,6 +52,16 @@ class Fhir:
     clock: Clock
     repository: RecordsRepository
     store: SqlRecordStore
+    keyring: KeyRing
+
+    def use_policy(self, policy: Policy) -> RecordsRepository:
+        """Serve from now on with ``policy`` (same store, keys and clock); returns the
+        repository that does."""
+        repository = RecordsRepository(
+            self.store, self.keyring, compile_policy(policy), clock=self.clock
+        )
+        self.app.state.records = repository
+        return repository
 
     def token(self, **claims: Any) -> str:
         return self.issuer.token(now=self.clock.t, **claims)
@@ -183,7 +193,7 @@ async def open_fhir(
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
     try:
         async with client:
-            yield Fhir(app, client, issuer, sink, clock, repository, store)
+            yield Fhir(app, client, issuer, sink, clock, repository, store, ring)
     finally:
         store.close()
         keystore.close()

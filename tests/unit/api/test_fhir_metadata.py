@@ -56,7 +56,9 @@ async def test_capability_statement_states_what_is_supported(fhir: Fhir) -> None
         assert {"history-instance", "history-type"} <= codes
         assert resource["versioning"] == "versioned-update"
         assert resource["readHistory"] is True
-        assert resource["updateCreate"] is True
+        # honoured only for callers who see every resource of the type: not promised
+        assert resource["updateCreate"] is False
+        assert "Update-as-create" in resource["documentation"]
         try:
             params = search_params(name)
         except UnknownSearchParameter:

@@ -5,6 +5,8 @@ classification (a type without one cannot be stored) and the search parameters f
 search parameter table, so the statement cannot drift from what the routes and the
 repository actually do. A type without search parameters (nothing to search it by) lists
 no ``search-type`` and no conditional create or update, which need a search.
+``updateCreate`` is false because update-as-create depends on the caller (each type's
+``documentation`` says when it is honoured).
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ def _resource(resource_type: str) -> dict[str, Any]:
         "interaction": [{"code": code} for code in interactions],
         "versioning": "versioned-update",
         "readHistory": True,
-        "updateCreate": True,
+        # Not for every caller (a PUT to an unused id must not answer differently from one
+        # taken by a resource the caller may not see), so not promised; see the text.
+        "updateCreate": False,
+        "documentation": _UPDATE_CREATE.format(type=resource_type),
         "conditionalCreate": searchable,
         "conditionalRead": "not-supported",
         "conditionalUpdate": searchable,
@@ -96,6 +101,16 @@ def _resource(resource_type: str) -> dict[str, Any]:
 
 
 _OPERATION_BASE: Final = "https://phivault.dev/fhir/OperationDefinition/"
+
+# What ``updateCreate: false`` means here, exactly (docs/decisions/records-write-visibility.md).
+_UPDATE_CREATE: Final = (
+    "Update-as-create (PUT to an id with no current resource, deleted ones included) is "
+    "honoured only for callers whose access policy and scopes let them read or update every "
+    "{type} of the tenant; for any other caller such a PUT is a 404, exactly as for an id "
+    "held by a {type} they may not see. Create with POST. A PUT or DELETE naming a {type} "
+    "the caller may neither read nor so change answers as if it did not exist (PUT: 404, "
+    "If-Match: 412, DELETE: 204)."
+)
 
 
 # AuditEvent: served read-only from the ledger (privacy officers; a patient, their own).
