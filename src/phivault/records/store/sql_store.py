@@ -801,7 +801,7 @@ class SqlUnitOfWork:
             for c in sorted(set(claims))
         ]
         try:
-            conn.execute(insert(intent_claims), rows)
+            conn.execute(_CLAIM, rows[0] if len(rows) == 1 else rows)
         except IntegrityError:
             raise IntentSettled(
                 "records store: this write's intent was already settled as not made (the "
@@ -974,6 +974,7 @@ _SETTLE_CLAIM: Final = {
     flag: dialect.insert(intent_claims).on_conflict_do_nothing()
     for flag, dialect in ((True, postgresql), (False, sqlite))
 }
+_CLAIM: Final = insert(intent_claims)
 _CLAIM_STATE: Final = select(intent_claims.c.state).where(
     intent_claims.c.tenant == bindparam("c_tenant"), intent_claims.c.claim == bindparam("claim")
 )
