@@ -1552,6 +1552,7 @@ class RecordsRepository:
         cursor: Path | None = None,
         settle_after_s: float | None = None,
         keep_claims_s: float = 86_400.0,
+        claim_wait_s: float = 10.0,
     ) -> ReconcileReport:
         """Settle the write intents that a crash left without an outcome.
 
@@ -1569,7 +1570,8 @@ class RecordsRepository:
         pruned (``keep_claims_s``), are judged by whether their versions are in the store.
         ``cursor`` (a small file) remembers how far the ledger was scanned, so a run reads
         only the entries written since the last one. Claims older than ``keep_claims_s`` are
-        deleted at the end of a pass.
+        deleted at the end of a pass. A writing transaction still open after ``claim_wait_s``
+        (PostgreSQL) leaves its intent open for a later pass, like a young one.
 
         The embedded shape runs it once at start, before serving. With several workers (the
         scaled shape) only intents older than ``settle_after_s`` are settled: a younger one
@@ -1585,7 +1587,7 @@ class RecordsRepository:
             else datetime.fromtimestamp(self._clock() - settle_after_s, UTC)
         )
 
-        def scan() -> tuple[list[AuditEvent], int]:
+        def scan() -> tuple[list[tuple[int, AuditEvent]], int]:
             intents: dict[tuple[str | None, tuple[str, ...]], tuple[int, AuditEvent]] = {}
             settled: set[tuple[str | None, tuple[str, ...]]] = set()
             for chunk in range(start, end, _SCAN_CHUNK):
@@ -1598,7 +1600,7 @@ class RecordsRepository:
                         intents[key] = (entry.index, event)
                     elif event.outcome_reason in _OUTCOME_REASONS:
                         settled.add(key)
-            due: list[AuditEvent] = []
+            due: list[tuple[int, AuditEvent]] = []
             resume = end
             for key, (index, event) in intents.items():
                 if key in settled:
@@ -1606,7 +1608,7 @@ class RecordsRepository:
                 if young_after is not None and event.recorded > young_after:
                     resume = min(resume, index)  # maybe still in flight: look again next time
                     continue
-                due.append(event)
+                due.append((index, event))
             return due, resume
 
         open_intents, resume = await _blocking(scan)
@@ -1614,7 +1616,7 @@ class RecordsRepository:
         # Claims of intents older than this may be pruned: judge those by their versions.
         claims_kept_from = self._clock() - keep_claims_s + _WRITE_DEADLINE_S
         committed = absent = 0
-        for intent in open_intents:
+        for index, intent in open_intents:
             written = _written(intent)
             recorded = intent.recorded.timestamp()
             unclaimed = (since is not None and _micros(recorded) < since) or (
@@ -1623,19 +1625,24 @@ class RecordsRepository:
 
             def settle(
                 event: AuditEvent = intent, whats: tuple[str, ...] = written, old: bool = unclaimed
-            ) -> bool:
+            ) -> IntentClaim | None:
                 with self._store.unit_of_work() as uow:
                     verdict = IntentClaim.ABSENT
                     if old and _present(uow, event.tenant, whats):
                         verdict = IntentClaim.WRITTEN
                     held = uow.settle_intent(
                         event.tenant, _intent_claim(event), at=_micros(self._clock()),
-                        unclaimed=verdict,
+                        unclaimed=verdict, wait_s=claim_wait_s,
                     )  # fmt: skip
-                    uow.commit()
-                return held is IntentClaim.WRITTEN
+                    if held is not None:
+                        uow.commit()
+                return held
 
-            done = await _blocking(settle)
+            held = await _blocking(settle)
+            if held is None:  # its transaction is still open: look again next time
+                resume = min(resume, index)
+                continue
+            done = held is IntentClaim.WRITTEN
             committed += done
             absent += not done
             await sink.record(

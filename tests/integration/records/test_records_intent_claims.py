@@ -15,6 +15,7 @@ chosen point with a ``threading.Event``; the ledger is the real embedded ledger.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
 from records_store_support import StoreFactory
 from repository_support import TENANT, Kit, loader, open_kit
 from sqlalchemy import delete, func, select, update
@@ -384,5 +387,44 @@ async def test_claims_are_pruned_and_old_or_unclaimed_intents_are_judged_by_the_
                 .where(intent_claims.c.claim == CLAIMS_SINCE[1])
                 .values(claimed_at=2**62)
             )
+        assert await r.reconcile() == (1, 0)
+        assert assert_ledger_agrees_with_store(r)
+
+
+@pytest.fixture
+def pg_stores(postgres: str, tmp_path: Path) -> Iterator[StoreFactory]:
+    """PostgreSQL only: a fresh schema, dropped afterwards."""
+    schema = f"pv_records_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    factory = StoreFactory("postgresql", tmp_path, schema)
+    try:
+        yield factory
+    finally:
+        factory.close_all()
+        with psycopg.connect(postgres, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+async def test_a_write_stuck_open_does_not_hold_the_reconciler_hostage(
+    pg_stores: StoreFactory, tmp_path: Path
+) -> None:
+    """PostgreSQL: a writer whose transaction stays open past ``claim_wait_s`` leaves its
+    intent open (the cursor stays at it) instead of blocking the pass, and the next pass
+    after it ends settles it truthfully."""
+    async with race(pg_stores, tmp_path) as r:
+        r.store.hold = "commit"
+        r.gate.lose = True  # and its outcome never comes: only a reconciler can settle it
+        write = writing(r)
+        await asyncio.to_thread(r.store.arrived.wait, 30)
+        (intent,) = r.intents()
+        at = next(i for i in range(r.ledger.size) if r.ledger.read(i).event == intent)
+        stuck = await r.kit.repo.reconcile(
+            r.ledger, sink=r.ledger, settle_after_s=0, claim_wait_s=0.3
+        )
+        assert (stuck.committed, stuck.absent, stuck.scanned_to) == (0, 0, at)
+        assert r.outcomes() == []
+        r.store.release.set()
+        assert await settled(write) is None
         assert await r.reconcile() == (1, 0)
         assert assert_ledger_agrees_with_store(r)

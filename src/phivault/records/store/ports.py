@@ -360,11 +360,19 @@ class RecordUnitOfWork(Protocol):
         ...
 
     def settle_intent(
-        self, tenant: str, claim: str, *, at: int, unclaimed: IntentClaim = IntentClaim.ABSENT
-    ) -> IntentClaim:
+        self,
+        tenant: str,
+        claim: str,
+        *,
+        at: int,
+        unclaimed: IntentClaim = IntentClaim.ABSENT,
+        wait_s: float = 10.0,
+    ) -> IntentClaim | None:
         """The reconciler's side: claim the intent as ``unclaimed`` unless it is claimed
         already, and return who holds it. A writer's transaction that holds it and is still
-        open is waited for (a row lock on PostgreSQL, the write lock on SQLite)."""
+        open is waited for (a row lock on PostgreSQL, the write lock on SQLite); None if it
+        is still open after ``wait_s`` on PostgreSQL (still in flight: look again later; on
+        SQLite the database's busy timeout applies and the wait ends in an error)."""
         ...
 
     def intent_claims_since(self) -> int | None:

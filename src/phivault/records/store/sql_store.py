@@ -811,17 +811,35 @@ class SqlUnitOfWork:
             raise _driver_error(exc, "claim intent") from exc
 
     def settle_intent(
-        self, tenant: str, claim: str, *, at: int, unclaimed: IntentClaim = IntentClaim.ABSENT
-    ) -> IntentClaim:
+        self,
+        tenant: str,
+        claim: str,
+        *,
+        at: int,
+        unclaimed: IntentClaim = IntentClaim.ABSENT,
+        wait_s: float = 10.0,
+    ) -> IntentClaim | None:
         """Insert the claim as ``unclaimed`` unless someone holds it; who holds it. On
         PostgreSQL the insert waits for an open writing transaction that inserted the same
-        key; on SQLite this unit's write lock already waited for every writer."""
+        key, up to ``wait_s`` (then None, and this unit can only roll back); on SQLite this
+        unit's write lock already waited for every writer."""
         _check_tenant(tenant)
         conn = self._writable()
+        postgres = conn.dialect.name == "postgresql"
         row = {"tenant": tenant, "claim": claim, "state": unclaimed.value, "claimed_at": at}
-        with self._translate("settle intent"):
-            conn.execute(_SETTLE_CLAIM[conn.dialect.name == "postgresql"], row)
+        try:
+            if postgres:
+                # A writer stuck with its transaction open must not hold every later intent
+                # (and, through the reconcile lock, every worker's reconciling) hostage.
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(wait_s * 1000))}")
+            conn.execute(_SETTLE_CLAIM[postgres], row)
             state = conn.execute(_CLAIM_STATE, {"c_tenant": tenant, "claim": claim}).scalar_one()
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                return None
+            raise _driver_error(exc, "settle intent") from exc
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, "settle intent") from exc
         return IntentClaim(state)
 
     def intent_claims_since(self) -> int | None:
@@ -975,6 +993,7 @@ _SETTLE_CLAIM: Final = {
     for flag, dialect in ((True, postgresql), (False, sqlite))
 }
 _CLAIM: Final = insert(intent_claims)
+_LOCK_NOT_AVAILABLE: Final = "55P03"  # PostgreSQL: lock_timeout expired
 _CLAIM_STATE: Final = select(intent_claims.c.state).where(
     intent_claims.c.tenant == bindparam("c_tenant"), intent_claims.c.claim == bindparam("claim")
 )
