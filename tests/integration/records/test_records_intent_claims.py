@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -209,6 +210,20 @@ def assert_ledger_agrees_with_store(r: Race) -> bool:
     return present
 
 
+def wait_on_claim_lock(r: Race) -> None:
+    """Until a PostgreSQL backend waits on a lock while inserting into the claims table."""
+    engine = r.kit.repo._store.engine  # type: ignore[attr-defined]
+    while True:
+        with engine.connect() as conn:
+            waiting = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'INSERT INTO rec_intent_claims%%'"
+            ).scalar_one()
+        if waiting:
+            return
+        time.sleep(0.05)
+
+
 async def test_a_reconciler_waits_for_an_open_write_and_reports_it_committed(
     stores: StoreFactory, tmp_path: Path
 ) -> None:
@@ -219,7 +234,10 @@ async def test_a_reconciler_waits_for_an_open_write_and_reports_it_committed(
         write = writing(r)
         await asyncio.to_thread(r.store.arrived.wait, 30)
         reconciling = asyncio.ensure_future(r.reconcile())
-        await asyncio.sleep(0.5)
+        if stores.engine == "postgresql":  # seen waiting on the writer's claim in the server
+            await asyncio.wait_for(asyncio.to_thread(wait_on_claim_lock, r), 30)
+        else:  # SQLite: waiting for the writer's write lock (no way to see it from outside)
+            await asyncio.sleep(0.5)
         assert not reconciling.done()  # waiting for the writer's transaction, not guessing
         r.store.release.set()
         assert await settled(write) is None
