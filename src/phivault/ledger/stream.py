@@ -17,7 +17,10 @@ What a message carries (and what the sequencer relies on):
   so the ledger ends up with the same leaves as the embedded ledger for the same calls;
 * ``Nats-Msg-Id`` is a fresh unique id per call, reused by every retry of that call: the
   stream's duplicate window drops a retried message that had in fact been stored, so a retry
-  after a lost acknowledgement never records an event twice.
+  after a lost acknowledgement never records an event twice. A caller that records the same
+  event again itself (after :class:`LedgerUnavailable`) passes one key to every attempt:
+  ``msg_id``, or through the audit trail the ambient key of
+  :func:`phivault.ledger.idempotency.idempotency_key`.
 
 No nats exception crosses the port: every failure to get an acknowledgement becomes
 :class:`~phivault.ledger.errors.LedgerUnavailable` (callers serving PHI answer 503).
@@ -44,6 +47,7 @@ from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_do
 from phivault.ledger.errors import LedgerError, LedgerUnavailable
 from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
 from phivault.ledger.file_store import MAX_LEAF_BYTES
+from phivault.ledger.idempotency import current_idempotency_key
 from phivault.resilience import retrying
 
 if TYPE_CHECKING:
@@ -314,8 +318,9 @@ class JetStreamAuditSink:
     async def record(self, event: AuditEvent, *, msg_id: str | None = None) -> int:
         """Publish ``event``; return its stream sequence number once acknowledged.
 
-        ``msg_id`` (default: a fresh one) is the idempotency key: a caller that retries the
-        same event itself passes the same key, and the stream keeps one copy.
+        ``msg_id`` (default: the ambient :func:`~phivault.ledger.idempotency.idempotency_key`,
+        else a fresh one) is the idempotency key: a caller that retries the same event itself
+        passes the same key, and the stream keeps one copy.
         """
         # The same fast encoding the embedded ledger uses for events (plain documents).
         payload = canonical_json_of_plain_document(event.to_document())
@@ -363,7 +368,7 @@ class JetStreamAuditSink:
         if self._closed:
             raise LedgerUnavailable("the audit stream sink is closed")
         if msg_id is None:
-            msg_id = uuid.uuid4().hex
+            msg_id = current_idempotency_key() or uuid.uuid4().hex
         elif not msg_id or len(msg_id) > 128:
             raise InvalidInput("an audit message id must have 1 to 128 characters")
         key = msg_id

@@ -6,7 +6,9 @@ worker runs an :class:`IntentReconciler`: every ``every_s`` seconds, whichever w
 the PostgreSQL advisory lock first scans the ledger (a view of the sequencer's) for intents
 older than ``settle_after_s`` that have no outcome, checks the store, and records the
 outcome through the audit stream. The lock keeps two workers from recording the same outcome
-twice; the age keeps a worker from settling a write another worker is still making.
+twice; the age keeps a worker from settling a write another worker is most likely still
+making, and the intent claims (docs/decisions/records-intent-claims.md) keep the verdict true
+for one slower than that: the reconciler waits for its open transaction, or the write fails.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class IntentReconciler:
         cursor: Path | None,
         every_s: float = 15.0,
         settle_after_s: float = 120.0,
+        keep_claims_s: float = 86_400.0,
     ) -> None:
         self._repository = repository
         self._ledger = ledger
@@ -73,6 +76,7 @@ class IntentReconciler:
         self._cursor = cursor
         self._every_s = every_s
         self._settle_after_s = settle_after_s
+        self._keep_claims_s = keep_claims_s
 
     async def run_once(self) -> ReconcileReport | None:
         """One pass; None when another worker holds the lock."""
@@ -86,6 +90,7 @@ class IntentReconciler:
                 sink=self._sink,
                 cursor=self._cursor,
                 settle_after_s=self._settle_after_s,
+                keep_claims_s=self._keep_claims_s,
             )
         finally:
             await asyncio.to_thread(lock.__exit__, None, None, None)

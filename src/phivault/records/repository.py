@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
@@ -62,6 +63,7 @@ from phivault.ledger.events import (
     Outcome,
     Source,
 )
+from phivault.ledger.idempotency import idempotency_key
 from phivault.privacy.scrub import taint
 from phivault.records.bundles import (
     AmbiguousReference,
@@ -88,6 +90,8 @@ from phivault.records.search_params import index_entries, patient_of, search_par
 from phivault.records.split import Envelope, GroupContent, assemble, group_element_ref, split
 from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
+    IntentClaim,
+    IntentSettled,
     NewVersion,
     ReadClass,
     RecordStore,
@@ -920,24 +924,42 @@ class RecordsRepository:
         subtype = kind or writes[0].interaction.value
         action = Action.EXECUTE if kind else _INTERACTION_ACTION[writes[0].interaction]
         indexer = await self._keyring.blind_indexer(caller.access.tenant) if checks else None
-        await self._record_writes(caller, subtype, action, writes, reason=_INTENT)
+        started = self._clock()
+        intents = self._write_events(caller, subtype, action, writes, reason=_INTENT)
+        await self._record_writes(caller, intents)
+        # The transaction claims its intents first thing: if the reconciler has settled one as
+        # absent (this write waited longer than the settle age), it cannot commit, and a
+        # reconciler that comes while it is open waits for it (records-intent-claims.md).
+        claims = [(e.tenant, _intent_claim(e)) for e in intents]
+
+        def commit() -> None:
+            self._commit(caller, writes, checks, indexer, claims=claims, started=started)
 
         async def settle() -> None:
             try:
-                await _blocking(lambda: self._commit(caller, writes, checks, indexer))
+                await _blocking(commit)
             except BaseException:
                 await self._record_writes(
-                    caller, subtype, action, writes, reason=_ROLLED_BACK,
-                    outcome=Outcome.SERIOUS_FAILURE, fail_quietly=True,
+                    caller,
+                    self._write_events(
+                        caller, subtype, action, writes, reason=_ROLLED_BACK,
+                        outcome=Outcome.SERIOUS_FAILURE,
+                    ),
+                    fail_quietly=True,
                 )  # fmt: skip
                 raise
+            # Built once, each with its idempotency key: a retry records the same events.
+            outcomes = [
+                (event, uuid.uuid4().hex)
+                for event in self._write_events(caller, subtype, action, writes, reason=_COMMITTED)
+            ]
             try:
-                await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+                await self._record_writes(caller, outcomes)
             except Exception:
                 # Committed, but the ledger refused the outcome: the request fails (503, the
                 # client is not told it worked), and the outcome is recorded as soon as the
                 # ledger takes events again (reconcile() settles it if the process dies first).
-                self._keep(self._record_later(caller, subtype, action, writes))
+                self._keep(self._record_later(caller, outcomes))
                 raise
 
         settling = self._keep(settle())
@@ -959,15 +981,19 @@ class RecordsRepository:
         return task
 
     async def _record_later(
-        self, caller: Caller, subtype: str, action: Action, writes: Sequence[_Write]
+        self, caller: Caller, outcomes: Sequence[tuple[AuditEvent, str]]
     ) -> None:
-        """Retry a committed write's outcome event until the ledger takes it (backing off to
-        one try every 5 s); give up silently at shutdown, where reconcile() takes over."""
+        """Retry a committed write's outcome events until the ledger takes them (backing off
+        to one try every 5 s); give up silently at shutdown, where reconcile() takes over.
+
+        Every try records the very events of the first one, under their idempotency keys: an
+        attempt that reached the audit stream although it failed to say so is not recorded
+        twice (the stream's duplicate window drops the repeat)."""
         delay = 0.2
         while True:
             await asyncio.sleep(delay)
             try:
-                await self._record_writes(caller, subtype, action, writes, reason=_COMMITTED)
+                await self._record_writes(caller, outcomes)
                 return
             except Exception:
                 delay = min(delay * 2, 5.0)
@@ -1186,9 +1212,25 @@ class RecordsRepository:
         writes: Sequence[_Write],
         checks: Sequence[_Check],
         indexer: BlindIndexer | None,
+        *,
+        claims: Collection[tuple[str, str]] = (),
+        started: float | None = None,
     ) -> None:
-        """One database transaction: re-check what the plan relied on, write, commit."""
+        """One database transaction: claim the intents, re-check what the plan relied on,
+        write, commit. A write older than :data:`_WRITE_DEADLINE_S` when it holds its claims
+        gives up (a claim the reconciler took is kept longer than that, so a write can never
+        outlive the claim that refuses it)."""
         with self._store.unit_of_work(session=_session(caller)) as uow:
+            by_tenant: dict[str, list[str]] = defaultdict(list)
+            for tenant, claim in claims:
+                by_tenant[tenant].append(claim)
+            for tenant, ids in by_tenant.items():
+                uow.claim_intents(tenant, ids, at=_micros(self._clock()))
+            if started is not None and self._clock() - started > _WRITE_DEADLINE_S:
+                raise IntentSettled(
+                    "records store: this write waited past its deadline; nothing was written, "
+                    "retry it"
+                )
             for lookup, before in checks:
                 assert indexer is not None
                 if tuple(self._resolve(uow, caller, lookup, indexer.tokens)) != tuple(before):
@@ -1499,7 +1541,7 @@ class RecordsRepository:
             ]
         await asyncio.gather(*(caller.audit.record(e) for e in events))
 
-    async def _record_writes(
+    def _write_events(
         self,
         caller: Caller,
         subtype: str,
@@ -1508,12 +1550,11 @@ class RecordsRepository:
         *,
         reason: str,
         outcome: Outcome = Outcome.SUCCESS,
-        fail_quietly: bool = False,
-    ) -> None:
+    ) -> list[AuditEvent]:
         """The intent (before the commit) or the outcome (after it) of writes, one event per
         patient. The entities name the exact versions, which is what reconciliation checks."""
         if not self._controls.audit:
-            return
+            return []
         by_patient: dict[str | None, list[_Write]] = defaultdict(list)
         for write in writes:
             by_patient[write.patient].append(write)
@@ -1535,8 +1576,27 @@ class RecordsRepository:
                     ),
                 )
             )
+        return events
+
+    async def _record_writes(
+        self,
+        caller: Caller,
+        events: Sequence[AuditEvent | tuple[AuditEvent, str]],
+        *,
+        fail_quietly: bool = False,
+    ) -> None:
+        """Record write events (an event with a key: under that idempotency key)."""
+
+        async def one(item: AuditEvent | tuple[AuditEvent, str]) -> None:
+            if isinstance(item, AuditEvent):
+                await caller.audit.record(item)
+                return
+            event, key = item
+            with idempotency_key(key):
+                await caller.audit.record(event)
+
         try:
-            await asyncio.gather(*(caller.audit.record(e) for e in events))
+            await asyncio.gather(*(one(item) for item in events))
         except Exception:
             if not fail_quietly:
                 raise
@@ -1591,20 +1651,32 @@ class RecordsRepository:
         sink: AuditSink,
         cursor: Path | None = None,
         settle_after_s: float | None = None,
+        keep_claims_s: float = 86_400.0,
+        claim_wait_s: float = 10.0,
     ) -> ReconcileReport:
         """Settle the write intents that a crash left without an outcome.
 
-        Every intent event names the exact versions it was about to write; a transaction is
-        all or nothing, so either all of them are in the store (committed before the crash)
-        or none is. Each open intent gets an outcome event, recorded through ``sink`` (the
-        embedded ledger itself, or the audit stream): ``reconciled-committed`` or
-        ``reconciled-absent``. ``cursor`` (a small file) remembers how far the ledger was
-        scanned, so a run reads only the entries written since the last one.
+        Every write transaction claims its intents (a row per intent event, keyed by the
+        intent's id) before it writes, so the claim commits or rolls back with the changes.
+        For each open intent the reconciler claims it too, as absent, in its own transaction:
+        the key decides (docs/decisions/records-intent-claims.md). If the writer's claim is
+        there, the write committed; if the writer's transaction is still open, the claim
+        waits for it to end; if the reconciler's claim goes in, the writer can no longer
+        commit (its claim fails and it rolls back). Each open intent gets an outcome event,
+        recorded through ``sink`` (the embedded ledger itself, or the audit stream):
+        ``reconciled-committed`` or ``reconciled-absent``, and the verdict stays in the claim
+        (a later pass, after a failure to record it, finds the same one). Intents recorded
+        before claims existed (migration 0004), or so long ago that their claims may have been
+        pruned (``keep_claims_s``), are judged by whether their versions are in the store.
+        ``cursor`` (a small file) remembers how far the ledger was scanned, so a run reads
+        only the entries written since the last one. Claims older than ``keep_claims_s`` are
+        deleted at the end of a pass. A writing transaction still open after ``claim_wait_s``
+        (PostgreSQL) leaves its intent open for a later pass, like a young one.
 
-        The embedded shape runs it once at start, before serving: no intent can still be in
-        flight. With several workers (the scaled shape) another worker's write may be in
-        flight right now, so only intents older than ``settle_after_s`` are settled (a
-        request never lives that long), and the cursor stops at the oldest one left open.
+        The embedded shape runs it once at start, before serving. With several workers (the
+        scaled shape) only intents older than ``settle_after_s`` are settled: a younger one
+        is most likely still in flight (the claims keep a slower one correct, at the price of
+        a failed request), and the cursor stops at the oldest one left open.
         """
         await ledger.refresh()
         start = _read_cursor(cursor)
@@ -1615,7 +1687,7 @@ class RecordsRepository:
             else datetime.fromtimestamp(self._clock() - settle_after_s, UTC)
         )
 
-        def scan() -> tuple[list[AuditEvent], int]:
+        def scan() -> tuple[list[tuple[int, AuditEvent]], int]:
             intents: dict[tuple[str | None, tuple[str, ...]], tuple[int, AuditEvent]] = {}
             settled: set[tuple[str | None, tuple[str, ...]]] = set()
             for chunk in range(start, end, _SCAN_CHUNK):
@@ -1628,7 +1700,7 @@ class RecordsRepository:
                         intents[key] = (entry.index, event)
                     elif event.outcome_reason in _OUTCOME_REASONS:
                         settled.add(key)
-            due: list[AuditEvent] = []
+            due: list[tuple[int, AuditEvent]] = []
             resume = end
             for key, (index, event) in intents.items():
                 if key in settled:
@@ -1636,24 +1708,41 @@ class RecordsRepository:
                 if young_after is not None and event.recorded > young_after:
                     resume = min(resume, index)  # maybe still in flight: look again next time
                     continue
-                due.append(event)
+                due.append((index, event))
             return due, resume
 
         open_intents, resume = await _blocking(scan)
+        since = await _blocking(self._claims_since)
+        # Claims of intents older than this may be pruned: judge those by their versions.
+        claims_kept_from = self._clock() - keep_claims_s + _WRITE_DEADLINE_S
         committed = absent = 0
-        for intent in open_intents:
+        for index, intent in open_intents:
             written = _written(intent)
+            recorded = intent.recorded.timestamp()
+            unclaimed = (since is not None and _micros(recorded) < since) or (
+                recorded < claims_kept_from
+            )
 
-            def present(event: AuditEvent = intent, whats: tuple[str, ...] = written) -> bool:
-                with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
-                    for what in whats:
-                        kind, ident, _, version = what.split("/")
-                        key = ResourceKey(event.tenant, kind, ident)
-                        if uow.vread(key, int(version), groups=()) is None:
-                            return False
-                return True
+            def settle(
+                event: AuditEvent = intent, whats: tuple[str, ...] = written, old: bool = unclaimed
+            ) -> IntentClaim | None:
+                with self._store.unit_of_work() as uow:
+                    verdict = IntentClaim.ABSENT
+                    if old and _present(uow, event.tenant, whats):
+                        verdict = IntentClaim.WRITTEN
+                    held = uow.settle_intent(
+                        event.tenant, _intent_claim(event), at=_micros(self._clock()),
+                        unclaimed=verdict, wait_s=claim_wait_s,
+                    )  # fmt: skip
+                    if held is not None:
+                        uow.commit()
+                return held
 
-            done = await _blocking(present)
+            held = await _blocking(settle)
+            if held is None:  # its transaction is still open: look again next time
+                resume = min(resume, index)
+                continue
+            done = held is IntentClaim.WRITTEN
             committed += done
             absent += not done
             await sink.record(
@@ -1674,13 +1763,27 @@ class RecordsRepository:
                 )
             )
         _write_cursor(cursor, resume)
+        await _blocking(lambda: self._prune_claims(_micros(self._clock() - keep_claims_s)))
         return ReconcileReport(start, resume, committed, absent)
+
+    def _claims_since(self) -> int | None:
+        with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
+            return uow.intent_claims_since()
+
+    def _prune_claims(self, before: int) -> None:
+        with self._store.unit_of_work() as uow:
+            uow.prune_intent_claims(before=before)
+            uow.commit()
 
 
 # --- helpers ------------------------------------------------------------------------------
 
 _T = TypeVar("_T")
 _SCAN_CHUNK: Final = 1024  # ledger entries read at once by reconcile()
+#: A write that holds its intent claims later than this after it began gives up (503): the
+#: reconciler keeps the claims it takes far longer (``keep_claims_s``), so a write can never
+#: commit after the claim that says it did not happen was pruned.
+_WRITE_DEADLINE_S: Final = 3600.0
 _READ_OUTCOMES: Final = frozenset({PlanOutcome.READ, PlanOutcome.SEARCH})
 _OUTCOME_REASONS: Final = frozenset(
     {_COMMITTED, _ROLLED_BACK, "reconciled-committed", "reconciled-absent"}
@@ -1856,6 +1959,45 @@ def _written(event: AuditEvent) -> tuple[str, ...]:
             and "/_history/" in e.what
         )
     )
+
+
+def _intent_claim(event: AuditEvent) -> str:
+    """The id of a write intent, the same for the writer (from the event it records) and the
+    reconciler (from the event it reads back): what makes one intent event differ from
+    another (tenant, request, instant, interaction, patient, agents and the versions)."""
+    recorded = (event.recorded - _EPOCH) // _MICROSECOND
+    text = "\n".join(
+        (
+            "phivault-intent/1",
+            event.tenant,
+            event.request_id or "",
+            str(recorded),
+            event.subtype,
+            event.action.value,
+            event.patient or "",
+            *(str(agent.who) for agent in event.agents),
+            "",
+            *_written(event),
+        )
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _present(uow: RecordUnitOfWork, tenant: str, whats: Iterable[str]) -> bool:
+    """Whether every ``Type/id/_history/n`` is in the store."""
+    for what in whats:
+        kind, ident, _, version = what.split("/")
+        if uow.vread(ResourceKey(tenant, kind, ident), int(version), groups=()) is None:
+            return False
+    return True
+
+
+def _micros(seconds: float) -> int:
+    return int(seconds * 1_000_000)
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 def _read_cursor(cursor: Path | None) -> int:

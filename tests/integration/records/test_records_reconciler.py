@@ -42,9 +42,11 @@ async def test_a_pass_settles_old_intents_and_a_failed_pass_does_not_stop_the_lo
     async with open_kit(stores, tmp_path) as kit, open_ledger(data_dir) as ledger:
         real_record = RecordsRepository._record_writes
 
-        async def no_outcome(self: RecordsRepository, *args: Any, **kwargs: Any) -> None:
-            if kwargs["reason"] == "intent":
-                await real_record(self, *args, **kwargs)
+        async def no_outcome(
+            self: RecordsRepository, caller: Any, events: Any, **kwargs: Any
+        ) -> None:  # the intent only: the process dies before the outcome event
+            intents = [e for e in events if getattr(e, "outcome_reason", None) == "intent"]
+            await real_record(self, caller, intents, **kwargs)
 
         RecordsRepository._record_writes = no_outcome  # type: ignore[method-assign]
         try:

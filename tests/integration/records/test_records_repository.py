@@ -278,9 +278,11 @@ async def test_intents_left_open_by_a_crash_are_reconciled(
         real_record = RecordsRepository._record_writes
         real_commit = RecordsRepository._commit
 
-        async def no_outcome(self: RecordsRepository, *args: Any, **kwargs: Any) -> None:
-            if kwargs["reason"] == "intent":
-                await real_record(self, *args, **kwargs)
+        async def no_outcome(
+            self: RecordsRepository, caller: Any, events: Any, **kwargs: Any
+        ) -> None:  # the intent only: the process dies before the outcome event
+            intents = [e for e in events if getattr(e, "outcome_reason", None) == "intent"]
+            await real_record(self, caller, intents, **kwargs)
 
         # 1. committed, then the process died before the outcome event
         RecordsRepository._record_writes = no_outcome  # type: ignore[method-assign]
@@ -288,7 +290,7 @@ async def test_intents_left_open_by_a_crash_are_reconciled(
             done = await repo.create(writer, org)
 
             # 2. died after the intent, before the commit
-            def crash(self: RecordsRepository, *args: Any) -> None:
+            def crash(self: RecordsRepository, *args: Any, **kwargs: Any) -> None:
                 raise Crash
 
             RecordsRepository._commit = crash  # type: ignore[method-assign]
@@ -323,9 +325,11 @@ async def test_intents_that_may_still_be_in_flight_are_left_for_later(
     async with open_kit(stores, tmp_path) as kit, open_ledger(data_dir) as ledger:
         real_record = RecordsRepository._record_writes
 
-        async def no_outcome(self: RecordsRepository, *args: Any, **kwargs: Any) -> None:
-            if kwargs["reason"] == "intent":
-                await real_record(self, *args, **kwargs)
+        async def no_outcome(
+            self: RecordsRepository, caller: Any, events: Any, **kwargs: Any
+        ) -> None:  # the intent only: the process dies before the outcome event
+            intents = [e for e in events if getattr(e, "outcome_reason", None) == "intent"]
+            await real_record(self, caller, intents, **kwargs)
 
         RecordsRepository._record_writes = no_outcome  # type: ignore[method-assign]
         try:

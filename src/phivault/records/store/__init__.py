@@ -8,7 +8,9 @@ the repository above it seals and opens. Public names:
 * the port: :class:`RecordStore`, :class:`RecordUnitOfWork`, :class:`NewVersion`,
   :class:`StoredVersion`, :class:`SearchPage`, :class:`ResourceKey`, :class:`Scope`,
   :func:`blind_terms`, :data:`DIRECTORY_SUBJECT`;
-* errors: :class:`VersionConflict`, :class:`StaleBlindIndex`, :class:`RecordStoreUnavailable`;
+* errors: :class:`VersionConflict`, :class:`StaleBlindIndex`, :class:`RecordStoreUnavailable`,
+  :class:`IntentSettled`;
+* write-intent claims: :class:`IntentClaim` (docs/decisions/records-intent-claims.md);
 * the adapter: :class:`SqlRecordStore` (and its key-ring view :class:`SqlSealedElements`);
 * replica routing: :class:`ReadClass` (what a read-only unit reads), :func:`caller_session`
   (the read-your-writes key of the units opened in a block), :data:`PRIMARY`, and the
@@ -22,6 +24,8 @@ from __future__ import annotations
 from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
     BlindTerms,
+    IntentClaim,
+    IntentSettled,
     NewVersion,
     ReadClass,
     RecordStore,
@@ -44,6 +48,8 @@ __all__ = [
     "PRIMARY",
     "BlindTerms",
     "CareRelationshipScope",
+    "IntentClaim",
+    "IntentSettled",
     "NewVersion",
     "ReadClass",
     "RecordStore",

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DIRECTORY_SUBJECT",
     "BlindTerms",
+    "IntentClaim",
+    "IntentSettled",
     "NewVersion",
     "ReadClass",
     "RecordStore",
@@ -90,6 +92,24 @@ class ReadClass(Enum):
 
 class RecordStoreUnavailable(StoreUnavailable):
     """The records database cannot be reached or refused a statement (no PHI in the message)."""
+
+
+class IntentClaim(Enum):
+    """Who holds a write intent's claim (docs/decisions/records-intent-claims.md).
+
+    ``WRITTEN``: the writer's transaction inserted it with its changes and committed, so the
+    changes are in the store. ``ABSENT``: the reconciler took it first and recorded the intent
+    as not made; the writer's transaction can then no longer commit.
+    """
+
+    WRITTEN = "written"
+    ABSENT = "absent"
+
+
+class IntentSettled(RecordStoreUnavailable):
+    """A write's intent was settled as not made before its transaction could claim it (the
+    write waited longer than the reconciler's settle age, or its deadline passed): nothing
+    was written. A 503; retrying makes a new intent."""
 
 
 class VersionConflict(PhivaultError):
@@ -330,6 +350,38 @@ class RecordUnitOfWork(Protocol):
     ) -> list[str]:
         """Ids of current matches in id order (no ciphertext): conditional references,
         ``ifNoneExist``, conditional update and delete. ``limit=2`` tells one from many."""
+        ...
+
+    def claim_intents(self, tenant: str, claims: Collection[str], *, at: int) -> None:
+        """The writer's side: claim these intents (:attr:`IntentClaim.WRITTEN`), first thing in
+        the writing transaction, so they commit or roll back with its changes. Raises
+        :class:`IntentSettled` if the reconciler claimed one first; on PostgreSQL it waits
+        for a reconciler's transaction that holds one. ``at``: microseconds (for pruning)."""
+        ...
+
+    def settle_intent(
+        self,
+        tenant: str,
+        claim: str,
+        *,
+        at: int,
+        unclaimed: IntentClaim = IntentClaim.ABSENT,
+        wait_s: float = 10.0,
+    ) -> IntentClaim | None:
+        """The reconciler's side: claim the intent as ``unclaimed`` unless it is claimed
+        already, and return who holds it. A writer's transaction that holds it and is still
+        open is waited for (a row lock on PostgreSQL, the write lock on SQLite); None if it
+        is still open after ``wait_s`` on PostgreSQL (still in flight: look again later; on
+        SQLite the database's busy timeout applies and the wait ends in an error)."""
+        ...
+
+    def intent_claims_since(self) -> int | None:
+        """When writers started claiming their intents (microseconds; the migration that
+        made claims), so older intents are judged by the versions in the store."""
+        ...
+
+    def prune_intent_claims(self, *, before: int) -> int:
+        """Delete the claims made before ``before`` (microseconds); how many went."""
         ...
 
 

@@ -14,6 +14,8 @@ The shape (docs/decisions/records-storage.md):
   cursor DEK rotation resumes from.
 * ``rec_idx_*``: search index rows of **current versions only** (replaced in the same
   transaction as the write, removed by a delete), so search never sees an old version.
+* ``rec_intent_claims``: one row per write intent, inserted by the writing transaction or by
+  the reconciler, whichever comes first (docs/decisions/records-intent-claims.md).
 
 Every key and every index starts with ``tenant``. Instants are integer microseconds since the
 Unix epoch (UTC) on both engines, so ordering and comparisons are the same everywhere; open
@@ -44,6 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 __all__ = [
+    "CLAIMS_SINCE",
     "DATE_MAX",
     "DATE_MIN",
     "HEAD_REVISION",
@@ -55,6 +58,7 @@ __all__ = [
     "idx_reference",
     "idx_string",
     "idx_token",
+    "intent_claims",
     "metadata",
     "resources",
     "upgrade",
@@ -62,7 +66,7 @@ __all__ = [
 ]
 
 #: The Alembic revision :func:`upgrade` brings a database to.
-HEAD_REVISION: Final = "0003"
+HEAD_REVISION: Final = "0004"
 #: Alembic's bookkeeping table for this part (other parts may use Alembic in the same database).
 VERSION_TABLE: Final = "rec_alembic_version"
 #: Open lower / upper bounds of a date range (microseconds).
@@ -219,6 +223,25 @@ care_assignments = Table(
     ),
     Index("acc_care_assignments_by_patient", "tenant", "patient_id"),
 )  # fmt: skip
+
+
+#: Write-intent claims (migration 0004). ``claim`` is the intent's id (a SHA-256, hex) and
+#: ``state`` an :class:`~phivault.records.store.ports.IntentClaim` value; the primary key is
+#: what decides between a writer and the reconciler. ``claimed_at``: microseconds.
+intent_claims = Table(
+    "rec_intent_claims",
+    metadata,
+    _tenant(),
+    Column("claim", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("claimed_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant", "claim", name="rec_intent_claims_pk"),
+    Index("rec_intent_claims_by_time", "claimed_at"),
+)
+
+#: The row migration 0004 adds (no tenant can be empty): when claims began, so the reconciler
+#: judges older intents by the versions in the store, as it did before claims.
+CLAIMS_SINCE: Final = ("", "claims-since", "since")
 
 
 def upgrade(connection: Connection, revision: str = "head") -> None:

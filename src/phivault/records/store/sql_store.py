@@ -68,6 +68,8 @@ from phivault.records.split import Envelope, group_element_ref
 from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
     BlindTerms,
+    IntentClaim,
+    IntentSettled,
     NewVersion,
     ReadClass,
     RecordStore,
@@ -90,6 +92,7 @@ from phivault.records.store.routing import (
     replica_name,
 )
 from phivault.records.store.schema import (
+    CLAIMS_SINCE,
     DATE_MAX,
     DATE_MIN,
     care_assignments,
@@ -99,6 +102,7 @@ from phivault.records.store.schema import (
     idx_reference,
     idx_string,
     idx_token,
+    intent_claims,
     resources,
     upgrade,
     versions,
@@ -783,6 +787,81 @@ class SqlUnitOfWork:
             ).all()
         return [str(r[0]) for r in rows]
 
+    # write-intent claims (docs/decisions/records-intent-claims.md) ---------------------------
+
+    def claim_intents(self, tenant: str, claims: Collection[str], *, at: int) -> None:
+        """Claim the intents for this transaction's changes; :class:`IntentSettled` if the
+        reconciler holds one (PostgreSQL first waits for a reconciler still deciding)."""
+        _check_tenant(tenant)
+        if not claims:
+            return
+        conn = self._writable()
+        rows = [
+            {"tenant": tenant, "claim": c, "state": IntentClaim.WRITTEN.value, "claimed_at": at}
+            for c in sorted(set(claims))
+        ]
+        try:
+            conn.execute(_CLAIM, rows[0] if len(rows) == 1 else rows)
+        except IntegrityError:
+            raise IntentSettled(
+                "records store: this write's intent was already settled as not made (the "
+                "write waited too long); nothing was written, retry it"
+            ) from None
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, "claim intent") from exc
+
+    def settle_intent(
+        self,
+        tenant: str,
+        claim: str,
+        *,
+        at: int,
+        unclaimed: IntentClaim = IntentClaim.ABSENT,
+        wait_s: float = 10.0,
+    ) -> IntentClaim | None:
+        """Insert the claim as ``unclaimed`` unless someone holds it; who holds it. On
+        PostgreSQL the insert waits for an open writing transaction that inserted the same
+        key, up to ``wait_s`` (then None, and this unit can only roll back); on SQLite this
+        unit's write lock already waited for every writer."""
+        _check_tenant(tenant)
+        conn = self._writable()
+        postgres = conn.dialect.name == "postgresql"
+        row = {"tenant": tenant, "claim": claim, "state": unclaimed.value, "claimed_at": at}
+        try:
+            if postgres:
+                # A writer stuck with its transaction open must not hold every later intent
+                # (and, through the reconcile lock, every worker's reconciling) hostage.
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(wait_s * 1000))}")
+            conn.execute(_SETTLE_CLAIM[postgres], row)
+            state = conn.execute(_CLAIM_STATE, {"c_tenant": tenant, "claim": claim}).scalar_one()
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                return None
+            raise _driver_error(exc, "settle intent") from exc
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc, "settle intent") from exc
+        return IntentClaim(state)
+
+    def intent_claims_since(self) -> int | None:
+        conn = self._live()
+        tenant, claim, _ = CLAIMS_SINCE
+        with self._translate("read claims"):
+            since = conn.execute(
+                select(intent_claims.c.claimed_at).where(
+                    intent_claims.c.tenant == tenant, intent_claims.c.claim == claim
+                )
+            ).scalar_one_or_none()
+        return None if since is None else int(since)
+
+    def prune_intent_claims(self, *, before: int) -> int:
+        conn = self._writable()
+        c = intent_claims.c
+        with self._translate("prune claims"):
+            removed = conn.execute(
+                delete(intent_claims).where(c.claimed_at < before, c.tenant != CLAIMS_SINCE[0])
+            ).rowcount
+        return int(removed)
+
 
 def _index_rows(
     key: ResourceKey, subject: str, entries: Sequence[IndexEntry]
@@ -907,6 +986,17 @@ _UPDATE_HEAD: Final = (
     )
 )
 _INSERT_VERSION: Final = insert(versions).returning(_V.seq)
+#: Keyed by "is PostgreSQL": the reconciler's claim, unless a writer (or an earlier pass) has
+#: one; PostgreSQL waits for the transaction of a conflicting row not yet committed.
+_SETTLE_CLAIM: Final = {
+    flag: dialect.insert(intent_claims).on_conflict_do_nothing()
+    for flag, dialect in ((True, postgresql), (False, sqlite))
+}
+_CLAIM: Final = insert(intent_claims)
+_LOCK_NOT_AVAILABLE: Final = "55P03"  # PostgreSQL: lock_timeout expired
+_CLAIM_STATE: Final = select(intent_claims.c.state).where(
+    intent_claims.c.tenant == bindparam("c_tenant"), intent_claims.c.claim == bindparam("claim")
+)
 _INSERT: Final = {table.name: insert(table) for table in (groups, *_INDEX_TABLES)}
 _DELETE_INDEX: Final = {
     table.name: delete(table).where(
