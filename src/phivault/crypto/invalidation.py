@@ -18,7 +18,7 @@ Two implementations of the port:
   lease: a worker that cannot hear invalidations reads the key store every time (and its cache
   is wiped). The shredder lists the bucket's entries, publishes the invalidation with a reply
   inbox and waits (bounded) for a confirmation from each listed worker. A worker that does not
-  confirm has its lease revoked (its entry deleted): it cannot renew it, so it stops using its
+  confirm has its lease revoked (its entry overwritten): it cannot renew it, so it stops using its
   cache when its current lease ends, at most one lease after the shred, and the shred is
   reported as pending propagation.
 

@@ -6,7 +6,7 @@ invalidation subject, then holds a lease (its entry in a JetStream key-value buc
 the lease, renewed by compare-and-swap); it uses its cipher cache only while the lease is held
 and its connection has stayed up since. A shredder lists the leases, publishes the
 invalidation with a reply inbox, waits (bounded) for each listed worker's confirmation, and
-revokes (deletes) the lease of every worker that did not confirm.
+revokes (overwrites) the lease of every worker that did not confirm.
 
 No nats exception crosses the port: connecting raises :class:`KeyUnavailable`, announcing
 returns a pending :class:`Propagation`.
@@ -58,6 +58,7 @@ _MAX_ID_CHARS: Final = 128
 _WORKER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_\-=.]{1,128}$")
 _NAMESPACE_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NATS_ERRORS: Final = (nats.errors.Error, OSError, TimeoutError)
+_REVOKED: Final = b'{"revoked": true}'
 _log = logging.getLogger("phivault.crypto.invalidation")
 
 
@@ -339,12 +340,14 @@ class NatsInvalidation:
         return self._pending(done, tuple(sorted(missing)), detail, revoked)
 
     async def _revoke(self, workers: set[str]) -> bool:
-        """Delete the unconfirmed workers' leases: none can renew, so each stops using its
-        cache within one lease. True if every lease was revoked."""
+        """Overwrite the unconfirmed workers' leases with a revocation: none can renew (its
+        compare-and-swap fails), so each stops using its cache within one lease. The entry
+        stays listed for a whole lease (not deleted): a shred in that time still waits for
+        the worker, which may still trust its current lease. True if every lease was revoked."""
         ok = True
         for worker in sorted(workers):
             try:
-                await asyncio.wait_for(self._kv.delete(worker), self.confirm_timeout_s)
+                await asyncio.wait_for(self._kv.put(worker, _REVOKED), self.confirm_timeout_s)
             except _NATS_ERRORS:
                 ok = False
         return ok

@@ -262,6 +262,25 @@ async def test_a_worker_that_does_not_confirm_makes_the_shred_pending_and_loses_
     assert again.record == outcome.record and first.worker_id in again.propagation.confirmed
 
 
+async def test_a_revoked_worker_is_still_waited_for_while_its_lease_may_run(
+    workers: WorkerFactory,
+) -> None:
+    # Revoking a lease must not hide the worker from the next shred: until its current lease
+    # ends it may still trust it (and hold other patients' ciphers).
+    first = await workers("w1")
+    deaf = await workers("w2")
+    await _cached_on_both(first, deaf)
+    await first.ring.patient_cipher("acme", "p2", create=True)
+    await deaf.ring.patient_cipher("acme", "p2")
+    assert isinstance(deaf.invalidation, NatsInvalidation)
+    sub = deaf.invalidation._sub
+    assert sub is not None
+    await sub.unsubscribe()
+    assert (await first.ring.shred_patient("acme", "p1", reason="erasure-request")).pending
+    second = await first.ring.shred_patient("acme", "p2", reason="erasure-request")
+    assert second.pending and second.propagation.unconfirmed == (deaf.worker_id,)
+
+
 async def test_an_invalidation_that_is_not_ours_drops_everything_and_confirms_nothing(
     workers: WorkerFactory,
 ) -> None:
