@@ -361,6 +361,7 @@ async def open_service(
                     "records": repository,
                     "audit_events": AuditEventReader(audit.reader, policy, clock=clock),
                     "break_glass": break_glass.service,
+                    "sealed_elements": store.sealed_elements(),  # a shred drops search tokens
                 },
                 on_shutdown=break_glass.on_shutdown,
                 readiness_checks=[keys_unsealed],

@@ -419,10 +419,12 @@ class KeyRing:
         reason: str | None = None,
         patient: str | None = None,
         key_ids: Sequence[str] = (),
+        operator: str | None = None,
     ) -> AuditEvent:
-        agents = [Agent(who=SERVICE_PRINCIPAL, requestor=self._operator is None)]
-        if self._operator is not None:
-            agents.insert(0, Agent(who=self._operator, requestor=True))
+        operator = operator or self._operator
+        agents = [Agent(who=SERVICE_PRINCIPAL, requestor=operator is None)]
+        if operator is not None:
+            agents.insert(0, Agent(who=operator, requestor=True))
         entities = [
             Entity(
                 what=f"CryptoKey/{key_id}",
@@ -838,6 +840,7 @@ class KeyRing:
         reason: str,
         elements: SealedElementStore | None = None,
         now: datetime | None = None,
+        operator: str | None = None,
     ) -> ShredOutcome:
         """Destroy every data key of the patient (and their blind-index tokens, if given).
 
@@ -850,6 +853,7 @@ class KeyRing:
         (``propagation.complete``) or the shred is pending propagation (and for how long an
         unconfirmed worker's cache may still serve). Shredding a shredded patient again
         returns its record and announces again (how a pending shred is retried).
+        ``operator``: who asked, for this call (an admin over HTTP), instead of the ring's.
         """
         _check_tenant(tenant)
         _check_patient(patient)
@@ -870,6 +874,7 @@ class KeyRing:
                     patient=patient,
                     outcome=Outcome.MINOR_FAILURE,
                     reason="retention-hold",
+                    operator=operator,
                 )
             )
             raise RetentionHold(patient, hold.until, hold.reason)
@@ -885,13 +890,14 @@ class KeyRing:
                 patient=patient,
                 reason=reason,
                 key_ids=doomed,
+                operator=operator,
             )
         )
         record = ShredRecord(
             tenant=tenant,
             patient=patient,
             shredded=now,
-            by=self._operator or SERVICE_PRINCIPAL,
+            by=operator or self._operator or SERVICE_PRINCIPAL,
             reason=reason,
             keys_destroyed=doomed,
             ledger_index=index,
@@ -906,7 +912,7 @@ class KeyRing:
             record = winner
         self._ciphers.evict((tenant, patient))
         if elements is not None:
-            elements.drop_patient_tokens(tenant, patient)
+            await self._io(elements.drop_patient_tokens, tenant, patient)
         return await self._announce(record)
 
     async def _announce(self, record: ShredRecord) -> ShredOutcome:

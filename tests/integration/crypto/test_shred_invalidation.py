@@ -472,3 +472,81 @@ async def test_key_creation_holds_and_shreds_leave_the_event_loop_free(
     finally:
         await ring.seal()
         store.close()
+
+
+# -- composition: open_keyring in the scaled shape -----------------------------------------------
+
+
+def _scaled_settings(postgres: str, schema: str, nats_url: str) -> Any:
+    from phivault.settings import (
+        KeySettings,
+        LedgerKind,
+        LedgerSettings,
+        RecordsSettings,
+        Settings,
+        ShapeSettings,
+        StoreKind,
+    )
+
+    return Settings(
+        shape=ShapeSettings(store=StoreKind.POSTGRES, ledger=LedgerKind.JETSTREAM),
+        records=RecordsSettings(store_url=_sqlalchemy_url(postgres)),
+        ledger=LedgerSettings(postgres_url=postgres, nats_urls=[nats_url]),
+        keys=KeySettings(postgres_schema=schema, invalidation_lease_s=LEASE_S),
+    )
+
+
+def _sqlalchemy_url(conninfo: str) -> str:
+    parts = psycopg.conninfo.conninfo_to_dict(conninfo)
+    user = parts.get("user", "postgres")
+    host = parts.get("host", "127.0.0.1")
+    port = parts.get("port", 5432)
+    return f"postgresql+psycopg://{user}@{host}:{port}/{parts.get('dbname', 'test')}"
+
+
+async def test_open_keyring_wires_the_broadcast_in_the_scaled_shape(
+    postgres: str, schema: str, tmp_path: Path
+) -> None:
+    import shutil as _shutil
+
+    from phivault.crypto.custody import initialize_keystore, open_keyring
+    from phivault.crypto.errors import KeyUnavailable
+    from phivault.datadir import DataDir
+
+    settings = _scaled_settings(postgres, schema, NATS_URL)
+    hosts = [DataDir.create(tmp_path / f"host-{n}", dev=False) for n in range(3)]
+    init = initialize_keystore(hosts[0], settings, threshold=2, shares=3)
+    for host in hosts[1:]:
+        for item in hosts[0].keys_dir.iterdir():
+            _shutil.copy(item, host.keys_dir / item.name)
+    shares = list(init.shares[:2])
+    sink = InMemoryAuditSink()
+    try:
+        async with (
+            open_keyring(hosts[0], settings, sink, credentials=shares, serving=True) as one,
+            open_keyring(hosts[1], settings, sink, credentials=shares, serving=True) as two,
+        ):
+            sealed = (await one.patient_cipher("acme", "p1", create=True)).seal(REF, b"1970")
+            assert (await two.patient_cipher("acme", "p1")).open(REF, sealed) == b"1970"
+            # an operator's tool (not serving) shreds: both workers confirm before it returns
+            async with open_keyring(hosts[2], settings, sink, unseal=False) as tool:
+                outcome = await tool.shred_patient("acme", "p1", reason="erasure-request")
+            assert outcome.propagation.complete and len(outcome.propagation.confirmed) == 2
+            for ring in (one, two):
+                with pytest.raises(PatientShredded):
+                    await ring.patient_cipher("acme", "p1")
+        # NATS unreachable: a worker does not start; a tool still shreds, reported pending
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            dead = f"nats://127.0.0.1:{sock.getsockname()[1]}"
+        unreachable = _scaled_settings(postgres, schema, dead)
+        with pytest.raises(KeyUnavailable):
+            async with open_keyring(hosts[0], unreachable, sink, credentials=shares, serving=True):
+                pass
+        async with open_keyring(hosts[0], unreachable, sink, credentials=shares) as ring:
+            await ring.patient_cipher("acme", "p2", create=True)
+        async with open_keyring(hosts[2], unreachable, sink, unseal=False) as tool:
+            pending = await tool.shred_patient("acme", "p2", reason="erasure-request")
+        assert pending.pending and pending.propagation.bound_s == settings.keys.dek_cache_ttl_s
+    finally:
+        await _delete_bucket(NATS_URL, schema)
