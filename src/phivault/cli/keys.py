@@ -339,6 +339,8 @@ def shred(
     """Destroy a patient's data keys (and blind-index tokens): their PHI never decrypts again.
 
     Refused under a retention hold. Leaves a shred record and a ledger event as evidence.
+    In the scaled shape every worker is told to drop the patient's cached keys; if one does
+    not confirm in time the shred is done but reported "pending propagation" (run it again).
     """
     output = Output(json_mode=json_mode)
     if not patient:

@@ -273,7 +273,12 @@ class NatsInvalidation:
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lease_s * _RENEW_SHARE)
-            await self._renew()
+            try:
+                await self._renew()
+            except Exception:
+                # Not a NATS failure (those are handled): keep renewing. Until a renewal
+                # succeeds the lease lapses and the cache is not used: safe, only slower.
+                _log.exception("key invalidation lease renewal failed")
 
     async def _on_invalidation(self, msg: Msg) -> None:
         parsed = _parse(msg.data)
