@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from phivault.crypto.errors import KeyUnavailable, Sealed
 from phivault.crypto.invalidation import (
     CacheInvalidation,
+    DeferredInvalidation,
     InProcessInvalidation,
     UnreachableInvalidation,
 )
@@ -341,27 +342,32 @@ async def open_invalidation(
     """How shreds reach the other processes' cipher caches (:mod:`phivault.crypto.invalidation`).
 
     In-process unless the key store is shared (:func:`shares_key_store`); then NATS, on the
-    audit stream's servers. A worker (``serving``) that cannot connect does not start (like the
-    audit stream); a tool that only announces (a CLI shred) still shreds, and its shreds are
-    reported pending propagation.
+    audit stream's servers. A worker (``serving``) connects at once and does not start without
+    NATS (like the audit stream); a tool (the CLI) connects when it first shreds, and if it
+    cannot, it still shreds and reports the shred pending propagation.
     """
     if not shares_key_store(settings) or not announce:
         return InProcessInvalidation()
     from phivault.crypto.invalidation_nats import NatsInvalidation
 
     keys = settings.keys
-    try:
-        return await NatsInvalidation.connect(
-            settings.ledger.nats_urls,
-            namespace=keys.postgres_schema,
-            name=f"phivault-keys-{data_dir.node_id}",
-            serving=serving,
-            lease_s=keys.invalidation_lease_s,
-            confirm_timeout_s=keys.shred_confirm_timeout_s,
-            cache_ttl_s=keys.dek_cache_ttl_s,
-            replicas=settings.ledger.stream_replicas,
-        )
-    except KeyUnavailable as exc:
-        if serving:
-            raise
-        return UnreachableInvalidation(str(exc), bound_s=keys.dek_cache_ttl_s)
+
+    async def connect() -> CacheInvalidation:
+        try:
+            return await NatsInvalidation.connect(
+                settings.ledger.nats_urls,
+                namespace=keys.postgres_schema,
+                name=f"phivault-keys-{data_dir.node_id}",
+                serving=serving,
+                lease_s=keys.invalidation_lease_s,
+                confirm_timeout_s=keys.shred_confirm_timeout_s,
+                cache_ttl_s=keys.dek_cache_ttl_s,
+                replicas=settings.ledger.stream_replicas,
+            )
+        except KeyUnavailable as exc:
+            if serving:
+                raise
+            return UnreachableInvalidation(str(exc), bound_s=keys.dek_cache_ttl_s)
+
+    # A worker connects now (and does not start without NATS); a tool when it first shreds.
+    return await connect() if serving else DeferredInvalidation(connect)

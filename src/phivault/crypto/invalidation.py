@@ -29,6 +29,7 @@ user by the server's permissions, like the audit stream (the decision record say
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 __all__ = [
     "CacheInvalidation",
     "CacheListener",
+    "DeferredInvalidation",
     "InProcessInvalidation",
     "Propagation",
     "PropagationStatus",
@@ -137,3 +139,25 @@ class UnreachableInvalidation(InProcessInvalidation):
     async def announce(self, tenant: str, patient: str) -> Propagation:
         await super().announce(tenant, patient)
         return Propagation(PropagationStatus.PENDING, detail=self._detail, bound_s=self._bound_s)
+
+
+class DeferredInvalidation(InProcessInvalidation):
+    """A tool that serves no PHI (the CLI): its own cache is trusted as in-process, and it
+    connects to the others (``connect``) only when it has a shred to announce, so rotations
+    and holds never wait for NATS."""
+
+    def __init__(self, connect: Callable[[], Awaitable[CacheInvalidation]]) -> None:
+        super().__init__()
+        self._connect = connect
+        self._connected: CacheInvalidation | None = None
+
+    async def announce(self, tenant: str, patient: str) -> Propagation:
+        await super().announce(tenant, patient)
+        if self._connected is None:
+            self._connected = await self._connect()
+        return await self._connected.announce(tenant, patient)
+
+    async def aclose(self) -> None:
+        if self._connected is not None:
+            connected, self._connected = self._connected, None
+            await connected.aclose()
