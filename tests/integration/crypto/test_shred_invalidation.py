@@ -246,20 +246,26 @@ async def test_a_worker_that_does_not_confirm_makes_the_shred_pending_and_loses_
     assert outcome.propagation.unconfirmed == (deaf.worker_id,)
     assert first.worker_id in outcome.propagation.confirmed
     assert outcome.propagation.bound_s == LEASE_S  # its lease was revoked
-    assert took < CONFIRM_S + 1.5  # bounded wait
-    # The deaf worker would still decrypt from its cache right now (the danger that "pending"
+    # bounded: the listing, the wait for confirmations and the revocation, each at most
+    # CONFIRM_S (plus a loaded machine's scheduling)
+    assert took < 3 * CONFIRM_S + 2.0, took
+    # The deaf worker may still decrypt from its cache right now (the danger "pending"
     # reports), but only until its current lease ends: it cannot renew a revoked lease.
-    waited = await eventually(
-        lambda: deaf.ring.cached_ciphers == 0, timeout_s=LEASE_S, what="the lease to lapse"
-    )
-    assert time.monotonic() - started <= LEASE_S + 0.5, waited
-    with pytest.raises(PatientShredded):
-        await deaf.ring.patient_cipher("acme", "p1")
-    del sealed
+    returned = time.monotonic()
+    while True:
+        try:
+            cipher = await deaf.ring.patient_cipher("acme", "p1")
+        except PatientShredded:
+            break
+        assert cipher.open(REF, sealed) == b"1970-01-01"
+        assert time.monotonic() - returned <= LEASE_S + 0.5, "served past its lease"
+        await asyncio.sleep(0.05)
+    assert deaf.ring.cached_ciphers == 0
     # Announcing again (the CLI's "run the shred again") now finds it re-registered, hearing
     # nothing still: pending again, never falsely complete.
     again = await first.ring.shred_patient("acme", "p1", reason="erasure-request")
     assert again.record == outcome.record and first.worker_id in again.propagation.confirmed
+    assert again.pending and again.propagation.unconfirmed == (deaf.worker_id,)
 
 
 async def test_a_revoked_worker_is_still_waited_for_while_its_lease_may_run(
