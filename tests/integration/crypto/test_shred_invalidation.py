@@ -387,6 +387,22 @@ async def test_a_worker_whose_nats_is_down_does_not_serve_from_its_cache(
     assert second.ring.cached_ciphers == 1
 
 
+async def test_a_worker_whose_event_loop_stalled_past_its_lease_does_not_trust_its_cache(
+    workers: WorkerFactory,
+) -> None:
+    # A stalled worker renews nothing; a shredder may already have given up on it. When its
+    # loop runs again, the first thing that asks for a cipher finds the lease lapsed.
+    first = await workers("w1")
+    second = await workers("w2")
+    sealed = await _cached_on_both(first, second)
+    time.sleep(LEASE_S * 0.85)
+    assert not second.invalidation.cache_usable()
+    assert second.ring.cached_ciphers == 0
+    assert (await second.ring.patient_cipher("acme", "p1")).open(REF, sealed) == b"1970-01-01"
+    assert second.ring.cached_ciphers == 0  # read from the store, not cached
+    await eventually(second.invalidation.cache_usable, timeout_s=LEASE_S, what="a renewal")
+
+
 async def test_a_cipher_read_while_its_shred_lands_is_not_cached(
     workers: WorkerFactory, postgres: str, schema: str
 ) -> None:
