@@ -187,6 +187,12 @@ class KeySettings(_Section):
     # shape.store = postgres: the wrapped data keys live in the records database, in this
     # schema, shared by every worker (embedded: keys/ in the data directory).
     postgres_schema: str = Field(default="phivault_keys", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # Scaled shape (shape.store = postgres, shape.ledger = jetstream): a worker uses its cipher
+    # cache only while it holds a lease of this length in NATS (the longest a worker that did
+    # not confirm a shred may go on using its cache); a shred waits this long for every live
+    # worker to confirm it dropped the patient's cipher, else it is pending propagation.
+    invalidation_lease_s: float = Field(default=10.0, gt=0, le=300)
+    shred_confirm_timeout_s: float = Field(default=2.0, gt=0, le=60)
 
 
 class RecordsSettings(_Section):

@@ -178,6 +178,10 @@ def _remove(scaled: Scaled) -> None:
         for key in client.scan_iter(f"{scaled.redis_prefix}*"):
             client.delete(key)
     _delete_stream(scaled.stream)
+    # the workers' key invalidation leases (a JetStream key-value bucket is a stream)
+    from phivault.crypto.invalidation_nats import invalidation_bucket
+
+    _delete_stream(f"KV_{invalidation_bucket(scaled.keys_schema)}")
 
 
 def _delete_stream(name: str) -> None:

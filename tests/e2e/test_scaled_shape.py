@@ -126,6 +126,40 @@ def test_a_patient_in_and_out_through_two_workers(scaled: Scaled) -> None:
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+def test_a_shred_through_one_worker_stops_every_worker_before_it_answers(scaled: Scaled) -> None:
+    patient = {"resourceType": "Patient", "name": [{"family": "Ashdown"}], "gender": "female"}
+    with httpx.Client(timeout=60) as client:
+        headers = loader(scaled)
+        created = client.post(f"{scaled.url}/fhir/Patient", json=patient, headers=headers)
+        assert created.status_code == 201, created.text
+        pid = created.json()["id"]
+        own = token(
+            scaled, "--role", "patient", "--fhir-user", f"Patient/{pid}",
+            "--scope", "patient/*.rs",
+        )  # fmt: skip
+        # reads over fresh connections reach both workers: each caches the patient's cipher
+        for _ in range(10):
+            with httpx.Client(timeout=30) as fresh:
+                read = fresh.get(f"{scaled.url}/fhir/Patient/{pid}", headers=own)
+                assert read.status_code == 200, read.text
+        admin = token(scaled, "--role", "admin", "--mfa")
+        admin["Content-Type"] = "application/json"
+        shredded = client.post(
+            f"{scaled.url}/admin/keys/shred",
+            json={"patient": pid, "reason": "erasure-request"},
+            headers=admin,
+        )
+        assert shredded.status_code == 200, shredded.text
+        result = shredded.json()
+        assert result["status"] == "complete" and result["confirmed_workers"] == 2, result
+        # at once, whichever worker answers: no cached cipher survives the shred
+        for _ in range(10):
+            with httpx.Client(timeout=30) as fresh:
+                gone = fresh.get(f"{scaled.url}/fhir/Patient/{pid}", headers=own)
+                assert gone.status_code == 410, gone.text
+                assert "Ashdown" not in gone.text
+
+
 def test_a_worker_killed_is_replaced_and_service_goes_on(scaled: Scaled) -> None:
     """SIGKILL one worker: the supervisor starts another; requests keep being answered."""
     children = subprocess.run(

@@ -1,4 +1,4 @@
-"""Operator endpoints for key custody: seal status, unseal with shares, seal.
+"""Operator endpoints for key custody: seal status, unseal with shares, seal, shred.
 
 The server starts sealed unless it can unseal itself (an HSM PIN, a cloud KMS, or, for
 development only, the dev unseal file). Custodians then present their unseal shares, each on
@@ -12,6 +12,13 @@ error or a log line.
 
 Pending shares live in this process: in the embedded shape that is the one server; in the
 scaled shape each worker is unsealed on its own (or by its HSM/KMS).
+
+``POST /shred`` destroys a patient's data keys in the caller's tenant (the server holds the
+ledger, so this is how the embedded shape shreds while serving; in the scaled shape its event
+goes to the audit stream). It answers 200 once every worker dropped the patient's cached
+cipher, and 202 "pending propagation" when the keys are destroyed but some worker did not
+confirm in time (the body names them and bounds how long their caches may still serve; posting
+again announces again).
 """
 
 from __future__ import annotations
@@ -20,12 +27,12 @@ import asyncio
 import time
 from typing import Annotated, Final
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Request, Response
 from pydantic import BaseModel, Field
 
 from phivault.api.context import SteppedUp
-from phivault.api.problems import BadRequest, Forbidden, ServiceUnavailable
-from phivault.crypto import InvalidShares, KeyRing, KeyUnavailable, Sealed
+from phivault.api.problems import BadRequest, Conflict, Forbidden, ServiceUnavailable
+from phivault.crypto import InvalidShares, KeyRing, KeyUnavailable, RetentionHold, Sealed
 from phivault.errors import InvalidInput
 from phivault.identity.principal import Principal, Role
 
@@ -42,6 +49,25 @@ class UnsealRequest(BaseModel):
     credentials: list[Annotated[str, Field(min_length=1, max_length=_MAX_SHARE_CHARS)]] = Field(
         min_length=1, max_length=16
     )
+
+
+class ShredRequest(BaseModel):
+    """A patient of the caller's tenant, and a reason code (never free text)."""
+
+    patient: str = Field(min_length=1, max_length=64)
+    reason: str = Field(default="erasure-request", min_length=1, max_length=64)
+
+
+class ShredResult(BaseModel):
+    status: str  # "complete" or "pending-propagation"
+    message: str
+    tenant: str
+    patient: str
+    keys_destroyed: int
+    ledger_index: int
+    confirmed_workers: int
+    unconfirmed_workers: list[str]
+    bound_s: float | None  # pending: how long an unconfirmed worker's cache may still serve
 
 
 class KeyStatus(BaseModel):
@@ -136,5 +162,51 @@ def keys_router() -> APIRouter:
     async def seal(principal: SteppedUp, request: Request) -> KeyStatus:
         _operator(principal)
         return await _state(request).seal()
+
+    @router.post("/shred")
+    async def shred(
+        principal: SteppedUp,
+        request: Request,
+        response: Response,
+        body: Annotated[ShredRequest, Body()],
+    ) -> ShredResult:
+        _operator(principal)
+        ring = _state(request).ring
+        try:
+            outcome = await ring.shred_patient(
+                principal.tenant,
+                body.patient,
+                reason=body.reason,
+                # drops the patient's blind-index tokens too (open_service provides it)
+                elements=getattr(request.app.state, "sealed_elements", None),
+                operator=principal.subject,
+            )
+        except RetentionHold as exc:
+            raise Conflict(str(exc)) from exc
+        record, propagation = outcome.record, outcome.propagation
+        if outcome.pending:
+            response.status_code = 202
+            bound = (
+                f"; they stop using cached keys within {propagation.bound_s:.0f} s"
+                if propagation.bound_s is not None
+                else ""
+            )
+            message = (
+                f"pending propagation: the keys are destroyed, but {propagation.detail}{bound}; "
+                "post the shred again to retry"
+            )
+        else:
+            message = "shredded: every worker dropped the patient's keys"
+        return ShredResult(
+            status=propagation.status.value,
+            message=message,
+            tenant=record.tenant,
+            patient=f"Patient/{record.patient}",
+            keys_destroyed=len(record.keys_destroyed),
+            ledger_index=record.ledger_index,
+            confirmed_workers=len(propagation.confirmed),
+            unconfirmed_workers=list(propagation.unconfirmed),
+            bound_s=propagation.bound_s,
+        )
 
     return router

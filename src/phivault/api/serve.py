@@ -296,7 +296,8 @@ async def open_service(
     breakers = Breakers()  # every dependency's breaker, exported at /metrics
     async with (
         _open_audit(settings, data_dir, breakers) as audit,
-        open_keyring(data_dir, settings, audit.sink, credentials=credentials) as ring,
+        # serving: the ring hears other workers' shreds (scaled shape) before using its cache
+        open_keyring(data_dir, settings, audit.sink, credentials=credentials, serving=True) as ring,
     ):
         store = await asyncio.to_thread(_open_store, settings, data_dir, breakers)
         reconciling: asyncio.Task[None] | None = None
@@ -377,6 +378,7 @@ async def open_service(
                     "records": repository,
                     "audit_events": AuditEventReader(audit.reader, policy, clock=clock),
                     "break_glass": break_glass.service,
+                    "sealed_elements": store.sealed_elements(),  # a shred drops search tokens
                 },
                 on_shutdown=break_glass.on_shutdown,
                 readiness_checks=[keys_unsealed],

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from phivault.cli._common import DataDirOption, JsonOption, Output, fail, open_data_dir
 from phivault.crypto.errors import CryptoError, RetentionHold, Sealed
+from phivault.crypto.invalidation import Propagation
 from phivault.datadir import DataDir, default_data_dir
 from phivault.errors import PhivaultError
 from phivault.ledger.errors import LedgerUnavailable
@@ -338,6 +339,8 @@ def shred(
     """Destroy a patient's data keys (and blind-index tokens): their PHI never decrypts again.
 
     Refused under a retention hold. Leaves a shred record and a ledger event as evidence.
+    In the scaled shape every worker is told to drop the patient's cached keys; if one does
+    not confirm in time the shred is done but reported "pending propagation" (run it again).
     """
     output = Output(json_mode=json_mode)
     if not patient:
@@ -362,10 +365,11 @@ def shred(
             return await ring.shred_patient(tenant, patient, reason=reason, elements=elements)
 
     try:
-        record = _run(output, work)
+        outcome = _run(output, work)
     finally:
         if elements is not None:
             elements.close()
+    record, propagation = outcome.record, outcome.propagation
     result = {
         "ok": True,
         "tenant": record.tenant,
@@ -373,6 +377,7 @@ def shred(
         "shredded": record.shredded.isoformat(timespec="seconds"),
         "keys_destroyed": list(record.keys_destroyed),
         "ledger_index": record.ledger_index,
+        "propagation": propagation.to_json(),
     }
     if json_mode:
         output.json(result)
@@ -381,6 +386,22 @@ def shred(
             f"[bold red]shredded[/] Patient/{record.patient}: {len(record.keys_destroyed)} data "
             f"key(s) destroyed; ledger entry {record.ledger_index}"
         )
+        if outcome.pending:
+            output.say(_pending_message(propagation))
+
+
+def _pending_message(propagation: Propagation) -> str:
+    """What an operator must know when a shred did not reach every worker's cache."""
+    workers = ", ".join(propagation.unconfirmed) or "unknown workers"
+    bound = (
+        f"they stop using cached keys within {propagation.bound_s:.0f} s"
+        if propagation.bound_s is not None
+        else "their cached keys expire with the cipher cache"
+    )
+    return (
+        f"[bold yellow]pending propagation[/]: {propagation.detail}; not confirmed by: "
+        f"{workers}; {bound}. Run the same shred again to retry the announcement."
+    )
 
 
 def _parse_until(output: Output, value: str) -> datetime:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
         RotationInProgress,
         Sealed,
     )
-    from phivault.crypto.keyring import Inventory, KeyInfo, KeyRing, RotationReport
+    from phivault.crypto.invalidation import CacheInvalidation, Propagation, PropagationStatus
+    from phivault.crypto.keyring import Inventory, KeyInfo, KeyRing, RotationReport, ShredOutcome
     from phivault.crypto.keystore import SqliteKeyStore
     from phivault.crypto.keystore_postgres import KeyStoreConflict, PostgresKeyStore
     from phivault.crypto.ports import KeyStore, RootKeyProvider, SealedElement, SealedElementStore
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BlindIndexer",
     "BlindToken",
+    "CacheInvalidation",
     "CryptoError",
     "DecryptionFailed",
     "ElementRef",
@@ -56,6 +58,8 @@ __all__ = [
     "PatientCipher",
     "PatientShredded",
     "PostgresKeyStore",
+    "Propagation",
+    "PropagationStatus",
     "RetentionHold",
     "RootKeyProvider",
     "RotationInProgress",
@@ -63,6 +67,7 @@ __all__ = [
     "Sealed",
     "SealedElement",
     "SealedElementStore",
+    "ShredOutcome",
     "SqliteKeyStore",
     "SqliteSealedElementStore",
     "initialize_keystore",
@@ -88,6 +93,10 @@ _WHERE = {
     "KeyInfo": "keyring",
     "KeyRing": "keyring",
     "RotationReport": "keyring",
+    "ShredOutcome": "keyring",
+    "CacheInvalidation": "invalidation",
+    "Propagation": "invalidation",
+    "PropagationStatus": "invalidation",
     "KeyStore": "ports",
     "RootKeyProvider": "ports",
     "SealedElement": "ports",

@@ -4,6 +4,11 @@ Why: unwrapping a DEK on every element would cost a KEK decryption per read; cac
 patient's cipher makes sealing and opening cost one AES-GCM call. Bounded in size (LRU) and in
 lifetime (TTL on a monotonic clock passed in for tests), so that a key lives in memory only as
 long as it is in use; :meth:`clear` runs on seal, on rotation and on shred.
+
+The :attr:`epoch` changes on every eviction. A caller that reads a key store and then caches
+what it read passes the epoch it saw *before* reading to :meth:`put`: if anything was evicted
+meanwhile (a shred's invalidation arrived while the read was in flight), the value may predate
+the shred and is not cached.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ class KeyCache(Generic[V]):
         self._ttl = ttl_s
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str], tuple[float, V]] = OrderedDict()
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever an entry is evicted or the cache cleared (not on expiry)."""
+        return self._epoch
 
     def get(self, key: tuple[str, str]) -> V | None:
         entry = self._entries.get(key)
@@ -44,8 +55,9 @@ class KeyCache(Generic[V]):
         self._entries.move_to_end(key)
         return value
 
-    def put(self, key: tuple[str, str], value: V) -> None:
-        if self._max == 0:
+    def put(self, key: tuple[str, str], value: V, *, epoch: int | None = None) -> None:
+        """Cache ``value``; with ``epoch``, only if nothing was evicted since that epoch."""
+        if self._max == 0 or (epoch is not None and epoch != self._epoch):
             return
         self._entries[key] = (self._clock() + self._ttl, value)
         self._entries.move_to_end(key)
@@ -53,13 +65,16 @@ class KeyCache(Generic[V]):
             self._entries.popitem(last=False)
 
     def evict(self, key: tuple[str, str]) -> None:
+        self._epoch += 1
         self._entries.pop(key, None)
 
     def evict_tenant(self, tenant: str) -> None:
+        self._epoch += 1
         for key in [k for k in self._entries if k[0] == tenant]:
             del self._entries[key]
 
     def clear(self) -> None:
+        self._epoch += 1
         self._entries.clear()
 
     def __len__(self) -> int:

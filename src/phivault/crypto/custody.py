@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from phivault.crypto.errors import Sealed
+from phivault.crypto.errors import KeyUnavailable, Sealed
+from phivault.crypto.invalidation import (
+    CacheInvalidation,
+    DeferredInvalidation,
+    InProcessInvalidation,
+    UnreachableInvalidation,
+)
 from phivault.crypto.keyring import KeyRing
 from phivault.crypto.keystore import SqliteKeyStore
 from phivault.crypto.ports import KeyPurpose, KeyStore, RootKeyProvider
@@ -31,7 +37,7 @@ from phivault.crypto.providers.sealed import ROOT_FILE, SealedLocalProvider
 from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError
 from phivault.ledger.ports import AuditSink
-from phivault.settings import KeyProviderKind, KeySettings, Settings, StoreKind
+from phivault.settings import KeyProviderKind, KeySettings, LedgerKind, Settings, StoreKind
 
 if TYPE_CHECKING:
     from phivault.crypto.providers.pkcs11 import Pkcs11Provider
@@ -43,9 +49,11 @@ __all__ = [
     "build_provider",
     "check_keystore_settings",
     "initialize_keystore",
+    "open_invalidation",
     "open_keyring",
     "open_keystore",
     "read_dev_unseal_file",
+    "shares_key_store",
 ]
 
 DEV_UNSEAL_FILE = "dev-unseal.json"
@@ -251,11 +259,16 @@ async def open_keyring(
     operator: str | None = None,
     unseal: bool = True,
     read_only: bool = False,
+    serving: bool = False,
 ) -> AsyncIterator[KeyRing]:
     """A key ring on ``data_dir``, unsealed with ``credentials`` if given (or from the PIN in
     settings, or in development from the dev unseal file), sealed again on exit.
     ``unseal=False`` leaves it sealed (shred and hold need no key); ``read_only=True`` also
     records nothing (inventory, with a sink that refuses events).
+
+    Shreds are announced to every process sharing the key store (:func:`open_invalidation`);
+    ``serving=True`` (an API worker) also listens, and uses its cipher cache only while it can
+    hear them.
 
     Production refuses a development data directory and the dev unseal file outright. The
     first key ring opened on a data directory records the root key's creation in the ledger
@@ -269,6 +282,13 @@ async def open_keyring(
     keys = settings.keys
     provider = build_provider(data_dir, keys)
     store = open_keystore(data_dir, settings)
+    try:
+        invalidation = await open_invalidation(
+            data_dir, settings, serving=serving and not read_only, announce=not read_only
+        )
+    except BaseException:
+        store.close()
+        raise
     ring = KeyRing(
         store=store,
         provider=provider,
@@ -277,8 +297,10 @@ async def open_keyring(
         cache_size=keys.dek_cache_size,
         cache_ttl_s=keys.dek_cache_ttl_s,
         operator=operator,
+        invalidation=invalidation,
     )
     try:
+        await invalidation.start()
         if not read_only:
             await _record_root_creation(data_dir, ring)
         if not unseal or read_only:
@@ -300,4 +322,52 @@ async def open_keyring(
         except Sealed:
             pass
         finally:
-            store.close()
+            try:
+                await invalidation.aclose()
+            finally:
+                store.close()
+
+
+def shares_key_store(settings: Settings) -> bool:
+    """Several processes may hold ciphers of the same key store at once: the scaled shape. With
+    the embedded ledger (one writer) one process at a time uses a data directory's keys."""
+    return (
+        settings.shape.store is StoreKind.POSTGRES and settings.shape.ledger is LedgerKind.JETSTREAM
+    )
+
+
+async def open_invalidation(
+    data_dir: DataDir, settings: Settings, *, serving: bool, announce: bool = True
+) -> CacheInvalidation:
+    """How shreds reach the other processes' cipher caches (:mod:`phivault.crypto.invalidation`).
+
+    In-process unless the key store is shared (:func:`shares_key_store`); then NATS, on the
+    audit stream's servers. A worker (``serving``) connects at once and does not start without
+    NATS (like the audit stream); a tool (the CLI) connects when it first shreds, and if it
+    cannot, it still shreds and reports the shred pending propagation.
+    """
+    if not shares_key_store(settings) or not announce:
+        return InProcessInvalidation()
+    from phivault.crypto.invalidation_nats import NatsInvalidation
+
+    keys = settings.keys
+
+    async def connect() -> CacheInvalidation:
+        try:
+            return await NatsInvalidation.connect(
+                settings.ledger.nats_urls,
+                namespace=keys.postgres_schema,
+                name=f"phivault-keys-{data_dir.node_id}",
+                serving=serving,
+                lease_s=keys.invalidation_lease_s,
+                confirm_timeout_s=keys.shred_confirm_timeout_s,
+                cache_ttl_s=keys.dek_cache_ttl_s,
+                replicas=settings.ledger.stream_replicas,
+            )
+        except KeyUnavailable as exc:
+            if serving:
+                raise
+            return UnreachableInvalidation(str(exc), bound_s=keys.dek_cache_ttl_s)
+
+    # A worker connects now (and does not start without NATS); a tool when it first shreds.
+    return await connect() if serving else DeferredInvalidation(connect)

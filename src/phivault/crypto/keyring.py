@@ -50,6 +50,7 @@ from phivault.crypto.errors import (
     RotationInProgress,
     Sealed,
 )
+from phivault.crypto.invalidation import CacheInvalidation, InProcessInvalidation, Propagation
 from phivault.crypto.ports import (
     Hold,
     JobKind,
@@ -90,6 +91,7 @@ __all__ = [
     "KeyRing",
     "Progress",
     "RotationReport",
+    "ShredOutcome",
     "key_aad",
     "provider_breaker",
 ]
@@ -244,6 +246,19 @@ class Inventory:
 
 
 @dataclass(frozen=True)
+class ShredOutcome:
+    """A shred: its record (done in the key store) and how far the cache invalidation got."""
+
+    record: ShredRecord
+    propagation: Propagation
+
+    @property
+    def pending(self) -> bool:
+        """Destroyed in the store, but some worker did not confirm dropping its cipher."""
+        return not self.propagation.complete
+
+
+@dataclass(frozen=True)
 class RotationReport:
     job_id: str
     kind: JobKind
@@ -269,9 +284,12 @@ class KeyRing:
         cache_ttl_s: float = 300.0,
         operator: str | None = None,
         breaker: Breaker | None = None,
+        invalidation: CacheInvalidation | None = None,
     ) -> None:
         """``breaker`` guards the root key provider's wrap and unwrap (default:
-        :func:`provider_breaker`); export it with the process's other breakers."""
+        :func:`provider_breaker`); export it with the process's other breakers.
+        ``invalidation`` announces shreds to the other workers sharing the key store and says
+        when this one may use its cipher cache (default: in-process, one process only)."""
         self._store = store
         self._provider = provider
         self.breaker = breaker or provider_breaker()
@@ -286,6 +304,8 @@ class KeyRing:
         self._indexers: KeyCache[BlindIndexer] = KeyCache(1024, cache_ttl_s)
         self._tokenizers: KeyCache[LedgerTokenizer] = KeyCache(1024, cache_ttl_s)
         self._create_lock = asyncio.Lock()
+        self._invalidation: CacheInvalidation = invalidation or InProcessInvalidation()
+        self._invalidation.attach(self)
 
     # state -------------------------------------------------------------------------------
 
@@ -305,6 +325,12 @@ class KeyRing:
     @property
     def cached_ciphers(self) -> int:
         return len(self._ciphers)
+
+    async def _io(self, operation: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """One key store call in a worker thread: on PostgreSQL (the scaled shape) each is a
+        network round trip, and a database that stopped answering must not stall the event
+        loop (every other request of the worker) until the statement timeout."""
+        return await asyncio.to_thread(operation, *args, **kwargs)
 
     async def _root(self, operation: Callable[..., _T], *args: Any) -> _T:
         """One wrap or unwrap by the root key provider: in a worker thread (providers block),
@@ -364,6 +390,14 @@ class KeyRing:
             )
         )
 
+    def drop_patient(self, tenant: str, patient: str) -> None:
+        """Forget the patient's cached cipher (a shred's invalidation, from any worker)."""
+        self._ciphers.evict((tenant, patient))
+
+    def drop_all(self) -> None:
+        """Forget every cached cipher (this worker may have missed invalidations)."""
+        self._ciphers.clear()
+
     def _forget(self) -> None:
         self._keks.clear()
         self._ciphers.clear()
@@ -385,10 +419,12 @@ class KeyRing:
         reason: str | None = None,
         patient: str | None = None,
         key_ids: Sequence[str] = (),
+        operator: str | None = None,
     ) -> AuditEvent:
-        agents = [Agent(who=SERVICE_PRINCIPAL, requestor=self._operator is None)]
-        if self._operator is not None:
-            agents.insert(0, Agent(who=self._operator, requestor=True))
+        operator = operator or self._operator
+        agents = [Agent(who=SERVICE_PRINCIPAL, requestor=operator is None)]
+        if operator is not None:
+            agents.insert(0, Agent(who=operator, requestor=True))
         entities = [
             Entity(
                 what=f"CryptoKey/{key_id}",
@@ -459,12 +495,14 @@ class KeyRing:
         )
         return record, _aad_of(record)
 
-    def _next_version(self, tenant: str, purpose: KeyPurpose, subject: str) -> int:
-        versions = [r.version for r in self._store.records(tenant, purpose, subject)]
+    async def _next_version(self, tenant: str, purpose: KeyPurpose, subject: str) -> int:
+        versions = [
+            r.version for r in await self._io(self._store.records, tenant, purpose, subject)
+        ]
         return max(versions, default=0) + 1
 
     async def _create_kek(self, tenant: str, job: str | None) -> KeyRecord:
-        version = self._next_version(tenant, KeyPurpose.KEK, "")
+        version = await self._next_version(tenant, KeyPurpose.KEK, "")
         record, aad = self._new_record(
             tenant,
             purpose=KeyPurpose.KEK,
@@ -486,7 +524,7 @@ class KeyRing:
         if cached is not None:
             return cached
         self._require_unsealed()
-        record = self._store.get(key_id)
+        record = await self._io(self._store.get, key_id)
         if record.wrapped is None or record.purpose is not KeyPurpose.KEK:
             raise KeyUnavailable(f"key-encryption key {key_id} is {record.state.value}")
         try:
@@ -508,18 +546,18 @@ class KeyRing:
         """The tenant's active KEK, creating its KEK, blind-index and token keys if missing."""
         _check_tenant(tenant)
         self._require_unsealed()
-        kek = self._active(self._store.live(tenant, KeyPurpose.KEK))
+        kek = self._active(await self._io(self._store.live, tenant, KeyPurpose.KEK))
         if kek is not None:
             return kek
         async with self._create_lock:
-            kek = self._active(self._store.live(tenant, KeyPurpose.KEK))
+            kek = self._active(await self._io(self._store.live, tenant, KeyPurpose.KEK))
             if kek is not None:
                 return kek
             kek = await self._create_kek(tenant, None)
             kek_aead = self._keks[kek.key_id]
             records = [kek]
             for purpose in (KeyPurpose.BLIND_INDEX, KeyPurpose.LEDGER_TOKEN):
-                if not self._store.live(tenant, purpose):
+                if not await self._io(self._store.live, tenant, purpose):
                     records.append(
                         self._wrapped_new(
                             tenant,
@@ -541,10 +579,10 @@ class KeyRing:
                 )
             )
             try:
-                self._store.add(records)
+                await self._io(self._store.add, records)
             except KeyStoreConflict:
                 # Another worker created the tenant's keys first: theirs are the keys.
-                winner = self._active(self._store.live(tenant, KeyPurpose.KEK))
+                winner = self._active(await self._io(self._store.live, tenant, KeyPurpose.KEK))
                 if winner is None:
                     raise
                 return winner
@@ -580,18 +618,20 @@ class KeyRing:
         _check_tenant(tenant)
         _check_patient(patient)
         self._require_unsealed()
-        if self._store.shred_record(tenant, patient) is not None:
+        if await self._io(self._store.shred_record, tenant, patient) is not None:
             raise PatientShredded(tenant, patient)
-        existing = self._active(self._store.live(tenant, KeyPurpose.DEK, patient))
+        existing = self._active(await self._io(self._store.live, tenant, KeyPurpose.DEK, patient))
         if existing is not None:
             return self._info(existing)
         kek = await self.ensure_tenant(tenant)
         kek_aead = await self._kek(kek.key_id)
         async with self._create_lock:
-            existing = self._active(self._store.live(tenant, KeyPurpose.DEK, patient))
+            existing = self._active(
+                await self._io(self._store.live, tenant, KeyPurpose.DEK, patient)
+            )
             if existing is not None:
                 return self._info(existing)
-            version = self._next_version(tenant, KeyPurpose.DEK, patient)
+            version = await self._next_version(tenant, KeyPurpose.DEK, patient)
             record = self._wrapped_new(
                 tenant,
                 purpose=KeyPurpose.DEK,
@@ -611,10 +651,12 @@ class KeyRing:
                 )
             )
             try:
-                self._store.add([record])
+                await self._io(self._store.add, [record])
             except KeyStoreConflict:
                 # Another worker created this patient's key first: theirs is the key.
-                winner = self._active(self._store.live(tenant, KeyPurpose.DEK, patient))
+                winner = self._active(
+                    await self._io(self._store.live, tenant, KeyPurpose.DEK, patient)
+                )
                 if winner is None:
                     raise
                 return self._info(winner)
@@ -628,7 +670,7 @@ class KeyRing:
         self._require_unsealed()
         kek = await self.ensure_tenant(tenant)
         kek_aead = await self._kek(kek.key_id)
-        existing = self._store.live_many(tenant, patients)
+        existing = await self._io(self._store.live_many, tenant, patients)
         records = [
             self._wrapped_new(
                 tenant,
@@ -653,7 +695,7 @@ class KeyRing:
                 )
             )
         try:
-            self._store.add(records)
+            await self._io(self._store.add, records)
         except KeyStoreConflict:
             # Another worker created some of these keys meanwhile: nothing of this batch
             # was written; create the rest one by one (each is idempotent).
@@ -669,25 +711,33 @@ class KeyRing:
         ``create=True`` creates the data key on first use (writes); reads should not.
         Raises :class:`KeyNotFound`, :class:`PatientShredded`, :class:`Sealed`.
         """
-        cached = self._ciphers.get((tenant, patient))
-        if cached is not None:
-            return cached
+        # A worker that cannot hear shred invalidations (scaled shape: NATS down, lease
+        # lapsed) does not use its cache at all: every call reads the key store.
+        if self._invalidation.cache_usable():
+            cached = self._ciphers.get((tenant, patient))
+            if cached is not None:
+                return cached
         _check_tenant(tenant)
         _check_patient(patient)
         self._require_unsealed()
+        # Seen before reading: an invalidation that arrives while the read is in flight
+        # changes it, and the (possibly pre-shred) cipher is then not cached.
+        epoch = self._ciphers.epoch
         # A cache miss reads the store off the event loop: on PostgreSQL (the scaled shape)
         # that is a network round trip, and a database that stopped answering must not stall
-        # every other request of this worker while it times out.
-        records = await asyncio.to_thread(self._store.live, tenant, KeyPurpose.DEK, patient)
+        # every other request of this worker while it times out. Destroyed keys are not
+        # live: a shredded patient has none, and the shred record says why.
+        records = await self._io(self._store.live, tenant, KeyPurpose.DEK, patient)
         if not records:
-            if self._store.shred_record(tenant, patient) is not None:
+            if await self._io(self._store.shred_record, tenant, patient) is not None:
                 raise PatientShredded(tenant, patient)
             if not create:
                 raise KeyNotFound(f"no data key for Patient/{patient} in tenant {tenant}")
             await self.create_patient_key(tenant, patient)
-            records = self._store.live(tenant, KeyPurpose.DEK, patient)
+            records = await self._io(self._store.live, tenant, KeyPurpose.DEK, patient)
         cipher = await self._build_cipher(tenant, patient, records)
-        self._ciphers.put((tenant, patient), cipher)
+        if self._invalidation.cache_usable():
+            self._ciphers.put((tenant, patient), cipher, epoch=epoch)
         return cipher
 
     async def _build_cipher(
@@ -722,7 +772,7 @@ class KeyRing:
         if cached is not None:
             return cached
         await self.ensure_tenant(tenant)
-        records = self._store.live(tenant, KeyPurpose.BLIND_INDEX)
+        records = await self._io(self._store.live, tenant, KeyPurpose.BLIND_INDEX)
         keys: dict[int, bytes] = {}
         for record in records:
             secret = await self._unwrap_secret(record)
@@ -739,7 +789,7 @@ class KeyRing:
         if cached is not None:
             return cached
         await self.ensure_tenant(tenant)
-        active = self._active(self._store.live(tenant, KeyPurpose.LEDGER_TOKEN))
+        active = self._active(await self._io(self._store.live, tenant, KeyPurpose.LEDGER_TOKEN))
         if active is None:
             raise KeyNotFound(f"tenant {tenant} has no active ledger-token key")
         secret = await self._unwrap_secret(active)
@@ -779,7 +829,7 @@ class KeyRing:
         await self._record(
             self._event("hold", Action.UPDATE, tenant=tenant, patient=patient, reason=reason)
         )
-        self._store.place_hold(hold)
+        await self._io(self._store.place_hold, hold)
         return hold
 
     async def shred_patient(
@@ -790,21 +840,30 @@ class KeyRing:
         reason: str,
         elements: SealedElementStore | None = None,
         now: datetime | None = None,
-    ) -> ShredRecord:
+        operator: str | None = None,
+    ) -> ShredOutcome:
         """Destroy every data key of the patient (and their blind-index tokens, if given).
 
         From then on nothing of the patient's PHI decrypts anywhere, backups of the records
         included. Refuses under a retention hold (:class:`RetentionHold`), changing nothing.
         Does not need the keystore unsealed: destroying needs no key.
+
+        Once the keys are destroyed in the store, every worker sharing it is told to drop the
+        patient's cached cipher; the outcome says whether all live workers confirmed
+        (``propagation.complete``) or the shred is pending propagation (and for how long an
+        unconfirmed worker's cache may still serve). Shredding a shredded patient again
+        returns its record and announces again (how a pending shred is retried).
+        ``operator``: who asked, for this call (an admin over HTTP), instead of the ring's.
         """
         _check_tenant(tenant)
         _check_patient(patient)
         _check_code(reason, "the shred reason")
         now = now or self._now()
-        existing = self._store.shred_record(tenant, patient)
+        existing = await self._io(self._store.shred_record, tenant, patient)
         if existing is not None:
-            return existing
-        active_holds = [h for h in self._store.holds(tenant, patient) if h.until > now]
+            return await self._announce(existing)
+        holds = await self._io(self._store.holds, tenant, patient)
+        active_holds = [h for h in holds if h.until > now]
         if active_holds:
             hold = max(active_holds, key=lambda h: h.until)
             await self._record(
@@ -815,13 +874,14 @@ class KeyRing:
                     patient=patient,
                     outcome=Outcome.MINOR_FAILURE,
                     reason="retention-hold",
+                    operator=operator,
                 )
             )
             raise RetentionHold(patient, hold.until, hold.reason)
-        doomed = tuple(
-            r.key_id
-            for r in self._store.records(tenant, KeyPurpose.DEK, patient, include_destroyed=False)
+        live = await self._io(
+            self._store.records, tenant, KeyPurpose.DEK, patient, include_destroyed=False
         )
+        doomed = tuple(r.key_id for r in live)
         index = await self._record(
             self._event(
                 "shred",
@@ -830,27 +890,39 @@ class KeyRing:
                 patient=patient,
                 reason=reason,
                 key_ids=doomed,
+                operator=operator,
             )
         )
         record = ShredRecord(
             tenant=tenant,
             patient=patient,
             shredded=now,
-            by=self._operator or SERVICE_PRINCIPAL,
+            by=operator or self._operator or SERVICE_PRINCIPAL,
             reason=reason,
             keys_destroyed=doomed,
             ledger_index=index,
         )
-        self._store.shred(record)
+        try:
+            await self._io(self._store.shred, record)
+        except KeyStoreConflict:
+            # Another worker shredded this patient at the same moment: its record stands.
+            winner = await self._io(self._store.shred_record, tenant, patient)
+            if winner is None:
+                raise
+            record = winner
         self._ciphers.evict((tenant, patient))
         if elements is not None:
-            elements.drop_patient_tokens(tenant, patient)
-        return record
+            await self._io(elements.drop_patient_tokens, tenant, patient)
+        return await self._announce(record)
+
+    async def _announce(self, record: ShredRecord) -> ShredOutcome:
+        propagation = await self._invalidation.announce(record.tenant, record.patient)
+        return ShredOutcome(record, propagation)
 
     # rotation ----------------------------------------------------------------------------
 
     async def _job(self, tenant: str, kind: JobKind, patient: str | None) -> RotationJob:
-        for job in self._store.open_jobs(tenant):
+        for job in await self._io(self._store.open_jobs, tenant):
             if job.kind is not kind:
                 raise RotationInProgress(
                     f"a {job.kind.value} rotation ({job.job_id}) is unfinished for tenant "
@@ -873,7 +945,7 @@ class KeyRing:
                 "rotate", Action.EXECUTE, tenant=tenant, patient=patient, reason=f"{kind}-start"
             )
         )
-        self._store.start_job(job)
+        await self._io(self._store.start_job, job)
         return job
 
     async def _record_done(self, job: RotationJob, retired: list[str]) -> None:
@@ -903,17 +975,22 @@ class KeyRing:
         self._require_unsealed()
         await self.ensure_tenant(tenant)
         job = await self._job(tenant, JobKind.KEK, None)
-        keks = self._store.live(tenant, KeyPurpose.KEK)
+        keks = await self._io(self._store.live, tenant, KeyPurpose.KEK)
         new = next((k for k in keks if k.job == job.job_id), None)
         created = 0
         if new is None:
             new = await self._create_kek(tenant, job.job_id)
-            self._store.add([new], demote=[k.key_id for k in keks if k.state is KeyState.ACTIVE])
+            await self._io(
+                self._store.add,
+                [new],
+                demote=[k.key_id for k in keks if k.state is KeyState.ACTIVE],
+            )
             created = 1
         new_aead = await self._kek(new.key_id)
+        summary = await self._io(self._store.dek_summary)
         total = job.done + sum(
             count
-            for (t, state, by), count in self._store.dek_summary().items()
+            for (t, state, by), count in summary.items()
             if t == tenant and state != KeyState.DESTROYED.value and by != new.key_id
         )
         cursor, done = job.cursor, job.done
@@ -921,7 +998,7 @@ class KeyRing:
         head = b"phivault.key.v1" + _lp(tenant)
         purposes = {p.value: _lp(p.value) for p in KeyPurpose}
         while True:
-            rows = self._store.scan_wrapped_by(tenant, new.key_id, cursor, batch)
+            rows = await self._io(self._store.scan_wrapped_by, tenant, new.key_id, cursor, batch)
             if not rows:
                 break
             updates = []
@@ -940,24 +1017,31 @@ class KeyRing:
                 try:
                     blob = rewrap_key(old, new_aead, row.wrapped, aad)
                 except DecryptionFailed as exc:
-                    failed = self._store.get(row.key_id)
+                    failed = await self._io(self._store.get, row.key_id)
                     raise await self._unwrap_failed(failed, exc.diagnostic) from None
                 updates.append((row.seq, row.wrapped, blob, new.key_id))
-            self._store.rewrap(updates, self._now())
+            await self._io(self._store.rewrap, updates, self._now())
             cursor, done = rows[-1].seq, done + len(rows)
-            self._store.update_job(
-                job.job_id, phase="rewrap", cursor=cursor, done=done, now=self._now()
+            await self._io(
+                self._store.update_job,
+                job.job_id,
+                phase="rewrap",
+                cursor=cursor,
+                done=done,
+                now=self._now(),
             )
             if progress is not None:
                 progress(done, total)
         retired = [
-            k.key_id for k in self._store.live(tenant, KeyPurpose.KEK) if k.key_id != new.key_id
+            k.key_id
+            for k in await self._io(self._store.live, tenant, KeyPurpose.KEK)
+            if k.key_id != new.key_id
         ]
         await self._record_done(job, [new.key_id, *retired])
-        self._store.destroy(retired, self._now())
+        await self._io(self._store.destroy, retired, self._now())
         for key_id in retired:
             self._keks.pop(key_id, None)
-        self._store.finish_job(job.job_id, self._now())
+        await self._io(self._store.finish_job, job.job_id, self._now())
         return RotationReport(job.job_id, JobKind.KEK, tenant, None, done, created, tuple(retired))
 
     async def rotate_deks(
@@ -985,12 +1069,11 @@ class KeyRing:
         if patient is not None:
             _check_patient(patient)
         self._require_unsealed()
-        if patient is not None and not any(
-            j.kind is JobKind.DEK for j in self._store.open_jobs(tenant)
-        ):
-            if self._store.shred_record(tenant, patient) is not None:
+        open_jobs = [] if patient is None else await self._io(self._store.open_jobs, tenant)
+        if patient is not None and not any(j.kind is JobKind.DEK for j in open_jobs):
+            if await self._io(self._store.shred_record, tenant, patient) is not None:
                 raise PatientShredded(tenant, patient)
-            if not self._store.live(tenant, KeyPurpose.DEK, patient):
+            if not await self._io(self._store.live, tenant, KeyPurpose.DEK, patient):
                 raise KeyNotFound(f"no data key for Patient/{patient} in tenant {tenant}")
         kek = await self.ensure_tenant(tenant)
         job = await self._job(tenant, JobKind.DEK, patient)
@@ -1001,11 +1084,13 @@ class KeyRing:
             after = ""
             while True:
                 subjects = (
-                    [scope] if scope is not None else self._store.subjects(tenant, after, 1000)
+                    [scope]
+                    if scope is not None
+                    else await self._io(self._store.subjects, tenant, after, 1000)
                 )
                 if not subjects:
                     break
-                live = self._store.live_many(tenant, subjects)
+                live = await self._io(self._store.live_many, tenant, subjects)
                 fresh: list[KeyRecord] = []
                 demote: list[str] = []
                 for subject, records in live.items():
@@ -1024,7 +1109,7 @@ class KeyRing:
                         )
                     )
                     demote.append(active.key_id)
-                self._store.add(fresh, demote=demote)
+                await self._io(self._store.add, fresh, demote=demote)
                 created += len(fresh)
                 for record in fresh:
                     self._ciphers.evict((tenant, record.subject))
@@ -1032,7 +1117,14 @@ class KeyRing:
                     break
                 after = subjects[-1]
             self._ciphers.clear()
-            self._store.update_job(job.job_id, phase="reencrypt", cursor=0, done=0, now=self._now())
+            await self._io(
+                self._store.update_job,
+                job.job_id,
+                phase="reencrypt",
+                cursor=0,
+                done=0,
+                now=self._now(),
+            )
             job = _with_phase(job, "reencrypt", 0, 0)
         cursor, done = job.cursor, job.done
         self._ciphers.clear()  # ciphers cached before the new versions existed must not seal
@@ -1047,8 +1139,13 @@ class KeyRing:
                 progress=progress,
             )
             if settle_s > 0:
-                self._store.update_job(
-                    job.job_id, phase="verify", cursor=0, done=done, now=self._now()
+                await self._io(
+                    self._store.update_job,
+                    job.job_id,
+                    phase="verify",
+                    cursor=0,
+                    done=done,
+                    now=self._now(),
                 )
                 job = _with_phase(job, "verify", 0, done)
                 await asyncio.sleep(settle_s)
@@ -1066,10 +1163,15 @@ class KeyRing:
         retired: list[str] = []
         after = ""
         while True:
-            subjects = [scope] if scope is not None else self._store.subjects(tenant, after, 1000)
+            subjects = (
+                [scope]
+                if scope is not None
+                else await self._io(self._store.subjects, tenant, after, 1000)
+            )
             if not subjects:
                 break
-            for records in self._store.live_many(tenant, subjects).values():
+            live_records = await self._io(self._store.live_many, tenant, subjects)
+            for records in live_records.values():
                 active = self._active(records)
                 if active is not None:
                     retired.extend(r.key_id for r in records if r.version < active.version)
@@ -1077,9 +1179,9 @@ class KeyRing:
                 break
             after = subjects[-1]
         await self._record_done(job, retired)
-        self._store.destroy(retired, self._now())
+        await self._io(self._store.destroy, retired, self._now())
         self._ciphers.clear()
-        self._store.finish_job(job.job_id, self._now())
+        await self._io(self._store.finish_job, job.job_id, self._now())
         return RotationReport(job.job_id, JobKind.DEK, tenant, scope, done, created, tuple(retired))
 
     async def _reencrypt_pass(
@@ -1100,8 +1202,13 @@ class KeyRing:
             for element in rows:
                 await self._reencrypt(elements, element)
             cursor, done = rows[-1].position, done + len(rows)
-            self._store.update_job(
-                job.job_id, phase=phase, cursor=cursor, done=done, now=self._now()
+            await self._io(
+                self._store.update_job,
+                job.job_id,
+                phase=phase,
+                cursor=cursor,
+                done=done,
+                now=self._now(),
             )
             if progress is not None:
                 progress(done, None)
@@ -1137,12 +1244,12 @@ class KeyRing:
         self._require_unsealed()
         kek = await self.ensure_tenant(tenant)
         job = await self._job(tenant, JobKind.INDEX, None)
-        records = self._store.live(tenant, KeyPurpose.BLIND_INDEX)
+        records = await self._io(self._store.live, tenant, KeyPurpose.BLIND_INDEX)
         new = next((r for r in records if r.job == job.job_id), None)
         created = 0
         if new is None:
             kek_aead = await self._kek(kek.key_id)
-            version = self._next_version(tenant, KeyPurpose.BLIND_INDEX, "")
+            version = await self._next_version(tenant, KeyPurpose.BLIND_INDEX, "")
             new = self._wrapped_new(
                 tenant,
                 purpose=KeyPurpose.BLIND_INDEX,
@@ -1152,7 +1259,11 @@ class KeyRing:
                 kek_aead=kek_aead,
                 job=job.job_id,
             )
-            self._store.add([new], demote=[r.key_id for r in records if r.state is KeyState.ACTIVE])
+            await self._io(
+                self._store.add,
+                [new],
+                demote=[r.key_id for r in records if r.state is KeyState.ACTIVE],
+            )
             created = 1
         self._indexers.evict((tenant, "index"))
         indexer = await self.blind_indexer(tenant)
@@ -1163,8 +1274,13 @@ class KeyRing:
         for phase in passes:
             if phase == "verify" and job.phase != "verify":
                 cursor = 0
-                self._store.update_job(
-                    job.job_id, phase="verify", cursor=0, done=done, now=self._now()
+                await self._io(
+                    self._store.update_job,
+                    job.job_id,
+                    phase="verify",
+                    cursor=0,
+                    done=done,
+                    now=self._now(),
                 )
                 await asyncio.sleep(settle_s)
             while True:
@@ -1183,21 +1299,28 @@ class KeyRing:
                         element, [indexer.token(element.index, value, version=new.version)]
                     )
                 cursor, done = rows[-1].position, done + len(rows)
-                self._store.update_job(
-                    job.job_id, phase=phase, cursor=cursor, done=done, now=self._now()
+                await self._io(
+                    self._store.update_job,
+                    job.job_id,
+                    phase=phase,
+                    cursor=cursor,
+                    done=done,
+                    now=self._now(),
                 )
                 if progress is not None:
                     progress(done, None)
         old = [
-            r for r in self._store.live(tenant, KeyPurpose.BLIND_INDEX) if r.key_id != new.key_id
+            r
+            for r in await self._io(self._store.live, tenant, KeyPurpose.BLIND_INDEX)
+            if r.key_id != new.key_id
         ]
         retired = [r.key_id for r in old]
         await self._record_done(job, [new.key_id, *retired])
         for record in old:
             elements.drop_token_version(tenant, record.version)
-        self._store.destroy(retired, self._now())
+        await self._io(self._store.destroy, retired, self._now())
         self._indexers.evict((tenant, "index"))
-        self._store.finish_job(job.job_id, self._now())
+        await self._io(self._store.finish_job, job.job_id, self._now())
         return RotationReport(
             job.job_id, JobKind.INDEX, tenant, None, done, created, tuple(retired)
         )

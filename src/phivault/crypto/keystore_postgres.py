@@ -30,7 +30,7 @@ quickly. The remnants are wrapped: without the root key they are noise. The deci
 what that does and does not promise.
 
 Every method is one short transaction on a pooled connection (thread-safe; the key ring calls
-the store from its event loop, tools from threads). No psycopg exception crosses the port.
+it from worker threads, off its event loop). No psycopg exception crosses the port.
 """
 
 from __future__ import annotations

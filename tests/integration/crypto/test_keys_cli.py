@@ -170,6 +170,8 @@ def test_hold_shred_and_dek_rotation(production: tuple[Path, list[str]], tmp_pat
     assert shredded.returncode == 0, shredded.stderr
     record = json.loads(shredded.stdout)
     assert record["patient"] == "Patient/p2" and len(record["keys_destroyed"]) == 1
+    # embedded shape: no other process holds the keys, the shred is complete at once
+    assert record["propagation"]["status"] == "complete"
     shred_event = _events(path)[record["ledger_index"]]
     assert shred_event["subtype"] == "shred" and shred_event["patient"] == "Patient/p2"
 

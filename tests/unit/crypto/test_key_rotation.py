@@ -176,8 +176,13 @@ async def test_shred_destroys_keys_tokens_and_leaves_evidence(
     assert element is not None
     p1_before = env.store.records("acme", KeyPurpose.DEK, "p1")
     assert p1_before[0].wrapped is not None and p1_before[0].wrapped in stored_bytes(env)
-    record = await env.ring.shred_patient("acme", "p1", reason="erasure-request", elements=elements)
+    outcome = await env.ring.shred_patient(
+        "acme", "p1", reason="erasure-request", elements=elements
+    )
+    record = outcome.record
     assert len(record.keys_destroyed) == 1 and record.reason == "erasure-request"
+    # one process (embedded shape): its own cache was the only one, dropped at once
+    assert outcome.propagation.complete and not outcome.pending
     event = env.sink.events[record.ledger_index]
     assert event.subtype == "shred" and event.patient == "Patient/p1"
     with pytest.raises(PatientShredded):
@@ -193,7 +198,8 @@ async def test_shred_destroys_keys_tokens_and_leaves_evidence(
     (p2,) = env.store.records("acme", KeyPurpose.DEK, "p2")
     assert p2.wrapped is not None and p2.wrapped in raw
     assert all(r.wrapped is None or r.wrapped not in raw for r in [*p1_before])
-    assert await env.ring.shred_patient("acme", "p1", reason="again") == record  # idempotent
+    again = await env.ring.shred_patient("acme", "p1", reason="again")  # idempotent
+    assert again.record == record and again.propagation.complete
     # shredding works while sealed: it needs no key
     await env.ring.seal()
     await env.ring.shred_patient("acme", "p2", reason="erasure-request")

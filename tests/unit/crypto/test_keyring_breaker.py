@@ -169,7 +169,9 @@ async def test_the_provider_breaker_is_exported(rings: Rings) -> None:
 async def test_phi_interactions_answer_503_while_the_provider_is_down(
     rings: Rings, tmp_path: Path
 ) -> None:
-    ring = await rings.ring(failure_threshold=2, reset_timeout_s=0.1)
+    # The breaker stays open longer than four requests take on a loaded machine (each reads
+    # the key store in a worker thread): a half-open try in between would call the provider.
+    ring = await rings.ring(failure_threshold=2, reset_timeout_s=2.0)
     store = SqlRecordStore(f"sqlite:///{tmp_path}/records.db")
     repository = RecordsRepository(store, ring, compile_policy(default_policy()))
     issuer = FakeIssuer()
@@ -212,7 +214,7 @@ async def test_phi_interactions_answer_503_while_the_provider_is_down(
             assert f'phivault_breaker_state{{breaker="{PROVIDER_BREAKER}"}} 2.0' in metrics
             assert (await client.get("/healthz")).status_code == 200
             rings.provider.mode = "up"
-            await asyncio.sleep(0.12)
+            await asyncio.sleep(2.05)
             created = await client.post("/fhir/Patient", content=body, headers=headers)
             assert created.status_code == 201, created.text
     finally:
