@@ -36,7 +36,8 @@ the last cursor row saying ``(S_c, Q_c)``:
 Stream sequence numbers must be contiguous: the stream is created with deletes and purges
 denied and duplicates dropped without taking a number, so a message missing from the sequence
 means an event was lost from the stream before it reached the ledger, and the sequencer stops
-(:class:`StreamGap`). A message that is not a valid event also stops it
+(:class:`StreamGap`). A message the ledger cannot take (not canonical JSON, setting a ledger
+field, an event of the wrong shape: see :func:`_decode`) also stops it
 (:class:`InvalidStreamMessage`): nothing is dropped silently, and every sequencer stops at the
 same message until an operator decides. See ``docs/decisions/audit-stream.md``.
 """
