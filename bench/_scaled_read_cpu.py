@@ -221,8 +221,10 @@ def _drive(variant: Variant, requests: list[list[Any]], duration: float, conc: i
 
 
 def _py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
-    command = [os.environ.get("PY_SPY", "py-spy"), "record", "--rate", "250", "--format", "raw"]
-    command += ["--duration", str(int(seconds)), "-o", str(out), "--pid", str(pid)]
+    # Only the thread holding the GIL: the Python CPU, not threads waiting on a socket.
+    command = [os.environ.get("PY_SPY", "py-spy"), "record", "--gil", "--rate", "250"]
+    command += ["--format", "raw", "--duration", str(int(seconds))]
+    command += ["-o", str(out), "--pid", str(pid)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

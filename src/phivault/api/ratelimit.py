@@ -238,6 +238,7 @@ class RateLimiter:
             url.removeprefix("async+"),
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
+            retry=None,  # a failure goes to the breaker and the fallback, not to a retry
         )
         breaker = Breaker(
             "redis.ratelimit",
