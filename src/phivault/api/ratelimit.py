@@ -97,7 +97,9 @@ class _Counters:
 
 # The limits library's acquire_sliding_window.lua (version 5), for the address counter and
 # then the principal counter, stopping at the first refusal: 0 allowed, 1 or 2 the refused one.
-# Like the library, it needs each counter's two keys on one server (no Redis Cluster).
+# All four keys go to one script, so they must live on one server: a single Redis (or one
+# behind Sentinel, as docs/deploy has it), not Redis Cluster, where the library's own calls
+# would still work (its hash tags keep each counter's two keys together, not the two counters).
 _ACQUIRE_BOTH: Final = """
 local function acquire(previous, current, limit, expiry)
   if 1 > limit then return false end
