@@ -47,6 +47,7 @@ POSTGRES = os.environ.get(
     "PHIVAULT_TEST_POSTGRES", "host=127.0.0.1 port=5432 dbname=test user=postgres"
 )
 NATS_URL = "nats://127.0.0.1:4222"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 GOAL_RATIO = 0.7
 
 
@@ -57,6 +58,11 @@ class Deployment:
     tag: str
     config: Path
     sequencer: subprocess.Popen[bytes] | None = None
+    nats_url: str = NATS_URL
+    redis_url: str = REDIS_URL
+    # Another phivault source tree (its ``src``) for the workers and the sequencer, put first
+    # on PYTHONPATH: how bench/_scaled_read_cpu.py runs the code before a change beside it.
+    src: Path | None = None
 
     @property
     def schemas(self) -> tuple[str, str, str]:
@@ -69,6 +75,8 @@ class Deployment:
     @property
     def env(self) -> dict[str, str]:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("PHIVAULT_")}
+        if self.src is not None:
+            clean["PYTHONPATH"] = str(self.src)
         return {
             **clean,
             "PHIVAULT_CONFIG": str(self.config),
@@ -97,10 +105,11 @@ postgres_schema = "{keys}"
 [ledger]
 postgres_url = "{POSTGRES}"
 postgres_schema = "{ledger}"
-nats_urls = ["{NATS_URL}"]
+nats_urls = ["{deployment.nats_url}"]
 stream = "{deployment.stream}"
 
 [api]
+redis_url = "{deployment.redis_url}"
 redis_key_prefix = "phivault-bench-{deployment.tag}"
 """
     )
@@ -203,7 +212,7 @@ def tear_down(deployment: Deployment) -> None:
     with contextlib.suppress(Exception):
         import redis
 
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        client = redis.Redis.from_url(deployment.redis_url)
         for key in client.scan_iter(f"phivault-bench-{deployment.tag}*"):
             client.delete(key)
     with contextlib.suppress(Exception):
@@ -212,7 +221,9 @@ def tear_down(deployment: Deployment) -> None:
         import nats
 
         async def delete() -> None:
-            client = await nats.connect(NATS_URL, connect_timeout=2, max_reconnect_attempts=0)
+            client = await nats.connect(
+                deployment.nats_url, connect_timeout=2, max_reconnect_attempts=0
+            )
             try:
                 await client.jetstream().delete_stream(deployment.stream)
             finally:

@@ -21,6 +21,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from limits import parse
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -327,3 +330,74 @@ async def test_the_session_store_fails_closed_behind_its_breaker(prefix: str) ->
         assert (breaker.failures, breaker.rejected, breaker.state) == (3, 7, "open")
     finally:
         await client.aclose()
+
+
+# -- both counters in one round trip ----------------------------------------------------------
+
+
+async def test_both_counters_cost_one_redis_call_per_request(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    limiter = _limiter(redis_server.url, prefix, Recorder())
+    client = Redis.from_url(redis_server.url)
+
+    async def calls() -> dict[str, int]:
+        stats = await client.info("commandstats")
+        return {name: int(value["calls"]) for name, value in stats.items()}
+
+    try:
+        await limiter.check(address="10.0.1.1", credential="c")  # loads the script once
+        before = await calls()
+        for _ in range(2):  # the address limit is 3 a minute
+            assert await limiter.check(address="10.0.1.1", credential="c") is None
+        after = await calls()
+        # The commands a client sends itself (those run inside a script count too, so only
+        # these tell round trips): one script call per request, for both counters.
+        sent = {"cmdstat_evalsha", "cmdstat_eval", "cmdstat_script"}
+        assert {k: after.get(k, 0) - before.get(k, 0) for k in sent} == {
+            "cmdstat_evalsha": 2,
+            "cmdstat_eval": 0,
+            "cmdstat_script": 0,
+        }
+    finally:
+        await client.aclose()
+
+
+async def test_the_one_trip_counters_are_the_library_counters(
+    local_redis: Redis, prefix: str
+) -> None:
+    # Same keys and algorithm as the limits library: its limiter (which computes Retry-After,
+    # and which workers of an earlier version use) sees every hit, and the reverse.
+    limiter = _limiter(LOCAL_REDIS, prefix, Recorder())
+    library = SlidingWindowCounterRateLimiter(
+        RedisStorage(
+            f"async+{LOCAL_REDIS}", implementation="redispy", key_prefix=f"{prefix}:limits"
+        )
+    )
+    per_address = parse("3/minute")
+    assert await limiter.check(address="10.0.1.2", credential=None) is None
+    assert (await library.get_window_stats(per_address, "address", "10.0.1.2")).remaining == 2
+    assert await library.hit(per_address, "address", "10.0.1.2")
+    assert await limiter.check(address="10.0.1.2", credential=None) is None
+    refused = await limiter.check(address="10.0.1.2", credential=None)
+    assert isinstance(refused, Limited) and refused.limit == "address"
+    assert 1 <= refused.retry_after_s <= 60
+
+
+async def test_a_request_refused_by_address_does_not_use_up_its_credential(
+    local_redis: Redis, prefix: str
+) -> None:
+    limiter = RateLimiter.redis(
+        LOCAL_REDIS, prefix=prefix, per_address="2/minute", per_principal="3/minute"
+    )
+    results = [await limiter.check(address="10.0.1.3", credential="k") for _ in range(4)]
+    assert results[:2] == [None, None]
+    assert [r.limit for r in results[2:] if isinstance(r, Limited)] == ["address", "address"]
+    # The credential was counted twice (the allowed requests), not four times.
+    assert await limiter.check(address="10.0.1.4", credential="k") is None
+    refused = await limiter.check(address="10.0.1.5", credential="k")
+    assert isinstance(refused, Limited) and refused.limit == "principal"
+    # A refusal by credential still counted the address, as before (an attacker rotating
+    # tokens from one address runs into the address limit).
+    assert isinstance(await limiter.check(address="10.0.1.5", credential=None), Limited) is False
+    assert isinstance(await limiter.check(address="10.0.1.5", credential=None), Limited)

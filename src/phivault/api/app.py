@@ -181,6 +181,10 @@ def create_app(
                 api.redis_url,
                 socket_connect_timeout=REDIS_TIMEOUT_S,
                 socket_timeout=REDIS_TIMEOUT_S,
+                # No silent retries (redis-py retries ten times by default): a session touch
+                # or a replay-cache SET NX retried after a lost reply would see its own write
+                # (a new session taken for an active one, a fresh proof for a replay).
+                retry=None,
             )
             owns_redis = True
         replay = RedisReplayCache(

@@ -14,6 +14,10 @@ so once it is known to be down it costs a request nothing; every few seconds one
 probes it, and the first success returns to the shared counters. Entering and leaving
 fallback each log one line and show in ``phivault_fallback_active{fallback=...}`` (see
 ``docs/decisions/resilience.md``).
+
+In Redis both counters of a request are taken in one round trip (one Lua script, the same
+sliding-window algorithm and keys as the ``limits`` library, which still computes the
+``Retry-After`` of a refusal and answers the readiness probe).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Final
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from phivault.errors import ConfigurationError, StoreUnavailable
 from phivault.resilience import Breaker, Breakers, EventLog, Fallback
@@ -88,6 +95,89 @@ class _Counters:
         return max(1, math.ceil(stats.reset_time - time.time()))
 
 
+# The limits library's acquire_sliding_window.lua (version 5), for the address counter and
+# then the principal counter, stopping at the first refusal: 0 allowed, 1 or 2 the refused one.
+# All four keys go to one script, so they must live on one server: a single Redis (or one
+# behind Sentinel, as docs/deploy has it), not Redis Cluster, where the library's own calls
+# would still work (its hash tags keep each counter's two keys together, not the two counters).
+_ACQUIRE_BOTH: Final = """
+local function acquire(previous, current, limit, expiry)
+  if 1 > limit then return false end
+  local current_ttl = tonumber(redis.call('pttl', current))
+  if current_ttl > 0 and current_ttl < expiry then
+    redis.call('rename', current, previous)
+    redis.call('set', current, 0, 'PX', current_ttl + expiry)
+  end
+  local previous_count = tonumber(redis.call('get', previous)) or 0
+  local previous_ttl = tonumber(redis.call('pttl', previous)) or 0
+  local current_count = tonumber(redis.call('get', current)) or 0
+  current_ttl = tonumber(redis.call('pttl', current)) or 0
+  if previous_ttl <= 0 then previous_ttl = 0 end
+  if current_ttl <= 0 then current_ttl = 0 end
+  local weighted = math.floor(previous_count * previous_ttl / expiry) + current_count
+  if (weighted + 1) > limit then return false end
+  if redis.call('exists', current) == 1 then
+    redis.call('incrby', current, 1)
+  else
+    redis.call('set', current, 1, 'PX', expiry * 2)
+  end
+  return true
+end
+for i = 1, #KEYS / 2 do
+  if not acquire(KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[2 * i - 1]),
+                 tonumber(ARGV[2 * i]) * 1000) then
+    return i
+  end
+end
+return 0
+"""
+
+
+class _SharedCounters(_Counters):
+    """The two counters in Redis, both taken by one script call per request.
+
+    The keys are the library's (``<prefix>:{<item key>}`` and ``.../-1``), so its limiter
+    reads the same windows for ``Retry-After``, and workers of an earlier version count in
+    the same counters during a rolling upgrade.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        client: Redis,
+        prefix: str,
+        address: RateLimitItem,
+        principal: RateLimitItem,
+    ) -> None:
+        super().__init__(storage, address, principal)
+        self._script = client.register_script(_ACQUIRE_BOTH)
+        self._prefix = prefix
+
+    def _window(self, item: RateLimitItem, *ids: str) -> tuple[str, str]:
+        current = f"{self._prefix}:{{{item.key_for(*ids)}}}"
+        return f"{current}/-1", current
+
+    async def check(self, address: str, credential: str | None) -> Limited | None:
+        keys = [*self._window(self._address, "address", address)]
+        args: list[int] = [self._address.amount, self._address.get_expiry()]
+        if credential is not None:
+            keys += self._window(self._principal, "principal", credential)
+            args += [self._principal.amount, self._principal.get_expiry()]
+        try:
+            refused = int(await self._script(keys=keys, args=args))
+            if refused == 1:
+                return Limited(
+                    "address", await self._retry_after(self._address, "address", address)
+                )
+            if refused == 2 and credential is not None:
+                return Limited(
+                    "principal", await self._retry_after(self._principal, "principal", credential)
+                )
+        except (RedisError, StorageError, OSError) as exc:
+            raise RateLimitUnavailable("the rate limit store is unavailable") from exc
+        return None
+
+
 class RateLimiter:
     """Limits per address and per credential; shared in Redis with a per-worker fallback."""
 
@@ -98,13 +188,19 @@ class RateLimiter:
         per_address: str,
         per_principal: str,
         fallback: Fallback | None = None,
+        shared: tuple[Redis, str] | None = None,
     ) -> None:
         try:
             address: RateLimitItem = parse(per_address)
             principal: RateLimitItem = parse(per_principal)
         except ValueError as exc:
             raise ConfigurationError("a rate limit setting is not a valid limit") from exc
-        self._counters = _Counters(storage, address, principal)
+        # ``shared``: the Redis client and key prefix of ``storage``, for the one-trip script.
+        self._counters = (
+            _Counters(storage, address, principal)
+            if shared is None
+            else _SharedCounters(storage, shared[0], shared[1], address, principal)
+        )
         self._fallback = fallback
         # Only used while the fallback is active; memory storage needs no connection.
         self._local = _Counters(MemoryStorage(), address, principal) if fallback else None
@@ -131,13 +227,20 @@ class RateLimiter:
         ``timeout_s`` bounds each Redis round trip; ``probe_every_s`` is how often an open
         breaker lets one request try Redis again.
         """
+        key_prefix = f"{prefix}:limits"
         storage = RedisStorage(
             "async+" + url if not url.startswith("async+") else url,
             wrap_exceptions=True,
             implementation="redispy",
-            key_prefix=f"{prefix}:limits",
+            key_prefix=key_prefix,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
+        )
+        client = Redis.from_url(  # connects lazily, on first use
+            url.removeprefix("async+"),
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=None,  # a failure goes to the breaker and the fallback, not to a retry
         )
         breaker = Breaker(
             "redis.ratelimit",
@@ -147,7 +250,13 @@ class RateLimiter:
         )
         registry = breakers if breakers is not None else Breakers()
         fallback = registry.fallback(FALLBACK_NAME, breaker, log=log)
-        return cls(storage, per_address=per_address, per_principal=per_principal, fallback=fallback)
+        return cls(
+            storage,
+            per_address=per_address,
+            per_principal=per_principal,
+            fallback=fallback,
+            shared=(client, key_prefix),
+        )
 
     @property
     def falling_back(self) -> bool:

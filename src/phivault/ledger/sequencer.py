@@ -36,7 +36,8 @@ the last cursor row saying ``(S_c, Q_c)``:
 Stream sequence numbers must be contiguous: the stream is created with deletes and purges
 denied and duplicates dropped without taking a number, so a message missing from the sequence
 means an event was lost from the stream before it reached the ledger, and the sequencer stops
-(:class:`StreamGap`). A message that is not a valid event also stops it
+(:class:`StreamGap`). A message the ledger cannot take (not canonical JSON, setting a ledger
+field, an event of the wrong shape: see :func:`_decode`) also stops it
 (:class:`InvalidStreamMessage`): nothing is dropped silently, and every sequencer stops at the
 same message until an operator decides. See ``docs/decisions/audit-stream.md``.
 """
@@ -45,8 +46,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -56,16 +57,16 @@ from typing import Any, Final, Literal, Protocol
 
 import nats.errors
 import nats.js.errors
+import orjson
 import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg import sql
-from pydantic import ValidationError
 
 from phivault.errors import ConfigurationError, InvalidInput
-from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
+from phivault.ledger.canonical import canonical_json
 from phivault.ledger.errors import LedgerError, LedgerLocked, LedgerUnavailable
 from phivault.ledger.events import LEDGER_FIELDS, AuditEvent
 from phivault.ledger.note import NoteSigner
@@ -264,48 +265,71 @@ class _Cursor:
 
 @dataclass(frozen=True)
 class _Incoming:
-    """One decoded stream message: what the embedded ledger would have been handed."""
+    """One decoded stream message: the event document, checked as the ledger needs it."""
 
     seq: int
     document: dict[str, Any]
-    event: AuditEvent | None  # set for "event" messages: appended with Ledger.record
+
+
+# What every document from AuditEvent.to_document has, and all it may have (the model's fields).
+_EVENT_REQUIRED: Final = frozenset(
+    {"kind", "subtype", "action", "recorded", "outcome", "tenant", "agents", "source"}
+)
+_EVENT_FIELDS: Final = frozenset(AuditEvent.model_fields)
+# The patient reference grammar of AuditEvent.patient (an unversioned Patient reference): the
+# ledger keys its back-links on this string, and finds it again in the leaf bytes on reopening.
+_PATIENT_REFERENCE: Final = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
 
 
 def _decode(seq: int, headers: dict[str, str] | None, data: bytes) -> _Incoming:
+    """Check a message as the ledger needs it; raise :class:`InvalidStreamMessage` if not.
+
+    The sequencer does not re-run the event model's validation: the publishing worker built
+    the :class:`AuditEvent` (every grammar and PHI screen ran there), and the ledger, like the
+    embedded one, appends what its trusted writer hands it. What it does check is what the
+    ledger itself relies on (``docs/decisions/audit-stream.md``): a known encoding, the size,
+    a JSON object in exactly its RFC 8785 canonical bytes (so the leaf is those bytes plus the
+    ledger's fields, and nothing the stream acknowledged is altered), none of the ledger's own
+    fields, and for events the top-level shape and the patient reference the back-links use.
+    """
     encoding = (headers or {}).get(ENCODING_HEADER)
     if encoding not in (ENCODING_EVENT, ENCODING_DOCUMENT):
         raise InvalidStreamMessage(seq, f"no or unknown {ENCODING_HEADER} header")
     if len(data) > MAX_EVENT_BYTES:
         raise InvalidStreamMessage(seq, f"{len(data)} bytes, over {MAX_EVENT_BYTES}")
     try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
         raise InvalidStreamMessage(seq, "not JSON") from None
     if not isinstance(document, dict):
         raise InvalidStreamMessage(seq, "not a JSON object")
     if any(field in document for field in LEDGER_FIELDS):
         raise InvalidStreamMessage(seq, "it sets a field the ledger adds")
-    if encoding == ENCODING_DOCUMENT:
-        try:
-            canonical = canonical_json(document)
-        except InvalidInput:
-            raise InvalidStreamMessage(seq, "not canonicalizable") from None
-        # Publishers send canonical bytes; anything else was not written by a sink.
-        if canonical != data:
-            raise InvalidStreamMessage(seq, "not in canonical form")
-        return _Incoming(seq, document, None)
+    if encoding == ENCODING_EVENT:
+        _check_event_shape(seq, document)
     try:
-        event = AuditEvent.from_document(document)
-    except ValidationError as exc:
-        fields = sorted({".".join(str(p) for p in e["loc"]) or "event" for e in exc.errors()})
-        raise InvalidStreamMessage(seq, f"invalid event fields: {', '.join(fields)}") from None
-    encoded = event.to_document()
-    if encoded != document:
-        raise InvalidStreamMessage(seq, "the event does not encode back to the same document")
-    # A valid event's document is plain, so the fast encoder gives its canonical bytes.
-    if canonical_json_of_plain_document(encoded) != data:
+        canonical = canonical_json(document)
+    except InvalidInput:
+        raise InvalidStreamMessage(seq, "not canonicalizable") from None
+    # Publishers send canonical bytes; anything else was not written by a sink (and a parse
+    # that lost something, such as a duplicate key or a huge integer, shows up here).
+    if canonical != data:
         raise InvalidStreamMessage(seq, "not in canonical form")
-    return _Incoming(seq, document, event)
+    return _Incoming(seq, document)
+
+
+def _check_event_shape(seq: int, document: dict[str, Any]) -> None:
+    keys = document.keys()
+    if not (_EVENT_REQUIRED <= keys <= _EVENT_FIELDS):  # the sets are built only to say which
+        wrong = sorted((_EVENT_REQUIRED - keys) | (keys - _EVENT_FIELDS))
+        raise InvalidStreamMessage(seq, f"invalid event fields: {', '.join(wrong)}")
+    patient = document.get("patient")
+    if patient is not None and not (
+        isinstance(patient, str) and _PATIENT_REFERENCE.fullmatch(patient)
+    ):
+        raise InvalidStreamMessage(seq, "invalid event fields: patient")
+    if not isinstance(document["agents"], list) or not document["agents"]:
+        raise InvalidStreamMessage(seq, "invalid event fields: agents")
 
 
 class _StreamReader:
@@ -750,12 +774,9 @@ class Sequencer:
     async def _append(self, ledger: Ledger, batch: list[_Incoming]) -> None:
         first = ledger.size
         # All records are queued before the ledger's flusher runs: one group commit, in order.
-        calls: list[Awaitable[int]] = [
-            ledger.record(item.event)
-            if item.event is not None
-            else ledger.record_document(item.document)
-            for item in batch
-        ]
+        # Every message is appended as the document it carries: for an event that is the leaf
+        # Ledger.record would have made (its document is plain, so both encoders agree).
+        calls: list[Awaitable[int]] = [ledger.record_document(item.document) for item in batch]
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
