@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from records_store_support import StoreFactory
+from sqlalchemy import insert, select, update
 
 from phivault.access.breakglass import (
     BreakGlassReason,
@@ -33,6 +34,7 @@ from phivault.ledger.testing import InMemoryAuditSink
 from phivault.records.classification import ElementGroup
 from phivault.records.split import Envelope, group_element_ref
 from phivault.records.store import NewVersion, ResourceKey, SqlRecordStore
+from phivault.records.store.schema import upgrade
 
 TENANT = "t1"
 T0 = 1_800_000_000.0
@@ -336,3 +338,27 @@ def test_scan_positions_increase_and_resume_mid_grant(store: SqlRecordStore) -> 
     assert not elements.replace(everything[1], b"\x01again")
     again = elements.scan(TENANT, patient=None, after=0, limit=100)
     assert [e.ciphertext for e in again] == [b"\x01j0", b"\x01new", b"\x01j1", b"\x01j2", b"\x01m"]
+
+
+def test_grants_made_before_migration_0005_get_positions_in_creation_order(
+    stores: StoreFactory,
+) -> None:
+    store = stores.open(migrate=False)
+    with store.engine.begin() as conn:
+        upgrade(conn, "0004")
+    with store.engine.begin() as conn:
+        for grant_id, created in (("bg-late", 20), ("bg-early", 10)):
+            conn.execute(
+                insert(grants).values(
+                    tenant=TENANT, grant_id=grant_id, subject="dr-er", patient="p1",
+                    reason="urgent-consult", justification=b"\x01" + grant_id.encode(),
+                    created_at=created, starts_at=created, expires_at=created + 60,
+                )
+            )  # fmt: skip
+    with store.engine.begin() as conn:
+        upgrade(conn)
+    found = SqlGrantElements(store.engine).scan(TENANT, patient=None, after=0, limit=10)
+    assert [e.ref.path for e in found] == [
+        "break-glass/bg-early/reason",
+        "break-glass/bg-late/reason",
+    ]
