@@ -1211,6 +1211,13 @@ class KeyRing:
         progress: Progress | None,
     ) -> int:
         """One pass over each store from ``first`` on; ``cursor`` belongs to ``first``."""
+        if first >= len(stores):
+            # Resumed with fewer stores than it was walking: going on would destroy old keys
+            # with the rest never re-sealed.
+            raise RotationInProgress(
+                f"rotation {job.job_id} was walking element store {first + 1}, but only "
+                f"{len(stores)} were given; resume it with the same element stores"
+            )
         for number in range(first, len(stores)):
             phase = _phase_of(stage, number)
             if number != first:

@@ -24,6 +24,7 @@ from phivault.access.decision import compile_policy
 from phivault.access.grant_store import SqlGrantElements, SqlGrantStore, grants
 from phivault.access.policy import default_policy
 from phivault.crypto.elements import PatientCipher, key_version_of
+from phivault.crypto.errors import RotationInProgress
 from phivault.crypto.keyring import KeyRing
 from phivault.crypto.keystore import SqliteKeyStore
 from phivault.crypto.ports import KeyPurpose, KeyState, SealedElement, SealedElementStore
@@ -278,6 +279,10 @@ async def test_a_rotation_resumed_in_the_grants_pass_finishes_them(
         await ring.rotate_deks(TENANT, stores, batch=1, progress=crash_after_two)
     [job] = ring.open_rotations(TENANT)
     assert job.phase == "reencrypt:1" and job.cursor > 0
+    assert dek_states(ring, "p1") == {1: KeyState.DECRYPT_ONLY, 2: KeyState.ACTIVE}
+    # resumed without the grants: refused, nothing destroyed
+    with pytest.raises(RotationInProgress, match="same element stores"):
+        await ring.rotate_deks(TENANT, stores[:1], batch=1)
     assert dek_states(ring, "p1") == {1: KeyState.DECRYPT_ONLY, 2: KeyState.ACTIVE}
     report = await ring.rotate_deks(TENANT, stores, batch=1)
     assert report.job_id == job.job_id and report.processed == 1 + 2 * len(records)
