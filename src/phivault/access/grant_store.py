@@ -8,14 +8,20 @@ the epoch (as in the records tables); the justification and review note are ciph
 Revocation and review are compare-and-set updates (``WHERE revoked_at IS NULL``): two
 reviewers, or two workers, cannot both win. Driver exceptions never leave this module:
 :class:`GrantStoreUnavailable` carries the driver's class name only.
+
+:class:`SqlGrantElements` is the key ring's view of the two sealed columns (a
+:class:`~phivault.crypto.ports.SealedElementStore`): DEK rotation re-seals them before it
+destroys the old data keys, so a justification stays readable audit evidence. Each grant gets
+a position in ``bg_grant_positions`` (migration 0005); its justification is element
+``2 * position`` and its review note ``2 * position + 1``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import (
     BigInteger,
@@ -23,6 +29,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Index,
+    Integer,
     LargeBinary,
     PrimaryKeyConstraint,
     RowMapping,
@@ -30,16 +37,33 @@ from sqlalchemy import (
     Table,
     and_,
     insert,
+    or_,
     select,
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from phivault.access.breakglass import BreakGlassReason, GrantRecord, ReviewOutcome
+from phivault.access.breakglass import (
+    BreakGlassReason,
+    GrantRecord,
+    ReviewOutcome,
+    _justification_ref,  # the context the service seals under: re-sealing must bind the same
+)
+from phivault.crypto.blind_index import BlindToken
+from phivault.crypto.ports import SealedElement
 from phivault.errors import InvalidInput, StoreUnavailable
 from phivault.records.store.schema import metadata, resources
 
-__all__ = ["GrantStoreUnavailable", "SqlGrantStore", "grants"]
+if TYPE_CHECKING:
+    from phivault.crypto.ports import SealedElementStore
+
+__all__ = [
+    "GrantStoreUnavailable",
+    "SqlGrantElements",
+    "SqlGrantStore",
+    "grant_positions",
+    "grants",
+]
 
 grants = Table(
     "bg_grants",
@@ -63,6 +87,26 @@ grants = Table(
     Index("bg_grants_by_subject", "tenant", "subject", "expires_at"),
     Index("bg_grants_by_created", "tenant", "created_at"),
 )
+
+#: One row per grant (migration 0005): the rotation's resume cursor over grants.
+grant_positions = Table(
+    "bg_grant_positions",
+    metadata,
+    Column(
+        "position",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("tenant", String(128), nullable=False),
+    Column("grant_id", String(64), nullable=False),
+    Index("bg_grant_positions_by_grant", "tenant", "grant_id", unique=True),
+    Index("bg_grant_positions_by_tenant", "tenant", "position"),
+    sqlite_autoincrement=True,
+)
+
+# The sealed columns, in element order within a grant (element = 2 * position + index).
+_SEALED: Final = (("reason", "justification"), ("review-note", "review_note"))
 
 _TENANT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$")
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -108,10 +152,7 @@ def _record(row: RowMapping) -> GrantRecord:
     )
 
 
-class SqlGrantStore:
-    """Grants on an engine whose database the records migrations brought to head (the
-    records store's: ``SqlGrantStore(record_store.engine)``)."""
-
+class _OnEngine:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
@@ -128,6 +169,11 @@ class SqlGrantStore:
             orig = getattr(exc, "orig", None)
             kind = type(orig).__name__ if orig is not None else type(exc).__name__
             raise GrantStoreUnavailable(f"break-glass grants: {doing} failed ({kind})") from exc
+
+
+class SqlGrantStore(_OnEngine):
+    """Grants on an engine whose database the records migrations brought to head (the
+    records store's: ``SqlGrantStore(record_store.engine)``)."""
 
     def patient_exists(self, tenant: str, patient: str) -> bool:
         """Whether the patient's head exists and is not deleted (nothing is decrypted)."""
@@ -159,6 +205,10 @@ class SqlGrantStore:
         }
         with self._connection("insert", write=True) as conn:
             conn.execute(insert(grants).values(**values))
+            # same transaction: a grant never exists without its rotation position
+            conn.execute(
+                insert(grant_positions).values(tenant=record.tenant, grant_id=record.grant_id)
+            )
 
     def get(self, tenant: str, grant_id: str) -> GrantRecord | None:
         _check(tenant, grant_id, "grant")
@@ -242,3 +292,87 @@ class SqlGrantStore:
         )
         with self._connection("review", write=True) as conn:
             return conn.execute(statement).rowcount == 1
+
+
+class SqlGrantElements(_OnEngine):
+    """:class:`~phivault.crypto.ports.SealedElementStore` over the grants' sealed columns.
+
+    Used by DEK rotation only: the elements carry no blind index, so the token methods do
+    nothing. ``replace`` is a compare-and-swap on the one column, so a justification or note
+    written meanwhile (a review) is never overwritten with the old text.
+    """
+
+    def scan(
+        self, tenant: str, *, patient: str | None, after: int, limit: int
+    ) -> Sequence[SealedElement]:
+        p, g = grant_positions.c, grants.c
+        # The grant holding element ``after + 1`` is at ``after // 2``; one grant more than
+        # ``limit`` so that a grant whose elements are all at or before ``after`` cannot
+        # leave the batch empty while later grants exist.
+        statement = (
+            select(p.position, g.grant_id, g.patient, g.justification, g.review_note)
+            .join(grants, and_(g.tenant == p.tenant, g.grant_id == p.grant_id))
+            .where(
+                p.tenant == tenant,
+                p.position >= after // 2,
+                or_(g.justification.is_not(None), g.review_note.is_not(None)),
+            )
+            .order_by(p.position)
+            .limit(limit + 1)
+        )
+        if patient is not None:
+            statement = statement.where(g.patient == patient)
+        with self._connection("scan") as conn:
+            rows = conn.execute(statement).all()
+        found: list[SealedElement] = []
+        for row in rows:
+            for offset, (what, column) in enumerate(_SEALED):
+                position = 2 * int(row.position) + offset
+                value = getattr(row, column)
+                if value is None or position <= after:
+                    continue
+                found.append(
+                    SealedElement(
+                        position=position,
+                        ref=_justification_ref(tenant, row.patient, row.grant_id, what),
+                        patient=row.patient,
+                        ciphertext=bytes(value),
+                    )
+                )
+        return found[:limit]
+
+    def replace(self, element: SealedElement, ciphertext: bytes) -> bool:
+        grant_position, offset = divmod(element.position, 2)
+        column = grants.c[_SEALED[offset][1]]
+        p = grant_positions.c
+        grant_id = (
+            select(p.grant_id)
+            .where(p.position == grant_position, p.tenant == element.ref.tenant)
+            .scalar_subquery()
+        )
+        statement = (
+            update(grants)
+            .where(
+                grants.c.tenant == element.ref.tenant,
+                grants.c.grant_id == grant_id,
+                column == element.ciphertext,
+            )
+            .values({column.name: ciphertext})
+        )
+        with self._connection("re-seal", write=True) as conn:
+            return conn.execute(statement).rowcount == 1
+
+    def add_tokens(self, element: SealedElement, tokens: Sequence[BlindToken]) -> None:
+        """Nothing: grant texts are not searchable."""
+
+    def drop_token_version(self, tenant: str, version: int) -> int:
+        return 0
+
+    def drop_patient_tokens(self, tenant: str, patient: str) -> int:
+        return 0
+
+
+if TYPE_CHECKING:  # mypy holds the adapter to its port
+
+    def _port(engine: Engine) -> SealedElementStore:
+        return SqlGrantElements(engine)

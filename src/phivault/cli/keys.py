@@ -238,6 +238,24 @@ def inventory(
         output.console.print(deks)
 
 
+def _records_elements(directory: DataDir) -> tuple[Any, list[Any]]:
+    """The data directory's records database, if it has one, and what a DEK rotation must
+    re-seal in it: the records' sealed groups, then the break-glass grants' justifications
+    and review notes (docs/decisions/keys-rotation.md). Resume with the same options: each
+    store keeps its own cursor, by its place in the list."""
+    from phivault.access.grant_store import SqlGrantElements
+    from phivault.api.serve import records_store_url
+    from phivault.records.store import SqlRecordStore
+
+    settings = load_settings()
+    if not settings.records.store_url and not (directory.records_dir / "records.db").exists():
+        return None, []
+    store = SqlRecordStore(
+        records_store_url(settings, directory), schema=settings.records.store_schema
+    )
+    return store, [store.sealed_elements(), SqlGrantElements(store.engine)]
+
+
 def _element_store(output: Output, path: Path | None, what: str) -> Any:
     if path is None:
         fail(
@@ -274,7 +292,9 @@ def rotate(
     if patient is not None and not dek:
         fail(output, "--patient goes with --dek", kind="invalid")
     directory = open_data_dir(output, data_dir)
-    elements = None if kek else _element_store(output, element_store, "this rotation")
+    records, in_records = _records_elements(directory) if dek else (None, [])
+    no_file = kek or (bool(in_records) and element_store is None)
+    elements = None if no_file else _element_store(output, element_store, "this rotation")
     credentials = _read_shares(output, directory, share, shares_file)
     kind = "kek" if kek else "dek" if dek else "index"
 
@@ -294,8 +314,9 @@ def rotate(
                 if kek:
                     return await ring.rotate_kek(tenant, progress=progress)
                 if dek:
+                    stores = [*([elements] if elements is not None else []), *in_records]
                     return await ring.rotate_deks(
-                        tenant, elements, patient=patient, progress=progress
+                        tenant, stores, patient=patient, progress=progress
                     )
                 return await ring.rotate_index(tenant, elements, progress=progress)
 
@@ -304,6 +325,8 @@ def rotate(
     finally:
         if elements is not None:
             elements.close()
+        if records is not None:
+            records.close()
     result = {
         "ok": True,
         "job_id": report.job_id,

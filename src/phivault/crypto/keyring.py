@@ -120,6 +120,9 @@ _KEY_PREFIX = {
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$")
 _PATIENT_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+#: Re-reads of an element whose compare-and-swap keeps losing before the rotation stops
+#: (unfinished, resumable) rather than destroy a key that element may still need.
+_RESEAL_TRIES: Final = 5
 
 Progress = Callable[[int, int | None], None]
 
@@ -1047,7 +1050,7 @@ class KeyRing:
     async def rotate_deks(
         self,
         tenant: str,
-        elements: SealedElementStore,
+        elements: SealedElementStore | Sequence[SealedElementStore],
         *,
         patient: str | None = None,
         batch: int = 500,
@@ -1064,7 +1067,14 @@ class KeyRing:
         version is the old one for up to its cache lifetime. Pass that lifetime: after the
         first pass the rotation waits that long, then makes a second pass that re-seals any
         element written under an old version meanwhile, and only then retires the old keys.
+
+        ``elements``: every store holding data sealed under the data keys (the records, then the
+        break-glass grants' justifications and review notes), walked in this order; anything
+        left out becomes unreadable when the old versions are destroyed. Each store has its
+        own cursor (the phase names the store: ``reencrypt``, ``reencrypt:1``, ...), so resume
+        with the same stores in the same order.
         """
+        stores = _as_stores(elements)
         _check_tenant(tenant)
         if patient is not None:
             _check_patient(patient)
@@ -1128,11 +1138,13 @@ class KeyRing:
             job = _with_phase(job, "reencrypt", 0, 0)
         cursor, done = job.cursor, job.done
         self._ciphers.clear()  # ciphers cached before the new versions existed must not seal
-        if job.phase == "reencrypt":
-            done = await self._reencrypt_pass(
+        stage, first = _stage_of(job.phase)
+        if stage == "reencrypt":
+            done = await self._reencrypt_stores(
                 job,
-                elements,
-                phase="reencrypt",
+                stores,
+                stage="reencrypt",
+                first=first,
                 cursor=cursor,
                 done=done,
                 batch=batch,
@@ -1148,13 +1160,15 @@ class KeyRing:
                     now=self._now(),
                 )
                 job = _with_phase(job, "verify", 0, done)
+                stage, first = "verify", 0
                 await asyncio.sleep(settle_s)
-        if job.phase == "verify":
+        if stage == "verify":
             self._ciphers.clear()
-            done = await self._reencrypt_pass(
+            done = await self._reencrypt_stores(
                 job,
-                elements,
-                phase="verify",
+                stores,
+                stage="verify",
+                first=first,
                 cursor=job.cursor,
                 done=job.done,
                 batch=batch,
@@ -1183,6 +1197,49 @@ class KeyRing:
         self._ciphers.clear()
         await self._io(self._store.finish_job, job.job_id, self._now())
         return RotationReport(job.job_id, JobKind.DEK, tenant, scope, done, created, tuple(retired))
+
+    async def _reencrypt_stores(
+        self,
+        job: RotationJob,
+        stores: Sequence[SealedElementStore],
+        *,
+        stage: str,
+        first: int,
+        cursor: int,
+        done: int,
+        batch: int,
+        progress: Progress | None,
+    ) -> int:
+        """One pass over each store from ``first`` on; ``cursor`` belongs to ``first``."""
+        if first >= len(stores):
+            # Resumed with fewer stores than it was walking: going on would destroy old keys
+            # with the rest never re-sealed.
+            raise RotationInProgress(
+                f"rotation {job.job_id} was walking element store {first + 1}, but only "
+                f"{len(stores)} were given; resume it with the same element stores"
+            )
+        for number in range(first, len(stores)):
+            phase = _phase_of(stage, number)
+            if number != first:
+                cursor = 0  # the store's own positions start over
+                await self._io(
+                    self._store.update_job,
+                    job.job_id,
+                    phase=phase,
+                    cursor=0,
+                    done=done,
+                    now=self._now(),
+                )
+            done = await self._reencrypt_pass(
+                job,
+                stores[number],
+                phase=phase,
+                cursor=cursor,
+                done=done,
+                batch=batch,
+                progress=progress,
+            )
+        return done
 
     async def _reencrypt_pass(
         self,
@@ -1214,16 +1271,29 @@ class KeyRing:
                 progress(done, None)
 
     async def _reencrypt(self, elements: SealedElementStore, element: SealedElement) -> None:
-        try:
-            cipher = await self.patient_cipher(element.ref.tenant, element.patient)
-        except PatientShredded:
-            return  # nothing of a shredded patient can (or should) be re-encrypted
-        if key_version_of(element.ciphertext) == cipher.active_version:
-            return
-        plaintext = cipher.open(element.ref, element.ciphertext)
-        # A concurrent writer that replaced the element wrote under the new version: a lost
-        # compare-and-swap needs no retry.
-        elements.replace(element, cipher.seal(element.ref, plaintext))
+        for _ in range(_RESEAL_TRIES):
+            try:
+                cipher = await self.patient_cipher(element.ref.tenant, element.patient)
+            except PatientShredded:
+                return  # nothing of a shredded patient can (or should) be re-encrypted
+            if key_version_of(element.ciphertext) == cipher.active_version:
+                return
+            plaintext = cipher.open(element.ref, element.ciphertext)
+            if elements.replace(element, cipher.seal(element.ref, plaintext)):
+                return
+            # Lost the compare-and-swap: the element was re-written meanwhile, perhaps by a
+            # worker whose cached cipher still seals under the old version. Read it again and
+            # re-seal that, or it would stay under a key about to be destroyed.
+            again = elements.scan(
+                element.ref.tenant, patient=element.patient, after=element.position - 1, limit=1
+            )
+            if not again or again[0].position != element.position:
+                return  # gone (nothing left to re-seal)
+            element = again[0]
+        raise RotationInProgress(
+            f"an element at position {element.position} kept changing during the rotation; "
+            "run the rotation again to resume it"
+        )
 
     async def rotate_index(
         self,
@@ -1400,6 +1470,23 @@ def _with_wrapped(record: KeyRecord, wrapped: bytes) -> KeyRecord:
         created=record.created,
         job=record.job,
     )
+
+
+def _as_stores(
+    elements: SealedElementStore | Sequence[SealedElementStore],
+) -> Sequence[SealedElementStore]:
+    return tuple(elements) if isinstance(elements, Sequence) else (elements,)
+
+
+def _phase_of(stage: str, store: int) -> str:
+    # The first store keeps the plain name: jobs persisted before there were several resume.
+    return stage if store == 0 else f"{stage}:{store}"
+
+
+def _stage_of(phase: str) -> tuple[str, int]:
+    """``reencrypt:1`` -> (``reencrypt``, 1): the pass and the store it is walking."""
+    stage, _, store = phase.partition(":")
+    return stage, int(store) if store else 0
 
 
 def _with_phase(job: RotationJob, phase: str, cursor: int, done: int) -> RotationJob:

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 #: The Alembic revision :func:`upgrade` brings a database to.
-HEAD_REVISION: Final = "0004"
+HEAD_REVISION: Final = "0005"
 #: Alembic's bookkeeping table for this part (other parts may use Alembic in the same database).
 VERSION_TABLE: Final = "rec_alembic_version"
 #: Open lower / upper bounds of a date range (microseconds).
