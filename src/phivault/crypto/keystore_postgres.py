@@ -35,7 +35,6 @@ it from worker threads, off its event loop). No psycopg exception crosses the po
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import threading
@@ -61,6 +60,7 @@ from phivault.crypto.ports import (
     WrappedKey,
 )
 from phivault.errors import ConfigurationError, StoreUnavailable
+from phivault.pg_advisory import advisory_key
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -205,8 +205,7 @@ _COLUMNS: Final = (
 def _lock_key(kind: str, schema: str, tenant: str = "") -> int:
     """Advisory lock keys: ``shred`` orders a tenant's data-key inserts against its shreds,
     ``ddl`` serializes creating the schema."""
-    digest = hashlib.sha256(f"phivault.keys.{kind}:{schema}:{tenant}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return advisory_key(f"phivault.keys.{kind}:{schema}:{tenant}")
 
 
 def _record(row: Sequence[Any]) -> KeyRecord:

@@ -43,7 +43,6 @@ No psycopg exception crosses the port: they become
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +57,7 @@ from phivault.ledger.errors import LedgerError, LedgerLocked, LedgerUnavailable
 from phivault.ledger.file_store import MAX_LEAF_BYTES, TornTailRecovery
 from phivault.ledger.merkle import leaf_hash
 from phivault.ledger.ports import RefreshableLedgerStore, StoreGrowth
+from phivault.pg_advisory import advisory_key
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -100,8 +100,7 @@ def writer_lock_key(schema: str) -> int:
     Operators find the holder with ``SELECT pid FROM pg_locks WHERE locktype = 'advisory'``
     and ``(classid::bigint << 32 | objid::bigint)`` equal to this key (as unsigned 64 bits).
     """
-    digest = hashlib.sha256(b"phivault.ledger.writer:" + schema.encode("ascii")).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return advisory_key(f"phivault.ledger.writer:{schema}")
 
 
 def _check_schema_name(schema: str) -> None:

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import Engine, text
 
 from phivault.errors import PhivaultError
+from phivault.pg_advisory import advisory_key
 
 if TYPE_CHECKING:
     from phivault.ledger.ports import AuditSink, LedgerReader
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["IntentReconciler", "reconcile_lock"]
 
 _log = structlog.get_logger("phivault.reconciler")
-_LOCK_NAME: Final = b"phivault:reconcile-intents"
 
 
 @contextlib.contextmanager
@@ -42,8 +41,10 @@ def reconcile_lock(engine: Engine) -> Iterator[bool]:
     if engine.dialect.name != "postgresql":
         yield True
         return
-    key = int.from_bytes(hashlib.sha256(_LOCK_NAME).digest()[:8], "big", signed=True)
     with engine.connect() as conn:
+        # One reconciler per records schema (deployments may share a database).
+        schema = conn.execute(text("SELECT current_schema()")).scalar()
+        key = advisory_key(f"phivault.records.reconcile:{schema}")
         acquired = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
         conn.commit()
         try:

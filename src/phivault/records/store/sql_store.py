@@ -21,7 +21,6 @@ replica that fails in the middle of a unit hands the rest of the unit to the pri
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -54,6 +53,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from phivault.crypto.blind_index import BlindToken
 from phivault.crypto.ports import SealedElement, SealedElementStore
 from phivault.errors import ConfigurationError, InvalidInput
+from phivault.pg_advisory import advisory_key
 from phivault.records.classification import ElementGroup
 from phivault.records.query import Include, SearchQuery
 from phivault.records.search_params import (
@@ -124,9 +124,7 @@ _ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE_RE: Final = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _GROUPS: Final = frozenset(g.value for g in ElementGroup)
 _INDEX_TABLES: Final = (idx_token, idx_string, idx_date, idx_reference, idx_blind)
-_MIGRATION_LOCK: Final = int.from_bytes(
-    hashlib.sha256(b"phivault.records.migrate").digest()[:8], "big", signed=True
-)
+_MIGRATION_LOCK: Final = advisory_key("phivault.records.migrate")
 
 
 def _driver_error(exc: SQLAlchemyError, doing: str) -> RecordStoreUnavailable:
