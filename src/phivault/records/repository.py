@@ -1259,7 +1259,7 @@ class RecordsRepository:
 
     def _visible(self, stored: StoredVersion, decision: Decision) -> RecordVersion:
         """The version's clear facts (no plaintext yet)."""
-        withheld = any(ElementGroup(g) not in decision.groups for g in stored.groups)
+        withheld = any(_group(g) not in decision.groups for g in stored.groups)
         return RecordVersion(
             stored.key.resource_type,
             stored.key.resource_id,
@@ -1281,10 +1281,9 @@ class RecordsRepository:
             str(stored.version),
             _instant(stored.last_updated),
         )
-        allowed = [ElementGroup(g) for g in stored.groups if ElementGroup(g) in decision.groups]
-        withheld = [
-            ElementGroup(g) for g in stored.groups if ElementGroup(g) not in decision.groups
-        ]
+        groups = [_group(g) for g in stored.groups]
+        allowed = [g for g in groups if g in decision.groups]
+        withheld = [g for g in groups if g not in decision.groups]
         tenant = stored.key.tenant
         if self._controls.encryption:
             try:
@@ -1690,7 +1689,19 @@ def _patient_of_subject(subject: str) -> str | None:
 
 def _instant(moment: datetime) -> str:
     """FHIR instant in UTC with microseconds (what the store keeps)."""
+    if moment.tzinfo is UTC:  # what the store gives: every version opened takes this way
+        return moment.isoformat(timespec="microseconds")[:-6] + "Z"
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+_GROUPS: Final[Mapping[str, ElementGroup]] = {g.value: g for g in ElementGroup}
+
+
+def _group(name: str) -> ElementGroup:
+    """A stored group name as its group (the enum's own lookup costs more, once per group
+    of every version opened); an unknown name raises ValueError, as the enum does."""
+    group = _GROUPS.get(name)
+    return ElementGroup(name) if group is None else group
 
 
 def _resource_type_of(resource: object, *, path: str) -> str:

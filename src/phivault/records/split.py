@@ -305,8 +305,7 @@ def _prune(node: Any) -> Any:
     return node
 
 
-def _same(value: Any) -> Any:
-    return value
+_GROUP_ORDER: Final = tuple(ElementGroup)
 
 
 def assemble(
@@ -324,7 +323,7 @@ def assemble(
     :func:`split` accepts. ``fresh``: the contents were just decoded and are not used
     elsewhere, so their values are placed as they are instead of copied.
     """
-    own = _same if fresh else copy.deepcopy
+    own = None if fresh else copy.deepcopy
     doc: dict[str, Any] = {"resourceType": envelope.resource_type}
     if envelope.id is not None:
         doc["id"] = envelope.id
@@ -336,18 +335,23 @@ def assemble(
     if envelope_meta:
         doc["meta"] = dict(envelope_meta)
     placed: list[tuple[Pointer, Any]] = []
-    for group in ElementGroup:  # a fixed order, whatever order the caller's mapping has
+    for group in _GROUP_ORDER:  # a fixed order, whatever order the caller's mapping has
         raw = groups.get(group)
         if raw is None:
             continue
         content = GroupContent.decode(raw) if isinstance(raw, bytes) else raw
-        for key, value in content.elements.items():
+        elements = content.elements if own is None else own(content.elements)
+        for key, value in elements.items():
             if key == "meta" and isinstance(value, dict):
-                doc["meta"] = {**own(value), **doc.get("meta", {})}
+                doc["meta"] = {**value, **doc.get("meta", {})}
             else:
-                doc[key] = own(value)
-        placed.extend((p, own(v)) for p, v in content.fragments)
-    for pointer, value in sorted(placed, key=_pointer_key):
+                doc[key] = value
+        if content.fragments:
+            fragments = content.fragments if own is None else own(content.fragments)
+            placed.extend(fragments)
+    if len(placed) > 1:
+        placed.sort(key=_pointer_key)
+    for pointer, value in placed:
         _place(doc, pointer, value)
     if set(withheld) - set(groups):
         doc = _prune(doc)
