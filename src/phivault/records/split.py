@@ -64,6 +64,7 @@ REDACTED: Final[Mapping[str, str]] = MappingProxyType(
 )
 
 Pointer = tuple[str | int, ...]
+_GROUP_ORDER: Final = tuple(ElementGroup)  # the fixed order groups are written and placed in
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +198,19 @@ def _extract(
         _extract(node[head], rest[1:], (*pointer, head), out)
 
 
+def _copy_json(node: Any) -> Any:
+    """A copy of a JSON-like value whose dicts and lists are new (what the nested rules take
+    parts out of); scalars are immutable and shared. A fifth of what ``copy.deepcopy`` costs,
+    which also tracks identities that JSON cannot have."""
+    if isinstance(node, dict):
+        return {key: _copy_json(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_copy_json(value) for value in node]
+    if node is None or isinstance(node, str | int | float):
+        return node
+    return copy.deepcopy(node)  # not JSON (a tuple, a mapping proxy): as before
+
+
 def split(
     resource: Mapping[str, Any], classification: Classification | None = None
 ) -> ClassifiedResource:
@@ -249,7 +263,7 @@ def split(
             group = tc.group_of(key)
             rules = tc.nested_rules(key)
             if rules and not key.startswith("_"):
-                remaining = copy.deepcopy(value)
+                remaining = _copy_json(value)
                 for rule in reversed(rules):  # deepest first: inner overrides leave first
                     taken: list[tuple[Pointer, Any]] = []
                     _extract(remaining, rule.path[1:], (key,), taken)
@@ -259,7 +273,7 @@ def split(
                 # No copy: the content is encoded to bytes below, before split returns.
                 elements.setdefault(group, {})[key] = value
     groups = {}
-    for group in ElementGroup:
+    for group in _GROUP_ORDER:
         if group in elements or group in fragments:
             content = GroupContent(
                 elements.get(group, {}),
@@ -303,9 +317,6 @@ def _prune(node: Any) -> Any:
         items = [_prune(v) for v in node]
         return [v for v in items if v not in ({}, [])]
     return node
-
-
-_GROUP_ORDER: Final = tuple(ElementGroup)
 
 
 def assemble(
