@@ -21,7 +21,8 @@ companion bundle and one Synthea patient are loaded through the app; then ``GET
     python bench/_read_cpu.py [--reads 4000] [--concurrency 16]
                               [--search | --whoami | --create | --load N]
 
-The last line is JSON: ``reads``, ``cpu_ms_per_read``, ``wall_ms_per_read``, ``reads_per_cpu_s``.
+The last line is JSON: ``reads``, ``cpu_ms_per_read``, ``wall_ms_per_read``, ``reads_per_cpu_s``,
+and each request's ``p50_ms`` and ``p99_ms`` (``--load``: per resource instead, no percentiles).
 """
 
 from __future__ import annotations
@@ -236,17 +237,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.create:
             paths = ["/fhir/Observation"]
         serial = iter(range(10**9))
+        latencies: list[float] = []
 
         async def reader(n: int, offset: int) -> None:
             for i in range(n):
                 path = paths[(offset + i) % len(paths)]
                 body = observation(patient, next(serial)).encode() if args.create else b""
+                started = time.perf_counter()
                 status, answer = await call(app, method, path, token, body, query=query)
+                latencies.append(time.perf_counter() - started)
                 if status != created:
                     raise SystemExit(f"{method} failed: {status} {answer[:300]!r}")
 
         per_task = max(1, args.reads // args.concurrency)
         await asyncio.gather(*(reader(50, k * 7) for k in range(args.concurrency)))  # warm up
+        latencies.clear()
         profiler = cProfile.Profile() if args.profile else None
         sampler = _start_py_spy(args.py_spy) if args.py_spy else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -261,11 +266,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             sampler.send_signal(signal.SIGINT)
             sampler.wait(60)
         reads = per_task * args.concurrency
+        latencies.sort()
     return {
         "reads": reads,
         "cpu_ms_per_read": round(1000 * cpu / reads, 3),
         "wall_ms_per_read": round(1000 * wall / reads, 3),
         "reads_per_cpu_s": round(reads / cpu, 1),
+        # each request's own wall time with --concurrency in flight (a closed loop)
+        "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
+        "p99_ms": round(1000 * latencies[len(latencies) * 99 // 100], 2),
     }
 
 
