@@ -9,15 +9,20 @@ companion bundle and one Synthea patient are loaded through the app; then ``GET
 
 * ``--search``: ``GET /fhir/Observation?patient=<id>&_count=20`` instead;
 * ``--whoami``: the authenticated, PHI-free ``GET /whoami`` (the front door alone);
+* ``--create``: ``POST /fhir/Observation`` by a ``service`` feed (the figure is per create);
+* ``--load N``: the next ``N`` Synthea patient bundles loaded as ``phivault load`` sends them
+  (one transaction each, after the warm-up patient); the figure is per loaded resource;
 * ``--flat-routes``, ``--fhir-first``: experiments (see :func:`_flatten_routes` and
   :func:`_fhir_router_first`);
 * ``--profile OUT.prof``: the measured part under cProfile;
 * ``--py-spy OUT.txt``: the measured part sampled by py-spy (``PY_SPY=...`` names the
   binary), folded stacks of the thread holding the GIL.
 
-    python bench/_read_cpu.py [--reads 4000] [--concurrency 16] [--search | --whoami]
+    python bench/_read_cpu.py [--reads 4000] [--concurrency 16]
+                              [--search | --whoami | --create | --load N]
 
-The last line is JSON: ``reads``, ``cpu_ms_per_read``, ``wall_ms_per_read``, ``reads_per_cpu_s``.
+The last line is JSON: ``reads``, ``cpu_ms_per_read``, ``wall_ms_per_read``, ``reads_per_cpu_s``,
+and each request's ``p50_ms`` and ``p99_ms`` (``--load``: per resource instead, no percentiles).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fhir_bench import Tokens, bundle_files, make_data_dir  # noqa: E402
+from fhir_bench import Tokens, bundle_files, make_data_dir, observation  # noqa: E402
 from fhir_bench_server import _factory, settings_for  # noqa: E402
 
 
@@ -164,27 +169,37 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     shares = json.loads((work / "shares.json").read_text())["shares"]
     settings = settings_for("production", data)
     open_service = _factory("phivault.api.serve:open_service")
-    companions, patients = bundle_files(1)
+    companions, patients = bundle_files(1 + args.load if args.load else 1)
     async with open_service(
         settings, DataDir.open(data), key_sources={issuer["issuer"]: source}, unseal_shares=shares
     ) as app:
         loader = tokens.loader()
         observations: list[str] = []
         patient = ""
-        for file in [*companions, *patients[:1]]:
+
+        def encoded(file: Path) -> bytes:
             bundle = json.loads(file.read_bytes())
             add_conditional_creates(bundle)
-            status, answer = await call(app, "POST", "/fhir", loader, json.dumps(bundle).encode())
+            return json.dumps(bundle).encode()
+
+        async def load(body: bytes) -> int:
+            nonlocal patient
+            status, answer = await call(app, "POST", "/fhir", loader, body)
             if status != 200:
                 raise SystemExit(f"load failed: {status} {answer[:300]!r}")
-            for entry in json.loads(answer).get("entry", []):
+            entries = json.loads(answer).get("entry", [])
+            for entry in entries:
                 location = entry.get("response", {}).get("location", "")
                 parts = location.split("/_history/")[0].split("/")
                 if parts[-2] == "Observation":
                     observations.append(parts[-1])
                 elif parts[-2] == "Patient":
-                    patient = parts[-1]
-        token = tokens.patient(patient)
+                    patient = patient or parts[-1]
+            return len(entries)
+
+        for file in [*companions, *patients[:1]]:
+            await load(encoded(file))
+        token = tokens.creator() if args.create else tokens.patient(patient)
         if args.flat_routes:
             _flatten_routes(app)
         if args.fhir_first:
@@ -197,15 +212,46 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         elif args.search:
             paths, query = ["/fhir/Observation"], f"patient={patient}&_count=20".encode()
 
+        if args.load:
+            bodies = [encoded(file) for file in patients[1 : 1 + args.load]]
+            profiler = cProfile.Profile() if args.profile else None
+            sampler = _start_py_spy(args.py_spy) if args.py_spy else None
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
+            resources = sum([await load(body) for body in bodies])
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            if sampler is not None:
+                sampler.send_signal(signal.SIGINT)
+                sampler.wait(60)
+            return {
+                "resources": resources,
+                "cpu_ms_per_resource": round(1000 * cpu / resources, 4),
+                "wall_ms_per_resource": round(1000 * wall / resources, 4),
+                "resources_per_cpu_s": round(resources / cpu, 1),
+            }
+        method, created = ("POST", 201) if args.create else ("GET", 200)
+        if args.create:
+            paths = ["/fhir/Observation"]
+        serial = iter(range(10**9))
+        latencies: list[float] = []
+
         async def reader(n: int, offset: int) -> None:
             for i in range(n):
                 path = paths[(offset + i) % len(paths)]
-                status, answer = await call(app, "GET", path, token, query=query)
-                if status != 200:
-                    raise SystemExit(f"read failed: {status} {answer[:300]!r}")
+                body = observation(patient, next(serial)).encode() if args.create else b""
+                started = time.perf_counter()
+                status, answer = await call(app, method, path, token, body, query=query)
+                latencies.append(time.perf_counter() - started)
+                if status != created:
+                    raise SystemExit(f"{method} failed: {status} {answer[:300]!r}")
 
         per_task = max(1, args.reads // args.concurrency)
         await asyncio.gather(*(reader(50, k * 7) for k in range(args.concurrency)))  # warm up
+        latencies.clear()
         profiler = cProfile.Profile() if args.profile else None
         sampler = _start_py_spy(args.py_spy) if args.py_spy else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -220,11 +266,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             sampler.send_signal(signal.SIGINT)
             sampler.wait(60)
         reads = per_task * args.concurrency
+        latencies.sort()
     return {
         "reads": reads,
         "cpu_ms_per_read": round(1000 * cpu / reads, 3),
         "wall_ms_per_read": round(1000 * wall / reads, 3),
         "reads_per_cpu_s": round(reads / cpu, 1),
+        # each request's own wall time with --concurrency in flight (a closed loop)
+        "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
+        "p99_ms": round(1000 * latencies[len(latencies) * 99 // 100], 2),
     }
 
 
@@ -248,6 +298,16 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--whoami", action="store_true", help="GET /whoami instead (the front door alone)"
+    )
+    parser.add_argument(
+        "--create", action="store_true", help="POST Observations (a service feed) instead"
+    )
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="load N more Synthea patients instead; the figure is CPU per loaded resource",
     )
     parser.add_argument("--py-spy", help="sample the measured reads with py-spy into this file")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
+import orjson
+
 from phivault.errors import InvalidInput
 from phivault.records.classification import default_classification
 from phivault.records.query import SearchQuery, parse_search
@@ -352,23 +354,67 @@ class _Planner:
     def rewrite(
         self, node: Any, path: str, index: int, ids: Mapping[str, str], local: set[str]
     ) -> Any:
-        """A copy of ``node`` with every reference made literal."""
+        """A copy of ``node`` with every reference made literal.
+
+        The copy is made by orjson (a fraction of a walk building dicts in Python) and the
+        references are replaced in it, in the same order as :meth:`_rewritten` visits them.
+        A reference that fails is found again by :meth:`_rewritten`, which names its path
+        (only an error needs one); so is anything orjson cannot copy."""
+        try:
+            copied = orjson.loads(orjson.dumps(node))
+        except (orjson.JSONEncodeError, TypeError):
+            return self._rewritten(node, path, index, ids, local)
+        try:
+            self._replace_references(copied, ids, local)
+        except InvalidInput:
+            return self._rewritten(node, path, index, ids, local)
+        return copied
+
+    def _replace_references(self, node: Any, ids: Mapping[str, str], local: set[str]) -> None:
         if isinstance(node, list):
-            return [self.rewrite(v, f"{path}[{i}]", index, ids, local) for i, v in enumerate(node)]
+            for item in node:
+                if isinstance(item, dict | list):
+                    self._replace_references(item, ids, local)
+            return
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                node[key] = self.reference(value, "", ids, local)
+            elif key == "contained":
+                items = value if isinstance(value, list) else [value]
+                node[key] = items
+                for item in items:
+                    if isinstance(item, dict | list):
+                        self._replace_references(item, ids, set())
+            elif isinstance(value, dict | list):
+                self._replace_references(value, ids, local)
+
+    def _rewritten(
+        self, node: Any, path: str, index: int, ids: Mapping[str, str], local: set[str]
+    ) -> Any:
+        """:meth:`rewrite` by a walk that builds the copy and knows each element's path."""
+        if isinstance(node, list):
+            return [
+                self._rewritten(v, f"{path}[{i}]", index, ids, local)
+                if isinstance(v, dict | list)
+                else v
+                for i, v in enumerate(node)
+            ]
         if not isinstance(node, dict):
             return node
         out: dict[str, Any] = {}
         for key, value in node.items():
-            where = f"{path}.{key}"
             if key == "reference" and isinstance(value, str):
-                out[key] = self.reference(value, where, ids, local)
+                out[key] = self.reference(value, f"{path}.{key}", ids, local)
             elif key == "contained":
+                where = f"{path}.{key}"
                 out[key] = [
-                    self.rewrite(v, f"{where}[{i}]", index, ids, set())
+                    self._rewritten(v, f"{where}[{i}]", index, ids, set())
                     for i, v in enumerate(value if isinstance(value, list) else [value])
                 ]
+            elif isinstance(value, dict | list):
+                out[key] = self._rewritten(value, f"{path}.{key}", index, ids, local)
             else:
-                out[key] = self.rewrite(value, where, index, ids, local)
+                out[key] = value
         return out
 
     def reference(self, value: str, where: str, ids: Mapping[str, str], local: set[str]) -> str:

@@ -23,18 +23,21 @@ compare-and-swap, when it commits).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
 import hashlib
+import os
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-import anyio.to_thread
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, FromClause, and_, false, or_, true
 
@@ -64,7 +67,7 @@ from phivault.ledger.events import (
     Source,
 )
 from phivault.ledger.idempotency import idempotency_key
-from phivault.privacy.scrub import taint
+from phivault.privacy.scrub import taint_tree
 from phivault.records.bundles import (
     AmbiguousReference,
     BatchPlan,
@@ -1398,7 +1401,7 @@ class RecordsRepository:
 
     def _visible(self, stored: StoredVersion, decision: Decision) -> RecordVersion:
         """The version's clear facts (no plaintext yet)."""
-        withheld = any(ElementGroup(g) not in decision.groups for g in stored.groups)
+        withheld = any(_group(g) not in decision.groups for g in stored.groups)
         return RecordVersion(
             stored.key.resource_type,
             stored.key.resource_id,
@@ -1420,10 +1423,9 @@ class RecordsRepository:
             str(stored.version),
             _instant(stored.last_updated),
         )
-        allowed = [ElementGroup(g) for g in stored.groups if ElementGroup(g) in decision.groups]
-        withheld = [
-            ElementGroup(g) for g in stored.groups if ElementGroup(g) not in decision.groups
-        ]
+        groups = [_group(g) for g in stored.groups]
+        allowed = [g for g in groups if g in decision.groups]
+        withheld = [g for g in groups if g not in decision.groups]
         tenant = stored.key.tenant
         if self._controls.encryption:
             try:
@@ -1811,9 +1813,30 @@ def _session(caller: Caller) -> str:
     return f"{caller.access.tenant}/{caller.access.subject}"
 
 
+#: Worker threads for storage calls, as many as anyio's default thread limiter allowed.
+STORAGE_THREADS: Final = 40
+
+
+@functools.cache
+def _storage_executor(pid: int) -> ThreadPoolExecutor:
+    """The process's storage threads, made on first use (never at import); its threads
+    start as they are needed and serve every event loop of the process. Keyed by process:
+    a forked child gets its own (the parent's threads do not exist there)."""
+    del pid
+    return ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="records")
+
+
 async def _blocking(work: Callable[[], _T]) -> _T:
-    """Run storage work on a worker thread: the event loop never waits on a database."""
-    return await anyio.to_thread.run_sync(work)
+    """Run storage work on a worker thread: the event loop never waits on a database.
+
+    A dedicated executor, not ``anyio.to_thread``: a bare hop costs less than half the CPU
+    (33 against 78 us with 16 callers, measured side by side). The semantics are anyio's
+    under asyncio cancellation: the caller's context variables go with the work, and a
+    cancelled caller stops waiting while the work runs to its end in its thread
+    (``_apply`` shields what must not be abandoned)."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    return await loop.run_in_executor(_storage_executor(os.getpid()), context.run, work)
 
 
 def _written_outcome(write: _Write) -> BundleEntryOutcome:
@@ -1881,7 +1904,19 @@ def _covers_tenant(scope: SearchScope) -> bool:
 
 def _instant(moment: datetime) -> str:
     """FHIR instant in UTC with microseconds (what the store keeps)."""
+    if moment.tzinfo is UTC:  # what the store gives: every version opened takes this way
+        return moment.isoformat(timespec="microseconds")[:-6] + "Z"
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+_GROUPS: Final[Mapping[str, ElementGroup]] = {g.value: g for g in ElementGroup}
+
+
+def _group(name: str) -> ElementGroup:
+    """A stored group name as its group (the enum's own lookup costs more, once per group
+    of every version opened); an unknown name raises ValueError, as the enum does."""
+    group = _GROUPS.get(name)
+    return ElementGroup(name) if group is None else group
 
 
 def _resource_type_of(resource: object, *, path: str) -> str:
@@ -1929,18 +1964,11 @@ def _unique_versions(
 
 def _taint_contents(contents: Iterable[GroupContent]) -> None:
     """Every string and number opened from a group is PHI for the rest of the request."""
-    stack: list[Any] = []
+    roots: list[Any] = []
     for content in contents:
-        stack.extend(content.elements.values())
-        stack.extend(value for _, value in content.fragments)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, str | int | float) and not isinstance(node, bool):
-            taint(node)
+        roots.extend(content.elements.values())
+        roots.extend([value for _, value in content.fragments])
+    taint_tree(roots)
 
 
 def _normalized_query(query: SearchQuery) -> str:

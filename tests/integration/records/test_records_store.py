@@ -237,3 +237,72 @@ def test_read_only_units_refuse_writes_on_both_engines(store: SqlRecordStore) ->
         uow.commit()
         with pytest.raises(InvalidInput):  # a finished unit cannot be reused
             uow.read(key)
+
+
+def test_concurrent_writers_all_commit_without_the_busy_handler(stores: StoreFactory) -> None:
+    """Sixteen threads writing at once: every write commits, and on SQLite a writer waits
+    for the one before it on the store's lock, not in SQLite's busy handler (which sleeps up
+    to 100 ms between tries: the slowest of these writes took seconds under load)."""
+    import threading
+    import time
+
+    store = stores.open()
+    waits: list[float] = []
+
+    def write(n: int) -> None:
+        for k in range(5):
+            started = time.perf_counter()
+            with store.unit_of_work() as uow:
+                uow.write(obs(f"c{n}-{k}"), previous=None)
+                uow.commit()
+            waits.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with store.unit_of_work(read_only=True) as uow:
+        page = uow.search("t1", parse_search("Observation", "code=8302-2&_total=accurate"))
+    assert page.total == 80 and len(waits) == 80
+
+
+def test_a_sqlite_writer_waiting_too_long_fails_closed(
+    stores: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that cannot get its turn within the busy timeout gets the store's own error
+    (503 at the API), as SQLite's busy handler gave it, and leaves nothing behind."""
+    import threading
+
+    from phivault.records.store import sql_store
+    from phivault.records.store.ports import RecordStoreUnavailable
+
+    if stores.engine != "sqlite":
+        pytest.skip("PostgreSQL has row locks, not one writer at a time")
+    monkeypatch.setattr(sql_store, "_WRITER_WAIT_S", 0.2)
+    store = stores.open()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.unit_of_work() as uow:
+            uow.write(obs("first"), previous=None)
+            holding.set()
+            release.wait(10)
+            uow.commit()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        with pytest.raises(RecordStoreUnavailable), store.unit_of_work() as uow:
+            uow.write(obs("second"), previous=None)
+            uow.commit()
+    finally:
+        release.set()
+        holder.join()
+    with store.unit_of_work() as uow:  # the lock is free again
+        uow.write(obs("third"), previous=None)
+        uow.commit()
+    with store.unit_of_work(read_only=True) as uow:
+        assert uow.read(ResourceKey("t1", "Observation", "second")) is None
+        assert uow.read(ResourceKey("t1", "Observation", "first")) is not None

@@ -4,11 +4,18 @@ import asyncio
 import io
 import json
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phivault.api.observability import make_logger
-from phivault.privacy.scrub import REDACTED, Scrubber, taint, tainted_scope, tainted_values
+from phivault.privacy.scrub import (
+    REDACTED,
+    Scrubber,
+    taint,
+    taint_tree,
+    tainted_scope,
+    tainted_values,
+)
 
 
 def test_tainted_values_are_redacted_case_insensitively() -> None:
@@ -83,3 +90,75 @@ def test_any_tainted_value_never_survives(value: str, before: str, after: str) -
     # unless the surroundings themselves contain it.
     if value.lower() not in (before + after).lower() and value.lower() not in REDACTED.lower():
         assert value.lower() not in out.lower().replace(REDACTED.lower(), "\0")
+
+
+def test_interleaved_requests_each_redact_their_own_values() -> None:
+    """Requests whose log lines interleave (each awaits between lines) never let one of their
+    own tainted values through, whichever request logged last or compiled last."""
+    stream = io.StringIO()
+    log = make_logger(Scrubber(), stream)
+    names = [f"Quillfeather{n}x" for n in range(12)]
+
+    async def request(n: int) -> None:
+        with tainted_scope():
+            taint(names[n], f"{n}0{n}-private-note")
+            for step in range(5):
+                log.info(
+                    "records.read", detail=f"{names[n]} step {step}", note=f"{n}0{n}-private-note"
+                )
+                assert names[n] not in Scrubber().scrub_text(f"x {names[n].upper()} y")
+                await asyncio.sleep(0)
+
+    async def main() -> None:
+        await asyncio.gather(*(request(n) for n in range(len(names))))
+
+    asyncio.run(main())
+    text = stream.getvalue()
+    assert text.count("records.read") == 5 * len(names)
+    for n, name in enumerate(names):
+        assert name.lower() not in text.lower()
+        assert f"{n}0{n}-private-note" not in text
+
+
+def test_values_tainted_on_a_storage_thread_belong_to_the_request() -> None:
+    """The records repository runs storage calls on its own threads: what is tainted there
+    is in the calling request's set (the context goes with the work), and only in it."""
+    from phivault.records.repository import _blocking
+
+    async def request(value: str) -> frozenset[str]:
+        with tainted_scope():
+            await _blocking(lambda: taint(value))
+            return tainted_values()
+
+    async def main() -> list[frozenset[str]]:
+        return list(await asyncio.gather(request("thread-one"), request("thread-two")))
+
+    assert asyncio.run(main()) == [frozenset({"thread-one"}), frozenset({"thread-two"})]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=30,
+)
+
+
+@settings(deadline=None)  # a loaded machine must not fail it on time
+@given(st.lists(_JSON, max_size=4))
+def test_taint_tree_taints_exactly_what_taint_does_per_leaf(roots: list[object]) -> None:
+    def leaves(node: object) -> list[object]:
+        if isinstance(node, dict):
+            return [leaf for value in node.values() for leaf in leaves(value)]
+        if isinstance(node, list):
+            return [leaf for value in node for leaf in leaves(value)]
+        return [node]
+
+    with tainted_scope():
+        for root in roots:
+            taint(*leaves(root))
+        expected = tainted_values()
+    with tainted_scope():
+        taint_tree(roots)
+        assert tainted_values() == expected
+    taint_tree(roots)  # outside a request: nothing to taint, no error
+    assert tainted_values() == frozenset()

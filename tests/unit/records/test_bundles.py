@@ -438,3 +438,34 @@ def test_patient_of_refuses_two_patients() -> None:
         patient_of(provenance)
     assert caught.value.path == "Provenance.patient"
     assert patient_of({"resourceType": "Organization", "name": "x"}) is None
+
+
+def test_a_failing_reference_deep_in_lists_is_named_by_its_path() -> None:
+    """References are replaced in an orjson copy; a failing one is found again by the walk
+    that knows paths, so the error names the same element as before."""
+    resource = {
+        "resourceType": "Claim",
+        "contained": [{"resourceType": "Organization", "id": "org1"}],
+        "item": [
+            {"sequence": 1, "locationReference": {"reference": "#org1"}},
+            {"sequence": 2, "encounter": [{"reference": "#org1"}, {"reference": "#gone"}]},
+        ],
+    }
+    with pytest.raises(UnresolvableReference) as caught:
+        plan_transaction(_bundle(_post(resource)), nothing, new_id=ids())
+    assert caught.value.path == "Bundle.entry[0].resource.item[1].encounter[1].reference"
+
+
+def test_what_orjson_cannot_copy_is_rewritten_all_the_same() -> None:
+    huge = 2**70  # beyond 64 bits: orjson refuses it, the walk keeps it
+    resource = {
+        "resourceType": "Observation",
+        "valueInteger": huge,
+        "subject": {"reference": PATIENT_URL},
+    }
+    patient = _post({"resourceType": "Patient"}, PATIENT_URL)
+    plan = plan_transaction(_bundle(patient, _post(resource)), nothing, new_id=ids())
+    observation = next(e for e in plan.entries if e.resource_type == "Observation")
+    assert observation.resource is not None
+    assert observation.resource["valueInteger"] == huge
+    assert observation.resource["subject"]["reference"].startswith("Patient/")
