@@ -205,7 +205,7 @@ def _seed(scaled: Scaled, settings: Settings, *patients: str) -> None:
 def test_shred_records_to_the_stream_and_not_the_local_ledger(
     scaled: Scaled, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _seed(scaled, scaled.settings(monkeypatch), "p1")
+    _seed(scaled, scaled.settings(monkeypatch), "p1", "p3")
     [dek] = _live_deks(scaled, "p1")
     local_before = _local_ledger_size(scaled.data_dir)
     streamed_before = asyncio.run(_stream_events(scaled.stream))
@@ -231,6 +231,11 @@ def test_shred_records_to_the_stream_and_not_the_local_ledger(
     assert _live_deks(scaled, "p1") == []
     # the data directory's file ledger, which nobody verifies in this shape, got nothing
     assert _local_ledger_size(scaled.data_dir) == local_before
+
+    said = phivault("keys", "shred", "--patient", "p3", "--yes",
+                    "--data-dir", str(scaled.data_dir), env=scaled.env())  # fmt: skip
+    assert said.returncode == 0, said.stderr
+    assert "audit stream sequence" in said.stdout and "ledger entry" not in said.stdout
 
     text = phivault("keys", "hold", "--patient", "p2", "--until", "2099-01-01", "--reason",
                     "litigation", "--data-dir", str(scaled.data_dir), env=scaled.env())  # fmt: skip
