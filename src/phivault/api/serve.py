@@ -211,46 +211,35 @@ async def _open_audit(
 ) -> AsyncIterator[_Audit]:
     """The embedded ledger; or (shape.ledger = jetstream) the audit stream to publish to and
     a refreshing view of the ledger the sequencer writes from it, in PostgreSQL."""
-    from phivault.ledger.service import open_ledger
-
-    if settings.shape.ledger is LedgerKind.LOCAL:
-        async with open_ledger(data_dir, settings.ledger) as ledger:
-            yield _Audit(ledger, ledger, ledger)
-        return
-    from phivault.ledger.note import NoteVerifier
-    from phivault.ledger.postgres_store import PostgresLedgerStore
-    from phivault.ledger.service import verifier_key_of
-    from phivault.ledger.stream import JetStreamAuditSink, connect_nats, ensure_audit_stream
-    from phivault.ledger.view import open_ledger_view
+    from phivault.ledger.sinks import open_shape_sink
 
     ledger_settings = settings.ledger
-    conninfo = ledger_settings.postgres_url
-    if conninfo is None:  # the settings refuse this; here for the type checker
-        raise ConfigurationError("shape.ledger = jetstream needs ledger.postgres_url")
     # Fail closed, fast: once the stream has failed a few times in a row, PHI interactions
     # answer 503 at once instead of each waiting out the publish timeout.
-    breaker = breakers.breaker(
-        "audit.stream",
-        failure_threshold=5,
-        reset_timeout_s=2.0,
-        call_timeout_s=ledger_settings.publish_timeout_s + 1.0,
-    )
-    client = await connect_nats(ledger_settings.nats_urls, name=f"phivault-api-{data_dir.node_id}")
-    sink = JetStreamAuditSink(
-        client,
-        stream=ledger_settings.stream,
-        publish_timeout_s=ledger_settings.publish_timeout_s,
-        breaker=breaker,
-        owns_client=True,
-    )
-    try:
-        # Idempotent: whoever starts first (a worker or the sequencer) creates the stream.
-        await ensure_audit_stream(
-            client.jetstream(),
-            name=ledger_settings.stream,
-            subject=sink.subject,
-            replicas=ledger_settings.stream_replicas,
+    breaker = (
+        None
+        if settings.shape.ledger is LedgerKind.LOCAL
+        else breakers.breaker(
+            "audit.stream",
+            failure_threshold=5,
+            reset_timeout_s=2.0,
+            call_timeout_s=ledger_settings.publish_timeout_s + 1.0,
         )
+    )
+    async with open_shape_sink(
+        settings, data_dir, client_name=f"phivault-api-{data_dir.node_id}", breaker=breaker
+    ) as shape:
+        if shape.embedded is not None:
+            yield _Audit(shape.embedded, shape.embedded, shape.embedded)
+            return
+        from phivault.ledger.note import NoteVerifier
+        from phivault.ledger.postgres_store import PostgresLedgerStore
+        from phivault.ledger.service import verifier_key_of
+        from phivault.ledger.view import open_ledger_view
+
+        conninfo = ledger_settings.postgres_url
+        if conninfo is None:  # the settings refuse this; here for the type checker
+            raise ConfigurationError("shape.ledger = jetstream needs ledger.postgres_url")
         async with open_ledger_view(
             lambda: PostgresLedgerStore(
                 conninfo, schema=ledger_settings.postgres_schema, writable=False
@@ -258,9 +247,7 @@ async def _open_audit(
             # checkpoints are checked against the sequencer's key, pinned in the data dir
             verifier=NoteVerifier.from_verifier_key(verifier_key_of(data_dir)),
         ) as view:
-            yield _Audit(sink, view, None)
-    finally:
-        await sink.aclose()
+            yield _Audit(shape.sink, view, None)
 
 
 @asynccontextmanager

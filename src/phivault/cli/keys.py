@@ -5,8 +5,11 @@ purposes, versions, states, providers, dates and the principals that may use eac
 Commands that need keys (``unseal``, ``rotate``) take the unseal shares from ``--shares-file``
 (one per line, ``-`` for standard input), from repeated ``--share``, from a hidden prompt,
 or, in a development data directory, from the dev unseal file (with a loud warning). With
-PKCS#11 the PIN comes from settings (``PHIVAULT_KEYS__PKCS11_PIN``). Every key operation is a
-ledger event; commands that write open the ledger and refuse while another process holds it.
+PKCS#11 the PIN comes from settings (``PHIVAULT_KEYS__PKCS11_PIN``). Every key operation is an
+audit event, recorded before the operation acts, where the shape records (``shape.ledger``):
+the data directory's ledger (embedded; commands that write refuse while another process holds
+it) or the audit stream the sequencer appends to the ledger (scaled). If it cannot take events
+the command fails closed (exit 3) and destroys or rotates nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from phivault.datadir import DataDir, default_data_dir
 from phivault.errors import PhivaultError
 from phivault.ledger.errors import LedgerUnavailable
 from phivault.ledger.events import AuditEvent
+from phivault.ledger.sinks import AuditPosition, position_of
 from phivault.settings import KeyProviderKind, load_settings
 
 __all__ = ["app"]
@@ -59,6 +63,8 @@ ElementStoreOption = Annotated[
 ]
 
 T = TypeVar("T")
+#: The exit code when the shape's audit ledger (or stream) refuses events: fail closed.
+AUDIT_UNAVAILABLE_EXIT = 3
 _OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,100}$")
 
 
@@ -115,7 +121,7 @@ async def _keyring(
     directory: DataDir, *, credentials: list[str] | None, unseal: bool, read_only: bool = False
 ) -> AsyncIterator[Any]:
     from phivault.crypto.custody import open_keyring
-    from phivault.ledger.service import open_ledger
+    from phivault.ledger.sinks import open_shape_sink
 
     settings = load_settings()
     if read_only:
@@ -125,11 +131,15 @@ async def _keyring(
             yield ring
         return
     async with (
-        open_ledger(directory, settings.ledger) as ledger,
+        # the shape's ledger: the local one, or the audit stream (never a local file nobody
+        # verifies while the sequencer's ledger is the one auditors read)
+        open_shape_sink(
+            settings, directory, client_name=f"phivault-keys-cli-{directory.node_id}"
+        ) as shape,
         open_keyring(
             directory,
             settings,
-            ledger,
+            shape.sink,
             credentials=credentials,
             unseal=unseal,
             operator=_operator(),
@@ -143,6 +153,14 @@ def _run(output: Output, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(work())
     except RetentionHold as exc:
         fail(output, str(exc), kind="retention-hold")
+    except LedgerUnavailable as exc:
+        # the key ring records before it acts: what it could not record, it did not do
+        fail(
+            output,
+            f"the audit ledger cannot take events ({exc}): nothing was done without its event",
+            kind="audit-unavailable",
+            code=AUDIT_UNAVAILABLE_EXIT,
+        )
     except Sealed as exc:
         fail(output, str(exc), kind="sealed")
     except CryptoError as exc:
@@ -393,13 +411,18 @@ def shred(
         if elements is not None:
             elements.close()
     record, propagation = outcome.record, outcome.propagation
+    # The shred record's number is what the shape's sink returned: a ledger index (embedded),
+    # or the audit stream's sequence (scaled: the sequencer assigns the index later).
+    position = position_of(load_settings())
+    in_ledger = position is AuditPosition.LEDGER_INDEX
     result = {
         "ok": True,
         "tenant": record.tenant,
         "patient": f"Patient/{record.patient}",
         "shredded": record.shredded.isoformat(timespec="seconds"),
         "keys_destroyed": list(record.keys_destroyed),
-        "ledger_index": record.ledger_index,
+        "ledger_index": record.ledger_index if in_ledger else None,
+        "audit_position": {"kind": position.value, "value": record.ledger_index},
         "propagation": propagation.to_json(),
     }
     if json_mode:
@@ -407,7 +430,12 @@ def shred(
     else:
         output.say(
             f"[bold red]shredded[/] Patient/{record.patient}: {len(record.keys_destroyed)} data "
-            f"key(s) destroyed; ledger entry {record.ledger_index}"
+            f"key(s) destroyed; "
+            + (
+                f"ledger entry {record.ledger_index}"
+                if in_ledger
+                else f"audit stream sequence {record.ledger_index}"
+            )
         )
         if outcome.pending:
             output.say(_pending_message(propagation))
