@@ -26,12 +26,12 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Final
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
+from limits.util import get_package_data
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -95,42 +95,29 @@ class _Counters:
         return max(1, math.ceil(stats.reset_time - time.time()))
 
 
-# The limits library's acquire_sliding_window.lua (version 5), for the address counter and
-# then the principal counter, stopping at the first refusal: 0 allowed, 1 or 2 the refused one.
-# All four keys go to one script, so they must live on one server: a single Redis (or one
-# behind Sentinel, as docs/deploy has it), not Redis Cluster, where the library's own calls
-# would still work (its hash tags keep each counter's two keys together, not the two counters).
-_ACQUIRE_BOTH: Final = """
-local function acquire(previous, current, limit, expiry)
-  if 1 > limit then return false end
-  local current_ttl = tonumber(redis.call('pttl', current))
-  if current_ttl > 0 and current_ttl < expiry then
-    redis.call('rename', current, previous)
-    redis.call('set', current, 0, 'PX', current_ttl + expiry)
-  end
-  local previous_count = tonumber(redis.call('get', previous)) or 0
-  local previous_ttl = tonumber(redis.call('pttl', previous)) or 0
-  local current_count = tonumber(redis.call('get', current)) or 0
-  current_ttl = tonumber(redis.call('pttl', current)) or 0
-  if previous_ttl <= 0 then previous_ttl = 0 end
-  if current_ttl <= 0 then current_ttl = 0 end
-  local weighted = math.floor(previous_count * previous_ttl / expiry) + current_count
-  if (weighted + 1) > limit then return false end
-  if redis.call('exists', current) == 1 then
-    redis.call('incrby', current, 1)
-  else
-    redis.call('set', current, 1, 'PX', expiry * 2)
-  end
-  return true
-end
-for i = 1, #KEYS / 2 do
-  if not acquire(KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[2 * i - 1]),
-                 tonumber(ARGV[2 * i]) * 1000) then
-    return i
-  end
-end
-return 0
-"""
+def _acquire_both_script() -> str:
+    """One Lua script that takes the address counter and then the principal counter,
+    stopping at the first refusal: it returns 0 when both allow, else 1 or 2 (the refusing
+    one).
+
+    Each counter is taken by the ``limits`` library's own sliding-window acquire script, read
+    from the installed package and wrapped as a Lua function, so the algorithm and the keys
+    stay exactly the library's (its limiter still computes ``Retry-After`` from the same
+    windows, and workers of an earlier version count in the same counters); only the loop
+    over the two counters is ours. All four keys go to one script, so they must live on one
+    server: a single Redis (or one behind Sentinel, as docs/deploy has it), not Redis Cluster.
+    """
+    library = get_package_data("resources/redis/lua_scripts/acquire_sliding_window.lua")
+    acquire = library.decode() if isinstance(library, bytes) else str(library)
+    return (
+        f"local function acquire(KEYS, ARGV)\n{acquire}\nend\n"
+        "for i = 1, #KEYS / 2 do\n"
+        "  local keys = {KEYS[2 * i - 1], KEYS[2 * i]}\n"
+        "  local args = {ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]}\n"
+        "  if not acquire(keys, args) then return i end\n"
+        "end\n"
+        "return 0\n"
+    )
 
 
 class _SharedCounters(_Counters):
@@ -150,7 +137,7 @@ class _SharedCounters(_Counters):
         principal: RateLimitItem,
     ) -> None:
         super().__init__(storage, address, principal)
-        self._script = client.register_script(_ACQUIRE_BOTH)
+        self._script = client.register_script(_acquire_both_script())
         self._prefix = prefix
 
     def _window(self, item: RateLimitItem, *ids: str) -> tuple[str, str]:
@@ -159,10 +146,10 @@ class _SharedCounters(_Counters):
 
     async def check(self, address: str, credential: str | None) -> Limited | None:
         keys = [*self._window(self._address, "address", address)]
-        args: list[int] = [self._address.amount, self._address.get_expiry()]
+        args: list[int] = [self._address.amount, self._address.get_expiry(), 1]
         if credential is not None:
             keys += self._window(self._principal, "principal", credential)
-            args += [self._principal.amount, self._principal.get_expiry()]
+            args += [self._principal.amount, self._principal.get_expiry(), 1]
         try:
             refused = int(await self._script(keys=keys, args=args))
             if refused == 1:
