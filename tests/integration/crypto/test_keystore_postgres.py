@@ -43,6 +43,7 @@ from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError, StoreUnavailable
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.settings import load_settings
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -450,10 +451,7 @@ async def test_tables_hold_wrapped_keys_only(
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return free_port()
 
 
 class _Proxy:
