@@ -35,7 +35,7 @@ def postgres() -> str:
 # session, so a module- or session-scoped fixture is built once per worker that runs a test
 # needing it. Tests that share such a fixture are put in one xdist group here, so that it is
 # built once per run (and its tests never race each other on it); the other tests are spread
-# one by one. The heavy tests are handed out first, so that no worker starts a long one last.
+# one by one. The longest are handed out first, so that no worker starts a long one last.
 
 _TESTS = Path(__file__).resolve().parent
 # Each of these runs alone on its worker, one test after another: fault tests start 3-node
@@ -67,9 +67,15 @@ def _shared_setup_keys(item: pytest.Item) -> set[str]:
     return keys
 
 
-def _heavy(item: pytest.Item) -> bool:
+def _weight(item: pytest.Item) -> int:
+    """The order in which work is handed out: the longest units first (the fault tests, one
+    group of several minutes), then e2e and slow tests, then the rest."""
     top = item.nodeid.split("/", 2)[1] if item.nodeid.startswith("tests/") else ""
-    return top in ("faults", "e2e") or item.get_closest_marker("slow") is not None
+    if top in _SERIAL_DIRS:
+        return 0
+    if top == "e2e" or item.get_closest_marker("slow") is not None:
+        return 1
+    return 2
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -93,4 +99,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         keys = shared[item.nodeid]
         if keys:
             item.add_marker(pytest.mark.xdist_group(root(keys[0])))
-    items.sort(key=lambda item: not _heavy(item))  # stable: collection order otherwise
+    items.sort(key=_weight)  # stable: collection order otherwise
