@@ -27,6 +27,7 @@ import pytest
 from psycopg import sql
 
 import phivault.crypto.keyring as keyring_module
+from cli_process_support import run_phivault
 from phivault.crypto._hazmat import SecretKey
 from phivault.crypto.custody import open_keyring
 from phivault.crypto.elements import ElementRef
@@ -611,14 +612,8 @@ def test_urls_and_refusals(postgres: str, schema: str) -> None:
 
 
 def _phivault(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phivault.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, **env},
-    )
+    # its own process, forked from one that imported phivault (tests/cli_process_support.py)
+    return run_phivault(list(args), env={**os.environ, **env})
 
 
 def test_phivault_init_makes_the_scaled_shape_keystore(
