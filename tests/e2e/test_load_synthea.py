@@ -73,7 +73,7 @@ def phivault_serving(data_dir: Path, *, env: dict[str, str], log: Path) -> Itera
             env=env,
         )
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120  # a loaded machine (live_server.phivault_serve)
             while True:
                 try:
                     httpx.get(f"{url}/healthz", timeout=1)
