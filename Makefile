@@ -29,8 +29,14 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null) \
 	  || echo "warning: could not install softhsm2; the PKCS#11 tests will be skipped"; }
 
+# The whole suite on TEST_WORKERS processes (pytest-xdist; README, "Testing"); tests that
+# share an expensive fixture, and the fault tests, run on one worker each (tests/conftest.py).
+# TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 3
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # The scaled shape's fault tests alone (they are part of `make test` too).
 test-faults: $(STAMP) system-deps

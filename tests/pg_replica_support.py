@@ -38,7 +38,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -53,6 +52,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy.engine import URL
 
+from ports_support import free_port
 from postgres_support import ADMIN_CONNINFO, require_postgres
 
 GROUP = "phivault_test_replicators"
@@ -86,9 +86,7 @@ def _wait(check: Callable[[], bool], timeout: float, what: str, interval: float 
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 def _alive(pid: int) -> bool:

@@ -7,7 +7,6 @@ identity provider, the ledger's events read back, and ``phivault ledger verify``
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import warnings
@@ -47,12 +46,6 @@ def init_dev_data_dir(path: Path) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"phivault init failed: {result.stderr}")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Tokens:

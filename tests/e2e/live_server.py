@@ -78,7 +78,9 @@ def phivault_serve(
         process = subprocess.Popen(
             [phivault, "serve", *args], stdout=log, stderr=subprocess.STDOUT, env=env
         )
-        deadline = time.monotonic() + 30
+        # Generous: on the loaded 2-core machine, with other tests running beside it, two
+        # scaled workers once took over 30 s to answer (a server that never starts still fails).
+        deadline = time.monotonic() + 120
         while True:
             try:
                 httpx.get(f"{url}/healthz", verify=verify, timeout=1)

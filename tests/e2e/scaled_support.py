@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,11 @@ from pathlib import Path
 import psycopg
 from live_server import phivault_serve
 
+from ports_support import free_port
 from postgres_support import require_postgres
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
 NATS_URL = "nats://127.0.0.1:4222"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

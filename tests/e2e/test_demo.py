@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from live_server import phivault_serve
 
 from phivault.initialize import initialize_data_dir
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -59,9 +59,7 @@ def test_demo_leaves_a_directory_it_did_not_make_alone(tmp_path: Path) -> None:
 def test_demo_leaves_a_served_data_directory_alone(tmp_path: Path) -> None:
     data_dir = tmp_path / "demo-data"
     initialize_data_dir(data_dir, dev=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with phivault_serve(
         ["--data-dir", str(data_dir), "--port", str(port)],
         url=f"http://127.0.0.1:{port}",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,18 +34,13 @@ from phivault.datadir import DataDir
 from phivault.identity.dev_provider import DEMO_USERS, DevIdentityProvider, DevProviderWarning
 from phivault.identity.principal import Role
 from phivault.settings import Settings
+from ports_support import free_port
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
 pytestmark = pytest.mark.integration
 
 MRN = "urn:oid:2.16.840.1.113883.19.5"
 NPI = "http://hl7.org/fhir/sid/us-npi"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -67,7 +61,7 @@ def phivault_serving(data_dir: Path, *, env: dict[str, str], log: Path) -> Itera
             env=env,
         )
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120  # a loaded machine (live_server.phivault_serve)
             while True:
                 try:
                     httpx.get(f"{url}/healthz", timeout=1)

@@ -49,7 +49,6 @@ import pytest
 from fhir_resilience_support import (
     PHIVAULT,
     Tokens,
-    free_port,
     init_dev_data_dir,
     ledger_events,
     open_intents,
@@ -62,6 +61,7 @@ from phivault.cli.load import LOADER_PURPOSE, LOADER_SCOPES
 from phivault.datadir import DataDir
 from phivault.ledger.service import Ledger
 from phivault.settings import Settings
+from ports_support import free_port
 
 pytestmark = [
     pytest.mark.integration,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from live_server import phivault_serve
 
 from phivault.datadir import DataDir
 from phivault.ledger.service import open_ledger_readonly
+from ports_support import free_port
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "synthea"
@@ -37,12 +37,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PHIVAULT, *args], capture_output=True, text=True, timeout=60, check=False
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def token(data_dir: Path, *args: str) -> dict[str, str]:

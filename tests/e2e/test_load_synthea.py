@@ -19,7 +19,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from phivault.datadir import DataDir
 from phivault.identity.dev_provider import DevIdentityProvider, DevProviderWarning
 from phivault.identity.principal import Role
 from phivault.settings import Settings
+from ports_support import free_port
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
 pytestmark = pytest.mark.integration
@@ -53,12 +53,6 @@ UNRESOLVED = re.compile(
 READERS = 8
 # _id values per search: the server takes at most 2,048 characters in one parameter.
 IDS_PER_SEARCH = 50
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -79,7 +73,7 @@ def phivault_serving(data_dir: Path, *, env: dict[str, str], log: Path) -> Itera
             env=env,
         )
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120  # a loaded machine (live_server.phivault_serve)
             while True:
                 try:
                     httpx.get(f"{url}/healthz", timeout=1)

@@ -24,6 +24,7 @@ from live_server import phivault_serve
 
 from phivault.datadir import DataDir
 from phivault.ledger.service import open_ledger_readonly
+from ports_support import free_port
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
 pytestmark = pytest.mark.integration
@@ -67,12 +68,6 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 
 def _trust(cert: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cert))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 from live_server import phivault_serve
-from test_serve import free_port, run_cli
+from test_serve import run_cli
+
+from ports_support import free_port
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
 pytestmark = pytest.mark.integration

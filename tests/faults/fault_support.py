@@ -31,7 +31,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -43,6 +42,8 @@ from typing import Any, Final
 
 import httpx
 import psycopg
+
+import ports_support
 
 __all__ = [
     "FaultTimeout",
@@ -67,25 +68,12 @@ class FaultTimeout(AssertionError):
 
 # --- small helpers ----------------------------------------------------------------------------
 
-_handed_out: set[int] = set()
-_ports_lock = threading.Lock()
-
 
 def free_port() -> int:
-    """A loopback TCP port free right now and never handed out before in this process.
-
-    The kernel picks it (bind to port 0); remembering what we handed out keeps two servers of
-    one test from getting the same port between our probe and their bind.
-    """
-    with _ports_lock:
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = int(sock.getsockname()[1])
-            if port not in _handed_out:
-                _handed_out.add(port)
-                return port
-    raise RuntimeError("no free loopback port found")
+    """A loopback TCP port free right now and never handed out before in this process, nor
+    by any other worker of the run (tests/ports_support.py): two servers of one test, or of
+    two tests running at once, never get the same port between our probe and their bind."""
+    return ports_support.free_port()
 
 
 def wait_until(

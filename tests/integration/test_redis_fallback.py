@@ -37,6 +37,7 @@ from phivault.identity.testing import DPoPKey, FakeIssuer
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.resilience import Breaker, Breakers
 from phivault.settings import ApiSettings, Settings, ShapeSettings
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 ISSUER = FakeIssuer("https://idp.fallback.test")
@@ -44,9 +45,7 @@ LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 @dataclass

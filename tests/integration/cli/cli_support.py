@@ -1,17 +1,12 @@
-"""Running the `phivault` command the way a user does, for the CLI tests."""
+"""Running the `phivault` command the way a user does, for the CLI tests (each command its
+own process: tests/cli_process_support.py)."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
+
+from cli_process_support import run_phivault
 
 
 def phivault(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phivault.cli.main", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_phivault(list(args), stdin=stdin)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from typing import Any
 
 import pytest
 from cli_support import phivault
+
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -71,9 +72,7 @@ def _respond(fake: FakeFhir, body: dict[str, Any]) -> tuple[int, dict[str, Any]]
 
 @pytest.fixture
 def fake() -> Iterator[FakeFhir]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     state = FakeFhir(url=f"http://127.0.0.1:{port}")
 
     class Handler(BaseHTTPRequestHandler):
@@ -264,9 +263,7 @@ def test_a_refused_token_stops_the_load_and_names_what_did_not_load(
 
 
 def test_an_unreachable_server(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # nothing listens there once closed
+    port = free_port()  # nothing listens there
     file = patient_bundle(tmp_path, "one.json")
     result = phivault("load", "--url", f"http://127.0.0.1:{port}", "--token", "t", str(file))
     assert result.returncode == 3

@@ -6,12 +6,12 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cli_process_support import run_phivault
 from phivault.crypto.custody import open_keyring
 from phivault.crypto.element_store import SqliteSealedElementStore
 from phivault.crypto.elements import ElementRef, key_version_of
@@ -23,15 +23,8 @@ pytestmark = pytest.mark.integration
 
 
 def phivault(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phivault.cli.main", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, **env},
-    )
+    # its own process, forked from one that imported phivault (tests/cli_process_support.py)
+    return run_phivault(list(args), stdin=stdin, env={**os.environ, **env})
 
 
 def _events(path: Path) -> list[dict[str, Any]]:

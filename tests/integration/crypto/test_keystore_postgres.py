@@ -27,6 +27,7 @@ import pytest
 from psycopg import sql
 
 import phivault.crypto.keyring as keyring_module
+from cli_process_support import run_phivault
 from phivault.crypto._hazmat import SecretKey
 from phivault.crypto.custody import open_keyring
 from phivault.crypto.elements import ElementRef
@@ -43,6 +44,7 @@ from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError, StoreUnavailable
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.settings import load_settings
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -450,10 +452,7 @@ async def test_tables_hold_wrapped_keys_only(
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return free_port()
 
 
 class _Proxy:
@@ -613,14 +612,8 @@ def test_urls_and_refusals(postgres: str, schema: str) -> None:
 
 
 def _phivault(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phivault.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, **env},
-    )
+    # its own process, forked from one that imported phivault (tests/cli_process_support.py)
+    return run_phivault(list(args), env={**os.environ, **env})
 
 
 def test_phivault_init_makes_the_scaled_shape_keystore(

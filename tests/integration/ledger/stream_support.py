@@ -2,7 +2,7 @@
 
 * ``audit_stream`` (``stream_fixture``): a JetStream stream with a unique name and subject on
   the test NATS server (``PHIVAULT_TEST_NATS``, default 127.0.0.1:4222), deleted afterwards.
-* ``signer`` (``signer_fixture``): the checkpoint signer of a test module's ledgers.
+* ``signer`` (``signer_fixture``): the checkpoint signer of a test's ledgers.
 * ``private_nats`` (``private_nats_fixture``): a nats-server of the test's own, to kill and
   restart.
 * ``seq_ledger`` (``seq_ledger_fixture``): a PostgreSQL ledger schema and application role
@@ -37,6 +37,7 @@ from phivault.ledger.postgres_store import PostgresLedgerStore
 from phivault.ledger.sequencer import create_cursor_table
 from phivault.ledger.stream import ensure_audit_stream
 from phivault.ledger.verify import Damaged, VerificationReport, verify_ledger
+from ports_support import free_port
 
 NATS_URL = os.environ.get("PHIVAULT_TEST_NATS", "nats://127.0.0.1:4222")
 ORIGIN = "phivault.test/sequencer"
@@ -79,8 +80,10 @@ def seq_ledger_fixture(pg: PgLedger) -> PgLedger:
     return pg
 
 
-@pytest.fixture(name="signer", scope="module")
+@pytest.fixture(name="signer")
 def signer_fixture() -> Ed25519NoteSigner:
+    # Per test (a key pair takes microseconds): a module-scoped one would tie the module's
+    # tests to one xdist worker (tests/conftest.py).
     return Ed25519NoteSigner.generate(ORIGIN)
 
 
@@ -173,9 +176,7 @@ class PrivateNats:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 @pytest.fixture(name="private_nats")

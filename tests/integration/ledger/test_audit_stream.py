@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import nats
@@ -35,14 +34,13 @@ from phivault.ledger.stream import (
 )
 from phivault.ledger.testing import sample_event
 from phivault.resilience import Breaker
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 async def _sink(stream: AuditStream, **options: float) -> JetStreamAuditSink:

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -63,6 +62,7 @@ from phivault.ledger.stream import (
     ensure_audit_stream,
 )
 from phivault.ledger.testing import sample_event
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -108,9 +108,7 @@ def _any_active(workers: list[Sequencer]) -> bool:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 def _request_ids(pg: PgLedger) -> list[str]:

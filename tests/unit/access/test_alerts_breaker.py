@@ -4,7 +4,6 @@ delivered once the receiver is back; a request never waits for it."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import httpx
@@ -12,6 +11,7 @@ import httpx
 from phivault.access.alerts import AlertFanout, WebhookAlertSink
 from phivault.access.breakglass import BreakGlassReason, GrantRecord
 from phivault.resilience import Breaker
+from ports_support import free_port
 
 T0 = 1_800_000_000.0
 RECORD = GrantRecord(
@@ -28,9 +28,7 @@ RECORD = GrantRecord(
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 def _breaker(**kwargs: float) -> Breaker:
