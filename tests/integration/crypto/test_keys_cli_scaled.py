@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +34,7 @@ from phivault.ledger.service import open_ledger
 from phivault.ledger.sinks import AuditPosition, open_shape_sink
 from phivault.ledger.stream import ENCODING_EVENT, ENCODING_HEADER
 from phivault.settings import Settings, load_settings
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -252,9 +252,7 @@ def test_shred_fails_closed_when_nats_is_unreachable(
 ) -> None:
     _seed(scaled, scaled.settings(monkeypatch), "p1")
     [dek] = _live_deks(scaled, "p1")
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        dead = f"nats://127.0.0.1:{sock.getsockname()[1]}"
+    dead = f"nats://127.0.0.1:{free_port()}"  # a port nobody listens on
     down = tmp_path / "down.toml"
     down.write_text(
         settings_text(
@@ -290,7 +288,8 @@ def test_a_stream_that_stops_taking_events_leaves_the_keys_alone(
             await _delete_streams(scaled.stream)
             await ring.shred_patient("default", "p1", reason="erasure-request")
 
-    with pytest.raises(LedgerUnavailable, match="did not answer"):
+    # "no responders" at once, or (on a loaded machine) no acknowledgement before the timeout
+    with pytest.raises(LedgerUnavailable, match=r"did not (answer|acknowledge)"):
         asyncio.run(shred())
     assert _live_deks(scaled, "p1") == [dek]
     store = PostgresKeyStore(STORE_URL, schema=scaled.keys_schema)

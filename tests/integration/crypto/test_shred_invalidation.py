@@ -36,6 +36,7 @@ from phivault.crypto.keystore_postgres import PostgresKeyStore
 from phivault.crypto.ports import KeyPurpose, KeyRecord
 from phivault.crypto.providers.sealed import SealedLocalProvider
 from phivault.ledger.testing import InMemoryAuditSink
+from ports_support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -313,9 +314,7 @@ class _OwnNats:
     """A nats-server of the test's own (loopback, free port), to stop and start again."""
 
     def __init__(self, store_dir: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.store_dir = store_dir
         self._proc: subprocess.Popen[bytes] | None = None
@@ -558,9 +557,7 @@ async def test_open_keyring_wires_the_broadcast_in_the_scaled_shape(
                 with pytest.raises(PatientShredded):
                     await ring.patient_cipher("acme", "p1")
         # NATS unreachable: a worker does not start; a tool still shreds, reported pending
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            dead = f"nats://127.0.0.1:{sock.getsockname()[1]}"
+        dead = f"nats://127.0.0.1:{free_port()}"  # nobody listens there
         unreachable = _scaled_settings(postgres, schema, dead)
         with pytest.raises(KeyUnavailable):
             async with open_keyring(hosts[0], unreachable, sink, credentials=shares, serving=True):
