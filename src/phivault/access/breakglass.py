@@ -70,6 +70,7 @@ __all__ = [
     "SelfReview",
     "Trail",
     "can_break_glass",
+    "justification_ref",
     "new_grant_id",
     "parse_reason",
     "review_status",
@@ -289,7 +290,9 @@ def _grant_entity(grant_id: str, *labels: str) -> Entity:
     )
 
 
-def _justification_ref(tenant: str, patient: str, grant_id: str, what: str) -> ElementRef:
+def justification_ref(tenant: str, patient: str, grant_id: str, what: str) -> ElementRef:
+    """The context a grant's sealed text (``reason`` or ``review-note``) is bound to: the
+    service seals under it, and DEK rotation (grant_store) must re-seal under the same."""
     return ElementRef(tenant, "Patient", patient, f"break-glass/{grant_id}/{what}")
 
 
@@ -390,7 +393,7 @@ class BreakGlassService:
             raise PatientNotFound("no such patient in this tenant")
         now = self._clock()
         cipher = await self._ciphers.patient_cipher(tenant, patient, create=True)
-        sealed = cipher.seal(_justification_ref(tenant, patient, grant_id, "reason"), text.encode())
+        sealed = cipher.seal(justification_ref(tenant, patient, grant_id, "reason"), text.encode())
         record = GrantRecord(
             tenant=tenant,
             grant_id=grant_id,
@@ -547,7 +550,7 @@ class BreakGlassService:
             text = _clean_text(note, "note")
             cipher = await self._ciphers.patient_cipher(tenant, record.patient, create=True)
             sealed_note = cipher.seal(
-                _justification_ref(tenant, record.patient, grant_id, "review-note"),
+                justification_ref(tenant, record.patient, grant_id, "review-note"),
                 text.encode(),
             )
         await trail.record(
@@ -604,10 +607,10 @@ class BreakGlassService:
         try:
             cipher = await self._ciphers.patient_cipher(record.tenant, record.patient)
             if record.justification is not None:
-                ref = _justification_ref(record.tenant, record.patient, record.grant_id, "reason")
+                ref = justification_ref(record.tenant, record.patient, record.grant_id, "reason")
                 justification = cipher.open(ref, record.justification).decode()
             if record.review_note is not None:
-                ref = _justification_ref(
+                ref = justification_ref(
                     record.tenant, record.patient, record.grant_id, "review-note"
                 )
                 note = cipher.open(ref, record.review_note).decode()

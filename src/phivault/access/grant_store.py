@@ -47,7 +47,7 @@ from phivault.access.breakglass import (
     BreakGlassReason,
     GrantRecord,
     ReviewOutcome,
-    _justification_ref,  # the context the service seals under: re-sealing must bind the same
+    justification_ref,
 )
 from phivault.crypto.blind_index import BlindToken
 from phivault.crypto.ports import SealedElement
@@ -334,7 +334,7 @@ class SqlGrantElements(_OnEngine):
                 found.append(
                     SealedElement(
                         position=position,
-                        ref=_justification_ref(tenant, row.patient, row.grant_id, what),
+                        ref=justification_ref(tenant, row.patient, row.grant_id, what),
                         patient=row.patient,
                         ciphertext=bytes(value),
                     )
