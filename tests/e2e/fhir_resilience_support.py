@@ -11,7 +11,6 @@ import subprocess
 import sys
 import warnings
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,10 @@ from phivault.datadir import DataDir
 from phivault.identity.dev_provider import DevIdentityProvider, DevProviderWarning
 from phivault.identity.principal import Role
 from phivault.identity.scopes import parse_scopes
-from phivault.ledger.events import Action, Agent, AuditEvent, Entity, EventKind, Outcome, Source
 from phivault.ledger.ports import AuditSink
 from phivault.ledger.service import open_ledger_readonly
 from phivault.records.repository import Caller
+from phivault.records.testing import FixedCallerTrail
 from phivault.settings import Settings
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
@@ -136,44 +135,13 @@ def verify_ledger(data_dir: Path) -> subprocess.CompletedProcess[str]:
     return run_cli("ledger", "verify", "--thorough", "--data-dir", str(data_dir))
 
 
-class LedgerTrail:
+def ledger_trail(
+    sink: AuditSink, who: str, request_id: str, purposes: tuple[str, ...]
+) -> FixedCallerTrail:
     """An audit trail as the front door builds one (who, request id), over any sink."""
-
-    def __init__(self, sink: AuditSink, who: str, request_id: str, purposes: tuple[str, ...]):
-        self.sink, self.who, self.request_id, self.purposes = sink, who, request_id, purposes
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            kind=kind,
-            subtype=subtype,
-            action=action,
-            recorded=datetime.now(UTC),
-            outcome=outcome,
-            outcome_reason=outcome_reason,
-            tenant="default",
-            patient=patient,
-            agents=(Agent(who=self.who),),
-            source=Source(observer="resilience-test"),
-            entities=entities,
-            purpose_of_use=purpose_of_use or self.purposes,
-            request_id=self.request_id,
-            break_glass_grant=break_glass_grant,
-        )
-
-    async def record(self, event: AuditEvent) -> int:
-        return await self.sink.record(event)
+    return FixedCallerTrail(
+        sink, who, observer="resilience-test", request_id=request_id, purposes=purposes
+    )
 
 
 def service_caller(
@@ -188,4 +156,4 @@ def service_caller(
         scopes=parse_scopes(scopes)[0],
         purposes=(purpose,),
     )
-    return Caller(access, LedgerTrail(sink, access.subject, request_id, (purpose,)))
+    return Caller(access, ledger_trail(sink, access.subject, request_id, (purpose,)))

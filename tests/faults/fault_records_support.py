@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +36,16 @@ from phivault.datadir import DataDir
 from phivault.errors import StoreUnavailable
 from phivault.identity.principal import Role
 from phivault.identity.scopes import parse_scopes
-from phivault.ledger.events import (
-    Action,
-    Agent,
-    AuditEvent,
-    Entity,
-    EventKind,
-    Outcome,
-    Source,
-)
 from phivault.ledger.file_store import FileLedgerStore
 from phivault.ledger.note import NoteVerifier
 from phivault.ledger.service import Ledger, initialize_ledger, open_ledger, signer_path
 from phivault.ledger.verify import VerificationReport, verify_ledger
 from phivault.records.repository import Caller, RecordsRepository, http_status
 from phivault.records.store import ResourceKey, SqlRecordStore
+from phivault.records.testing import FixedCallerTrail
 
 __all__ = [
     "TENANT",
-    "FaultTrail",
     "RecordsKit",
     "Tally",
     "check_records_afterwards",
@@ -70,47 +60,9 @@ TENANT = "t1"
 _WRITER_SCOPES = "system/Patient.cu"
 
 
-@dataclass
-class FaultTrail:
+def fault_trail(sink: Any, who: str, request_id: str) -> FixedCallerTrail:
     """The audit trail of one request (its own request id), over any sink."""
-
-    sink: Any
-    who: str
-    request_id: str
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            kind=kind,
-            subtype=subtype,
-            action=action,
-            recorded=datetime.now(UTC),
-            outcome=outcome,
-            outcome_reason=outcome_reason,
-            tenant=TENANT,
-            patient=patient,
-            agents=(Agent(who=self.who),),
-            source=Source(observer="fault-test"),
-            entities=entities,
-            purpose_of_use=purpose_of_use or (),
-            request_id=self.request_id,
-            break_glass_grant=break_glass_grant,
-        )
-
-    async def record(self, event: AuditEvent) -> int:
-        index: int = await self.sink.record(event)
-        return index
+    return FixedCallerTrail(sink, who, tenant=TENANT, observer="fault-test", request_id=request_id)
 
 
 _request_numbers = itertools.count()
@@ -128,7 +80,7 @@ def _caller(sink: Any, who: str, role: Role, scopes: str, **access: Any) -> Call
         scopes=parse_scopes(scopes)[0],
         **access,
     )
-    return Caller(context, FaultTrail(sink, who, _request_id(who)))
+    return Caller(context, fault_trail(sink, who, _request_id(who)))
 
 
 def writer_caller(sink: Any) -> Caller:
@@ -150,7 +102,7 @@ def patient_caller(sink: Any, patient_id: str) -> Caller:
 
 def request_id_of(caller: Caller) -> str:
     trail = caller.audit
-    assert isinstance(trail, FaultTrail)
+    assert isinstance(trail, FixedCallerTrail) and trail.request_id is not None
     return trail.request_id
 
 

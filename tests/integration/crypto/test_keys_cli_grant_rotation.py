@@ -22,12 +22,12 @@ from phivault.crypto.custody import open_keyring
 from phivault.crypto.elements import key_version_of
 from phivault.datadir import DataDir
 from phivault.identity.principal import Role
-from phivault.ledger.events import Action, Agent, AuditEvent, Entity, EventKind, Outcome, Source
 from phivault.ledger.service import open_ledger
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.records.classification import ElementGroup
 from phivault.records.split import Envelope, group_element_ref
 from phivault.records.store import NewVersion, ResourceKey, SqlRecordStore
+from phivault.records.testing import FixedCallerTrail
 from phivault.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -48,35 +48,11 @@ def phivault(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-class Trail:
-    def __init__(self, who: str) -> None:
-        self.who = who
-        self.sink = InMemoryAuditSink()
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            kind=kind, subtype=subtype, action=action,
-            recorded=datetime.fromtimestamp(T0, UTC), outcome=outcome,
-            outcome_reason=outcome_reason, tenant="default", patient=patient,
-            agents=(Agent(who=self.who),), source=Source(observer="cli-test"),
-            entities=entities, purpose_of_use=purpose_of_use or (),
-            break_glass_grant=break_glass_grant,
-        )  # fmt: skip
-
-    async def record(self, event: AuditEvent) -> int:
-        return await self.sink.record(event)
+def trail(who: str) -> FixedCallerTrail:
+    return FixedCallerTrail(
+        InMemoryAuditSink(), who, observer="cli-test",
+        clock=lambda: datetime.fromtimestamp(T0, UTC),
+    )  # fmt: skip
 
 
 def test_dek_rotation_from_the_cli_keeps_grant_texts_readable(tmp_path: Path) -> None:
@@ -115,16 +91,16 @@ def test_dek_rotation_from_the_cli_keeps_grant_texts_readable(tmp_path: Path) ->
                         )  # fmt: skip
                         uow.commit()
                     grant = await service.request(
-                        Trail("dr-er"), tenant="default", subject="dr-er",
+                        trail("dr-er"), tenant="default", subject="dr-er",
                         roles=frozenset({Role.CLINICIAN}), patient="p1",
                         reason=BreakGlassReason.EMERGENCY_TREATMENT, justification=REASON,
                     )  # fmt: skip
                     await service.review(
-                        Trail("po-1"), tenant="default", grant_id=grant.grant_id, by="po-1",
+                        trail("po-1"), tenant="default", grant_id=grant.grant_id, by="po-1",
                         outcome=ReviewOutcome.APPROPRIATE, note=NOTE,
                     )  # fmt: skip
                     return None, None, False, grant.grant_id
-                view = await service.detail(Trail("po-1"), tenant="default", grant_id=work)
+                view = await service.detail(trail("po-1"), tenant="default", grant_id=work)
                 return view.justification, view.review_note, view.unreadable, work
         finally:
             store.close()

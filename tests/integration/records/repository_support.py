@@ -19,10 +19,10 @@ from phivault.crypto.keystore import SqliteKeyStore
 from phivault.crypto.providers.sealed import SealedLocalProvider
 from phivault.identity.principal import Role
 from phivault.identity.scopes import parse_scopes
-from phivault.ledger.events import Action, Agent, AuditEvent, Entity, EventKind, Outcome, Source
 from phivault.ledger.ports import AuditSink
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.records.repository import Caller, RecordControls, RecordsRepository
+from phivault.records.testing import FixedCallerTrail
 
 TENANT = "t1"
 LOADER_SCOPES = (
@@ -39,47 +39,12 @@ class Clock:
         return self.t
 
 
-@dataclass
-class Trail:
+def trail(sink: AuditSink, who: str, tenant: str = TENANT) -> FixedCallerTrail:
     """An audit trail as the front door builds one (who/where filled in), over any sink."""
-
-    sink: AuditSink
-    who: str
-    tenant: str = TENANT
-    request_id: str = "req-1"
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            kind=kind,
-            subtype=subtype,
-            action=action,
-            recorded=datetime(2027, 1, 15, 8, 0, tzinfo=UTC),
-            outcome=outcome,
-            outcome_reason=outcome_reason,
-            tenant=self.tenant,
-            patient=patient,
-            agents=(Agent(who=self.who),),
-            source=Source(observer="repository-test"),
-            entities=entities,
-            purpose_of_use=purpose_of_use or (),
-            request_id=self.request_id,
-            break_glass_grant=break_glass_grant,
-        )
-
-    async def record(self, event: AuditEvent) -> int:
-        return await self.sink.record(event)
+    return FixedCallerTrail(
+        sink, who, tenant=tenant, observer="repository-test", request_id="req-1",
+        clock=lambda: datetime(2027, 1, 15, 8, 0, tzinfo=UTC),
+    )  # fmt: skip
 
 
 def caller(
@@ -107,7 +72,7 @@ def caller(
             else None
         ),
     )
-    return Caller(access, Trail(sink, who, tenant))
+    return Caller(access, trail(sink, who, tenant))
 
 
 def loader(sink: AuditSink) -> Caller:

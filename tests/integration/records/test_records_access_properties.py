@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from records_store_support import StoreFactory
-from repository_support import TENANT, Trail, loader, open_kit
+from repository_support import TENANT, loader, open_kit, trail
 
 from phivault.access.decision import (
     AccessContext,
@@ -230,7 +230,7 @@ def test_what_comes_back_is_exactly_what_the_decision_allows(
 ) -> None:
     ctx = _context(world, drawn)
     sink = InMemoryAuditSink()
-    caller = Caller(ctx, Trail(sink, "u-1"))
+    caller = Caller(ctx, trail(sink, "u-1"))
     run = world.loop.run_until_complete
     expected = _expected(world, ctx, resource_type, Interaction.SEARCH)
     query = parse_search(resource_type, "_total=accurate&_count=100")

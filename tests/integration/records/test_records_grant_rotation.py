@@ -30,12 +30,12 @@ from phivault.crypto.keystore import SqliteKeyStore
 from phivault.crypto.ports import KeyPurpose, KeyState, SealedElement, SealedElementStore
 from phivault.crypto.providers.sealed import SealedLocalProvider
 from phivault.identity.principal import Role
-from phivault.ledger.events import Action, Agent, AuditEvent, Entity, EventKind, Outcome, Source
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.records.classification import ElementGroup
 from phivault.records.split import Envelope, group_element_ref
 from phivault.records.store import NewVersion, ResourceKey, SqlRecordStore
 from phivault.records.store.schema import upgrade
+from phivault.records.testing import FixedCallerTrail
 
 TENANT = "t1"
 T0 = 1_800_000_000.0
@@ -43,44 +43,12 @@ REASON = "Zebulon Quackenbush, found unconscious in the car park"
 NOTE = "Appropriate: the patient was unresponsive and alone"
 
 
-class Trail:
+def trail(sink: InMemoryAuditSink, who: str) -> FixedCallerTrail:
     """Builds events as the API's AuditContext does, for one fixed user."""
-
-    def __init__(self, sink: InMemoryAuditSink, who: str) -> None:
-        self.sink = sink
-        self.who = who
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            kind=kind,
-            subtype=subtype,
-            action=action,
-            recorded=datetime.fromtimestamp(T0, UTC),
-            outcome=outcome,
-            outcome_reason=outcome_reason,
-            tenant=TENANT,
-            patient=patient,
-            agents=(Agent(who=self.who),),
-            source=Source(observer="grant-rotation-test"),
-            entities=entities,
-            purpose_of_use=purpose_of_use or (),
-            break_glass_grant=break_glass_grant,
-        )
-
-    async def record(self, event: AuditEvent) -> int:
-        return await self.sink.record(event)
+    return FixedCallerTrail(
+        sink, who, tenant=TENANT, observer="grant-rotation-test",
+        clock=lambda: datetime.fromtimestamp(T0, UTC),
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -127,7 +95,7 @@ async def add_patient(store: SqlRecordStore, ring: KeyRing, patient: str) -> Non
 async def reviewed_grant(service: BreakGlassService, patient: str) -> GrantRecord:
     sink = InMemoryAuditSink()
     record = await service.request(
-        Trail(sink, "dr-er"),
+        trail(sink, "dr-er"),
         tenant=TENANT,
         subject="dr-er",
         roles=frozenset({Role.CLINICIAN}),
@@ -136,7 +104,7 @@ async def reviewed_grant(service: BreakGlassService, patient: str) -> GrantRecor
         justification=REASON,
     )
     await service.review(
-        Trail(sink, "po-1"),
+        trail(sink, "po-1"),
         tenant=TENANT,
         grant_id=record.grant_id,
         by="po-1",
@@ -148,7 +116,7 @@ async def reviewed_grant(service: BreakGlassService, patient: str) -> GrantRecor
 
 async def opened(service: BreakGlassService, grant_id: str) -> tuple[str | None, str | None]:
     view = await service.detail(
-        Trail(InMemoryAuditSink(), "po-1"), tenant=TENANT, grant_id=grant_id
+        trail(InMemoryAuditSink(), "po-1"), tenant=TENANT, grant_id=grant_id
     )
     assert not view.unreadable
     return view.justification, view.review_note
@@ -301,7 +269,7 @@ async def test_shredding_still_makes_the_texts_unreadable(
     await ring.rotate_deks(TENANT, [store.sealed_elements(), SqlGrantElements(store.engine)])
     await ring.shred_patient(TENANT, "p1", reason="erasure", elements=store.sealed_elements())
     view = await service.detail(
-        Trail(InMemoryAuditSink(), "po-1"), tenant=TENANT, grant_id=record.grant_id
+        trail(InMemoryAuditSink(), "po-1"), tenant=TENANT, grant_id=record.grant_id
     )
     assert view.unreadable and view.justification is None and view.review_note is None
     # and a later rotation passes over the shredded patient's texts without failing

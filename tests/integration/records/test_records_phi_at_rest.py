@@ -49,7 +49,6 @@ import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,6 @@ from phivault.crypto.keystore import SqliteKeyStore
 from phivault.crypto.providers.sealed import SealedLocalProvider
 from phivault.identity.principal import Role
 from phivault.identity.scopes import parse_scopes
-from phivault.ledger.events import Action, Agent, AuditEvent, Entity, EventKind, Outcome, Source
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.records.classification import (
     ENVELOPE_ELEMENTS,
@@ -76,6 +74,7 @@ from phivault.records.classification import (
 )
 from phivault.records.repository import Caller, RecordsRepository
 from phivault.records.store import SqlRecordStore
+from phivault.records.testing import FixedCallerTrail
 from postgres_support import ADMIN_CONNINFO
 
 TENANT = "t-at-rest"
@@ -107,44 +106,12 @@ _HEX = re.compile(rb"[0-9a-f]*")
 # --- the caller --------------------------------------------------------------------------
 
 
-@dataclass
-class _Trail:
+def _trail(sink: InMemoryAuditSink) -> FixedCallerTrail:
     """The audit trail the front door would build for a loader, over an in-memory sink."""
-
-    sink: InMemoryAuditSink
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            kind=kind,
-            subtype=subtype,
-            action=action,
-            recorded=datetime.now(UTC),
-            outcome=outcome,
-            outcome_reason=outcome_reason,
-            tenant=TENANT,
-            patient=patient,
-            agents=(Agent(who="loader"),),
-            source=Source(observer="phi-at-rest-test"),
-            entities=entities,
-            purpose_of_use=purpose_of_use or ("HOPERAT",),
-            request_id="req-at-rest",
-            break_glass_grant=break_glass_grant,
-        )
-
-    async def record(self, event: AuditEvent) -> int:
-        return await self.sink.record(event)
+    return FixedCallerTrail(
+        sink, "loader", tenant=TENANT, observer="phi-at-rest-test", request_id="req-at-rest",
+        purposes=("HOPERAT",),
+    )  # fmt: skip
 
 
 def _loader(sink: InMemoryAuditSink) -> Caller:
@@ -155,7 +122,7 @@ def _loader(sink: InMemoryAuditSink) -> Caller:
         scopes=parse_scopes(LOADER_SCOPES)[0],
         purposes=("HOPERAT",),
     )
-    return Caller(access, _Trail(sink))
+    return Caller(access, _trail(sink))
 
 
 @pytest.fixture

@@ -34,17 +34,12 @@ from phivault.crypto.elements import PatientCipher
 from phivault.errors import InvalidInput
 from phivault.identity.principal import Role
 from phivault.ledger.events import (
-    Action,
-    Agent,
-    AuditEvent,
-    Entity,
     EventKind,
-    Outcome,
-    Source,
 )
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.records.store import NewVersion, ResourceKey, SqlRecordStore
 from phivault.records.store.schema import HEAD_REVISION, VERSION_TABLE, metadata
+from phivault.records.testing import FixedCallerTrail
 
 T0 = 1_800_000_000.0
 SECRET = "Zebulon Quackenbush, found unconscious"
@@ -71,45 +66,12 @@ class Ciphers:
         return PatientCipher(tenant, patient, {1: key}, 1)
 
 
-class Trail:
+def _trail(sink: InMemoryAuditSink, clock: Clock, who: str = "dr-er") -> FixedCallerTrail:
     """Builds events as the API's AuditContext does, for one fixed user."""
-
-    def __init__(self, sink: InMemoryAuditSink, clock: Clock, who: str = "dr-er") -> None:
-        self.sink = sink
-        self.clock = clock
-        self.who = who
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent:
-        return AuditEvent(
-            kind=kind,
-            subtype=subtype,
-            action=action,
-            recorded=datetime.fromtimestamp(self.clock(), UTC),
-            outcome=outcome,
-            outcome_reason=outcome_reason,
-            tenant="t1",
-            patient=patient,
-            agents=(Agent(who=self.who),),
-            source=Source(observer="unit"),
-            entities=entities,
-            purpose_of_use=purpose_of_use or (),
-            break_glass_grant=break_glass_grant,
-        )
-
-    async def record(self, event: AuditEvent) -> int:
-        return await self.sink.record(event)
+    return FixedCallerTrail(
+        sink, who, tenant="t1", observer="unit",
+        clock=lambda: datetime.fromtimestamp(clock(), UTC),
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -164,7 +126,7 @@ def service(store: SqlRecordStore, clock: Clock) -> BreakGlassService:
 
 
 async def _grant(
-    service: BreakGlassService, trail: Trail, patient: str = "p1", subject: str = "dr-er"
+    service: BreakGlassService, trail: FixedCallerTrail, patient: str = "p1", subject: str = "dr-er"
 ) -> GrantRecord:
     return await service.request(
         trail,
@@ -209,7 +171,7 @@ def test_only_break_glass_roles_and_the_closed_vocabulary() -> None:
 async def test_a_grant_is_recorded_before_it_is_stored_and_its_text_is_sealed(
     service: BreakGlassService, store: SqlRecordStore, sink: InMemoryAuditSink, clock: Clock
 ) -> None:
-    trail = Trail(sink, clock)
+    trail = _trail(sink, clock)
     record = await _grant(service, trail)
     assert record.expires_at == T0 + 3600
     [event] = sink.events
@@ -231,7 +193,7 @@ async def test_a_refused_ledger_leaves_no_grant(
 ) -> None:
     sink.failing = True
     with pytest.raises(Exception, match="simulated"):
-        await _grant(service, Trail(sink, clock))
+        await _grant(service, _trail(sink, clock))
     sink.failing = False
     assert await service.active_grants("t1", "dr-er") == ()
 
@@ -239,7 +201,7 @@ async def test_a_refused_ledger_leaves_no_grant(
 async def test_active_grants_follow_the_server_clock(
     service: BreakGlassService, sink: InMemoryAuditSink, clock: Clock
 ) -> None:
-    trail = Trail(sink, clock)
+    trail = _trail(sink, clock)
     record = await _grant(service, trail)
     await _grant(service, trail, subject="dr-other")
     [grant] = await service.active_grants("t1", "dr-er")
@@ -258,11 +220,11 @@ async def test_unknown_or_deleted_patients_get_no_grant(
 ) -> None:
     for patient in ("p9", "p3"):
         with pytest.raises(PatientNotFound):
-            await _grant(service, Trail(sink, clock), patient=patient)
+            await _grant(service, _trail(sink, clock), patient=patient)
     assert [e.outcome_reason for e in sink.events] == ["patient-not-found"] * 2
     with pytest.raises(InvalidInput):
         await service.request(
-            Trail(sink, clock),
+            _trail(sink, clock),
             tenant="t1",
             subject="dr-er",
             roles=frozenset({Role.CLINICIAN}),
@@ -275,23 +237,23 @@ async def test_unknown_or_deleted_patients_get_no_grant(
 async def test_revocation_is_the_grantees_or_a_reviewers_and_happens_once(
     service: BreakGlassService, sink: InMemoryAuditSink, clock: Clock
 ) -> None:
-    record = await _grant(service, Trail(sink, clock))
+    record = await _grant(service, _trail(sink, clock))
     with pytest.raises(GrantNotFound):
-        await service.revoke(Trail(sink, clock), tenant="t1", grant_id=record.grant_id, by="x")
+        await service.revoke(_trail(sink, clock), tenant="t1", grant_id=record.grant_id, by="x")
     with pytest.raises(GrantNotFound):
         await service.revoke(
-            Trail(sink, clock), tenant="t1", grant_id=record.grant_id, by="dr-er", patient="p2"
+            _trail(sink, clock), tenant="t1", grant_id=record.grant_id, by="dr-er", patient="p2"
         )
     clock.t += 60
     revoked = await service.revoke(
-        Trail(sink, clock), tenant="t1", grant_id=record.grant_id, by="dr-er"
+        _trail(sink, clock), tenant="t1", grant_id=record.grant_id, by="dr-er"
     )
     assert revoked.revoked_at == T0 + 60
     [grant] = await service.active_grants("t1", "dr-er")
     assert grant.revoked and not grant.active(clock())
     with pytest.raises(GrantConflict):
         await service.revoke(
-            Trail(sink, clock, "po"),
+            _trail(sink, clock, "po"),
             tenant="t1",
             grant_id=record.grant_id,
             by="po",
@@ -303,10 +265,10 @@ async def test_revocation_is_the_grantees_or_a_reviewers_and_happens_once(
 async def test_queue_overdue_review_once_and_tenant_isolation(
     service: BreakGlassService, sink: InMemoryAuditSink, clock: Clock
 ) -> None:
-    old = await _grant(service, Trail(sink, clock))
+    old = await _grant(service, _trail(sink, clock))
     clock.t += 25 * 3600
-    new = await _grant(service, Trail(sink, clock), patient="p2")
-    po = Trail(sink, clock, "po")
+    new = await _grant(service, _trail(sink, clock), patient="p2")
+    po = _trail(sink, clock, "po")
     queue = await service.queue(po, tenant="t1", status="unreviewed")
     assert [(v.record.grant_id, v.status) for v in queue] == [
         (new.grant_id, ReviewStatus.UNREVIEWED),
@@ -344,19 +306,19 @@ async def test_a_justification_that_no_longer_opens_is_reported_not_raised(
     service = BreakGlassService(
         SqlGrantStore(store.engine), ciphers, compile_policy(default_policy()), clock=clock
     )
-    record = await _grant(service, Trail(sink, clock))
+    record = await _grant(service, _trail(sink, clock))
     ciphers._keys.clear()  # another data key now: as after a retirement or a shred
-    view = await service.detail(Trail(sink, clock, "po"), tenant="t1", grant_id=record.grant_id)
+    view = await service.detail(_trail(sink, clock, "po"), tenant="t1", grant_id=record.grant_id)
     assert view.unreadable and view.justification is None
 
 
 async def test_nobody_reviews_their_own_grant(
     service: BreakGlassService, sink: InMemoryAuditSink, clock: Clock
 ) -> None:
-    record = await _grant(service, Trail(sink, clock))
+    record = await _grant(service, _trail(sink, clock))
     with pytest.raises(SelfReview):
         await service.review(
-            Trail(sink, clock),
+            _trail(sink, clock),
             tenant="t1",
             grant_id=record.grant_id,
             by="dr-er",
@@ -373,7 +335,7 @@ async def test_a_role_without_break_glass_is_refused_and_recorded(
 ) -> None:
     with pytest.raises(NotPermitted):
         await service.request(
-            Trail(sink, clock, "nurse-1"),
+            _trail(sink, clock, "nurse-1"),
             tenant="t1",
             subject="nurse-1",
             roles=frozenset({Role.NURSE}),
