@@ -97,6 +97,10 @@ class LedgerSettings(_Section):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # How long a worker waits for the stream's acknowledgement before answering 503.
     publish_timeout_s: float = Field(default=2.0, gt=0, le=30)
+    # How long a publish keeps trying, instead, while the stream exists and NATS is reachable
+    # but the stream has no leader: JetStream elects a new one 4 to 9 s after its leader's
+    # node dies (Raft election timeout), and losing one node must fail no request.
+    leader_election_wait_s: float = Field(default=10.0, ge=0, le=60)
 
 
 class TrustedIssuer(_Section):

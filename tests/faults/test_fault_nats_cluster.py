@@ -7,10 +7,12 @@ audit stream has 3 file-storage replicas, as in production. Several tasks publis
 
 * One node SIGKILLed (one that does not lead the stream): no publish fails.
 * The node that leads the stream SIGKILLed: JetStream elects a new leader only after its Raft
-  election timeout (4 to 9 s in nats-server 2.9), longer than the default publish timeout
-  (2 s). The sink fails closed meanwhile (LedgerUnavailable only, each within its timeout)
-  and publishes again by itself once a leader is elected; meanwhile each publish keeps trying
-  for its whole timeout (NATS answers "no responders" at once while there is no leader).
+  election timeout (4 to 9 s in nats-server 2.9), longer than the publish timeout (2 s). With
+  the production settings no publish fails: while NATS is connected and the stream exists, a
+  publish waits for the new leader (``ledger.leader_election_wait_s``, 10 s). With that wait
+  switched off the sink fails closed meanwhile (LedgerUnavailable only, each after trying for
+  its whole timeout: NATS answers "no responders" at once while there is no leader) and
+  publishes again by itself once a leader is elected.
 * All nodes SIGKILLed: every publish started afterwards raises LedgerUnavailable (fail
   closed), each within the publish timeout (plus scheduling slack), none succeeds; all started
   again: the same sink object publishes again by itself.
@@ -46,27 +48,33 @@ pytestmark = pytest.mark.faults
 FAULT_TIMEOUT_S = 90
 
 PUBLISH_TIMEOUT_S = LedgerSettings().publish_timeout_s  # what production runs with
+LEADER_WAIT_S = LedgerSettings().leader_election_wait_s
 ELECTION_MAX_S = 9.0  # nats-server 2.9's longest Raft election timeout
 SLACK_S = 0.75  # event-loop scheduling on a busy 2-core machine
 
 
 @asynccontextmanager
 async def loaded(
-    cluster: NatsCluster, name: str, timeouts: dict[str, float]
+    cluster: NatsCluster, name: str, leader_waits: dict[str, float]
 ) -> AsyncIterator[tuple[JetStreamContext, dict[str, PublishTally]]]:
-    """The stream (3 replicas) and one publishing sink per entry of ``timeouts``; afterwards
-    every acknowledged event is checked in the stream, exactly once."""
+    """The stream (3 replicas) and one publishing sink per entry of ``leader_waits`` (its
+    ``leader_election_wait_s``; the production publish timeout); afterwards every
+    acknowledged event is checked in the stream, exactly once."""
     admin = await admin_client(cluster.urls)
     js = admin.jetstream(timeout=5)
-    tallies = {label: PublishTally() for label in timeouts}
+    tallies = {label: PublishTally() for label in leader_waits}
     stop = asyncio.Event()
     sinks: list[JetStreamAuditSink] = []
     loads: list[asyncio.Future[None]] = []
     try:
         await create_stream(js, name, replicas=3)
-        for label, timeout in timeouts.items():
+        for label, leader_wait in leader_waits.items():
             sink = await JetStreamAuditSink.connect(
-                cluster.urls, name=f"fault-{label}", stream=name, publish_timeout_s=timeout
+                cluster.urls,
+                name=f"fault-{label}",
+                stream=name,
+                publish_timeout_s=PUBLISH_TIMEOUT_S,
+                leader_election_wait_s=leader_wait,
             )
             sinks.append(sink)
             loads.append(asyncio.ensure_future(publish_load(sink, tallies[label], stop)))
@@ -108,7 +116,7 @@ async def test_audit_stream_survives_a_node_fails_closed_without_all_and_resumes
 ) -> None:
     cluster = harness.nats(3)
     name = stream_name()
-    async with loaded(cluster, name, {"worker": PUBLISH_TIMEOUT_S}) as (js, tallies):
+    async with loaded(cluster, name, {"worker": LEADER_WAIT_S}) as (js, tallies):
         tally = tallies["worker"]
 
         # 1. Kill a node that does not lead the stream, under load: nothing fails.
@@ -155,12 +163,32 @@ async def test_audit_stream_survives_a_node_fails_closed_without_all_and_resumes
         )
 
 
-async def test_losing_the_stream_leader_fails_closed_until_a_new_one_is_elected(
+async def test_losing_the_stream_leader_fails_no_publish(harness: Harness) -> None:
+    """Production settings: the publishes of the election's seconds wait for the new leader."""
+    cluster = harness.nats(3)
+    name = stream_name()
+    async with loaded(cluster, name, {"worker": LEADER_WAIT_S}) as (js, tallies):
+        tally = tallies["worker"]
+        killed_at = time.monotonic()
+        await asyncio.to_thread(cluster.kill, await stream_leader(js, name))
+        await await_until(
+            lambda: len(tally.successes(since=killed_at + 0.5)) >= 50,
+            ELECTION_MAX_S + 10,
+            what="a new stream leader and publishing again",
+        )
+        assert tally.failures() == [], describe(tally.failures())
+        slowest = max(p.finished - p.started for p in tally.successes(since=killed_at))
+        assert slowest <= LEADER_WAIT_S + SLACK_S, f"a publish took {slowest:.2f} s"
+        resumed = min(p.finished for p in tally.successes(since=killed_at + 0.5))
+        assert resumed - killed_at < ELECTION_MAX_S + PUBLISH_TIMEOUT_S
+
+
+async def test_without_the_leader_wait_losing_the_leader_fails_closed_until_one_is_elected(
     harness: Harness,
 ) -> None:
     cluster = harness.nats(3)
     name = stream_name()
-    async with loaded(cluster, name, {"worker": PUBLISH_TIMEOUT_S}) as (js, tallies):
+    async with loaded(cluster, name, {"worker": 0.0}) as (js, tallies):
         tally = tallies["worker"]
         killed_at = time.monotonic()
         await asyncio.to_thread(cluster.kill, await stream_leader(js, name))
@@ -182,7 +210,7 @@ async def test_a_publish_keeps_trying_for_its_whole_timeout_while_the_stream_has
 ) -> None:
     cluster = harness.nats(3)
     name = stream_name()
-    async with loaded(cluster, name, {"worker": PUBLISH_TIMEOUT_S}) as (js, tallies):
+    async with loaded(cluster, name, {"worker": 0.0}) as (js, tallies):
         tally = tallies["worker"]
         killed_at = time.monotonic()
         await asyncio.to_thread(cluster.kill, await stream_leader(js, name))

@@ -223,7 +223,10 @@ async def _open_audit(
             "audit.stream",
             failure_threshold=5,
             reset_timeout_s=2.0,
-            call_timeout_s=ledger_settings.publish_timeout_s + 1.0,
+            call_timeout_s=max(
+                ledger_settings.publish_timeout_s, ledger_settings.leader_election_wait_s
+            )
+            + 1.0,
         )
     )
     async with open_shape_sink(

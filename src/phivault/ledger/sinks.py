@@ -72,6 +72,7 @@ async def open_shape_sink(
         client,
         stream=ledger_settings.stream,
         publish_timeout_s=ledger_settings.publish_timeout_s,
+        leader_election_wait_s=ledger_settings.leader_election_wait_s,
         breaker=breaker,
         owns_client=True,
     )

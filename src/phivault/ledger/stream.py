@@ -254,6 +254,16 @@ _TRANSIENT: Final[tuple[type[BaseException], ...]] = (
     nats.errors.ConnectionReconnectingError,
     nats.errors.OutboundBufferLimitError,
 )
+# What a stream without a leader answers (NATS: "no responders"; JetStream: 503). A stream
+# that does not exist answers "no responders" too: JetStream's stream info tells them apart.
+_LEADERLESS: Final[tuple[type[BaseException], ...]] = (
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+_STREAM_NOT_FOUND: Final = 10059  # JetStream's error code for "stream not found"
+# How long one answer to "does the stream exist?" is trusted, so that an election under load
+# costs one stream info request per interval, not one per waiting publish.
+_STREAM_CHECK_INTERVAL_S: Final = 0.5
 
 
 class JetStreamAuditSink:
@@ -265,6 +275,13 @@ class JetStreamAuditSink:
     ``publish_timeout_s``: a timeout, no stream, no responders, a closed or reconnecting
     connection, or any other NATS error. Retries inside that time reuse the message id, so
     they never duplicate.
+
+    One case waits longer: NATS is connected and the stream exists, but it has no leader.
+    JetStream elects a new leader 4 to 9 s after the leader's node dies, so losing that one
+    node of a 3-node cluster would otherwise fail every publish of those seconds. Such a
+    publish keeps trying for up to ``leader_election_wait_s`` (in all) and succeeds once the
+    new leader takes it; with every node down the connection is lost instead, and publishes
+    fail within ``publish_timeout_s`` as before. A stream that does not exist fails at once.
 
     Build it with :meth:`connect` (owns and closes its connection) or around an existing
     client; close it with :meth:`aclose` or ``async with``. Optionally a
@@ -279,17 +296,23 @@ class JetStreamAuditSink:
         stream: str,
         subject: str | None = None,
         publish_timeout_s: float = 2.0,
+        leader_election_wait_s: float = 10.0,
         breaker: Breaker | None = None,
         owns_client: bool = False,
     ) -> None:
         if publish_timeout_s <= 0:
             raise ConfigurationError("the audit stream's publish timeout must be positive")
+        if leader_election_wait_s < 0:
+            raise ConfigurationError("the wait for a stream leader must not be negative")
         self._client = client
         self._js = client.jetstream()
         self.stream = stream
         self.subject = subject or audit_subject(stream)
         self.publish_timeout_s = publish_timeout_s
+        self.leader_election_wait_s = leader_election_wait_s
         self._breaker = breaker
+        self._stream_gone = False
+        self._stream_checked_until = 0.0
         self._owns_client = owns_client
         self._closed = False
 
@@ -302,6 +325,7 @@ class JetStreamAuditSink:
         stream: str,
         subject: str | None = None,
         publish_timeout_s: float = 2.0,
+        leader_election_wait_s: float = 10.0,
         connect_timeout_s: float = 5.0,
         breaker: Breaker | None = None,
     ) -> JetStreamAuditSink:
@@ -312,6 +336,7 @@ class JetStreamAuditSink:
             stream=stream,
             subject=subject,
             publish_timeout_s=publish_timeout_s,
+            leader_election_wait_s=leader_election_wait_s,
             breaker=breaker,
             owns_client=True,
         )
@@ -392,13 +417,16 @@ class JetStreamAuditSink:
             ) from exc
 
     async def _publish_with_retries(self, payload: bytes, encoding: str, msg_id: str) -> int:
-        deadline = time.monotonic() + self.publish_timeout_s
+        started = time.monotonic()
+        deadline = started + self.publish_timeout_s
         # Leave room for a second try within the deadline after a lost acknowledgement.
         attempt_timeout = max(0.05, self.publish_timeout_s / 2)
         # What JetStreamContext.publish(..., stream=...) sends, built once for every try.
         headers = {_MSG_ID: msg_id, ENCODING_HEADER: encoding, _EXPECTED_STREAM: self.stream}
+        leaderless = False  # has any try been told that the stream has no leader?
 
         async def attempt() -> int:
+            nonlocal leaderless
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise nats.errors.TimeoutError
@@ -411,9 +439,13 @@ class JetStreamAuditSink:
                     timeout=min(attempt_timeout, remaining),
                     headers=headers,
                 )
+                return self._acknowledged(reply.data)
             except nats.errors.NoRespondersError:
+                leaderless = True
                 raise nats.js.errors.NoStreamResponseError from None
-            return self._acknowledged(reply.data)
+            except nats.js.errors.ServiceUnavailableError:
+                leaderless = True
+                raise
 
         try:
             try:
@@ -424,18 +456,66 @@ class JetStreamAuditSink:
                 pass
             # Until the deadline, not a fixed count: while a stream elects a new leader,
             # NATS answers "no responders" at once, and the election takes seconds.
+            try:
+                async for retry in retrying(
+                    attempts=1_000,
+                    initial_backoff_s=0.02,
+                    max_backoff_s=0.1,
+                    deadline_s=max(0.0, deadline - time.monotonic()),
+                    retry_on=_TRANSIENT,
+                ):
+                    with retry:
+                        return await attempt()
+            except _TRANSIENT:
+                # The try in flight when the leader died times out; later ones hear "no
+                # responders": either way, an election may be under way.
+                if not (leaderless and await self._awaiting_a_leader()):
+                    raise
+            # An election under way: wait for the new leader up to the longer bound (the
+            # tries read ``deadline`` when they run), as long as NATS stays connected: with
+            # every node down the connection is lost, and the publish fails at once.
+            deadline = started + self.leader_election_wait_s
             async for retry in retrying(
-                attempts=1_000,
-                initial_backoff_s=0.02,
-                max_backoff_s=0.1,
+                attempts=10_000,
+                initial_backoff_s=0.05,
+                max_backoff_s=0.25,
                 deadline_s=max(0.0, deadline - time.monotonic()),
                 retry_on=_TRANSIENT,
             ):
+                if not self._client.is_connected:
+                    raise LedgerUnavailable(
+                        f"the connection to NATS was lost while the audit stream {self.stream}"
+                        " had no leader"
+                    )
                 with retry:
                     return await attempt()
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise LedgerUnavailable(self._failure(exc)) from exc
         raise LedgerUnavailable(f"the audit stream {self.stream} did not acknowledge")
+
+    async def _awaiting_a_leader(self) -> bool:
+        """Whether "no leader" means an election under way, worth the longer wait: NATS is
+        connected, and JetStream does not say that the stream is gone."""
+        if self.leader_election_wait_s <= self.publish_timeout_s or not self._client.is_connected:
+            return False
+        now = time.monotonic()
+        if now >= self._stream_checked_until:
+            self._stream_checked_until = now + _STREAM_CHECK_INTERVAL_S
+            self._stream_gone = await self._stream_is_gone()
+        return not self._stream_gone
+
+    async def _stream_is_gone(self) -> bool:
+        """True only if JetStream answers that the stream does not exist. No answer at all
+        (its metadata leader may be electing too) is not proof of that."""
+        try:
+            reply = await self._client.request(
+                f"{api.DEFAULT_PREFIX}.STREAM.INFO.{self.stream}", b"", timeout=0.25
+            )
+            answer = orjson.loads(reply.data)
+        except (nats.errors.Error, OSError, TimeoutError, orjson.JSONDecodeError):
+            return False
+        error = answer.get("error") if isinstance(answer, dict) else None
+        return isinstance(error, dict) and error.get("err_code") == _STREAM_NOT_FOUND
 
     def _acknowledged(self, data: bytes) -> int:
         """The stream sequence of an acknowledgement; its error as nats' own exception."""
@@ -454,6 +534,8 @@ class JetStreamAuditSink:
     def _failure(self, exc: BaseException) -> str:
         where = f"the audit stream {self.stream}"
         if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+            if self._stream_gone:
+                return f"{where} did not answer: it does not exist"
             return f"{where} did not answer (it does not exist, or has no leader)"
         if isinstance(exc, nats.errors.TimeoutError | TimeoutError):
             return f"{where} did not acknowledge within {self.publish_timeout_s} s"

@@ -144,6 +144,22 @@ async def test_a_missing_stream_raises_ledger_unavailable_within_the_timeout() -
         assert time.monotonic() - started < 1.5
 
 
+async def test_a_missing_stream_is_not_taken_for_a_leader_election() -> None:
+    """NATS answers "no responders" both for a stream with no leader and for no stream at all;
+    only the first is worth the leader-election wait: JetStream says the stream is gone."""
+    async with await JetStreamAuditSink.connect(
+        [NATS_URL],
+        name="test-sink",
+        stream="PV_NO_SUCH_STREAM",
+        publish_timeout_s=0.5,
+        leader_election_wait_s=30,
+    ) as sink:
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable, match="did not answer: it does not exist"):
+            await sink.record(sample_event(1))
+        assert time.monotonic() - started < 5
+
+
 async def test_a_closed_connection_raises_ledger_unavailable(audit_stream: AuditStream) -> None:
     client = await nats.connect(servers=[NATS_URL])
     sink = JetStreamAuditSink(client, stream=audit_stream.name, subject=audit_stream.subject)
