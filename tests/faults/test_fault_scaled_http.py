@@ -2,6 +2,9 @@
 serve --workers 2`` and ``phivault sequencer`` on a private PostgreSQL and a private 3-node
 NATS cluster.
 
+The NATS node that leads the audit stream is SIGKILLed under a load of PHI reads and writes:
+no request fails (they wait for JetStream to elect a new leader), and the checks below hold.
+
 Every NATS node is SIGKILLed -- or PostgreSQL (records, keys and ledger) is shut down -- under
 a load of PHI reads and writes: PHI interactions answer 503 with an OperationOutcome (nothing
 else), ``/healthz`` stays up; the servers are started again and the same workers serve PHI
@@ -25,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 from fault_scaled_support import OUTCOMES, ScaledDeployment, deploy_scaled
+from fault_stream_support import admin_client
 from fault_support import Harness, await_until
 
 from phivault.records.store import ResourceKey, SqlRecordStore
@@ -162,20 +166,24 @@ async def through_a_fault(
 
 
 async def check_http_afterwards(
-    scaled: ScaledDeployment, tally: HttpTally, down_at: float, up_at: float
+    scaled: ScaledDeployment, tally: HttpTally, outage: tuple[float, float] | None
 ) -> None:
-    """The answers were 200, 201 or a 503 OperationOutcome; nothing succeeded in the outage;
-    every disclosure has its event, every acknowledged write is there with its outcome, a
-    write answered 503 is absent or recorded as committed; the ledger verifies."""
+    """The answers were 200, 201 or a 503 OperationOutcome; nothing succeeded in the
+    ``outage`` (from the fault to the repair; None: there was none); every disclosure has its
+    event, every acknowledged write is there with its outcome, a write answered 503 is absent
+    or recorded as committed; the ledger verifies."""
     assert tally.transport_errors == []
     statuses = Counter(e.status for e in tally.done)
     assert set(statuses) <= {200, 201, 503}, statuses
     for e in tally.done:
         if e.status == 503:
             assert e.resource_type == "OperationOutcome", e
-    # Started once the fault was complete and finished before the repair: nothing succeeded.
-    outage = [e for e in tally.since(down_at) if e.finished < up_at]
-    assert outage and all(e.status == 503 for e in outage), Counter(e.status for e in outage)
+    if outage is not None:
+        # Started once the fault was complete and finished before the repair: nothing
+        # succeeded.
+        down_at, up_at = outage
+        during = [e for e in tally.since(down_at) if e.finished < up_at]
+        assert during and all(e.status == 503 for e in during), Counter(e.status for e in during)
 
     def ledger_by_request() -> dict[str, list[dict[str, object]]]:
         scaled.wait_ledger_caught_up()
@@ -241,7 +249,44 @@ async def test_phi_fails_closed_while_every_nats_node_is_down_and_resumes(
         scaled, scaled.nats.kill_all, scaled.nats.start
     )
     assert health == [200] * 5, f"/healthz answered {health} with the stream down"
-    await check_http_afterwards(scaled, tally, down_at, up_at)
+    await check_http_afterwards(scaled, tally, (down_at, up_at))
+
+
+async def test_losing_the_node_that_leads_the_audit_stream_fails_no_request(
+    harness: Harness,
+) -> None:
+    scaled = await asyncio.to_thread(deploy_scaled, harness, workers=2)
+    writer = scaled.loader()
+    readable = await seed_patients(scaled, writer)
+    tally = HttpTally()
+    stop = asyncio.Event()
+    load = asyncio.ensure_future(http_load(scaled, tally, stop, readable, writer))
+    admin = await admin_client(scaled.nats.urls)
+    try:
+        await await_until(
+            lambda: len([e for e in tally.done if e.status == 200]) >= 20, 30,
+            what="reads before the fault",
+        )  # fmt: skip
+        info = await admin.jetstream(timeout=5).stream_info(scaled.stream)
+        leader = int(str(info.cluster.leader if info.cluster else "").removeprefix("n"))
+        await asyncio.to_thread(scaled.nats.kill, leader)
+        killed_at = time.monotonic()
+        # JetStream elects a new leader 4 to 9 s later; requests wait for it meanwhile.
+        await await_until(
+            lambda: (
+                len([e for e in tally.since(killed_at + 1, "read") if e.status == 200]) >= 20
+                and len([e for e in tally.since(killed_at + 1, "write") if e.status == 201]) >= 3
+            ),
+            45,
+            what="reads and writes after the stream leader's node died",
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(load, 60)
+        await admin.close()
+    failed = Counter(e.status for e in tally.done if e.status not in (200, 201))
+    assert not failed, f"requests failed while the stream elected a leader: {failed}"
+    await check_http_afterwards(scaled, tally, None)
 
 
 async def test_a_postgresql_restart_answers_503_then_service_resumes(harness: Harness) -> None:
@@ -250,4 +295,4 @@ async def test_a_postgresql_restart_answers_503_then_service_resumes(harness: Ha
         scaled, lambda: scaled.pg.stop("fast"), scaled.pg.start
     )
     assert health == [200] * 5, f"/healthz answered {health} with PostgreSQL down"
-    await check_http_afterwards(scaled, tally, down_at, up_at)
+    await check_http_afterwards(scaled, tally, (down_at, up_at))
