@@ -33,7 +33,7 @@ import uvicorn
 
 from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError
-from phivault.settings import KeyProviderKind, LedgerKind, Settings
+from phivault.settings import KeyProviderKind, LedgerKind, Settings, SharedStateKind
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -181,10 +181,19 @@ def _open_store(settings: Settings, data_dir: DataDir, breakers: Breakers) -> Sq
     # The folder holds the embedded database and, in every shape, the reconcile cursor.
     data_dir.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     records = settings.records
+    positions = None
+    if records.replica_urls and settings.shape.shared_state is SharedStateKind.REDIS:
+        from phivault.records.store.write_positions import RedisWritePositions
+
+        # Read-your-writes across workers: each session's write positions in Redis.
+        positions = RedisWritePositions.from_url(
+            settings.api.redis_url, prefix=settings.api.redis_key_prefix
+        )
     return SqlRecordStore(
         records_store_url(settings, data_dir),
         schema=records.store_schema,
         replica_urls=records.replica_urls,
+        replica_positions=positions,
         replica_max_lag_s=records.replica_max_lag_ms / 1000,
         # A replica that fails is skipped (the primary serves) until its breaker lets a
         # read try it again; the breakers' states are exported at /metrics.
