@@ -365,15 +365,18 @@ class ReplicaRouter:
                 continue
             if sample.lag_s + (self._clock() - sample.taken_at) > bound:
                 continue
+            if need and (sample.replay_lsn is None or sample.replay_lsn < need):
+                continue
             if not shared_checked:
                 # Only now, when a replica would serve: every worker's writes of this session.
                 shared_checked = True
                 found = self._shared_need(key, pin)
                 if found is None:
                     return None
-                need = max(need, found)
-            if need and (sample.replay_lsn is None or sample.replay_lsn < need):
-                continue
+                if found > need:
+                    need = found
+                    if sample.replay_lsn is None or sample.replay_lsn < need:
+                        continue
             if pending is not None and pending.lsn is not None:
                 self._forget_if_everywhere(key, pending)
             return replica

@@ -1189,7 +1189,9 @@ class SqlRecordStore:
     def migrate(self) -> None:
         """Run the migrations to head, in one transaction (replicas are read from only once
         they have replayed it)."""
-        with _writing_everyone(self._router) as committed:
+        # Not required: a worker starts while Redis is down (a replica without a new schema
+        # fails the read, which the primary then serves; it never returns stale PHI).
+        with _writing_everyone(self._router, required=False) as committed:
             try:
                 with self._engine.begin() as conn:
                     if self.dialect == "postgresql":
@@ -1338,30 +1340,37 @@ def _parse_url(url: str) -> Any:
 
 
 @contextmanager
-def _writing_everyone(router: ReplicaRouter | None) -> Iterator[Callable[[Connection], None]]:
+def _writing_everyone(
+    router: ReplicaRouter | None, *, required: bool = True
+) -> Iterator[Callable[[Connection], None]]:
     """Around a write every session must see (a migration, a re-seal): with shared write
-    positions, every session is pinned to the primary first (refused if that cannot be
-    shared: nothing is written). Call the yielded function with the connection once the
-    write committed; if the block ends without that, it may have committed at an unknown
-    position, and is settled so."""
+    positions, every session is pinned to the primary first; if that cannot be shared, the
+    write is refused (nothing is written) unless not ``required``. Call the yielded function
+    with the connection once the write committed; if the block ends without that, it may
+    have committed at an unknown position, and is settled so."""
     settled = router is None
+    pinned = False
 
     def committed(conn: Connection) -> None:
         nonlocal settled
         if router is not None and not settled:
             settled = True
-            router.end_write_everyone(committed=True, lsn=_written_lsn(conn))
+            router.end_write_everyone(committed=True, lsn=_written_lsn(conn), pinned=pinned)
 
     if router is not None:
         try:
             router.begin_write_everyone()
+            pinned = router.shared is not None
         except WritePositionsUnavailable as exc:
-            raise RecordStoreUnavailable("records store: begin failed (write positions)") from exc
+            if required:
+                raise RecordStoreUnavailable(
+                    "records store: begin failed (write positions)"
+                ) from exc
     try:
         yield committed
     finally:
         if router is not None and not settled:
-            router.end_write_everyone(committed=None)
+            router.end_write_everyone(committed=None, pinned=pinned)
 
 
 def _written_lsn(conn: Connection) -> int | None:
