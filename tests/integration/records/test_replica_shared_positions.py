@@ -98,14 +98,25 @@ def version_seen(store: SqlRecordStore, the_id: str, session: str) -> tuple[str,
 # --- fixtures --------------------------------------------------------------------------------
 
 
+def mark_epoch(url: str, prefix: str) -> None:
+    """What the first read of a deployment does (then pins everyone for a while): done ahead,
+    so that a test starts on a Redis that has not lost anything."""
+    client = Redis.from_url(url)
+    try:
+        client.set(f"{prefix}:rw:epoch", "1")
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A key prefix of this test's own (one "deployment"), its keys deleted afterwards."""
     name = f"pvtest-rw-{secrets.token_hex(6)}"
+    mark_epoch(LOCAL_REDIS, name)
     yield name
     client = Redis.from_url(LOCAL_REDIS)
     try:
-        found = list(client.scan_iter(match=f"{name}:*"))
+        found = list(client.scan_iter(match=f"{name}*"))  # and "<name>-other:..."
         if found:
             client.delete(*found)
     finally:
@@ -300,6 +311,7 @@ def test_other_deployments_writes_are_not_seen(
     replica: PgReplica,  # noqa: F811
     prefix: str,
 ) -> None:
+    mark_epoch(LOCAL_REDIS, f"{prefix}-other")
     a = open_worker(prefix=prefix)
     elsewhere = open_worker(prefix=f"{prefix}-other")
     write(a, obs("o1"), session="t1/alice")
@@ -340,8 +352,9 @@ def test_with_redis_down_reads_use_the_primary_and_writes_are_refused_before_com
     prefix: str,
     redis_server: RedisServer,
 ) -> None:
-    a = open_worker(redis_server.url, prefix, cooldown_s=0.2)
-    b = open_worker(redis_server.url, prefix, cooldown_s=0.2)
+    mark_epoch(redis_server.url, prefix)
+    a = open_worker(redis_server.url, prefix, cooldown_s=0.2, max_lag_s=0.5)
+    b = open_worker(redis_server.url, prefix, cooldown_s=0.2, max_lag_s=0.5)
     write(a, obs("o1"), session="t1/alice")
     settle_on_replica([a, b], replica, "o1")
 
@@ -357,9 +370,11 @@ def test_with_redis_down_reads_use_the_primary_and_writes_are_refused_before_com
         write(a, obs("o1", 2), session="t1/alice")
     assert read(a, "o1", session="t1/alice", reads=ReadClass.FRESH)[1].version == 1  # type: ignore[union-attr]
 
-    redis_server.start()  # empty: what it held is gone, and nothing needs it any more
+    redis_server.start()  # empty: the positions it held are lost
     time.sleep(0.25)  # past the cool-down
     write(a, obs("o1", 2), session="t1/alice")
+    # the first read finds the data lost: everyone reads the primary for the bound (+ margin)
+    assert version_seen(b, "o1", "t1/bob") == (PRIMARY, 2)
     settle_on_replica([a, b], replica, "o1")
     assert version_seen(b, "o1", "t1/bob") == (replica.name, 2)
 
@@ -486,6 +501,24 @@ def test_an_unknown_position_pins_the_session_everywhere_for_the_bound(
     assert b.choose(ReadClass.AGGREGATE, "t1/alice") is not None
 
 
+def test_a_redis_that_lost_its_data_pins_everyone_for_the_bound(
+    redis_client: Redis, prefix: str
+) -> None:
+    probe = FakeProbe(replay_lsn=1000)
+    options = {"max_lag_s": 0.05, "display_max_lag_s": 0.3, "unknown_pin_s": 0.1}
+    a = worker(RedisWritePositions(redis_client, prefix=prefix), probe, **options)
+    b = worker(RedisWritePositions(redis_client, prefix=prefix), probe, **options)
+    a.begin_write("t1/alice")
+    a.end_write("t1/alice", committed=True, lsn=5000)
+    assert b.choose(ReadClass.PHI, "t1/alice") is None
+    redis_client.delete(*redis_client.scan_iter(match=f"{prefix}:*"))  # a restart, no AOF
+    assert b.choose(ReadClass.PHI, "t1/alice") is None  # the write is forgotten, but...
+    assert b.choose(ReadClass.PHI, "t1/bob") is None  # ...everyone is on the primary
+    time.sleep(0.6)
+    assert b.choose(ReadClass.PHI, "t1/alice") is not None  # any replica in the bound has it
+    assert b.choose(ReadClass.AGGREGATE, "t1/alice") is None  # not yet for the looser bound
+
+
 def test_the_floor_binds_every_session(redis_client: Redis, prefix: str) -> None:
     probe = FakeProbe(replay_lsn=1000)
     a = worker(RedisWritePositions(redis_client, prefix=prefix), probe)
@@ -521,14 +554,13 @@ def test_positions_keep_the_largest_lsn_exactly_and_expire(
 def test_keys_are_opaque_and_namespaced(redis_client: Redis, prefix: str) -> None:
     positions = RedisWritePositions(redis_client, prefix=prefix)
     positions.settle("tenant-a/subject-123", pinned=False, committed=True, lsn=1)
-    (name,) = [k.decode() for k in redis_client.scan_iter(match=f"{prefix}:*")]
+    (name,) = [k.decode() for k in redis_client.scan_iter(match=f"{prefix}:rw:s:*")]
     assert name.startswith(f"{prefix}:rw:s:")
     assert "subject-123" not in name and "tenant-a" not in name
     assert positions.key("tenant-b/subject-123") != name
     assert positions.key(EVERYONE) == f"{prefix}:rw:floor"
-    assert RedisWritePositions(redis_client, prefix=f"{prefix}x").need("tenant-a/subject-123") == (
-        PositionNeed()
-    )
+    elsewhere = RedisWritePositions(redis_client, prefix=f"{prefix}x").need("tenant-a/subject-123")
+    assert (elsewhere.lsn, elsewhere.in_flight) == (0, False)
 
 
 def test_reads_skip_redis_while_it_cools_down(prefix: str) -> None:

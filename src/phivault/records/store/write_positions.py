@@ -16,6 +16,10 @@ keeps it where every worker of the deployment sees it. Per session (a hash in Re
 One more hash, the floor, holds the same for writes every session must see (migrations,
 re-sealed elements). Every key expires ``retain_s`` after its last write (default 60 s), far
 longer than any replica admitted by the lag bounds can still lack a write (see the decision).
+A marker key without expiry (the epoch) tells a Redis that lost its data (restarted without
+persistence, failed over): the first read that misses it puts a write of unknown position on
+the floor, so every session reads the primary until the replicas must have what was lost.
+Redis must not evict these keys (``maxmemory-policy noeviction``, as for the replay cache).
 
 Failures: a read that cannot fetch the positions raises :class:`WritePositionsUnavailable`
 (the router then uses the primary) and, for ``cooldown_s``, the next reads raise it without
@@ -127,11 +131,22 @@ end
 return 1
 """
 
-# KEYS[1] the session's hash, KEYS[2] the floor's: both, and the shared clock.
+# KEYS[1] the session's hash, KEYS[2] the floor's, KEYS[3] the epoch marker; ARGV[1] retain
+# (ms). Both hashes and the shared clock. A missing marker (a Redis that lost its data: a
+# restart without persistence, a fail-over) means the positions written before may be gone:
+# the floor then records a write of unknown position now, which keeps every session on the
+# primary until any replica the bounds admit has all that was committed before.
 _NEED: Final = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if redis.call('SET', KEYS[3], '1', 'NX') then
+  redis.call('HSET', KEYS[2], 'unknown', string.format('%d', now_ms))
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[1]) then
+    redis.call('PEXPIRE', KEYS[2], ARGV[1])
+  end
+end
 local s = redis.call('HMGET', KEYS[1], 'lsn', 'pins', 'unknown')
 local f = redis.call('HMGET', KEYS[2], 'lsn', 'pins', 'unknown')
-local now = redis.call('TIME')
 return {s[1], s[2], s[3], f[1], f[2], f[3], now[1], now[2]}
 """
 
@@ -161,6 +176,7 @@ class RedisWritePositions:
         self._owns = owns_client
         self._prefix = prefix
         self._floor_key = f"{prefix}:rw:floor"
+        self._epoch_key = f"{prefix}:rw:epoch"  # no expiry: gone only if Redis lost its data
         self._begin = client.register_script(_BEGIN)
         self._settle = client.register_script(_SETTLE)
         self._need = client.register_script(_NEED)
@@ -220,7 +236,8 @@ class RedisWritePositions:
         with self._lock:
             if self._clock() < self._down_until:
                 raise WritePositionsUnavailable("write positions: shared state down (cooling)")
-        reply = self._run(self._need, [self.key(session), self._floor_key], [])
+        keys = [self.key(session), self._floor_key, self._epoch_key]
+        reply = self._run(self._need, keys, [self._retain_ms])
         try:
             s_lsn, s_pins, s_unknown, f_lsn, f_pins, f_unknown, secs, micros = reply
             now_ms = int(secs) * 1000 + int(micros) // 1000
