@@ -379,6 +379,21 @@ def test_with_redis_down_reads_use_the_primary_and_writes_are_refused_before_com
     assert version_seen(b, "o1", "t1/bob") == (replica.name, 2)
 
 
+def test_a_write_unit_that_does_not_commit_leaves_nothing_shared(
+    open_worker: Callable[..., SqlRecordStore],
+    prefix: str,
+    redis_client: Redis,
+) -> None:
+    a = open_worker(prefix=prefix)
+    with a.unit_of_work(session="t1/carol") as uow:
+        uow.write(obs("c1"), previous=None)  # and no commit: rolled back
+    assert list(redis_client.scan_iter(match=f"{prefix}:rw:s:*")) == []
+    write(a, obs("c1"), session="t1/carol")
+    (name,) = redis_client.scan_iter(match=f"{prefix}:rw:s:*")
+    assert redis_client.hget(name, "pins") is None  # settled
+    assert int(redis_client.hget(name, "lsn") or 0) > 0
+
+
 def test_with_redis_on_a_closed_port_reads_use_the_primary(
     open_worker: Callable[..., SqlRecordStore],
     replica: PgReplica,  # noqa: F811

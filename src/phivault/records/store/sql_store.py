@@ -212,6 +212,7 @@ class SqlUnitOfWork:
         *,
         read_only: bool = False,
         link: _ReplicaLink | None = None,
+        before_commit: Callable[[], None] | None = None,
         after_commit: Callable[[Connection], None] | None = None,
     ) -> None:
         self._conn = connection
@@ -220,6 +221,7 @@ class SqlUnitOfWork:
         self._link = link
         self._primary: Connection | None = None  # the authority beside a replica
         self._nodes = [PRIMARY if link is None else link.replica.name]
+        self._before_commit = before_commit
         self._after_commit = after_commit
         self._commit_tried = False  # a failed commit may still have committed
 
@@ -235,6 +237,8 @@ class SqlUnitOfWork:
     # transaction ------------------------------------------------------------------------
 
     def commit(self) -> None:
+        if self._before_commit is not None:
+            self._before_commit()
         self._commit_tried = True
         with self._translate("commit"):
             self._conn.commit()
@@ -1253,35 +1257,42 @@ class SqlRecordStore:
 
     @contextmanager
     def _noted_write(self, router: ReplicaRouter, key: str) -> Iterator[SqlUnitOfWork]:
-        """A write unit whose commit every worker's router learns of (read-your-writes): the
-        session is pinned to the primary before anything is written (refused if that cannot
-        be shared: nothing commits), and settled with the commit's LSN after."""
-        try:
-            router.begin_write(key)
-        except WritePositionsUnavailable as exc:
-            raise RecordStoreUnavailable("records store: begin failed (write positions)") from exc
+        """A write unit whose commit every worker's router learns of (read-your-writes): just
+        before it commits, the session is pinned to the primary in the shared positions (the
+        commit is refused if that fails: nothing is written), and it is settled with the
+        commit's LSN after."""
+        pinned = False
         settled = False
+
+        def before_commit() -> None:
+            nonlocal pinned
+            try:
+                router.begin_write(key)
+            except WritePositionsUnavailable as exc:
+                raise RecordStoreUnavailable(
+                    "records store: commit refused (write positions)"
+                ) from exc
+            pinned = router.shared is not None
 
         def after_commit(conn: Connection) -> None:
             nonlocal settled
             settled = True
-            router.end_write(key, committed=True, lsn=_written_lsn(conn))
+            router.end_write(key, committed=True, lsn=_written_lsn(conn), pinned=pinned)
 
-        try:
-            uow = SqlUnitOfWork(
-                self._begin(self._engine, read_only=False), after_commit=after_commit
-            )
-        except BaseException:
-            router.end_write(key, committed=False)
-            raise
+        uow = SqlUnitOfWork(
+            self._begin(self._engine, read_only=False),
+            before_commit=before_commit,
+            after_commit=after_commit,
+        )
         try:
             yield uow
         finally:
             try:
                 uow._close()
             finally:
-                if not settled:
-                    router.end_write(key, committed=None if uow._commit_tried else False)
+                committed = None if uow._commit_tried else False
+                if not settled and (pinned or committed is not False):
+                    router.end_write(key, committed=committed, pinned=pinned)
 
     def _routed(
         self, router: ReplicaRouter, reads: ReadClass, session: str | None
