@@ -7,6 +7,7 @@ that is killed), namespacing, and the shared store's rules on the machine's Redi
 from __future__ import annotations
 
 import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -377,6 +378,28 @@ def test_with_redis_down_reads_use_the_primary_and_writes_are_refused_before_com
     assert version_seen(b, "o1", "t1/bob") == (PRIMARY, 2)
     settle_on_replica([a, b], replica, "o1")
     assert version_seen(b, "o1", "t1/bob") == (replica.name, 2)
+
+
+def test_a_redis_that_hangs_sends_reads_to_the_primary_and_refuses_writes(
+    open_worker: Callable[..., SqlRecordStore],
+    replica: PgReplica,  # noqa: F811
+    prefix: str,
+    redis_server: RedisServer,
+) -> None:
+    mark_epoch(redis_server.url, prefix)
+    a = open_worker(redis_server.url, prefix)
+    write(a, obs("o1"), session="t1/alice")
+    settle_on_replica([a], replica, "o1")
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        # the reply timeout (0.25 s) ends the wait: the primary serves
+        assert read(a, "o1", session="t1/bob")[0] == PRIMARY
+        with pytest.raises(RecordStoreUnavailable):
+            write(a, obs("o1", 2), session="t1/alice")
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert read(a, "o1", session="t1/alice", reads=ReadClass.FRESH)[1].version == 1  # type: ignore[union-attr]
 
 
 def test_a_write_unit_that_does_not_commit_leaves_nothing_shared(
