@@ -59,7 +59,7 @@ class Scaled:
         }
 
 
-def settings_text(scaled: Scaled, *, settle_after_s: float) -> str:
+def settings_text(scaled: Scaled, *, settle_after_s: float, records_extra: str = "") -> str:
     return f"""
 [shape]
 store = "postgres"
@@ -71,6 +71,7 @@ store_url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 store_schema = "{scaled.records_schema}"
 reconcile_every_s = 0.5
 settle_intents_after_s = {settle_after_s}
+{records_extra}
 
 [keys]
 postgres_schema = "{scaled.keys_schema}"
@@ -89,8 +90,13 @@ redis_key_prefix = "{scaled.redis_prefix}"
 
 @contextlib.contextmanager
 def scaled_deployment(
-    workers: int = 2, *, settle_after_s: float = 3.0, sequencers: int = 1
+    workers: int = 2,
+    *,
+    settle_after_s: float = 3.0,
+    sequencers: int = 1,
+    records_extra: str = "",
 ) -> Iterator[Scaled]:
+    """``records_extra``: more lines for the settings' ``[records]`` table (replicas)."""
     admin = require_postgres()
     tag = uuid.uuid4().hex[:10]
     with tempfile.TemporaryDirectory(prefix="phivault-scaled-") as folder:
@@ -105,7 +111,9 @@ def scaled_deployment(
             stream=f"AUDIT_{tag}",
             redis_prefix=f"phivault-test-{tag}",
         )
-        scaled.config.write_text(settings_text(scaled, settle_after_s=settle_after_s))
+        scaled.config.write_text(
+            settings_text(scaled, settle_after_s=settle_after_s, records_extra=records_extra)
+        )
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {scaled.records_schema}")
         try:

@@ -33,7 +33,7 @@ import uvicorn
 
 from phivault.datadir import DataDir
 from phivault.errors import ConfigurationError
-from phivault.settings import KeyProviderKind, LedgerKind, Settings
+from phivault.settings import KeyProviderKind, LedgerKind, Settings, SharedStateKind
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from phivault.ledger.ports import AuditSink, LedgerReader
     from phivault.ledger.service import Ledger
     from phivault.records.store import SqlRecordStore
+    from phivault.records.store.write_positions import WritePositions
     from phivault.resilience import Breakers
 
 __all__ = [
@@ -174,6 +175,22 @@ def records_store_url(settings: Settings, data_dir: DataDir) -> str:
     return f"sqlite:///{data_dir.records_dir}/records.db"
 
 
+def records_write_positions(settings: Settings) -> WritePositions | None:
+    """Read-your-writes across workers (docs/decisions/replica-routing.md): with replicas and
+    Redis for shared state, each session's write positions in Redis; else None (one worker's
+    router keeps what it wrote)."""
+    if (
+        not settings.records.replica_urls
+        or settings.shape.shared_state is not SharedStateKind.REDIS
+    ):
+        return None
+    from phivault.records.store.write_positions import RedisWritePositions
+
+    return RedisWritePositions.from_url(
+        settings.api.redis_url, prefix=settings.api.redis_key_prefix
+    )
+
+
 def _open_store(settings: Settings, data_dir: DataDir, breakers: Breakers) -> SqlRecordStore:
     from phivault.records.store import SqlRecordStore
     from phivault.records.store.routing import BreakerHealth
@@ -185,6 +202,7 @@ def _open_store(settings: Settings, data_dir: DataDir, breakers: Breakers) -> Sq
         records_store_url(settings, data_dir),
         schema=records.store_schema,
         replica_urls=records.replica_urls,
+        replica_positions=records_write_positions(settings),
         replica_max_lag_s=records.replica_max_lag_ms / 1000,
         # A replica that fails is skipped (the primary serves) until its breaker lets a
         # read try it again; the breakers' states are exported at /metrics.

@@ -262,14 +262,19 @@ def _records_elements(directory: DataDir) -> tuple[Any, list[Any]]:
     and review notes (docs/decisions/keys-rotation.md). Resume with the same options: each
     store keeps its own cursor, by its place in the list."""
     from phivault.access.grant_store import SqlGrantElements
-    from phivault.api.serve import records_store_url
+    from phivault.api.serve import records_store_url, records_write_positions
     from phivault.records.store import SqlRecordStore
 
     settings = load_settings()
     if not settings.records.store_url and not (directory.records_dir / "records.db").exists():
         return None, []
+    # With the replicas and the workers' shared write positions: each re-seal pins every
+    # session to the primary until the replicas have replayed it (a floor).
     store = SqlRecordStore(
-        records_store_url(settings, directory), schema=settings.records.store_schema
+        records_store_url(settings, directory),
+        schema=settings.records.store_schema,
+        replica_urls=settings.records.replica_urls,
+        replica_positions=records_write_positions(settings),
     )
     return store, [store.sealed_elements(), SqlGrantElements(store.engine)]
 

@@ -13,8 +13,9 @@ the repository above it seals and opens. Public names:
 * write-intent claims: :class:`IntentClaim` (docs/decisions/records-intent-claims.md);
 * the adapter: :class:`SqlRecordStore` (and its key-ring view :class:`SqlSealedElements`);
 * replica routing: :class:`ReadClass` (what a read-only unit reads), :func:`caller_session`
-  (the read-your-writes key of the units opened in a block), :data:`PRIMARY`, and the
-  router itself in :mod:`phivault.records.store.routing`;
+  (the read-your-writes key of the units opened in a block), :data:`PRIMARY`, the router
+  itself in :mod:`phivault.records.store.routing`, and the write positions it shares with
+  the other workers in :mod:`phivault.records.store.write_positions`;
 * ready-made scopes: :class:`SubjectScope` (patient compartments) and
   :class:`CareRelationshipScope` (patients a practitioner cares for).
 """

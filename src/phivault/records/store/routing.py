@@ -8,7 +8,10 @@ unit of work, by what it reads (:class:`~phivault.records.store.ports.ReadClass`
 * PHI reads: a replica whose lag is under ``max_lag_s`` (default 100 ms), else the primary;
 * aggregate and display reads: a replica under the looser ``display_max_lag_s``;
 * read-your-writes: after a caller's write, that caller's reads stay on the primary until a
-  replica has replayed the write's WAL position (its LSN).
+  replica has replayed the write's WAL position (its LSN). Each worker keeps what it wrote in
+  memory; with several workers, a :class:`~phivault.records.store.write_positions.WritePositions`
+  (Redis) shares it, and a read that would go to a replica asks it first (unreachable: the
+  primary serves).
 
 A replica that cannot be reached never fails a request: it is skipped (its
 :class:`ReplicaHealth` says when to try it again) and the primary answers. The health state is
@@ -39,6 +42,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from phivault.errors import ConfigurationError, StoreUnavailable
 from phivault.records.store.ports import ReadClass
+from phivault.records.store.write_positions import (
+    EVERYONE,
+    WritePositions,
+    WritePositionsUnavailable,
+)
 
 if TYPE_CHECKING:
     from phivault.resilience import Breaker
@@ -238,13 +246,19 @@ class Replica:
         return f"<Replica {self.name}>"
 
 
+#: Allowance for the clocks of primary and replica (the lag is measured across them) when a
+#: write's position is unknown and only time can tell that a replica has it.
+CLOCK_MARGIN_S: Final = 0.5
+
+
 @dataclass(slots=True)
 class _Pending:
-    """A session's newest write not known to be on every replica yet. ``lsn`` None: its
-    position is unknown, so the session stays on the primary until ``until``."""
+    """A session's newest write not known to be on every replica yet. ``unknown_at``: when
+    (router clock) its newest write of unknown position committed (-inf: none), so the
+    session stays on the primary for a while after it (:meth:`ReplicaRouter.pin_for`)."""
 
     lsn: int | None
-    until: float
+    unknown_at: float
 
 
 class ReplicaRouter:
@@ -254,10 +268,18 @@ class ReplicaRouter:
     records a committed write's LSN under its session (read-your-writes);
     ``note_write_everyone`` one that every session must see (schema migrations).
     ``unknown_pin_s`` keeps a session on the primary after a write whose LSN could not be
-    read. A read waits at most ``probe_wait_s`` for another thread's probe of a replica;
-    past that the replica counts as failed (it may hang) and the primary serves. At most
-    ``max_sessions`` sessions are tracked; beyond that the oldest are folded into one floor
-    that every session must see (safe, only less precise).
+    read (at least as long as the read's lag bound plus :data:`CLOCK_MARGIN_S`). A read waits
+    at most ``probe_wait_s`` for another thread's probe of a replica; past that the replica
+    counts as failed (it may hang) and the primary serves. At most ``max_sessions`` sessions
+    are tracked; beyond that the oldest are folded into one floor that every session must
+    see (safe, only less precise).
+
+    ``shared``: the write positions of every worker (several workers; Redis). A write then
+    pins its session there before it commits (:meth:`begin_write`, which raises
+    :class:`WritePositionsUnavailable` if it cannot: the write must not commit) and settles
+    it after (:meth:`end_write`); a read that would go to a replica first fetches the
+    session's position there, and if that fails, the primary serves. Without ``shared``
+    (one worker, or tests) only this worker's writes are known.
     """
 
     def __init__(
@@ -271,6 +293,7 @@ class ReplicaRouter:
         max_sessions: int = 100_000,
         probe_wait_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        shared: WritePositions | None = None,
     ) -> None:
         if max_lag_s <= 0 or display_max_lag_s <= 0:
             raise ConfigurationError("a replica lag bound must be positive")
@@ -291,33 +314,49 @@ class ReplicaRouter:
         self._lock = threading.Lock()
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._floor = 0  # an LSN every session must find replayed
-        self._floor_until = 0.0  # every session stays on the primary until then
+        self._floor_unknown_at = -math.inf  # a write of unknown position every session sees
         self._turn = 0
+        self.shared = shared
+        if shared is not None and shared.retain_s < self.pin_for(self.display_max_lag_s) + 1:
+            # A shared entry must outlive any window in which an admitted replica lacks it.
+            raise ConfigurationError(
+                "shared write positions must be kept longer than the display lag bound"
+            )
+        self.shared_failures = 0  # settlements that could not be shared (their pin stays)
+
+    def pin_for(self, bound: float) -> float:
+        """How long after a write of unknown position its session stays on the primary, for
+        reads with lag bound ``bound``: a replica within the bound at least that long after
+        the commit has it (clocks within :data:`CLOCK_MARGIN_S`)."""
+        return max(self._unknown_pin, bound + CLOCK_MARGIN_S)
 
     # routing ------------------------------------------------------------------------------
 
     def choose(self, reads: ReadClass, session: str | None = None) -> Replica | None:
         """The replica to serve a read-only unit reading ``reads`` for ``session`` (see
-        :func:`current_session`), or None: the primary."""
+        :func:`current_session`), or None: the primary. The shared write positions are asked
+        only once a replica would otherwise serve."""
         if reads in (ReadClass.AUTHORIZATION, ReadClass.FRESH) or not self.replicas:
             return None
         bound = self.max_lag_s if reads is ReadClass.PHI else self.display_max_lag_s
+        pin = self.pin_for(bound)
         key = current_session(session)
         now = self._clock()
         with self._lock:
             pending = self._pending.get(key)
-            need, pinned_until = self._floor, self._floor_until
+            need, unknown_at = self._floor, self._floor_unknown_at
             if pending is not None:
-                if pending.lsn is None and now >= pending.until:
+                if pending.lsn is None and now >= pending.unknown_at + self._longest_pin():
                     del self._pending[key]  # an unknown position's pin has run out
                     pending = None
                 else:
-                    pinned_until = max(pinned_until, pending.until)
+                    unknown_at = max(unknown_at, pending.unknown_at)
                     need = max(need, pending.lsn or 0)
             start = self._turn
             self._turn = (self._turn + 1) % len(self.replicas)
-        if now < pinned_until:
+        if now < unknown_at + pin:
             return None
+        shared_checked = self.shared is None
         count = len(self.replicas)
         for step in range(count):
             replica = self.replicas[(start + step) % count]
@@ -328,10 +367,40 @@ class ReplicaRouter:
                 continue
             if need and (sample.replay_lsn is None or sample.replay_lsn < need):
                 continue
+            if not shared_checked:
+                # Only now, when a replica would serve: every worker's writes of this session.
+                shared_checked = True
+                found = self._shared_need(key, pin)
+                if found is None:
+                    return None
+                if found > need:
+                    need = found
+                    if sample.replay_lsn is None or sample.replay_lsn < need:
+                        continue
             if pending is not None and pending.lsn is not None:
                 self._forget_if_everywhere(key, pending)
             return replica
         return None
+
+    def _shared_need(self, key: str, pin: float) -> int | None:
+        """The LSN the shared positions require for ``key`` (0: none), or None: only the
+        primary will do (a write in flight or of unknown position, or the shared state
+        unreachable: never read what may be stale)."""
+        shared = self.shared
+        if shared is None:
+            return 0
+        try:
+            found = shared.need(key)
+        except WritePositionsUnavailable:
+            return None
+        if found.in_flight:
+            return None
+        if found.unknown_age_s is not None and found.unknown_age_s < pin:
+            return None
+        return found.lsn
+
+    def _longest_pin(self) -> float:
+        return self.pin_for(self.display_max_lag_s)
 
     def replica_failed(self, replica: Replica) -> None:
         """A connection to or a read on ``replica`` failed: skip it until its health allows."""
@@ -385,33 +454,87 @@ class ReplicaRouter:
 
     # read-your-writes ---------------------------------------------------------------------
 
+    def begin_write(self, session: str | None) -> None:
+        """A write unit under ``session`` begins: with shared positions, pin the session there
+        (every worker's reads of it go to the primary until :meth:`end_write`). Raises
+        :class:`WritePositionsUnavailable` if that fails: the write must not commit."""
+        if self.shared is not None:
+            self.shared.begin(current_session(session))
+
+    def end_write(
+        self,
+        session: str | None,
+        *,
+        committed: bool | None,
+        lsn: int | None = None,
+        pinned: bool = True,
+    ) -> None:
+        """A write unit under ``session`` ended: ``committed`` True at or before WAL position
+        ``lsn`` (None: unknown), None if it may have committed (its commit failed midway:
+        treated as an unknown position), False if nothing was written. Releases the
+        :meth:`begin_write` pin (``pinned``). A settlement the shared positions do not take
+        leaves the pin there (safe: the session reads the primary until it expires)."""
+        key = current_session(session)
+        if committed is not False:
+            self._note_local(key, lsn if committed else None)
+        shared = self.shared
+        if shared is not None and (pinned or committed is not False):
+            try:
+                shared.settle(key, pinned=pinned, committed=committed, lsn=lsn)
+            except WritePositionsUnavailable:
+                with self._lock:
+                    self.shared_failures += 1
+
     def note_write(self, session: str | None, lsn: int | None) -> None:
         """A write under ``session`` (see :func:`current_session`) committed at or before WAL
         position ``lsn`` (None: unknown, keep the session on the primary for a while)."""
-        key = current_session(session)
+        self.end_write(session, committed=True, lsn=lsn, pinned=False)
+
+    def begin_write_everyone(self) -> None:
+        """A write every session must see begins (a migration, a re-seal): with shared
+        positions, pin every session to the primary until :meth:`end_write_everyone`."""
+        if self.shared is not None:
+            self.shared.begin(EVERYONE)
+
+    def end_write_everyone(
+        self, *, committed: bool | None, lsn: int | None = None, pinned: bool = True
+    ) -> None:
+        """The floor's :meth:`end_write`."""
+        if committed is not False:
+            with self._lock:
+                if committed and lsn is not None:
+                    self._floor = max(self._floor, lsn)
+                else:
+                    self._floor_unknown_at = max(self._floor_unknown_at, self._clock())
+        shared = self.shared
+        if shared is not None and (pinned or committed is not False):
+            try:
+                shared.settle(EVERYONE, pinned=pinned, committed=committed, lsn=lsn)
+            except WritePositionsUnavailable:
+                with self._lock:
+                    self.shared_failures += 1
+
+    def note_write_everyone(self, lsn: int | None) -> None:
+        """A write every session must see before reading from a replica (a migration)."""
+        self.end_write_everyone(committed=True, lsn=lsn, pinned=False)
+
+    def _note_local(self, key: str, lsn: int | None) -> None:
         with self._lock:
             old = self._pending.pop(key, None)
             if lsn is None:
-                until = self._clock() + self._unknown_pin
-                entry = _Pending(old.lsn if old else None, until)
+                entry = _Pending(old.lsn if old else None, self._clock())
             else:
-                entry = _Pending(max(lsn, old.lsn or 0) if old else lsn, old.until if old else 0)
+                entry = _Pending(
+                    max(lsn, old.lsn or 0) if old else lsn, old.unknown_at if old else -math.inf
+                )
             self._pending[key] = entry
             if len(self._pending) > self._max_sessions:
                 self._fold_oldest()
 
-    def note_write_everyone(self, lsn: int | None) -> None:
-        """A write every session must see before reading from a replica (a migration)."""
-        with self._lock:
-            if lsn is None:
-                self._floor_until = max(self._floor_until, self._clock() + self._unknown_pin)
-            else:
-                self._floor = max(self._floor, lsn)
-
     def _forget_if_everywhere(self, key: str, pending: _Pending) -> None:
         """Drop a session's entry once every replica has replayed its write."""
         lsn = pending.lsn
-        if lsn is None or self._clock() < pending.until:
+        if lsn is None or self._clock() < pending.unknown_at + self._longest_pin():
             return
         for replica in self.replicas:
             kept = replica.sample
@@ -427,7 +550,7 @@ class ReplicaRouter:
             _, entry = self._pending.popitem(last=False)
             if entry.lsn is not None:
                 self._floor = max(self._floor, entry.lsn)
-            self._floor_until = max(self._floor_until, entry.until)
+            self._floor_unknown_at = max(self._floor_unknown_at, entry.unknown_at)
 
     @property
     def tracked_sessions(self) -> int:

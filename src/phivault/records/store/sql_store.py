@@ -116,6 +116,7 @@ from phivault.records.store.search import (
     page_select,
     to_micros,
 )
+from phivault.records.store.write_positions import WritePositions, WritePositionsUnavailable
 
 __all__ = ["SqlRecordStore", "SqlSealedElements", "SqlUnitOfWork"]
 
@@ -211,6 +212,7 @@ class SqlUnitOfWork:
         *,
         read_only: bool = False,
         link: _ReplicaLink | None = None,
+        before_commit: Callable[[], None] | None = None,
         after_commit: Callable[[Connection], None] | None = None,
     ) -> None:
         self._conn = connection
@@ -219,7 +221,9 @@ class SqlUnitOfWork:
         self._link = link
         self._primary: Connection | None = None  # the authority beside a replica
         self._nodes = [PRIMARY if link is None else link.replica.name]
+        self._before_commit = before_commit
         self._after_commit = after_commit
+        self._commit_tried = False  # a failed commit may still have committed
 
     @property
     def served_by(self) -> str:
@@ -233,6 +237,9 @@ class SqlUnitOfWork:
     # transaction ------------------------------------------------------------------------
 
     def commit(self) -> None:
+        if self._before_commit is not None:
+            self._before_commit()
+        self._commit_tried = True
         with self._translate("commit"):
             self._conn.commit()
             if self._primary is not None:
@@ -1076,6 +1083,7 @@ class SqlRecordStore:
         replica_sample_s: float = 0.05,
         replica_retry_s: float = 1.0,
         replica_health: Callable[[str], ReplicaHealth] | None = None,
+        replica_positions: WritePositions | None = None,
     ) -> None:
         parsed = _parse_url(url)
         backend = parsed.get_backend_name()
@@ -1132,6 +1140,7 @@ class SqlRecordStore:
                     max_lag_s=replica_max_lag_s,
                     display_max_lag_s=replica_display_max_lag_s,
                     sample_ttl_s=replica_sample_s,
+                    positions=replica_positions,
                 )
             if migrate:
                 self.migrate()
@@ -1147,6 +1156,7 @@ class SqlRecordStore:
         max_lag_s: float,
         display_max_lag_s: float,
         sample_ttl_s: float,
+        positions: WritePositions | None,
     ) -> ReplicaRouter:
         replicas = []
         for url in urls:
@@ -1172,6 +1182,7 @@ class SqlRecordStore:
             max_lag_s=max_lag_s,
             display_max_lag_s=display_max_lag_s,
             sample_ttl_s=sample_ttl_s,
+            shared=positions,
         )
 
     @property
@@ -1182,16 +1193,19 @@ class SqlRecordStore:
     def migrate(self) -> None:
         """Run the migrations to head, in one transaction (replicas are read from only once
         they have replayed it)."""
-        try:
-            with self._engine.begin() as conn:
-                if self.dialect == "postgresql":
-                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
-                upgrade(conn)
-            if self._router is not None:
-                with self._engine.connect() as conn:
-                    self._router.note_write_everyone(_written_lsn(conn))
-        except SQLAlchemyError as exc:
-            raise _driver_error(exc, "migrate") from exc
+        # Not required: a worker starts while Redis is down (a replica without a new schema
+        # fails the read, which the primary then serves; it never returns stale PHI).
+        with _writing_everyone(self._router, required=False) as committed:
+            try:
+                with self._engine.begin() as conn:
+                    if self.dialect == "postgresql":
+                        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+                    upgrade(conn)
+                if self._router is not None:
+                    with self._engine.connect() as conn:
+                        committed(conn)
+            except SQLAlchemyError as exc:
+                raise _driver_error(exc, "migrate") from exc
 
     @property
     def engine(self) -> Engine:
@@ -1233,15 +1247,52 @@ class SqlRecordStore:
         elif read_only:
             uow = self._routed(router, reads, session)
         else:
-            key = current_session(session)
-            uow = SqlUnitOfWork(
-                self._begin(self._engine, read_only=False),
-                after_commit=lambda conn: router.note_write(key, _written_lsn(conn)),
-            )
+            with self._noted_write(router, current_session(session)) as uow:
+                yield uow
+            return
         try:
             yield uow
         finally:
             uow._close()
+
+    @contextmanager
+    def _noted_write(self, router: ReplicaRouter, key: str) -> Iterator[SqlUnitOfWork]:
+        """A write unit whose commit every worker's router learns of (read-your-writes): just
+        before it commits, the session is pinned to the primary in the shared positions (the
+        commit is refused if that fails: nothing is written), and it is settled with the
+        commit's LSN after."""
+        pinned = False
+        settled = False
+
+        def before_commit() -> None:
+            nonlocal pinned
+            try:
+                router.begin_write(key)
+            except WritePositionsUnavailable as exc:
+                raise RecordStoreUnavailable(
+                    "records store: commit refused (write positions)"
+                ) from exc
+            pinned = router.shared is not None
+
+        def after_commit(conn: Connection) -> None:
+            nonlocal settled
+            settled = True
+            router.end_write(key, committed=True, lsn=_written_lsn(conn), pinned=pinned)
+
+        uow = SqlUnitOfWork(
+            self._begin(self._engine, read_only=False),
+            before_commit=before_commit,
+            after_commit=after_commit,
+        )
+        try:
+            yield uow
+        finally:
+            try:
+                uow._close()
+            finally:
+                committed = None if uow._commit_tried else False
+                if not settled and (pinned or committed is not False):
+                    router.end_write(key, committed=committed, pinned=pinned)
 
     def _routed(
         self, router: ReplicaRouter, reads: ReadClass, session: str | None
@@ -1283,6 +1334,8 @@ class SqlRecordStore:
         self._engine.dispose()
         for engine in self._replicas.values():
             engine.dispose()
+        if self._router is not None and self._router.shared is not None:
+            self._router.shared.close()
 
 
 _REPLICA_CONNECT_TIMEOUT_S: Final = 2
@@ -1295,6 +1348,40 @@ def _parse_url(url: str) -> Any:
     except ArgumentError:
         # The URL may hold a password: it stays out of the message.
         raise ConfigurationError("not a database URL (records store)") from None
+
+
+@contextmanager
+def _writing_everyone(
+    router: ReplicaRouter | None, *, required: bool = True
+) -> Iterator[Callable[[Connection], None]]:
+    """Around a write every session must see (a migration, a re-seal): with shared write
+    positions, every session is pinned to the primary first; if that cannot be shared, the
+    write is refused (nothing is written) unless not ``required``. Call the yielded function
+    with the connection once the write committed; if the block ends without that, it may
+    have committed at an unknown position, and is settled so."""
+    settled = router is None
+    pinned = False
+
+    def committed(conn: Connection) -> None:
+        nonlocal settled
+        if router is not None and not settled:
+            settled = True
+            router.end_write_everyone(committed=True, lsn=_written_lsn(conn), pinned=pinned)
+
+    if router is not None:
+        try:
+            router.begin_write_everyone()
+            pinned = router.shared is not None
+        except WritePositionsUnavailable as exc:
+            if required:
+                raise RecordStoreUnavailable(
+                    "records store: begin failed (write positions)"
+                ) from exc
+    try:
+        yield committed
+    finally:
+        if router is not None and not settled:
+            router.end_write_everyone(committed=None, pinned=pinned)
 
 
 def _written_lsn(conn: Connection) -> int | None:
@@ -1346,14 +1433,14 @@ class SqlSealedElements:
         """One transaction. With replicas, a write's position becomes a floor every reader
         must find replayed: an element re-sealed under a new data key must not be read back
         in its old form from a replica once the old key may be destroyed."""
-        try:
-            with self._engine.connect() as conn:
-                with conn.begin():
-                    yield conn
-                if writes and self._router is not None:
-                    self._router.note_write_everyone(_written_lsn(conn))
-        except SQLAlchemyError as exc:
-            raise _driver_error(exc, doing) from exc
+        with _writing_everyone(self._router if writes else None) as committed:
+            try:
+                with self._engine.connect() as conn:
+                    with conn.begin():
+                        yield conn
+                    committed(conn)
+            except SQLAlchemyError as exc:
+                raise _driver_error(exc, doing) from exc
 
     def scan(
         self, tenant: str, *, patient: str | None, after: int, limit: int
