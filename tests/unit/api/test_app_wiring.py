@@ -1,5 +1,6 @@
-"""The routers are mounted flat (their routes in the app's own table): the app must serve and
-document exactly what FastAPI's ``include_router`` would, the included app being the oracle."""
+"""How create_app wires the routers and FastAPI: the routers are mounted flat (their routes in
+the app's own table) and must serve and document exactly what FastAPI's ``include_router``
+would, the included app being the oracle; FastAPI's own telemetry stays off."""
 
 from __future__ import annotations
 
@@ -150,3 +151,31 @@ def test_flat_mount_refuses_a_malformed_prefix() -> None:
 
     with pytest.raises(ConfigurationError):
         mount_flat(FastAPI(), api_harness.test_router(), prefix="/t/")
+
+
+async def test_fastapi_telemetry_never_traces_a_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FastAPI's native spans carry the raw path and query (PHI); they stay off even when an
+    OpenTelemetry tracer provider is configured in the process."""
+    from opentelemetry import trace
+
+    started: list[str] = []
+
+    class Recording(trace.NoOpTracer):
+        def start_span(self, name: str, *args: Any, **kwargs: Any) -> trace.Span:
+            started.append(name)
+            return super().start_span(name, *args, **kwargs)
+
+        def start_as_current_span(self, name: str, *args: Any, **kwargs: Any) -> Any:
+            started.append(name)
+            return super().start_as_current_span(name, *args, **kwargs)
+
+    class Provider(trace.TracerProvider):
+        def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+            return Recording()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", Provider)
+    harness = build()
+    async with harness.client:
+        response = await harness.client.get("/t/records/r1?name=Zebulon", headers=harness.auth())
+        assert response.status_code == 200
+    assert started == []
