@@ -23,6 +23,7 @@ compare-and-swap, when it commits).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -457,7 +458,7 @@ class RecordsRepository:
         self._check_type(resource_type)
         _check_auditable(resource_type, resource_id)
         key = ResourceKey(caller.access.tenant, resource_type, resource_id)
-        stored, decision, node = await _blocking(
+        stored, decision, node = await _reading(
             lambda: self._load_one(caller, key, None, Interaction.READ)
         )
         return await self._disclose_one(
@@ -474,7 +475,7 @@ class RecordsRepository:
         if number is None:  # a version that cannot exist is simply not known
             await self._record_miss(caller, "vread", Action.READ, None, "not-found")
             raise RecordNotFound(resource_type, resource_id, "?")
-        stored, decision, node = await _blocking(
+        stored, decision, node = await _reading(
             lambda: self._load_one(caller, key, number, Interaction.VREAD)
         )
         return await self._disclose_one(
@@ -565,7 +566,7 @@ class RecordsRepository:
                 included_decisions = self._decide_rows(uow, caller, included, Interaction.SEARCH)
                 return page, included, decisions, included_decisions, uow.nodes
 
-        page, included, decisions, included_decisions, node = await _blocking(run)
+        page, included, decisions, included_decisions, node = await _reading(run)
         # SQL admitted exactly what the policy admits; a row the decision refuses now would be
         # a disagreement between the two, and is withheld rather than shown.
         shown = [(v, d) for v, d in zip(page.matches, decisions, strict=True) if d.allowed]
@@ -628,7 +629,7 @@ class RecordsRepository:
                 decisions = self._decide_rows(uow, caller, found[:count], Interaction.HISTORY)
                 return found, decisions, uow.nodes
 
-        found, decisions, node = await _blocking(run)
+        found, decisions, node = await _reading(run)
         if resource_id is not None and not found and offset == 0:
             await self._record_miss(caller, "history", Action.READ, None, "not-found")
             raise RecordNotFound(resource_type, resource_id)
@@ -1541,7 +1542,10 @@ class RecordsRepository:
                 e.model_copy(update={"source": Source(observer=e.source.observer, site=site)})
                 for e in events
             ]
-        await asyncio.gather(*(caller.audit.record(e) for e in events))
+        if len(events) == 1:  # a read, or a search of one patient: no task for gather
+            await caller.audit.record(events[0])
+        else:
+            await asyncio.gather(*(caller.audit.record(e) for e in events))
 
     def _write_events(
         self,
@@ -1837,6 +1841,47 @@ async def _blocking(work: Callable[[], _T]) -> _T:
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
     return await loop.run_in_executor(_storage_executor(os.getpid()), context.run, work)
+
+
+async def _reading(work: Callable[[], _T]) -> _T:
+    """:func:`_blocking` for reads, with a leaner hand-off: the worker thread settles the
+    caller's asyncio future itself (one ``call_soon_threadsafe``), instead of the executor's
+    future being chained to an asyncio one (``run_in_executor``), which cost a read about
+    seventy Python calls on the event loop. The same threads, the caller's context
+    variables go with the work, and a cancelled caller stops waiting; the read then runs to
+    its end and its result is dropped (a read not yet started is not skipped: it is only a
+    read)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+    context = contextvars.copy_context()
+    _storage_executor(os.getpid()).submit(_run_for, loop, future, context, work)
+    return await future
+
+
+def _run_for(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[_T],
+    context: contextvars.Context,
+    work: Callable[[], _T],
+) -> None:
+    """On a storage thread: run ``work`` in the caller's context, settle its future."""
+    try:
+        result = context.run(work)
+    except BaseException as exc:  # handed to the caller, as the executor's future would
+        outcome: tuple[_T | None, BaseException | None] = (None, exc)
+    else:
+        outcome = (result, None)
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+        loop.call_soon_threadsafe(_settle, future, *outcome)
+
+
+def _settle(future: asyncio.Future[_T], result: _T | None, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]  # None only with an exception
 
 
 def _written_outcome(write: _Write) -> BundleEntryOutcome:

@@ -1,0 +1,64 @@
+"""The read path's hand-off to the storage threads (``records.repository._reading``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+
+import pytest
+
+from phivault.records.repository import _reading
+
+_WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
+
+
+async def test_the_work_runs_on_a_storage_thread_in_the_callers_context() -> None:
+    _WHO.set("caller-1")
+    loop_thread = threading.get_ident()
+
+    def work() -> tuple[str, int]:
+        return _WHO.get(), threading.get_ident()
+
+    who, thread = await _reading(work)
+    assert who == "caller-1"
+    assert thread != loop_thread
+
+
+async def test_an_exception_of_the_work_reaches_the_caller() -> None:
+    class Boom(Exception):
+        pass
+
+    def work() -> None:
+        raise Boom("store down")
+
+    with pytest.raises(Boom, match="store down"):
+        await _reading(work)
+
+
+async def test_a_cancelled_caller_stops_waiting_and_the_work_runs_to_its_end() -> None:
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> str:
+        started.set()
+        release.wait(10)
+        finished.set()
+        return "late"
+
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    task = asyncio.create_task(_reading(work))
+    await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    await asyncio.to_thread(finished.wait, 10)
+    assert finished.is_set()
+    await asyncio.sleep(0.05)
+    assert errors == []  # the late result is dropped without an error on the loop
+
+
+async def test_many_concurrent_reads_each_get_their_own_result() -> None:
+    results = await asyncio.gather(*(_reading(lambda n=n: n * n) for n in range(200)))
+    assert results == [n * n for n in range(200)]
