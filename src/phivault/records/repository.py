@@ -1848,9 +1848,8 @@ async def _reading(work: Callable[[], _T]) -> _T:
     caller's asyncio future itself (one ``call_soon_threadsafe``), instead of the executor's
     future being chained to an asyncio one (``run_in_executor``), which cost a read about
     seventy Python calls on the event loop. The same threads, the caller's context
-    variables go with the work, and a cancelled caller stops waiting; the read then runs to
-    its end and its result is dropped (a read not yet started is not skipped: it is only a
-    read)."""
+    variables go with the work, and a cancelled caller stops waiting: a read that has begun
+    runs to its end and its result is dropped, one that has not is skipped."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[_T] = loop.create_future()
     context = contextvars.copy_context()
@@ -1865,6 +1864,8 @@ def _run_for(
     work: Callable[[], _T],
 ) -> None:
     """On a storage thread: run ``work`` in the caller's context, settle its future."""
+    if future.cancelled():  # the caller stopped waiting before it began (as the executor
+        return  # skips a cancelled work item)
     try:
         result = context.run(work)
     except BaseException as exc:  # handed to the caller, as the executor's future would

@@ -62,3 +62,14 @@ async def test_a_cancelled_caller_stops_waiting_and_the_work_runs_to_its_end() -
 async def test_many_concurrent_reads_each_get_their_own_result() -> None:
     results = await asyncio.gather(*(_reading(lambda n=n: n * n) for n in range(200)))
     assert results == [n * n for n in range(200)]
+
+
+async def test_a_read_whose_caller_left_before_it_began_is_skipped() -> None:
+    from phivault.records.repository import _run_for
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+    future.cancel()
+    ran: list[bool] = []
+    _run_for(loop, future, contextvars.copy_context(), lambda: str(ran.append(True)))
+    assert ran == []
