@@ -311,13 +311,22 @@ def create_app(
     app.state.dev_provider = dev_provider
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    # The front door's own routes are added to the app's route table directly (not as an
-    # included router, which costs a second round of matching on every request).
-    app.router.routes.extend(system_router().routes)
+    # Every route goes into the app's own table (an included router costs a second round
+    # of matching on every request). Routes are tried in order: the mounted routers' first
+    # (nearly every request is a FHIR one), the front door's own after them (no path of one
+    # matches a path of the other, so the order changes no match and no 405's Allow).
     if dev_provider is not None:
         mount_flat(app, dev_router(dev_provider))
     for mounted in routers:
         mount_flat(app, mounted.router, prefix=mounted.prefix)
+    system = system_router().routes
+    for route in system:
+        path = getattr(route, "path", "")
+        for mounted_route in app.routes:
+            regex = getattr(mounted_route, "path_regex", None)
+            if regex is not None and regex.match(path):
+                raise ConfigurationError(f"a mounted route would take the front door's {path}")
+    app.router.routes.extend(system)
     return app
 
 
