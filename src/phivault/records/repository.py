@@ -451,6 +451,9 @@ class RecordsRepository:
         self._max_entries = max_bundle_entries
         self._observer = observer
         self._settling: set[asyncio.Future[None]] = set()
+        # Embedded (SQLite, in this process's memory and page cache): the point reads of
+        # one turn of the event loop go to a storage thread together (_ReadBatches).
+        self._batched = _ReadBatches() if getattr(store, "dialect", None) == "sqlite" else None
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -458,7 +461,7 @@ class RecordsRepository:
         self._check_type(resource_type)
         _check_auditable(resource_type, resource_id)
         key = ResourceKey(caller.access.tenant, resource_type, resource_id)
-        stored, decision, node = await _reading(
+        stored, decision, node = await self._point_read(
             lambda: self._load_one(caller, key, None, Interaction.READ)
         )
         return await self._disclose_one(
@@ -475,7 +478,7 @@ class RecordsRepository:
         if number is None:  # a version that cannot exist is simply not known
             await self._record_miss(caller, "vread", Action.READ, None, "not-found")
             raise RecordNotFound(resource_type, resource_id, "?")
-        stored, decision, node = await _reading(
+        stored, decision, node = await self._point_read(
             lambda: self._load_one(caller, key, number, Interaction.VREAD)
         )
         return await self._disclose_one(
@@ -487,6 +490,10 @@ class RecordsRepository:
             subtype="vread",
             node=node,
         )
+
+    def _point_read(self, work: Callable[[], _T]) -> asyncio.Future[_T] | Coroutine[Any, Any, _T]:
+        batches = self._batched
+        return _reading(work) if batches is None else batches.add(work)
 
     def _load_one(
         self, caller: Caller, key: ResourceKey, version: int | None, interaction: Interaction
@@ -1855,6 +1862,62 @@ async def _reading(work: Callable[[], _T]) -> _T:
     context = contextvars.copy_context()
     _storage_executor(os.getpid()).submit(_run_for, loop, future, context, work)
     return await future
+
+
+class _ReadBatches:
+    """The point reads that one turn of the event loop asks for, run by one storage thread
+    one after another, their futures settled by one ``call_soon_threadsafe``.
+
+    Each hand-off to a thread costs a wake-up of the thread, a wake-up of the event loop and
+    the GIL passed both ways; concurrent reads arrive together (their previous steps end
+    together, on one group commit of the ledger), so a batch of them pays that once. Only
+    for SQLite, whose point reads take a few hundred microseconds under the GIL either way;
+    reads over a network (PostgreSQL) each keep their own thread. Every read runs in its
+    caller's context; one that fails fails only its caller; a caller that left before its
+    read began is skipped."""
+
+    def __init__(self) -> None:
+        self._pending: dict[
+            asyncio.AbstractEventLoop,
+            list[tuple[Callable[[], Any], asyncio.Future[Any], contextvars.Context]],
+        ] = {}
+
+    def add(self, work: Callable[[], _T]) -> asyncio.Future[_T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._flush, loop)
+        pending.append((work, future, contextvars.copy_context()))
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending.pop(loop, [])
+        if batch:
+            _storage_executor(os.getpid()).submit(_run_batch, loop, batch)
+
+
+def _run_batch(
+    loop: asyncio.AbstractEventLoop,
+    batch: list[tuple[Callable[[], Any], asyncio.Future[Any], contextvars.Context]],
+) -> None:
+    """On a storage thread: each read of ``batch`` in its caller's context, then settle."""
+    outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+    for work, future, context in batch:
+        if future.cancelled():
+            continue
+        try:
+            outcomes.append((future, context.run(work), None))
+        except BaseException as exc:  # handed to its caller only
+            outcomes.append((future, None, exc))
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+        loop.call_soon_threadsafe(_settle_all, outcomes)
+
+
+def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, exc in outcomes:
+        _settle(future, result, exc)
 
 
 def _run_for(

@@ -73,3 +73,41 @@ async def test_a_read_whose_caller_left_before_it_began_is_skipped() -> None:
     ran: list[bool] = []
     _run_for(loop, future, contextvars.copy_context(), lambda: str(ran.append(True)))
     assert ran == []
+
+
+async def test_point_reads_of_one_turn_share_a_thread_and_keep_their_own_outcomes() -> None:
+    from phivault.records.repository import _ReadBatches
+
+    batches = _ReadBatches()
+    threads: list[int] = []
+
+    def read(n: int) -> int:
+        threads.append(threading.get_ident())
+        if n == 3:
+            raise KeyError("not there")
+        return n * 10
+
+    async def one(n: int) -> int:
+        _WHO.set(f"caller-{n}")
+        who = await batches.add(lambda: (read(n), _WHO.get()))
+        assert who[1] == f"caller-{n}"  # each read ran in its own caller's context
+        return who[0]
+
+    results = await asyncio.gather(*(one(n) for n in range(6)), return_exceptions=True)
+    assert [r if not isinstance(r, Exception) else "error" for r in results] == [
+        0, 10, 20, "error", 40, 50,
+    ]  # fmt: skip
+    assert isinstance(results[3], KeyError)
+    assert len(set(threads)) == 1  # one hand-off for the six
+
+
+async def test_a_batched_read_whose_caller_left_is_skipped() -> None:
+    from phivault.records.repository import _ReadBatches
+
+    batches = _ReadBatches()
+    ran: list[int] = []
+    kept = batches.add(lambda: ran.append(1))
+    dropped = batches.add(lambda: ran.append(2))
+    dropped.cancel()
+    await kept
+    assert ran == [1]
