@@ -1438,9 +1438,9 @@ class RecordsRepository:
         if self._controls.encryption:
             try:
                 cipher = await self._keyring.patient_cipher(tenant, stored.key_subject)
+                sealed = stored.groups
                 plain = cipher.open_many(
-                    (group_element_ref(tenant, envelope, g), stored.groups[g.value])
-                    for g in allowed
+                    (group_element_ref(tenant, envelope, g), sealed[str(g)]) for g in allowed
                 )
             except DecryptionFailed:
                 await self._record_miss(
@@ -1452,7 +1452,7 @@ class RecordsRepository:
                     "failed its integrity check; nothing of it is disclosed"
                 ) from None
         else:
-            plain = [stored.groups[g.value] for g in allowed]
+            plain = [stored.groups[str(g)] for g in allowed]
         contents = {g: GroupContent.decode(p) for g, p in zip(allowed, plain, strict=True)}
         _taint_contents(contents.values())
         resource = assemble(envelope, contents, withheld=withheld, fresh=True)
