@@ -25,9 +25,11 @@ from contextlib import asynccontextmanager
 from typing import Any, TextIO
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from fastapi.telemetry import TelemetryConfig
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
@@ -66,12 +68,14 @@ from phivault.privacy.scrub import Scrubber
 from phivault.resilience import Breaker, Breakers
 from phivault.settings import Settings, SharedStateKind
 
-__all__ = ["REDIS_PROBE_S", "REDIS_TIMEOUT_S", "create_app", "session_policy"]
+__all__ = ["REDIS_PROBE_S", "REDIS_TIMEOUT_S", "create_app", "mount_flat", "session_policy"]
 
 REDIS_TIMEOUT_S = 0.5  # one Redis round trip; a slower Redis counts as down
 REDIS_PROBE_S = 5.0  # how often an open Redis breaker lets one request try again
 
 ReadinessCheck = Callable[[], Awaitable[None]]
+
+_NO_FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def _redis_breaker(name: str) -> Breaker:
@@ -291,6 +295,10 @@ def create_app(
         docs_url=None if settings.is_production else "/docs",
         redoc_url=None,
         redirect_slashes=False,
+        # FastAPI's own OpenTelemetry spans, metrics and logs stay off: their attributes hold
+        # the raw path and query (a patient id, a searched name), which invariant 4 keeps out
+        # of traces; and checking for a configured provider cost every request a dozen calls.
+        telemetry=_NO_FASTAPI_TELEMETRY,
     )
     for name, value in (state or {}).items():
         setattr(app.state, name, value)
@@ -303,14 +311,91 @@ def create_app(
     app.state.dev_provider = dev_provider
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    # The front door's own routes are added to the app's route table directly (not as an
-    # included router, which costs a second round of matching on every request).
-    app.router.routes.extend(system_router().routes)
+    # Every route goes into the app's own table (an included router costs a second round
+    # of matching on every request). Routes are tried in order: the mounted routers' first
+    # (nearly every request is a FHIR one), the front door's own after them (no path of one
+    # matches a path of the other, so the order changes no match and no 405's Allow).
     if dev_provider is not None:
-        app.include_router(dev_router(dev_provider))
+        mount_flat(app, dev_router(dev_provider))
     for mounted in routers:
-        app.include_router(mounted.router, prefix=mounted.prefix)
+        mount_flat(app, mounted.router, prefix=mounted.prefix)
+    system = system_router().routes
+    for route in system:
+        path = getattr(route, "path", "")
+        for mounted_route in app.routes:
+            regex = getattr(mounted_route, "path_regex", None)
+            if regex is not None and regex.match(path):
+                raise ConfigurationError(f"a mounted route would take the front door's {path}")
+    app.router.routes.extend(system)
     return app
+
+
+def mount_flat(app: FastAPI, router: APIRouter, *, prefix: str = "") -> None:
+    """Add ``router``'s routes to the app's own route table, with ``prefix``, in order.
+
+    What ``app.include_router(router, prefix=prefix)`` serves, matched without FastAPI's
+    included-router wrappers: those match every request twice over and cost about a sixth of
+    a FHIR read's Python calls (``bench/_read_cpu.py --flat-routes``). Each route is rebuilt
+    as ``include_router`` describes it (the router's settings are already folded into its
+    routes by ``APIRouter.add_api_route``), so paths, methods, names, tags, responses and
+    operation ids, and so the OpenAPI document, are the same, and the routes keep their
+    order, which decides the match and a 405's ``Allow``. A router with anything a route does
+    not carry (startup or shutdown handlers, a lifespan, form limits, frontend or other
+    non-API routes) is included as FastAPI does it instead.
+    """
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        raise ConfigurationError("a router prefix starts with '/' and does not end with one")
+    flat = (
+        not router.on_startup
+        and not router.on_shutdown
+        and type(router.lifespan_context).__name__ == "_DefaultLifespan"
+        and not getattr(router, "form_limits", None)
+        and not getattr(router, "_low_priority_routes", None)
+        and all(isinstance(route, APIRoute) for route in router.routes)
+    )
+    if not flat:
+        app.include_router(router, prefix=prefix)
+        return
+    for route in router.routes:
+        if not isinstance(route, APIRoute):  # checked above; narrows the type
+            raise TypeError("not an APIRoute")
+        path = prefix + route.path
+        if not path:
+            raise ConfigurationError(f"a route has an empty path: {route.name}")
+        options: dict[str, Any] = {}
+        if getattr(route, "form_limits", None):
+            options["form_limits"] = route.form_limits
+        app.router.add_api_route(
+            path,
+            route.endpoint,
+            response_model=route.response_model,
+            status_code=route.status_code,
+            tags=list(route.tags),
+            dependencies=list(route.dependencies),
+            summary=route.summary,
+            description=route.description,
+            response_description=route.response_description,
+            responses=dict(route.responses),
+            deprecated=route.deprecated,
+            methods=route.methods,
+            operation_id=route.operation_id,
+            response_model_include=route.response_model_include,
+            response_model_exclude=route.response_model_exclude,
+            response_model_by_alias=route.response_model_by_alias,
+            response_model_exclude_unset=route.response_model_exclude_unset,
+            response_model_exclude_defaults=route.response_model_exclude_defaults,
+            response_model_exclude_none=route.response_model_exclude_none,
+            include_in_schema=route.include_in_schema,
+            response_class=route.response_class,
+            name=route.name,
+            route_class_override=type(route),
+            callbacks=list(route.callbacks or []),
+            openapi_extra=route.openapi_extra,
+            generate_unique_id_function=route.generate_unique_id_function,
+            strict_content_type=route.strict_content_type,
+            max_body_size=route.max_body_size,
+            **options,
+        )
 
 
 def _outcome(

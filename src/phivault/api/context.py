@@ -80,7 +80,7 @@ class AuditContext:
         principal = self.principal
         return _agent(
             principal.subject,
-            tuple(sorted(role.value for role in principal.roles)),
+            tuple(sorted(map(str, principal.roles))),  # StrEnum values
             principal.client_id,
             self.network_address,
             principal.purpose_of_use,

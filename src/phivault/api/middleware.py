@@ -22,7 +22,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import secrets
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any, Final
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from phivault.api._ids import random_hex
 from phivault.api.context import STATE_KEY, AuditContext, RequestState
 from phivault.api.observability import Metrics
 from phivault.api.problems import (
@@ -216,7 +216,7 @@ class RequestIdLayer(_Layer):
         incoming = _header(scope, b"x-request-id")
         request_id = incoming[0] if len(incoming) == 1 else ""
         if not _acceptable_request_id(request_id):
-            request_id = secrets.token_hex(8)
+            request_id = random_hex(8)
         request_id = Screened(request_id)  # checked above or made here: no need to rescan
         client = scope.get("client")
         state = RequestState(request_id=request_id, client_address=client[0] if client else None)

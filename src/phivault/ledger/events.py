@@ -271,8 +271,8 @@ class Entity(_Model):
         doc: dict[str, Any] = {}
         if self.what is not None:
             doc["what"] = self.what
-        doc["type"] = self.type.value
-        doc["role"] = self.role.value
+        doc["type"] = str(self.type)  # a StrEnum's value; .value is a Python call
+        doc["role"] = str(self.role)
         if self.query_hash is not None:
             doc["query_hash"] = self.query_hash
         if self.security_labels:
@@ -370,9 +370,9 @@ class AuditEvent(_Model):
         output for any event).
         """
         doc: dict[str, Any] = {
-            "kind": self.kind.value,
+            "kind": str(self.kind),  # StrEnums: str() is their value, in C
             "subtype": self.subtype,
-            "action": self.action.value,
+            "action": str(self.action),
             "recorded": format_instant(self.recorded),
             "outcome": int(self.outcome),
         }

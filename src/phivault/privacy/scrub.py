@@ -98,29 +98,32 @@ def taint_tree(roots: Iterable[Any]) -> None:
     if current is None:
         return
     add = current.add
-    stack = list(roots)
+    stack: list[Any] = [list(roots)]
     while stack:
         node = stack.pop()
-        kind = type(node)
-        if kind is str:
-            if len(node) >= MIN_TAINT_LENGTH:  # else its stripped text is shorter still
-                text = node.strip()
+        # A container's values are taken in place; only nested containers go on the stack
+        # (a push and a pop per leaf were a third of the walk).
+        for value in node.values() if type(node) is dict else node:
+            kind = type(value)
+            if kind is str:
+                if len(value) >= MIN_TAINT_LENGTH:  # else its stripped text is shorter still
+                    text = value.strip()
+                    if len(text) >= MIN_TAINT_LENGTH:
+                        add(text)
+            elif kind is dict or kind is list:
+                stack.append(value)
+            elif kind is int or kind is float:
+                text = str(value)
                 if len(text) >= MIN_TAINT_LENGTH:
                     add(text)
-        elif kind is dict:
-            stack.extend(node.values())
-        elif kind is list:
-            stack.extend(node)
-        elif kind is int or kind is float:
-            text = str(node)
-            if len(text) >= MIN_TAINT_LENGTH:
-                add(text)
-        elif isinstance(node, Mapping):
-            stack.extend(node.values())
-        elif isinstance(node, list | tuple):
-            stack.extend(node)
-        else:
-            taint(node)  # subclasses of str or numbers, and anything else, as taint() does
+            elif value is None or kind is bool:
+                continue  # never tainted (as taint() does)
+            elif isinstance(value, Mapping):
+                stack.append(dict(value))
+            elif isinstance(value, list | tuple):
+                stack.append(value)
+            else:
+                taint(value)  # subclasses of str or numbers, and anything else, as taint() does
 
 
 def tainted_values() -> frozenset[str]:

@@ -123,17 +123,21 @@ def test_interleaved_requests_each_redact_their_own_values() -> None:
 def test_values_tainted_on_a_storage_thread_belong_to_the_request() -> None:
     """The records repository runs storage calls on its own threads: what is tainted there
     is in the calling request's set (the context goes with the work), and only in it."""
-    from phivault.records.repository import _blocking
+    from phivault.records.repository import _blocking, _reading
 
     async def request(value: str) -> frozenset[str]:
         with tainted_scope():
             await _blocking(lambda: taint(value))
+            await _reading(lambda: taint(value + "-read"))
             return tainted_values()
 
     async def main() -> list[frozenset[str]]:
         return list(await asyncio.gather(request("thread-one"), request("thread-two")))
 
-    assert asyncio.run(main()) == [frozenset({"thread-one"}), frozenset({"thread-two"})]
+    assert asyncio.run(main()) == [
+        frozenset({"thread-one", "thread-one-read"}),
+        frozenset({"thread-two", "thread-two-read"}),
+    ]
 
 
 _JSON = st.recursive(

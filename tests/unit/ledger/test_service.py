@@ -162,3 +162,27 @@ async def test_a_checkpoint_of_the_empty_ledger_does_not_stop_later_ones(data_di
                 break
         assert ledger.latest_checkpoint is not None and ledger.latest_checkpoint.size == 1
         assert ledger.checkpoint_failure is None
+
+
+async def test_a_failed_append_fails_its_batch_and_the_next_batch_goes_on(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The I/O thread hands the store's failure to the waiting records (fail closed), and
+    nothing of the failed batch is counted: the next batch takes the same indexes."""
+    async with open_ledger(data_dir) as ledger:
+        await ledger.record(sample_event(0))
+        store = ledger._store
+        real_append = store.append
+
+        def broken(leaves: object) -> bytes:
+            raise OSError("disk gone")
+
+        monkeypatch.setattr(store, "append", broken)
+        results = await asyncio.gather(
+            *(ledger.record(sample_event(i)) for i in range(1, 4)), return_exceptions=True
+        )
+        assert all(isinstance(r, LedgerUnavailable) for r in results)
+        assert ledger.size == 1
+        monkeypatch.setattr(store, "append", real_append)
+        assert await ledger.record(sample_event(9)) == 1
+        assert ledger.read(1).document["seq"] == 1

@@ -8,13 +8,13 @@ touches storage; an entry's resource is exactly what the repository returned.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
 
+from phivault.api._ids import random_uuid_hex
 from phivault.api.fhir._errors import translate
 from phivault.api.fhir._http import information_outcome, instant, url_with
 from phivault.api.problems import operation_outcome_doc
@@ -62,7 +62,7 @@ def _links(
 def _bundle(kind: str, now: datetime) -> dict[str, Any]:
     return {
         "resourceType": "Bundle",
-        "id": uuid.uuid4().hex,
+        "id": random_uuid_hex(),
         "meta": {"lastUpdated": instant(now)},
         "type": kind,
     }

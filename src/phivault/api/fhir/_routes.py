@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.convertors import StringConvertor
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from phivault.api.breakglass import access_context_with_grants
 from phivault.api.context import AuditCtx, CurrentPrincipal, audit_context, current_principal
@@ -79,6 +80,17 @@ class FhirRoute(APIRoute):
     OpenAPI document) is unchanged, and any other endpoint goes through FastAPI as before.
     """
 
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        self._direct_route: Callable[[Request], Coroutine[Any, Any, Response]] | None = None
+        super().__init__(path, endpoint, **kwargs)
+        handler = self._direct_route
+        if handler is not None and self.max_body_size is None:
+            # The route's ASGI app without FastAPI's request_response around it: its two
+            # exit stacks serve dependencies with ``yield`` and its exception wrapper the
+            # app's handlers, which the app's own ExceptionMiddleware applies as well (about
+            # thirty calls per request). With overridden dependencies (tests), FastAPI's.
+            self.app = _direct_app(handler, fallback=self.app)
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         solved = super().get_route_handler()
         plan = _direct_plan(self)
@@ -97,7 +109,21 @@ class FhirRoute(APIRoute):
                     raise
                 raise problem from exc
 
+        self._direct_route = route if direct is not None else None
         return route
+
+
+def _direct_app(
+    route: Callable[[Request], Coroutine[Any, Any, Response]], *, fallback: ASGIApp
+) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["app"].dependency_overrides:
+            await fallback(scope, receive, send)
+            return
+        response = await route(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+    return app
 
 
 # How a directly called endpoint's parameter is resolved.

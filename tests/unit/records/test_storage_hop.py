@@ -1,0 +1,113 @@
+"""The read path's hand-off to the storage threads (``records.repository._reading``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+
+import pytest
+
+from phivault.records.repository import _reading
+
+_WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
+
+
+async def test_the_work_runs_on_a_storage_thread_in_the_callers_context() -> None:
+    _WHO.set("caller-1")
+    loop_thread = threading.get_ident()
+
+    def work() -> tuple[str, int]:
+        return _WHO.get(), threading.get_ident()
+
+    who, thread = await _reading(work)
+    assert who == "caller-1"
+    assert thread != loop_thread
+
+
+async def test_an_exception_of_the_work_reaches_the_caller() -> None:
+    class Boom(Exception):
+        pass
+
+    def work() -> None:
+        raise Boom("store down")
+
+    with pytest.raises(Boom, match="store down"):
+        await _reading(work)
+
+
+async def test_a_cancelled_caller_stops_waiting_and_the_work_runs_to_its_end() -> None:
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> str:
+        started.set()
+        release.wait(10)
+        finished.set()
+        return "late"
+
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    task = asyncio.create_task(_reading(work))
+    await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    await asyncio.to_thread(finished.wait, 10)
+    assert finished.is_set()
+    await asyncio.sleep(0.05)
+    assert errors == []  # the late result is dropped without an error on the loop
+
+
+async def test_many_concurrent_reads_each_get_their_own_result() -> None:
+    results = await asyncio.gather(*(_reading(lambda n=n: n * n) for n in range(200)))
+    assert results == [n * n for n in range(200)]
+
+
+async def test_a_read_whose_caller_left_before_it_began_is_skipped() -> None:
+    from phivault.records.repository import _run_for
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+    future.cancel()
+    ran: list[bool] = []
+    _run_for(loop, future, contextvars.copy_context(), lambda: str(ran.append(True)))
+    assert ran == []
+
+
+async def test_point_reads_of_one_turn_share_a_thread_and_keep_their_own_outcomes() -> None:
+    from phivault.records.repository import _ReadBatches
+
+    batches = _ReadBatches()
+    threads: list[int] = []
+
+    def read(n: int) -> int:
+        threads.append(threading.get_ident())
+        if n == 3:
+            raise KeyError("not there")
+        return n * 10
+
+    async def one(n: int) -> int:
+        _WHO.set(f"caller-{n}")
+        who = await batches.add(lambda: (read(n), _WHO.get()))
+        assert who[1] == f"caller-{n}"  # each read ran in its own caller's context
+        return who[0]
+
+    results = await asyncio.gather(*(one(n) for n in range(6)), return_exceptions=True)
+    assert [r if not isinstance(r, Exception) else "error" for r in results] == [
+        0, 10, 20, "error", 40, 50,
+    ]  # fmt: skip
+    assert isinstance(results[3], KeyError)
+    assert len(set(threads)) == 1  # one hand-off for the six
+
+
+async def test_a_batched_read_whose_caller_left_is_skipped() -> None:
+    from phivault.records.repository import _ReadBatches
+
+    batches = _ReadBatches()
+    ran: list[int] = []
+    kept = batches.add(lambda: ran.append(1))
+    dropped = batches.add(lambda: ran.append(2))
+    dropped.cancel()
+    await kept
+    assert ran == [1]
