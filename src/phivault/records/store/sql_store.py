@@ -360,14 +360,9 @@ class SqlUnitOfWork:
         if len(set(keys)) != len(keys):
             raise InvalidInput("the same resource is created twice", path="id")
         conn = self._writable()
-        h, v = resources.c, versions.c
         with self._translate("write"):
             for chunk in _chunks(keys, 500):
-                taken = conn.execute(
-                    select(h.resource_type, h.resource_id, h.version).where(
-                        tuple_(h.tenant, h.resource_type, h.resource_id).in_(chunk)
-                    )
-                ).first()
+                taken = conn.execute(_TAKEN, {"keys": list(chunk)}).first()
                 if taken is not None:
                     raise VersionConflict(taken[0], taken[1], None, int(taken[2]))
             heads = [
@@ -383,15 +378,11 @@ class SqlUnitOfWork:
                 for n in news
             ]
             try:
-                conn.execute(insert(resources), heads)
+                conn.execute(_INSERT_HEADS, heads)
             except IntegrityError:  # a concurrent writer created one meanwhile
                 first = news[0].key
                 raise VersionConflict(first.resource_type, "(one of the bundle)", None, 1) from None
-            seqs = (
-                conn.execute(insert(versions).returning(v.seq, sort_by_parameter_order=True), heads)
-                .scalars()
-                .all()
-            )
+            seqs = conn.execute(_INSERT_VERSIONS, heads).scalars().all()
             sealed = [
                 {
                     "version_seq": seq,
@@ -985,6 +976,12 @@ _UPDATE_HEAD: Final = (
     )
 )
 _INSERT_VERSION: Final = insert(versions).returning(_V.seq)
+_INSERT_HEADS: Final = insert(resources)
+_INSERT_VERSIONS: Final = insert(versions).returning(_V.seq, sort_by_parameter_order=True)
+#: Which of the keys (tenant, type, id) of a bulk create are taken already.
+_TAKEN: Final = select(_H.resource_type, _H.resource_id, _H.version).where(
+    tuple_(_H.tenant, _H.resource_type, _H.resource_id).in_(bindparam("keys", expanding=True))
+)
 #: Keyed by "is PostgreSQL": the reconciler's claim, unless a writer (or an earlier pass) has
 #: one; PostgreSQL waits for the transaction of a conflicting row not yet committed.
 _SETTLE_CLAIM: Final = {
