@@ -686,7 +686,7 @@ def index_entries(resource: Mapping[str, Any], blind_tokens: BlindTokens) -> lis
     resource_type = resource.get("resourceType")
     if not isinstance(resource_type, str):
         raise InvalidInput("must be a string", path="resourceType")
-    params = search_params(resource_type)
+    plan = _index_plan(resource_type)
     out: list[IndexEntry] = []
     seen: set[IndexEntry] = set()
 
@@ -700,13 +700,22 @@ def index_entries(resource: Mapping[str, Any], blind_tokens: BlindTokens) -> lis
     meta = resource.get("meta")
     if isinstance(meta, dict) and isinstance(meta.get("lastUpdated"), str):
         add(DateEntry("_lastUpdated", date_range(meta["lastUpdated"], path="meta.lastUpdated")))
-    for param in params.values():
-        for path in param.paths:
-            where = f"{resource_type}.{path}"
-            for value in _values(resource, path.split(".")):
-                for entry in _entries(param, value, where, blind_tokens):
-                    add(entry)
+    for param, parts, where in plan:
+        for value in _values(resource, parts):
+            for entry in _entries(param, value, where, blind_tokens):
+                add(entry)
     return out
+
+
+@functools.cache
+def _index_plan(resource_type: str) -> tuple[tuple[SearchParam, tuple[str, ...], str], ...]:
+    """Each (parameter, element path split into parts, the path named in errors) of a type,
+    in parameter order: worked out once per type, not per resource."""
+    return tuple(
+        (param, tuple(path.split(".")), f"{resource_type}.{path}")
+        for param in search_params(resource_type).values()
+        for path in param.paths
+    )
 
 
 def _entries(
