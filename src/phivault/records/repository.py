@@ -1235,8 +1235,12 @@ class RecordsRepository:
         """One database transaction: claim the intents, re-check what the plan relied on,
         write, commit. A write older than :data:`_WRITE_DEADLINE_S` when it holds its claims
         gives up (a claim the reconciler took is kept longer than that, so a write can never
-        outlive the claim that refuses it)."""
-        with self._store.unit_of_work(session=_session(caller)) as uow:
+        outlive the claim that refuses it). The store may commit it together with writes of
+        other requests (group commit, ``docs/decisions/records-group-commit.md``): all or
+        nothing for this write all the same, and its claims, checks and versions are its own.
+        """
+
+        def unit(uow: RecordUnitOfWork) -> None:
             by_tenant: dict[str, list[str]] = defaultdict(list)
             for tenant, claim in claims:
                 by_tenant[tenant].append(claim)
@@ -1268,7 +1272,8 @@ class RecordsRepository:
                     )
                 else:
                     uow.write(_new_version(write), previous=write.previous)
-            uow.commit()
+
+        self._store.write_unit(unit, session=_session(caller))
 
     # --- decisions -------------------------------------------------------------------------
 

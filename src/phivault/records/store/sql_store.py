@@ -20,9 +20,11 @@ replica that fails in the middle of a unit hands the rest of the unit to the pri
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
@@ -319,6 +321,32 @@ class SqlUnitOfWork:
         if self._read_only:
             raise InvalidInput("this unit of work is read-only")
         return self._live()
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A savepoint around the block: if it raises, what it wrote is rolled back and the
+        transaction goes on (:class:`_SavepointLost` if that cannot be done)."""
+        conn = self._writable()
+        try:
+            nested = conn.begin_nested()
+        except SQLAlchemyError as exc:
+            raise _SavepointLost("savepoint") from exc
+        try:
+            yield
+        except BaseException:
+            try:
+                nested.rollback()
+            except SQLAlchemyError as exc:
+                raise _SavepointLost("rollback to savepoint") from exc
+            if not _in_transaction(conn):
+                raise _SavepointLost("the transaction ended") from None
+            raise
+        try:
+            nested.commit()
+        except SQLAlchemyError as exc:
+            raise _SavepointLost("release savepoint") from exc
+        if not _in_transaction(conn):
+            raise _SavepointLost("the transaction ended")
 
     # writes -----------------------------------------------------------------------------
 
@@ -1096,6 +1124,11 @@ class SqlRecordStore:
         # writer before them is done (another process, such as the CLI, still meets the busy
         # handler). Reentrant: a thread's second write unit would deadlock in SQLite anyway.
         self._writer = threading.RLock() if backend == "sqlite" else None
+        # Group commit (SQLite): write units submitted while a group is being written wait
+        # here and go in together as the next group (write_unit).
+        self._group_turn = threading.Condition(threading.Lock())
+        self._group_writing = False  # a group is being written (by one of the submitters)
+        self._group_pending: list[_GroupUnit] = []
         try:
             if backend == "sqlite":
                 if parsed.database in (None, "", ":memory:"):
@@ -1240,6 +1273,87 @@ class SqlRecordStore:
         finally:
             uow._close()
 
+    def write_unit(
+        self, work: Callable[[SqlUnitOfWork], None], *, session: str | None = None
+    ) -> None:
+        """Run ``work`` in a writing transaction and commit it (``work`` must not commit).
+
+        SQLite has one writer at a time, so units submitted by other threads while a
+        transaction is being written wait and are then committed together, as one group:
+        one transaction, one commit (and one fsync) for all of them, each unit in its own
+        savepoint. A unit that raises is rolled back to its savepoint and gets its own
+        error; the others are not affected. If the group's transaction itself breaks
+        (a savepoint cannot be rolled back, SQLite rolled the whole transaction back), the
+        group is rolled back and every unit of it runs again alone. If the commit fails,
+        nothing of the group is written and every unit gets that error. PostgreSQL runs
+        each unit in its own transaction (its writers do not wait for one another).
+        ``docs/decisions/records-group-commit.md``."""
+        if self._writer is None:
+            with self.unit_of_work(session=session) as uow:
+                work(uow)
+                uow.commit()
+            return
+        unit = _GroupUnit(work, contextvars.copy_context())
+        deadline = time.monotonic() + _WRITER_WAIT_S
+        with self._group_turn:
+            self._group_pending.append(unit)
+            while self._group_writing and not unit.finished:
+                left = deadline - time.monotonic()
+                if left <= 0 and unit in self._group_pending:
+                    self._group_pending.remove(unit)
+                    raise RecordStoreUnavailable("records store: begin failed (another writer)")
+                # (once a group has taken it, it is being written: wait for that to end)
+                self._group_turn.wait(left if left > 0 else None)
+            if not unit.finished:
+                self._group_writing = True
+                batch = self._group_pending[:_GROUP_MAX]
+                del self._group_pending[:_GROUP_MAX]
+        if not unit.finished:
+            try:
+                self._write_group(batch)
+            finally:
+                with self._group_turn:
+                    for done in batch:
+                        done.finished = True
+                    self._group_writing = False
+                    self._group_turn.notify_all()
+        if unit.error is not None:
+            raise unit.error
+
+    def _write_group(self, batch: list[_GroupUnit]) -> None:
+        """Write and commit ``batch`` (see :meth:`write_unit`): each unit's ``error`` says
+        how it ended (None: committed)."""
+        if len(batch) == 1:
+            self._write_alone(batch[0])
+            return
+        try:
+            with self.unit_of_work() as uow:
+                for unit in batch:
+                    try:
+                        with uow.savepoint():
+                            unit.context.run(unit.work, uow)
+                    except _SavepointLost:
+                        raise
+                    except BaseException as exc:  # this unit alone is rolled back
+                        unit.error = exc
+                uow.commit()
+        except _SavepointLost:
+            for unit in batch:  # nothing of the group was written: one by one
+                unit.error = None
+                self._write_alone(unit)
+        except BaseException as exc:
+            for unit in batch:
+                if unit.error is None:
+                    unit.error = exc
+
+    def _write_alone(self, unit: _GroupUnit) -> None:
+        try:
+            with self.unit_of_work() as uow:
+                unit.context.run(unit.work, uow)
+                uow.commit()
+        except BaseException as exc:
+            unit.error = exc
+
     def _routed(
         self, router: ReplicaRouter, reads: ReadClass, session: str | None
     ) -> SqlUnitOfWork:
@@ -1284,6 +1398,25 @@ class SqlRecordStore:
 
 _REPLICA_CONNECT_TIMEOUT_S: Final = 2
 _WRITER_WAIT_S: Final = 30  # the SQLite busy timeout (_sqlite_connect)
+_GROUP_MAX: Final = 64  # write units committed together at most
+
+
+class _GroupUnit:
+    """A write unit waiting to be committed in a group (:meth:`SqlRecordStore.write_unit`);
+    it runs in its submitter's context (context variables), on the group's thread."""
+
+    __slots__ = ("context", "error", "finished", "work")
+
+    def __init__(self, work: Callable[[SqlUnitOfWork], None], context: contextvars.Context):
+        self.work = work
+        self.context = context
+        self.error: BaseException | None = None
+        self.finished = False  # under the store's _group_turn
+
+
+class _SavepointLost(Exception):
+    """A group's transaction can no longer be trusted: a savepoint could not be rolled back
+    or released, or the database ended the transaction on its own."""
 
 
 def _parse_url(url: str) -> Any:
@@ -1317,6 +1450,15 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
     finally:
         cursor.close()
+
+
+def _in_transaction(conn: Connection) -> bool:
+    """Whether the database still has the transaction open (SQLite ends one on its own after
+    some errors, such as a full disk; statements after that would each commit alone)."""
+    if conn.dialect.name != "sqlite":
+        return True  # PostgreSQL keeps it (aborted until rolled back to a savepoint)
+    dbapi = conn.connection.dbapi_connection
+    return bool(getattr(dbapi, "in_transaction", True))
 
 
 def _sqlite_begin(conn: Connection) -> None:
