@@ -883,6 +883,13 @@ class RecordsRepository:
             for e in entries
             if e.id and not (e.method is Method.POST and e.outcome is PlanOutcome.CREATE)
         }
+        if not keys and not self._may_need_care(caller):
+            # Nothing to read (creates, by a caller no care relationship admits): no hop to a
+            # thread, no transaction. The entries' patients are still worked out, for the
+            # same refusals of malformed references as below.
+            for entry in entries:
+                _patients_touched(entry, None)
+            return {}, set()
 
         def run() -> tuple[dict[ResourceKey, StoredVersion | None], set[str]]:
             with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
@@ -1314,6 +1321,11 @@ class RecordsRepository:
             and role_policy.relationship is Relationship.CARE
             for role in caller.access.roles
         )
+
+    def _may_need_care(self, caller: Caller) -> bool:
+        """Whether :meth:`_care_related` may find anything for this caller (else it finds
+        nothing without looking)."""
+        return practitioner_of(caller.access.fhir_user) is not None and self._needs_care(caller)
 
     def _care_related(
         self, uow: RecordUnitOfWork, caller: Caller, patients: Collection[str]
