@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
 
 from sqlalchemy import (
@@ -423,12 +422,10 @@ class SqlUnitOfWork:
                 for name, data in sorted(n.groups.items())
             ]
             _bulk_insert(conn, groups, sealed)
-            rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in _INDEX_TABLES}
+            rows = _IndexRows()
             for n in news:
-                for name, found in _index_rows(n.key, n.key_subject, n.index).items():
-                    rows[name].extend(found)
-            for table in _INDEX_TABLES:
-                _bulk_insert(conn, table, _unique(rows[table.name], table))
+                rows.add(n.key, n.key_subject, n.index)
+            rows.insert(conn)
 
     def delete(
         self, key: ResourceKey, *, version: int, last_updated: datetime, previous: int
@@ -516,11 +513,9 @@ class SqlUnitOfWork:
             params = _key_params(key)
             for table in _INDEX_TABLES:
                 conn.execute(_DELETE_INDEX[table.name], params)
-        rows = _index_rows(key, subject, entries)
-        for table in _INDEX_TABLES:
-            batch = _unique(rows[table.name], table)
-            if batch:
-                conn.execute(_INSERT[table.name], batch)
+        rows = _IndexRows()
+        rows.add(key, subject, entries)
+        rows.insert(conn)
 
     def reindex(self, key: ResourceKey, *, version: int, index: Sequence[IndexEntry]) -> None:
         """Replace the index rows of the current version without writing a new one (index-key
@@ -881,48 +876,93 @@ class SqlUnitOfWork:
         return int(removed)
 
 
-def _index_rows(
-    key: ResourceKey, subject: str, entries: Sequence[IndexEntry]
-) -> dict[str, list[dict[str, Any]]]:
-    """The index table rows of one resource's entries, by table name."""
-    rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in _INDEX_TABLES}
-    base = {
-        "tenant": key.tenant,
-        "resource_type": key.resource_type,
-        "resource_id": key.resource_id,
-    }
-    for entry in entries:
-        if isinstance(entry, TokenEntry):
-            rows[idx_token.name].append(
-                {**base, "param": entry.param, "code": entry.code, "system": entry.system or ""}
-            )
-        elif isinstance(entry, StringEntry):
-            rows[idx_string.name].append({**base, "param": entry.param, "value": entry.value})
-        elif isinstance(entry, DateEntry):
-            low = to_micros(entry.range.low, default=DATE_MIN)
-            high = to_micros(entry.range.high, default=DATE_MAX)
-            rows[idx_date.name].append({**base, "param": entry.param, "low": low, "high": high})
-        elif isinstance(entry, ReferenceEntry):
-            rows[idx_reference.name].append(
-                {
-                    **base,
-                    "param": entry.param,
-                    "target_type": entry.target_type,
-                    "target_id": entry.target_id,
-                }
-            )
-        elif isinstance(entry, BlindEntry):
-            rows[idx_blind.name].append(
-                {
-                    **base,
-                    "param": entry.param,
-                    "field": entry.token.field,
-                    "key_version": entry.token.version,
-                    "token": entry.token.token,
-                    "key_subject": subject,
-                }
-            )
-    return rows
+#: The columns of each index table's rows as :class:`_IndexRows` builds them (tuples).
+_INDEX_COLUMNS: Final = {
+    idx_token.name: ("tenant", "resource_type", "resource_id", "param", "code", "system"),
+    idx_string.name: ("tenant", "resource_type", "resource_id", "param", "value"),
+    idx_date.name: ("tenant", "resource_type", "resource_id", "param", "low", "high"),
+    idx_reference.name: (
+        "tenant", "resource_type", "resource_id", "param", "target_type", "target_id",
+    ),
+    idx_blind.name: (
+        "tenant", "resource_type", "resource_id", "param", "field", "key_version", "token",
+        "key_subject",
+    ),
+}  # fmt: skip
+
+
+def _check_index_keys() -> None:
+    """What :class:`_IndexRows` relies on: the whole row is the primary key of every index
+    table but the blind one, whose key it builds itself. Checked at import."""
+    for table in (idx_token, idx_string, idx_date, idx_reference, idx_blind):
+        key = {c.name for c in table.primary_key.columns}
+        columns = _INDEX_COLUMNS[table.name]
+        if set(columns) != {c.name for c in table.columns}:
+            raise RuntimeError(f"{table.name}: _INDEX_COLUMNS does not match the table")
+        wanted = (
+            {"tenant", "resource_type", "field", "token", "resource_id"}
+            if table is idx_blind
+            else set(columns)
+        )
+        if key != wanted:
+            raise RuntimeError(f"{table.name}: its primary key is not what _IndexRows assumes")
+
+
+class _IndexRows:
+    """The index table rows of resources' entries, as tuples in :data:`_INDEX_COLUMNS` order
+    (no dict per row), each table's rows without repeats of its primary key (two entries
+    that differ only outside the key, such as two tokens of one normalized value: the first
+    is kept)."""
+
+    __slots__ = ("blind", "date", "reference", "string", "token")
+
+    def __init__(self) -> None:
+        self.token: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.string: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.date: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.reference: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.blind: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def add(self, key: ResourceKey, subject: str, entries: Sequence[IndexEntry]) -> None:
+        tenant, kind, ident = key.tenant, key.resource_type, key.resource_id
+        row: tuple[Any, ...]
+        for entry in entries:
+            if isinstance(entry, TokenEntry):
+                row = (tenant, kind, ident, entry.param, entry.code, entry.system or "")
+                self.token.setdefault(row, row)  # the whole row is the key
+            elif isinstance(entry, ReferenceEntry):
+                row = (tenant, kind, ident, entry.param, entry.target_type, entry.target_id)
+                self.reference.setdefault(row, row)
+            elif isinstance(entry, DateEntry):
+                low = to_micros(entry.range.low, default=DATE_MIN)
+                high = to_micros(entry.range.high, default=DATE_MAX)
+                row = (tenant, kind, ident, entry.param, low, high)
+                self.date.setdefault(row, row)
+            elif isinstance(entry, StringEntry):
+                row = (tenant, kind, ident, entry.param, entry.value)
+                self.string.setdefault(row, row)
+            elif isinstance(entry, BlindEntry):
+                token = entry.token
+                row = (
+                    tenant, kind, ident, entry.param, token.field, token.version, token.token,
+                    subject,
+                )  # fmt: skip
+                # primary key: tenant, resource_type, field, token, resource_id
+                self.blind.setdefault((tenant, kind, token.field, token.token, ident), row)
+
+    def insert(self, conn: Connection) -> None:
+        for table, rows in (
+            (idx_token, self.token),
+            (idx_string, self.string),
+            (idx_date, self.date),
+            (idx_reference, self.reference),
+            (idx_blind, self.blind),
+        ):
+            if rows:
+                _bulk_insert_tuples(conn, table, _INDEX_COLUMNS[table.name], list(rows.values()))
+
+
+_check_index_keys()
 
 
 def _check_new(new: NewVersion, previous: int | None) -> None:
@@ -1041,12 +1081,6 @@ def _head_is(key: ResourceKey) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def _unique(rows: list[dict[str, Any]], table: Any) -> list[dict[str, Any]]:
-    """Drop rows that repeat a primary key (two tokens of one normalized value)."""
-    ident = itemgetter(*(c.name for c in table.primary_key.columns))
-    return list({ident(row): row for row in reversed(rows)}.values())[::-1]
-
-
 def _bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """INSERT many rows through the driver's executemany, with the statement compiled once
     per dialect and table: SQLAlchemy's per-row parameter processing would cost more than
@@ -1068,6 +1102,32 @@ def _bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any
         conn.exec_driver_sql(str(compiled), [tuple(row[c] for c in order) for row in rows])
     else:
         conn.exec_driver_sql(str(compiled), [dict(row) for row in rows])
+
+
+def _bulk_insert_tuples(
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """:func:`_bulk_insert` of rows given as tuples in ``columns`` order."""
+    compiled = _bulk_sql(conn, table, columns)
+    if compiled.positional:
+        order = compiled.positiontup or ()
+        if tuple(order) != columns:
+            at = [columns.index(c) for c in order]
+            rows = [tuple(row[i] for i in at) for row in rows]
+        conn.exec_driver_sql(str(compiled), rows)
+    else:
+        conn.exec_driver_sql(str(compiled), [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def _bulk_sql(conn: Connection, table: Table, columns: tuple[str, ...]) -> SQLCompiler:
+    cache_key = (conn.dialect.name, table.name, columns)
+    compiled = _BULK_SQL.get(cache_key)
+    if compiled is None:
+        statement = insert(table).values({c: bindparam(c) for c in columns})
+        made = statement.compile(dialect=conn.dialect)
+        assert isinstance(made, SQLCompiler)
+        compiled = _BULK_SQL[cache_key] = made
+    return compiled
 
 
 _BULK_SQL: dict[tuple[str, str, tuple[str, ...]], SQLCompiler] = {}
