@@ -14,7 +14,13 @@ import pytest
 from records_store_support import StoreFactory
 from test_records_store import obs
 
-from phivault.records.store import ResourceKey, SqlRecordStore, SqlUnitOfWork, VersionConflict
+from phivault.records.store import (
+    IntentSettled,
+    ResourceKey,
+    SqlRecordStore,
+    SqlUnitOfWork,
+    VersionConflict,
+)
 
 Work = Callable[[SqlUnitOfWork], None]
 
@@ -111,6 +117,24 @@ def test_a_failing_unit_is_rolled_back_alone(sqlite_store: CountingStore) -> Non
     assert exists(store, "a") and exists(store, "c")
     assert not exists(store, "partial")
     assert store.writing_transactions == 2
+
+
+def test_a_unit_whose_claim_is_taken_fails_alone(sqlite_store: CountingStore) -> None:
+    """The database refuses a unit's statement (its intent claim is held already, as after
+    the reconciler settled it absent): that unit alone is rolled back (IntentSettled)."""
+    store = sqlite_store
+    store.write_unit(lambda uow: uow.claim_intents("t1", ["c" * 64], at=1))
+
+    def claimed(uow: SqlUnitOfWork) -> None:
+        uow.claim_intents("t1", ["c" * 64], at=2)
+        uow.create_many([obs("claimed")])
+
+    results = held_group(store, [create("a"), claimed, create("c")])
+    (_, first), (_, a), (_, bad), (_, c) = results
+    assert not first and not a and not c
+    assert len(bad) == 1 and isinstance(bad[0], IntentSettled)
+    assert exists(store, "a") and exists(store, "c") and not exists(store, "claimed")
+    assert store.writing_transactions == 3  # the claim, the first unit, one group
 
 
 def test_a_group_whose_transaction_breaks_is_written_unit_by_unit(
