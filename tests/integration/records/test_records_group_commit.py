@@ -215,6 +215,36 @@ def test_a_unit_that_waits_too_long_fails_closed_and_is_never_written(
     assert exists(store, "after") and not exists(store, "late")
 
 
+def test_a_writer_whose_unit_is_not_in_the_group_it_writes_stays_until_it_is(
+    sqlite_store: CountingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More units wait than a group takes: the thread that writes a group without its own
+    unit in it writes the next one too, and returns only once its own unit is committed."""
+    from phivault.records.store import sql_store
+
+    store = sqlite_store
+    monkeypatch.setattr(sql_store, "_GROUP_MAX", 2)
+    seen_at_return: dict[str, bool] = {}
+    real_write_unit = store.write_unit
+
+    def write_unit(work: Work, *, session: str | None = None) -> None:
+        real_write_unit(work, session=session)
+        name = getattr(work, "name", None)
+        if name is not None:  # committed by the time its submitter is told so
+            seen_at_return[name] = exists(store, name)
+
+    monkeypatch.setattr(store, "write_unit", write_unit)
+    works = []
+    for i in range(5):
+        work = create(f"u{i}")
+        work.name = f"u{i}"  # type: ignore[attr-defined]
+        works.append(work)
+    results = held_group(store, works)
+    assert all(not raised for _, raised in results)
+    assert seen_at_return == {f"u{i}": True for i in range(5)}
+    assert store.writing_transactions == 4  # the first unit, then groups of 2, 2 and 1
+
+
 def test_write_unit_commits_and_rolls_back_on_both_engines(stores: StoreFactory) -> None:
     store = stores.open()
     store.write_unit(create("one"))

@@ -1357,18 +1357,23 @@ class SqlRecordStore:
         deadline = time.monotonic() + _WRITER_WAIT_S
         with self._group_turn:
             self._group_pending.append(unit)
-            while self._group_writing and not unit.finished:
-                left = deadline - time.monotonic()
-                if left <= 0 and unit in self._group_pending:
-                    self._group_pending.remove(unit)
-                    raise RecordStoreUnavailable("records store: begin failed (another writer)")
-                # (once a group has taken it, it is being written: wait for that to end)
-                self._group_turn.wait(left if left > 0 else None)
-            if not unit.finished:
+        while True:
+            with self._group_turn:
+                while self._group_writing and not unit.finished:
+                    left = deadline - time.monotonic()
+                    if left <= 0 and unit in self._group_pending:
+                        self._group_pending.remove(unit)
+                        raise RecordStoreUnavailable("records store: begin failed (another writer)")
+                    # (once a group has taken it, it is being written: wait for that to end)
+                    self._group_turn.wait(left if left > 0 else None)
+                if unit.finished:
+                    break
+                # This thread writes the next group: the longest waiting units (its own
+                # among them, or in a later group it writes too: it leaves only when its
+                # own unit is finished).
                 self._group_writing = True
                 batch = self._group_pending[:_GROUP_MAX]
                 del self._group_pending[:_GROUP_MAX]
-        if not unit.finished:
             try:
                 self._write_group(batch)
             finally:
