@@ -12,6 +12,7 @@ companion bundle and one Synthea patient are loaded through the app; then ``GET
 * ``--create``: ``POST /fhir/Observation`` by a ``service`` feed (the figure is per create);
 * ``--load N``: the next ``N`` Synthea patient bundles loaded as ``phivault load`` sends them
   (one transaction each, after the warm-up patient); the figure is per loaded resource;
+  ``--load-concurrency K`` keeps K bundles in flight (as ``fhir_bench.py`` loads);
 * ``--flat-routes``, ``--fhir-first``: experiments (see :func:`_flatten_routes` and
   :func:`_fhir_router_first`);
 * ``--profile OUT.prof``: the measured part under cProfile;
@@ -219,7 +220,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             cpu0, wall0 = time.process_time(), time.perf_counter()
             if profiler is not None:
                 profiler.enable()
-            resources = sum([await load(body) for body in bodies])
+            if args.load_concurrency > 1:  # as fhir_bench.py loads: K bundles in flight
+                gate = asyncio.Semaphore(args.load_concurrency)
+
+                async def gated(body: bytes) -> int:
+                    async with gate:
+                        return await load(body)
+
+                resources = sum(await asyncio.gather(*(gated(body) for body in bodies)))
+            else:
+                resources = sum([await load(body) for body in bodies])
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
@@ -308,6 +318,13 @@ if __name__ == "__main__":
         default=0,
         metavar="N",
         help="load N more Synthea patients instead; the figure is CPU per loaded resource",
+    )
+    parser.add_argument(
+        "--load-concurrency",
+        type=int,
+        default=1,
+        metavar="K",
+        help="--load: bundles in flight at once (default 1, one after the other)",
     )
     parser.add_argument("--py-spy", help="sample the measured reads with py-spy into this file")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))

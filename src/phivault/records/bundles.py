@@ -361,10 +361,24 @@ class _Planner:
         A reference that fails is found again by :meth:`_rewritten`, which names its path
         (only an error needs one); so is anything orjson cannot copy."""
         try:
-            copied = orjson.loads(orjson.dumps(node))
+            text = orjson.dumps(node)
         except (orjson.JSONEncodeError, TypeError):
             return self._rewritten(node, path, index, ids, local)
         try:
+            if b"\\" not in text and b'"contained"' not in text:
+                # The usual case, on the encoded text: a "reference" key with a string value
+                # is replaced where it stands (the same order as the walk below; no escapes,
+                # so the matched text is the value; contained resources need the walk).
+                return orjson.loads(
+                    _REFERENCE_TEXT.sub(
+                        lambda m: (
+                            b'"reference":'
+                            + orjson.dumps(self.reference(m[1].decode(), "", ids, local))
+                        ),
+                        text,
+                    )
+                )
+            copied = orjson.loads(text)
             self._replace_references(copied, ids, local)
         except InvalidInput:
             return self._rewritten(node, path, index, ids, local)
@@ -446,6 +460,11 @@ class _Planner:
             self._conditional_cache[value] = literal
             return literal
         return value
+
+
+#: A "reference" key and its string value in orjson's compact output (a key is the only
+#: string followed by a colon; used only on text without backslashes).
+_REFERENCE_TEXT: Final = re.compile(rb'"reference":"([^"]*)"')
 
 
 def _local_ids(resource: Mapping[str, Any]) -> set[str]:

@@ -414,6 +414,16 @@ class _Write:
 
 
 @dataclass(frozen=True, slots=True)
+class _EventPart:
+    """One patient's share of a write's intent and outcome events."""
+
+    patient: str | None
+    entities: tuple[Entity, ...]
+    purposes: tuple[str, ...] | None
+    grant: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ReconcileReport:
     """What :meth:`RecordsRepository.reconcile` found: intents settled either way."""
 
@@ -881,6 +891,13 @@ class RecordsRepository:
             for e in entries
             if e.id and not (e.method is Method.POST and e.outcome is PlanOutcome.CREATE)
         }
+        if not keys and not self._may_need_care(caller):
+            # Nothing to read (creates, by a caller no care relationship admits): no hop to a
+            # thread, no transaction. The entries' patients are still worked out, for the
+            # same refusals of malformed references as below.
+            for entry in entries:
+                _patients_touched(entry, None)
+            return {}, set()
 
         def run() -> tuple[dict[ResourceKey, StoredVersion | None], set[str]]:
             with self._store.unit_of_work(read_only=True, reads=ReadClass.FRESH) as uow:
@@ -936,7 +953,10 @@ class RecordsRepository:
         action = Action.EXECUTE if kind else _INTERACTION_ACTION[writes[0].interaction]
         indexer = await self._keyring.blind_indexer(caller.access.tenant) if checks else None
         started = self._clock()
-        intents = self._write_events(caller, subtype, action, writes, reason=_INTENT)
+        # The entities (one per written version) are the same in the intent and the outcome:
+        # built and validated once.
+        parts = self._event_parts(writes)
+        intents = self._write_events(caller, subtype, action, parts, reason=_INTENT)
         await self._record_writes(caller, intents)
         # The transaction claims its intents first thing: if the reconciler has settled one as
         # absent (this write waited longer than the settle age), it cannot commit, and a
@@ -953,7 +973,7 @@ class RecordsRepository:
                 await self._record_writes(
                     caller,
                     self._write_events(
-                        caller, subtype, action, writes, reason=_ROLLED_BACK,
+                        caller, subtype, action, parts, reason=_ROLLED_BACK,
                         outcome=Outcome.SERIOUS_FAILURE,
                     ),
                     fail_quietly=True,
@@ -962,7 +982,7 @@ class RecordsRepository:
             # Built once, each with its idempotency key: a retry records the same events.
             outcomes = [
                 (event, uuid.uuid4().hex)
-                for event in self._write_events(caller, subtype, action, writes, reason=_COMMITTED)
+                for event in self._write_events(caller, subtype, action, parts, reason=_COMMITTED)
             ]
             try:
                 await self._record_writes(caller, outcomes)
@@ -1230,8 +1250,12 @@ class RecordsRepository:
         """One database transaction: claim the intents, re-check what the plan relied on,
         write, commit. A write older than :data:`_WRITE_DEADLINE_S` when it holds its claims
         gives up (a claim the reconciler took is kept longer than that, so a write can never
-        outlive the claim that refuses it)."""
-        with self._store.unit_of_work(session=_session(caller)) as uow:
+        outlive the claim that refuses it). The store may commit it together with writes of
+        other requests (group commit, ``docs/decisions/records-group-commit.md``): all or
+        nothing for this write all the same, and its claims, checks and versions are its own.
+        """
+
+        def unit(uow: RecordUnitOfWork) -> None:
             by_tenant: dict[str, list[str]] = defaultdict(list)
             for tenant, claim in claims:
                 by_tenant[tenant].append(claim)
@@ -1263,7 +1287,8 @@ class RecordsRepository:
                     )
                 else:
                     uow.write(_new_version(write), previous=write.previous)
-            uow.commit()
+
+        self._store.write_unit(unit, session=_session(caller))
 
     # --- decisions -------------------------------------------------------------------------
 
@@ -1304,6 +1329,11 @@ class RecordsRepository:
             and role_policy.relationship is Relationship.CARE
             for role in caller.access.roles
         )
+
+    def _may_need_care(self, caller: Caller) -> bool:
+        """Whether :meth:`_care_related` may find anything for this caller (else it finds
+        nothing without looking)."""
+        return practitioner_of(caller.access.fhir_user) is not None and self._needs_care(caller)
 
     def _care_related(
         self, uow: RecordUnitOfWork, caller: Caller, patients: Collection[str]
@@ -1554,42 +1584,53 @@ class RecordsRepository:
         else:
             await asyncio.gather(*(caller.audit.record(e) for e in events))
 
-    def _write_events(
-        self,
-        caller: Caller,
-        subtype: str,
-        action: Action,
-        writes: Sequence[_Write],
-        *,
-        reason: str,
-        outcome: Outcome = Outcome.SUCCESS,
-    ) -> list[AuditEvent]:
-        """The intent (before the commit) or the outcome (after it) of writes, one event per
-        patient. The entities name the exact versions, which is what reconciliation checks."""
+    def _event_parts(self, writes: Sequence[_Write]) -> list[_EventPart]:
+        """What the intent and outcome events of ``writes`` say besides the reason: one part
+        per patient, its entities naming the exact versions (what reconciliation checks)."""
         if not self._controls.audit:
             return []
         by_patient: dict[str | None, list[_Write]] = defaultdict(list)
         for write in writes:
             by_patient[write.patient].append(write)
-        events = []
+        parts = []
         for patient, items in by_patient.items():
             purposes = sorted({p for w in items for p in w.decision.purposes})
-            events.append(
-                caller.audit.event(
-                    kind=EventKind.REST,
-                    subtype=subtype,
-                    action=action,
-                    outcome=outcome,
-                    outcome_reason=reason,
+            parts.append(
+                _EventPart(
                     patient=None if patient is None else f"Patient/{patient}",
                     entities=tuple(Entity(what=w.what) for w in items),
-                    purpose_of_use=tuple(purposes) if purposes else None,
-                    break_glass_grant=next(
-                        (w.decision.grant_id for w in items if w.decision.grant_id), None
-                    ),
+                    purposes=tuple(purposes) if purposes else None,
+                    grant=next((w.decision.grant_id for w in items if w.decision.grant_id), None),
                 )
             )
-        return events
+        return parts
+
+    def _write_events(
+        self,
+        caller: Caller,
+        subtype: str,
+        action: Action,
+        parts: Sequence[_EventPart],
+        *,
+        reason: str,
+        outcome: Outcome = Outcome.SUCCESS,
+    ) -> list[AuditEvent]:
+        """The intent (before the commit) or the outcome (after it) of writes, one event per
+        patient (:meth:`_event_parts`)."""
+        return [
+            caller.audit.event(
+                kind=EventKind.REST,
+                subtype=subtype,
+                action=action,
+                outcome=outcome,
+                outcome_reason=reason,
+                patient=part.patient,
+                entities=part.entities,
+                purpose_of_use=part.purposes,
+                break_glass_grant=part.grant,
+            )
+            for part in parts
+        ]
 
     async def _record_writes(
         self,

@@ -496,6 +496,30 @@ def _values(node: Any, parts: Sequence[str]) -> Iterator[Any]:
         yield from _values(node[head], parts[1:])
 
 
+def _collect(node: Any, parts: tuple[str, ...], at: int, out: list[Any]) -> None:
+    """:func:`_values` of ``parts[at:]`` appended to ``out`` (the same values, in the same
+    order, without a generator per level)."""
+    if isinstance(node, list):
+        for item in node:
+            _collect(item, parts, at, out)
+        return
+    if at == len(parts):
+        if node is not None:
+            out.append(node)
+        return
+    if not isinstance(node, dict):
+        return
+    head = parts[at]
+    if head.endswith("[x]"):
+        base = head[:-3]
+        size = len(base)
+        for key, value in node.items():
+            if key.startswith(base) and len(key) > size and key[size].isupper():
+                _collect(value, parts, at + 1, out)
+    elif head in node:
+        _collect(node[head], parts, at + 1, out)
+
+
 def _tokens_of(value: Any) -> Iterator[tuple[str | None, str]]:
     """(system, code) pairs of a code, Coding, CodeableConcept, Identifier or boolean."""
     if isinstance(value, bool):
@@ -686,27 +710,45 @@ def index_entries(resource: Mapping[str, Any], blind_tokens: BlindTokens) -> lis
     resource_type = resource.get("resourceType")
     if not isinstance(resource_type, str):
         raise InvalidInput("must be a string", path="resourceType")
-    params = search_params(resource_type)
-    out: list[IndexEntry] = []
-    seen: set[IndexEntry] = set()
-
-    def add(entry: IndexEntry) -> None:
-        if entry not in seen:
-            seen.add(entry)
-            out.append(entry)
-
+    plan = _index_plan(resource_type)
+    found: list[IndexEntry] = []
     if isinstance(resource.get("id"), str):
-        add(TokenEntry("_id", None, resource["id"]))
+        found.append(TokenEntry("_id", None, resource["id"]))
     meta = resource.get("meta")
     if isinstance(meta, dict) and isinstance(meta.get("lastUpdated"), str):
-        add(DateEntry("_lastUpdated", date_range(meta["lastUpdated"], path="meta.lastUpdated")))
-    for param in params.values():
-        for path in param.paths:
-            where = f"{resource_type}.{path}"
-            for value in _values(resource, path.split(".")):
-                for entry in _entries(param, value, where, blind_tokens):
-                    add(entry)
-    return out
+        last_updated = date_range(meta["lastUpdated"], path="meta.lastUpdated")
+        found.append(DateEntry("_lastUpdated", last_updated))
+    values: list[Any] = []
+    for param, parts, where in plan:
+        values.clear()
+        _collect(resource, parts, 0, values)
+        kind = param.type
+        for value in values:
+            # The two most common kinds inline (as _entries has them), the others there.
+            if kind is ParamType.REFERENCE:
+                if isinstance(value, dict):
+                    reference = value.get("reference")
+                    if isinstance(reference, str):
+                        target = parse_reference(reference, path=f"{where}.reference")
+                        if target is not None and (not param.targets or target[0] in param.targets):
+                            found.append(ReferenceEntry(param.name, target[0], target[1]))
+            elif kind is ParamType.TOKEN and not param.blind:
+                for system, code in _tokens_of(value):
+                    found.append(TokenEntry(param.name, system, code))
+            else:
+                found.extend(_entries(param, value, where, blind_tokens))
+    return list(dict.fromkeys(found))  # without repeats, in the order first found
+
+
+@functools.cache
+def _index_plan(resource_type: str) -> tuple[tuple[SearchParam, tuple[str, ...], str], ...]:
+    """Each (parameter, element path split into parts, the path named in errors) of a type,
+    in parameter order: worked out once per type, not per resource."""
+    return tuple(
+        (param, tuple(path.split(".")), f"{resource_type}.{path}")
+        for param in search_params(resource_type).values()
+        for path in param.paths
+    )
 
 
 def _entries(

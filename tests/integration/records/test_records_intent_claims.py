@@ -446,3 +446,55 @@ async def test_a_write_stuck_open_does_not_hold_the_reconciler_hostage(
         assert await settled(write) is None
         assert await r.reconcile() == (1, 0)
         assert assert_ledger_agrees_with_store(r)
+
+
+@pytest.mark.parametrize("fate", ["commits", "dies-before-commit", "dies-after-commit"])
+async def test_writes_committed_as_one_group_each_keep_their_intent_claim_and_outcome(
+    stores: StoreFactory, tmp_path: Path, fate: str
+) -> None:
+    """Group commit (SQLite): two writes that waited while another was written go in as one
+    transaction. Each has its own intent, claim and outcome; if the process dies with the
+    group's transaction open (nothing committed) or after its commit (no outcome recorded),
+    the reconciler settles each intent by its own claim (docs/decisions/records-group-commit.md)."""
+    if stores.engine != "sqlite":
+        pytest.skip("PostgreSQL commits each write in its own transaction")
+    async with race(stores, tmp_path) as r:
+        r.store.hold = "begin"  # the first write holds the writer's turn before its begin
+        first = writing(r)
+        await asyncio.to_thread(r.store.arrived.wait, 30)
+        grouped = [writing(r), writing(r)]
+        deadline = time.monotonic() + 30
+        while len(r.store._group_pending) < 2:
+            assert time.monotonic() < deadline, "the writes never queued"
+            await asyncio.sleep(0.01)
+        # The group: held with its transaction open (both writes made), then it ends.
+        r.store.hold, released = "commit", r.store.release
+        r.store.arrived, r.store.release = threading.Event(), threading.Event()
+        released.set()
+        assert await settled(first) is None
+        await asyncio.to_thread(r.store.arrived.wait, 30)
+        r.store.fail = fate == "dies-before-commit"  # its transaction never commits
+        assert r.store._group_pending == []  # both in the group being written
+        r.gate.lose = fate != "commits"  # the process dies: no outcome reaches the ledger
+        r.store.release.set()
+        failures = [await settled(task) for task in grouped]
+        assert (failures == [None, None]) == (fate != "dies-before-commit")
+        committed, absent = await r.reconcile()
+        if fate == "commits":
+            assert (committed, absent) == (0, 0)
+        elif fate == "dies-after-commit":
+            assert (committed, absent) == (2, 0)
+        else:
+            assert (committed, absent) == (0, 2)
+        intents = r.intents()
+        assert len(intents) == 3 and len({_claim_of(i) for i in intents}) == 3
+        stored = [r.in_store(i) for i in intents]
+        assert stored == [True, *([fate != "dies-before-commit"] * 2)]
+        assert r.claim_rows() == 3
+        assert await r.reconcile() == (0, 0)  # settled once
+
+
+def _claim_of(intent: AuditEvent) -> str:
+    from phivault.records.repository import _intent_claim
+
+    return _intent_claim(intent)

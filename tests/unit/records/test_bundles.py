@@ -469,3 +469,76 @@ def test_what_orjson_cannot_copy_is_rewritten_all_the_same() -> None:
     assert observation.resource is not None
     assert observation.resource["valueInteger"] == huge
     assert observation.resource["subject"]["reference"].startswith("Patient/")
+
+
+def _walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan with the walk alone (no replacement on the encoded text)."""
+    from phivault.records.bundles import _Planner
+
+    monkeypatch.setattr(
+        _Planner,
+        "rewrite",
+        lambda self, node, path, index, ids, local: self._rewritten(node, path, index, ids, local),
+    )
+
+
+def test_references_replaced_on_the_text_are_what_the_walk_makes(
+    synthea_bundles: dict[str, dict[str, Any]], loaded: DictStore
+) -> None:
+    """Every fixture bundle plans to the same entries, and looks its conditional references
+    up in the same order, whether references are replaced on orjson's text or by the walk."""
+    plans = {}
+    for name, bundle in synthea_bundles.items():
+        if name in COMPANIONS or "Information" in name or name.startswith("flexporter"):
+            continue
+        asked: list[ConditionalLookup] = []
+
+        def resolve(lookup: ConditionalLookup, asked: list[ConditionalLookup] = asked) -> Any:
+            asked.append(lookup)
+            return loaded.resolve(lookup)
+
+        plans[name] = (plan_transaction(bundle, resolve, new_id=ids()), asked)
+    with pytest.MonkeyPatch.context() as patch:
+        _walked(patch)
+        for name, (plan, asked) in plans.items():
+            walked: list[ConditionalLookup] = []
+
+            def resolve_walked(
+                lookup: ConditionalLookup, walked: list[ConditionalLookup] = walked
+            ) -> Any:
+                walked.append(lookup)
+                return loaded.resolve(lookup)
+
+            again = plan_transaction(synthea_bundles[name], resolve_walked, new_id=ids())
+            assert again == plan, name
+            assert walked == asked, name
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(max_size=12),
+    key=st.sampled_from(["reference", "display", "x"]),
+)
+def test_strings_of_any_content_beside_references_survive_the_text_replacement(
+    text: str, key: str
+) -> None:
+    """Quotes, backslashes, non-ASCII and look-alike keys: the plan is the walk's."""
+    resource = {
+        "resourceType": "Observation",
+        "subject": {"reference": PATIENT_URL, "display": text},
+        "note": [{"text": text, key: text}],
+        "focus": [{"reference": text}] if text and key == "x" else [],
+    }
+    patient = _post({"resourceType": "Patient"}, PATIENT_URL)
+    bundle = _bundle(patient, _post(resource))
+
+    def plan() -> Any:
+        try:
+            return plan_transaction(bundle, nothing, new_id=ids())
+        except InvalidInput as exc:
+            return (type(exc), exc.path)
+
+    fast = plan()
+    with pytest.MonkeyPatch.context() as patch:
+        _walked(patch)
+        assert plan() == fast

@@ -301,3 +301,24 @@ def test_name_search_is_starts_with_on_normalized_parts(family: str, query: str)
     field, value = blind_lookup(param, query, modifier="exact")
     tokens = set(indexer().tokens(field, value))
     assert any(isinstance(e, BlindEntry) and e.token in tokens for e in entries) == (part == wanted)
+
+
+def test_index_entries_match_the_walk_by_parameter_and_path(
+    resolved: list[dict[str, Any]],
+) -> None:
+    """The inlined walk of ``index_entries`` gives exactly what walking every parameter's
+    paths with ``_values`` and ``_entries`` gives, in the same order, for every fixture."""
+    from phivault.records.search_params import _entries, _values
+
+    tokens = indexer().tokens
+    for resource in resolved:
+        kind = resource["resourceType"]
+        expected: list[Any] = [TokenEntry("_id", None, resource["id"])]
+        if isinstance(resource.get("meta", {}).get("lastUpdated"), str):
+            stamp = date_range(resource["meta"]["lastUpdated"], path="meta.lastUpdated")
+            expected.append(DateEntry("_lastUpdated", stamp))
+        for param in search_params(kind).values():
+            for path in param.paths:
+                for value in _values(resource, path.split(".")):
+                    expected.extend(_entries(param, value, f"{kind}.{path}", tokens))
+        assert index_entries(resource, tokens) == list(dict.fromkeys(expected))

@@ -403,4 +403,13 @@ class RecordStore(Protocol):
         one key shared by every unkeyed caller)."""
         ...
 
+    def write_unit(
+        self, work: Callable[[RecordUnitOfWork], None], *, session: str | None = None
+    ) -> None:
+        """Run ``work`` (which must not commit) in a writing transaction and commit it; its
+        exception, if it raises, after rolling back what it wrote. The store may commit it
+        together with units other threads submit meanwhile (group commit): each is still
+        all or nothing on its own, and a unit that fails does not affect the others."""
+        ...
+
     def close(self) -> None: ...

@@ -20,13 +20,14 @@ replica that fails in the middle of a unit hands the rest of the unit to the pri
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
 
 from sqlalchemy import (
@@ -327,6 +328,32 @@ class SqlUnitOfWork:
             raise InvalidInput("this unit of work is read-only")
         return self._live()
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A savepoint around the block: if it raises, what it wrote is rolled back and the
+        transaction goes on (:class:`_SavepointLost` if that cannot be done)."""
+        conn = self._writable()
+        try:
+            nested = conn.begin_nested()
+        except SQLAlchemyError as exc:
+            raise _SavepointLost("savepoint") from exc
+        try:
+            yield
+        except BaseException:
+            try:
+                nested.rollback()
+            except SQLAlchemyError as exc:
+                raise _SavepointLost("rollback to savepoint") from exc
+            if not _in_transaction(conn):
+                raise _SavepointLost("the transaction ended") from None
+            raise
+        try:
+            nested.commit()
+        except SQLAlchemyError as exc:
+            raise _SavepointLost("release savepoint") from exc
+        if not _in_transaction(conn):
+            raise _SavepointLost("the transaction ended")
+
     # writes -----------------------------------------------------------------------------
 
     def write(self, new: NewVersion, *, previous: int | None) -> StoredVersion:
@@ -367,14 +394,9 @@ class SqlUnitOfWork:
         if len(set(keys)) != len(keys):
             raise InvalidInput("the same resource is created twice", path="id")
         conn = self._writable()
-        h, v = resources.c, versions.c
         with self._translate("write"):
             for chunk in _chunks(keys, 500):
-                taken = conn.execute(
-                    select(h.resource_type, h.resource_id, h.version).where(
-                        tuple_(h.tenant, h.resource_type, h.resource_id).in_(chunk)
-                    )
-                ).first()
+                taken = conn.execute(_TAKEN, {"keys": list(chunk)}).first()
                 if taken is not None:
                     raise VersionConflict(taken[0], taken[1], None, int(taken[2]))
             heads = [
@@ -390,15 +412,11 @@ class SqlUnitOfWork:
                 for n in news
             ]
             try:
-                conn.execute(insert(resources), heads)
+                conn.execute(_INSERT_HEADS, heads)
             except IntegrityError:  # a concurrent writer created one meanwhile
                 first = news[0].key
                 raise VersionConflict(first.resource_type, "(one of the bundle)", None, 1) from None
-            seqs = (
-                conn.execute(insert(versions).returning(v.seq, sort_by_parameter_order=True), heads)
-                .scalars()
-                .all()
-            )
+            seqs = conn.execute(_INSERT_VERSIONS, heads).scalars().all()
             sealed = [
                 {
                     "version_seq": seq,
@@ -411,12 +429,10 @@ class SqlUnitOfWork:
                 for name, data in sorted(n.groups.items())
             ]
             _bulk_insert(conn, groups, sealed)
-            rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in _INDEX_TABLES}
+            rows = _IndexRows()
             for n in news:
-                for name, found in _index_rows(n.key, n.key_subject, n.index).items():
-                    rows[name].extend(found)
-            for table in _INDEX_TABLES:
-                _bulk_insert(conn, table, _unique(rows[table.name], table))
+                rows.add(n.key, n.key_subject, n.index)
+            rows.insert(conn)
 
     def delete(
         self, key: ResourceKey, *, version: int, last_updated: datetime, previous: int
@@ -504,11 +520,9 @@ class SqlUnitOfWork:
             params = _key_params(key)
             for table in _INDEX_TABLES:
                 conn.execute(_DELETE_INDEX[table.name], params)
-        rows = _index_rows(key, subject, entries)
-        for table in _INDEX_TABLES:
-            batch = _unique(rows[table.name], table)
-            if batch:
-                conn.execute(_INSERT[table.name], batch)
+        rows = _IndexRows()
+        rows.add(key, subject, entries)
+        rows.insert(conn)
 
     def reindex(self, key: ResourceKey, *, version: int, index: Sequence[IndexEntry]) -> None:
         """Replace the index rows of the current version without writing a new one (index-key
@@ -869,48 +883,93 @@ class SqlUnitOfWork:
         return int(removed)
 
 
-def _index_rows(
-    key: ResourceKey, subject: str, entries: Sequence[IndexEntry]
-) -> dict[str, list[dict[str, Any]]]:
-    """The index table rows of one resource's entries, by table name."""
-    rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in _INDEX_TABLES}
-    base = {
-        "tenant": key.tenant,
-        "resource_type": key.resource_type,
-        "resource_id": key.resource_id,
-    }
-    for entry in entries:
-        if isinstance(entry, TokenEntry):
-            rows[idx_token.name].append(
-                {**base, "param": entry.param, "code": entry.code, "system": entry.system or ""}
-            )
-        elif isinstance(entry, StringEntry):
-            rows[idx_string.name].append({**base, "param": entry.param, "value": entry.value})
-        elif isinstance(entry, DateEntry):
-            low = to_micros(entry.range.low, default=DATE_MIN)
-            high = to_micros(entry.range.high, default=DATE_MAX)
-            rows[idx_date.name].append({**base, "param": entry.param, "low": low, "high": high})
-        elif isinstance(entry, ReferenceEntry):
-            rows[idx_reference.name].append(
-                {
-                    **base,
-                    "param": entry.param,
-                    "target_type": entry.target_type,
-                    "target_id": entry.target_id,
-                }
-            )
-        elif isinstance(entry, BlindEntry):
-            rows[idx_blind.name].append(
-                {
-                    **base,
-                    "param": entry.param,
-                    "field": entry.token.field,
-                    "key_version": entry.token.version,
-                    "token": entry.token.token,
-                    "key_subject": subject,
-                }
-            )
-    return rows
+#: The columns of each index table's rows as :class:`_IndexRows` builds them (tuples).
+_INDEX_COLUMNS: Final = {
+    idx_token.name: ("tenant", "resource_type", "resource_id", "param", "code", "system"),
+    idx_string.name: ("tenant", "resource_type", "resource_id", "param", "value"),
+    idx_date.name: ("tenant", "resource_type", "resource_id", "param", "low", "high"),
+    idx_reference.name: (
+        "tenant", "resource_type", "resource_id", "param", "target_type", "target_id",
+    ),
+    idx_blind.name: (
+        "tenant", "resource_type", "resource_id", "param", "field", "key_version", "token",
+        "key_subject",
+    ),
+}  # fmt: skip
+
+
+def _check_index_keys() -> None:
+    """What :class:`_IndexRows` relies on: the whole row is the primary key of every index
+    table but the blind one, whose key it builds itself. Checked at import."""
+    for table in (idx_token, idx_string, idx_date, idx_reference, idx_blind):
+        key = {c.name for c in table.primary_key.columns}
+        columns = _INDEX_COLUMNS[table.name]
+        if set(columns) != {c.name for c in table.columns}:
+            raise RuntimeError(f"{table.name}: _INDEX_COLUMNS does not match the table")
+        wanted = (
+            {"tenant", "resource_type", "field", "token", "resource_id"}
+            if table is idx_blind
+            else set(columns)
+        )
+        if key != wanted:
+            raise RuntimeError(f"{table.name}: its primary key is not what _IndexRows assumes")
+
+
+class _IndexRows:
+    """The index table rows of resources' entries, as tuples in :data:`_INDEX_COLUMNS` order
+    (no dict per row), each table's rows without repeats of its primary key (two entries
+    that differ only outside the key, such as two tokens of one normalized value: the first
+    is kept)."""
+
+    __slots__ = ("blind", "date", "reference", "string", "token")
+
+    def __init__(self) -> None:
+        self.token: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.string: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.date: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.reference: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.blind: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def add(self, key: ResourceKey, subject: str, entries: Sequence[IndexEntry]) -> None:
+        tenant, kind, ident = key.tenant, key.resource_type, key.resource_id
+        row: tuple[Any, ...]
+        for entry in entries:
+            if isinstance(entry, TokenEntry):
+                row = (tenant, kind, ident, entry.param, entry.code, entry.system or "")
+                self.token.setdefault(row, row)  # the whole row is the key
+            elif isinstance(entry, ReferenceEntry):
+                row = (tenant, kind, ident, entry.param, entry.target_type, entry.target_id)
+                self.reference.setdefault(row, row)
+            elif isinstance(entry, DateEntry):
+                low = to_micros(entry.range.low, default=DATE_MIN)
+                high = to_micros(entry.range.high, default=DATE_MAX)
+                row = (tenant, kind, ident, entry.param, low, high)
+                self.date.setdefault(row, row)
+            elif isinstance(entry, StringEntry):
+                row = (tenant, kind, ident, entry.param, entry.value)
+                self.string.setdefault(row, row)
+            elif isinstance(entry, BlindEntry):
+                token = entry.token
+                row = (
+                    tenant, kind, ident, entry.param, token.field, token.version, token.token,
+                    subject,
+                )  # fmt: skip
+                # primary key: tenant, resource_type, field, token, resource_id
+                self.blind.setdefault((tenant, kind, token.field, token.token, ident), row)
+
+    def insert(self, conn: Connection) -> None:
+        for table, rows in (
+            (idx_token, self.token),
+            (idx_string, self.string),
+            (idx_date, self.date),
+            (idx_reference, self.reference),
+            (idx_blind, self.blind),
+        ):
+            if rows:
+                _bulk_insert_tuples(conn, table, _INDEX_COLUMNS[table.name], list(rows.values()))
+
+
+_check_index_keys()
 
 
 def _check_new(new: NewVersion, previous: int | None) -> None:
@@ -992,6 +1051,12 @@ _UPDATE_HEAD: Final = (
     )
 )
 _INSERT_VERSION: Final = insert(versions).returning(_V.seq)
+_INSERT_HEADS: Final = insert(resources)
+_INSERT_VERSIONS: Final = insert(versions).returning(_V.seq, sort_by_parameter_order=True)
+#: Which of the keys (tenant, type, id) of a bulk create are taken already.
+_TAKEN: Final = select(_H.resource_type, _H.resource_id, _H.version).where(
+    tuple_(_H.tenant, _H.resource_type, _H.resource_id).in_(bindparam("keys", expanding=True))
+)
 #: Keyed by "is PostgreSQL": the reconciler's claim, unless a writer (or an earlier pass) has
 #: one; PostgreSQL waits for the transaction of a conflicting row not yet committed.
 _SETTLE_CLAIM: Final = {
@@ -1023,12 +1088,6 @@ def _head_is(key: ResourceKey) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def _unique(rows: list[dict[str, Any]], table: Any) -> list[dict[str, Any]]:
-    """Drop rows that repeat a primary key (two tokens of one normalized value)."""
-    ident = itemgetter(*(c.name for c in table.primary_key.columns))
-    return list({ident(row): row for row in reversed(rows)}.values())[::-1]
-
-
 def _bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """INSERT many rows through the driver's executemany, with the statement compiled once
     per dialect and table: SQLAlchemy's per-row parameter processing would cost more than
@@ -1050,6 +1109,32 @@ def _bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any
         conn.exec_driver_sql(str(compiled), [tuple(row[c] for c in order) for row in rows])
     else:
         conn.exec_driver_sql(str(compiled), [dict(row) for row in rows])
+
+
+def _bulk_insert_tuples(
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """:func:`_bulk_insert` of rows given as tuples in ``columns`` order."""
+    compiled = _bulk_sql(conn, table, columns)
+    if compiled.positional:
+        order = compiled.positiontup or ()
+        if tuple(order) != columns:
+            at = [columns.index(c) for c in order]
+            rows = [tuple(row[i] for i in at) for row in rows]
+        conn.exec_driver_sql(str(compiled), rows)
+    else:
+        conn.exec_driver_sql(str(compiled), [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def _bulk_sql(conn: Connection, table: Table, columns: tuple[str, ...]) -> SQLCompiler:
+    cache_key = (conn.dialect.name, table.name, columns)
+    compiled = _BULK_SQL.get(cache_key)
+    if compiled is None:
+        statement = insert(table).values({c: bindparam(c) for c in columns})
+        made = statement.compile(dialect=conn.dialect)
+        assert isinstance(made, SQLCompiler)
+        compiled = _BULK_SQL[cache_key] = made
+    return compiled
 
 
 _BULK_SQL: dict[tuple[str, str, tuple[str, ...]], SQLCompiler] = {}
@@ -1107,6 +1192,11 @@ class SqlRecordStore:
         # writer before them is done (another process, such as the CLI, still meets the busy
         # handler). Reentrant: a thread's second write unit would deadlock in SQLite anyway.
         self._writer = threading.RLock() if backend == "sqlite" else None
+        # Group commit (SQLite): write units submitted while a group is being written wait
+        # here and go in together as the next group (write_unit).
+        self._group_turn = threading.Condition(threading.Lock())
+        self._group_writing = False  # a group is being written (by one of the submitters)
+        self._group_pending: list[_GroupUnit] = []
         try:
             if backend == "sqlite":
                 if parsed.database in (None, "", ":memory:"):
@@ -1294,6 +1384,92 @@ class SqlRecordStore:
                 if not settled and (pinned or committed is not False):
                     router.end_write(key, committed=committed, pinned=pinned)
 
+    def write_unit(
+        self, work: Callable[[SqlUnitOfWork], None], *, session: str | None = None
+    ) -> None:
+        """Run ``work`` in a writing transaction and commit it (``work`` must not commit).
+
+        SQLite has one writer at a time, so units submitted by other threads while a
+        transaction is being written wait and are then committed together, as one group:
+        one transaction, one commit (and one fsync) for all of them, each unit in its own
+        savepoint. A unit that raises is rolled back to its savepoint and gets its own
+        error; the others are not affected. If the group's transaction itself breaks
+        (a savepoint cannot be rolled back, SQLite rolled the whole transaction back), the
+        group is rolled back and every unit of it runs again alone. If the commit fails,
+        nothing of the group is written and every unit gets that error. PostgreSQL runs
+        each unit in its own transaction (its writers do not wait for one another).
+        ``docs/decisions/records-group-commit.md``."""
+        if self._writer is None:
+            with self.unit_of_work(session=session) as uow:
+                work(uow)
+                uow.commit()
+            return
+        unit = _GroupUnit(work, contextvars.copy_context())
+        deadline = time.monotonic() + _WRITER_WAIT_S
+        with self._group_turn:
+            self._group_pending.append(unit)
+        while True:
+            with self._group_turn:
+                while self._group_writing and not unit.finished:
+                    left = deadline - time.monotonic()
+                    if left <= 0 and unit in self._group_pending:
+                        self._group_pending.remove(unit)
+                        raise RecordStoreUnavailable("records store: begin failed (another writer)")
+                    # (once a group has taken it, it is being written: wait for that to end)
+                    self._group_turn.wait(left if left > 0 else None)
+                if unit.finished:
+                    break
+                # This thread writes the next group: the longest waiting units (its own
+                # among them, or in a later group it writes too: it leaves only when its
+                # own unit is finished).
+                self._group_writing = True
+                batch = self._group_pending[:_GROUP_MAX]
+                del self._group_pending[:_GROUP_MAX]
+            try:
+                self._write_group(batch)
+            finally:
+                with self._group_turn:
+                    for done in batch:
+                        done.finished = True
+                    self._group_writing = False
+                    self._group_turn.notify_all()
+        if unit.error is not None:
+            raise unit.error
+
+    def _write_group(self, batch: list[_GroupUnit]) -> None:
+        """Write and commit ``batch`` (see :meth:`write_unit`): each unit's ``error`` says
+        how it ended (None: committed)."""
+        if len(batch) == 1:
+            self._write_alone(batch[0])
+            return
+        try:
+            with self.unit_of_work() as uow:
+                for unit in batch:
+                    try:
+                        with uow.savepoint():
+                            unit.context.run(unit.work, uow)
+                    except _SavepointLost:
+                        raise
+                    except BaseException as exc:  # this unit alone is rolled back
+                        unit.error = exc
+                uow.commit()
+        except _SavepointLost:
+            for unit in batch:  # nothing of the group was written: one by one
+                unit.error = None
+                self._write_alone(unit)
+        except BaseException as exc:
+            for unit in batch:
+                if unit.error is None:
+                    unit.error = exc
+
+    def _write_alone(self, unit: _GroupUnit) -> None:
+        try:
+            with self.unit_of_work() as uow:
+                unit.context.run(unit.work, uow)
+                uow.commit()
+        except BaseException as exc:
+            unit.error = exc
+
     def _routed(
         self, router: ReplicaRouter, reads: ReadClass, session: str | None
     ) -> SqlUnitOfWork:
@@ -1340,6 +1516,25 @@ class SqlRecordStore:
 
 _REPLICA_CONNECT_TIMEOUT_S: Final = 2
 _WRITER_WAIT_S: Final = 30  # the SQLite busy timeout (_sqlite_connect)
+_GROUP_MAX: Final = 64  # write units committed together at most
+
+
+class _GroupUnit:
+    """A write unit waiting to be committed in a group (:meth:`SqlRecordStore.write_unit`);
+    it runs in its submitter's context (context variables), on the group's thread."""
+
+    __slots__ = ("context", "error", "finished", "work")
+
+    def __init__(self, work: Callable[[SqlUnitOfWork], None], context: contextvars.Context):
+        self.work = work
+        self.context = context
+        self.error: BaseException | None = None
+        self.finished = False  # under the store's _group_turn
+
+
+class _SavepointLost(Exception):
+    """A group's transaction can no longer be trusted: a savepoint could not be rolled back
+    or released, or the database ended the transaction on its own."""
 
 
 def _parse_url(url: str) -> Any:
@@ -1407,6 +1602,15 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
     finally:
         cursor.close()
+
+
+def _in_transaction(conn: Connection) -> bool:
+    """Whether the database still has the transaction open (SQLite ends one on its own after
+    some errors, such as a full disk; statements after that would each commit alone)."""
+    if conn.dialect.name != "sqlite":
+        return True  # PostgreSQL keeps it (aborted until rolled back to a savepoint)
+    dbapi = conn.connection.dbapi_connection
+    return bool(getattr(dbapi, "in_transaction", True))
 
 
 def _sqlite_begin(conn: Connection) -> None:
