@@ -239,6 +239,80 @@ def test_read_only_units_refuse_writes_on_both_engines(store: SqlRecordStore) ->
             uow.read(key)
 
 
+def test_a_postgresql_read_only_unit_is_refused_writes_by_the_server_too(
+    stores: StoreFactory,
+) -> None:
+    """Read-only units on PostgreSQL run in autocommit on connections whose transactions are
+    read-only by default: a write that got past the unit's own check (a bug calling the
+    connection directly) is refused by the server, and commits nothing."""
+    from sqlalchemy import insert
+
+    from phivault.records.store.ports import RecordStoreUnavailable
+    from phivault.records.store.schema import care_assignments
+
+    if stores.engine != "postgresql":
+        pytest.skip("SQLite's read-only units are refused writes by the unit's own check")
+    store = stores.open()
+    row = {
+        "tenant": "t1",
+        "practitioner_type": "Practitioner",
+        "practitioner_id": "pr1",
+        "patient_id": "p1",
+        "assigned_by": "attacker",
+        "assigned_at": 0,
+    }
+    with store.unit_of_work(read_only=True) as uow:
+        with pytest.raises(RecordStoreUnavailable), uow._translate("write"):
+            uow._live().execute(insert(care_assignments), row)
+        # the unit still reads after the refusal (no aborted transaction to roll back)
+        assert uow.read(ResourceKey("t1", "Observation", "o1")) is None
+        assert uow.care_related("t1", ("Practitioner", "pr1"), ["p1"]) == set()
+    with store.unit_of_work(read_only=True) as uow:
+        assert uow.care_related("t1", ("Practitioner", "pr1"), ["p1"]) == set()
+
+
+def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_statement(
+    stores: StoreFactory,
+) -> None:
+    """A read or vread on PostgreSQL is one statement (the version outer-joined with the
+    groups asked for), whatever groups are asked for."""
+    from sqlalchemy import event
+
+    if stores.engine != "postgresql":
+        pytest.skip("SQLite reads a version and its groups in two statements")
+    store = stores.open()
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    statements: list[str] = []
+    engine = store._reader
+    assert engine is not None
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with store.unit_of_work(read_only=True) as uow:
+            every = uow.read(key)
+            clinical = uow.read(key, groups={"clinical"})
+            unknown_version = uow.vread(key, 2)
+            first = uow.vread(key, 1, groups={"administrative"})
+            bare = uow.vread(key, 1, groups=set())
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(statements) == 5
+    assert every is not None and every.groups == {
+        "clinical": b"sealed-o1-1",
+        "administrative": b"meta",
+    }
+    assert clinical is not None and clinical.groups == {"clinical": b"sealed-o1-1"}
+    assert unknown_version is None
+    assert first is not None and first.groups == {"administrative": b"meta"}
+    assert bare is not None and bare.groups == {} and bare.version == 1
+
+
 def test_concurrent_writers_all_commit_without_the_busy_handler(stores: StoreFactory) -> None:
     """Sixteen threads writing at once: every write commits, and on SQLite a writer waits
     for the one before it on the store's lock, not in SQLite's busy handler (which sleeps up

@@ -30,11 +30,15 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
 
 from sqlalchemy import (
+    ARRAY,
+    BigInteger,
     ColumnElement,
     Connection,
     Engine,
+    String,
     Table,
     and_,
+    any_,
     bindparam,
     create_engine,
     delete,
@@ -530,6 +534,8 @@ class SqlUnitOfWork:
     ) -> StoredVersion | None:
         _check_key(key)
         _check_groups(groups)
+        if self._conn.dialect.name == "postgresql":
+            return self._one_version(_CURRENT_WITH, _CURRENT, groups, _key_params(key))
         found = self._versions(_CURRENT, groups, _key_params(key))
         return found[0] if found else None
 
@@ -539,7 +545,10 @@ class SqlUnitOfWork:
     ) -> StoredVersion | None:
         _check_key(key)
         _check_groups(groups)
-        found = self._versions(_VREAD, groups, {**_key_params(key), "version": version})
+        params = {**_key_params(key), "version": version}
+        if self._conn.dialect.name == "postgresql":
+            return self._one_version(_VREAD_WITH, _VREAD, groups, params)
+        found = self._versions(_VREAD, groups, params)
         return found[0] if found else None
 
     @_failover
@@ -585,11 +594,17 @@ class SqlUnitOfWork:
             rows = conn.execute(statement, params or {}).mappings().all()
             sealed: dict[int, dict[str, bytes]] = {int(r["seq"]): {} for r in rows}
             if sealed and (wanted is None or wanted):
+                # PostgreSQL takes the lists as arrays: one statement text whatever their
+                # length, where an expanding IN is rendered again for each call.
+                pg = conn.dialect.name == "postgresql"
                 if wanted is None:
-                    found = conn.execute(_GROUPS_OF, {"seqs": list(sealed)})
+                    found = conn.execute(
+                        _GROUPS_OF_ANY if pg else _GROUPS_OF, {"seqs": list(sealed)}
+                    )
                 else:
                     found = conn.execute(
-                        _SOME_GROUPS_OF, {"seqs": list(sealed), "groups": sorted(wanted)}
+                        _SOME_GROUPS_OF_ANY if pg else _SOME_GROUPS_OF,
+                        {"seqs": list(sealed), "groups": sorted(wanted)},
                     )
                 for seq, grp, data in found:
                     sealed[int(seq)][grp] = bytes(data)
@@ -604,6 +619,43 @@ class SqlUnitOfWork:
             )
             for r in rows
         ]
+
+    def _one_version(
+        self,
+        joined: Mapping[bool, Any],
+        bare: Any,
+        wanted: Collection[str] | None,
+        params: Mapping[str, Any],
+    ) -> StoredVersion | None:
+        """At most one version and its sealed groups (only ``wanted`` ones) in **one**
+        statement (PostgreSQL): the version row outer-joined with its groups, one row per
+        group (or one row with no group). ``joined[True]``: every group; ``[False]``: those
+        named by the ``groups`` array. A read is one round trip, not two."""
+        conn = self._live()
+        with self._translate("read"):
+            if wanted is not None and not wanted:
+                rows = conn.execute(bare, params).all()
+                grouped = False
+            elif wanted is None:
+                rows = conn.execute(joined[True], params).all()
+                grouped = True
+            else:
+                rows = conn.execute(joined[False], {**params, "groups": sorted(wanted)}).all()
+                grouped = True
+        if not rows:
+            return None
+        first = rows[0]
+        sealed = (
+            {str(row[-2]): bytes(row[-1]) for row in rows if row[-2] is not None} if grouped else {}
+        )
+        return StoredVersion(
+            ResourceKey(first.tenant, first.resource_type, first.resource_id),
+            int(first.version),
+            from_micros(int(first.last_updated)),
+            bool(first.deleted),
+            first.key_subject,
+            sealed,
+        )
 
     @_failover
     def scan_current(
@@ -962,6 +1014,28 @@ _GROUPS_OF: Final = select(_G.version_seq, _G.grp, _G.ciphertext).where(
     _G.version_seq.in_(bindparam("seqs", expanding=True))
 )
 _SOME_GROUPS_OF: Final = _GROUPS_OF.where(_G.grp.in_(bindparam("groups", expanding=True)))
+# PostgreSQL: the same with arrays (``= ANY``), and a single version read with its groups in
+# one statement (keyed by "every group"; else the groups named by the ``groups`` array).
+_SEQS: Final = bindparam("seqs", type_=ARRAY(BigInteger))
+_GROUP_NAMES: Final = bindparam("groups", type_=ARRAY(String))
+_GROUPS_OF_ANY: Final = select(_G.version_seq, _G.grp, _G.ciphertext).where(
+    _G.version_seq == any_(_SEQS)
+)
+_SOME_GROUPS_OF_ANY: Final = _GROUPS_OF_ANY.where(_G.grp == any_(_GROUP_NAMES))
+
+
+def _with_groups(statement: Any) -> dict[bool, Any]:
+    on = _G.version_seq == _V.seq
+    return {
+        every: statement.add_columns(_G.grp, _G.ciphertext).outerjoin(
+            groups, on if every else and_(on, _G.grp == any_(_GROUP_NAMES))
+        )
+        for every in (True, False)
+    }
+
+
+_CURRENT_WITH: Final = _with_groups(_CURRENT)
+_VREAD_WITH: Final = _with_groups(_VREAD)
 _HEAD_IS: Final = (
     _H.tenant == bindparam("k_tenant"),
     _H.resource_type == bindparam("rtype"),
@@ -1099,6 +1173,8 @@ class SqlRecordStore:
         # writer before them is done (another process, such as the CLI, still meets the busy
         # handler). Reentrant: a thread's second write unit would deadlock in SQLite anyway.
         self._writer = threading.RLock() if backend == "sqlite" else None
+        # PostgreSQL: read-only units on the primary use their own pool (_read_only_engine).
+        self._reader: Engine | None = None
         try:
             if backend == "sqlite":
                 if parsed.database in (None, "", ":memory:"):
@@ -1121,6 +1197,7 @@ class SqlRecordStore:
                 self._engine = create_engine(
                     parsed, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
                 )
+                self._reader = _read_only_engine(parsed, connect_args)
             self._replicas: dict[str, Engine] = {}
             self._router: ReplicaRouter | None = None
             if replica_urls:
@@ -1263,6 +1340,14 @@ class SqlRecordStore:
         return SqlUnitOfWork(self._begin(self._engine, read_only=True), read_only=True)
 
     def _begin(self, engine: Engine, *, read_only: bool, standby: bool = False) -> Connection:
+        reader = self._reader
+        if read_only and reader is not None and engine is self._engine:
+            try:
+                conn = reader.connect()
+                conn.begin()  # no statement: each one runs as its own read-only transaction
+            except SQLAlchemyError as exc:
+                raise _driver_error(exc, "begin") from exc
+            return conn
         try:
             conn = engine.connect()
             if read_only:
@@ -1281,12 +1366,36 @@ class SqlRecordStore:
 
     def close(self) -> None:
         self._engine.dispose()
+        if self._reader is not None:
+            self._reader.dispose()
         for engine in self._replicas.values():
             engine.dispose()
 
 
 _REPLICA_CONNECT_TIMEOUT_S: Final = 2
 _WRITER_WAIT_S: Final = 30  # the SQLite busy timeout (_sqlite_connect)
+
+
+def _read_only_engine(url: Any, connect_args: Mapping[str, Any]) -> Engine:
+    """The pool for read-only units on the PostgreSQL primary (``docs/decisions/
+    records-storage.md``, "Read-only units on PostgreSQL").
+
+    Its connections run in autocommit with ``default_transaction_read_only`` on: every
+    statement is its own read-only transaction, so the server still refuses any write (as
+    ``BEGIN READ ONLY`` did), and a unit costs no ``BEGIN`` and ``ROLLBACK`` round trips. Under
+    READ COMMITTED, PostgreSQL's default and the only level used here, each statement of a
+    transaction took its own snapshot anyway, so a unit of several statements sees what it
+    saw before.
+    """
+    given = connect_args.get("options")
+    options = (f"{given} " if given else "") + "-c default_transaction_read_only=on"
+    return create_engine(
+        url,
+        connect_args={**connect_args, "options": options},
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=True,
+        hide_parameters=True,
+    )
 
 
 def _parse_url(url: str) -> Any:
