@@ -271,6 +271,56 @@ def test_a_postgresql_read_only_unit_is_refused_writes_by_the_server_too(
         assert uow.care_related("t1", ("Practitioner", "pr1"), ["p1"]) == set()
 
 
+def _terminate_the_read_connection(store: SqlRecordStore, admin: str) -> None:
+    """Kill (on the server) the one pooled connection the store's read units use."""
+    import psycopg
+
+    assert store._reader is not None
+    with store._reader.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_pooled_read_connection_lost_while_idle_is_replaced_before_use(
+    stores: StoreFactory, postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from phivault.records.store import sql_store
+
+    if stores.engine != "postgresql":
+        pytest.skip("SQLite has no server to lose")
+    monkeypatch.setattr(sql_store, "_PING_IDLE_S", 0.0)  # every checkout counts as idle
+    store = stores.open()
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    _terminate_the_read_connection(store, postgres)
+    with store.unit_of_work(read_only=True) as uow:  # pinged, found dead, replaced
+        assert uow.read(key) is not None
+
+
+def test_a_pooled_read_connection_lost_while_in_use_fails_one_unit_cleanly_then_recovers(
+    stores: StoreFactory, postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from phivault.records.store import sql_store
+    from phivault.records.store.ports import RecordStoreUnavailable
+
+    if stores.engine != "postgresql":
+        pytest.skip("SQLite has no server to lose")
+    monkeypatch.setattr(sql_store, "_PING_IDLE_S", 3600.0)  # never pinged
+    store = stores.open()
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    _terminate_the_read_connection(store, postgres)
+    with pytest.raises(RecordStoreUnavailable), store.unit_of_work(read_only=True) as uow:
+        uow.read(key)
+    with store.unit_of_work(read_only=True) as uow:  # the pool replaced its connections
+        assert uow.read(key) is not None
+
+
 def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_statement(
     stores: StoreFactory,
 ) -> None:

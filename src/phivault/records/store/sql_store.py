@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
@@ -52,7 +53,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    SQLAlchemyError,
+)
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from phivault.crypto.blind_index import BlindToken
@@ -1389,13 +1396,46 @@ def _read_only_engine(url: Any, connect_args: Mapping[str, Any]) -> Engine:
     """
     given = connect_args.get("options")
     options = (f"{given} " if given else "") + "-c default_transaction_read_only=on"
-    return create_engine(
+    engine = create_engine(
         url,
         connect_args={**connect_args, "options": options},
         isolation_level="AUTOCOMMIT",
-        pool_pre_ping=True,
         hide_parameters=True,
     )
+    # A connection back from the pool is checked only if it sat there a while (see
+    # _ping_if_idle), not on every checkout as pool_pre_ping would (a round trip per read).
+    event.listen(engine, "checkin", _note_idle)
+    event.listen(engine, "checkout", _ping_if_idle)
+    return engine
+
+
+#: A pooled read connection idle longer than this is pinged before use (seconds).
+_PING_IDLE_S: Final = 1.0
+_IDLE_SINCE: Final = "phivault_idle_since"
+
+
+def _note_idle(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_IDLE_SINCE] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Ping a connection that was idle over ``_PING_IDLE_S`` (or is new) before a unit uses
+    it; a failed ping makes the pool replace it (``DisconnectionError``), as pre-ping does.
+
+    A connection used within the last second is not pinged: if the server went away in that
+    second, the unit that meets it fails with ``RecordStoreUnavailable`` (a 503, as a unit in
+    flight then does anyway), and SQLAlchemy then replaces every connection of the pool."""
+    since = record.info.get(_IDLE_SINCE)
+    if since is not None and time.monotonic() - since <= _PING_IDLE_S:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+    except Exception as exc:  # whatever the driver raised: the connection is not usable
+        raise DisconnectionError("a pooled read connection did not answer") from exc
 
 
 def _parse_url(url: str) -> Any:
