@@ -5,6 +5,7 @@ sealing is tested with real keys in test_records_synthea_store.py."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -321,12 +322,17 @@ def test_a_pooled_read_connection_lost_while_in_use_fails_one_unit_cleanly_then_
         assert uow.read(key) is not None
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["driver-cursor", "sqlalchemy"])
 def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_statement(
-    stores: StoreFactory,
+    stores: StoreFactory, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
     """A read or vread on PostgreSQL is one statement (the version outer-joined with the
-    groups asked for), whatever groups are asked for."""
+    groups asked for), whatever groups are asked for; on the driver's cursor (the read pool)
+    or through SQLAlchemy (where that is off, or after a driver error), with the same
+    results."""
     from sqlalchemy import event
+
+    from phivault.records.store import sql_store
 
     if stores.engine != "postgresql":
         pytest.skip("SQLite reads a version and its groups in two statements")
@@ -342,6 +348,17 @@ def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_s
     def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
         statements.append(statement)
 
+    direct_texts: list[str] = []
+    run_direct = sql_store._direct
+
+    def spied(conn: Any, statement: Any, params: Any) -> Any:
+        # Off: as after a driver error, the ordinary path runs the statement.
+        rows = run_direct(conn, statement, params) if direct else None
+        if rows is not None:
+            direct_texts.append(str(statement))
+        return rows
+
+    monkeypatch.setattr(sql_store, "_direct", spied)
     event.listen(engine, "before_cursor_execute", seen)
     try:
         with store.unit_of_work(read_only=True) as uow:
@@ -352,7 +369,8 @@ def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_s
             bare = uow.vread(key, 1, groups=set())
     finally:
         event.remove(engine, "before_cursor_execute", seen)
-    assert len(statements) == 5
+    assert len(statements) + len(direct_texts) == 5
+    assert len(direct_texts) == (5 if direct else 0)
     assert every is not None and every.groups == {
         "clinical": b"sealed-o1-1",
         "administrative": b"meta",

@@ -639,28 +639,27 @@ class SqlUnitOfWork:
         group (or one row with no group). ``joined[True]``: every group; ``[False]``: those
         named by the ``groups`` array. A read is one round trip, not two."""
         conn = self._live()
-        with self._translate("read"):
-            if wanted is not None and not wanted:
-                rows = conn.execute(bare, params).all()
-                grouped = False
-            elif wanted is None:
-                rows = conn.execute(joined[True], params).all()
-                grouped = True
-            else:
-                rows = conn.execute(joined[False], {**params, "groups": sorted(wanted)}).all()
-                grouped = True
+        grouped = wanted is None or bool(wanted)
+        statement = joined[wanted is None] if grouped else bare
+        if wanted:
+            params = {**params, "groups": sorted(wanted)}
+        rows: Sequence[Sequence[Any]] | None = _direct(conn, statement, params)
+        if rows is None:
+            with self._translate("read"):
+                rows = conn.execute(statement, params).all()
         if not rows:
             return None
-        first = rows[0]
+        # The columns of rec_versions in table order, then (grouped) grp and ciphertext.
+        _, tenant, resource_type, resource_id, version, deleted, stamp, subject = rows[0][:8]
         sealed = (
-            {str(row[-2]): bytes(row[-1]) for row in rows if row[-2] is not None} if grouped else {}
+            {str(row[8]): bytes(row[9]) for row in rows if row[8] is not None} if grouped else {}
         )
         return StoredVersion(
-            ResourceKey(first.tenant, first.resource_type, first.resource_id),
-            int(first.version),
-            from_micros(int(first.last_updated)),
-            bool(first.deleted),
-            first.key_subject,
+            ResourceKey(tenant, resource_type, resource_id),
+            int(version),
+            from_micros(int(stamp)),
+            bool(deleted),
+            subject,
             sealed,
         )
 
@@ -1401,12 +1400,45 @@ def _read_only_engine(url: Any, connect_args: Mapping[str, Any]) -> Engine:
         connect_args={**connect_args, "options": options},
         isolation_level="AUTOCOMMIT",
         hide_parameters=True,
+        execution_options={_DIRECT: True},
     )
     # A connection back from the pool is checked only if it sat there a while (see
     # _ping_if_idle), not on every checkout as pool_pre_ping would (a round trip per read).
     event.listen(engine, "checkin", _note_idle)
     event.listen(engine, "checkout", _ping_if_idle)
     return engine
+
+
+#: The read pool's execution option that lets :func:`_direct` use the driver's cursor.
+_DIRECT: Final = "phivault_direct_reads"
+#: Statement texts for the driver, by statement (constant statements only; compiled once).
+_DIRECT_TEXT: dict[int, tuple[Any, str]] = {}
+
+
+def _direct(conn: Connection, statement: Any, params: Mapping[str, Any]) -> list[Any] | None:
+    """Run a constant SELECT of this module on the driver's own cursor, on the read pool's
+    autocommit connections only: SQLAlchemy's per-call work (cache key, bind and result
+    processing) was about half of a read's CPU in the unit (0.33 -> 0.18 ms in a loop).
+
+    ``None`` on any other connection, and on any driver error: the caller then runs the
+    statement the ordinary way, which translates the error (no driver exception leaves this
+    module) and lets the pool replace a lost connection. Re-running is safe: a read-only
+    statement in autocommit, with nothing of the failed try left on the connection."""
+    if not conn.get_execution_options().get(_DIRECT, False):
+        return None
+    known = _DIRECT_TEXT.get(id(statement))
+    if known is None or known[0] is not statement:
+        known = (statement, str(statement.compile(dialect=conn.dialect)))
+        _DIRECT_TEXT[id(statement)] = known
+    try:
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(known[1], params)
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
+    except Exception:  # any driver error: the ordinary path runs it again and says why
+        return None
 
 
 #: A pooled read connection idle longer than this is pinged before use (seconds).
