@@ -21,7 +21,7 @@ them: "before" and "after" come from the same minutes of the same loaded machine
 ``--py-spy DIR`` (``PY_SPY=...`` names the binary) samples one worker and the sequencer of
 each deployment during the last round into ``DIR/<deployment>-{worker,sequencer}.txt``
 (folded stacks). The last line is JSON: per deployment, ``reads`` and ``cpu_ms_per_read``
-per process group and in total.
+per process group and in total, over all rounds and as the median of the rounds.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,7 @@ class Variant:
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(GROUPS, 0.0))
     reads: int = 0
     failed: int = 0
+    rounds: list[dict[str, float]] = field(default_factory=list)  # CPU ms per read, per round
 
     def start_state_servers(self) -> None:
         redis_port, nats_port = _free_port(), _free_port()
@@ -208,16 +210,21 @@ def _drive(variant: Variant, requests: list[list[Any]], duration: float, conc: i
     if client.returncode != 0:
         raise RuntimeError(f"the load generator failed ({client.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
-    for group in ("workers", "sequencer", "nats", "redis"):
-        variant.totals[group] += after[group] - before[group]
-    variant.totals["postgres"] += sum(
+    own = ("workers", "sequencer", "nats", "redis")
+    spent = {group: after[group] - before[group] for group in own}
+    spent["postgres"] = sum(
         cpu - before["postgres"].get(pid, 0.0) for pid, cpu in after["postgres"].items()
     )
-    variant.totals["client"] += (reaped.ru_utime + reaped.ru_stime) - (
-        children.ru_utime + children.ru_stime
-    )
-    variant.reads += int(result["ok"])
+    spent["client"] = (reaped.ru_utime + reaped.ru_stime) - (children.ru_utime + children.ru_stime)
+    for group, seconds in spent.items():
+        variant.totals[group] += seconds
+    reads = int(result["ok"])
+    variant.reads += reads
     variant.failed += int(result["failed"])
+    if reads:
+        per_read = {group: 1000 * seconds / reads for group, seconds in spent.items()}
+        per_read["total"] = sum(per_read.values())
+        variant.rounds.append(per_read)
 
 
 def _py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
@@ -255,7 +262,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for v in variants:  # warm up (not counted)
             saved = dict(v.totals)
             _drive(v, reads[v.name], 2.0, args.conc)
-            v.totals, v.reads, v.failed = saved, 0, 0
+            v.totals, v.reads, v.failed, v.rounds = saved, 0, 0, []
         for n in range(args.rounds):
             for v in variants:
                 samplers: list[subprocess.Popen[bytes]] = []
@@ -291,6 +298,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "total_cpu_ms_per_read": round(1000 * sum(v.totals.values()) / v.reads, 3)
             if v.reads
             else None,
+            # The median over the measured rounds, per group (less moved by one bad round).
+            "median_cpu_ms_per_read": {
+                g: round(statistics.median(r[g] for r in v.rounds), 3) for g in (*GROUPS, "total")
+            }
+            if v.rounds
+            else None,
+            "total_cpu_ms_per_read_per_round": [round(r["total"], 3) for r in v.rounds],
         }
     report["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return report

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,16 @@ from redis.asyncio import Redis
 import phivault.api.app as app_module
 from phivault.api import create_app
 from phivault.api.ratelimit import FALLBACK_NAME, Limited, RateLimiter
+from phivault.errors import ConfigurationError
 from phivault.identity.dpop import RedisReplayCache
 from phivault.identity.errors import IdentityUnavailable
-from phivault.identity.sessions import RedisSessionStore
+from phivault.identity.sessions import (
+    GateRefused,
+    MemorySessionStore,
+    RedisSessionStore,
+    SessionGate,
+    SessionState,
+)
 from phivault.identity.testing import DPoPKey, FakeIssuer
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.resilience import Breaker, Breakers
@@ -245,22 +252,31 @@ class Worker:
         return [line for line in lines if line.get("event") == name]
 
 
-def _worker(redis_url: str, prefix: str, per_address: str = "3/minute") -> Worker:
+def _worker(
+    redis_url: str,
+    prefix: str,
+    per_address: str = "3/minute",
+    *,
+    per_principal: str = "100/minute",
+    clock: Callable[[], float] = time.time,
+    audit: InMemoryAuditSink | None = None,
+) -> Worker:
     settings = Settings(
         shape=ShapeSettings(shared_state="redis"),
         api=ApiSettings(
             redis_url=redis_url,
             redis_key_prefix=prefix,
             rate_limit_per_address=per_address,
-            rate_limit_per_principal="100/minute",
+            rate_limit_per_principal=per_principal,
         ),
     )
     logs = io.StringIO()
     app = create_app(
         settings,
-        audit_sink=InMemoryAuditSink(),
+        audit_sink=audit or InMemoryAuditSink(),
         key_sources={ISSUER.issuer: ISSUER.key_source()},
         log_stream=logs,
+        clock=clock,
     )
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
     return Worker(app, client, logs)
@@ -400,3 +416,176 @@ async def test_a_request_refused_by_address_does_not_use_up_its_credential(
     # tokens from one address runs into the address limit).
     assert isinstance(await limiter.check(address="10.0.1.5", credential=None), Limited) is False
     assert isinstance(await limiter.check(address="10.0.1.5", credential=None), Limited)
+
+
+# -- the counters in the session touch's round trip (a credential already authenticated) ------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def _commands(client: Redis) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {name: int(value["calls"]) for name, value in stats.items()}
+
+
+def _failures(audit: InMemoryAuditSink) -> list[str | None]:
+    return [e.outcome_reason for e in audit.events if e.subtype == "authentication"]
+
+
+async def test_a_known_credential_costs_one_redis_call_per_request(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    worker = _worker(redis_server.url, prefix, per_address="1000/minute")
+    client = Redis.from_url(redis_server.url)
+    bearer = {"Authorization": f"Bearer {ISSUER.token(now=time.time())}"}
+    try:
+        async with worker.client as http:
+            # The first request counts up front (a credential not seen yet), then touches.
+            assert (await http.get("/whoami", headers=bearer)).status_code == 200
+            assert (await http.get("/whoami", headers=bearer)).status_code == 200  # loads it
+            before = await _commands(client)
+            for _ in range(3):
+                assert (await http.get("/whoami", headers=bearer)).status_code == 200
+            after = await _commands(client)
+        sent = {"cmdstat_evalsha", "cmdstat_eval", "cmdstat_script"}
+        assert {k: after.get(k, 0) - before.get(k, 0) for k in sent} == {
+            "cmdstat_evalsha": 3,  # one per request: both counters and the touch
+            "cmdstat_eval": 0,
+            "cmdstat_script": 0,
+        }
+        # ... and they are the library's counters, as when counted up front.
+        library = SlidingWindowCounterRateLimiter(
+            RedisStorage(
+                f"async+{redis_server.url}", implementation="redispy", key_prefix=f"{prefix}:limits"
+            )
+        )
+        stats = await library.get_window_stats(parse("1000/minute"), "address", "127.0.0.1")
+        assert stats.remaining == 1000 - 5
+    finally:
+        await client.aclose()
+
+
+async def test_a_known_credential_over_its_limit_is_refused_without_touching_its_session(
+    local_redis: Redis, prefix: str
+) -> None:
+    clock = _Clock()
+    worker = _worker(LOCAL_REDIS, prefix, per_address="1000/minute", per_principal="3/minute",
+                     clock=clock)  # fmt: skip
+    token = ISSUER.token(now=clock.t, exp=clock.t + 3000, sid=f"s-{uuid.uuid4().hex}")
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with worker.client as http:
+        for _ in range(3):
+            assert (await http.get("/whoami", headers=bearer)).status_code == 200
+            clock.t += 1
+        (session,) = [key async for key in local_redis.scan_iter(match=f"{prefix}:session:*")]
+        seen = await local_redis.get(session)
+        for _ in range(2):
+            clock.t += 1
+            refused = await http.get("/whoami", headers=bearer)
+            assert refused.status_code == 429
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert await local_redis.get(session) == seen  # not touched by a refused request
+
+
+async def test_a_forged_token_is_counted_before_any_check_or_record(
+    local_redis: Redis, prefix: str
+) -> None:
+    audit = InMemoryAuditSink()
+    worker = _worker(LOCAL_REDIS, prefix, per_address="3/minute", audit=audit)
+    token = ISSUER.token(now=time.time())
+    forged = {"Authorization": f"Bearer {token[:-4]}AAAA"}
+    async with worker.client as http:
+        statuses = [(await http.get("/whoami", headers=forged)).status_code for _ in range(5)]
+    assert statuses == [401, 401, 401, 429, 429]
+    assert _failures(audit) == ["bad-signature"] * 3  # nothing recorded past the limit
+
+
+async def test_a_known_credential_that_expired_is_counted_before_its_refusal_is_recorded(
+    local_redis: Redis, prefix: str
+) -> None:
+    clock = _Clock()
+    audit = InMemoryAuditSink()
+    worker = _worker(LOCAL_REDIS, prefix, per_address="4/minute", clock=clock, audit=audit)
+    bearer = {"Authorization": f"Bearer {ISSUER.token(now=clock.t, exp=clock.t + 60)}"}
+    async with worker.client as http:
+        assert (await http.get("/whoami", headers=bearer)).status_code == 200
+        assert (await http.get("/whoami", headers=bearer)).status_code == 200  # deferred
+        clock.t += 600
+        statuses = [(await http.get("/whoami", headers=bearer)).status_code for _ in range(4)]
+    assert statuses == [401, 401, 429, 429]
+    assert _failures(audit) == ["expired", "expired"]
+
+
+async def test_a_known_credential_whose_session_idled_out_is_refused_at_the_next_request(
+    local_redis: Redis, prefix: str
+) -> None:
+    clock = _Clock()
+    audit = InMemoryAuditSink()
+    worker = _worker(LOCAL_REDIS, prefix, per_address="1000/minute", clock=clock, audit=audit)
+    token = ISSUER.token(now=clock.t, exp=clock.t + 3000, sid=f"s-{uuid.uuid4().hex}")
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with worker.client as http:
+        assert (await http.get("/whoami", headers=bearer)).status_code == 200
+        clock.t += 600
+        assert (await http.get("/whoami", headers=bearer)).status_code == 200  # deferred
+        clock.t += 901
+        assert (await http.get("/whoami", headers=bearer)).status_code == 401
+        clock.t += 1
+        assert (await http.get("/whoami", headers=bearer)).status_code == 401  # stays ended
+    assert _failures(audit) == ["idle-timeout", "idle-timeout"]
+
+
+async def test_a_known_credential_through_a_redis_outage_fails_closed_and_recovers(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "REDIS_PROBE_S", 0.2)
+    worker = _worker(redis_server.url, prefix, per_address="1000/minute")
+    bearer = {"Authorization": f"Bearer {ISSUER.token(now=time.time())}"}
+    async with worker.client as http:
+        for _ in range(2):
+            assert (await http.get("/whoami", headers=bearer)).status_code == 200
+        redis_server.kill()
+        for _ in range(4):  # sessions cannot be checked: refused, never let in on a guess
+            assert (await http.get("/whoami", headers=bearer)).status_code == 503
+        metrics = (await http.get("/metrics")).text
+        assert 'phivault_breaker_state{breaker="redis.sessions"} 2.0' in metrics
+        redis_server.start()
+        await asyncio.sleep(0.25)
+        assert (await http.get("/whoami", headers=bearer)).status_code == 200
+        assert (await http.get("/whoami", headers=bearer)).status_code == 200
+
+
+async def test_a_session_gate_runs_before_the_touch_and_a_refusal_touches_nothing(
+    local_redis: Redis, prefix: str
+) -> None:
+    store = RedisSessionStore(local_redis, prefix=prefix)
+    refuse = "local function gate(KEYS, ARGV) return tonumber(ARGV[1]) end\n"
+    closed = SessionGate(refuse, (), (7,))
+    with pytest.raises(GateRefused) as refused:
+        await store.touch("s1", now=1.0, idle_s=900, keep_s=3600, gate=closed)
+    assert refused.value.code == 7 and not closed.passed
+    assert await local_redis.get(f"{prefix}:session:s1") is None
+    # A gate that lets it through: the touch happens, in the same script, on the gate's keys too.
+    counting = (
+        "local function gate(KEYS, ARGV) redis.call('INCRBY', KEYS[1], ARGV[1]) return 0 end\n"
+    )
+    gate = SessionGate(counting, (f"{prefix}:gate",), (2,))
+    assert await store.touch("s1", now=1.0, idle_s=900, keep_s=3600, gate=gate) is SessionState.NEW
+    assert gate.passed and await local_redis.get(f"{prefix}:gate") == b"2"
+    ended = SessionGate(counting, (f"{prefix}:gate",), (1,))
+    assert await store.touch("s1", now=2000.0, idle_s=900, keep_s=3600, gate=ended) is (
+        SessionState.ENDED
+    )
+    assert ended.passed  # the gate let it through; the session had idled out
+
+
+async def test_the_in_memory_session_store_refuses_a_gate_rather_than_skip_it() -> None:
+    gate = SessionGate("local function gate(KEYS, ARGV) return 0 end\n", (), ())
+    with pytest.raises(ConfigurationError):
+        await MemorySessionStore().touch("s1", now=1.0, idle_s=900, keep_s=3600, gate=gate)

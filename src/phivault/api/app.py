@@ -41,6 +41,7 @@ from phivault.api.middleware import (
     BodyGuardLayer,
     ErrorMappingLayer,
     FrontDoor,
+    KnownCredentials,
     RateLimitLayer,
     RequestIdLayer,
     ResponseScrubLayer,
@@ -250,6 +251,9 @@ def create_app(
         dpop_algorithms=tuple(ident.dpop_algorithms),
         default_tenant=ident.default_tenant or "unknown",
         error_map=dict(error_map or {}),
+        # The counters and the session touch in one round trip, where both are in the Redis
+        # this app connected to itself (an injected client may be another server).
+        known_credentials=KnownCredentials() if owns_redis else None,
     )
 
     async def ready() -> None:

@@ -46,7 +46,7 @@ from phivault.api.problems import (
     operation_outcome,
     problem_for,
 )
-from phivault.api.ratelimit import RateLimiter, credential_fingerprint
+from phivault.api.ratelimit import Limited, RateLimiter, credential_fingerprint
 from phivault.errors import PhivaultError, StoreUnavailable
 from phivault.identity.authenticator import Authenticator
 from phivault.identity.errors import (
@@ -55,6 +55,7 @@ from phivault.identity.errors import (
     InsufficientAuthentication,
     MissingCredentials,
 )
+from phivault.identity.sessions import GateRefused, SessionGate
 from phivault.ledger.events import (
     Action,
     Agent,
@@ -79,6 +80,7 @@ __all__ = [
     "BodyGuardLayer",
     "ErrorMappingLayer",
     "FrontDoor",
+    "KnownCredentials",
     "RateLimitLayer",
     "RequestIdLayer",
     "ResponseScrubLayer",
@@ -111,9 +113,49 @@ _ALERT_REASONS = frozenset(
 )
 
 
+class KnownCredentials:
+    """Fingerprints of ``Authorization`` values this worker has authenticated (unbound
+    tokens only), bounded, oldest forgotten first.
+
+    For these the rate limit layer defers its counters to the authentication layer, which
+    takes them in the session touch's Redis round trip (one trip instead of two). A cache
+    of this process only: a credential missing here is simply counted the usual way.
+    """
+
+    __slots__ = ("_max", "_seen")
+
+    def __init__(self, *, max_entries: int = 10_000) -> None:
+        self._seen: dict[str, None] = {}
+        self._max = max_entries
+
+    def __contains__(self, credential: object) -> bool:
+        return credential in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, credential: str) -> None:
+        if credential in self._seen:
+            return
+        if len(self._seen) >= self._max:
+            del self._seen[next(iter(self._seen))]
+        self._seen[credential] = None
+
+    def discard(self, credential: str) -> None:
+        self._seen.pop(credential, None)
+
+
+# Scope keys the rate limit layer leaves for the authentication layer (adjacent layers).
+_CREDENTIAL: Final = "phivault.credential"  # the credential's fingerprint, once computed
+_DEFERRED: Final = "phivault.limit_deferred"  # True: the counters are not taken yet
+
+
 @dataclass(slots=True)
 class FrontDoor:
-    """The components the layers share (built once by ``create_app``)."""
+    """The components the layers share (built once by ``create_app``).
+
+    ``known_credentials``: set only where the counters and the session touch share one
+    Redis, to join them in one round trip (``docs/decisions/api-rate-limit-keys.md``)."""
 
     authenticator: Authenticator
     limiter: RateLimiter
@@ -130,6 +172,7 @@ class FrontDoor:
     dpop_algorithms: tuple[str, ...]
     default_tenant: str
     error_map: Mapping[type[BaseException], int]
+    known_credentials: KnownCredentials | None = None
 
 
 def _state(scope: Scope) -> RequestState:
@@ -407,26 +450,56 @@ def _bad_request(text: str) -> PhivaultError:
     return BadRequest(text)
 
 
+async def _count(door: FrontDoor, state: RequestState, credential: str | None, send: Send) -> bool:
+    """Take the request's rate limit counters; True if it was answered (429, or 503)."""
+    try:
+        limited = await door.limiter.check(
+            address=state.client_address or "unknown", credential=credential
+        )
+    except StoreUnavailable as exc:
+        await send_problem(send, problem_for(exc))
+        return True
+    if limited is not None:
+        await _too_many(door, limited, send)
+        return True
+    return False
+
+
+async def _too_many(door: FrontDoor, limited: Limited, send: Send) -> None:
+    door.metrics.rate_limited.labels(limited.limit).inc()
+    await send_problem(send, problem_for(TooManyRequests(limited.retry_after_s)))
+
+
 class RateLimitLayer(_Layer):
-    """Per client address and per presented credential; 429 with ``Retry-After``."""
+    """Per client address and per presented credential; 429 with ``Retry-After``.
+
+    For a credential this worker has authenticated before (:class:`KnownCredentials`), on a
+    path that authenticates, the counters are left to the authentication layer, which takes
+    them in the session touch's round trip (before the touch, and before it records or
+    refuses anything: ``docs/decisions/api-rate-limit-keys.md``). Every other request, a
+    forged or unseen token above all, is counted here, before any signature check."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.door.unlimited_paths:
+        door = self.door
+        if scope["type"] != "http" or scope["path"] in door.unlimited_paths:
             await self.app(scope, receive, send)
             return
         state = _state(scope)
         authorization = _header(scope, b"authorization")
         credential = credential_fingerprint(authorization[0]) if authorization else None
-        try:
-            limited = await self.door.limiter.check(
-                address=state.client_address or "unknown", credential=credential
-            )
-        except StoreUnavailable as exc:
-            await send_problem(send, problem_for(exc))
-            return
-        if limited is not None:
-            self.door.metrics.rate_limited.labels(limited.limit).inc()
-            await send_problem(send, problem_for(TooManyRequests(limited.retry_after_s)))
+        known = door.known_credentials
+        if known is not None and credential is not None:
+            scope[_CREDENTIAL] = credential
+            if (
+                credential in known
+                and len(authorization) == 1
+                and scope["path"] not in door.public_paths
+                and not door.limiter.falling_back
+            ):
+                scope[_DEFERRED] = True
+                await self.app(scope, receive, send)
+                return
+        if await _count(door, state, credential, send):
             return
         await self.app(scope, receive, send)
 
@@ -441,6 +514,14 @@ class AuthenticationLayer(_Layer):
         state = _state(scope)
         authorization = _header(scope, b"authorization")
         door = self.door
+        credential: str | None = scope.get(_CREDENTIAL)
+        gate: SessionGate | None = None
+        if scope.get(_DEFERRED):
+            scope[_DEFERRED] = False
+            address = state.client_address or "unknown"
+            gate = door.limiter.session_gate(address=address, credential=credential)
+            if gate is None and await _count(door, state, credential, send):
+                return  # the counters left Redis meanwhile: counted here, as before
         now = door.clock()
         try:
             if len(authorization) > 1:
@@ -452,8 +533,52 @@ class AuthenticationLayer(_Layer):
                 authorization=authorization[0] if authorization else None,
                 dpop_proofs=proofs,
                 now=now,
+                gate=gate,
             )
-        except AuthenticationError as exc:
+        except GateRefused as refused:
+            address = state.client_address or "unknown"
+            limited = await door.limiter.refusal(
+                refused.code, address=address, credential=credential
+            )
+            await _too_many(door, limited, send)
+            return
+        except (AuthenticationError, StoreUnavailable) as exc:
+            known = door.known_credentials
+            if isinstance(exc, AuthenticationError) and known is not None and credential:
+                known.discard(credential)  # its next request is counted up front again
+            # Refused before the gate ran: count the request first, as the rate limit layer
+            # would have, so that a refusal is never recorded past the limit.
+            if gate is not None and not gate.passed and await _count(door, state, credential, send):
+                return
+            await self._refused(exc, state, authorization, send, now)
+            return
+        state.principal = result.principal
+        known = door.known_credentials
+        # A bound token is never deferred: its proof is a signature check and a Redis write.
+        if known is not None and credential and gate is None and result.principal.dpop_jkt is None:
+            known.add(credential)
+        if result.new_session:
+            audit = _audit_context(door, state)
+            event = audit.event(
+                kind=EventKind.LOGIN, subtype="session-start", action=Action.EXECUTE
+            )
+            try:
+                await audit.record(event)
+            except AuditUnavailable as exc:
+                await send_problem(send, problem_for(exc))
+                return
+        await self.app(scope, receive, send)
+
+    async def _refused(
+        self,
+        exc: AuthenticationError | StoreUnavailable,
+        state: RequestState,
+        authorization: list[str],
+        send: Send,
+        now: float,
+    ) -> None:
+        door = self.door
+        if isinstance(exc, AuthenticationError):
             door.metrics.auth_failures.labels(exc.reason).inc()
             door.log.warning("auth.refused", request_id=state.request_id, reason=exc.reason)
             if not isinstance(exc, MissingCredentials):
@@ -468,22 +593,8 @@ class AuthenticationLayer(_Layer):
             challenge = challenge_for(exc, dpop=dpop, dpop_algorithms=door.dpop_algorithms)
             await send_problem(send, problem_for(exc, challenge=challenge))
             return
-        except StoreUnavailable as exc:
-            door.log.error("auth.unavailable", error=type(exc).__name__)
-            await send_problem(send, problem_for(exc))
-            return
-        state.principal = result.principal
-        if result.new_session:
-            audit = _audit_context(door, state)
-            event = audit.event(
-                kind=EventKind.LOGIN, subtype="session-start", action=Action.EXECUTE
-            )
-            try:
-                await audit.record(event)
-            except AuditUnavailable as exc:
-                await send_problem(send, problem_for(exc))
-                return
-        await self.app(scope, receive, send)
+        door.log.error("auth.unavailable", error=type(exc).__name__)
+        await send_problem(send, problem_for(exc))
 
     def _url(self, scope: Scope) -> str:
         # The URL the client addressed (DPoP htu): the configured public URL, else Host.

@@ -21,7 +21,11 @@ of an embedded read's Python calls for two dictionary updates.
 
 In Redis both counters of a request are taken in one round trip (one Lua script, the same
 sliding-window algorithm and keys as the ``limits`` library, which still computes the
-``Retry-After`` of a refusal and answers the readiness probe).
+``Retry-After`` of a refusal and answers the readiness probe). For a credential this worker
+has already authenticated, the front door takes the counters in the session touch's round
+trip instead (:meth:`RateLimiter.session_gate`): still before the touch and before anything
+is recorded, but after the (cached, signature-free) token check; see
+``docs/decisions/api-rate-limit-keys.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
@@ -42,6 +47,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from phivault.errors import ConfigurationError, StoreUnavailable
+from phivault.identity.sessions import SessionGate
 from phivault.resilience import Breaker, Breakers, EventLog, Fallback
 
 __all__ = [
@@ -204,10 +210,12 @@ def _previous_ttl(previous: int, expiry: int, now: float) -> float:
     return (1 - (((now - expiry) / expiry) % 1)) * expiry
 
 
-def _acquire_both_script() -> str:
-    """One Lua script that takes the address counter and then the principal counter,
-    stopping at the first refusal: it returns 0 when both allow, else 1 or 2 (the refusing
-    one).
+@cache  # read from the installed package once, on first use (not at import)
+def _gate_function() -> str:
+    """A Lua function ``gate(KEYS, ARGV)`` that takes the address counter and then the
+    principal counter, stopping at the first refusal: it returns 0 when both allow, else 1 or
+    2 (the refusing one). Run alone (:func:`_acquire_both_script`) or as the
+    :class:`~phivault.identity.sessions.SessionGate` of a session touch.
 
     Each counter is taken by the ``limits`` library's own sliding-window acquire script, read
     from the installed package and wrapped as a Lua function, so the algorithm and the keys
@@ -220,13 +228,20 @@ def _acquire_both_script() -> str:
     acquire = library.decode() if isinstance(library, bytes) else str(library)
     return (
         f"local function acquire(KEYS, ARGV)\n{acquire}\nend\n"
-        "for i = 1, #KEYS / 2 do\n"
-        "  local keys = {KEYS[2 * i - 1], KEYS[2 * i]}\n"
-        "  local args = {ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]}\n"
-        "  if not acquire(keys, args) then return i end\n"
+        "local function gate(KEYS, ARGV)\n"
+        "  for i = 1, #KEYS / 2 do\n"
+        "    local keys = {KEYS[2 * i - 1], KEYS[2 * i]}\n"
+        "    local args = {ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]}\n"
+        "    if not acquire(keys, args) then return i end\n"
+        "  end\n"
+        "  return 0\n"
         "end\n"
-        "return 0\n"
     )
+
+
+def _acquire_both_script() -> str:
+    """The gate alone: one script call for both counters of a request."""
+    return _gate_function() + "return gate(KEYS, ARGV)\n"
 
 
 class _SharedCounters(_Counters):
@@ -253,25 +268,33 @@ class _SharedCounters(_Counters):
         current = f"{self._prefix}:{{{item.key_for(*ids)}}}"
         return f"{current}/-1", current
 
-    async def check(self, address: str, credential: str | None) -> Limited | None:
+    def keys_and_args(self, address: str, credential: str | None) -> tuple[list[str], list[int]]:
+        """The gate's ``KEYS`` and ``ARGV`` for one request's counters."""
         keys = [*self._window(self._address, "address", address)]
         args: list[int] = [self._address.amount, self._address.get_expiry(), 1]
         if credential is not None:
             keys += self._window(self._principal, "principal", credential)
             args += [self._principal.amount, self._principal.get_expiry(), 1]
+        return keys, args
+
+    async def check(self, address: str, credential: str | None) -> Limited | None:
+        keys, args = self.keys_and_args(address, credential)
         try:
             refused = int(await self._script(keys=keys, args=args))
-            if refused == 1:
-                return Limited(
-                    "address", await self._retry_after(self._address, "address", address)
-                )
-            if refused == 2 and credential is not None:
-                return Limited(
-                    "principal", await self._retry_after(self._principal, "principal", credential)
-                )
+            if refused in (1, 2):
+                return await self.refusal(refused, address, credential)
         except (RedisError, StorageError, OSError) as exc:
             raise RateLimitUnavailable("the rate limit store is unavailable") from exc
         return None
+
+    async def refusal(self, code: int, address: str, credential: str | None) -> Limited:
+        """The :class:`Limited` for the gate's refusal ``code`` (1: address, 2: principal),
+        with the library's ``Retry-After`` (a second round trip, only for a refusal)."""
+        if code == 2 and credential is not None:
+            return Limited(
+                "principal", await self._retry_after(self._principal, "principal", credential)
+            )
+        return Limited("address", await self._retry_after(self._address, "address", address))
 
 
 class RateLimiter:
@@ -356,6 +379,34 @@ class RateLimiter:
             fallback=fallback,
             shared=(client, key_prefix),
         )
+
+    def session_gate(self, *, address: str, credential: str | None) -> SessionGate | None:
+        """This request's counters as a gate for the shared session store's touch, so that
+        the counters and the touch take one Redis round trip; ``None`` when the counters are
+        not in Redis or this worker is falling back to its own (then :meth:`check` counts).
+        A refusal comes back as :class:`~phivault.identity.sessions.GateRefused`, to be
+        turned into a :class:`Limited` by :meth:`refusal`."""
+        counters = self._counters
+        if not isinstance(counters, _SharedCounters) or self.falling_back:
+            return None
+        keys, args = counters.keys_and_args(address, credential)
+        return SessionGate(_gate_function(), tuple(keys), tuple(args))
+
+    async def refusal(self, code: int, *, address: str, credential: str | None) -> Limited:
+        """The :class:`Limited` of a :meth:`session_gate` refusal. If Redis cannot say when
+        the window frees up, the whole window is the answer (never a zero wait)."""
+        counters = self._counters
+        if isinstance(counters, _SharedCounters):
+            try:
+                return await counters.refusal(code, address, credential)
+            except (RedisError, StorageError, OSError):
+                pass
+        item, limit = (
+            (counters._principal, "principal")
+            if code == 2 and credential is not None
+            else (counters._address, "address")
+        )
+        return Limited(limit, max(1, item.get_expiry()))
 
     @property
     def falling_back(self) -> bool:

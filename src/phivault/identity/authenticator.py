@@ -22,7 +22,13 @@ from typing import Any
 from phivault.identity.dpop import DPoPVerifier
 from phivault.identity.errors import DPoPError, InvalidToken, MissingCredentials, SessionExpired
 from phivault.identity.principal import ClaimNames, Principal, principal_from_claims
-from phivault.identity.sessions import SessionPolicy, SessionState, SessionStore, session_key
+from phivault.identity.sessions import (
+    SessionGate,
+    SessionPolicy,
+    SessionState,
+    SessionStore,
+    session_key,
+)
 from phivault.identity.tokens import TokenValidator
 
 __all__ = ["Authenticated", "Authenticator"]
@@ -86,7 +92,13 @@ class Authenticator:
         authorization: str | None,
         dpop_proofs: Sequence[str],
         now: float,
+        gate: SessionGate | None = None,
     ) -> Authenticated:
+        """The principal behind the credentials, or AuthenticationError / IdentityUnavailable.
+
+        ``gate`` is run by the session store right before (and atomically with) the session
+        touch; if it refuses, :class:`~phivault.identity.sessions.GateRefused` is raised and
+        the session is not touched."""
         if authorization is None or not authorization.strip():
             raise MissingCredentials()
         match = _CREDENTIALS.match(authorization.strip())
@@ -121,6 +133,7 @@ class Authenticator:
             now=now,
             idle_s=1e15 if idle is None else idle,  # finite: Redis scripts compare numbers
             keep_s=keep,
+            gate=gate,
         )
         if state is SessionState.ENDED:
             raise SessionExpired("idle-timeout", "the session ended after being idle")

@@ -18,16 +18,19 @@ from enum import Enum
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from phivault.errors import StoreUnavailable
+from phivault.errors import ConfigurationError, StoreUnavailable
 from phivault.identity.errors import IdentityUnavailable, InsufficientAuthentication, SessionExpired
 from phivault.identity.principal import Principal, Role
 from phivault.resilience import Breaker
 
 __all__ = [
+    "GateRefused",
     "MemorySessionStore",
     "RedisSessionStore",
+    "SessionGate",
     "SessionPolicy",
     "SessionState",
     "SessionStore",
@@ -42,12 +45,48 @@ class SessionState(Enum):
     ENDED = "ended"
 
 
+@dataclass(slots=True)
+class SessionGate:
+    """A check that a shared session store runs atomically *before* a touch, in the same
+    round trip (the front door's rate limit counters: ``docs/decisions/api-rate-limit-keys.md``).
+
+    ``lua`` defines ``local function gate(KEYS, ARGV)``, returning 0 to let the touch happen
+    or a positive code to refuse it; ``keys`` and ``args`` are its ``KEYS`` and ``ARGV``. The
+    store sets ``passed`` once the gate let the touch through (whatever the touch found).
+    """
+
+    lua: str
+    keys: tuple[str, ...]
+    args: tuple[str | int | float, ...]
+    passed: bool = False
+
+
+class GateRefused(Exception):  # a refusal by the gate, not an error of the store
+    """A :class:`SessionGate` refused: nothing was touched. ``code`` is the gate's."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"refused by the session gate ({code})")
+        self.code = code
+
+
 class SessionStore(Protocol):
     """Remembers when each session was last seen."""
 
-    async def touch(self, key: str, *, now: float, idle_s: float, keep_s: float) -> SessionState:
+    async def touch(
+        self,
+        key: str,
+        *,
+        now: float,
+        idle_s: float,
+        keep_s: float,
+        gate: SessionGate | None = None,
+    ) -> SessionState:
         """Mark ``key`` seen at ``now``: NEW the first time, ENDED if it was idle over
-        ``idle_s`` (or ended before), ACTIVE otherwise. Entries are kept ``keep_s`` seconds."""
+        ``idle_s`` (or ended before), ACTIVE otherwise. Entries are kept ``keep_s`` seconds.
+
+        With a ``gate``, the gate runs first, atomically with the touch: if it refuses,
+        :class:`GateRefused` is raised and nothing is touched. A store that cannot run gates
+        raises :class:`~phivault.errors.ConfigurationError` rather than skip one."""
         ...
 
 
@@ -58,7 +97,17 @@ class MemorySessionStore:
         self._seen: dict[str, tuple[float, bool, float]] = {}  # last seen, ended, forget at
         self._max_entries = max_entries
 
-    async def touch(self, key: str, *, now: float, idle_s: float, keep_s: float) -> SessionState:
+    async def touch(
+        self,
+        key: str,
+        *,
+        now: float,
+        idle_s: float,
+        keep_s: float,
+        gate: SessionGate | None = None,
+    ) -> SessionState:
+        if gate is not None:
+            raise ConfigurationError("the in-memory session store runs no gates")
         entry = self._seen.get(key)
         if entry is not None and entry[2] <= now:
             entry = None
@@ -75,17 +124,30 @@ class MemorySessionStore:
         return SessionState.NEW if entry is None else SessionState.ACTIVE
 
 
-_TOUCH = """
-local old = redis.call('GET', KEYS[1])
-local keep = tonumber(ARGV[3])
-if old == 'ended' then return 'ended' end
-if old and (tonumber(ARGV[1]) - tonumber(old)) > tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[1], 'ended', 'PX', keep)
-  return 'ended'
+# KEYS: the session; ARGV: now, idle_s, keep (ms).
+_TOUCH_FUNCTION = """
+local function touch(KEYS, ARGV)
+  local old = redis.call('GET', KEYS[1])
+  local keep = tonumber(ARGV[3])
+  if old == 'ended' then return 'ended' end
+  if old and (tonumber(ARGV[1]) - tonumber(old)) > tonumber(ARGV[2]) then
+    redis.call('SET', KEYS[1], 'ended', 'PX', keep)
+    return 'ended'
+  end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', keep)
+  if old then return 'active' end
+  return 'new'
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', keep)
-if old then return 'active' end
-return 'new'
+"""
+_TOUCH = _TOUCH_FUNCTION + "return touch(KEYS, ARGV)\n"
+# KEYS: the session, then the gate's; ARGV: the touch's three, then the gate's.
+_GATED_TOUCH = """
+local gate_keys, gate_args = {}, {}
+for i = 2, #KEYS do gate_keys[i - 1] = KEYS[i] end
+for i = 4, #ARGV do gate_args[i - 3] = ARGV[i] end
+local refused = gate(gate_keys, gate_args)
+if refused ~= 0 then return refused end
+return touch({KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3]})
 """
 
 
@@ -102,15 +164,29 @@ class RedisSessionStore:
         self._client = client
         self._prefix = prefix
         self._script = client.register_script(_TOUCH)
+        self._gated: dict[str, AsyncScript] = {}  # by the gate's Lua
         self._breaker = breaker
 
-    async def touch(self, key: str, *, now: float, idle_s: float, keep_s: float) -> SessionState:
+    async def touch(
+        self,
+        key: str,
+        *,
+        now: float,
+        idle_s: float,
+        keep_s: float,
+        gate: SessionGate | None = None,
+    ) -> SessionState:
+        keys: list[str] = [f"{self._prefix}:session:{key}"]
+        args: list[str | int | float] = [repr(now), repr(idle_s), str(max(1, int(keep_s * 1000)))]
+        script = self._script
+        if gate is not None:
+            script = self._gated.get(gate.lua) or self._register(gate.lua)
+            keys += gate.keys
+            args += gate.args
+
         async def run() -> object:
             try:
-                return await self._script(
-                    keys=[f"{self._prefix}:session:{key}"],
-                    args=[repr(now), repr(idle_s), str(max(1, int(keep_s * 1000)))],
-                )
+                return await script(keys=keys, args=args)
             except (RedisError, OSError) as exc:
                 raise IdentityUnavailable("the session store is unavailable") from exc
 
@@ -123,8 +199,19 @@ class RedisSessionStore:
                 raise
             except StoreUnavailable as exc:  # open breaker or timed out
                 raise IdentityUnavailable("the session store is unavailable") from exc
+        if isinstance(result, int):  # only a gate answers with a number
+            raise GateRefused(result)
+        if gate is not None:
+            gate.passed = True
         text = result.decode() if isinstance(result, bytes) else str(result)
         return SessionState(text)
+
+    def _register(self, gate_lua: str) -> AsyncScript:
+        if len(self._gated) >= 8:  # gates are a few fixed scripts; never one per request
+            raise ConfigurationError("too many distinct session gates")
+        script = self._client.register_script(gate_lua + _TOUCH_FUNCTION + _GATED_TOUCH)
+        self._gated[gate_lua] = script
+        return script
 
 
 def session_key(principal: Principal, sid: object) -> str:

@@ -5,6 +5,7 @@ sealing is tested with real keys in test_records_synthea_store.py."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -237,6 +238,147 @@ def test_read_only_units_refuse_writes_on_both_engines(store: SqlRecordStore) ->
         uow.commit()
         with pytest.raises(InvalidInput):  # a finished unit cannot be reused
             uow.read(key)
+
+
+def test_a_postgresql_read_only_unit_is_refused_writes_by_the_server_too(
+    stores: StoreFactory,
+) -> None:
+    """Read-only units on PostgreSQL run in autocommit on connections whose transactions are
+    read-only by default: a write that got past the unit's own check (a bug calling the
+    connection directly) is refused by the server, and commits nothing."""
+    from sqlalchemy import insert
+
+    from phivault.records.store.ports import RecordStoreUnavailable
+    from phivault.records.store.schema import care_assignments
+
+    if stores.engine != "postgresql":
+        pytest.skip("SQLite's read-only units are refused writes by the unit's own check")
+    store = stores.open()
+    row = {
+        "tenant": "t1",
+        "practitioner_type": "Practitioner",
+        "practitioner_id": "pr1",
+        "patient_id": "p1",
+        "assigned_by": "attacker",
+        "assigned_at": 0,
+    }
+    with store.unit_of_work(read_only=True) as uow:
+        with pytest.raises(RecordStoreUnavailable), uow._translate("write"):
+            uow._live().execute(insert(care_assignments), row)
+        # the unit still reads after the refusal (no aborted transaction to roll back)
+        assert uow.read(ResourceKey("t1", "Observation", "o1")) is None
+        assert uow.care_related("t1", ("Practitioner", "pr1"), ["p1"]) == set()
+    with store.unit_of_work(read_only=True) as uow:
+        assert uow.care_related("t1", ("Practitioner", "pr1"), ["p1"]) == set()
+
+
+def _terminate_the_read_connection(store: SqlRecordStore, admin: str) -> None:
+    """Kill (on the server) the one pooled connection the store's read units use."""
+    import psycopg
+
+    assert store._reader is not None
+    with store._reader.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_pooled_read_connection_lost_while_idle_is_replaced_before_use(
+    stores: StoreFactory, postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from phivault.records.store import sql_store
+
+    if stores.engine != "postgresql":
+        pytest.skip("SQLite has no server to lose")
+    monkeypatch.setattr(sql_store, "_PING_IDLE_S", 0.0)  # every checkout counts as idle
+    store = stores.open()
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    _terminate_the_read_connection(store, postgres)
+    with store.unit_of_work(read_only=True) as uow:  # pinged, found dead, replaced
+        assert uow.read(key) is not None
+
+
+def test_a_pooled_read_connection_lost_while_in_use_fails_one_unit_cleanly_then_recovers(
+    stores: StoreFactory, postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from phivault.records.store import sql_store
+    from phivault.records.store.ports import RecordStoreUnavailable
+
+    if stores.engine != "postgresql":
+        pytest.skip("SQLite has no server to lose")
+    monkeypatch.setattr(sql_store, "_PING_IDLE_S", 3600.0)  # never pinged
+    store = stores.open()
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    _terminate_the_read_connection(store, postgres)
+    with pytest.raises(RecordStoreUnavailable), store.unit_of_work(read_only=True) as uow:
+        uow.read(key)
+    with store.unit_of_work(read_only=True) as uow:  # the pool replaced its connections
+        assert uow.read(key) is not None
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["driver-cursor", "sqlalchemy"])
+def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_statement(
+    stores: StoreFactory, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """A read or vread on PostgreSQL is one statement (the version outer-joined with the
+    groups asked for), whatever groups are asked for; on the driver's cursor (the read pool)
+    or through SQLAlchemy (where that is off, or after a driver error), with the same
+    results."""
+    from sqlalchemy import event
+
+    from phivault.records.store import sql_store
+
+    if stores.engine != "postgresql":
+        pytest.skip("SQLite reads a version and its groups in two statements")
+    store = stores.open()
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    statements: list[str] = []
+    engine = store._reader
+    assert engine is not None
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    direct_texts: list[str] = []
+    run_direct = sql_store._direct
+
+    def spied(conn: Any, statement: Any, params: Any) -> Any:
+        # Off: as after a driver error, the ordinary path runs the statement.
+        rows = run_direct(conn, statement, params) if direct else None
+        if rows is not None:
+            direct_texts.append(str(statement))
+        return rows
+
+    monkeypatch.setattr(sql_store, "_direct", spied)
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with store.unit_of_work(read_only=True) as uow:
+            every = uow.read(key)
+            clinical = uow.read(key, groups={"clinical"})
+            unknown_version = uow.vread(key, 2)
+            first = uow.vread(key, 1, groups={"administrative"})
+            bare = uow.vread(key, 1, groups=set())
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(statements) + len(direct_texts) == 5
+    assert len(direct_texts) == (5 if direct else 0)
+    assert every is not None and every.groups == {
+        "clinical": b"sealed-o1-1",
+        "administrative": b"meta",
+    }
+    assert clinical is not None and clinical.groups == {"clinical": b"sealed-o1-1"}
+    assert unknown_version is None
+    assert first is not None and first.groups == {"administrative": b"meta"}
+    assert bare is not None and bare.groups == {} and bare.version == 1
 
 
 def test_concurrent_writers_all_commit_without_the_busy_handler(stores: StoreFactory) -> None:
