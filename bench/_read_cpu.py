@@ -13,8 +13,6 @@ companion bundle and one Synthea patient are loaded through the app; then ``GET
 * ``--load N``: the next ``N`` Synthea patient bundles loaded as ``phivault load`` sends them
   (one transaction each, after the warm-up patient); the figure is per loaded resource;
   ``--load-concurrency K`` keeps K bundles in flight (as ``fhir_bench.py`` loads);
-* ``--flat-routes``, ``--fhir-first``: experiments (see :func:`_flatten_routes` and
-  :func:`_fhir_router_first`);
 * ``--profile OUT.prof``: the measured part under cProfile;
 * ``--py-spy OUT.txt``: the measured part sampled by py-spy (``PY_SPY=...`` names the
   binary), folded stacks of the thread holding the GIL.
@@ -107,52 +105,6 @@ def _start_py_spy(out: str) -> subprocess.Popen[bytes]:
     return sampler
 
 
-def _flatten_routes(app: Any) -> None:
-    """An experiment, not what the service does: every route of the routers the app included
-    is added to the app's own route table (with its prefix), in the same order, so that a
-    request is matched once against plain routes instead of through FastAPI's included-router
-    wrappers. What that matching costs is the difference in CPU per read."""
-    from fastapi.routing import APIRoute
-
-    flat: list[Any] = []
-    for route in app.router.routes:
-        contexts = getattr(route, "effective_route_contexts", None)
-        if contexts is None:
-            flat.append(route)
-            continue
-        for context in contexts():
-            original = context.original_route
-            if not isinstance(original, APIRoute):
-                raise SystemExit("--flat-routes: an included route is not an APIRoute")
-            flat.append(
-                type(original)(
-                    context.path_format,
-                    original.endpoint,
-                    methods=original.methods,
-                    name=original.name,
-                    response_class=original.response_class,
-                )
-            )
-    app.router.routes[:] = flat
-
-
-def _fhir_router_first(app: Any) -> None:
-    """An experiment, not what the service does: the included FHIR router is moved to the
-    front of the app's route table (no other route's path overlaps ``/fhir`` in a way that
-    changes which one matches), so a FHIR request is not first tried against every route of
-    the routers mounted before it."""
-    routes = app.router.routes
-    fhir = [
-        route
-        for route in routes
-        if getattr(getattr(route, "include_context", None), "prefix", None) == "/fhir"
-    ]
-    if len(fhir) != 1:
-        raise SystemExit("--fhir-first: no single included router with the /fhir prefix")
-    routes.remove(fhir[0])
-    routes.insert(0, fhir[0])
-
-
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from joserfc import jwk
 
@@ -201,10 +153,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for file in [*companions, *patients[:1]]:
             await load(encoded(file))
         token = tokens.creator() if args.create else tokens.patient(patient)
-        if args.flat_routes:
-            _flatten_routes(app)
-        if args.fhir_first:
-            _fhir_router_first(app)
         tune_for_serving()
         paths = [f"/fhir/Observation/{oid}" for oid in observations[:200]]
         query = b""
@@ -293,16 +241,6 @@ if __name__ == "__main__":
     parser.add_argument("--reads", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--profile", help="write cProfile stats of the measured reads here")
-    parser.add_argument(
-        "--flat-routes",
-        action="store_true",
-        help="experiment: the included routers' routes added to the app's own table",
-    )
-    parser.add_argument(
-        "--fhir-first",
-        action="store_true",
-        help="experiment: the included FHIR router first in the app's route table",
-    )
     parser.add_argument(
         "--search", action="store_true", help="search the patient's Observations, pages of 20"
     )
