@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from postgres_support import require_postgres
+from redis_support import redis_server  # noqa: F401  (a fixture for any test: a private Redis)
 
 # The machine is shared: how fast Hypothesis generates inputs, and how long one example
 # takes, say nothing about the code under test. The rules are checked on every example all

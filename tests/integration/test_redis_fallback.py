@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -45,6 +42,7 @@ from phivault.ledger.testing import InMemoryAuditSink
 from phivault.resilience import Breaker, Breakers
 from phivault.settings import ApiSettings, Settings, ShapeSettings
 from ports_support import free_port
+from redis_support import RedisServer
 
 pytestmark = pytest.mark.integration
 ISSUER = FakeIssuer("https://idp.fallback.test")
@@ -53,62 +51,6 @@ LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
 def _free_port() -> int:
     return free_port()
-
-
-@dataclass
-class RedisServer:
-    """A redis-server of this test's own, on a free loopback port."""
-
-    directory: Path
-    port: int = field(default_factory=_free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(5)
-            self.process = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture
