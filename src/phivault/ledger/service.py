@@ -28,9 +28,11 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
+from phivault._handoff import run_and_settle
 from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.datadir import DataDir
 from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
@@ -319,7 +321,7 @@ class Ledger(LedgerReading):
         forty calls on the event loop. As with the executor, an append that has begun runs
         to its end, and one whose flusher was cancelled before it began is skipped."""
         future: asyncio.Future[bytes] = loop.create_future()
-        self._io.submit(_append_for, loop, future, self._store, leaves)
+        self._io.submit(run_and_settle, loop, future, partial(self._store.append, leaves))
         return future
 
     def _encode(self, batch: list[_Pending]) -> tuple[list[bytes], dict[str, int], bytes]:
@@ -427,34 +429,6 @@ class Ledger(LedgerReading):
         finally:
             await loop.run_in_executor(self._io, self._store.close)
             self._io.shutdown(wait=True)
-
-
-def _append_for(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[bytes],
-    store: LedgerStore,
-    leaves: list[bytes],
-) -> None:
-    """On the ledger's I/O thread: append ``leaves`` durably and settle ``future``."""
-    if future.cancelled():  # its flusher was cancelled before this began: as the executor
-        return  # skips a cancelled work item, nothing is appended the tree would not count
-    try:
-        hashes = store.append(leaves)
-    except BaseException as exc:  # handed to the flusher, as the executor's future would
-        outcome: tuple[bytes | None, BaseException | None] = (None, exc)
-    else:
-        outcome = (hashes, None)
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-        loop.call_soon_threadsafe(_settle, future, *outcome)
-
-
-def _settle(future: asyncio.Future[bytes], result: bytes | None, exc: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]  # None only with an exception
 
 
 def read_entry(store: LedgerStore, index: int) -> LedgerEntry:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, FromClause, and_, false, or_, true
 
+from phivault._handoff import run_and_settle, settle_all
 from phivault.access.decision import (
     AccessContext,
     CompiledPolicy,
@@ -1901,7 +1902,7 @@ async def _reading(work: Callable[[], _T]) -> _T:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[_T] = loop.create_future()
     context = contextvars.copy_context()
-    _storage_executor(os.getpid()).submit(_run_for, loop, future, context, work)
+    _storage_executor(os.getpid()).submit(run_and_settle, loop, future, work, context)
     return await future
 
 
@@ -1953,40 +1954,7 @@ def _run_batch(
         except BaseException as exc:  # handed to its caller only
             outcomes.append((future, None, exc))
     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-        loop.call_soon_threadsafe(_settle_all, outcomes)
-
-
-def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, exc in outcomes:
-        _settle(future, result, exc)
-
-
-def _run_for(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[_T],
-    context: contextvars.Context,
-    work: Callable[[], _T],
-) -> None:
-    """On a storage thread: run ``work`` in the caller's context, settle its future."""
-    if future.cancelled():  # the caller stopped waiting before it began (as the executor
-        return  # skips a cancelled work item)
-    try:
-        result = context.run(work)
-    except BaseException as exc:  # handed to the caller, as the executor's future would
-        outcome: tuple[_T | None, BaseException | None] = (None, exc)
-    else:
-        outcome = (result, None)
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-        loop.call_soon_threadsafe(_settle, future, *outcome)
-
-
-def _settle(future: asyncio.Future[_T], result: _T | None, exc: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]  # None only with an exception
+        loop.call_soon_threadsafe(settle_all, outcomes)
 
 
 def _written_outcome(write: _Write) -> BundleEntryOutcome:

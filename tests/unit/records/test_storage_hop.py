@@ -65,13 +65,13 @@ async def test_many_concurrent_reads_each_get_their_own_result() -> None:
 
 
 async def test_a_read_whose_caller_left_before_it_began_is_skipped() -> None:
-    from phivault.records.repository import _run_for
+    from phivault._handoff import run_and_settle
 
     loop = asyncio.get_running_loop()
     future: asyncio.Future[str] = loop.create_future()
     future.cancel()
     ran: list[bool] = []
-    _run_for(loop, future, contextvars.copy_context(), lambda: str(ran.append(True)))
+    run_and_settle(loop, future, lambda: str(ran.append(True)), contextvars.copy_context())
     assert ran == []
 
 
