@@ -10,15 +10,12 @@ server, database ``test``, user ``postgres``, trust authentication).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
-from records_store_support import StoreFactory
+from records_store_support import StoreFactory, fresh_schema
 
 from phivault.records.store import SqlRecordStore
 
@@ -34,16 +31,12 @@ def _factory(request: pytest.FixtureRequest, directory: Path) -> Iterator[StoreF
             factory.close_all()
         return
     admin = request.getfixturevalue("postgres")
-    schema = f"pv_records_{secrets.token_hex(6)}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    factory = StoreFactory("postgresql", directory, schema)
-    try:
-        yield factory
-    finally:
-        factory.close_all()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    with fresh_schema(admin, "pv_records") as schema:
+        factory = StoreFactory("postgresql", directory, schema)
+        try:
+            yield factory
+        finally:
+            factory.close_all()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

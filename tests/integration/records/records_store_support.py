@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL
 
@@ -22,6 +27,19 @@ def postgres_url() -> str:
         port=int(parts["port"]) if parts.get("port") else None,
         database=parts.get("dbname"),
     ).render_as_string(hide_password=False)
+
+
+@contextmanager
+def fresh_schema(admin: str, prefix: str) -> Iterator[str]:
+    """A new PostgreSQL schema named ``<prefix>_<random>`` for one test, dropped after it."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 class StoreFactory:

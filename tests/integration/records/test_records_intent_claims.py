@@ -15,7 +15,6 @@ chosen point with a ``threading.Event``; the ledger is the real embedded ledger.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,10 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
-from records_store_support import StoreFactory
+from records_store_support import StoreFactory, fresh_schema
 from repository_support import TENANT, Kit, loader, open_kit
 from sqlalchemy import delete, func, select, update
 
@@ -412,16 +409,12 @@ async def test_claims_are_pruned_and_old_or_unclaimed_intents_are_judged_by_the_
 @pytest.fixture
 def pg_stores(postgres: str, tmp_path: Path) -> Iterator[StoreFactory]:
     """PostgreSQL only: a fresh schema, dropped afterwards."""
-    schema = f"pv_records_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    factory = StoreFactory("postgresql", tmp_path, schema)
-    try:
-        yield factory
-    finally:
-        factory.close_all()
-        with psycopg.connect(postgres, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    with fresh_schema(postgres, "pv_records") as schema:
+        factory = StoreFactory("postgresql", tmp_path, schema)
+        try:
+            yield factory
+        finally:
+            factory.close_all()
 
 
 async def test_a_write_stuck_open_does_not_hold_the_reconciler_hostage(

@@ -5,7 +5,6 @@ are also checked alone, on a fake clock and probe."""
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from records_store_support import StoreFactory, postgres_url
+from records_store_support import StoreFactory, fresh_schema, postgres_url
 from repository_support import bundle, caller, loader, open_kit
 
 from pg_replica_support import PgReplica, pg_replica, replica  # noqa: F401  (fixtures)
@@ -76,14 +75,8 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "") 
 
 @pytest.fixture
 def schema(postgres: str) -> Iterator[str]:
-    name = f"pv_replica_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    try:
+    with fresh_schema(postgres, "pv_replica") as name:
         yield name
-    finally:
-        with psycopg.connect(postgres, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture

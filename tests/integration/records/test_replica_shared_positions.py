@@ -12,10 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
-import psycopg
 import pytest
-from psycopg import sql
-from records_store_support import postgres_url
+from records_store_support import fresh_schema, postgres_url
 from redis import Redis
 
 from pg_replica_support import PgReplica, pg_replica, replica  # noqa: F401  (fixtures)
@@ -134,14 +132,8 @@ def redis_client() -> Iterator[Redis]:
 
 @pytest.fixture
 def schema(postgres: str) -> Iterator[str]:
-    name = f"pv_rwshared_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    try:
+    with fresh_schema(postgres, "pv_rwshared") as name:
         yield name
-    finally:
-        with psycopg.connect(postgres, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture

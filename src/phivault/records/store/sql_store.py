@@ -1175,14 +1175,7 @@ def _bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any
     group column is."""
     if not rows:
         return
-    columns = tuple(rows[0])
-    cache_key = (conn.dialect.name, table.name, columns)
-    compiled = _BULK_SQL.get(cache_key)
-    if compiled is None:
-        statement = insert(table).values({c: bindparam(c) for c in columns})
-        compiled = statement.compile(dialect=conn.dialect)
-        assert isinstance(compiled, SQLCompiler)
-        _BULK_SQL[cache_key] = compiled
+    compiled = _bulk_sql(conn, table, tuple(rows[0]))
     if compiled.positional:
         order = compiled.positiontup or ()
         conn.exec_driver_sql(str(compiled), [tuple(row[c] for c in order) for row in rows])
