@@ -35,8 +35,16 @@ and 6 with the measured value and a pass flag; reported, never asserted) and
 (``*_server_cpu_ms``, all its threads, from /proc) and the CPU cores it got
 (``*_server_cores``): on a shared 2-core machine throughput drifts with the neighbours,
 CPU per request less, so ``controls_cost_cpu`` and ``policy_cost_cpu`` give the same costs
-from CPU time. Latencies are per request, closed loop: with 64 connections
-the mean is 64 / throughput (Little's law), so p99 under 50 ms needs well over 1,280/s.
+from CPU time.
+
+Two kinds of latency. ``read_p99_ms`` and ``create_p99_ms`` are closed loop, at saturation:
+with 64 connections always busy the mean is 64 / throughput (Little's law), so they say how
+long the queue is, not how fast a request is served. The latency goals ("1,500 reads/s and
+600 creates/s with p99 under 50 ms") are measured the way such a goal is meant: after the
+closed rounds, the production server is driven open loop at exactly the goal's rate
+(``GOAL_RATES``; up to 64 connections in flight), each latency counted from when its
+request was due, so a server that cannot keep up shows its backlog instead of hiding it
+(``read_at_goal_rate``, ``create_at_goal_rate``, and ``*_p99_ms_at_goal_rate`` in ``goals``).
 
     python bench/fhir_bench.py [--quick] [--patients N] [--duration S] [--rounds N]
                                [--profile DIR] [--keep] [--shape scaled [--workers N]]
@@ -90,12 +98,16 @@ ISSUER = "https://bench-issuer.phivault.invalid"
 GOALS = {  # figure: (comparison, goal); issues 5 and 6
     "read_rps": (">=", 1500),
     "create_rps": (">=", 600),
-    "read_p99_ms": ("<", 50),
-    "create_p99_ms": ("<", 50),
+    "read_p99_ms_at_goal_rate": ("<", 50),
+    "create_p99_ms_at_goal_rate": ("<", 50),
     "controls_cost": ("<=", 0.25),
     "load_resources_per_s": (">=", 2000),
     "policy_cost": ("<", 0.10),
 }
+# The throughput at which each latency goal holds: "1,500 reads/s and 600 creates/s with p99
+# under 50 ms". Measured open loop (bench/fhir_bench_client.py, "rate"): at saturation, in
+# the closed loop, latency is only the queue of 64 requests (64 / throughput).
+GOAL_RATES = {"read": 1500.0, "create": 600.0}
 
 
 # --- progress on a terminal, silence otherwise ---------------------------------------------
@@ -512,22 +524,27 @@ def preflight(server: Server, work: Workloads) -> dict[str, Any]:
 
 
 def drive(
-    server: Server, requests: list[list[Any]], work: Path, duration: float, concurrency: int
+    server: Server,
+    requests: list[list[Any]],
+    work: Path,
+    duration: float,
+    concurrency: int,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """One measured period; adds the server's CPU time per request and its CPU use in cores
-    (of the machine's two), which tell a busy server from one that waits."""
+    (of the machine's two), which tell a busy server from one that waits. With ``rate``, open
+    loop at that many requests per second instead of closed loop."""
     cpu_before = server.cpu_seconds()
-    result = run_client(
-        work,
-        {
-            "kind": "drive",
-            "port": server.port,
-            "duration": duration,
-            "concurrency": concurrency,
-            "requests": requests,
-        },
-        timeout=duration + 300,
-    )
+    spec: dict[str, Any] = {
+        "kind": "drive",
+        "port": server.port,
+        "duration": duration,
+        "concurrency": concurrency,
+        "requests": requests,
+    }
+    if rate is not None:
+        spec["rate"] = rate
+    result = run_client(work, spec, timeout=duration + 300)
     cpu_after = server.cpu_seconds()
     if cpu_before is not None and cpu_after is not None:
         used = cpu_after - cpu_before
@@ -570,6 +587,18 @@ def figures(results: dict[str, list[dict[str, Any]]], load_rate: float | None) -
             out[f"{kind}_server_cpu_ms"] = _round(s["server_cpu_ms"], 3)
             out[f"{kind}_server_cores"] = _round(s["server_cores"], 2)
             out[f"{kind}_client_cpu_ms"] = _round(s["client_cpu_ms"], 3)
+    for kind, rate in GOAL_RATES.items():
+        if results.get(f"{kind}_paced"):
+            s = summarise(results[f"{kind}_paced"])
+            out[f"{kind}_at_goal_rate"] = {
+                "offered_rps": rate,
+                "rps": _round(s["rps"], 1),
+                "p50_ms": _round(s["p50_ms"], 2),
+                "p99_ms": _round(s["p99_ms"], 2),
+                "failed": s["failed"],
+                "server_cpu_ms": _round(s["server_cpu_ms"], 3),
+            }
+            out[f"{kind}_p99_ms_at_goal_rate"] = _round(s["p99_ms"], 2)
     if load_rate is not None:
         out["load_resources_per_s"] = round(load_rate, 1)
     return out
@@ -850,6 +879,20 @@ def main(args: argparse.Namespace) -> int:
                         )
                         for sample in run["failure_samples"][:1]:
                             warn(f"{server.name} {kind}: {sample}")
+                if kind in GOAL_RATES:
+                    # The latency goal, open loop at the goal's rate, production server only.
+                    rate = GOAL_RATES[kind]
+                    for n in range(rounds):
+                        label = f"{on.name}: {kind}s at {rate:.0f}/s, round {n + 1}/{rounds}"
+                        with ui.step(label):
+                            run = drive(
+                                on, getattr(work[on.name], kind), tmp, duration, args.conc, rate
+                            )
+                        results[on.name].setdefault(f"{kind}_paced", []).append(run)
+                        ui.log(
+                            f"{label}: {run['rps']:.0f}/s, p50 {run['p50_ms']:.1f} ms, "
+                            f"p99 {run['p99_ms']:.1f} ms, failed {run['failed']}"
+                        )
             profiles: dict[str, dict[str, float]] = {}
             if args.profile:
                 with ui.step("profiling the production server"):
