@@ -474,6 +474,37 @@ def test_a_sqlite_read_only_unit_that_cannot_begin_on_the_driver_begins_as_befor
     assert found is not None and found.groups["clinical"] == b"sealed-o1-1"
 
 
+def test_a_sqlite_read_unit_that_cannot_adopt_its_connection_fails_closed_and_returns_it(
+    store: SqlRecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If SQLAlchemy cannot take over a driver-begun unit's connection, the unit fails with
+    the store's own error (a 503 at the API), and the connection goes back to the pool."""
+    from sqlalchemy import Connection
+    from sqlalchemy.exc import OperationalError
+
+    from phivault.records.store.ports import RecordStoreUnavailable
+
+    if store.dialect != "sqlite":
+        pytest.skip("PostgreSQL read-only units run on the read pool")
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+
+    def refused(self: Connection) -> Any:
+        raise OperationalError("BEGIN", {}, Exception("disk I/O error"))
+
+    with store.unit_of_work(read_only=True) as uow:
+        assert uow.read(key) is not None  # on the driver
+        monkeypatch.setattr(Connection, "begin", refused)
+        with pytest.raises(RecordStoreUnavailable, match="begin failed"):
+            uow.read(key, groups={"clinical"})  # needs SQLAlchemy: adopts
+    monkeypatch.undo()
+    assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with store.unit_of_work(read_only=True) as uow:
+        assert uow.read(key, groups={"clinical"}) is not None
+
+
 def test_concurrent_writers_all_commit_without_the_busy_handler(stores: StoreFactory) -> None:
     """Sixteen threads writing at once: every write commits, and on SQLite a writer waits
     for the one before it on the store's lock, not in SQLite's busy handler (which sleeps up

@@ -231,7 +231,8 @@ class _DriverRead:
             cursor = self.pooled.driver_connection.cursor()  # type: ignore[union-attr]
             try:
                 cursor.execute(_statement_text(statement, _SQLITE_NAMED), params)
-                return list(cursor.fetchall())
+                rows: list[Any] = cursor.fetchall()
+                return rows
             finally:
                 cursor.close()
         except Exception:  # any driver error: the ordinary path runs it again and says why
@@ -239,24 +240,31 @@ class _DriverRead:
 
     def adopt(self) -> Connection:
         """A SQLAlchemy connection on the pooled connection, in its open transaction (the
-        begin event sees it open and adds no ``BEGIN``); closing it returns the connection."""
-        conn = Connection(self.engine, self.pooled).execution_options(phivault_read_only=True)
+        begin event sees it open and adds no ``BEGIN``); closing it returns the connection.
+        If this fails, the pooled connection is back in the pool all the same."""
         try:
-            conn.begin()
-        except SQLAlchemyError as exc:
+            conn = Connection(self.engine, self.pooled)
+        except BaseException:
+            self.pooled.close()
+            raise
+        try:
+            conn.execution_options(phivault_read_only=True).begin()
+        except BaseException as exc:
             conn.close()
-            raise _driver_error(exc, "begin") from exc
+            if isinstance(exc, SQLAlchemyError):
+                raise _driver_error(exc, "begin") from exc
+            raise
         return conn
 
     def end(self) -> None:
-        """Roll back and return the connection to the pool (never adopted)."""
+        """Roll back and return the connection to the pool (never adopted); one that cannot
+        roll back is discarded, not reused."""
         try:
             self.pooled.driver_connection.rollback()  # type: ignore[union-attr]
         except Exception as exc:
             self.pooled.invalidate()
             raise _driver_error(exc, "rollback") from exc
-        finally:
-            self.pooled.close()
+        self.pooled.close()
 
 
 class SqlUnitOfWork:
@@ -301,10 +309,10 @@ class SqlUnitOfWork:
         """The unit's SQLAlchemy connection (a driver-begun unit adopts its own on first use)."""
         conn = self._adopted
         if conn is None:
-            if self._driver is None:
+            driver, self._driver = self._driver, None
+            if driver is None:  # its adoption failed (and gave the connection back)
                 raise InvalidInput("this unit of work has no connection")
-            conn = self._adopted = self._driver.adopt()
-            self._driver = None
+            conn = self._adopted = driver.adopt()
         return conn
 
     @_conn.setter
@@ -349,6 +357,8 @@ class SqlUnitOfWork:
         if driver is not None:  # never adopted: nothing but the driver's transaction to end
             driver.end()
             return
+        if self._adopted is None:
+            return  # a driver-begun unit whose adoption failed: nothing is left open
         try:
             if link is not None:
                 # What was read is already returned: a replica lost since then must not fail
