@@ -335,7 +335,7 @@ def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_s
     from phivault.records.store import sql_store
 
     if stores.engine != "postgresql":
-        pytest.skip("SQLite reads a version and its groups in two statements")
+        pytest.skip("SQLite: see the driver-begun read unit test below")
     store = stores.open()
     key = ResourceKey("t1", "Observation", "o1")
     with store.unit_of_work() as uow:
@@ -379,6 +379,130 @@ def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_s
     assert unknown_version is None
     assert first is not None and first.groups == {"administrative": b"meta"}
     assert bare is not None and bare.groups == {} and bare.version == 1
+
+
+@pytest.mark.parametrize("driver", [True, False], ids=["driver-cursor", "sqlalchemy"])
+def test_a_sqlite_read_only_unit_reads_on_the_driver_until_it_needs_more(
+    stores: StoreFactory, monkeypatch: pytest.MonkeyPatch, driver: bool
+) -> None:
+    """A read-only unit on SQLite begins on the driver: a read or vread of every group (or
+    of none) is one statement on the driver's cursor. A read of some groups, or anything
+    else, adopts a SQLAlchemy connection in the same transaction (one snapshot for the whole
+    unit: a write committed meanwhile is not seen). After a driver error the statement runs
+    through SQLAlchemy, with the same results; every connection goes back to the pool."""
+    from sqlalchemy import event
+
+    from phivault.records.store import sql_store
+
+    if stores.engine != "sqlite":
+        pytest.skip("PostgreSQL read-only units run on the read pool")
+    store = stores.open()
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+    driven: list[str] = []
+    run_rows = sql_store._DriverRead.rows
+
+    def spied(self: Any, statement: Any, params: Any) -> Any:
+        rows = run_rows(self, statement, params) if driver else None  # off: a driver error
+        if rows is not None:
+            driven.append(str(statement))
+        return rows
+
+    monkeypatch.setattr(sql_store._DriverRead, "rows", spied)
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        with store.unit_of_work(read_only=True) as uow:
+            every = uow.read(key)
+            bare = uow.vread(key, 1, groups=set())
+            unknown_version = uow.vread(key, 2)
+            with store.unit_of_work() as writer:  # committed while the reader is open
+                writer.write(obs("o1", 2), previous=1)
+                writer.commit()
+            clinical = uow.read(key, groups={"clinical"})
+            again = uow.read(key)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+    assert len(driven) == (3 if driver else 0)
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(reads) == (3 if driver else 6)  # some groups: two statements
+    assert every is not None and every.version == 1
+    assert every.groups == {"clinical": b"sealed-o1-1", "administrative": b"meta"}
+    assert bare is not None and bare.groups == {} and bare.version == 1
+    assert unknown_version is None
+    assert clinical is not None and clinical.version == 1  # the unit's snapshot
+    assert clinical.groups == {"clinical": b"sealed-o1-1"}
+    assert again == every
+    assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with store.unit_of_work(read_only=True) as uow:
+        latest = uow.read(key)
+    assert latest is not None and latest.version == 2
+    assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_sqlite_read_only_unit_that_cannot_begin_on_the_driver_begins_as_before(
+    store: SqlRecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the driver-level begin fails, the unit begins through SQLAlchemy (which would say
+    why, as a store error, if it failed too) and reads the same."""
+    if store.dialect != "sqlite":
+        pytest.skip("PostgreSQL read-only units run on the read pool")
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+
+    checkout = store.engine.raw_connection
+    tries: list[int] = []
+
+    def refused_once() -> Any:
+        tries.append(1)
+        if len(tries) == 1:  # the driver-level begin's checkout
+            raise OSError("no connection")
+        return checkout()
+
+    monkeypatch.setattr(store.engine, "raw_connection", refused_once)
+    with store.unit_of_work(read_only=True) as uow:
+        found = uow.read(key)
+    assert len(tries) == 2
+    assert found is not None and found.groups["clinical"] == b"sealed-o1-1"
+
+
+def test_a_sqlite_read_unit_that_cannot_adopt_its_connection_fails_closed_and_returns_it(
+    store: SqlRecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If SQLAlchemy cannot take over a driver-begun unit's connection, the unit fails with
+    the store's own error (a 503 at the API), and the connection goes back to the pool."""
+    from sqlalchemy import Connection
+    from sqlalchemy.exc import OperationalError
+
+    from phivault.records.store.ports import RecordStoreUnavailable
+
+    if store.dialect != "sqlite":
+        pytest.skip("PostgreSQL read-only units run on the read pool")
+    key = ResourceKey("t1", "Observation", "o1")
+    with store.unit_of_work() as uow:
+        uow.write(obs("o1"), previous=None)
+        uow.commit()
+
+    def refused(self: Connection) -> Any:
+        raise OperationalError("BEGIN", {}, Exception("disk I/O error"))
+
+    with store.unit_of_work(read_only=True) as uow:
+        assert uow.read(key) is not None  # on the driver
+        monkeypatch.setattr(Connection, "begin", refused)
+        with pytest.raises(RecordStoreUnavailable, match="begin failed"):
+            uow.read(key, groups={"clinical"})  # needs SQLAlchemy: adopts
+    monkeypatch.undo()
+    assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with store.unit_of_work(read_only=True) as uow:
+        assert uow.read(key, groups={"clinical"}) is not None
 
 
 def test_concurrent_writers_all_commit_without_the_busy_handler(stores: StoreFactory) -> None:

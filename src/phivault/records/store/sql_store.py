@@ -60,6 +60,7 @@ from sqlalchemy.exc import (
     IntegrityError,
     SQLAlchemyError,
 )
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from phivault.crypto.blind_index import BlindToken
@@ -140,8 +141,9 @@ _INDEX_TABLES: Final = (idx_token, idx_string, idx_date, idx_reference, idx_blin
 _MIGRATION_LOCK: Final = advisory_key("phivault.records.migrate")
 
 
-def _driver_error(exc: SQLAlchemyError, doing: str) -> RecordStoreUnavailable:
-    """A message with the driver's error class only: statements and parameters stay out."""
+def _driver_error(exc: Exception, doing: str) -> RecordStoreUnavailable:
+    """A message with the driver's error class only: statements and parameters stay out
+    (``exc``: SQLAlchemy's error, or the driver's own from a driver-begun read unit)."""
     orig = getattr(exc, "orig", None)
     kind = type(orig).__name__ if orig is not None else type(exc).__name__
     state = getattr(orig, "sqlstate", None)
@@ -208,25 +210,91 @@ class _ReplicaLink:
         self.open_primary = open_primary
 
 
+class _DriverRead:
+    """A read-only SQLite transaction begun on a pooled driver connection, with no
+    SQLAlchemy ``Connection`` (yet): a point read is ``BEGIN``, one ``SELECT`` on the
+    driver's cursor and ``ROLLBACK``, where SQLAlchemy's connection, begin event, statement
+    execution and result rows cost about ten times as much (docs/decisions/read-path-cpu.md).
+    Anything else the unit runs first adopts the connection (:meth:`adopt`) and goes on in
+    the same transaction, so the unit still reads one snapshot."""
+
+    __slots__ = ("engine", "pooled")
+
+    def __init__(self, engine: Engine, pooled: PoolProxiedConnection) -> None:
+        self.engine = engine
+        self.pooled = pooled
+
+    def rows(self, statement: Any, params: Mapping[str, Any]) -> list[Any] | None:
+        """The rows of a constant SELECT of this module; ``None`` on a driver error (the
+        caller then runs it through SQLAlchemy, which says why)."""
+        try:
+            cursor = self.pooled.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(_statement_text(statement, _SQLITE_NAMED), params)
+                rows: list[Any] = cursor.fetchall()
+                return rows
+            finally:
+                cursor.close()
+        except Exception:  # any driver error: the ordinary path runs it again and says why
+            return None
+
+    def adopt(self) -> Connection:
+        """A SQLAlchemy connection on the pooled connection, in its open transaction (the
+        begin event sees it open and adds no ``BEGIN``); closing it returns the connection.
+        If this fails, the pooled connection is back in the pool all the same."""
+        try:
+            conn = Connection(self.engine, self.pooled)
+        except BaseException:
+            self.pooled.close()
+            raise
+        try:
+            conn.execution_options(phivault_read_only=True).begin()
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, SQLAlchemyError):
+                raise _driver_error(exc, "begin") from exc
+            raise
+        return conn
+
+    def end(self) -> None:
+        """Roll back and return the connection to the pool (never adopted); one that cannot
+        roll back is discarded, not reused."""
+        try:
+            self.pooled.driver_connection.rollback()  # type: ignore[union-attr]
+        except Exception as exc:
+            self.pooled.invalidate()
+            raise _driver_error(exc, "rollback") from exc
+        self.pooled.close()
+
+
 class SqlUnitOfWork:
     """One transaction: see :class:`~.ports.RecordUnitOfWork`.
 
     Usually one connection. A unit routed to a replica (``link``) reads records there and
     opens a second, read-only transaction on the primary when it first needs authorization
     state (:meth:`care_related`); if a record read fails on the replica, the unit moves to
-    the primary for that read and the rest (``served_by`` then names both).
+    the primary for that read and the rest (``served_by`` then names both). A read-only
+    unit on SQLite starts on the driver (``driver``, :class:`_DriverRead`) and has a
+    SQLAlchemy connection only once it runs more than point reads.
     """
 
     def __init__(
         self,
-        connection: Connection,
+        connection: Connection | _DriverRead,
         *,
         read_only: bool = False,
         link: _ReplicaLink | None = None,
         before_commit: Callable[[], None] | None = None,
         after_commit: Callable[[Connection], None] | None = None,
     ) -> None:
-        self._conn = connection
+        self._driver: _DriverRead | None = None
+        self._adopted: Connection | None = None
+        if isinstance(connection, _DriverRead):
+            self._driver = connection
+            self._postgres = False
+        else:
+            self._conn = connection
+            self._postgres = connection.dialect.name == "postgresql"
         self._done = False
         self._read_only = read_only
         self._link = link
@@ -235,6 +303,21 @@ class SqlUnitOfWork:
         self._before_commit = before_commit
         self._after_commit = after_commit
         self._commit_tried = False  # a failed commit may still have committed
+
+    @property
+    def _conn(self) -> Connection:
+        """The unit's SQLAlchemy connection (a driver-begun unit adopts its own on first use)."""
+        conn = self._adopted
+        if conn is None:
+            driver, self._driver = self._driver, None
+            if driver is None:  # its adoption failed (and gave the connection back)
+                raise InvalidInput("this unit of work has no connection")
+            conn = self._adopted = driver.adopt()
+        return conn
+
+    @_conn.setter
+    def _conn(self, connection: Connection) -> None:
+        self._adopted = connection
 
     @property
     def served_by(self) -> str:
@@ -270,6 +353,12 @@ class SqlUnitOfWork:
         """End the unit (rolling back what was not committed) and release its connections."""
         extra, self._primary = self._primary, None
         link, done, self._done = self._link, self._done, True
+        driver, self._driver = self._driver, None
+        if driver is not None:  # never adopted: nothing but the driver's transaction to end
+            driver.end()
+            return
+        if self._adopted is None:
+            return  # a driver-begun unit whose adoption failed: nothing is left open
         try:
             if link is not None:
                 # What was read is already returned: a replica lost since then must not fail
@@ -561,7 +650,7 @@ class SqlUnitOfWork:
     ) -> StoredVersion | None:
         _check_key(key)
         _check_groups(groups)
-        if self._conn.dialect.name == "postgresql":
+        if self._postgres or not groups:
             return self._one_version(_CURRENT_WITH, _CURRENT, groups, _key_params(key))
         found = self._versions(_CURRENT, groups, _key_params(key))
         return found[0] if found else None
@@ -573,7 +662,7 @@ class SqlUnitOfWork:
         _check_key(key)
         _check_groups(groups)
         params = {**_key_params(key), "version": version}
-        if self._conn.dialect.name == "postgresql":
+        if self._postgres or not groups:
             return self._one_version(_VREAD_WITH, _VREAD, groups, params)
         found = self._versions(_VREAD, groups, params)
         return found[0] if found else None
@@ -655,18 +744,25 @@ class SqlUnitOfWork:
         params: Mapping[str, Any],
     ) -> StoredVersion | None:
         """At most one version and its sealed groups (only ``wanted`` ones) in **one**
-        statement (PostgreSQL): the version row outer-joined with its groups, one row per
-        group (or one row with no group). ``joined[True]``: every group; ``[False]``: those
-        named by the ``groups`` array. A read is one round trip, not two."""
-        conn = self._live()
+        statement: the version row outer-joined with its groups, one row per group (or one
+        row with no group). ``joined[True]``: every group; ``[False]``: those named by the
+        ``groups`` array (PostgreSQL only). A read is one round trip, not two. On the
+        driver's cursor where the unit allows (a driver-begun SQLite unit, PostgreSQL's
+        read pool), else through SQLAlchemy."""
         grouped = wanted is None or bool(wanted)
         statement = joined[wanted is None] if grouped else bare
         if wanted:
             params = {**params, "groups": sorted(wanted)}
-        rows: Sequence[Sequence[Any]] | None = _direct(conn, statement, params)
+        driver = self._driver
+        rows: Sequence[Sequence[Any]] | None = None
+        if driver is not None and not self._done:
+            rows = driver.rows(statement, params)
         if rows is None:
-            with self._translate("read"):
-                rows = conn.execute(statement, params).all()
+            conn = self._live()
+            rows = _direct(conn, statement, params)
+            if rows is None:
+                with self._translate("read"):
+                    rows = conn.execute(statement, params).all()
         if not rows:
             return None
         # The columns of rec_versions in table order, then (grouped) grp and ciphertext.
@@ -1407,7 +1503,9 @@ class SqlRecordStore:
                 finally:
                     writer.release()
             return
-        if router is None:
+        if router is None and read_only and self.dialect == "sqlite":
+            uow = self._read_on_driver()
+        elif router is None:
             uow = SqlUnitOfWork(self._begin(self._engine, read_only=read_only), read_only=read_only)
         elif read_only:
             uow = self._routed(router, reads, session)
@@ -1564,6 +1662,20 @@ class SqlRecordStore:
                 return SqlUnitOfWork(conn, read_only=True, link=link)
         return SqlUnitOfWork(self._begin(self._engine, read_only=True), read_only=True)
 
+    def _read_on_driver(self) -> SqlUnitOfWork:
+        """A read-only SQLite unit begun on the driver (:class:`_DriverRead`). If that fails,
+        the ordinary begin runs, and says why if it fails too."""
+        try:
+            pooled = self._engine.raw_connection()
+        except Exception:  # any error: the ordinary begin tries again and translates it
+            return SqlUnitOfWork(self._begin(self._engine, read_only=True), read_only=True)
+        try:
+            pooled.driver_connection.execute("BEGIN")  # type: ignore[union-attr]
+        except Exception:
+            pooled.close()
+            return SqlUnitOfWork(self._begin(self._engine, read_only=True), read_only=True)
+        return SqlUnitOfWork(_DriverRead(self._engine, pooled), read_only=True)
+
     def _begin(self, engine: Engine, *, read_only: bool, standby: bool = False) -> Connection:
         reader = self._reader
         if read_only and reader is not None and engine is self._engine:
@@ -1651,8 +1763,21 @@ def _read_only_engine(url: Any, connect_args: Mapping[str, Any]) -> Engine:
 
 #: The read pool's execution option that lets :func:`_direct` use the driver's cursor.
 _DIRECT: Final = "phivault_direct_reads"
-#: Statement texts for the driver, by statement (constant statements only; compiled once).
-_DIRECT_TEXT: dict[int, tuple[Any, str]] = {}
+#: Statement texts for the driver, by statement and dialect (constant statements only;
+#: compiled once).
+_DRIVER_TEXT: dict[tuple[int, str], tuple[Any, str]] = {}
+#: SQLite with named parameters (the driver takes a mapping; the engine's dialect is qmark).
+_SQLITE_NAMED: Final = sqlite.dialect(paramstyle="named")
+
+
+def _statement_text(statement: Any, dialect: Any) -> str:
+    """``statement`` compiled for ``dialect``, as its driver runs it."""
+    key = (id(statement), dialect.name)
+    known = _DRIVER_TEXT.get(key)
+    if known is None or known[0] is not statement:
+        known = (statement, str(statement.compile(dialect=dialect)))
+        _DRIVER_TEXT[key] = known
+    return known[1]
 
 
 def _direct(conn: Connection, statement: Any, params: Mapping[str, Any]) -> list[Any] | None:
@@ -1666,14 +1791,11 @@ def _direct(conn: Connection, statement: Any, params: Mapping[str, Any]) -> list
     statement in autocommit, with nothing of the failed try left on the connection."""
     if not conn.get_execution_options().get(_DIRECT, False):
         return None
-    known = _DIRECT_TEXT.get(id(statement))
-    if known is None or known[0] is not statement:
-        known = (statement, str(statement.compile(dialect=conn.dialect)))
-        _DIRECT_TEXT[id(statement)] = known
+    text = _statement_text(statement, conn.dialect)
     try:
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(known[1], params)
+            cursor.execute(text, params)
             return list(cursor.fetchall())
         finally:
             cursor.close()
@@ -1788,6 +1910,8 @@ def _in_transaction(conn: Connection) -> bool:
 
 def _sqlite_begin(conn: Connection) -> None:
     read_only = conn.get_execution_options().get("phivault_read_only", False)
+    if read_only and _in_transaction(conn):
+        return  # a driver-begun read unit adopting its connection: its BEGIN ran already
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
