@@ -1,4 +1,5 @@
-"""Micro-benchmark: the CPU one FHIR read costs in the scaled shape, per process involved.
+"""Micro-benchmark: the CPU one FHIR read (or search, or create: ``--kind``) costs in the
+scaled shape, per process involved.
 
 A read in the scaled shape costs CPU in more processes than the API worker: the sequencer
 (which appends its disclosure event to the ledger), nats-server (the publish, its ack, the
@@ -15,13 +16,14 @@ With ``--baseline-src DIR`` (another checkout's ``src``, e.g. ``git archive <com
 second deployment runs that code beside this one, and the measured rounds alternate between
 them: "before" and "after" come from the same minutes of the same loaded machine.
 
-    python bench/_scaled_read_cpu.py [--baseline-src DIR] [--patients 3] [--duration 4]
-        [--rounds 3] [--conc 32] [--workers 2] [--py-spy DIR]
+    python bench/_scaled_read_cpu.py [--baseline-src DIR] [--kind read|search|create]
+        [--patients 3] [--duration 4] [--rounds 3] [--conc 32] [--workers 2] [--py-spy DIR]
 
-``--py-spy DIR`` (``PY_SPY=...`` names the binary) samples one worker and the sequencer of
-each deployment during the last round into ``DIR/<deployment>-{worker,sequencer}.txt``
+``--py-spy DIR`` (``PY_SPY=...`` names the binary) samples the workers and the sequencer of
+each deployment during the last round into ``DIR/<deployment>-{worker-PID,sequencer}.txt``
 (folded stacks). The last line is JSON: per deployment, ``reads`` and ``cpu_ms_per_read``
-per process group and in total, over all rounds and as the median of the rounds.
+per process group and in total, over all rounds and as the median of the rounds ("read"
+stands for a request of the measured ``--kind``).
 """
 
 from __future__ import annotations
@@ -256,9 +258,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         reads: dict[str, list[list[Any]]] = {}
         for v in variants:
             loaded = fb.load(v.server, tokens, tmp, args.patients, 4)
-            reads[v.name] = fb.workloads(loaded, tokens).read
+            reads[v.name] = getattr(fb.workloads(loaded, tokens), args.kind)
             if not reads[v.name]:
-                raise RuntimeError(f"{v.name}: nothing to read after loading")
+                raise RuntimeError(f"{v.name}: no {args.kind} requests after loading")
         for v in variants:  # warm up (not counted)
             saved = dict(v.totals)
             _drive(v, reads[v.name], 2.0, args.conc)
@@ -270,12 +272,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     out = Path(args.py_spy)
                     out.mkdir(parents=True, exist_ok=True)
                     assert v.server.process is not None and v.deployment.sequencer is not None
-                    worker = _tree(v.server.process.pid)[1]
+                    # Every process under the server (its workers; spawn's resource tracker
+                    # idles): which of them takes the connections is up to the kernel.
                     samplers = [
-                        _py_spy(worker, out / f"{v.name}-worker.txt", args.duration),
+                        _py_spy(pid, out / f"{v.name}-worker-{pid}.txt", args.duration)
+                        for pid in _tree(v.server.process.pid)[1:]
+                    ]
+                    samplers.append(
                         _py_spy(v.deployment.sequencer.pid, out / f"{v.name}-sequencer.txt",
-                                args.duration),
-                    ]  # fmt: skip
+                                args.duration)
+                    )  # fmt: skip
                     time.sleep(0.5)
                 _drive(v, reads[v.name], args.duration, args.conc)
                 for sampler in samplers:
@@ -306,6 +312,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             else None,
             "total_cpu_ms_per_read_per_round": [round(r["total"], 3) for r in v.rounds],
         }
+    report["kind"] = args.kind
     report["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
@@ -313,6 +320,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-src", help="run this src tree beside the current one")
+    parser.add_argument("--kind", choices=("read", "search", "create"), default="read")
     parser.add_argument("--patients", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3)

@@ -30,6 +30,7 @@ from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
 
+import psycopg
 from sqlalchemy import (
     ARRAY,
     BigInteger,
@@ -150,6 +151,29 @@ def _driver_error(exc: Exception, doing: str) -> RecordStoreUnavailable:
     return RecordStoreUnavailable(
         f"records store: {doing} failed ({kind}{f' [{state}]' if state else ''})"
     )
+
+
+@contextmanager
+def _pipelined(conn: Connection) -> Iterator[None]:
+    """PostgreSQL: the block's statements go to the server without waiting for each one's
+    answer (psycopg's pipeline mode), and the block ends with one round trip for them all.
+    Only for several statements whose results nobody reads (inserts): for one statement, the
+    pipeline's own cost is more than the round trip it saves (measured: a claim insert sent
+    with its transaction's BEGIN cost about 0.1 ms more CPU, not less). A statement's error
+    surfaces at the latest when the block ends, as the driver's own exception: it is raised
+    as SQLAlchemy would have raised it, so that the callers' translation applies; the
+    transaction is then failed, and the unit rolls back. SQLite: nothing changes."""
+    driver = conn.connection.driver_connection if conn.dialect.name == "postgresql" else None
+    if not isinstance(driver, psycopg.Connection):
+        yield
+        return
+    try:
+        with driver.pipeline():
+            yield
+    except psycopg.Error as exc:  # raised by the pipeline's end, past SQLAlchemy
+        raise DBAPIError.instance(
+            None, None, exc, psycopg.Error, hide_parameters=True, dialect=conn.dialect
+        ) from exc
 
 
 _P = ParamSpec("_P")
@@ -527,11 +551,12 @@ class SqlUnitOfWork:
                 for n, seq in zip(news, seqs, strict=True)
                 for name, data in sorted(n.groups.items())
             ]
-            _bulk_insert(conn, groups, sealed)
             rows = _IndexRows()
             for n in news:
                 rows.add(n.key, n.key_subject, n.index)
-            rows.insert(conn)
+            with _pipelined(conn):
+                _bulk_insert(conn, groups, sealed)
+                rows.insert(conn)
 
     def delete(
         self, key: ResourceKey, *, version: int, last_updated: datetime, previous: int
@@ -1387,8 +1412,12 @@ class SqlRecordStore:
                 event.listen(self._engine, "begin", _sqlite_begin)
             else:
                 self._engine = create_engine(
-                    parsed, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
+                    parsed, connect_args=connect_args, hide_parameters=True
                 )
+                # As the read pool: a connection is pinged only after a second idle, not on
+                # every checkout (pool_pre_ping: one more round trip per write unit).
+                event.listen(self._engine, "checkin", _note_idle)
+                event.listen(self._engine, "checkout", _ping_if_idle)
                 self._reader = _read_only_engine(parsed, connect_args)
             self._replicas: dict[str, Engine] = {}
             self._router: ReplicaRouter | None = None
@@ -1829,7 +1858,7 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         finally:
             cursor.close()
     except Exception as exc:  # whatever the driver raised: the connection is not usable
-        raise DisconnectionError("a pooled read connection did not answer") from exc
+        raise DisconnectionError("a pooled connection did not answer") from exc
 
 
 def _parse_url(url: str) -> Any:
