@@ -542,3 +542,81 @@ def test_strings_of_any_content_beside_references_survive_the_text_replacement(
     with pytest.MonkeyPatch.context() as patch:
         _walked(patch)
         assert plan() == fast
+
+
+def _plan_or_error(bundle: dict[str, Any]) -> Any:
+    try:
+        return plan_transaction(bundle, nothing, new_id=ids())
+    except InvalidInput as exc:
+        return (type(exc), exc.path)
+
+
+_LOCAL = st.sampled_from(["#", "#host", "#c0", "#gone", PATIENT_URL, 'a"b\\c', "é/Patient"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    host_refs=st.lists(_LOCAL, max_size=3),
+    inner_refs=st.lists(_LOCAL, max_size=3),
+    nested=st.booleans(),
+    listed=st.booleans(),
+)
+def test_contained_resources_replaced_on_the_text_are_what_the_walk_makes(
+    host_refs: list[str], inner_refs: list[str], nested: bool, listed: bool
+) -> None:
+    """A host's contained list is copied apart (its references without the host's #ids),
+    a contained elsewhere or not a list goes to the walk: either way, the walk's plan or
+    the walk's error path."""
+    inner: dict[str, Any] = {
+        "resourceType": "Basic",
+        "id": "c0",
+        "x": [{"reference": r} for r in inner_refs],
+    }
+    if nested:
+        inner["contained"] = [{"resourceType": "Basic", "id": "deep"}]
+    resource = {
+        "resourceType": "Observation",
+        "id": "host",
+        "contained": [inner] if listed else inner,
+        "subject": {"reference": PATIENT_URL},
+        "focus": [{"reference": r} for r in host_refs],
+    }
+    patient = _post({"resourceType": "Patient"}, PATIENT_URL)
+    bundle = _bundle(patient, _post(resource))
+    fast = _plan_or_error(bundle)
+    with pytest.MonkeyPatch.context() as patch:
+        _walked(patch)
+        assert _plan_or_error(bundle) == fast
+
+
+def test_a_key_ending_in_reference_is_not_a_reference() -> None:
+    """A key that ends in an escaped quote and ``reference`` looks like a reference key on
+    orjson's text; it is left alone, as the walk leaves it."""
+    resource = {
+        "resourceType": "Observation",
+        "subject": {"reference": PATIENT_URL},
+        "extension": [{'x"reference': PATIENT_URL, "y": '"reference":"' + PATIENT_URL}],
+    }
+    patient = _post({"resourceType": "Patient"}, PATIENT_URL)
+    plan = plan_transaction(_bundle(patient, _post(resource)), nothing, new_id=ids())
+    observation = next(e for e in plan.entries if e.resource_type == "Observation")
+    assert observation.resource is not None
+    assert observation.resource["extension"] == resource["extension"]
+    assert observation.resource["subject"]["reference"].startswith("Patient/")
+
+
+def test_the_callers_resources_are_not_changed() -> None:
+    contained = {"resourceType": "Basic", "id": "c0", "x": {"reference": PATIENT_URL}}
+    resource = {
+        "resourceType": "Observation",
+        "contained": [contained],
+        "subject": {"reference": PATIENT_URL},
+    }
+    patient = _post({"resourceType": "Patient"}, PATIENT_URL)
+    bundle = _bundle(patient, _post(resource))
+    before = copy.deepcopy(bundle)
+    plan = plan_transaction(bundle, nothing, new_id=ids())
+    assert bundle == before
+    observation = next(e for e in plan.entries if e.resource_type == "Observation")
+    assert observation.resource is not None
+    assert observation.resource["contained"][0]["x"]["reference"].startswith("Patient/")

@@ -8,6 +8,7 @@ touches storage; an entry's resource is exactly what the repository returned.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from http import HTTPStatus
@@ -38,6 +39,7 @@ __all__ = [
 OFFSET_PARAM = "_offset"
 
 
+@functools.cache  # a handful of statuses, once per entry of every Bundle answered
 def status_line(status: int) -> str:
     """``201 Created``: the status as a Bundle entry's ``response.status`` states it."""
     try:

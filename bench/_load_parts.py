@@ -1,0 +1,126 @@
+"""Where a loaded resource's server CPU goes: ``_read_cpu.py --load`` with each named part of
+the bundle path timed in the CPU of the thread that runs it.
+
+Why not py-spy alone: ``--py-spy`` samples the thread holding the GIL, and SQLite runs
+without it, so the store's share of a transaction (a third of the CPU, measured) is missing
+from its stacks; cProfile sees the event loop's thread only, and planning and the commit run
+in worker threads. Each part here is a synchronous function, wrapped to add up
+``time.thread_time()`` across its calls once the warm-up is over; an ``async`` part would
+also count whatever other tasks ran while it awaited, so none is wrapped. Parts nest
+(``a > b`` is part of ``a``), so they do not add up to the total.
+
+    python bench/_load_parts.py [--load 6] [--load-concurrency 4]
+
+The last line is JSON: ``cpu_us_per_resource`` (as ``_read_cpu.py`` reports it, in µs) and
+``parts``, each part's µs per loaded resource and its calls, largest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+_cpu: Counter[str] = Counter()
+_calls: Counter[str] = Counter()
+_counting: list[bool] = [False]  # set once the warm-up is over
+
+
+def _timed(owner: Any, name: str, label: str) -> None:
+    """Replace ``owner.name`` (a module's function or a class's method) by a timed one."""
+    original: Callable[..., Any] = getattr(owner, name)
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        if not _counting[0]:
+            return original(*args, **kwargs)
+        started = time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _cpu[label] += time.thread_time() - started
+            _calls[label] += 1
+
+    setattr(owner, name, timed)
+
+
+def _instrument() -> None:
+    import phivault.api.fhir._routes as routes
+    import phivault.api.serve as serve
+    import phivault.crypto.elements as elements
+    import phivault.records.repository as repository
+    import phivault.records.store.sql_store as sql_store
+
+    repo = repository.RecordsRepository
+    unit = sql_store.SqlUnitOfWork
+    for owner, name, label in (
+        (repository, "plan_transaction", "plan_transaction (worker thread)"),
+        (repo, "_resolve", "conditional lookups (planning and the commit's re-check)"),
+        (repository, "_patients_touched", "_patients_touched"),
+        (repository, "_check_auditable", "_check_auditable"),
+        (repo, "_subject_of", "_subject_of"),
+        (repo, "_decide", "_decide"),
+        (repository, "split", "split"),
+        (elements.PatientCipher, "seal_many", "seal_many"),
+        (repository, "index_entries", "index_entries"),
+        (repo, "_event_parts", "_event_parts"),
+        (repo, "_write_events", "_write_events"),
+        (repo, "_commit", "_commit (worker thread)"),
+        (unit, "create_many", "_commit > create_many"),
+        (sql_store, "_bulk_insert", "_commit > create_many > group rows"),
+        (sql_store, "_bulk_insert_tuples", "_commit > create_many > index rows"),
+        (unit, "commit", "_commit > COMMIT"),
+        (routes, "transaction_response", "transaction_response"),
+    ):
+        _timed(owner, name, label)
+
+    warm_up_over = serve.tune_for_serving
+
+    def tune_then_count() -> None:  # _read_cpu.py calls it once the warm-up loads are done
+        warm_up_over()
+        _counting[0] = True
+
+    serve.tune_for_serving = tune_then_count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", type=int, default=6)
+    parser.add_argument("--load-concurrency", type=int, default=4)
+    given = parser.parse_args()
+    _instrument()
+    import _read_cpu
+
+    args = argparse.Namespace(
+        load=given.load,
+        load_concurrency=given.load_concurrency,
+        reads=0,
+        concurrency=1,
+        profile=None,
+        py_spy=None,
+        search=False,
+        whoami=False,
+        create=False,
+    )
+    result = asyncio.run(_read_cpu.main(args))
+    resources = result["resources"]
+    parts = {
+        label: {"us": round(seconds / resources * 1e6, 1), "calls": _calls[label]}
+        for label, seconds in _cpu.most_common()
+    }
+    total = round(result["cpu_ms_per_resource"] * 1000, 1)
+    print(json.dumps({"cpu_us_per_resource": total, "parts": parts}))
+
+
+if __name__ == "__main__":
+    main()
