@@ -1267,6 +1267,10 @@ class RecordsRepository:
                     "records store: this write waited past its deadline; nothing was written, "
                     "retry it"
                 )
+            if checks:  # (PostgreSQL: two writers must not both find "no match")
+                uow.serialize_conditional(
+                    caller.access.tenant, {lookup.resource_type for lookup, _ in checks}
+                )
             for lookup, before in checks:
                 assert indexer is not None
                 if tuple(self._resolve(uow, caller, lookup, indexer.tokens)) != tuple(before):

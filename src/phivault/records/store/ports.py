@@ -352,6 +352,15 @@ class RecordUnitOfWork(Protocol):
         ``ifNoneExist``, conditional update and delete. ``limit=2`` tells one from many."""
         ...
 
+    def serialize_conditional(self, tenant: str, resource_types: Collection[str]) -> None:
+        """Before re-checking a conditional write's lookups (If-None-Exist, conditional
+        update or reference): wait until no other open transaction holds the right to
+        conditional writes of these types in this tenant, and hold it until this one ends.
+        Without it, two transactions on PostgreSQL (READ COMMITTED) can both see no match
+        and both create. SQLite has one writer at a time: nothing to do there.
+        ``docs/decisions/records-transactions.md``."""
+        ...
+
     def claim_intents(self, tenant: str, claims: Collection[str], *, at: int) -> None:
         """The writer's side: claim these intents (:attr:`IntentClaim.WRITTEN`), first thing in
         the writing transaction, so they commit or roll back with its changes. Raises

@@ -49,6 +49,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     tuple_,
     update,
 )
@@ -985,6 +986,31 @@ class SqlUnitOfWork:
             ).all()
         return [str(r[0]) for r in rows]
 
+    # conditional writes (docs/decisions/records-transactions.md) -------------------------
+
+    def serialize_conditional(self, tenant: str, resource_types: Collection[str]) -> None:
+        """PostgreSQL: transaction-scoped advisory locks, one per (schema, tenant, type),
+        taken in name order (so two writers never wait for each other in a cycle). Per
+        type, not per criteria: the criteria hold identifiers (PHI) that must not reach
+        ``pg_locks``, and a coarse lock also orders lookups by different criteria that
+        match one resource. Unconditional writes take no lock."""
+        _check_tenant(tenant)
+        for resource_type in resource_types:
+            _check_type(resource_type)
+        conn = self._writable()
+        if conn.dialect.name != "postgresql" or not resource_types:
+            return  # SQLite: one writer at a time
+        with self._translate("serialize conditional writes"):
+            schema = conn.info.get(_SCHEMA_INFO)
+            if schema is None:  # once per pooled connection
+                schema = conn.info[_SCHEMA_INFO] = conn.execute(
+                    text("SELECT current_schema()")
+                ).scalar()
+            for name in sorted(
+                f"phivault.records.conditional:{schema}:{tenant}:{t}" for t in set(resource_types)
+            ):
+                conn.execute(_ADVISORY_XACT_LOCK, {"k": advisory_key(name)})
+
     # write-intent claims (docs/decisions/records-intent-claims.md) ---------------------------
 
     def claim_intents(self, tenant: str, claims: Collection[str], *, at: int) -> None:
@@ -1264,6 +1290,8 @@ _SETTLE_CLAIM: Final = {
     for flag, dialect in ((True, postgresql), (False, sqlite))
 }
 _CLAIM: Final = insert(intent_claims)
+_ADVISORY_XACT_LOCK: Final = text("SELECT pg_advisory_xact_lock(:k)")
+_SCHEMA_INFO: Final = "phivault.records.current_schema"  # key in a connection's info dict
 _LOCK_NOT_AVAILABLE: Final = "55P03"  # PostgreSQL: lock_timeout expired
 _CLAIM_STATE: Final = select(intent_claims.c.state).where(
     intent_claims.c.tenant == bindparam("c_tenant"), intent_claims.c.claim == bindparam("claim")
