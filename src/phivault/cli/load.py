@@ -8,8 +8,9 @@ What it does, in order:
    ``*practitionerInformation*``), then the rest in the order given, so that the patient
    bundles' conditional references (``Practitioner?identifier=...``) find what they point to.
    With ``--jobs N`` the bundles after the companions go N at a time, except those with a
-   conditional create, update or delete: two of them may create the same resource, so they
-   go one at a time, in order.
+   conditional create, update or delete: two of them racing for the same resource would
+   have one answered 409 (the server lets only one create it), so they go one at a time,
+   in order.
 3. Turns each plain ``POST`` of a Practitioner, Organization or Location that carries an
    identifier into a conditional create (``ifNoneExist: identifier=system|value``, with the
    first identifier that has both). Synthea 2019 (``sof2019_*``) repeats its directory
@@ -229,7 +230,8 @@ def _is_companion(path: Path) -> bool:
 
 def creates_conditionally(bundle: dict[str, Any]) -> bool:
     """Whether a bundle has a conditional create, update, patch or delete: two such bundles
-    may touch the same resource, so ``--jobs`` sends them one at a time, in order."""
+    may race for the same resource (one of them would be answered 409), so ``--jobs`` sends
+    them one at a time, in order."""
     for entry in bundle.get("entry", []):
         request = entry.get("request")
         if not isinstance(request, dict):
@@ -780,7 +782,8 @@ def load(
             else:
                 lane(companions)
                 # The bundles that create conditionally go one at a time, in order (two of
-                # them may create the same resource); the others N at a time.
+                # them racing for one resource: one would be refused, 409); the others N at
+                # a time.
                 queue = iter(shared)
 
                 def worker(first: Sequence[int]) -> None:
