@@ -276,7 +276,7 @@ async def test_intents_left_open_by_a_crash_are_reconciled(
         repo = kit.repo
         org = {"resourceType": "Organization", "name": "Acme"}
         real_record = RecordsRepository._record_writes
-        real_commit = RecordsRepository._commit
+        real_commit = RecordsRepository._commit_unit
 
         async def no_outcome(
             self: RecordsRepository, caller: Any, events: Any, **kwargs: Any
@@ -290,15 +290,18 @@ async def test_intents_left_open_by_a_crash_are_reconciled(
             done = await repo.create(writer, org)
 
             # 2. died after the intent, before the commit
-            def crash(self: RecordsRepository, *args: Any, **kwargs: Any) -> None:
-                raise Crash
+            def crash(self: RecordsRepository, *args: Any, **kwargs: Any) -> Any:
+                def unit(uow: Any) -> None:
+                    raise Crash
 
-            RecordsRepository._commit = crash  # type: ignore[method-assign]
+                return unit
+
+            RecordsRepository._commit_unit = crash  # type: ignore[method-assign]
             with pytest.raises(Crash):
                 await repo.create(writer, org)
         finally:
             RecordsRepository._record_writes = real_record  # type: ignore[method-assign]
-            RecordsRepository._commit = real_commit  # type: ignore[method-assign]
+            RecordsRepository._commit_unit = real_commit  # type: ignore[method-assign]
         cursor = tmp_path / "reconciled"
         report = await repo.reconcile(ledger, sink=ledger, cursor=cursor)
         assert (report.committed, report.absent) == (1, 1)

@@ -412,4 +412,12 @@ class RecordStore(Protocol):
         all or nothing on its own, and a unit that fails does not affect the others."""
         ...
 
+    def write_units(
+        self, works: Sequence[Callable[[RecordUnitOfWork], None]], *, session: str | None = None
+    ) -> list[BaseException | None]:
+        """:meth:`write_unit` of each of ``works``, submitted together by one thread (the
+        store may commit them in one group); each one's exception, or None where it
+        committed, in ``works`` order. Never raises for a unit."""
+        ...
+
     def close(self) -> None: ...

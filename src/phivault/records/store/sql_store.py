@@ -1528,24 +1528,52 @@ class SqlRecordStore:
                 work(uow)
                 uow.commit()
             return
-        unit = _GroupUnit(work, contextvars.copy_context())
+        error = self._write_grouped([_GroupUnit(work, contextvars.copy_context())])[0]
+        if error is not None:
+            raise error
+
+    def write_units(
+        self, works: Sequence[Callable[[SqlUnitOfWork], None]], *, session: str | None = None
+    ) -> list[BaseException | None]:
+        """:meth:`write_unit` of each of ``works``, submitted at once by one thread: on
+        SQLite they go into the next group together (with whatever other threads submit),
+        and this thread waits once for all of them instead of one thread waiting for each.
+        Each one's exception, or None where it committed (in ``works`` order). PostgreSQL
+        writes them one after another, each in its own transaction."""
+        if self._writer is None:
+            errors: list[BaseException | None] = []
+            for work in works:
+                try:
+                    self.write_unit(work, session=session)
+                except BaseException as exc:  # handed to that unit's submitter
+                    errors.append(exc)
+                else:
+                    errors.append(None)
+            return errors
+        context = contextvars.copy_context()
+        return self._write_grouped([_GroupUnit(work, context.copy()) for work in works])
+
+    def _write_grouped(self, units: list[_GroupUnit]) -> list[BaseException | None]:
+        """Queue ``units`` for the next group and wait until each one is written or has
+        failed, writing groups on this thread when it is its turn (see :meth:`write_unit`)."""
         deadline = time.monotonic() + _WRITER_WAIT_S
         with self._group_turn:
-            self._group_pending.append(unit)
+            self._group_pending.extend(units)
         while True:
             with self._group_turn:
-                while self._group_writing and not unit.finished:
+                while self._group_writing and not all(u.finished for u in units):
                     left = deadline - time.monotonic()
-                    if left <= 0 and unit in self._group_pending:
-                        self._group_pending.remove(unit)
-                        raise RecordStoreUnavailable("records store: begin failed (another writer)")
-                    # (once a group has taken it, it is being written: wait for that to end)
+                    if left <= 0:
+                        self._withdraw(units)
+                        if all(u.finished for u in units):
+                            break
+                    # (once a group has taken a unit, it is being written: wait for that to end)
                     self._group_turn.wait(left if left > 0 else None)
-                if unit.finished:
+                if all(u.finished for u in units):
                     break
                 # This thread writes the next group: the longest waiting units (its own
                 # among them, or in a later group it writes too: it leaves only when its
-                # own unit is finished).
+                # own units are finished).
                 self._group_writing = True
                 batch = self._group_pending[:_GROUP_MAX]
                 del self._group_pending[:_GROUP_MAX]
@@ -1557,8 +1585,16 @@ class SqlRecordStore:
                         done.finished = True
                     self._group_writing = False
                     self._group_turn.notify_all()
-        if unit.error is not None:
-            raise unit.error
+        return [u.error for u in units]
+
+    def _withdraw(self, units: list[_GroupUnit]) -> None:
+        """The units no group has taken yet fail closed (their wait is over): no later group
+        may write one after its submitter was told it failed. Under ``_group_turn``."""
+        for unit in units:
+            if unit in self._group_pending:
+                self._group_pending.remove(unit)
+                unit.error = RecordStoreUnavailable("records store: begin failed (another writer)")
+                unit.finished = True
 
     def _write_group(self, batch: list[_GroupUnit]) -> None:
         """Write and commit ``batch`` (see :meth:`write_unit`): each unit's ``error`` says
