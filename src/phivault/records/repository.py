@@ -465,6 +465,8 @@ class RecordsRepository:
         # Embedded (SQLite, in this process's memory and page cache): the point reads of
         # one turn of the event loop go to a storage thread together (_ReadBatches).
         self._batched = _ReadBatches() if getattr(store, "dialect", None) == "sqlite" else None
+        # ... and so do the write units of one turn, into the store's group commit.
+        self._writes = _WriteBatches(store) if self._batched is not None else None
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -964,12 +966,15 @@ class RecordsRepository:
         # reconciler that comes while it is open waits for it (records-intent-claims.md).
         claims = [(e.tenant, _intent_claim(e)) for e in intents]
 
-        def commit() -> None:
-            self._commit(caller, writes, checks, indexer, claims=claims, started=started)
+        unit = self._commit_unit(caller, writes, checks, indexer, claims=claims, started=started)
+        batches = self._writes
 
         async def settle() -> None:
             try:
-                await _blocking(commit)
+                if batches is not None:
+                    await batches.add(unit)
+                else:
+                    await _blocking(lambda: self._store.write_unit(unit, session=_session(caller)))
             except BaseException:
                 await self._record_writes(
                     caller,
@@ -1238,7 +1243,7 @@ class RecordsRepository:
             caller, interaction.value, _INTERACTION_ACTION[interaction], patient, reason
         )
 
-    def _commit(
+    def _commit_unit(
         self,
         caller: Caller,
         writes: Sequence[_Write],
@@ -1247,11 +1252,12 @@ class RecordsRepository:
         *,
         claims: Collection[tuple[str, str]] = (),
         started: float | None = None,
-    ) -> None:
-        """One database transaction: claim the intents, re-check what the plan relied on,
-        write, commit. A write older than :data:`_WRITE_DEADLINE_S` when it holds its claims
-        gives up (a claim the reconciler took is kept longer than that, so a write can never
-        outlive the claim that refuses it). The store may commit it together with writes of
+    ) -> Callable[[RecordUnitOfWork], None]:
+        """The write unit of one database transaction: claim the intents, re-check what the
+        plan relied on, write (the store commits it). A write older than
+        :data:`_WRITE_DEADLINE_S` when it holds its claims gives up (a claim the reconciler
+        took is kept longer than that, so a write can never outlive the claim that refuses
+        it). The store may commit it together with writes of
         other requests (group commit, ``docs/decisions/records-group-commit.md``): all or
         nothing for this write all the same, and its claims, checks and versions are its own.
         """
@@ -1293,7 +1299,7 @@ class RecordsRepository:
                 else:
                     uow.write(_new_version(write), previous=write.previous)
 
-        self._store.write_unit(unit, session=_session(caller))
+        return unit
 
     # --- decisions -------------------------------------------------------------------------
 
@@ -1942,6 +1948,69 @@ class _ReadBatches:
         batch = self._pending.pop(loop, [])
         if batch:
             _storage_executor(os.getpid()).submit(_run_batch, loop, batch)
+
+
+class _WriteBatches:
+    """The write units that one turn of the event loop commits, handed to one storage thread
+    together (:meth:`RecordStore.write_units`), their futures settled by one
+    ``call_soon_threadsafe``. Concurrent creates reach their commit together (their intents
+    were recorded by one group commit of the ledger), and SQLite writes them as one group
+    anyway: one thread waiting for the group, instead of one per write, each woken apart.
+
+    Every unit runs in its caller's context; one that fails fails only its caller; a
+    caller that left before its batch began is skipped (nothing of it is written)."""
+
+    def __init__(self, store: RecordStore) -> None:
+        self._store = store
+        self._pending: dict[
+            asyncio.AbstractEventLoop,
+            list[
+                tuple[Callable[[RecordUnitOfWork], None], asyncio.Future[None], contextvars.Context]
+            ],
+        ] = {}
+
+    def add(self, unit: Callable[[RecordUnitOfWork], None]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._flush, loop)
+        pending.append((unit, future, contextvars.copy_context()))
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending.pop(loop, [])
+        if batch:
+            _storage_executor(os.getpid()).submit(self._write, loop, batch)
+
+    def _write(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[
+            tuple[Callable[[RecordUnitOfWork], None], asyncio.Future[None], contextvars.Context]
+        ],
+    ) -> None:
+        """On a storage thread: write the batch's units, then settle their futures."""
+        live = [
+            (unit, future, context) for unit, future, context in batch if not future.cancelled()
+        ]
+        works = [functools.partial(_in_context, context, unit) for unit, _, context in live]
+        try:
+            errors = self._store.write_units(works)
+        except BaseException as exc:  # not a unit's own failure: every one of them fails
+            errors = [exc] * len(live)
+        outcomes = [
+            (future, None, error) for (_, future, _), error in zip(live, errors, strict=True)
+        ]
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(settle_all, outcomes)
+
+
+def _in_context(
+    context: contextvars.Context, unit: Callable[[RecordUnitOfWork], None], uow: RecordUnitOfWork
+) -> None:
+    context.run(unit, uow)
 
 
 def _run_batch(

@@ -703,6 +703,10 @@ def _blind_identifier(
 def index_entries(resource: Mapping[str, Any], blind_tokens: BlindTokens) -> list[IndexEntry]:
     """Every index entry ``resource`` produces, in parameter order, without duplicates.
 
+    ``_id`` and ``_lastUpdated`` have none: every search of them runs on the resource's head
+    row (``rec_resources``: ``resource_id``, ``last_updated``; ``store/search.py``), so rows
+    for them were written on every write and never read (two of a create's eight).
+
     ``blind_tokens`` is ``BlindIndexer.tokens`` of the resource's tenant (or a test double).
     References must be resolved (no ``urn:uuid:``, no conditional reference). Raises
     :class:`InvalidInput` naming the element path for malformed values.
@@ -712,12 +716,6 @@ def index_entries(resource: Mapping[str, Any], blind_tokens: BlindTokens) -> lis
         raise InvalidInput("must be a string", path="resourceType")
     plan = _index_plan(resource_type)
     found: list[IndexEntry] = []
-    if isinstance(resource.get("id"), str):
-        found.append(TokenEntry("_id", None, resource["id"]))
-    meta = resource.get("meta")
-    if isinstance(meta, dict) and isinstance(meta.get("lastUpdated"), str):
-        last_updated = date_range(meta["lastUpdated"], path="meta.lastUpdated")
-        found.append(DateEntry("_lastUpdated", last_updated))
     values: list[Any] = []
     for param, parts, where in plan:
         values.clear()

@@ -256,3 +256,51 @@ def test_write_unit_commits_and_rolls_back_on_both_engines(stores: StoreFactory)
     with pytest.raises(RuntimeError):
         store.write_unit(failing)
     assert exists(store, "one") and not exists(store, "two")
+
+
+def test_units_submitted_together_commit_together_and_fail_alone(stores: StoreFactory) -> None:
+    """write_units (the repository's batch of one event-loop turn): each unit's own outcome,
+    in order; the failing one alone is rolled back, the others commit (SQLite: in one
+    transaction; PostgreSQL: each in its own)."""
+    store = stores.open()
+    if stores.engine == "sqlite":
+        store = CountingStore(stores.url)
+
+    def failing(uow: SqlUnitOfWork) -> None:
+        uow.create_many([obs("two")])
+        raise RuntimeError("no")
+
+    errors = store.write_units([create("one"), failing, create("three")])
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], RuntimeError)
+    assert exists(store, "one") and exists(store, "three") and not exists(store, "two")
+    if isinstance(store, CountingStore):
+        assert store.writing_transactions == 1
+
+
+def test_units_submitted_together_that_wait_too_long_all_fail_closed(
+    sqlite_store: CountingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch still waiting when the busy timeout passes is withdrawn whole (each unit a
+    503), and no later group writes any of it."""
+    from phivault.records.store import sql_store
+    from phivault.records.store.ports import RecordStoreUnavailable
+
+    store = sqlite_store
+    monkeypatch.setattr(sql_store, "_WRITER_WAIT_S", 0.3)
+    holding, release = threading.Event(), threading.Event()
+
+    def first(uow: SqlUnitOfWork) -> None:
+        uow.create_many([obs("first")])
+        holding.set()
+        assert release.wait(30)
+
+    thread, first_raised = submit(store, first)
+    assert holding.wait(30)
+    errors = store.write_units([create("late1"), create("late2")])
+    assert all(isinstance(e, RecordStoreUnavailable) for e in errors)
+    assert store._group_pending == []
+    release.set()
+    thread.join(30)
+    assert not first_raised
+    assert not exists(store, "late1") and not exists(store, "late2")

@@ -36,7 +36,7 @@ from phivault.records.repository import (
     RecordNotFound,
     RecordsRepository,
 )
-from phivault.records.store.schema import groups
+from phivault.records.store.schema import groups, idx_date, idx_token
 
 PATIENT_FILE = "sof2019_Kathe_Zieme.json"
 
@@ -239,6 +239,38 @@ async def test_update_delete_history_and_version_checks(kit: Kit, fixtures_dir: 
         await kit.repo.history(me, "Organization", org_id)
 
 
+async def test_id_and_last_updated_are_searched_without_index_rows(
+    kit: Kit, fixtures_dir: Path
+) -> None:
+    """A write stores no index rows for _id and _lastUpdated (searches of them run on the
+    head row); searching them finds the written resource all the same."""
+    patient_id, _, _ = await load_patient(kit, fixtures_dir)
+    writer, me = loader(kit.sink), patient_caller(kit.sink, patient_id)
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": "2026-11-30T01:00:03Z",
+    }
+    created = await kit.repo.create(writer, observation)
+    the_id = created.record.id
+    with kit.stores._opened[0].engine.connect() as conn:
+        for table in (idx_token, idx_date):
+            params = conn.execute(
+                select(table.c.param).where(table.c.resource_id == the_id)
+            ).scalars()
+            assert not set(params) & {"_id", "_lastUpdated"}
+    stamp = created.record.last_updated.strftime("%Y-%m-%dT%H:%M:%S")
+    for query in (f"_id={the_id}", f"_id={the_id}&_lastUpdated=ge{stamp}"):
+        found = await kit.repo.search(me, parse_search("Observation", query))
+        assert [r.id for r in found.matches] == [the_id]
+    later = await kit.repo.search(
+        me, parse_search("Observation", f"_id={the_id}&_lastUpdated=gt2100-01-01")
+    )
+    assert later.matches == []
+
+
 async def test_tampered_ciphertext_is_refused(kit: Kit, fixtures_dir: Path) -> None:
     patient_id, _, _ = await load_patient(kit, fixtures_dir)
     engine = kit.stores._opened[0].engine
@@ -276,7 +308,7 @@ async def test_intents_left_open_by_a_crash_are_reconciled(
         repo = kit.repo
         org = {"resourceType": "Organization", "name": "Acme"}
         real_record = RecordsRepository._record_writes
-        real_commit = RecordsRepository._commit
+        real_commit = RecordsRepository._commit_unit
 
         async def no_outcome(
             self: RecordsRepository, caller: Any, events: Any, **kwargs: Any
@@ -290,15 +322,18 @@ async def test_intents_left_open_by_a_crash_are_reconciled(
             done = await repo.create(writer, org)
 
             # 2. died after the intent, before the commit
-            def crash(self: RecordsRepository, *args: Any, **kwargs: Any) -> None:
-                raise Crash
+            def crash(self: RecordsRepository, *args: Any, **kwargs: Any) -> Any:
+                def unit(uow: Any) -> None:
+                    raise Crash
 
-            RecordsRepository._commit = crash  # type: ignore[method-assign]
+                return unit
+
+            RecordsRepository._commit_unit = crash  # type: ignore[method-assign]
             with pytest.raises(Crash):
                 await repo.create(writer, org)
         finally:
             RecordsRepository._record_writes = real_record  # type: ignore[method-assign]
-            RecordsRepository._commit = real_commit  # type: ignore[method-assign]
+            RecordsRepository._commit_unit = real_commit  # type: ignore[method-assign]
         cursor = tmp_path / "reconciled"
         report = await repo.reconcile(ledger, sink=ledger, cursor=cursor)
         assert (report.committed, report.absent) == (1, 1)

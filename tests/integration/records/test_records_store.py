@@ -110,6 +110,24 @@ def test_version_conflicts_are_precise(store: SqlRecordStore) -> None:
         uow.write(obs("o1", 5), previous=2)  # versions follow each other
 
 
+def test_create_many_of_one_taken_id_is_a_precise_conflict(store: SqlRecordStore) -> None:
+    """A single create (the head inserted unless it exists, no SELECT before) over a taken
+    id: the conflict names the version that holds it."""
+    with store.unit_of_work() as uow:
+        uow.create_many([obs("o1")])
+        uow.write(obs("o1", 2), previous=1)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        with pytest.raises(VersionConflict) as taken:
+            uow.create_many([obs("o1")])
+        assert (taken.value.expected, taken.value.actual) == (None, 2)
+    with store.unit_of_work(read_only=True) as uow:
+        current = uow.read(ResourceKey("t1", "Observation", "o1"))
+        first = uow.vread(ResourceKey("t1", "Observation", "o1"), 1)
+    assert current is not None and current.version == 2
+    assert first is not None and first.groups["clinical"] == b"sealed-o1-1"
+
+
 def test_two_writers_from_the_same_version_cannot_both_win(stores: StoreFactory) -> None:
     a, b = stores.open(), stores.open(migrate=False)
     with a.unit_of_work() as uow:

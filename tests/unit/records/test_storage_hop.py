@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+from typing import Any
 
 import pytest
 
@@ -111,3 +112,64 @@ async def test_a_batched_read_whose_caller_left_is_skipped() -> None:
     dropped.cancel()
     await kept
     assert ran == [1]
+
+
+class _GroupingStore:
+    """A store's write_units seam: records each batch it is given, runs every unit (with no
+    unit of work: the units here ignore it), and returns each one's exception."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.threads: list[int] = []
+
+    def write_units(self, works: list[Any], *, session: str | None = None) -> list[Any]:
+        self.batches.append(len(works))
+        self.threads.append(threading.get_ident())
+        errors: list[Any] = []
+        for work in works:
+            try:
+                work(None)
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
+
+
+async def test_write_units_of_one_turn_go_to_the_store_together_each_with_its_outcome() -> None:
+    from phivault.records.repository import _WriteBatches
+
+    store = _GroupingStore()
+    batches = _WriteBatches(store)  # type: ignore[arg-type]
+    seen: dict[int, str] = {}
+
+    def unit(n: int) -> Any:
+        def work(_uow: object) -> None:
+            seen[n] = _WHO.get()  # each unit runs in its own caller's context
+            if n == 2:
+                raise KeyError("conflict")
+
+        return work
+
+    async def one(n: int) -> None:
+        _WHO.set(f"caller-{n}")
+        await batches.add(unit(n))
+
+    results = await asyncio.gather(*(one(n) for n in range(5)), return_exceptions=True)
+    assert [isinstance(r, KeyError) for r in results] == [False, False, True, False, False]
+    assert seen == {n: f"caller-{n}" for n in range(5)}
+    assert store.batches == [5]  # one hand-off, one call to the store, for the five
+    assert store.threads[0] != threading.get_ident()
+
+
+async def test_a_write_unit_whose_caller_left_before_its_batch_began_is_not_written() -> None:
+    from phivault.records.repository import _WriteBatches
+
+    store = _GroupingStore()
+    batches = _WriteBatches(store)  # type: ignore[arg-type]
+    ran: list[int] = []
+    kept = batches.add(lambda _uow: ran.append(1))
+    dropped = batches.add(lambda _uow: ran.append(2))
+    dropped.cancel()
+    await kept
+    assert ran == [1] and store.batches == [1]

@@ -10,7 +10,7 @@ Why this shape (Cosmic Python's unit of work; docs/decisions/records-storage.md)
   block without :meth:`RecordUnitOfWork.commit` rolls back.
 * Versions are numbered by the caller and checked by the store (compare-and-swap on the
   resource's current version): the caller needs the version and ``lastUpdated`` before it
-  computes the index entries (``_lastUpdated``) and the envelope, and the store guarantees
+  seals the envelope (``meta``), and the store guarantees
   that two writers racing from the same version cannot both win (:class:`VersionConflict`).
 * Read-only units of work name what they read (:class:`ReadClass`): PHI and display reads
   may be served by a streaming replica within a lag bound, authorization state and reads
@@ -419,6 +419,14 @@ class RecordStore(Protocol):
         exception, if it raises, after rolling back what it wrote. The store may commit it
         together with units other threads submit meanwhile (group commit): each is still
         all or nothing on its own, and a unit that fails does not affect the others."""
+        ...
+
+    def write_units(
+        self, works: Sequence[Callable[[RecordUnitOfWork], None]], *, session: str | None = None
+    ) -> list[BaseException | None]:
+        """:meth:`write_unit` of each of ``works``, submitted together by one thread (the
+        store may commit them in one group); each one's exception, or None where it
+        committed, in ``works`` order. Never raises for a unit."""
         ...
 
     def close(self) -> None: ...
