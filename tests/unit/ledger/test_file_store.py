@@ -38,6 +38,23 @@ def test_append_read_scan_and_reopen(data_dir: DataDir) -> None:
     reopened.close()
 
 
+def test_the_writer_writes_evidence_synchronously(data_dir: DataDir) -> None:
+    """The writer's evidence files are open with O_DSYNC: an append is on disk when its
+    write returns (one system call per batch, no separate fdatasync); readers' are not."""
+    import fcntl
+
+    writer = FileLedgerStore(data_dir.ledger_dir, writable=True)
+    reader = FileLedgerStore(data_dir.ledger_dir, writable=False)
+    try:
+        for store, synchronous in ((writer, True), (reader, False)):
+            for file in (store._entries, store._checkpoints_file):
+                flags = fcntl.fcntl(file.fd, fcntl.F_GETFL)
+                assert bool(flags & os.O_DSYNC) is synchronous, file.path.name
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_one_writer_at_a_time_but_readers_alongside(data_dir: DataDir) -> None:
     writer = FileLedgerStore(data_dir.ledger_dir, writable=True)
     writer.append(_leaves(3))
