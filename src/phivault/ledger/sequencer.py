@@ -375,11 +375,13 @@ class _StreamReader:
             # A waiting fetch of many lingers until it has them all or time is up; a trickle of
             # events would wait for the whole time. So wait for one, then take what else is
             # there already.
+            # nats-py raises its own TimeoutError or asyncio's (a fetch whose time ran out
+            # between its two requests): both mean "nothing (more) yet", never a lost consumer.
             msgs = await self._sub.fetch(1, timeout=wait_s)
             if limit > 1:
-                with contextlib.suppress(nats.errors.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     msgs += await self._sub.fetch(limit - 1, timeout=_MORE_WAIT_S)
-        except nats.errors.TimeoutError:
+        except TimeoutError:
             await self._check_quiet()
             return  # nothing new
         except _NATS_ERRORS as exc:
