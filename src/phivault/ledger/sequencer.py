@@ -562,6 +562,7 @@ class Sequencer:
         batch_max: int = 500,
         lock_retry_s: float = 0.5,
         fetch_wait_s: float = 0.25,
+        gather_s: float = 0.01,
         cursor_interval_s: float = 1.0,
         progress_interval_s: float = 10.0,
         client_name: str = "phivault-sequencer",
@@ -581,6 +582,7 @@ class Sequencer:
         self.batch_max = batch_max
         self.lock_retry_s = lock_retry_s
         self.fetch_wait_s = fetch_wait_s
+        self.gather_s = gather_s
         self.cursor_interval_s = cursor_interval_s
         self.progress_interval_s = progress_interval_s
         self._client_name = client_name
@@ -760,6 +762,11 @@ class Sequencer:
                 if batch:
                     await self._append(ledger, batch)
                     progress.lag = reader.pending
+                    if len(batch) < self.batch_max and self.gather_s > 0:
+                        # The stream had no more: let a few milliseconds of events gather
+                        # into the next batch (each batch costs fetches, an INSERT and a
+                        # gather, whatever its size). Workers never wait for the ledger.
+                        await asyncio.sleep(self.gather_s)
                 now = time.monotonic()
                 if now >= cursor_due:
                     await cursor.write(progress.ledger_size, progress.last_applied_seq)
