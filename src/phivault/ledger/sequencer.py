@@ -375,11 +375,13 @@ class _StreamReader:
             # A waiting fetch of many lingers until it has them all or time is up; a trickle of
             # events would wait for the whole time. So wait for one, then take what else is
             # there already.
+            # nats-py raises its own TimeoutError or asyncio's (a fetch whose time ran out
+            # between its two requests): both mean "nothing (more) yet", never a lost consumer.
             msgs = await self._sub.fetch(1, timeout=wait_s)
             if limit > 1:
-                with contextlib.suppress(nats.errors.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     msgs += await self._sub.fetch(limit - 1, timeout=_MORE_WAIT_S)
-        except nats.errors.TimeoutError:
+        except TimeoutError:
             await self._check_quiet()
             return  # nothing new
         except _NATS_ERRORS as exc:
@@ -560,6 +562,7 @@ class Sequencer:
         batch_max: int = 500,
         lock_retry_s: float = 0.5,
         fetch_wait_s: float = 0.25,
+        gather_s: float = 0.01,
         cursor_interval_s: float = 1.0,
         progress_interval_s: float = 10.0,
         client_name: str = "phivault-sequencer",
@@ -579,6 +582,7 @@ class Sequencer:
         self.batch_max = batch_max
         self.lock_retry_s = lock_retry_s
         self.fetch_wait_s = fetch_wait_s
+        self.gather_s = gather_s
         self.cursor_interval_s = cursor_interval_s
         self.progress_interval_s = progress_interval_s
         self._client_name = client_name
@@ -758,6 +762,11 @@ class Sequencer:
                 if batch:
                     await self._append(ledger, batch)
                     progress.lag = reader.pending
+                    if len(batch) < self.batch_max and self.gather_s > 0:
+                        # The stream had no more: let a few milliseconds of events gather
+                        # into the next batch (each batch costs fetches, an INSERT and a
+                        # gather, whatever its size). Workers never wait for the ledger.
+                        await asyncio.sleep(self.gather_s)
                 now = time.monotonic()
                 if now >= cursor_due:
                     await cursor.write(progress.ledger_size, progress.last_applied_seq)

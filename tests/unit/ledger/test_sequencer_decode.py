@@ -137,3 +137,46 @@ def test_an_event_whose_patient_is_not_a_patient_reference_is_refused(patient: o
 def test_an_event_without_a_list_of_agents_is_refused(agents: object) -> None:
     data = canonical_json(_event_doc(agents=agents))
     assert _refused(EVENT, data) == "invalid event fields: agents"
+
+
+class _Metadata:
+    def __init__(self, seq: int) -> None:
+        self.sequence = type("Sequence", (), {"stream": seq})()
+        self.num_pending = 0
+
+
+class _Message:
+    def __init__(self, seq: int) -> None:
+        self.metadata = _Metadata(seq)
+        self.headers = EVENT
+        self.data = canonical_json_of_plain_document(sample_event(seq).to_document())
+
+
+class _Subscription:
+    """A pull subscription whose second fetch of a batch times out with asyncio's own
+    TimeoutError (nats-py raises it when its deadline passes between its two requests)."""
+
+    def __init__(self) -> None:
+        self.fetches = 0
+
+    async def fetch(self, batch: int, timeout: float) -> list[_Message]:
+        self.fetches += 1
+        if self.fetches % 2 == 0:
+            raise TimeoutError  # asyncio.TimeoutError, not nats.errors.TimeoutError
+        return [_Message(self.fetches // 2 + 1)]
+
+
+async def test_a_batch_whose_second_fetch_times_out_keeps_its_message_and_its_consumer() -> None:
+    """Regression: asyncio's TimeoutError from the "take what else is there" fetch used to
+    count as a failed stream read: the message already fetched was dropped, the consumer
+    recreated, and the sequencer slept half a second before reading it again."""
+
+    from phivault.ledger.sequencer import _StdlibLog, _StreamReader
+
+    subscription = _Subscription()
+    reader = _StreamReader(None, "S", 1, _StdlibLog())  # type: ignore[arg-type]
+    reader._sub = subscription  # type: ignore[assignment]
+    first = await reader.take(500, 1.0)
+    second = await reader.take(500, 1.0)
+    assert [m.seq for m in first + second] == [1, 2]
+    assert reader._sub is subscription  # never closed and recreated
