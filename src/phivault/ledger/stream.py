@@ -264,6 +264,9 @@ _STREAM_NOT_FOUND: Final = 10059  # JetStream's error code for "stream not found
 # How long one answer to "does the stream exist?" is trusted, so that an election under load
 # costs one stream info request per interval, not one per waiting publish.
 _STREAM_CHECK_INTERVAL_S: Final = 0.5
+# JetStream answers STREAM.INFO in about a millisecond, but on a loaded machine a short bound
+# can pass unanswered; no answer only means "not known yet": the next check asks again.
+_STREAM_INFO_TIMEOUT_S: Final = 1.0
 
 
 class JetStreamAuditSink:
@@ -487,6 +490,12 @@ class JetStreamAuditSink:
                         f"the connection to NATS was lost while the audit stream {self.stream}"
                         " had no leader"
                     )
+                # Asked again while waiting (at most every _STREAM_CHECK_INTERVAL_S): a slow
+                # first answer, or a stream deleted meanwhile, must not cost the whole wait.
+                if not await self._awaiting_a_leader():
+                    raise LedgerUnavailable(
+                        f"the audit stream {self.stream} did not answer: it does not exist"
+                    )
                 with retry:
                     return await attempt()
         except (nats.errors.Error, OSError, TimeoutError) as exc:
@@ -509,7 +518,9 @@ class JetStreamAuditSink:
         (its metadata leader may be electing too) is not proof of that."""
         try:
             reply = await self._client.request(
-                f"{api.DEFAULT_PREFIX}.STREAM.INFO.{self.stream}", b"", timeout=0.25
+                f"{api.DEFAULT_PREFIX}.STREAM.INFO.{self.stream}",
+                b"",
+                timeout=_STREAM_INFO_TIMEOUT_S,
             )
             answer = orjson.loads(reply.data)
         except (nats.errors.Error, OSError, TimeoutError, orjson.JSONDecodeError):
