@@ -41,7 +41,6 @@ from _read_cpu import _start_py_spy, call  # noqa: E402
 from fhir_bench import Tokens, bundle_files, make_data_dir, observation  # noqa: E402
 from fhir_bench_server import _factory, settings_for  # noqa: E402
 
-
 THREAD_TIMES: Counter[str] = Counter()  # seconds spent in the store's groups, per thread clock
 
 
@@ -99,6 +98,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     source = StaticKeySource({issuer["kid"]: jwk.import_key(issuer["jwk"])})  # type: ignore[dict-item]
     shares = json.loads((work / "shares.json").read_text())["shares"]
     settings = settings_for("production", data)
+    if args.ledger_window:  # an experiment: the ledger's group commit gathers this long
+        ledger = settings.ledger.model_copy(update={"group_commit_window_s": args.ledger_window})
+        settings = settings.model_copy(update={"ledger": ledger})
     open_service = _factory("phivault.api.serve:open_service")
     companions, patients = bundle_files(1)
     async with open_service(
@@ -108,7 +110,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for file in [*companions, *patients[:1]]:
             bundle = json.loads(file.read_bytes())
             add_conditional_creates(bundle)
-            status, answer = await call(app, "POST", "/fhir", tokens.loader(), json.dumps(bundle).encode())
+            body = json.dumps(bundle).encode()
+            status, answer = await call(app, "POST", "/fhir", tokens.loader(), body)
             if status != 200:
                 raise SystemExit(f"load failed: {status} {answer[:300]!r}")
             for entry in json.loads(answer).get("entry", []):
@@ -209,6 +212,9 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=64, help="closed loop (--rate 0)")
     parser.add_argument(
         "--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (s) to try"
+    )
+    parser.add_argument(
+        "--ledger-window", type=float, default=0.0, help="ledger.group_commit_window_s to try"
     )
     parser.add_argument("--profile", help="write cProfile stats of the measured part here")
     parser.add_argument("--py-spy", help="sample the measured part with py-spy into this file")

@@ -1661,7 +1661,10 @@ class RecordsRepository:
                 await caller.audit.record(event)
 
         try:
-            await asyncio.gather(*(one(item) for item in events))
+            if len(events) == 1:  # a write of one patient's records: no task for gather
+                await one(events[0])
+            else:
+                await asyncio.gather(*(one(item) for item in events))
         except Exception:
             if not fail_quietly:
                 raise
