@@ -1661,7 +1661,10 @@ class RecordsRepository:
                 await caller.audit.record(event)
 
         try:
-            await asyncio.gather(*(one(item) for item in events))
+            if len(events) == 1:  # a write of one patient's records: no task for gather
+                await one(events[0])
+            else:
+                await asyncio.gather(*(one(item) for item in events))
         except Exception:
             if not fail_quietly:
                 raise
@@ -1951,23 +1954,24 @@ class _ReadBatches:
 
 
 class _WriteBatches:
-    """The write units that one turn of the event loop commits, handed to one storage thread
-    together (:meth:`RecordStore.write_units`), their futures settled by one
-    ``call_soon_threadsafe``. Concurrent creates reach their commit together (their intents
-    were recorded by one group commit of the ledger), and SQLite writes them as one group
-    anyway: one thread waiting for the group, instead of one per write, each woken apart.
+    """The write units of an event loop, handed to one storage thread at a time
+    (:meth:`RecordStore.write_units`), their futures settled by one ``call_soon_threadsafe``.
+    Concurrent creates reach their commit together (their intents were recorded by one group
+    commit of the ledger), and SQLite writes them as one group anyway: one thread waiting for
+    the group, instead of one per write, each woken apart.
+
+    While a batch is on its thread, the units that come meanwhile wait on the loop and go
+    together as the next batch when it is done: they would wait for its group at the store
+    anyway, and each batch costs a thread hand-off, so at a paced rate (one create a turn of
+    the loop) a hand-off serves a whole group instead of each create (records-group-commit.md).
 
     Every unit runs in its caller's context; one that fails fails only its caller; a
     caller that left before its batch began is skipped (nothing of it is written)."""
 
     def __init__(self, store: RecordStore) -> None:
         self._store = store
-        self._pending: dict[
-            asyncio.AbstractEventLoop,
-            list[
-                tuple[Callable[[RecordUnitOfWork], None], asyncio.Future[None], contextvars.Context]
-            ],
-        ] = {}
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
+        self._writing: set[asyncio.AbstractEventLoop] = set()  # a batch is on a thread
 
     def add(self, unit: Callable[[RecordUnitOfWork], None]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -1975,22 +1979,28 @@ class _WriteBatches:
         pending = self._pending.get(loop)
         if pending is None:
             pending = self._pending[loop] = []
-            loop.call_soon(self._flush, loop)
+            if loop not in self._writing:  # else the batch in flight sends it when done
+                loop.call_soon(self._flush, loop)
         pending.append((unit, future, contextvars.copy_context()))
         return future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._pending.pop(loop, [])
         if batch:
+            self._writing.add(loop)
             _storage_executor(os.getpid()).submit(self._write, loop, batch)
 
-    def _write(
+    def _written(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[
-            tuple[Callable[[RecordUnitOfWork], None], asyncio.Future[None], contextvars.Context]
-        ],
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
     ) -> None:
+        """On the loop: settle a batch's futures, then send the units that came meanwhile."""
+        self._writing.discard(loop)
+        settle_all(outcomes)
+        self._flush(loop)
+
+    def _write(self, loop: asyncio.AbstractEventLoop, batch: list[_Unit]) -> None:
         """On a storage thread: write the batch's units, then settle their futures."""
         live = [
             (unit, future, context) for unit, future, context in batch if not future.cancelled()
@@ -2000,11 +2010,15 @@ class _WriteBatches:
             errors = self._store.write_units(works)
         except BaseException as exc:  # not a unit's own failure: every one of them fails
             errors = [exc] * len(live)
-        outcomes = [
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
             (future, None, error) for (_, future, _), error in zip(live, errors, strict=True)
         ]
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-            loop.call_soon_threadsafe(settle_all, outcomes)
+            loop.call_soon_threadsafe(self._written, loop, outcomes)
+
+
+#: A write unit waiting for its batch: the unit, its caller's future and context.
+_Unit = tuple[Callable[[RecordUnitOfWork], None], asyncio.Future[None], contextvars.Context]
 
 
 def _in_context(

@@ -173,3 +173,37 @@ async def test_a_write_unit_whose_caller_left_before_its_batch_began_is_not_writ
     dropped.cancel()
     await kept
     assert ran == [1] and store.batches == [1]
+
+
+async def test_write_units_that_come_while_a_batch_is_written_go_together_after_it() -> None:
+    from phivault.records.repository import _WriteBatches
+
+    release = threading.Event()
+
+    class _SlowStore(_GroupingStore):
+        def write_units(self, works: list[Any], *, session: str | None = None) -> list[Any]:
+            if not self.batches:
+                release.wait(10)  # the first batch is still on its thread
+            return super().write_units(works, session=session)
+
+    store = _SlowStore()
+    batches = _WriteBatches(store)  # type: ignore[arg-type]
+    ran: list[int] = []
+
+    def failing(_uow: object) -> None:
+        raise KeyError("conflict")
+
+    first = batches.add(lambda _uow: ran.append(0))
+    await asyncio.sleep(0.05)  # the first batch is on its thread, waiting
+    later = [batches.add(lambda _uow, n=n: ran.append(n)) for n in (1, 2)]
+    await asyncio.sleep(0)
+    later.append(batches.add(failing))
+    await asyncio.sleep(0.05)
+    assert store.batches == []  # nothing more went to a thread meanwhile
+    release.set()
+    await first
+    await asyncio.gather(*later[:2])
+    with pytest.raises(KeyError):
+        await later[2]
+    assert ran == [0, 1, 2]
+    assert store.batches == [1, 3]  # one hand-off for the three that came meanwhile
