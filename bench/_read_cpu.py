@@ -14,11 +14,14 @@ companion bundle and one Synthea patient are loaded through the app; then ``GET
   (one transaction each, after the warm-up patient); the figure is per loaded resource;
   ``--load-concurrency K`` keeps K bundles in flight (as ``fhir_bench.py`` loads);
 * ``--profile OUT.prof``: the measured part under cProfile;
+* ``--rate R``: open loop instead of ``--concurrency`` busy tasks: request k is due at
+  ``start + k/R`` and sent then, answered or not; latency counts from its due time (as
+  ``fhir_bench_client.py``'s ``rate``); adds ``rate`` and ``achieved_per_s`` to the figures;
 * ``--py-spy OUT.txt``: the measured part sampled by py-spy (``PY_SPY=...`` names the
   binary), folded stacks of the thread holding the GIL.
 
     python bench/_read_cpu.py [--reads 4000] [--concurrency 16]
-                              [--search | --whoami | --create | --load N]
+                              [--search | --whoami | --create | --load N] [--rate R]
 
 The last line is JSON: ``reads``, ``cpu_ms_per_read``, ``wall_ms_per_read``, ``reads_per_cpu_s``,
 and each request's ``p50_ms`` and ``p99_ms`` (``--load``: per resource instead, no percentiles).
@@ -207,6 +210,31 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 if status != created:
                     raise SystemExit(f"{method} failed: {status} {answer[:300]!r}")
 
+        async def paced(n: int, rate: float) -> None:
+            """Open loop: request k is due at start + k/rate, whether or not the earlier ones
+            have been answered; its latency counts from when it was due."""
+            start = time.perf_counter()
+            in_flight: set[asyncio.Task[None]] = set()
+
+            async def one(k: int, due: float) -> None:
+                path = paths[(k * 7) % len(paths)]
+                body = observation(patient, next(serial)).encode() if args.create else b""
+                status, answer = await call(app, method, path, token, body, query=query)
+                latencies.append(time.perf_counter() - due)
+                if status != created:
+                    raise SystemExit(f"{method} failed: {status} {answer[:300]!r}")
+
+            for k in range(n):
+                due = start + k / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(one(k, due))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            while in_flight:
+                await asyncio.gather(*in_flight)
+
         per_task = max(1, args.reads // args.concurrency)
         await asyncio.gather(*(reader(50, k * 7) for k in range(args.concurrency)))  # warm up
         latencies.clear()
@@ -215,7 +243,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        await asyncio.gather(*(reader(per_task, k * 7) for k in range(args.concurrency)))
+        if args.rate:
+            await paced(args.reads, args.rate)
+        else:
+            await asyncio.gather(*(reader(per_task, k * 7) for k in range(args.concurrency)))
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
@@ -223,17 +254,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if sampler is not None:
             sampler.send_signal(signal.SIGINT)
             sampler.wait(60)
-        reads = per_task * args.concurrency
+        reads = args.reads if args.rate else per_task * args.concurrency
         latencies.sort()
-    return {
+    figures: dict[str, Any] = {
         "reads": reads,
         "cpu_ms_per_read": round(1000 * cpu / reads, 3),
         "wall_ms_per_read": round(1000 * wall / reads, 3),
         "reads_per_cpu_s": round(reads / cpu, 1),
-        # each request's own wall time with --concurrency in flight (a closed loop)
+        # closed loop: each request's own wall time with --concurrency in flight;
+        # open loop (--rate): from when the request was due
         "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
         "p99_ms": round(1000 * latencies[len(latencies) * 99 // 100], 2),
     }
+    if args.rate:
+        figures["rate"] = args.rate
+        figures["achieved_per_s"] = round(reads / wall, 1)
+    return figures
 
 
 if __name__ == "__main__":
@@ -263,6 +299,14 @@ if __name__ == "__main__":
         default=1,
         metavar="K",
         help="--load: bundles in flight at once (default 1, one after the other)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="open loop: request k due at start + k/R (latency from its due time); "
+        "--concurrency then only sizes the warm-up",
     )
     parser.add_argument("--py-spy", help="sample the measured reads with py-spy into this file")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))

@@ -41,8 +41,8 @@ def run_and_settle(
 
 
 def settle(future: asyncio.Future[_T], result: _T | None, exc: BaseException | None) -> None:
-    """On the loop: give ``future`` its outcome, unless its caller left."""
-    if future.cancelled():
+    """On the loop: give ``future`` its outcome, unless its caller left (or it has one)."""
+    if future.done():
         return
     if exc is not None:
         future.set_exception(exc)

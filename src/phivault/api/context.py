@@ -135,11 +135,11 @@ class AuditContext:
         purpose_of_use: tuple[str, ...] | None,
         break_glass_grant: str | None,
     ) -> AuditEvent:
-        return AuditEvent(
+        return AuditEvent.checked(
             kind=kind,
             subtype=subtype,
             action=action,
-            recorded=datetime.fromtimestamp(self.clock(), UTC),
+            recorded=_instant(self.clock()),
             outcome=outcome,
             outcome_reason=outcome_reason,
             tenant=self.principal.tenant,
@@ -181,6 +181,13 @@ def _agent(
         network_address=network_address,
         purpose_of_use=purpose_of_use,
     )
+
+
+def _instant(timestamp: float) -> datetime:
+    """``timestamp`` in UTC, cut to whole milliseconds as an event's validation cuts it
+    (:meth:`AuditEvent.checked` then takes it as it is)."""
+    instant = datetime.fromtimestamp(timestamp, UTC)
+    return instant.replace(microsecond=instant.microsecond // 1000 * 1000)
 
 
 @lru_cache(maxsize=64)

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -1919,6 +1920,10 @@ async def _reading(work: Callable[[], _T]) -> _T:
     return await future
 
 
+# A point read waiting for a storage thread: the work, its caller's future and context.
+_BatchedRead = tuple[Callable[[], Any], "asyncio.Future[Any]", contextvars.Context]
+
+
 class _ReadBatches:
     """The point reads that one turn of the event loop asks for, run by one storage thread
     one after another, their futures settled by one ``call_soon_threadsafe``.
@@ -1929,13 +1934,19 @@ class _ReadBatches:
     for SQLite, whose point reads take a few hundred microseconds under the GIL either way;
     reads over a network (PostgreSQL) each keep their own thread. Every read runs in its
     caller's context; one that fails fails only its caller; a caller that left before its
-    read began is skipped."""
+    read began is skipped.
+
+    While a loop's batch runs, the batches of later turns queue behind it and the same
+    thread drains them (:meth:`_drain`): reads arriving spread out (an open loop) would
+    otherwise each wake a thread of their own, and those threads would queue for the GIL
+    beside the event loop (``docs/decisions/read-path-cpu.md``)."""
 
     def __init__(self) -> None:
-        self._pending: dict[
-            asyncio.AbstractEventLoop,
-            list[tuple[Callable[[], Any], asyncio.Future[Any], contextvars.Context]],
-        ] = {}
+        self._pending: dict[asyncio.AbstractEventLoop, list[_BatchedRead]] = {}
+        # Per loop with a draining thread: the reads handed over that it has not taken yet.
+        # The loop adds to it and the thread takes from it, both under the lock.
+        self._queued: dict[asyncio.AbstractEventLoop, list[_BatchedRead]] = {}
+        self._lock = threading.Lock()
 
     def add(self, work: Callable[[], _T]) -> asyncio.Future[_T]:
         loop = asyncio.get_running_loop()
@@ -1949,8 +1960,41 @@ class _ReadBatches:
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._pending.pop(loop, [])
-        if batch:
-            _storage_executor(os.getpid()).submit(_run_batch, loop, batch)
+        if not batch:
+            return
+        with self._lock:
+            queued = self._queued.get(loop)
+            if queued is not None:  # a thread is draining this loop's reads: it takes these
+                queued.extend(batch)
+                return
+            self._queued[loop] = []
+        try:
+            _storage_executor(os.getpid()).submit(self._drain, loop, batch)
+        except BaseException:
+            with self._lock:
+                del self._queued[loop]
+            raise
+
+    def _drain(self, loop: asyncio.AbstractEventLoop, batch: list[_BatchedRead]) -> None:
+        """On a storage thread: run ``batch``, then whatever queued meanwhile, until none."""
+        try:
+            while True:
+                _run_batch(loop, batch)
+                with self._lock:
+                    batch = self._queued[loop]
+                    if not batch:
+                        del self._queued[loop]
+                        return
+                    self._queued[loop] = []
+        except BaseException as exc:  # not a read's own failure (that goes to its caller):
+            # the reads of this batch and those queued behind it fail with it
+            with self._lock:
+                left = self._queued.pop(loop, [])
+            failed: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+            failed = [(future, None, exc) for _, future, _ in (*batch, *left)]
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                loop.call_soon_threadsafe(settle_all, failed)
+            raise
 
 
 class _WriteBatches:
@@ -2027,10 +2071,7 @@ def _in_context(
     context.run(unit, uow)
 
 
-def _run_batch(
-    loop: asyncio.AbstractEventLoop,
-    batch: list[tuple[Callable[[], Any], asyncio.Future[Any], contextvars.Context]],
-) -> None:
+def _run_batch(loop: asyncio.AbstractEventLoop, batch: list[_BatchedRead]) -> None:
     """On a storage thread: each read of ``batch`` in its caller's context, then settle."""
     outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
     for work, future, context in batch:

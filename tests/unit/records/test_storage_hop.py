@@ -207,3 +207,58 @@ async def test_write_units_that_come_while_a_batch_is_written_go_together_after_
         await later[2]
     assert ran == [0, 1, 2]
     assert store.batches == [1, 3]  # one hand-off for the three that came meanwhile
+
+
+async def test_reads_of_later_turns_queue_behind_a_running_batch_and_its_thread_takes_them() -> (
+    None
+):
+    from phivault.records.repository import _ReadBatches
+
+    batches = _ReadBatches()
+    release = threading.Event()
+    threads: list[int] = []
+
+    def read(n: int) -> int:
+        threads.append(threading.get_ident())
+        if n == 0:
+            release.wait(5)  # the first batch is still running while the others arrive
+        return n
+
+    first = batches.add(lambda: read(0))
+    later = []
+    for n in range(1, 4):
+        await asyncio.sleep(0.01)  # a later turn of the loop: a batch of its own
+        later.append(batches.add(lambda n=n: read(n)))
+    release.set()
+    assert await first == 0
+    assert await asyncio.gather(*later) == [1, 2, 3]
+    assert len(set(threads)) == 1  # one thread drained the queued batches
+    assert await batches.add(lambda: read(4)) == 4  # and a read after the drain is served
+
+
+async def test_queued_reads_fail_with_their_drainer_instead_of_waiting_forever(
+    monkeypatch: Any,
+) -> None:
+    from phivault.records import repository
+
+    batches = repository._ReadBatches()
+    running = threading.Event()
+    release = threading.Event()
+    real_run_batch = repository._run_batch
+
+    def failing_run_batch(loop: Any, batch: Any) -> None:
+        running.set()
+        release.wait(5)
+        raise MemoryError("the drainer itself failed")
+
+    monkeypatch.setattr(repository, "_run_batch", failing_run_batch)
+    first = batches.add(lambda: 1)
+    await asyncio.to_thread(running.wait, 5)
+    queued = batches.add(lambda: 2)
+    await asyncio.sleep(0.01)  # flushed into the running drainer's queue
+    release.set()
+    for waiting in (first, queued):
+        with pytest.raises(MemoryError):
+            await asyncio.wait_for(waiting, 5)
+    monkeypatch.setattr(repository, "_run_batch", real_run_batch)
+    assert await batches.add(lambda: 3) == 3  # the next read starts a new drainer
