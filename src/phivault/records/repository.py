@@ -2030,9 +2030,14 @@ class _WriteBatches:
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._pending.pop(loop, [])
-        if batch:
-            self._writing.add(loop)
+        if not batch:
+            return
+        self._writing.add(loop)
+        try:
             _storage_executor(os.getpid()).submit(self._write, loop, batch)
+        except BaseException as exc:  # (the executor is shut down): these fail, later ones try
+            self._writing.discard(loop)
+            settle_all([(future, None, exc) for _, future, _ in batch])
 
     def _written(
         self,
@@ -2049,14 +2054,17 @@ class _WriteBatches:
         live = [
             (unit, future, context) for unit, future, context in batch if not future.cancelled()
         ]
-        works = [functools.partial(_in_context, context, unit) for unit, _, context in live]
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         try:
+            works = [functools.partial(_in_context, context, unit) for unit, _, context in live]
             errors = self._store.write_units(works)
+            outcomes = [
+                (future, None, error) for (_, future, _), error in zip(live, errors, strict=True)
+            ]
         except BaseException as exc:  # not a unit's own failure: every one of them fails
-            errors = [exc] * len(live)
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
-            (future, None, error) for (_, future, _), error in zip(live, errors, strict=True)
-        ]
+            outcomes = [(future, None, exc) for _, future, _ in live]
+        # Always handed back, whatever happened above: until it is, the loop's later writes
+        # wait for this batch (_writing), and would wait for ever.
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
             loop.call_soon_threadsafe(self._written, loop, outcomes)
 

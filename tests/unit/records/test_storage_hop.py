@@ -209,6 +209,26 @@ async def test_write_units_that_come_while_a_batch_is_written_go_together_after_
     assert store.batches == [1, 3]  # one hand-off for the three that came meanwhile
 
 
+async def test_a_batch_that_breaks_the_store_fails_its_units_and_later_writes_go_on() -> None:
+    """A store that answers a batch wrongly (here: too few outcomes) fails that batch's
+    callers; the loop's later writes are not left waiting behind it."""
+    from phivault.records.repository import _WriteBatches
+
+    class _BrokenOnceStore(_GroupingStore):
+        def write_units(self, works: list[Any], *, session: str | None = None) -> list[Any]:
+            outcomes = super().write_units(works, session=session)
+            return outcomes[:-1] if len(self.batches) == 1 else outcomes
+
+    store = _BrokenOnceStore()
+    batches = _WriteBatches(store)  # type: ignore[arg-type]
+    broken = [batches.add(lambda _uow: None) for _ in range(2)]
+    for future in broken:
+        with pytest.raises(ValueError):
+            await future
+    await asyncio.wait_for(batches.add(lambda _uow: None), 5)
+    assert store.batches == [2, 1]
+
+
 async def test_reads_of_later_turns_queue_behind_a_running_batch_and_its_thread_takes_them() -> (
     None
 ):
@@ -229,6 +249,7 @@ async def test_reads_of_later_turns_queue_behind_a_running_batch_and_its_thread_
     for n in range(1, 4):
         await asyncio.sleep(0.01)  # a later turn of the loop: a batch of its own
         later.append(batches.add(lambda n=n: read(n)))
+    await asyncio.sleep(0.01)  # the last one flushed into the queue too, before the release
     release.set()
     assert await first == 0
     assert await asyncio.gather(*later) == [1, 2, 3]
