@@ -563,9 +563,22 @@ def date_range(value: str, *, path: str = "date") -> DateRange:
     ``2015`` is all of 2015; ``2015-11-13T14:25:45+05:30`` is that second. Dates without a
     time zone (and dates alone) are taken as UTC. Raises :class:`InvalidInput` naming ``path``.
     """
-    match = _DATE_RE.match(value.strip()) if isinstance(value, str) else None
-    if match is None:
+    if not isinstance(value, str):
         raise InvalidInput("not a FHIR date, dateTime or instant", path=path)
+    # Remembered (every entry of a bundle carries the same meta.lastUpdated, and clinical
+    # dates repeat within a patient), but only for values of a date's size: a long string
+    # in the cache would hold memory for nothing.
+    found = _remembered_date_range(value) if len(value) <= 64 else _date_range(value)
+    if isinstance(found, DateRange):
+        return found
+    raise InvalidInput(found, path=path)
+
+
+def _date_range(value: str) -> DateRange | str:
+    """:func:`date_range`'s answer, or why it has none."""
+    match = _DATE_RE.match(value.strip())
+    if match is None:
+        return "not a FHIR date, dateTime or instant"
     g = match.groupdict()
     try:
         tz = UTC
@@ -601,7 +614,10 @@ def date_range(value: str, *, path: str = "date") -> DateRange:
             step = timedelta(minutes=1)
         return DateRange(low, low + step)
     except (ValueError, OverflowError):
-        raise InvalidInput("not a valid calendar date or time", path=path) from None
+        return "not a valid calendar date or time"
+
+
+_remembered_date_range: Final = functools.lru_cache(maxsize=4096)(_date_range)
 
 
 def _dates_of(value: Any, path: str) -> Iterator[DateRange]:

@@ -320,3 +320,17 @@ def test_index_entries_match_the_walk_by_parameter_and_path(
                 for value in _values(resource, path.split(".")):
                     expected.extend(_entries(param, value, f"{kind}.{path}", tokens))
         assert index_entries(resource, tokens) == list(dict.fromkeys(expected))
+
+
+def test_date_range_answers_the_same_when_remembered_and_names_each_callers_path() -> None:
+    """date_range remembers its answers (bundles repeat their dates): a repeated value gives
+    the same range, and a repeated bad value is refused again, naming this caller's path."""
+    first = date_range("2015-11-13T14:25:45+05:30")
+    assert date_range("2015-11-13T14:25:45+05:30") == first
+    for path in ("a.date", "b.period.start"):
+        with pytest.raises(InvalidInput) as refused:
+            date_range("2015-02-30", path=path)
+        assert refused.value.path == path
+    # a long string is not remembered, and is refused all the same
+    with pytest.raises(InvalidInput):
+        date_range("2015" + " " * 100 + "x")
