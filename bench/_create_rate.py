@@ -28,7 +28,6 @@ import json
 import resource
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,9 +36,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _read_cpu import _start_py_spy, call  # noqa: E402
-from fhir_bench import Tokens, bundle_files, make_data_dir, observation  # noqa: E402
-from fhir_bench_server import _factory, settings_for  # noqa: E402
+from _read_cpu import _start_py_spy, call, production_service  # noqa: E402
+from fhir_bench import bundle_files, observation  # noqa: E402
 
 THREAD_TIMES: Counter[str] = Counter()  # seconds spent in the store's groups, per thread clock
 
@@ -82,30 +80,21 @@ def _summary(groups: Counter[int]) -> dict[str, float]:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    from joserfc import jwk
-
     from phivault.api.serve import tune_for_serving
     from phivault.cli.load import add_conditional_creates
-    from phivault.datadir import DataDir
-    from phivault.identity.jwks import StaticKeySource
 
     store_groups, ledger_groups = _count_groups()
-    work = Path(tempfile.mkdtemp(prefix="create-rate-"))
-    data = work / "data"
-    make_data_dir(data, work / "shares.json")
-    tokens = Tokens(work / "issuer.json")
-    issuer = json.loads((work / "issuer.json").read_text())
-    source = StaticKeySource({issuer["kid"]: jwk.import_key(issuer["jwk"])})  # type: ignore[dict-item]
-    shares = json.loads((work / "shares.json").read_text())["shares"]
-    settings = settings_for("production", data)
-    if args.ledger_window:  # an experiment: the ledger's group commit gathers this long
+
+    def configure(settings: Any) -> Any:
+        if not args.ledger_window:
+            return settings
+        # an experiment: the ledger's group commit gathers this long
         ledger = settings.ledger.model_copy(update={"group_commit_window_s": args.ledger_window})
-        settings = settings.model_copy(update={"ledger": ledger})
-    open_service = _factory("phivault.api.serve:open_service")
+        return settings.model_copy(update={"ledger": ledger})
+
+    tokens, service = production_service("create-rate-", configure)
     companions, patients = bundle_files(1)
-    async with open_service(
-        settings, DataDir.open(data), key_sources={issuer["issuer"]: source}, unseal_shares=shares
-    ) as app:
+    async with service as app:
         patient = ""
         for file in [*companions, *patients[:1]]:
             bundle = json.loads(file.read_bytes())

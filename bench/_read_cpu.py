@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,27 +109,40 @@ def _start_py_spy(out: str) -> subprocess.Popen[bytes]:
     return sampler
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
+def production_service(
+    prefix: str, configure: Callable[[Any], Any] = lambda settings: settings
+) -> tuple[Tokens, Any]:
+    """The real service on a fresh data directory made as ``phivault init`` makes a production
+    one (the key ring unsealed with shares, as ``bench/fhir_bench_server.py`` builds it), and
+    the tokens of its issuer. ``configure`` may change the settings (experiments). Returns
+    the tokens and the service's async context manager (it yields the ASGI app)."""
     from joserfc import jwk
 
-    from phivault.api.serve import tune_for_serving
-    from phivault.cli.load import add_conditional_creates
     from phivault.datadir import DataDir
     from phivault.identity.jwks import StaticKeySource
 
-    work = Path(tempfile.mkdtemp(prefix="read-cpu-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     data = work / "data"
     make_data_dir(data, work / "shares.json")
     tokens = Tokens(work / "issuer.json")
     issuer = json.loads((work / "issuer.json").read_text())
     source = StaticKeySource({issuer["kid"]: jwk.import_key(issuer["jwk"])})  # type: ignore[dict-item]
     shares = json.loads((work / "shares.json").read_text())["shares"]
-    settings = settings_for("production", data)
+    settings = configure(settings_for("production", data))
     open_service = _factory("phivault.api.serve:open_service")
-    companions, patients = bundle_files(1 + args.load if args.load else 1)
-    async with open_service(
+    service = open_service(
         settings, DataDir.open(data), key_sources={issuer["issuer"]: source}, unseal_shares=shares
-    ) as app:
+    )
+    return tokens, service
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    from phivault.api.serve import tune_for_serving
+    from phivault.cli.load import add_conditional_creates
+
+    tokens, service = production_service("read-cpu-")
+    companions, patients = bundle_files(1 + args.load if args.load else 1)
+    async with service as app:
         loader = tokens.loader()
         observations: list[str] = []
         patient = ""
