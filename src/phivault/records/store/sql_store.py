@@ -1003,7 +1003,7 @@ class SqlUnitOfWork:
         for resource_type in resource_types:
             _check_type(resource_type)
         conn = self._writable()
-        if conn.dialect.name != "postgresql" or not resource_types:
+        if not self._postgres or not resource_types:
             return  # SQLite: one writer at a time
         with self._translate("serialize conditional writes"):
             schema = conn.info.get(_SCHEMA_INFO)
