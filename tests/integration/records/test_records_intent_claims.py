@@ -34,7 +34,8 @@ from phivault.api.problems import problem_for
 from phivault.datadir import DataDir
 from phivault.ledger.events import AuditEvent, EventKind
 from phivault.ledger.service import Ledger, initialize_ledger, open_ledger
-from phivault.records.repository import RecordsRepository, TransactionConflict, http_status
+from phivault.records.errors import TransactionConflict, http_status
+from phivault.records.repository import RecordsRepository
 from phivault.records.store import (
     IntentSettled,
     ReadClass,
