@@ -45,11 +45,11 @@ THREAD_TIMES: Counter[str] = Counter()  # seconds spent in the store's groups, p
 def _count_groups() -> tuple[Counter[int], Counter[int]]:
     """Sizes of the store's SQLite groups and of the ledger's group commits, as they happen."""
     from phivault.ledger.service import Ledger
-    from phivault.records.store.sql_store import SqlRecordStore
+    from phivault.records.store.group_commit import GroupCommit
 
     store_groups: Counter[int] = Counter()
     ledger_groups: Counter[int] = Counter()
-    write_group = SqlRecordStore._write_group
+    write_group = GroupCommit._write_group
     appended = Ledger._appended
 
     def counted_group(self: Any, batch: list[Any]) -> None:
@@ -63,7 +63,7 @@ def _count_groups() -> tuple[Counter[int], Counter[int]]:
         ledger_groups[len(leaves)] += 1
         return appended(self, loop, leaves)
 
-    SqlRecordStore._write_group = counted_group  # type: ignore[method-assign]
+    GroupCommit._write_group = counted_group  # type: ignore[method-assign]
     Ledger._appended = counted_append  # type: ignore[method-assign]
     return store_groups, ledger_groups
 

@@ -59,10 +59,10 @@ def _instrument() -> None:
     import phivault.api.serve as serve
     import phivault.crypto.elements as elements
     import phivault.records.repository as repository
-    import phivault.records.store.sql_store as sql_store
+    import phivault.records.store.unit_of_work as unit_of_work
 
     repo = repository.RecordsRepository
-    unit = sql_store.SqlUnitOfWork
+    unit = unit_of_work.SqlUnitOfWork
     for owner, name, label in (
         (repository, "plan_transaction", "plan_transaction (worker thread)"),
         (repo, "_resolve", "conditional lookups (planning and the commit's re-check)"),
@@ -77,8 +77,8 @@ def _instrument() -> None:
         (repo, "_write_events", "_write_events"),
         (repo, "_commit", "_commit (worker thread)"),
         (unit, "create_many", "_commit > create_many"),
-        (sql_store, "_bulk_insert", "_commit > create_many > group rows"),
-        (sql_store, "_bulk_insert_tuples", "_commit > create_many > index rows"),
+        (unit_of_work, "_bulk_insert", "_commit > create_many > group rows"),
+        (unit_of_work, "_bulk_insert_tuples", "_commit > create_many > index rows"),
         (unit, "commit", "_commit > COMMIT"),
         (routes, "transaction_response", "transaction_response"),
     ):

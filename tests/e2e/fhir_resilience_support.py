@@ -22,7 +22,7 @@ from phivault.identity.principal import Role
 from phivault.identity.scopes import parse_scopes
 from phivault.ledger.ports import AuditSink
 from phivault.ledger.service import open_ledger_readonly
-from phivault.records.repository import Caller
+from phivault.records.results import Caller
 from phivault.records.testing import FixedCallerTrail
 from phivault.settings import Settings
 

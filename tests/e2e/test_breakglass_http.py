@@ -40,7 +40,8 @@ from phivault.crypto.providers.sealed import SealedLocalProvider
 from phivault.identity.testing import FakeIssuer
 from phivault.ledger.events import EventKind, Outcome
 from phivault.ledger.testing import InMemoryAuditSink
-from phivault.records.repository import Caller, RecordsRepository
+from phivault.records.repository import RecordsRepository
+from phivault.records.results import Caller
 from phivault.records.store import SqlRecordStore
 from phivault.settings import AccessSettings, ApiSettings, IdentitySettings, Settings
 

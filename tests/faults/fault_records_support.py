@@ -40,7 +40,9 @@ from phivault.ledger.file_store import FileLedgerStore
 from phivault.ledger.note import NoteVerifier
 from phivault.ledger.service import Ledger, initialize_ledger, open_ledger, signer_path
 from phivault.ledger.verify import VerificationReport, verify_ledger
-from phivault.records.repository import Caller, RecordsRepository, http_status
+from phivault.records.errors import http_status
+from phivault.records.repository import RecordsRepository
+from phivault.records.results import Caller
 from phivault.records.store import ResourceKey, SqlRecordStore
 from phivault.records.testing import FixedCallerTrail
 

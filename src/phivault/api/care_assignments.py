@@ -15,7 +15,8 @@ from phivault.access.decision import AccessContext
 from phivault.api.context import AuditCtx, CurrentPrincipal
 from phivault.api.fhir import FhirRoute
 from phivault.api.problems import ServiceUnavailable
-from phivault.records.repository import Caller, RecordsRepository
+from phivault.records.repository import RecordsRepository
+from phivault.records.results import Caller
 
 __all__ = ["care_assignments_router"]
 

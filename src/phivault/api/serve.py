@@ -296,7 +296,8 @@ async def open_service(
     from phivault.crypto import open_keyring
     from phivault.records.audit_events import AuditEventReader
     from phivault.records.reconciler import IntentReconciler
-    from phivault.records.repository import RecordControls, RecordsRepository
+    from phivault.records.repository import RecordsRepository
+    from phivault.records.results import RecordControls
     from phivault.resilience import Breakers
 
     records = settings.records

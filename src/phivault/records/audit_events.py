@@ -28,7 +28,8 @@ from phivault.identity.scopes import Permission
 from phivault.ledger.access_report import build_access_report
 from phivault.ledger.events import Action, AuditEvent, Entity, EventKind, Outcome
 from phivault.ledger.fhir import audit_event_to_fhir
-from phivault.records.repository import AccessDenied, Caller, RecordNotFound
+from phivault.records.errors import AccessDenied, RecordNotFound
+from phivault.records.results import Caller
 from phivault.records.search_params import DateRange, date_range
 
 if TYPE_CHECKING:

@@ -27,7 +27,8 @@ from phivault.pg_advisory import advisory_key
 
 if TYPE_CHECKING:
     from phivault.ledger.ports import AuditSink, LedgerReader
-    from phivault.records.repository import ReconcileReport, RecordsRepository
+    from phivault.records.repository import RecordsRepository
+    from phivault.records.results import ReconcileReport
 
 __all__ = ["IntentReconciler", "reconcile_lock"]
 

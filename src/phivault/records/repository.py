@@ -23,29 +23,21 @@ compare-and-swap, when it commits).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import dataclasses
-import functools
 import hashlib
-import os
-import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, FromClause, and_, false, or_, true
 
-from phivault._handoff import run_and_settle, settle_all
 from phivault.access.decision import (
-    AccessContext,
     CompiledPolicy,
     Decision,
     RelationshipFacts,
@@ -58,7 +50,7 @@ from phivault.access.vocabulary import Interaction, Operation, Relationship
 from phivault.crypto.blind_index import BlindIndexer
 from phivault.crypto.errors import DecryptionFailed
 from phivault.crypto.keyring import KeyRing
-from phivault.errors import ConfigurationError, InvalidInput, PhivaultError, StoreUnavailable
+from phivault.errors import ConfigurationError, InvalidInput, PhivaultError
 from phivault.ledger.events import (
     Action,
     Agent,
@@ -72,7 +64,6 @@ from phivault.ledger.events import (
 from phivault.ledger.idempotency import idempotency_key
 from phivault.privacy.scrub import taint_tree
 from phivault.records.bundles import (
-    AmbiguousReference,
     BatchPlan,
     ConditionalLookup,
     InvalidBundle,
@@ -85,15 +76,31 @@ from phivault.records.bundles import (
     plan_transaction,
 )
 from phivault.records.bundles import Outcome as PlanOutcome
-from phivault.records.classification import (
-    Classification,
-    ElementGroup,
-    UnsupportedResourceType,
-    default_classification,
+from phivault.records.classification import Classification, ElementGroup, default_classification
+from phivault.records.errors import (
+    AccessDenied,
+    IfMatchFailed,
+    IntegrityFailure,
+    RecordGone,
+    RecordNotFound,
+    TransactionConflict,
+    http_status,
 )
 from phivault.records.query import Include, SearchQuery
+from phivault.records.results import (
+    BundleEntryOutcome,
+    BundleOutcome,
+    Caller,
+    HistoryPage,
+    ReconcileReport,
+    RecordControls,
+    RecordVersion,
+    SearchResult,
+    WriteResult,
+)
 from phivault.records.search_params import index_entries, patient_of, search_param
 from phivault.records.split import Envelope, GroupContent, assemble, group_element_ref, split
+from phivault.records.storage_threads import _blocking, _ReadBatches, _reading, _WriteBatches
 from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
     IntentClaim,
@@ -113,193 +120,7 @@ from phivault.records.store.search import CareRelationshipScope
 if TYPE_CHECKING:
     from phivault.ledger.ports import AuditSink, LedgerReader
 
-__all__ = [
-    "AccessDenied",
-    "AuditTrail",
-    "BundleEntryOutcome",
-    "BundleOutcome",
-    "Caller",
-    "HistoryPage",
-    "IfMatchFailed",
-    "IntegrityFailure",
-    "RecordControls",
-    "RecordGone",
-    "RecordNotFound",
-    "RecordVersion",
-    "RecordsRepository",
-    "SearchResult",
-    "TransactionConflict",
-    "WriteResult",
-]
-
-
-# --- who is asking ------------------------------------------------------------------------
-
-
-class AuditTrail(Protocol):
-    """Builds and records the request's audit events (``phivault.api.context.AuditContext``
-    is one): the repository says *what*; the trail knows who, from where, in which request."""
-
-    def event(
-        self,
-        *,
-        kind: EventKind,
-        subtype: str,
-        action: Action,
-        outcome: Outcome = Outcome.SUCCESS,
-        outcome_reason: str | None = None,
-        patient: str | None = None,
-        entities: tuple[Entity, ...] = (),
-        purpose_of_use: tuple[str, ...] | None = None,
-        break_glass_grant: str | None = None,
-    ) -> AuditEvent: ...
-
-    async def record(self, event: AuditEvent) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """The access context of one request: what the caller may do, and where to record it."""
-
-    access: AccessContext
-    audit: AuditTrail
-
-
-@dataclass(frozen=True, slots=True)
-class RecordControls:
-    """Benchmark-only switches (``bench/fhir_bench.py`` measures what the controls cost).
-    Production settings refuse anything but all-on (``phivault.settings``)."""
-
-    audit: bool = True
-    encryption: bool = True
-    policy: bool = True
-
-    @property
-    def all_on(self) -> bool:
-        return self.audit and self.encryption and self.policy
-
-
-# --- errors (the API maps each to a status; messages carry ids and paths, never values) --
-
-
-class RecordNotFound(PhivaultError):
-    """404: no such resource, *or* one the caller may not see (the answer is the same)."""
-
-    def __init__(self, resource_type: str, resource_id: str, version: str | None = None) -> None:
-        what = f"{resource_type}/{resource_id}" + (f"/_history/{version}" if version else "")
-        super().__init__(f"{what} is not known")
-
-
-class RecordGone(PhivaultError):
-    """410: the resource (or that version) was deleted."""
-
-    def __init__(self, resource_type: str, resource_id: str, version: int) -> None:
-        super().__init__(f"{resource_type}/{resource_id} was deleted (version {version})")
-        self.version = version
-
-
-class AccessDenied(PhivaultError):
-    """403: the caller may not perform this interaction on this type (or write these element
-    groups). Never raised for a *specific* resource the caller may not see: that is a 404."""
-
-
-class IfMatchFailed(PhivaultError):
-    """412: ``If-Match`` names a version that is not the current one."""
-
-
-class TransactionConflict(PhivaultError):
-    """409: a concurrent write changed what this transaction was planned on; retry it."""
-
-
-class IntegrityFailure(PhivaultError):
-    """500: a stored element failed its integrity check (tampered or mis-keyed ciphertext).
-    Nothing of that resource is disclosed; the event is in the ledger."""
-
-
-# --- results --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RecordVersion:
-    """One version as the caller may see it.
-
-    ``resource`` is the FHIR resource with ``id``, ``meta.versionId`` and ``meta.lastUpdated``
-    (and ``meta.security`` REDACTED when groups were withheld, then ``redacted`` is true); it
-    is None for a tombstone (``deleted``) and for a write whose result the caller may not read.
-    """
-
-    resource_type: str
-    id: str
-    version: int
-    last_updated: datetime
-    deleted: bool = False
-    resource: dict[str, Any] | None = field(default=None, repr=False)
-    redacted: bool = False
-
-    @property
-    def reference(self) -> str:
-        return f"{self.resource_type}/{self.id}"
-
-    @property
-    def versioned_reference(self) -> str:
-        return f"{self.resource_type}/{self.id}/_history/{self.version}"
-
-    @property
-    def etag(self) -> str:
-        return f'W/"{self.version}"'
-
-
-@dataclass(frozen=True, slots=True)
-class SearchResult:
-    """A page of matches (current versions) and their ``_include``\\d resources."""
-
-    query: SearchQuery
-    matches: list[RecordVersion]
-    included: list[RecordVersion]
-    offset: int
-    next_offset: int | None
-    total: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryPage:
-    """Versions newest first (tombstones have ``deleted`` and no resource)."""
-
-    versions: list[RecordVersion]
-    offset: int
-    count: int
-    next_offset: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """``created``: a new resource (201); false for an update, or for a create whose
-    ``If-None-Exist`` matched an existing resource (200, nothing written)."""
-
-    record: RecordVersion
-    created: bool
-
-
-@dataclass(frozen=True, slots=True)
-class BundleEntryOutcome:
-    """What happened to one entry of a batch or transaction, in the Bundle's order.
-
-    ``status`` is the HTTP status of the entry; exactly one of ``record`` (read, vread, writes),
-    ``search`` (a GET search entry) or ``error`` (batch entries that failed) is set, except for
-    deletes, which may carry none.
-    """
-
-    index: int
-    status: int
-    record: RecordVersion | None = None
-    search: SearchResult | None = None
-    error: PhivaultError | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BundleOutcome:
-    kind: str  # "transaction" or "batch"
-    entries: list[BundleEntryOutcome]
+__all__ = ["RecordsRepository"]
 
 
 # --- access in SQL --------------------------------------------------------------------------
@@ -365,14 +186,6 @@ def practitioner_of(fhir_user: str | None) -> tuple[str, str] | None:
     return kind, ident
 
 
-def http_status(exc: BaseException) -> int:
-    """The HTTP status of a records error (for batch entries and the API's error map)."""
-    for kind, status in _STATUS:
-        if isinstance(exc, kind):
-            return status
-    return 500
-
-
 # --- the repository -------------------------------------------------------------------------
 
 _INTERACTION_ACTION: Final = {
@@ -423,16 +236,6 @@ class _EventPart:
     entities: tuple[Entity, ...]
     purposes: tuple[str, ...] | None
     grant: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ReconcileReport:
-    """What :meth:`RecordsRepository.reconcile` found: intents settled either way."""
-
-    scanned_from: int
-    scanned_to: int
-    committed: int
-    absent: int
 
 
 class RecordsRepository:
@@ -1858,239 +1661,12 @@ _OUTCOME_REASONS: Final = frozenset(
     {_COMMITTED, _ROLLED_BACK, "reconciled-committed", "reconciled-absent"}
 )
 _ALL_ALLOWED: Final = Decision(True, frozenset(ElementGroup))
-_STATUS: Final[tuple[tuple[type[BaseException], int], ...]] = (
-    (RecordNotFound, 404),
-    (RecordGone, 410),
-    (AccessDenied, 403),
-    (IfMatchFailed, 412),
-    (TransactionConflict, 409),
-    (VersionConflict, 409),
-    (PreconditionFailed, 412),
-    (AmbiguousReference, 412),
-    (UnsupportedResourceType, 404),
-    (IntegrityFailure, 500),
-    (InvalidInput, 400),
-    (StoreUnavailable, 503),
-)
 
 
 def _session(caller: Caller) -> str:
     """The read-your-writes key of a caller (``records.store.routing``): after their write,
     their reads go to the primary until a replica has replayed it."""
     return f"{caller.access.tenant}/{caller.access.subject}"
-
-
-#: Worker threads for storage calls, as many as anyio's default thread limiter allowed.
-STORAGE_THREADS: Final = 40
-
-
-@functools.cache
-def _storage_executor(pid: int) -> ThreadPoolExecutor:
-    """The process's storage threads, made on first use (never at import); its threads
-    start as they are needed and serve every event loop of the process. Keyed by process:
-    a forked child gets its own (the parent's threads do not exist there)."""
-    del pid
-    return ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="records")
-
-
-async def _blocking(work: Callable[[], _T]) -> _T:
-    """Run storage work on a worker thread: the event loop never waits on a database.
-
-    A dedicated executor, not ``anyio.to_thread``: a bare hop costs less than half the CPU
-    (33 against 78 us with 16 callers, measured side by side). The semantics are anyio's
-    under asyncio cancellation: the caller's context variables go with the work, and a
-    cancelled caller stops waiting while the work runs to its end in its thread
-    (``_apply`` shields what must not be abandoned)."""
-    loop = asyncio.get_running_loop()
-    context = contextvars.copy_context()
-    return await loop.run_in_executor(_storage_executor(os.getpid()), context.run, work)
-
-
-async def _reading(work: Callable[[], _T]) -> _T:
-    """:func:`_blocking` for reads, with a leaner hand-off: the worker thread settles the
-    caller's asyncio future itself (one ``call_soon_threadsafe``), instead of the executor's
-    future being chained to an asyncio one (``run_in_executor``), which cost a read about
-    seventy Python calls on the event loop. The same threads, the caller's context
-    variables go with the work, and a cancelled caller stops waiting: a read that has begun
-    runs to its end and its result is dropped, one that has not is skipped."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-    context = contextvars.copy_context()
-    _storage_executor(os.getpid()).submit(run_and_settle, loop, future, work, context)
-    return await future
-
-
-# A point read waiting for a storage thread: the work, its caller's future and context.
-_BatchedRead = tuple[Callable[[], Any], "asyncio.Future[Any]", contextvars.Context]
-
-
-class _ReadBatches:
-    """The point reads that one turn of the event loop asks for, run by one storage thread
-    one after another, their futures settled by one ``call_soon_threadsafe``.
-
-    Each hand-off to a thread costs a wake-up of the thread, a wake-up of the event loop and
-    the GIL passed both ways; concurrent reads arrive together (their previous steps end
-    together, on one group commit of the ledger), so a batch of them pays that once. Only
-    for SQLite, whose point reads take a few hundred microseconds under the GIL either way;
-    reads over a network (PostgreSQL) each keep their own thread. Every read runs in its
-    caller's context; one that fails fails only its caller; a caller that left before its
-    read began is skipped.
-
-    While a loop's batch runs, the batches of later turns queue behind it and the same
-    thread drains them (:meth:`_drain`): reads arriving spread out (an open loop) would
-    otherwise each wake a thread of their own, and those threads would queue for the GIL
-    beside the event loop (``docs/decisions/read-path-cpu.md``)."""
-
-    def __init__(self) -> None:
-        self._pending: dict[asyncio.AbstractEventLoop, list[_BatchedRead]] = {}
-        # Per loop with a draining thread: the reads handed over that it has not taken yet.
-        # The loop adds to it and the thread takes from it, both under the lock.
-        self._queued: dict[asyncio.AbstractEventLoop, list[_BatchedRead]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, work: Callable[[], _T]) -> asyncio.Future[_T]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_T] = loop.create_future()
-        pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            loop.call_soon(self._flush, loop)
-        pending.append((work, future, contextvars.copy_context()))
-        return future
-
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = self._pending.pop(loop, [])
-        if not batch:
-            return
-        with self._lock:
-            queued = self._queued.get(loop)
-            if queued is not None:  # a thread is draining this loop's reads: it takes these
-                queued.extend(batch)
-                return
-            self._queued[loop] = []
-        try:
-            _storage_executor(os.getpid()).submit(self._drain, loop, batch)
-        except BaseException:
-            with self._lock:
-                del self._queued[loop]
-            raise
-
-    def _drain(self, loop: asyncio.AbstractEventLoop, batch: list[_BatchedRead]) -> None:
-        """On a storage thread: run ``batch``, then whatever queued meanwhile, until none."""
-        try:
-            while True:
-                _run_batch(loop, batch)
-                with self._lock:
-                    batch = self._queued[loop]
-                    if not batch:
-                        del self._queued[loop]
-                        return
-                    self._queued[loop] = []
-        except BaseException as exc:  # not a read's own failure (that goes to its caller):
-            # the reads of this batch and those queued behind it fail with it
-            with self._lock:
-                left = self._queued.pop(loop, [])
-            failed: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
-            failed = [(future, None, exc) for _, future, _ in (*batch, *left)]
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-                loop.call_soon_threadsafe(settle_all, failed)
-            raise
-
-
-class _WriteBatches:
-    """The write units of an event loop, handed to one storage thread at a time
-    (:meth:`RecordStore.write_units`), their futures settled by one ``call_soon_threadsafe``.
-    Concurrent creates reach their commit together (their intents were recorded by one group
-    commit of the ledger), and SQLite writes them as one group anyway: one thread waiting for
-    the group, instead of one per write, each woken apart.
-
-    While a batch is on its thread, the units that come meanwhile wait on the loop and go
-    together as the next batch when it is done: they would wait for its group at the store
-    anyway, and each batch costs a thread hand-off, so at a paced rate (one create a turn of
-    the loop) a hand-off serves a whole group instead of each create (records-group-commit.md).
-
-    Every unit runs in its caller's context; one that fails fails only its caller; a
-    caller that left before its batch began is skipped (nothing of it is written)."""
-
-    def __init__(self, store: RecordStore) -> None:
-        self._store = store
-        self._pending: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
-        self._writing: set[asyncio.AbstractEventLoop] = set()  # a batch is on a thread
-
-    def add(self, unit: Callable[[RecordUnitOfWork], None]) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            if loop not in self._writing:  # else the batch in flight sends it when done
-                loop.call_soon(self._flush, loop)
-        pending.append((unit, future, contextvars.copy_context()))
-        return future
-
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = self._pending.pop(loop, [])
-        if not batch:
-            return
-        self._writing.add(loop)
-        try:
-            _storage_executor(os.getpid()).submit(self._write, loop, batch)
-        except BaseException as exc:  # (the executor is shut down): these fail, later ones try
-            self._writing.discard(loop)
-            settle_all([(future, None, exc) for _, future, _ in batch])
-
-    def _written(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
-    ) -> None:
-        """On the loop: settle a batch's futures, then send the units that came meanwhile."""
-        self._writing.discard(loop)
-        settle_all(outcomes)
-        self._flush(loop)
-
-    def _write(self, loop: asyncio.AbstractEventLoop, batch: list[_Unit]) -> None:
-        """On a storage thread: write the batch's units, then settle their futures."""
-        live = [
-            (unit, future, context) for unit, future, context in batch if not future.cancelled()
-        ]
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
-        try:
-            works = [functools.partial(_in_context, context, unit) for unit, _, context in live]
-            errors = self._store.write_units(works)
-            outcomes = [
-                (future, None, error) for (_, future, _), error in zip(live, errors, strict=True)
-            ]
-        except BaseException as exc:  # not a unit's own failure: every one of them fails
-            outcomes = [(future, None, exc) for _, future, _ in live]
-        # Always handed back, whatever happened above: until it is, the loop's later writes
-        # wait for this batch (_writing), and would wait for ever.
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-            loop.call_soon_threadsafe(self._written, loop, outcomes)
-
-
-#: A write unit waiting for its batch: the unit, its caller's future and context.
-_Unit = tuple[Callable[[RecordUnitOfWork], None], asyncio.Future[None], contextvars.Context]
-
-
-def _in_context(
-    context: contextvars.Context, unit: Callable[[RecordUnitOfWork], None], uow: RecordUnitOfWork
-) -> None:
-    context.run(unit, uow)
-
-
-def _run_batch(loop: asyncio.AbstractEventLoop, batch: list[_BatchedRead]) -> None:
-    """On a storage thread: each read of ``batch`` in its caller's context, then settle."""
-    outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-    for work, future, context in batch:
-        if future.cancelled():
-            continue
-        try:
-            outcomes.append((future, context.run(work), None))
-        except BaseException as exc:  # handed to its caller only
-            outcomes.append((future, None, exc))
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-        loop.call_soon_threadsafe(settle_all, outcomes)
 
 
 def _written_outcome(write: _Write) -> BundleEntryOutcome:

@@ -1,4 +1,4 @@
-"""A fake of the records repository's :class:`~phivault.records.repository.AuditTrail` port,
+"""A fake of the records repository's :class:`~phivault.records.results.AuditTrail` port,
 for tests that call the repository without the API's front door (STYLE.md: a fake for each
 port). It builds events the way ``phivault.api.context.AuditContext`` does, for one fixed
 caller, and records them in any :class:`~phivault.ledger.ports.AuditSink`."""

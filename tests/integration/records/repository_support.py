@@ -21,7 +21,8 @@ from phivault.identity.principal import Role
 from phivault.identity.scopes import parse_scopes
 from phivault.ledger.ports import AuditSink
 from phivault.ledger.testing import InMemoryAuditSink
-from phivault.records.repository import Caller, RecordControls, RecordsRepository
+from phivault.records.repository import RecordsRepository
+from phivault.records.results import Caller, RecordControls
 from phivault.records.testing import FixedCallerTrail
 
 TENANT = "t1"

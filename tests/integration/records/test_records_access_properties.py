@@ -36,8 +36,10 @@ from phivault.access.vocabulary import Interaction
 from phivault.identity.principal import Role
 from phivault.identity.scopes import parse_scopes
 from phivault.ledger.testing import InMemoryAuditSink
+from phivault.records.errors import RecordNotFound
 from phivault.records.query import parse_search
-from phivault.records.repository import Caller, RecordNotFound, RecordsRepository
+from phivault.records.repository import RecordsRepository
+from phivault.records.results import Caller
 
 POLICY = compile_policy(default_policy())
 NOW = 1_800_000_000.0  # the kit's clock

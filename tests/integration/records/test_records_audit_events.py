@@ -19,7 +19,7 @@ from phivault.identity.principal import Role
 from phivault.ledger.fhir import audit_event_from_fhir
 from phivault.ledger.service import Ledger, initialize_ledger, open_ledger
 from phivault.records.audit_events import AuditEventReader, parse_audit_query
-from phivault.records.repository import AccessDenied, RecordNotFound
+from phivault.records.errors import AccessDenied, RecordNotFound
 
 ORG = {"resourceType": "Organization", "name": "Acme"}
 

@@ -14,8 +14,8 @@ from repository_support import Kit, caller, loader, open_kit
 
 from phivault.identity.principal import Role
 from phivault.ledger.events import EventKind
+from phivault.records.errors import AccessDenied, RecordNotFound
 from phivault.records.query import parse_search
-from phivault.records.repository import AccessDenied, RecordNotFound
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ from repository_support import loader, open_kit
 
 from phivault.access.decision import compile_policy
 from phivault.access.policy import default_policy
+from phivault.records.errors import TransactionConflict
 from phivault.records.query import parse_search
-from phivault.records.repository import RecordsRepository, TransactionConflict
+from phivault.records.repository import RecordsRepository
 
 SYSTEM = "https://phivault.invalid/org"
 

@@ -78,7 +78,7 @@ def held_group(
     assert holding.wait(30)
     started += [submit(store, work) for work in works]
     deadline = time.monotonic() + 30
-    while len(store._group_pending) < len(works):
+    while len(store._group_commit._group_pending) < len(works):
         assert time.monotonic() < deadline, "the units never queued"
         time.sleep(0.01)
     release.set()
@@ -190,11 +190,11 @@ def test_a_unit_that_waits_too_long_fails_closed_and_is_never_written(
 ) -> None:
     """A unit still waiting for its turn when the busy timeout passes is withdrawn (503):
     no later group may write it after its submitter was told it failed."""
-    from phivault.records.store import sql_store
+    from phivault.records.store import group_commit
     from phivault.records.store.ports import RecordStoreUnavailable
 
     store = sqlite_store
-    monkeypatch.setattr(sql_store, "_WRITER_WAIT_S", 0.3)
+    monkeypatch.setattr(group_commit, "_WRITER_WAIT_S", 0.3)
     holding, release = threading.Event(), threading.Event()
 
     def first(uow: SqlUnitOfWork) -> None:
@@ -207,7 +207,7 @@ def test_a_unit_that_waits_too_long_fails_closed_and_is_never_written(
     late, late_raised = submit(store, create("late"))
     late.join(30)
     assert len(late_raised) == 1 and isinstance(late_raised[0], RecordStoreUnavailable)
-    assert store._group_pending == []
+    assert store._group_commit._group_pending == []
     release.set()
     thread.join(30)
     assert not first_raised
@@ -220,10 +220,10 @@ def test_a_writer_whose_unit_is_not_in_the_group_it_writes_stays_until_it_is(
 ) -> None:
     """More units wait than a group takes: the thread that writes a group without its own
     unit in it writes the next one too, and returns only once its own unit is committed."""
-    from phivault.records.store import sql_store
+    from phivault.records.store import group_commit
 
     store = sqlite_store
-    monkeypatch.setattr(sql_store, "_GROUP_MAX", 2)
+    monkeypatch.setattr(group_commit, "_GROUP_MAX", 2)
     seen_at_return: dict[str, bool] = {}
     real_write_unit = store.write_unit
 
@@ -283,11 +283,11 @@ def test_units_submitted_together_that_wait_too_long_all_fail_closed(
 ) -> None:
     """A batch still waiting when the busy timeout passes is withdrawn whole (each unit a
     503), and no later group writes any of it."""
-    from phivault.records.store import sql_store
+    from phivault.records.store import group_commit
     from phivault.records.store.ports import RecordStoreUnavailable
 
     store = sqlite_store
-    monkeypatch.setattr(sql_store, "_WRITER_WAIT_S", 0.3)
+    monkeypatch.setattr(group_commit, "_WRITER_WAIT_S", 0.3)
     holding, release = threading.Event(), threading.Event()
 
     def first(uow: SqlUnitOfWork) -> None:
@@ -299,7 +299,7 @@ def test_units_submitted_together_that_wait_too_long_all_fail_closed(
     assert holding.wait(30)
     errors = store.write_units([create("late1"), create("late2")])
     assert all(isinstance(e, RecordStoreUnavailable) for e in errors)
-    assert store._group_pending == []
+    assert store._group_commit._group_pending == []
     release.set()
     thread.join(30)
     assert not first_raised

@@ -34,7 +34,8 @@ from phivault.api.problems import problem_for
 from phivault.datadir import DataDir
 from phivault.ledger.events import AuditEvent, EventKind
 from phivault.ledger.service import Ledger, initialize_ledger, open_ledger
-from phivault.records.repository import RecordsRepository, TransactionConflict, http_status
+from phivault.records.errors import TransactionConflict, http_status
+from phivault.records.repository import RecordsRepository
 from phivault.records.store import (
     IntentSettled,
     ReadClass,
@@ -467,7 +468,7 @@ async def test_writes_committed_as_one_group_each_keep_their_intent_claim_and_ou
         assert await settled(first) is None
         await asyncio.to_thread(r.store.arrived.wait, 30)
         r.store.fail = fate == "dies-before-commit"  # its transaction never commits
-        assert r.store._group_pending == []  # both in the group being written
+        assert r.store._group_commit._group_pending == []  # both in the group being written
         r.gate.lose = fate != "commits"  # the process dies: no outcome reaches the ledger
         r.store.release.set()
         failures = [await settled(task) for task in grouped]
@@ -492,7 +493,7 @@ def _queued(r: Race) -> int:
     repository's batch in flight to end (records-group-commit.md)."""
     batches = r.writer._writes
     waiting = sum(len(p) for p in batches._pending.values()) if batches is not None else 0
-    return len(r.store._group_pending) + waiting
+    return len(r.store._group_commit._group_pending) + waiting
 
 
 def _claim_of(intent: AuditEvent) -> str:

@@ -72,7 +72,8 @@ from phivault.records.classification import (
     ElementGroup,
     default_classification,
 )
-from phivault.records.repository import Caller, RecordsRepository
+from phivault.records.repository import RecordsRepository
+from phivault.records.results import Caller
 from phivault.records.store import SqlRecordStore
 from phivault.records.testing import FixedCallerTrail
 from postgres_support import ADMIN_CONNINFO

@@ -35,10 +35,10 @@ def _postgres_only(stores: StoreFactory) -> None:
 def test_a_pooled_write_connection_lost_while_idle_is_replaced_before_use(
     stores: StoreFactory, postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from phivault.records.store import sql_store
+    from phivault.records.store import _driver
 
     _postgres_only(stores)
-    monkeypatch.setattr(sql_store, "_PING_IDLE_S", 0.0)  # every checkout counts as idle
+    monkeypatch.setattr(_driver, "_PING_IDLE_S", 0.0)  # every checkout counts as idle
     store = stores.open()
     _terminate_the_write_connection(store, postgres)
     store.write_unit(lambda uow: uow.create_many([obs("o1")]))  # pinged, found dead, replaced
@@ -49,10 +49,10 @@ def test_a_pooled_write_connection_lost_while_idle_is_replaced_before_use(
 def test_a_pooled_write_connection_lost_between_uses_fails_one_unit_cleanly_then_recovers(
     stores: StoreFactory, postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from phivault.records.store import sql_store
+    from phivault.records.store import _driver
 
     _postgres_only(stores)
-    monkeypatch.setattr(sql_store, "_PING_IDLE_S", 3600.0)  # never pinged
+    monkeypatch.setattr(_driver, "_PING_IDLE_S", 3600.0)  # never pinged
     store = stores.open()
     store.write_unit(lambda uow: uow.create_many([obs("o1")]))
     _terminate_the_write_connection(store, postgres)

@@ -27,15 +27,15 @@ from phivault.identity.principal import Role
 from phivault.ledger.events import EventKind, Outcome
 from phivault.ledger.service import initialize_ledger, open_ledger
 from phivault.privacy.scrub import tainted_scope
-from phivault.records.query import parse_search
-from phivault.records.repository import (
+from phivault.records.errors import (
     AccessDenied,
     IfMatchFailed,
     IntegrityFailure,
     RecordGone,
     RecordNotFound,
-    RecordsRepository,
 )
+from phivault.records.query import parse_search
+from phivault.records.repository import RecordsRepository
 from phivault.records.store.schema import groups, idx_date, idx_token
 
 PATIENT_FILE = "sof2019_Kathe_Zieme.json"

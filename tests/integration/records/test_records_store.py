@@ -304,11 +304,11 @@ def _terminate_the_read_connection(store: SqlRecordStore, admin: str) -> None:
 def test_a_pooled_read_connection_lost_while_idle_is_replaced_before_use(
     stores: StoreFactory, postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from phivault.records.store import sql_store
+    from phivault.records.store import _driver
 
     if stores.engine != "postgresql":
         pytest.skip("SQLite has no server to lose")
-    monkeypatch.setattr(sql_store, "_PING_IDLE_S", 0.0)  # every checkout counts as idle
+    monkeypatch.setattr(_driver, "_PING_IDLE_S", 0.0)  # every checkout counts as idle
     store = stores.open()
     key = ResourceKey("t1", "Observation", "o1")
     with store.unit_of_work() as uow:
@@ -322,12 +322,12 @@ def test_a_pooled_read_connection_lost_while_idle_is_replaced_before_use(
 def test_a_pooled_read_connection_lost_while_in_use_fails_one_unit_cleanly_then_recovers(
     stores: StoreFactory, postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from phivault.records.store import sql_store
+    from phivault.records.store import _driver
     from phivault.records.store.ports import RecordStoreUnavailable
 
     if stores.engine != "postgresql":
         pytest.skip("SQLite has no server to lose")
-    monkeypatch.setattr(sql_store, "_PING_IDLE_S", 3600.0)  # never pinged
+    monkeypatch.setattr(_driver, "_PING_IDLE_S", 3600.0)  # never pinged
     store = stores.open()
     key = ResourceKey("t1", "Observation", "o1")
     with store.unit_of_work() as uow:
@@ -350,7 +350,7 @@ def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_s
     results."""
     from sqlalchemy import event
 
-    from phivault.records.store import sql_store
+    from phivault.records.store import unit_of_work
 
     if stores.engine != "postgresql":
         pytest.skip("SQLite: see the driver-begun read unit test below")
@@ -367,7 +367,7 @@ def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_s
         statements.append(statement)
 
     direct_texts: list[str] = []
-    run_direct = sql_store._direct
+    run_direct = unit_of_work._direct
 
     def spied(conn: Any, statement: Any, params: Any) -> Any:
         # Off: as after a driver error, the ordinary path runs the statement.
@@ -376,7 +376,7 @@ def test_a_postgresql_read_only_unit_reads_each_version_with_its_groups_in_one_s
             direct_texts.append(str(statement))
         return rows
 
-    monkeypatch.setattr(sql_store, "_direct", spied)
+    monkeypatch.setattr(unit_of_work, "_direct", spied)
     event.listen(engine, "before_cursor_execute", seen)
     try:
         with store.unit_of_work(read_only=True) as uow:
@@ -410,7 +410,7 @@ def test_a_sqlite_read_only_unit_reads_on_the_driver_until_it_needs_more(
     through SQLAlchemy, with the same results; every connection goes back to the pool."""
     from sqlalchemy import event
 
-    from phivault.records.store import sql_store
+    from phivault.records.store import _driver
 
     if stores.engine != "sqlite":
         pytest.skip("PostgreSQL read-only units run on the read pool")
@@ -420,7 +420,7 @@ def test_a_sqlite_read_only_unit_reads_on_the_driver_until_it_needs_more(
         uow.write(obs("o1"), previous=None)
         uow.commit()
     driven: list[str] = []
-    run_rows = sql_store._DriverRead.rows
+    run_rows = _driver._DriverRead.rows
 
     def spied(self: Any, statement: Any, params: Any) -> Any:
         rows = run_rows(self, statement, params) if driver else None  # off: a driver error
@@ -428,7 +428,7 @@ def test_a_sqlite_read_only_unit_reads_on_the_driver_until_it_needs_more(
             driven.append(str(statement))
         return rows
 
-    monkeypatch.setattr(sql_store._DriverRead, "rows", spied)
+    monkeypatch.setattr(_driver._DriverRead, "rows", spied)
     statements: list[str] = []
 
     def seen(conn: object, cursor: object, statement: str, *args: object) -> None:

@@ -12,7 +12,7 @@ from fhir_harness import Fhir, open_fhir, patient
 
 from phivault.api.context import AuditCtx, CurrentPrincipal
 from phivault.api.fhir._routes import FhirRoute, _caller
-from phivault.records.repository import Caller
+from phivault.records.results import Caller
 
 
 @pytest.fixture

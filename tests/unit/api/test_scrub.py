@@ -123,7 +123,7 @@ def test_interleaved_requests_each_redact_their_own_values() -> None:
 def test_values_tainted_on_a_storage_thread_belong_to_the_request() -> None:
     """The records repository runs storage calls on its own threads: what is tainted there
     is in the calling request's set (the context goes with the work), and only in it."""
-    from phivault.records.repository import _blocking, _reading
+    from phivault.records.storage_threads import _blocking, _reading
 
     async def request(value: str) -> frozenset[str]:
         with tainted_scope():

@@ -1,4 +1,4 @@
-"""The read path's hand-off to the storage threads (``records.repository._reading``)."""
+"""The read path's hand-off to the storage threads (``records.storage_threads._reading``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from phivault.records.repository import _reading
+from phivault.records.storage_threads import _reading
 
 _WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
 
@@ -77,7 +77,7 @@ async def test_a_read_whose_caller_left_before_it_began_is_skipped() -> None:
 
 
 async def test_point_reads_of_one_turn_share_a_thread_and_keep_their_own_outcomes() -> None:
-    from phivault.records.repository import _ReadBatches
+    from phivault.records.storage_threads import _ReadBatches
 
     batches = _ReadBatches()
     threads: list[int] = []
@@ -103,7 +103,7 @@ async def test_point_reads_of_one_turn_share_a_thread_and_keep_their_own_outcome
 
 
 async def test_a_batched_read_whose_caller_left_is_skipped() -> None:
-    from phivault.records.repository import _ReadBatches
+    from phivault.records.storage_threads import _ReadBatches
 
     batches = _ReadBatches()
     ran: list[int] = []
@@ -137,7 +137,7 @@ class _GroupingStore:
 
 
 async def test_write_units_of_one_turn_go_to_the_store_together_each_with_its_outcome() -> None:
-    from phivault.records.repository import _WriteBatches
+    from phivault.records.storage_threads import _WriteBatches
 
     store = _GroupingStore()
     batches = _WriteBatches(store)  # type: ignore[arg-type]
@@ -163,7 +163,7 @@ async def test_write_units_of_one_turn_go_to_the_store_together_each_with_its_ou
 
 
 async def test_a_write_unit_whose_caller_left_before_its_batch_began_is_not_written() -> None:
-    from phivault.records.repository import _WriteBatches
+    from phivault.records.storage_threads import _WriteBatches
 
     store = _GroupingStore()
     batches = _WriteBatches(store)  # type: ignore[arg-type]
@@ -176,7 +176,7 @@ async def test_a_write_unit_whose_caller_left_before_its_batch_began_is_not_writ
 
 
 async def test_write_units_that_come_while_a_batch_is_written_go_together_after_it() -> None:
-    from phivault.records.repository import _WriteBatches
+    from phivault.records.storage_threads import _WriteBatches
 
     release = threading.Event()
 
@@ -212,7 +212,7 @@ async def test_write_units_that_come_while_a_batch_is_written_go_together_after_
 async def test_a_batch_that_breaks_the_store_fails_its_units_and_later_writes_go_on() -> None:
     """A store that answers a batch wrongly (here: too few outcomes) fails that batch's
     callers; the loop's later writes are not left waiting behind it."""
-    from phivault.records.repository import _WriteBatches
+    from phivault.records.storage_threads import _WriteBatches
 
     class _BrokenOnceStore(_GroupingStore):
         def write_units(self, works: list[Any], *, session: str | None = None) -> list[Any]:
@@ -232,7 +232,7 @@ async def test_a_batch_that_breaks_the_store_fails_its_units_and_later_writes_go
 async def test_reads_of_later_turns_queue_behind_a_running_batch_and_its_thread_takes_them() -> (
     None
 ):
-    from phivault.records.repository import _ReadBatches
+    from phivault.records.storage_threads import _ReadBatches
 
     batches = _ReadBatches()
     release = threading.Event()
@@ -260,19 +260,19 @@ async def test_reads_of_later_turns_queue_behind_a_running_batch_and_its_thread_
 async def test_queued_reads_fail_with_their_drainer_instead_of_waiting_forever(
     monkeypatch: Any,
 ) -> None:
-    from phivault.records import repository
+    from phivault.records import storage_threads
 
-    batches = repository._ReadBatches()
+    batches = storage_threads._ReadBatches()
     running = threading.Event()
     release = threading.Event()
-    real_run_batch = repository._run_batch
+    real_run_batch = storage_threads._run_batch
 
     def failing_run_batch(loop: Any, batch: Any) -> None:
         running.set()
         release.wait(5)
         raise MemoryError("the drainer itself failed")
 
-    monkeypatch.setattr(repository, "_run_batch", failing_run_batch)
+    monkeypatch.setattr(storage_threads, "_run_batch", failing_run_batch)
     first = batches.add(lambda: 1)
     await asyncio.to_thread(running.wait, 5)
     queued = batches.add(lambda: 2)
@@ -281,5 +281,5 @@ async def test_queued_reads_fail_with_their_drainer_instead_of_waiting_forever(
     for waiting in (first, queued):
         with pytest.raises(MemoryError):
             await asyncio.wait_for(waiting, 5)
-    monkeypatch.setattr(repository, "_run_batch", real_run_batch)
+    monkeypatch.setattr(storage_threads, "_run_batch", real_run_batch)
     assert await batches.add(lambda: 3) == 3  # the next read starts a new drainer

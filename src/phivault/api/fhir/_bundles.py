@@ -19,7 +19,7 @@ from phivault.api._ids import random_uuid_hex
 from phivault.api.fhir._errors import translate
 from phivault.api.fhir._http import information_outcome, instant, url_with
 from phivault.api.problems import operation_outcome_doc
-from phivault.records.repository import (
+from phivault.records.results import (
     BundleEntryOutcome,
     BundleOutcome,
     HistoryPage,

@@ -29,7 +29,7 @@ from phivault.errors import InvalidInput
 from phivault.records.bundles import AmbiguousReference
 from phivault.records.bundles import PreconditionFailed as BundlePreconditionFailed
 from phivault.records.classification import UnclassifiedElement
-from phivault.records.repository import (
+from phivault.records.errors import (
     AccessDenied,
     IfMatchFailed,
     RecordGone,

@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from phivault.api.problems import FHIR_JSON, BadRequest, NotAcceptable, operation_outcome_doc
-from phivault.records.repository import RecordVersion
+from phivault.records.results import RecordVersion
 
 __all__ = [
     "FORMAT_PARAMS",

@@ -61,7 +61,8 @@ from phivault.errors import PhivaultError
 from phivault.records.audit_events import AuditEventReader, parse_audit_query
 from phivault.records.classification import Classification, default_classification
 from phivault.records.query import MAX_COUNT, parse_search
-from phivault.records.repository import Caller, RecordsRepository, RecordVersion
+from phivault.records.repository import RecordsRepository
+from phivault.records.results import Caller, RecordVersion
 
 __all__ = ["FHIR_PREFIX", "FhirRoute", "fhir_router"]
 

@@ -11,7 +11,9 @@ the repository above it seals and opens. Public names:
 * errors: :class:`VersionConflict`, :class:`StaleBlindIndex`, :class:`RecordStoreUnavailable`,
   :class:`IntentSettled`;
 * write-intent claims: :class:`IntentClaim` (docs/decisions/records-intent-claims.md);
-* the adapter: :class:`SqlRecordStore` (and its key-ring view :class:`SqlSealedElements`);
+* the adapter: :class:`SqlRecordStore` (:mod:`~phivault.records.store.sql_store`, which lists
+  the modules of the adapter), its units of work :class:`SqlUnitOfWork` and its key-ring view
+  :class:`SqlSealedElements`;
 * replica routing: :class:`ReadClass` (what a read-only unit reads), :func:`caller_session`
   (the read-your-writes key of the units opened in a block), :data:`PRIMARY`, the router
   itself in :mod:`phivault.records.store.routing`, and the write positions it shares with
@@ -41,8 +43,10 @@ from phivault.records.store.ports import (
     blind_terms,
 )
 from phivault.records.store.routing import PRIMARY, caller_session
+from phivault.records.store.sealed_elements import SqlSealedElements
 from phivault.records.store.search import CareRelationshipScope, SubjectScope
-from phivault.records.store.sql_store import SqlRecordStore, SqlSealedElements, SqlUnitOfWork
+from phivault.records.store.sql_store import SqlRecordStore
+from phivault.records.store.unit_of_work import SqlUnitOfWork
 
 __all__ = [
     "DIRECTORY_SUBJECT",

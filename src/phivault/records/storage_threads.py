@@ -1,0 +1,245 @@
+"""The records repository's storage threads: how its async methods reach the synchronous store.
+
+Why a module of its own: this is a concurrency mechanism, not records logic. Storage calls
+are synchronous (SQLAlchemy) and run on the process's own worker threads
+(:func:`_storage_executor`, never at import), so that the event loop never waits on a
+database and no transaction is held across an ``await``. :func:`_blocking` and
+:func:`_reading` hand one call over; :class:`_ReadBatches` (SQLite point reads) and
+:class:`_WriteBatches` (write units, for the store's group commit) hand over all that one
+turn of the event loop asks for at once, because each hand-off costs thread and loop
+wake-ups (docs/decisions/read-path-cpu.md, records-group-commit.md). Every call runs in its
+caller's context (context variables); one that fails fails only its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, TypeVar
+
+from phivault._handoff import run_and_settle, settle_all
+from phivault.records.store.ports import RecordStore, RecordUnitOfWork
+
+__all__ = ["STORAGE_THREADS"]
+
+
+_T = TypeVar("_T")
+
+
+#: Worker threads for storage calls, as many as anyio's default thread limiter allowed.
+STORAGE_THREADS: Final = 40
+
+
+@functools.cache
+def _storage_executor(pid: int) -> ThreadPoolExecutor:
+    """The process's storage threads, made on first use (never at import); its threads
+    start as they are needed and serve every event loop of the process. Keyed by process:
+    a forked child gets its own (the parent's threads do not exist there)."""
+    del pid
+    return ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="records")
+
+
+async def _blocking(work: Callable[[], _T]) -> _T:
+    """Run storage work on a worker thread: the event loop never waits on a database.
+
+    A dedicated executor, not ``anyio.to_thread``: a bare hop costs less than half the CPU
+    (33 against 78 us with 16 callers, measured side by side). The semantics are anyio's
+    under asyncio cancellation: the caller's context variables go with the work, and a
+    cancelled caller stops waiting while the work runs to its end in its thread
+    (``_apply`` shields what must not be abandoned)."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    return await loop.run_in_executor(_storage_executor(os.getpid()), context.run, work)
+
+
+async def _reading(work: Callable[[], _T]) -> _T:
+    """:func:`_blocking` for reads, with a leaner hand-off: the worker thread settles the
+    caller's asyncio future itself (one ``call_soon_threadsafe``), instead of the executor's
+    future being chained to an asyncio one (``run_in_executor``), which cost a read about
+    seventy Python calls on the event loop. The same threads, the caller's context
+    variables go with the work, and a cancelled caller stops waiting: a read that has begun
+    runs to its end and its result is dropped, one that has not is skipped."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+    context = contextvars.copy_context()
+    _storage_executor(os.getpid()).submit(run_and_settle, loop, future, work, context)
+    return await future
+
+
+# A point read waiting for a storage thread: the work, its caller's future and context.
+_BatchedRead = tuple[Callable[[], Any], "asyncio.Future[Any]", contextvars.Context]
+
+
+class _ReadBatches:
+    """The point reads that one turn of the event loop asks for, run by one storage thread
+    one after another, their futures settled by one ``call_soon_threadsafe``.
+
+    Each hand-off to a thread costs a wake-up of the thread, a wake-up of the event loop and
+    the GIL passed both ways; concurrent reads arrive together (their previous steps end
+    together, on one group commit of the ledger), so a batch of them pays that once. Only
+    for SQLite, whose point reads take a few hundred microseconds under the GIL either way;
+    reads over a network (PostgreSQL) each keep their own thread. Every read runs in its
+    caller's context; one that fails fails only its caller; a caller that left before its
+    read began is skipped.
+
+    While a loop's batch runs, the batches of later turns queue behind it and the same
+    thread drains them (:meth:`_drain`): reads arriving spread out (an open loop) would
+    otherwise each wake a thread of their own, and those threads would queue for the GIL
+    beside the event loop (``docs/decisions/read-path-cpu.md``)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[_BatchedRead]] = {}
+        # Per loop with a draining thread: the reads handed over that it has not taken yet.
+        # The loop adds to it and the thread takes from it, both under the lock.
+        self._queued: dict[asyncio.AbstractEventLoop, list[_BatchedRead]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, work: Callable[[], _T]) -> asyncio.Future[_T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._flush, loop)
+        pending.append((work, future, contextvars.copy_context()))
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending.pop(loop, [])
+        if not batch:
+            return
+        with self._lock:
+            queued = self._queued.get(loop)
+            if queued is not None:  # a thread is draining this loop's reads: it takes these
+                queued.extend(batch)
+                return
+            self._queued[loop] = []
+        try:
+            _storage_executor(os.getpid()).submit(self._drain, loop, batch)
+        except BaseException:
+            with self._lock:
+                del self._queued[loop]
+            raise
+
+    def _drain(self, loop: asyncio.AbstractEventLoop, batch: list[_BatchedRead]) -> None:
+        """On a storage thread: run ``batch``, then whatever queued meanwhile, until none."""
+        try:
+            while True:
+                _run_batch(loop, batch)
+                with self._lock:
+                    batch = self._queued[loop]
+                    if not batch:
+                        del self._queued[loop]
+                        return
+                    self._queued[loop] = []
+        except BaseException as exc:  # not a read's own failure (that goes to its caller):
+            # the reads of this batch and those queued behind it fail with it
+            with self._lock:
+                left = self._queued.pop(loop, [])
+            failed: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+            failed = [(future, None, exc) for _, future, _ in (*batch, *left)]
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                loop.call_soon_threadsafe(settle_all, failed)
+            raise
+
+
+class _WriteBatches:
+    """The write units of an event loop, handed to one storage thread at a time
+    (:meth:`RecordStore.write_units`), their futures settled by one ``call_soon_threadsafe``.
+    Concurrent creates reach their commit together (their intents were recorded by one group
+    commit of the ledger), and SQLite writes them as one group anyway: one thread waiting for
+    the group, instead of one per write, each woken apart.
+
+    While a batch is on its thread, the units that come meanwhile wait on the loop and go
+    together as the next batch when it is done: they would wait for its group at the store
+    anyway, and each batch costs a thread hand-off, so at a paced rate (one create a turn of
+    the loop) a hand-off serves a whole group instead of each create (records-group-commit.md).
+
+    Every unit runs in its caller's context; one that fails fails only its caller; a
+    caller that left before its batch began is skipped (nothing of it is written)."""
+
+    def __init__(self, store: RecordStore) -> None:
+        self._store = store
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
+        self._writing: set[asyncio.AbstractEventLoop] = set()  # a batch is on a thread
+
+    def add(self, unit: Callable[[RecordUnitOfWork], None]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            if loop not in self._writing:  # else the batch in flight sends it when done
+                loop.call_soon(self._flush, loop)
+        pending.append((unit, future, contextvars.copy_context()))
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending.pop(loop, [])
+        if not batch:
+            return
+        self._writing.add(loop)
+        try:
+            _storage_executor(os.getpid()).submit(self._write, loop, batch)
+        except BaseException as exc:  # (the executor is shut down): these fail, later ones try
+            self._writing.discard(loop)
+            settle_all([(future, None, exc) for _, future, _ in batch])
+
+    def _written(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+    ) -> None:
+        """On the loop: settle a batch's futures, then send the units that came meanwhile."""
+        self._writing.discard(loop)
+        settle_all(outcomes)
+        self._flush(loop)
+
+    def _write(self, loop: asyncio.AbstractEventLoop, batch: list[_Unit]) -> None:
+        """On a storage thread: write the batch's units, then settle their futures."""
+        live = [
+            (unit, future, context) for unit, future, context in batch if not future.cancelled()
+        ]
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+        try:
+            works = [functools.partial(_in_context, context, unit) for unit, _, context in live]
+            errors = self._store.write_units(works)
+            outcomes = [
+                (future, None, error) for (_, future, _), error in zip(live, errors, strict=True)
+            ]
+        except BaseException as exc:  # not a unit's own failure: every one of them fails
+            outcomes = [(future, None, exc) for _, future, _ in live]
+        # Always handed back, whatever happened above: until it is, the loop's later writes
+        # wait for this batch (_writing), and would wait for ever.
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(self._written, loop, outcomes)
+
+
+#: A write unit waiting for its batch: the unit, its caller's future and context.
+_Unit = tuple[Callable[[RecordUnitOfWork], None], asyncio.Future[None], contextvars.Context]
+
+
+def _in_context(
+    context: contextvars.Context, unit: Callable[[RecordUnitOfWork], None], uow: RecordUnitOfWork
+) -> None:
+    context.run(unit, uow)
+
+
+def _run_batch(loop: asyncio.AbstractEventLoop, batch: list[_BatchedRead]) -> None:
+    """On a storage thread: each read of ``batch`` in its caller's context, then settle."""
+    outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+    for work, future, context in batch:
+        if future.cancelled():
+            continue
+        try:
+            outcomes.append((future, context.run(work), None))
+        except BaseException as exc:  # handed to its caller only
+            outcomes.append((future, None, exc))
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+        loop.call_soon_threadsafe(settle_all, outcomes)
