@@ -196,7 +196,9 @@ class PgReplica:
 
     # life cycle ---------------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> None:
+    # 90 s: after a SIGKILL, a replica on a loaded machine (load average 10) was still short
+    # of a consistent recovery state after 30 s. A bound for a hung start, not a timing.
+    def start(self, timeout: float = 90.0) -> None:
         """Make the replica (first call) and start it; returns once it streams from the
         primary and has replayed everything the primary had written when it started."""
         if self._closed:
@@ -239,7 +241,7 @@ class PgReplica:
             _wait(lambda: not any(_alive(p) for p in doomed), 10, "the killed replica to exit")
         self._reap()
 
-    def restart(self, timeout: float = 30.0) -> None:
+    def restart(self, timeout: float = 90.0) -> None:
         self.stop()
         self.start(timeout)
 

@@ -306,7 +306,12 @@ def test_a_circuit_breaker_guards_the_replica(
     def health(name: str) -> BreakerHealth:
         return BreakerHealth(
             breakers.breaker(
-                f"records-{name}", failure_threshold=1, reset_timeout_s=0.3, call_timeout_s=None
+                # reset after 3 s: the state is asserted "open" right after the trip, and a
+                # loaded machine took more than 0.3 s between the two (it read "half-open")
+                f"records-{name}",
+                failure_threshold=1,
+                reset_timeout_s=3.0,
+                call_timeout_s=None,
             )
         )
 
