@@ -97,6 +97,9 @@ BATCH_SEPARATOR: Final = b"\n"
 # Bounds of one grouped message: events, and payload bytes (below NATS' 1 MiB default).
 GROUP_MAX_EVENTS: Final = 64
 GROUP_MAX_BYTES: Final = 256 * 1024
+# Grouped messages awaiting their acknowledgement at once; events arriving meanwhile wait for
+# the next message (the busier the worker, the more events per message).
+GROUP_IN_FLIGHT: Final = 2
 # Room left in a leaf for the fields the ledger adds (seq, chain, patient_prev).
 _LEDGER_FIELDS_ROOM: Final = 256
 MAX_EVENT_BYTES: Final = MAX_LEAF_BYTES - _LEDGER_FIELDS_ROOM
@@ -342,7 +345,10 @@ class JetStreamAuditSink:
         owns_client: bool = False,
         group_max: int = GROUP_MAX_EVENTS,
         group_window_s: float = 0.0,
+        group_in_flight: int = GROUP_IN_FLIGHT,
     ) -> None:
+        if group_in_flight < 1:
+            raise ConfigurationError("at least one audit message must be allowed in flight")
         if group_max < 1:
             raise ConfigurationError("an audit message must be allowed at least one event")
         if not 0 <= group_window_s <= 0.05:
@@ -364,6 +370,7 @@ class JetStreamAuditSink:
         self._closed = False
         self.group_max = group_max
         self.group_window_s = group_window_s
+        self.group_in_flight = group_in_flight
         # Events waiting for the next grouped message, and whether its flush is scheduled.
         self._waiting: list[_Waiting] = []
         self._flush_scheduled = False
@@ -383,6 +390,7 @@ class JetStreamAuditSink:
         breaker: Breaker | None = None,
         group_max: int = GROUP_MAX_EVENTS,
         group_window_s: float = 0.0,
+        group_in_flight: int = GROUP_IN_FLIGHT,
     ) -> JetStreamAuditSink:
         """Connect to NATS (``urls``, client ``name``) and publish to ``stream``."""
         client = await connect_nats(urls, name=name, connect_timeout_s=connect_timeout_s)
@@ -396,6 +404,7 @@ class JetStreamAuditSink:
             owns_client=True,
             group_max=group_max,
             group_window_s=group_window_s,
+            group_in_flight=group_in_flight,
         )
 
     # -- the AuditSink port ---------------------------------------------------------------
@@ -475,7 +484,7 @@ class JetStreamAuditSink:
         loop = asyncio.get_running_loop()
         waiting = _Waiting(payload, encoding, loop.create_future())
         self._waiting.append(waiting)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and len(self._sending) < self.group_in_flight:
             self._flush_scheduled = True
             if self.group_window_s > 0:
                 loop.call_later(self.group_window_s, self._flush)
@@ -483,15 +492,18 @@ class JetStreamAuditSink:
                 # After the callbacks already ready in this turn of the loop: the events of
                 # requests that became ready together go out together.
                 loop.call_soon(self._flush)
+        # Otherwise group_in_flight messages await their acks: this event goes in the next
+        # message, sent as soon as one of them is answered (_sent).
         return waiting.done
 
     def _flush(self) -> None:
-        """Send every waiting event, in order, as messages of at most ``group_max`` events
-        and GROUP_MAX_BYTES of payload (one task per message)."""
+        """Send the waiting events, in order, as messages of at most ``group_max`` events and
+        GROUP_MAX_BYTES of payload, while fewer than ``group_in_flight`` messages await their
+        acknowledgement (all of them once the sink is closing)."""
         self._flush_scheduled = False
-        waiting, self._waiting = self._waiting, []
+        waiting = self._waiting
         start = 0
-        while start < len(waiting):
+        while start < len(waiting) and (len(self._sending) < self.group_in_flight or self._closed):
             size = len(waiting[start].payload)
             stop = start + 1
             while stop < len(waiting) and stop - start < self.group_max:
@@ -499,11 +511,16 @@ class JetStreamAuditSink:
                 if size > GROUP_MAX_BYTES:
                     break
                 stop += 1
-            group = waiting[start:stop]
-            task = asyncio.ensure_future(self._send_group(group))
+            task = asyncio.ensure_future(self._send_group(waiting[start:stop]))
             self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            task.add_done_callback(self._sent)
             start = stop
+        del waiting[:start]
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._waiting and not self._flush_scheduled:
+            self._flush()
 
     async def _send_group(self, group: list[_Waiting]) -> None:
         # Built once: every retry of this publish sends these very bytes under this id.
