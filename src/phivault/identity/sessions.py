@@ -251,7 +251,16 @@ class _DirectConnections:
         try:
             if not conn.is_connected:
                 await conn.connect()  # type: ignore[no-untyped-call]
-            await conn.send_packed_command(conn.pack_command(*command), check_health=False)
+            packed = conn.pack_command(*command)
+            writer = getattr(conn, "_writer", None)
+            if isinstance(writer, asyncio.StreamWriter):
+                # What send_packed_command does, without the task its socket timeout wraps
+                # each write in: a few hundred bytes never wait for the socket unless the
+                # transport is paused, and the breaker's call timeout bounds the whole call.
+                writer.writelines(packed)
+                await writer.drain()
+            else:
+                await conn.send_packed_command(packed, check_health=False)
             reply = await conn.read_response()
         except NoScriptError:
             self._give(conn)  # an answer like any other: the connection is in step
