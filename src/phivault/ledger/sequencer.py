@@ -1,7 +1,9 @@
 """The ledger sequencer: the one writer that moves audit events from the stream to the ledger.
 
 API workers publish events to the JetStream audit stream (:mod:`phivault.ledger.stream`). The
-sequencer reads that stream in order and appends each message, as one leaf, to the ledger
+sequencer reads that stream in order and appends each event of each message (one for a
+single-event message, several for a ``batch`` one: :func:`_decode_message`), as one leaf, to
+the ledger
 stored in PostgreSQL through the ordinary :class:`~phivault.ledger.service.Ledger` (which
 computes the chain and patient back-links, group-commits and signs checkpoints within
 ``checkpoint_interval_s``). Several sequencers may run; one is active.
@@ -13,16 +15,18 @@ session ends (it stopped, crashed, or was SIGKILLed: the server drops the sessio
 lock); then it opens the ledger and becomes active. An old active one that lost its session
 can no longer append: the lock and the appends share the connection.
 
-**Where to resume (no gap, no duplicate).** Stream messages and ledger entries correspond one
-to one and in the same order: the sequencer appends message after message and never skips
-one. So the ledger itself says how many messages are in it; what it cannot say is which stream
-sequence number the first of them had, because a leaf holds the event and not its message.
-The sequencer therefore keeps an append-only cursor table beside the leaves
-(``<schema>.stream_cursor``: *the first ``ledger_size`` entries are the stream's messages up to
-``stream_seq``*), written after appends are durable, at most every ``cursor_interval_s``.
-The cursor may lag behind the ledger (a crash, even ``kill -9``, between an append and the next
-cursor row), never run ahead of it. On taking over, with the ledger holding ``S`` entries and
-the last cursor row saying ``(S_c, Q_c)``:
+**Where to resume (no gap, no duplicate).** Stream messages, event by event, and ledger entries
+correspond one to one and in the same order: the sequencer appends message after message,
+whole, and never skips one (a takeover that finds the ledger ending inside a message, after a
+crash in the middle of a group commit, appends the rest of that message first). So the ledger
+itself says how many events are in it; what it cannot say is which stream sequence number the
+first of them had, because a leaf holds the event and not its message. The sequencer therefore
+keeps an append-only cursor table beside the leaves (``<schema>.stream_cursor``: *the first
+``ledger_size`` entries are the stream's messages up to ``stream_seq``*), written after appends
+are durable, at most every ``cursor_interval_s``. The cursor may lag behind the ledger (a
+crash, even ``kill -9``, between an append and the next cursor row), never run ahead of it. On
+taking over, with the ledger holding ``S`` entries and the last cursor row saying ``(S_c,
+Q_c)``:
 
 1. check the anchor: the stream reaches ``Q_c`` and its message ``Q_c`` (unless aged out) is
    entry ``S_c - 1``, so that a stream recreated under the same name is refused rather than
