@@ -107,19 +107,24 @@ async def publish_load(
     *,
     publishers: int = 4,
     pause_s: float = 0.005,
+    keyed: bool = True,
 ) -> None:
     """``publishers`` tasks publish events through ``sink`` until ``stop`` is set; every
     outcome goes to ``tally`` (a LedgerUnavailable is an expected failure, anything else is
-    noted as unexpected)."""
+    noted as unexpected).
+
+    ``keyed``: each event has its own message id (a single-event message each); otherwise the
+    sink groups concurrent events into batch messages, and the tally names each event by its
+    request id (``req-<n>``)."""
     run = secrets.token_hex(3)
 
     async def publisher(lane: int) -> None:
         while not stop.is_set():
             n = next(_numbers)
-            msg_id = f"fault-{run}-{lane}-{n}"
+            msg_id = f"fault-{run}-{lane}-{n}" if keyed else f"req-{n}"
             started = time.monotonic()
             try:
-                seq = await sink.record(sample_event(n), msg_id=msg_id)
+                seq = await sink.record(sample_event(n), msg_id=msg_id if keyed else None)
             except LedgerUnavailable as exc:
                 tally.done.append(Publication(msg_id, started, time.monotonic(), None, str(exc)))
                 await asyncio.sleep(0.05)
