@@ -22,6 +22,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from phivault.errors import ConfigurationError, StoreUnavailable
@@ -226,8 +227,9 @@ class _DirectConnections:
 
     Each call has a connection to itself (no pipelining of other calls' replies). A connection
     whose server closed it is replaced before use; any failure, cancellation included (a reply
-    may be left unread), drops that connection and every idle one (after a Redis restart they
-    are all dead), and the error goes to the caller: never retried, as before.
+    may be left unread), drops that connection (a lost connection: every idle one too, as after
+    a Redis restart they are all dead), and the error goes to the caller: never retried, as
+    before.
     """
 
     def __init__(self, client: Redis, *, max_idle: int = 32) -> None:
@@ -265,8 +267,15 @@ class _DirectConnections:
         except NoScriptError:
             self._give(conn)  # an answer like any other: the connection is in step
             raise
+        except (RedisConnectionError, OSError):
+            # The server went away (a restart, a failover): the idle ones are dead too.
+            await self._drop(conn, everyone=True)
+            raise
         except BaseException:
-            await self._drop(conn)
+            # A timeout, a cancellation (its reply may be left unread), another error: this
+            # connection is out of step; the others are not suspect (dropping them under a
+            # slow server would add reconnections to the load).
+            await self._drop(conn, everyone=False)
             raise
         self._give(conn)
         return reply
@@ -289,8 +298,10 @@ class _DirectConnections:
         else:
             self._discard(conn)
 
-    async def _drop(self, conn: AbstractConnection) -> None:
-        idle, self._idle = self._idle, []
+    async def _drop(self, conn: AbstractConnection, *, everyone: bool) -> None:
+        idle: list[AbstractConnection] = []
+        if everyone:
+            idle, self._idle = self._idle, []
         for each in (conn, *idle):
             with contextlib.suppress(Exception):
                 await each.disconnect(nowait=True)
