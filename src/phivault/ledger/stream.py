@@ -100,6 +100,8 @@ GROUP_MAX_BYTES: Final = 256 * 1024
 # Grouped messages awaiting their acknowledgement at once; events arriving meanwhile wait for
 # the next message (the busier the worker, the more events per message).
 GROUP_IN_FLIGHT: Final = 2
+# The longest an event waits for one of those to be answered before it is sent regardless.
+GROUP_MAX_WAIT_S: Final = 0.05
 # Room left in a leaf for the fields the ledger adds (seq, chain, patient_prev).
 _LEDGER_FIELDS_ROOM: Final = 256
 MAX_EVENT_BYTES: Final = MAX_LEAF_BYTES - _LEDGER_FIELDS_ROOM
@@ -374,6 +376,7 @@ class JetStreamAuditSink:
         # Events waiting for the next grouped message, and whether its flush is scheduled.
         self._waiting: list[_Waiting] = []
         self._flush_scheduled = False
+        self._overdue: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -484,26 +487,35 @@ class JetStreamAuditSink:
         loop = asyncio.get_running_loop()
         waiting = _Waiting(payload, encoding, loop.create_future())
         self._waiting.append(waiting)
-        if not self._flush_scheduled and len(self._sending) < self.group_in_flight:
-            self._flush_scheduled = True
-            if self.group_window_s > 0:
-                loop.call_later(self.group_window_s, self._flush)
-            else:
-                # After the callbacks already ready in this turn of the loop: the events of
-                # requests that became ready together go out together.
-                loop.call_soon(self._flush)
-        # Otherwise group_in_flight messages await their acks: this event goes in the next
-        # message, sent as soon as one of them is answered (_sent).
+        if len(self._sending) < self.group_in_flight:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                if self.group_window_s > 0:
+                    loop.call_later(self.group_window_s, self._flush)
+                else:
+                    # After the callbacks already ready in this turn of the loop: the events
+                    # of requests that became ready together go out together.
+                    loop.call_soon(self._flush)
+        elif self._overdue is None:
+            # group_in_flight messages await their acks: this event goes in the next message,
+            # sent as soon as one of them is answered (_sent), or after GROUP_MAX_WAIT_S
+            # whatever they do (a stalled message does not hold later events back longer).
+            self._overdue = loop.call_later(GROUP_MAX_WAIT_S, self._flush, True)
         return waiting.done
 
-    def _flush(self) -> None:
+    def _flush(self, overdue: bool = False) -> None:
         """Send the waiting events, in order, as messages of at most ``group_max`` events and
         GROUP_MAX_BYTES of payload, while fewer than ``group_in_flight`` messages await their
-        acknowledgement (all of them once the sink is closing)."""
-        self._flush_scheduled = False
+        acknowledgement (all of them when ``overdue`` or once the sink is closing)."""
+        if overdue:
+            self._overdue = None
+        else:
+            self._flush_scheduled = False
         waiting = self._waiting
         start = 0
-        while start < len(waiting) and (len(self._sending) < self.group_in_flight or self._closed):
+        while start < len(waiting) and (
+            len(self._sending) < self.group_in_flight or overdue or self._closed
+        ):
             size = len(waiting[start].payload)
             stop = start + 1
             while stop < len(waiting) and stop - start < self.group_max:
@@ -516,6 +528,9 @@ class JetStreamAuditSink:
             task.add_done_callback(self._sent)
             start = stop
         del waiting[:start]
+        if not waiting and self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)

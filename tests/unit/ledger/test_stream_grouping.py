@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from phivault.errors import ConfigurationError
+from phivault.ledger import stream as stream_module
 from phivault.ledger.canonical import canonical_json_of_plain_document
 from phivault.ledger.errors import LedgerUnavailable
 from phivault.ledger.idempotency import idempotency_key
@@ -52,7 +53,7 @@ class _FakeClient:
         return _Reply(await asyncio.wait_for(answer, timeout))
 
     async def sent(self, count: int) -> None:
-        for _ in range(200):
+        for _ in range(2000):  # up to 10 s on a loaded machine
             if len(self.requests) >= count:
                 return
             await asyncio.sleep(0.005)
@@ -161,7 +162,10 @@ async def test_events_with_an_idempotency_key_are_never_grouped() -> None:
     assert sorted(await asyncio.gather(*calls)) == [1, 2, 3, 4]
 
 
-async def test_while_messages_are_in_flight_later_events_gather_into_the_next() -> None:
+async def test_while_messages_are_in_flight_later_events_gather_into_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stream_module, "GROUP_MAX_WAIT_S", 60.0)  # not overdue in this test
     client = _FakeClient()
     sink = _sink(client, group_in_flight=1)
     first = asyncio.ensure_future(sink.record(sample_event(0)))
@@ -178,6 +182,22 @@ async def test_while_messages_are_in_flight_later_events_gather_into_the_next() 
     assert client.requests[1][1][BATCH_HEADER] == ",".join(["event"] * 5)
     client.requests[1][2].set_result(_ack(2))
     assert await asyncio.gather(*rest) == [2] * 5
+
+
+async def test_an_event_behind_a_stalled_message_is_sent_after_the_bound_anyway() -> None:
+    client = _FakeClient()
+    sink = _sink(client, group_in_flight=1, publish_timeout_s=30.0)
+    stalled = asyncio.ensure_future(sink.record(sample_event(0)))
+    await client.sent(1)
+    later = [asyncio.ensure_future(sink.record(sample_event(i))) for i in (1, 2)]
+    # The first message is never answered: the others go out after GROUP_MAX_WAIT_S.
+    await client.sent(2)
+    assert client.requests[1][1][BATCH_HEADER] == "event,event"
+    client.requests[1][2].set_result(_ack(2))
+    assert await asyncio.gather(*later) == [2, 2]
+    assert not stalled.done()
+    client.requests[0][2].set_result(_ack(1))
+    assert await stalled == 1
 
 
 async def test_closing_sends_what_waits_and_then_refuses() -> None:
