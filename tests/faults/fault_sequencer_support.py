@@ -123,30 +123,40 @@ class SequencerSetup:
 
 
 def check_ledger_matches_stream(
-    setup: SequencerSetup, messages: list[StreamMessage], acked: dict[str, int]
+    setup: SequencerSetup,
+    messages: list[StreamMessage],
+    acked: dict[str, int],
+    *,
+    grouped: bool = False,
 ) -> VerificationReport:
-    """The ledger holds the stream's messages one for one, in stream order (no gap, no
-    duplicate), so every acknowledged event is in it exactly once at its place; and the ledger
-    verifies against its signed checkpoints."""
+    """The ledger holds the stream's events (one per single-event message, several per batch
+    message) one for one, in stream order (no gap, no duplicate), so every acknowledged event
+    is in it exactly once at its place; and the ledger verifies against its signed checkpoints.
+
+    ``acked`` maps message ids (``grouped``: request ids) to acknowledged stream sequences."""
     store = setup.open_reader()
     try:
         leaves = list(store.scan())
         checkpoints = store.checkpoints()
     finally:
         store.close()
-    assert len(leaves) == len(messages), (
-        f"the ledger holds {len(leaves)} entries, the stream {len(messages)} messages"
+    # Canonical JSON holds no raw newline: a batch payload splits into its events exactly.
+    events = [(m, part) for m in messages for part in m.data.split(b"\n")]
+    assert len(leaves) == len(events), (
+        f"the ledger holds {len(leaves)} entries, the stream {len(events)} events"
     )
-    first = messages[0].seq if messages else 1
-    by_seq = {m.seq: m for m in messages}
-    for index, leaf in enumerate(leaves):
+    for index, (leaf, (message, part)) in enumerate(zip(leaves, events, strict=True)):
         document: dict[str, Any] = json.loads(leaf)
         assert document["seq"] == index
         event = {k: v for k, v in document.items() if k not in LEDGER_FIELDS}
-        message = by_seq[first + index]
-        assert event == json.loads(message.data), f"entry {index} is not message {message.seq}"
+        assert event == json.loads(part), f"entry {index} is not in message {message.seq}"
     request_ids = [json.loads(leaf).get("request_id") for leaf in leaves]
     assert len(set(request_ids)) == len(request_ids), "an event is in the ledger twice"
-    for msg_id, seq in acked.items():
-        assert by_seq[seq].msg_id == msg_id  # hence ledger entry seq - first, exactly once
+    by_seq = {m.seq: m for m in messages}
+    for key, seq in acked.items():
+        if grouped:  # the acknowledged event is in the message its ack named
+            parts = [json.loads(part) for part in by_seq[seq].data.split(b"\n")]
+            assert any(p.get("request_id") == key for p in parts), f"{key} not in {seq}"
+        else:
+            assert by_seq[seq].msg_id == key  # hence ledger entry seq - first, exactly once
     return verify_ledger(leaves, checkpoints, setup.verifier(), origin=setup.data_dir.origin)

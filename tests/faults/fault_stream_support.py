@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import secrets
 import time
 from collections import Counter
@@ -107,19 +108,24 @@ async def publish_load(
     *,
     publishers: int = 4,
     pause_s: float = 0.005,
+    keyed: bool = True,
 ) -> None:
     """``publishers`` tasks publish events through ``sink`` until ``stop`` is set; every
     outcome goes to ``tally`` (a LedgerUnavailable is an expected failure, anything else is
-    noted as unexpected)."""
+    noted as unexpected).
+
+    ``keyed``: each event has its own message id (a single-event message each); otherwise the
+    sink groups concurrent events into batch messages, and the tally names each event by its
+    request id (``req-<n>``)."""
     run = secrets.token_hex(3)
 
     async def publisher(lane: int) -> None:
         while not stop.is_set():
             n = next(_numbers)
-            msg_id = f"fault-{run}-{lane}-{n}"
+            msg_id = f"fault-{run}-{lane}-{n}" if keyed else f"req-{n}"
             started = time.monotonic()
             try:
-                seq = await sink.record(sample_event(n), msg_id=msg_id)
+                seq = await sink.record(sample_event(n), msg_id=msg_id if keyed else None)
             except LedgerUnavailable as exc:
                 tally.done.append(Publication(msg_id, started, time.monotonic(), None, str(exc)))
                 await asyncio.sleep(0.05)
@@ -201,3 +207,19 @@ def exactly_once(acked: dict[str, int], messages: list[StreamMessage]) -> None:
     )
     moved = [(i, s, at[i]) for i, s in acked.items() if at[i] != s]
     assert not moved, f"acknowledged at one sequence, stored at another: {moved[:5]}"
+
+
+def exactly_once_grouped(acked: dict[str, int], messages: list[StreamMessage]) -> None:
+    """Events published without message ids (grouped by the sink into batch messages): every
+    acknowledged event (by request id) is in the stream exactly once, in the message its
+    acknowledgement named; no event appears twice at all (a retried batch is never regrouped)."""
+    at: dict[str, list[int]] = {}
+    for message in messages:
+        for part in message.data.split(b"\n"):  # canonical JSON holds no raw newline
+            at.setdefault(str(json.loads(part).get("request_id")), []).append(message.seq)
+    doubled = [(i, seqs) for i, seqs in at.items() if len(seqs) > 1]
+    assert not doubled, f"events stored more than once: {doubled[:5]}"
+    missing = sorted((s, i) for i, s in acked.items() if i not in at)
+    assert not missing, f"{len(missing)} acknowledged events are not in the stream: {missing[:5]}"
+    moved = [(i, s, at[i]) for i, s in acked.items() if at[i] != [s]]
+    assert not moved, f"acknowledged in one message, stored in another: {moved[:5]}"

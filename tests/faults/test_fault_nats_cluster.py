@@ -34,6 +34,7 @@ from fault_stream_support import (
     admin_client,
     create_stream,
     exactly_once,
+    exactly_once_grouped,
     publish_load,
     read_stream,
     stream_name,
@@ -55,7 +56,7 @@ SLACK_S = 0.75  # event-loop scheduling on a busy 2-core machine
 
 @asynccontextmanager
 async def loaded(
-    cluster: NatsCluster, name: str, leader_waits: dict[str, float]
+    cluster: NatsCluster, name: str, leader_waits: dict[str, float], *, grouped: bool = False
 ) -> AsyncIterator[tuple[JetStreamContext, dict[str, PublishTally]]]:
     """The stream (3 replicas) and one publishing sink per entry of ``leader_waits`` (its
     ``leader_election_wait_s``; the production publish timeout); afterwards every
@@ -77,7 +78,11 @@ async def loaded(
                 leader_election_wait_s=leader_wait,
             )
             sinks.append(sink)
-            loads.append(asyncio.ensure_future(publish_load(sink, tallies[label], stop)))
+            # Grouped: more publishers, no message ids: the sink sends batch messages.
+            load = publish_load(
+                sink, tallies[label], stop, publishers=16 if grouped else 4, keyed=not grouped
+            )
+            loads.append(asyncio.ensure_future(load))
         await await_until(
             lambda: all(len(t.acked) >= 50 for t in tallies.values()),
             20,
@@ -97,7 +102,10 @@ async def loaded(
         messages = await read_stream(js, name, at_least=max(acked, default=0))
         for tally in tallies.values():
             assert tally.unexpected == [], tally.unexpected[:3]
-            exactly_once(tally.acked, messages)
+            if grouped:
+                exactly_once_grouped(tally.acked, messages)
+            else:
+                exactly_once(tally.acked, messages)
     finally:
         await admin.close()
 
@@ -163,11 +171,16 @@ async def test_audit_stream_survives_a_node_fails_closed_without_all_and_resumes
         )
 
 
-async def test_losing_the_stream_leader_fails_no_publish(harness: Harness) -> None:
-    """Production settings: the publishes of the election's seconds wait for the new leader."""
+@pytest.mark.parametrize("grouped", [False, True], ids=["single-event", "grouped"])
+async def test_losing_the_stream_leader_fails_no_publish(harness: Harness, grouped: bool) -> None:
+    """Production settings: the publishes of the election's seconds wait for the new leader
+    (grouped: batch messages retried whole, under their ids, never regrouped)."""
     cluster = harness.nats(3)
     name = stream_name()
-    async with loaded(cluster, name, {"worker": LEADER_WAIT_S}) as (js, tallies):
+    async with loaded(cluster, name, {"worker": LEADER_WAIT_S}, grouped=grouped) as (
+        js,
+        tallies,
+    ):
         tally = tallies["worker"]
         killed_at = time.monotonic()
         await asyncio.to_thread(cluster.kill, await stream_leader(js, name))

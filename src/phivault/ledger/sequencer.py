@@ -1,7 +1,9 @@
 """The ledger sequencer: the one writer that moves audit events from the stream to the ledger.
 
 API workers publish events to the JetStream audit stream (:mod:`phivault.ledger.stream`). The
-sequencer reads that stream in order and appends each message, as one leaf, to the ledger
+sequencer reads that stream in order and appends each event of each message (one for a
+single-event message, several for a ``batch`` one: :func:`_decode_message`), as one leaf, to
+the ledger
 stored in PostgreSQL through the ordinary :class:`~phivault.ledger.service.Ledger` (which
 computes the chain and patient back-links, group-commits and signs checkpoints within
 ``checkpoint_interval_s``). Several sequencers may run; one is active.
@@ -13,16 +15,18 @@ session ends (it stopped, crashed, or was SIGKILLed: the server drops the sessio
 lock); then it opens the ledger and becomes active. An old active one that lost its session
 can no longer append: the lock and the appends share the connection.
 
-**Where to resume (no gap, no duplicate).** Stream messages and ledger entries correspond one
-to one and in the same order: the sequencer appends message after message and never skips
-one. So the ledger itself says how many messages are in it; what it cannot say is which stream
-sequence number the first of them had, because a leaf holds the event and not its message.
-The sequencer therefore keeps an append-only cursor table beside the leaves
-(``<schema>.stream_cursor``: *the first ``ledger_size`` entries are the stream's messages up to
-``stream_seq``*), written after appends are durable, at most every ``cursor_interval_s``.
-The cursor may lag behind the ledger (a crash, even ``kill -9``, between an append and the next
-cursor row), never run ahead of it. On taking over, with the ledger holding ``S`` entries and
-the last cursor row saying ``(S_c, Q_c)``:
+**Where to resume (no gap, no duplicate).** Stream messages, event by event, and ledger entries
+correspond one to one and in the same order: the sequencer appends message after message,
+whole, and never skips one (a takeover that finds the ledger ending inside a message, after a
+crash in the middle of a group commit, appends the rest of that message first). So the ledger
+itself says how many events are in it; what it cannot say is which stream sequence number the
+first of them had, because a leaf holds the event and not its message. The sequencer therefore
+keeps an append-only cursor table beside the leaves (``<schema>.stream_cursor``: *the first
+``ledger_size`` entries are the stream's messages up to ``stream_seq``*), written after appends
+are durable, at most every ``cursor_interval_s``. The cursor may lag behind the ledger (a
+crash, even ``kill -9``, between an append and the next cursor row), never run ahead of it. On
+taking over, with the ledger holding ``S`` entries and the last cursor row saying ``(S_c,
+Q_c)``:
 
 1. check the anchor: the stream reaches ``Q_c`` and its message ``Q_c`` (unless aged out) is
    entry ``S_c - 1``, so that a stream recreated under the same name is refused rather than
@@ -73,6 +77,9 @@ from phivault.ledger.note import NoteSigner
 from phivault.ledger.postgres_store import DEFAULT_SCHEMA, PostgresLedgerStore
 from phivault.ledger.service import Ledger, open_ledger_on
 from phivault.ledger.stream import (
+    BATCH_HEADER,
+    BATCH_SEPARATOR,
+    ENCODING_BATCH,
     ENCODING_DOCUMENT,
     ENCODING_EVENT,
     ENCODING_HEADER,
@@ -295,6 +302,39 @@ def _decode(seq: int, headers: dict[str, str] | None, data: bytes) -> _Incoming:
     encoding = (headers or {}).get(ENCODING_HEADER)
     if encoding not in (ENCODING_EVENT, ENCODING_DOCUMENT):
         raise InvalidStreamMessage(seq, f"no or unknown {ENCODING_HEADER} header")
+    return _decode_one(seq, encoding, data)
+
+
+def _decode_message(seq: int, headers: dict[str, str] | None, data: bytes) -> list[_Incoming]:
+    """The events of one stream message, in order: one for a single-event message (``event``
+    or ``document``, as every worker before grouping sent), several for a ``batch`` one.
+
+    A batch message lists its events' encodings in :data:`BATCH_HEADER` and carries their
+    canonical JSON joined by :data:`BATCH_SEPARATOR` (no canonical JSON holds that byte). Each
+    event is checked exactly as a single-event message is; any fault refuses the whole message
+    (:class:`InvalidStreamMessage`): a message is appended entirely or not at all.
+    """
+    encoding = (headers or {}).get(ENCODING_HEADER)
+    if encoding != ENCODING_BATCH:
+        return [_decode(seq, headers, data)]
+    listed = (headers or {}).get(BATCH_HEADER)
+    if not listed:
+        raise InvalidStreamMessage(seq, f"a batch without its {BATCH_HEADER} header")
+    encodings = listed.split(",")
+    parts = data.split(BATCH_SEPARATOR)
+    if len(parts) != len(encodings):
+        raise InvalidStreamMessage(
+            seq, f"{len(parts)} events, but {BATCH_HEADER} lists {len(encodings)}"
+        )
+    out = []
+    for part, part_encoding in zip(parts, encodings, strict=True):
+        if part_encoding not in (ENCODING_EVENT, ENCODING_DOCUMENT):
+            raise InvalidStreamMessage(seq, f"an unknown encoding in {BATCH_HEADER}")
+        out.append(_decode_one(seq, part_encoding, part))
+    return out
+
+
+def _decode_one(seq: int, encoding: str, data: bytes) -> _Incoming:
     if len(data) > MAX_EVENT_BYTES:
         raise InvalidStreamMessage(seq, f"{len(data)} bytes, over {MAX_EVENT_BYTES}")
     try:
@@ -343,24 +383,32 @@ class _StreamReader:
         self._js = js
         self._stream = stream
         self.next_seq = start  # the number the next message must have
-        self._buffer: deque[_Incoming | SequencerError] = deque()
+        # Each message's events together: they are handed out whole (see take).
+        self._buffer: deque[list[_Incoming] | SequencerError] = deque()
         self._sub: JetStreamContext.PullSubscription | None = None
         self._log = log
         self.pending = 0  # messages after the last one fetched, as the stream last said
         self._quiet_since = time.monotonic()
 
     async def take(self, limit: int, wait_s: float) -> list[_Incoming]:
-        """Up to ``limit`` next messages (none if nothing came within ``wait_s``)."""
+        """The events of the next messages, whole messages only: up to ``limit`` events, or
+        the first message's even if it has more (none if nothing came within ``wait_s``).
+
+        Never part of a message: the cursor names messages, so an append ends on a message's
+        last event (a takeover that finds a partly appended message completes it).
+        """
         if not self._buffer:
             await self._fetch(limit, wait_s)
         out: list[_Incoming] = []
-        while self._buffer and len(out) < limit:
+        while self._buffer:
             item = self._buffer[0]
             if isinstance(item, SequencerError):
                 if out:
                     break  # hand over the good ones first; the error comes next time
                 raise item
-            out.append(item)
+            if out and len(out) + len(item) > limit:
+                break
+            out.extend(item)
             self._buffer.popleft()
         return out
 
@@ -402,7 +450,7 @@ class _StreamReader:
                 await self.close()
                 return
             try:
-                self._buffer.append(_decode(seq, msg.headers, msg.data))
+                self._buffer.append(_decode_message(seq, msg.headers, msg.data))
             except InvalidStreamMessage as exc:
                 self._buffer.append(exc)
                 await self.close()
@@ -666,12 +714,18 @@ class Sequencer:
                     return
             reader = _StreamReader(js, self.stream, cursor_seq + 1, self._log)
             try:
-                last_seq = await self._match_tail(ledger, reader, cursor_size, cursor_seq, stop)
-                if last_seq is None:
+                matched = await self._match_tail(ledger, reader, cursor_size, cursor_seq, stop)
+                if matched is None:
                     return
+                last_seq, rest = matched
                 self.progress.ledger_size = ledger.size
                 self.progress.last_applied_seq = last_seq
-                await cursor.write(ledger.size, last_seq)
+                if rest:
+                    self._log.info(
+                        "sequencer.completing-message", seq=rest[0].seq, events=len(rest)
+                    )
+                    await self._append(ledger, rest)
+                await cursor.write(ledger.size, self.progress.last_applied_seq)
                 self._log.info("sequencer.resumed", **self.progress.as_dict())
                 await self._sequence(ledger, reader, cursor, stop)
             finally:
@@ -703,14 +757,21 @@ class Sequencer:
         except _NATS_ERRORS as exc:
             self._log.warning("sequencer.stream-unavailable", error=type(exc).__name__)
             return False
-        incoming = _decode(cursor_seq, raw.headers, raw.data or b"")
-        (entry,) = await asyncio.to_thread(ledger.read_range, cursor_size - 1, cursor_size)
-        stored = {k: v for k, v in entry.document.items() if k not in LEDGER_FIELDS}
-        if stored != incoming.document:
+        # The message's events (several for a batch message) are the entries ending there.
+        events = _decode_message(cursor_seq, raw.headers, raw.data or b"")
+        if len(events) > cursor_size:
             raise LedgerStreamMismatch(
-                f"ledger entry {entry.index} is not stream message {cursor_seq} as the cursor "
-                f"says (was the stream {self.stream} recreated?)"
+                f"stream message {cursor_seq} has {len(events)} events but the cursor says the "
+                f"ledger's first {cursor_size} entries end with it"
             )
+        entries = await asyncio.to_thread(ledger.read_range, cursor_size - len(events), cursor_size)
+        for entry, incoming in zip(entries, events, strict=True):
+            stored = {k: v for k, v in entry.document.items() if k not in LEDGER_FIELDS}
+            if stored != incoming.document:
+                raise LedgerStreamMismatch(
+                    f"ledger entry {entry.index} is not stream message {cursor_seq} (or one of "
+                    f"its events) as the cursor says (was the stream {self.stream} recreated?)"
+                )
         return True
 
     async def _match_tail(
@@ -720,10 +781,13 @@ class Sequencer:
         cursor_size: int,
         cursor_seq: int,
         stop: asyncio.Event,
-    ) -> int | None:
-        """Check the entries after the cursor against the stream; return the last one's seq.
+    ) -> tuple[int, list[_Incoming]] | None:
+        """Check the entries after the cursor against the stream.
 
-        ``None`` if asked to stop first.
+        Returns the stream sequence of the last message wholly in the ledger, and the events
+        of a message the ledger holds only the first events of (a crash in the middle of its
+        append: they are to be appended now, before anything else); ``None`` if asked to stop
+        first.
         """
         index, last_seq = cursor_size, cursor_seq
         size = ledger.size
@@ -738,17 +802,25 @@ class Sequencer:
                         f"message {cursor_seq}) that the stream does not have"
                     )
                 continue
-            entries = await asyncio.to_thread(ledger.read_range, index, index + len(batch))
-            for entry, incoming in zip(entries, batch, strict=True):
+            matched = min(len(batch), size - index)
+            entries = await asyncio.to_thread(ledger.read_range, index, index + matched)
+            for entry, incoming in zip(entries, batch[:matched], strict=True):
                 stored = {k: v for k, v in entry.document.items() if k not in LEDGER_FIELDS}
                 if stored != incoming.document:
                     raise LedgerStreamMismatch(
                         f"ledger entry {entry.index} is not stream message {incoming.seq}, "
                         "which should be there; the ledger and the stream disagree"
                     )
-            index += len(batch)
+            index += matched
+            if matched < len(batch):
+                # The ledger ends inside a message (take hands out whole messages, so the rest
+                # belongs to the last one): its other events follow now, once each.
+                rest = batch[matched:]
+                if any(item.seq != rest[0].seq for item in rest):
+                    raise LedgerStreamMismatch("the ledger ends inside more than one message")
+                return rest[0].seq - 1, rest
             last_seq = batch[-1].seq
-        return last_seq
+        return last_seq, []
 
     async def _sequence(
         self, ledger: Ledger, reader: _StreamReader, cursor: _Cursor, stop: asyncio.Event

@@ -23,6 +23,22 @@ What a message carries (and what the sequencer relies on):
   ``msg_id``, or through the audit trail the ambient key of
   :func:`phivault.ledger.idempotency.idempotency_key`.
 
+**Grouped messages.** Events recorded without an idempotency key (reads, searches, write
+intents: the great majority) are not published one by one: the events of a worker that arrive
+in the same event-loop turn (``group_window_s`` = 0) or within ``group_window_s`` go out as ONE
+message with one acknowledgement, and each caller is released only once that message is
+acknowledged (a failed message fails every caller in it). A message of two or more events has
+``Phivault-Audit-Encoding: batch``, a header :data:`BATCH_HEADER` listing each event's encoding
+(``event`` or ``document``, comma-separated, in order), and as payload the events' canonical
+JSON joined by a newline (canonical JSON never contains a raw newline byte). A group of one is
+sent as a single-event message, exactly as before, so the sequencer reads both forms, and a
+stream holding messages of older workers stays readable. A grouped message has a fresh
+``Nats-Msg-Id``, reused by every retry of that publish with the identical bytes: events are
+never regrouped on a retry. An event with an idempotency key is never grouped (its key is the
+message id of its own message, so that a caller's later retry, perhaps after the first
+attempt was in fact stored, is dropped by the duplicate window). All events of a message share
+its stream sequence number: :meth:`JetStreamAuditSink.record` returns it.
+
 No nats exception crosses the port: every failure to get an acknowledgement becomes
 :class:`~phivault.ledger.errors.LedgerUnavailable` (callers serving PHI answer 503).
 """
@@ -33,6 +49,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -56,6 +73,9 @@ if TYPE_CHECKING:
     from phivault.resilience import Breaker
 
 __all__ = [
+    "BATCH_HEADER",
+    "BATCH_SEPARATOR",
+    "ENCODING_BATCH",
     "ENCODING_DOCUMENT",
     "ENCODING_EVENT",
     "ENCODING_HEADER",
@@ -69,6 +89,19 @@ __all__ = [
 ENCODING_HEADER: Final = "Phivault-Audit-Encoding"
 ENCODING_EVENT: Final = "event"
 ENCODING_DOCUMENT: Final = "document"
+ENCODING_BATCH: Final = "batch"
+# A batch message's per-event encodings, comma-separated, in payload order.
+BATCH_HEADER: Final = "Phivault-Audit-Batch"
+# What separates the events of a batch payload (never a byte of canonical JSON).
+BATCH_SEPARATOR: Final = b"\n"
+# Bounds of one grouped message: events, and payload bytes (below NATS' 1 MiB default).
+GROUP_MAX_EVENTS: Final = 64
+GROUP_MAX_BYTES: Final = 256 * 1024
+# Grouped messages awaiting their acknowledgement at once; events arriving meanwhile wait for
+# the next message (the busier the worker, the more events per message).
+GROUP_IN_FLIGHT: Final = 2
+# The longest an event waits for one of those to be answered before it is sent regardless.
+GROUP_MAX_WAIT_S: Final = 0.05
 # Room left in a leaf for the fields the ledger adds (seq, chain, patient_prev).
 _LEDGER_FIELDS_ROOM: Final = 256
 MAX_EVENT_BYTES: Final = MAX_LEAF_BYTES - _LEDGER_FIELDS_ROOM
@@ -269,6 +302,16 @@ _STREAM_CHECK_INTERVAL_S: Final = 0.5
 _STREAM_INFO_TIMEOUT_S: Final = 1.0
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """An event waiting for its grouped message: resolved with the message's stream sequence
+    once acknowledged, or with :class:`LedgerUnavailable` if it fails."""
+
+    payload: bytes
+    encoding: str
+    done: asyncio.Future[int]
+
+
 class JetStreamAuditSink:
     """An :class:`~phivault.ledger.ports.AuditSink` that publishes to the audit stream.
 
@@ -302,7 +345,16 @@ class JetStreamAuditSink:
         leader_election_wait_s: float = 10.0,
         breaker: Breaker | None = None,
         owns_client: bool = False,
+        group_max: int = GROUP_MAX_EVENTS,
+        group_window_s: float = 0.0,
+        group_in_flight: int = GROUP_IN_FLIGHT,
     ) -> None:
+        if group_in_flight < 1:
+            raise ConfigurationError("at least one audit message must be allowed in flight")
+        if group_max < 1:
+            raise ConfigurationError("an audit message must be allowed at least one event")
+        if not 0 <= group_window_s <= 0.05:
+            raise ConfigurationError("the audit grouping window must be 0 to 50 ms")
         if publish_timeout_s <= 0:
             raise ConfigurationError("the audit stream's publish timeout must be positive")
         if leader_election_wait_s < 0:
@@ -318,6 +370,14 @@ class JetStreamAuditSink:
         self._stream_checked_until = 0.0
         self._owns_client = owns_client
         self._closed = False
+        self.group_max = group_max
+        self.group_window_s = group_window_s
+        self.group_in_flight = group_in_flight
+        # Events waiting for the next grouped message, and whether its flush is scheduled.
+        self._waiting: list[_Waiting] = []
+        self._flush_scheduled = False
+        self._overdue: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(
@@ -331,6 +391,9 @@ class JetStreamAuditSink:
         leader_election_wait_s: float = 10.0,
         connect_timeout_s: float = 5.0,
         breaker: Breaker | None = None,
+        group_max: int = GROUP_MAX_EVENTS,
+        group_window_s: float = 0.0,
+        group_in_flight: int = GROUP_IN_FLIGHT,
     ) -> JetStreamAuditSink:
         """Connect to NATS (``urls``, client ``name``) and publish to ``stream``."""
         client = await connect_nats(urls, name=name, connect_timeout_s=connect_timeout_s)
@@ -342,6 +405,9 @@ class JetStreamAuditSink:
             leader_election_wait_s=leader_election_wait_s,
             breaker=breaker,
             owns_client=True,
+            group_max=group_max,
+            group_window_s=group_window_s,
+            group_in_flight=group_in_flight,
         )
 
     # -- the AuditSink port ---------------------------------------------------------------
@@ -368,10 +434,16 @@ class JetStreamAuditSink:
     # -- closing --------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop publishing; flush and close the connection if this sink owns it."""
+        """Stop publishing; flush and close the connection if this sink owns it.
+
+        Events already waiting for a grouped message are still sent, and their callers
+        answered, before the connection closes."""
         if self._closed:
             return
         self._closed = True
+        self._flush()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         if self._owns_client and not self._client.is_closed:
             try:
                 await self._client.drain()
@@ -399,16 +471,115 @@ class JetStreamAuditSink:
         if self._closed:
             raise LedgerUnavailable("the audit stream sink is closed")
         if msg_id is None:
-            msg_id = current_idempotency_key() or uuid.uuid4().hex
+            msg_id = current_idempotency_key()
+            if msg_id is None and self.group_max > 1:
+                return await self._grouped(payload, encoding)
+            msg_id = msg_id or uuid.uuid4().hex
         elif not msg_id or len(msg_id) > 128:
             raise InvalidInput("an audit message id must have 1 to 128 characters")
-        key = msg_id
-        if self._breaker is None:
-            return await self._publish_with_retries(payload, encoding, key)
+        headers = {_MSG_ID: msg_id, ENCODING_HEADER: encoding, _EXPECTED_STREAM: self.stream}
+        return await self._send(payload, headers)
+
+    # -- grouping -------------------------------------------------------------------------
+
+    def _grouped(self, payload: bytes, encoding: str) -> asyncio.Future[int]:
+        """Queue an event for the next grouped message; the future is its acknowledgement."""
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(payload, encoding, loop.create_future())
+        self._waiting.append(waiting)
+        if len(self._sending) < self.group_in_flight:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                if self.group_window_s > 0:
+                    loop.call_later(self.group_window_s, self._flush)
+                else:
+                    # After the callbacks already ready in this turn of the loop: the events
+                    # of requests that became ready together go out together.
+                    loop.call_soon(self._flush)
+        elif self._overdue is None:
+            # group_in_flight messages await their acks: this event goes in the next message,
+            # sent as soon as one of them is answered (_sent), or after GROUP_MAX_WAIT_S
+            # whatever they do (a stalled message does not hold later events back longer).
+            self._overdue = loop.call_later(GROUP_MAX_WAIT_S, self._flush, True)
+        return waiting.done
+
+    def _flush(self, overdue: bool = False) -> None:
+        """Send the waiting events, in order, as messages of at most ``group_max`` events and
+        GROUP_MAX_BYTES of payload, while fewer than ``group_in_flight`` messages await their
+        acknowledgement (all of them when ``overdue`` or once the sink is closing)."""
+        if overdue:
+            self._overdue = None
+        else:
+            self._flush_scheduled = False
+        waiting = self._waiting
+        start = 0
+        while start < len(waiting) and (
+            len(self._sending) < self.group_in_flight or overdue or self._closed
+        ):
+            size = len(waiting[start].payload)
+            stop = start + 1
+            while stop < len(waiting) and stop - start < self.group_max:
+                size += 1 + len(waiting[stop].payload)
+                if size > GROUP_MAX_BYTES:
+                    break
+                stop += 1
+            task = asyncio.ensure_future(self._send_group(waiting[start:stop]))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
+            start = stop
+        del waiting[:start]
+        if not waiting and self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._waiting and not self._flush_scheduled:
+            self._flush()
+
+    async def _send_group(self, group: list[_Waiting]) -> None:
+        # Built once: every retry of this publish sends these very bytes under this id.
+        msg_id = uuid.uuid4().hex
+        if len(group) == 1:
+            payload = group[0].payload
+            headers = {
+                _MSG_ID: msg_id,
+                ENCODING_HEADER: group[0].encoding,
+                _EXPECTED_STREAM: self.stream,
+            }
+        else:
+            payload = BATCH_SEPARATOR.join(w.payload for w in group)
+            headers = {
+                _MSG_ID: msg_id,
+                ENCODING_HEADER: ENCODING_BATCH,
+                BATCH_HEADER: ",".join(w.encoding for w in group),
+                _EXPECTED_STREAM: self.stream,
+            }
         try:
-            return await self._breaker.call(
-                lambda: self._publish_with_retries(payload, encoding, key)
+            seq = await self._send(payload, headers)
+        except BaseException as exc:
+            failure = (
+                exc
+                if isinstance(exc, LedgerUnavailable)
+                else LedgerUnavailable(
+                    f"cannot publish to the audit stream {self.stream}: {_describe(exc)}"
+                )
             )
+            for w in group:
+                if not w.done.done():
+                    w.done.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for w in group:
+            if not w.done.done():
+                w.done.set_result(seq)
+
+    async def _send(self, payload: bytes, headers: dict[str, str]) -> int:
+        if self._breaker is None:
+            return await self._publish_with_retries(payload, headers)
+        try:
+            return await self._breaker.call(lambda: self._publish_with_retries(payload, headers))
         except LedgerUnavailable:
             raise
         except (ConfigurationError, InvalidInput, LedgerError):
@@ -419,13 +590,13 @@ class JetStreamAuditSink:
                 f"the audit stream {self.stream} is unavailable: {exc}"
             ) from exc
 
-    async def _publish_with_retries(self, payload: bytes, encoding: str, msg_id: str) -> int:
+    async def _publish_with_retries(self, payload: bytes, headers: dict[str, str]) -> int:
+        """Publish one message (``headers``: what JetStreamContext.publish(..., stream=...)
+        sends, built once for every try) and return its stream sequence once acknowledged."""
         started = time.monotonic()
         deadline = started + self.publish_timeout_s
         # Leave room for a second try within the deadline after a lost acknowledgement.
         attempt_timeout = max(0.05, self.publish_timeout_s / 2)
-        # What JetStreamContext.publish(..., stream=...) sends, built once for every try.
-        headers = {_MSG_ID: msg_id, ENCODING_HEADER: encoding, _EXPECTED_STREAM: self.stream}
         leaderless = False  # has any try been told that the stream has no leader?
 
         async def attempt() -> int:

@@ -116,8 +116,19 @@ async def test_the_same_message_id_is_stored_once(audit_stream: AuditStream) -> 
     assert state.messages == 2
 
 
-async def test_concurrent_records_each_get_their_own_sequence(audit_stream: AuditStream) -> None:
+async def test_concurrent_records_share_grouped_messages(audit_stream: AuditStream) -> None:
+    # Recorded in one turn of the loop: messages of up to 64 events (GROUP_MAX_EVENTS).
     async with await _sink(audit_stream) as sink:
+        seqs = await asyncio.gather(*(sink.record(sample_event(i)) for i in range(200)))
+    assert seqs == [1] * 64 + [2] * 64 + [3] * 64 + [4] * 8
+
+
+async def test_without_grouping_concurrent_records_get_their_own_sequence(
+    audit_stream: AuditStream,
+) -> None:
+    async with await JetStreamAuditSink.connect(
+        [NATS_URL], name="t", stream=audit_stream.name, subject=audit_stream.subject, group_max=1
+    ) as sink:
         seqs = await asyncio.gather(*(sink.record(sample_event(i)) for i in range(200)))
     assert sorted(seqs) == list(range(1, 201))
 

@@ -13,8 +13,13 @@ from typing import Any
 import pytest
 
 from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
-from phivault.ledger.sequencer import InvalidStreamMessage, _decode
-from phivault.ledger.stream import ENCODING_HEADER, MAX_EVENT_BYTES
+from phivault.ledger.sequencer import InvalidStreamMessage, _decode, _decode_message
+from phivault.ledger.stream import (
+    BATCH_HEADER,
+    ENCODING_BATCH,
+    ENCODING_HEADER,
+    MAX_EVENT_BYTES,
+)
 from phivault.ledger.testing import sample_event
 
 EVENT = {ENCODING_HEADER: "event"}
@@ -180,3 +185,42 @@ async def test_a_batch_whose_second_fetch_times_out_keeps_its_message_and_its_co
     second = await reader.take(500, 1.0)
     assert [m.seq for m in first + second] == [1, 2]
     assert reader._sub is subscription  # never closed and recreated
+
+
+# -- batch messages (several events, one message) -------------------------------------------
+
+
+def _batch_refused(headers: dict[str, str], data: bytes) -> str:
+    with pytest.raises(InvalidStreamMessage) as raised:
+        _decode_message(9, headers, data)
+    assert raised.value.seq == 9
+    return raised.value.reason
+
+
+def test_a_batch_message_decodes_to_its_events_in_order() -> None:
+    docs = [_event_doc(n) for n in range(3)]
+    plain = {"kind": "ledger", "n": 1}
+    data = b"\n".join([canonical_json_of_plain_document(d) for d in docs] + [canonical_json(plain)])
+    headers = {ENCODING_HEADER: ENCODING_BATCH, BATCH_HEADER: "event,event,event,document"}
+    incoming = _decode_message(9, headers, data)
+    assert [i.document for i in incoming] == [*docs, plain]
+    assert {i.seq for i in incoming} == {9}
+    # A single-event message (older workers) is a list of one.
+    single = canonical_json_of_plain_document(docs[0])
+    assert [i.document for i in _decode_message(3, EVENT, single)] == [docs[0]]
+
+
+def test_a_batch_that_does_not_add_up_is_refused_whole() -> None:
+    good = canonical_json_of_plain_document(_event_doc(1))
+    batch = {ENCODING_HEADER: ENCODING_BATCH}
+    assert BATCH_HEADER in _batch_refused(batch, good + b"\n" + good)
+    assert "lists 3" in _batch_refused({**batch, BATCH_HEADER: "event,event,event"}, good)
+    assert "unknown encoding" in _batch_refused(
+        {**batch, BATCH_HEADER: "event,blob"}, good + b"\n" + good
+    )
+    # An empty part, a bad event, a pretty-printed one: the whole message stops the sequencer.
+    assert _batch_refused({**batch, BATCH_HEADER: "event,event"}, good + b"\n")
+    bad = canonical_json_of_plain_document(_event_doc(2, seq=4))
+    assert "ledger adds" in _batch_refused(
+        {**batch, BATCH_HEADER: "event,event"}, good + b"\n" + bad
+    )
