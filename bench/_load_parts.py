@@ -75,14 +75,54 @@ def _instrument() -> None:
         (repository, "index_entries", "index_entries"),
         (repo, "_event_parts", "_event_parts"),
         (repo, "_write_events", "_write_events"),
-        (repo, "_commit", "_commit (worker thread)"),
-        (unit, "create_many", "_commit > create_many"),
-        (sql_store, "_bulk_insert", "_commit > create_many > group rows"),
-        (sql_store, "_bulk_insert_tuples", "_commit > create_many > index rows"),
-        (unit, "commit", "_commit > COMMIT"),
+        (unit, "create_many", "_commit: > create_many"),
+        (sql_store, "_bulk_insert", "_commit: > create_many > group rows"),
+        (sql_store, "_bulk_insert_tuples", "_commit: > create_many > index rows"),
+        (unit, "commit", "COMMIT (after the write unit)"),
         (routes, "transaction_response", "transaction_response"),
     ):
         _timed(owner, name, label)
+
+    from sqlalchemy.engine import Connection
+
+    statements = {
+        id(sql_store._TAKEN): "_commit: > create_many > existence check",
+        id(sql_store._INSERT_HEADS): "_commit: > create_many > heads insert",
+        id(sql_store._INSERT_VERSIONS): "_commit: > create_many > versions insert",
+    }
+    execute = Connection.execute
+
+    def timed_execute(self: Connection, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        label = statements.get(id(statement))
+        if label is None or not _counting[0]:
+            return execute(self, statement, *args, **kwargs)
+        started = time.thread_time()
+        try:
+            return execute(self, statement, *args, **kwargs)
+        finally:
+            _cpu[label] += time.thread_time() - started
+            _calls[label] += 1
+
+    Connection.execute = timed_execute  # type: ignore[assignment]
+
+    make_unit = repo._commit_unit
+
+    def timed_unit(*args: Any, **kwargs: Any) -> Any:
+        unit = make_unit(*args, **kwargs)
+
+        def run(uow: Any) -> None:
+            if not _counting[0]:
+                return unit(uow)
+            started = time.thread_time()
+            try:
+                return unit(uow)
+            finally:
+                _cpu["_commit: the write unit (worker thread)"] += time.thread_time() - started
+                _calls["_commit: the write unit (worker thread)"] += 1
+
+        return run
+
+    repo._commit_unit = timed_unit  # type: ignore[method-assign]
 
     warm_up_over = serve.tune_for_serving
 
