@@ -77,11 +77,14 @@ def _instrument() -> None:
         (repo, "_write_events", "_write_events"),
         (unit, "create_many", "_commit: > create_many"),
         (sql_store, "_bulk_insert", "_commit: > create_many > group rows"),
-        (sql_store, "_bulk_insert_tuples", "_commit: > create_many > index rows"),
+        (sql_store._IndexRows, "insert", "_commit: > create_many > index rows"),
         (unit, "commit", "COMMIT (after the write unit)"),
         (routes, "transaction_response", "transaction_response"),
     ):
         _timed(owner, name, label)
+    for name in ("_create_heads", "_create_heads_sqlite"):  # where the tree has them
+        if hasattr(unit, name):
+            _timed(unit, name, "_commit: > create_many > heads and versions")
 
     from sqlalchemy.engine import Connection
 

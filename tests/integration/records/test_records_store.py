@@ -18,6 +18,7 @@ from phivault.records.search_params import DateEntry, ReferenceEntry, TokenEntry
 from phivault.records.store import (
     DIRECTORY_SUBJECT,
     NewVersion,
+    RecordStoreUnavailable,
     ResourceKey,
     SqlRecordStore,
     VersionConflict,
@@ -623,3 +624,30 @@ def test_create_many_over_a_taken_id_names_it_and_writes_none_of_them(
     assert present == {"before", "d", "e", "taken"}
     assert page.total == 4
     assert d is not None and d.groups["clinical"] == b"sealed-d-1"  # seqs line up
+
+
+def test_create_many_fails_closed_if_sqlite_numbered_versions_out_of_order(
+    store: SqlRecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: a bulk create's version seqs are worked out from the first and the last
+    (AUTOINCREMENT rises with each row, one writer at a time); if they ever disagreed with
+    the row count, nothing is written rather than groups sealed to the wrong version."""
+    if store.dialect != "sqlite":
+        pytest.skip("PostgreSQL returns each seq")
+    import phivault.records.store.sql_store as sql_store
+
+    real = sql_store._on_driver
+
+    def off_by_one(conn: Any, sql: str, params: Any, *, many: bool = False) -> Any:
+        ran = real(conn, sql, params, many=many)
+        if sql == "SELECT last_insert_rowid()":
+            return ran._replace(rows=[(ran.rows[0][0] + 1,)])
+        return ran
+
+    monkeypatch.setattr(sql_store, "_on_driver", off_by_one)
+    with pytest.raises(RecordStoreUnavailable), store.unit_of_work() as uow:
+        uow.create_many([obs("a"), obs("b"), obs("c")])
+        uow.commit()
+    monkeypatch.undo()
+    with store.unit_of_work(read_only=True) as uow:
+        assert all(uow.read(ResourceKey("t1", "Observation", n)) is None for n in "abc")
