@@ -76,12 +76,24 @@ def _instrument() -> None:
         (repo, "_event_parts", "_event_parts"),
         (repo, "_write_events", "_write_events"),
         (unit, "create_many", "_commit: > create_many"),
-        (sql_store, "_bulk_insert", "_commit: > create_many > group rows"),
         (sql_store._IndexRows, "insert", "_commit: > create_many > index rows"),
         (unit, "commit", "COMMIT (after the write unit)"),
         (routes, "transaction_response", "transaction_response"),
     ):
         _timed(owner, name, label)
+    bulk = sql_store._bulk_insert_tuples
+
+    def timed_bulk(conn: Any, table: Any, *args: Any, **kwargs: Any) -> Any:
+        if table is not sql_store.groups or not _counting[0]:
+            return bulk(conn, table, *args, **kwargs)
+        started = time.thread_time()
+        try:
+            return bulk(conn, table, *args, **kwargs)
+        finally:
+            _cpu["_commit: > create_many > group rows"] += time.thread_time() - started
+            _calls["_commit: > create_many > group rows"] += 1
+
+    sql_store._bulk_insert_tuples = timed_bulk  # type: ignore[assignment]
     for name in ("_create_heads", "_create_heads_sqlite"):  # where the tree has them
         if hasattr(unit, name):
             _timed(unit, name, "_commit: > create_many > heads and versions")

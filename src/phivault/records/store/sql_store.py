@@ -526,13 +526,7 @@ class SqlUnitOfWork:
                 self._create_heads_sqlite(conn, keys, rows)
             )  # fmt: skip
             sealed = [
-                {
-                    "version_seq": seq,
-                    "tenant": n.key.tenant,
-                    "key_subject": n.key_subject,
-                    "grp": name,
-                    "ciphertext": data,
-                }
+                (seq, n.key.tenant, n.key_subject, name, data)  # in _GROUP_COLUMNS order
                 for n, seq in zip(news, seqs, strict=True)
                 for name, data in sorted(n.groups.items())
             ]
@@ -540,7 +534,7 @@ class SqlUnitOfWork:
             for n in news:
                 index.add(n.key, n.key_subject, n.index)
             with _pipelined(conn):
-                _bulk_insert(conn, groups, sealed)
+                _bulk_insert_tuples(conn, groups, _GROUP_COLUMNS, sealed)
                 index.insert(conn)
 
     def _create_heads(
@@ -1337,26 +1331,15 @@ def _head_is(key: ResourceKey) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def _bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT many rows through the driver's executemany, with the statement compiled once
-    per dialect and table: SQLAlchemy's per-row parameter processing would cost more than
-    the database's own work for the thousands of index rows of a transaction Bundle.
-    Only for plain columns (strings, integers, booleans, bytes), which every index and
-    group column is."""
-    if not rows:
-        return
-    compiled = _bulk_sql(conn, table, tuple(rows[0]))
-    if compiled.positional:
-        order = compiled.positiontup or ()
-        _on_driver(conn, compiled.string, [tuple(row[c] for c in order) for row in rows], many=True)
-    else:
-        _on_driver(conn, compiled.string, [dict(row) for row in rows], many=True)
-
-
 def _bulk_insert_tuples(
     conn: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
 ) -> None:
-    """:func:`_bulk_insert` of rows given as tuples in ``columns`` order."""
+    """INSERT many rows, given as tuples in ``columns`` order, through the driver's
+    executemany, with the statement compiled once per dialect, table and columns:
+    SQLAlchemy's per-row parameter processing would cost more than the database's own work
+    for the thousands of index rows of a transaction Bundle. Only for plain columns
+    (strings, integers, booleans, bytes), which every head, version, group and index column
+    is."""
     compiled = _bulk_sql(conn, table, columns)
     if compiled.positional:
         order = compiled.positiontup or ()
@@ -1393,7 +1376,8 @@ _DRIVER_SQL: dict[tuple[str, Any], SQLCompiler] = {}
 
 def _run_row(conn: Connection, name: str, columns: tuple[str, ...], row: tuple[Any, ...]) -> _Ran:
     """One execution of the write statement ``name`` of :data:`_ROW_STATEMENTS` (a row given
-    as a tuple in ``columns`` order) on the driver; only plain columns (:func:`_bulk_insert`)."""
+    as a tuple in ``columns`` order) on the driver; only plain columns
+    (:func:`_bulk_insert_tuples`)."""
     compiled = _compiled(
         conn, name, lambda: _ROW_STATEMENTS[name][conn.dialect.name == "postgresql"]
     )
