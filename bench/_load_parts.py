@@ -77,6 +77,8 @@ def _instrument() -> None:
         (repo, "_write_events", "_write_events"),
         (unit, "create_many", "_commit: > create_many"),
         (sql_store._IndexRows, "insert", "_commit: > create_many > index rows"),
+        (sql_store._IndexRows, "add", "_commit: > create_many > index rows as tuples"),
+        (sql_store, "_on_driver", "_commit: > statements on the driver (SQLite's own work)"),
         (unit, "commit", "COMMIT (after the write unit)"),
         (routes, "transaction_response", "transaction_response"),
     ):
