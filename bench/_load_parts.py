@@ -59,6 +59,7 @@ def _instrument() -> None:
     import phivault.api.serve as serve
     import phivault.crypto.elements as elements
     import phivault.records.repository as repository
+    import phivault.records.store._statements as store_statements
     import phivault.records.store.unit_of_work as unit_of_work
 
     repo = repository.RecordsRepository
@@ -75,14 +76,72 @@ def _instrument() -> None:
         (repository, "index_entries", "index_entries"),
         (repo, "_event_parts", "_event_parts"),
         (repo, "_write_events", "_write_events"),
-        (repo, "_commit", "_commit (worker thread)"),
-        (unit, "create_many", "_commit > create_many"),
-        (unit_of_work, "_bulk_insert", "_commit > create_many > group rows"),
-        (unit_of_work, "_bulk_insert_tuples", "_commit > create_many > index rows"),
-        (unit, "commit", "_commit > COMMIT"),
+        (unit, "create_many", "_commit: > create_many"),
+        (unit_of_work._IndexRows, "insert", "_commit: > create_many > index rows"),
+        (unit_of_work._IndexRows, "add", "_commit: > create_many > index rows as tuples"),
+        (unit_of_work, "_on_driver", "_commit: > statements on the driver (SQLite's own work)"),
+        (store_statements, "_on_driver", "_commit: > statements on the driver (SQLite's own work)"),
+        (unit, "commit", "COMMIT (after the write unit)"),
         (routes, "transaction_response", "transaction_response"),
     ):
         _timed(owner, name, label)
+    bulk = unit_of_work._bulk_insert_tuples
+
+    def timed_bulk(conn: Any, table: Any, *args: Any, **kwargs: Any) -> Any:
+        if table is not unit_of_work.groups or not _counting[0]:
+            return bulk(conn, table, *args, **kwargs)
+        started = time.thread_time()
+        try:
+            return bulk(conn, table, *args, **kwargs)
+        finally:
+            _cpu["_commit: > create_many > group rows"] += time.thread_time() - started
+            _calls["_commit: > create_many > group rows"] += 1
+
+    unit_of_work._bulk_insert_tuples = timed_bulk  # type: ignore[assignment]
+    for name in ("_create_heads", "_create_heads_sqlite"):  # where the tree has them
+        if hasattr(unit, name):
+            _timed(unit, name, "_commit: > create_many > heads and versions")
+
+    from sqlalchemy.engine import Connection
+
+    statements = {
+        id(store_statements._TAKEN): "_commit: > create_many > existence check",
+        id(store_statements._INSERT_HEADS): "_commit: > create_many > heads insert",
+        id(store_statements._INSERT_VERSIONS): "_commit: > create_many > versions insert",
+    }
+    execute = Connection.execute
+
+    def timed_execute(self: Connection, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        label = statements.get(id(statement))
+        if label is None or not _counting[0]:
+            return execute(self, statement, *args, **kwargs)
+        started = time.thread_time()
+        try:
+            return execute(self, statement, *args, **kwargs)
+        finally:
+            _cpu[label] += time.thread_time() - started
+            _calls[label] += 1
+
+    Connection.execute = timed_execute  # type: ignore[assignment]
+
+    make_unit = repo._commit_unit
+
+    def timed_unit(*args: Any, **kwargs: Any) -> Any:
+        unit = make_unit(*args, **kwargs)
+
+        def run(uow: Any) -> None:
+            if not _counting[0]:
+                return unit(uow)
+            started = time.thread_time()
+            try:
+                return unit(uow)
+            finally:
+                _cpu["_commit: the write unit (worker thread)"] += time.thread_time() - started
+                _calls["_commit: the write unit (worker thread)"] += 1
+
+        return run
+
+    repo._commit_unit = timed_unit  # type: ignore[method-assign]
 
     warm_up_over = serve.tune_for_serving
 

@@ -19,6 +19,7 @@ Synthea fixtures require, fits it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import uuid
@@ -32,6 +33,7 @@ import orjson
 from phivault.errors import InvalidInput
 from phivault.records.classification import default_classification
 from phivault.records.query import SearchQuery, parse_search
+from phivault.records.search_params import patient_of
 
 __all__ = [
     "MAX_ENTRIES",
@@ -136,6 +138,13 @@ class PlannedEntry:
     # The lookups this entry relied on and what they found: storage re-runs them in the
     # transaction that writes, and refuses to write if the answer changed meanwhile.
     lookups: tuple[tuple[ConditionalLookup, tuple[str, ...]], ...] = ()
+    # The patient ``resource`` belongs to (:func:`~phivault.records.search_params.patient_of`:
+    # a Patient's own id, else its ``patient`` reference; None for directory resources),
+    # worked out once here for every later step (access decisions, the data key). Only
+    # when ``patient_known``: not for entries planned elsewhere, nor for a resource that
+    # names several patients (the write refuses it where it looks, as before).
+    patient: str | None = None
+    patient_known: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,6 +529,11 @@ def _finish(
                 f"search is not valid ({_reason(exc)})",
                 path=f"Bundle.entry[{entry.index}].request.url",
             ) from None
+    patient, patient_known = None, False
+    if resource is not None and outcome in (Outcome.CREATE, Outcome.UPDATE):
+        # Refused by the write, which works it out again (one place for the error).
+        with contextlib.suppress(InvalidInput):
+            patient, patient_known = patient_of(resource), True
     parts = entry.url.partition("?")[0].split("/")
     return PlannedEntry(
         entry.index,
@@ -533,6 +547,8 @@ def _finish(
         conditional,
         matched,
         parts[3] if len(parts) == 4 else None,
+        patient=patient,
+        patient_known=patient_known,
     )
 
 

@@ -22,7 +22,7 @@ import importlib.resources
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
@@ -69,6 +69,10 @@ _NAME_RE = re.compile(r"^[a-z][A-Za-z0-9]*(\[x\])?$")
 _TYPE_RE = re.compile(r"^[A-Z][A-Za-z]+$")
 
 
+#: How many element names :meth:`TypeClassification.placement` remembers per type.
+_PLACED_MAX = 1024
+
+
 class UnsupportedResourceType(InvalidInput):
     """The resource type is not one phivault stores (no classification exists for it)."""
 
@@ -97,6 +101,11 @@ class TypeClassification:
     elements: Mapping[str, ElementGroup]
     choices: Mapping[str, ElementGroup]
     nested: Mapping[str, tuple[NestedRule, ...]]
+    # element -> its (group, nested rules), as :meth:`placement` worked them out (bounded:
+    # choice elements admit any suffix, so names are not a closed set)
+    _placed: dict[str, tuple[ElementGroup, tuple[NestedRule, ...]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def element_name(self, element: str) -> str:
         """The declared name of ``element``: ``value[x]`` for ``valueQuantity``; ``_x`` -> ``x``.
@@ -125,6 +134,17 @@ class TypeClassification:
     def nested_rules(self, element: str) -> tuple[NestedRule, ...]:
         """Overrides inside a top-level element, outermost first."""
         return self.nested.get(self.element_name(element), ())
+
+    def placement(self, element: str) -> tuple[ElementGroup, tuple[NestedRule, ...]]:
+        """(:meth:`group_of`, :meth:`nested_rules`) of a top-level element, in one lookup:
+        remembered per element name (every resource of a type repeats the same few), and
+        never for a refused one (raised again each time)."""
+        found = self._placed.get(element)
+        if found is None:
+            found = (self.group_of(element), self.nested_rules(element))
+            if len(self._placed) < _PLACED_MAX:
+                self._placed[element] = found
+        return found
 
     def declared(self) -> frozenset[str]:
         """Every declared top-level element name (choices with ``[x]``)."""

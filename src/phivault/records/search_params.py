@@ -733,9 +733,27 @@ def index_entries(resource: Mapping[str, Any], blind_tokens: BlindTokens) -> lis
     plan = _index_plan(resource_type)
     found: list[IndexEntry] = []
     values: list[Any] = []
-    for param, parts, where in plan:
+    previous: SearchParam | None = None
+    start = 0  # where the entries of ``previous`` begin in ``found``
+    for param, parts, where, top in plan:
+        if param is not previous:
+            # Entries of different parameters differ (their ``param``), so repeats are looked
+            # for within one parameter's entries, and only when it has several: most have
+            # one, and a frozen dataclass hashes in Python.
+            if len(found) - start > 1:
+                found[start:] = dict.fromkeys(found[start:])
+            previous, start = param, len(found)
         values.clear()
-        _collect(resource, parts, 0, values)
+        if top is not None:  # a top-level element (no choice, no nesting): no walk
+            value = resource.get(top)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                _collect(value, parts, 1, values)
+            else:
+                values.append(value)
+        else:
+            _collect(resource, parts, 0, values)
         kind = param.type
         for value in values:
             # The two most common kinds inline (as _entries has them), the others there.
@@ -751,15 +769,25 @@ def index_entries(resource: Mapping[str, Any], blind_tokens: BlindTokens) -> lis
                     found.append(TokenEntry(param.name, system, code))
             else:
                 found.extend(_entries(param, value, where, blind_tokens))
-    return list(dict.fromkeys(found))  # without repeats, in the order first found
+    if len(found) - start > 1:
+        found[start:] = dict.fromkeys(found[start:])
+    return found  # without repeats, in the order first found
 
 
 @functools.cache
-def _index_plan(resource_type: str) -> tuple[tuple[SearchParam, tuple[str, ...], str], ...]:
-    """Each (parameter, element path split into parts, the path named in errors) of a type,
-    in parameter order: worked out once per type, not per resource."""
+def _index_plan(
+    resource_type: str,
+) -> tuple[tuple[SearchParam, tuple[str, ...], str, str | None], ...]:
+    """Each (parameter, element path split into parts, the path named in errors, the element
+    name if the path is one top-level element without a choice) of a type, in parameter
+    order (a parameter's paths next to each other): worked out once per type."""
     return tuple(
-        (param, tuple(path.split(".")), f"{resource_type}.{path}")
+        (
+            param,
+            tuple(path.split(".")),
+            f"{resource_type}.{path}",
+            path if "." not in path and not path.endswith("[x]") else None,
+        )
         for param in search_params(resource_type).values()
         for path in param.paths
     )

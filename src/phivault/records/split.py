@@ -260,8 +260,7 @@ def split(
                 )
                 fragments.setdefault(group, []).append(((key, index), item))
         else:
-            group = tc.group_of(key)
-            rules = tc.nested_rules(key)
+            group, rules = tc.placement(key)
             if rules and not key.startswith("_"):
                 remaining = _copy_json(value)
                 for rule in reversed(rules):  # deepest first: inner overrides leave first

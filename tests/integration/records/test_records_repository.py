@@ -23,6 +23,7 @@ from repository_support import (
 )
 from sqlalchemy import select, update
 
+from phivault.errors import InvalidInput
 from phivault.identity.principal import Role
 from phivault.ledger.events import EventKind, Outcome
 from phivault.ledger.service import initialize_ledger, open_ledger
@@ -382,3 +383,38 @@ async def test_intents_that_may_still_be_in_flight_are_left_for_later(
         old = await kit.repo.reconcile(ledger, sink=ledger, cursor=cursor, settle_after_s=60)
         assert (old.scanned_from, old.committed, old.absent) == (intent_at, 1, 0)
         assert old.scanned_to > intent_at
+
+
+async def test_a_transaction_with_a_resource_of_two_patients_writes_nothing(
+    kit: Kit, fixtures_dir: Path
+) -> None:
+    """Planning works out each resource's patient once; a resource naming two patients is
+    left for the write to refuse, as before: the whole transaction fails (400, naming the
+    element) and nothing of it is written, the Patient it also creates included."""
+    doc = bundle(fixtures_dir, PATIENT_FILE)
+    doc["entry"].append(
+        {
+            "request": {"method": "POST", "url": "Provenance"},
+            "resource": {
+                "resourceType": "Provenance",
+                "target": [{"reference": "Patient/a"}, {"reference": "Patient/b"}],
+                "recorded": "2020-01-01T00:00:00Z",
+                "agent": [{"who": {"reference": "Practitioner/x"}}],
+            },
+        }
+    )
+    with pytest.raises(InvalidInput) as caught:
+        await kit.repo.transaction(loader(kit.sink), doc)
+    assert caught.value.path == "Provenance.patient"
+    total = await kit.repo.search(
+        caller(kit.sink, Role.FRONT_DESK, "user/Patient.rs"),
+        parse_search("Patient", "_total=accurate"),
+    )
+    assert total.total == 0
+    # and the bundle without it loads, each resource sealed under its patient's key
+    doc["entry"].pop()
+    patient_id, _, _ = await load_patient(kit, fixtures_dir)
+    mine = await kit.repo.search(
+        patient_caller(kit.sink, patient_id), parse_search("Observation", "_total=accurate")
+    )
+    assert mine.total == 128

@@ -18,6 +18,7 @@ from phivault.records.search_params import DateEntry, ReferenceEntry, TokenEntry
 from phivault.records.store import (
     DIRECTORY_SUBJECT,
     NewVersion,
+    RecordStoreUnavailable,
     ResourceKey,
     SqlRecordStore,
     VersionConflict,
@@ -590,3 +591,63 @@ def test_a_sqlite_writer_waiting_too_long_fails_closed(
     with store.unit_of_work(read_only=True) as uow:
         assert uow.read(ResourceKey("t1", "Observation", "second")) is None
         assert uow.read(ResourceKey("t1", "Observation", "first")) is not None
+
+
+def test_create_many_over_a_taken_id_names_it_and_writes_none_of_them(
+    store: SqlRecordStore,
+) -> None:
+    """A bulk create with one taken id in the middle: the conflict names that id and the
+    version holding it (SQLite: no look before the insert, the taken key found only when
+    the insert is refused), none of the bulk is written, and the transaction goes on (what
+    it wrote before stays: SQLite rolls the refused insert back to a savepoint; PostgreSQL
+    looks first)."""
+    with store.unit_of_work() as uow:
+        uow.create_many([obs("taken")])
+        uow.write(obs("taken", 2), previous=1)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        uow.create_many([obs("before")])
+        with pytest.raises(VersionConflict) as refused:
+            uow.create_many([obs("a"), obs("b"), obs("taken"), obs("c")])
+        assert refused.value.resource_id == "taken"
+        assert (refused.value.expected, refused.value.actual) == (None, 2)
+        uow.create_many([obs("d"), obs("e")])
+        uow.commit()
+    with store.unit_of_work(read_only=True) as uow:
+        present = {
+            name
+            for name in ("before", "a", "b", "c", "d", "e", "taken")
+            if uow.read(ResourceKey("t1", "Observation", name)) is not None
+        }
+        page = uow.search("t1", parse_search("Observation", "code=8302-2&_total=accurate"))
+        d = uow.read(ResourceKey("t1", "Observation", "d"))
+    assert present == {"before", "d", "e", "taken"}
+    assert page.total == 4
+    assert d is not None and d.groups["clinical"] == b"sealed-d-1"  # seqs line up
+
+
+def test_create_many_fails_closed_if_sqlite_numbered_versions_out_of_order(
+    store: SqlRecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: a bulk create's version seqs are worked out from the first and the last
+    (AUTOINCREMENT rises with each row, one writer at a time); if they ever disagreed with
+    the row count, nothing is written rather than groups sealed to the wrong version."""
+    if store.dialect != "sqlite":
+        pytest.skip("PostgreSQL returns each seq")
+    import phivault.records.store.unit_of_work as unit_of_work
+
+    real = unit_of_work._on_driver
+
+    def off_by_one(conn: Any, sql: str, params: Any, *, many: bool = False) -> Any:
+        ran = real(conn, sql, params, many=many)
+        if sql == "SELECT last_insert_rowid()":
+            return ran._replace(rows=[(ran.rows[0][0] + 1,)])
+        return ran
+
+    monkeypatch.setattr(unit_of_work, "_on_driver", off_by_one)
+    with pytest.raises(RecordStoreUnavailable), store.unit_of_work() as uow:
+        uow.create_many([obs("a"), obs("b"), obs("c")])
+        uow.commit()
+    monkeypatch.undo()
+    with store.unit_of_work(read_only=True) as uow:
+        assert all(uow.read(ResourceKey("t1", "Observation", n)) is None for n in "abc")

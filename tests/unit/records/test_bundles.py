@@ -620,3 +620,46 @@ def test_the_callers_resources_are_not_changed() -> None:
     observation = next(e for e in plan.entries if e.resource_type == "Observation")
     assert observation.resource is not None
     assert observation.resource["contained"][0]["x"]["reference"].startswith("Patient/")
+
+
+def test_planning_works_out_each_written_resources_patient_once(
+    synthea_bundles: dict[str, dict[str, Any]], loaded: DictStore
+) -> None:
+    """Every written entry carries the patient ``patient_of`` gives for its planned resource
+    (the repository takes it from there instead of working it out again); a Patient's is its
+    own id, a directory resource's is None."""
+    from phivault.records.search_params import patient_of
+
+    bundle = synthea_bundles["sof2019_Kathe_Zieme.json"]
+    plan = plan_transaction(bundle, loaded.resolve, new_id=ids())
+    kinds = set()
+    for entry in plan.entries:
+        if entry.outcome is Outcome.EXISTS:  # nothing to write
+            assert not entry.patient_known
+            continue
+        assert entry.resource is not None and entry.patient_known
+        assert entry.patient == patient_of(entry.resource)
+        if entry.resource_type == "Patient":
+            assert entry.patient == entry.id
+        kinds.add(entry.resource_type)
+    assert {"Patient", "Observation", "Encounter"} <= kinds
+
+
+def test_a_resource_of_two_patients_is_planned_with_its_patient_unknown() -> None:
+    """``patient_of`` refuses a resource naming two patients; planning leaves the patient
+    unknown, so the write works it out again and refuses it where it always did."""
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "request": {"method": "POST", "url": "Provenance"},
+                "resource": {
+                    "resourceType": "Provenance",
+                    "target": [{"reference": "Patient/a"}, {"reference": "Patient/b"}],
+                },
+            }
+        ],
+    }
+    (entry,) = plan_transaction(bundle, nothing, new_id=ids()).entries
+    assert not entry.patient_known and entry.patient is None

@@ -9,7 +9,9 @@ import pytest
 
 from phivault.errors import InvalidInput
 from phivault.records.classification import (
+    CONTAINED,
     ENVELOPE_ELEMENTS,
+    EXTENSION_ELEMENTS,
     MOST_PROTECTIVE,
     ElementGroup,
     UnclassifiedElement,
@@ -137,3 +139,38 @@ def test_unknown_extension_and_contained_type_fall_into_the_most_protective_grou
 def test_bad_tables_are_refused(text: str) -> None:
     with pytest.raises(InvalidInput):
         load_classification(text)
+
+
+def test_placement_is_group_of_and_nested_rules_remembered(
+    synthea_resources: list[dict[str, Any]],
+) -> None:
+    """``placement`` (what ``split`` asks) answers as ``group_of`` and ``nested_rules`` do,
+    for every fixture element and every declared name; a refused element is refused every
+    time and not remembered; the memory is bounded (choice names admit any suffix)."""
+    from phivault.records.classification import _PLACED_MAX, TypeClassification
+
+    table = default_classification()
+    for resource in synthea_resources:
+        tc = table.for_type(resource["resourceType"])
+        for key in resource:
+            if key in ENVELOPE_ELEMENTS or key in EXTENSION_ELEMENTS or key == CONTAINED:
+                continue  # split places these item by item, not by placement
+            for _ in range(2):  # worked out, then remembered
+                assert tc.placement(key) == (tc.group_of(key), tc.nested_rules(key))
+    observation = table.for_type("Observation")
+    for name in observation.declared():
+        assert observation.placement(name) == (
+            observation.group_of(name),
+            observation.nested_rules(name),
+        )
+    fresh = TypeClassification(
+        "Observation", observation.elements, observation.choices, observation.nested
+    )
+    for _ in range(2):
+        with pytest.raises(UnclassifiedElement):
+            fresh.placement("notAnElement")
+    assert "notAnElement" not in fresh._placed
+    for index in range(_PLACED_MAX + 10):
+        fresh.placement(f"valueQ{index}")  # any suffix of a choice is value[x]
+    assert len(fresh._placed) == _PLACED_MAX
+    assert fresh.placement(f"valueQ{_PLACED_MAX + 5}") == fresh.placement("valueQuantity")

@@ -334,3 +334,27 @@ def test_date_range_answers_the_same_when_remembered_and_names_each_callers_path
     # a long string is not remembered, and is refused all the same
     with pytest.raises(InvalidInput):
         date_range("2015" + " " * 100 + "x")
+
+
+def test_index_entries_drop_repeats_within_a_parameter_across_its_paths() -> None:
+    """Repeats are removed per parameter (entries of two parameters always differ): two
+    codings of one code, a name repeated as an alias, the same target twice."""
+    tokens = indexer().tokens
+    organization = {
+        "resourceType": "Organization",
+        "name": "Clinic",
+        "alias": ["Clinic", "Other"],
+        "type": [{"coding": [{"system": "s", "code": "c"}, {"system": "s", "code": "c"}]}],
+        "partOf": {"reference": "Organization/p"},
+    }
+    assert index_entries(organization, tokens) == [
+        StringEntry("name", "clinic"),
+        StringEntry("name", "other"),
+        TokenEntry("type", "s", "c"),
+        ReferenceEntry("partof", "Organization", "p"),
+    ]
+    provenance = {
+        "resourceType": "Provenance",
+        "target": [{"reference": "Observation/1"}, {"reference": "Observation/1"}],
+    }
+    assert index_entries(provenance, tokens) == [ReferenceEntry("target", "Observation", "1")]

@@ -4,7 +4,7 @@ Why a module of its own: a unit of work (:mod:`~phivault.records.store.unit_of_w
 *what* to run as SQLAlchemy Core statements; this module holds *how* they run where
 SQLAlchemy's per-statement work was measured to cost more than the database's own
 (docs/decisions/read-path-cpu.md, records-bundle-load-cpu.md): statements compiled once and
-run on the driver's cursor (:func:`_compiled`, :func:`_on_driver`, :func:`_bulk_insert`),
+run on the driver's cursor (:func:`_compiled`, :func:`_on_driver`, :func:`_bulk_insert_tuples`),
 read-only SQLite units begun on the driver (:class:`_DriverRead`), constant reads on the
 PostgreSQL read pool's cursor (:func:`_direct`, :func:`_read_only_engine`), psycopg pipelines
 (:func:`_pipelined`); the engines' connection hooks (SQLite's pragmas and ``BEGIN
@@ -122,26 +122,17 @@ class _DriverRead:
         self.pooled.close()
 
 
-def _bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT many rows through the driver's executemany, with the statement compiled once
-    per dialect and table: SQLAlchemy's per-row parameter processing would cost more than
-    the database's own work for the thousands of index rows of a transaction Bundle.
-    Only for plain columns (strings, integers, booleans, bytes), which every index and
-    group column is."""
-    if not rows:
-        return
-    compiled = _bulk_sql(conn, table, tuple(rows[0]))
-    if compiled.positional:
-        order = compiled.positiontup or ()
-        _on_driver(conn, compiled.string, [tuple(row[c] for c in order) for row in rows], many=True)
-    else:
-        _on_driver(conn, compiled.string, [dict(row) for row in rows], many=True)
-
-
 def _bulk_insert_tuples(
     conn: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
 ) -> None:
-    """:func:`_bulk_insert` of rows given as tuples in ``columns`` order."""
+    """INSERT many rows, given as tuples in ``columns`` order, through the driver's
+    executemany, with the statement compiled once per dialect, table and columns:
+    SQLAlchemy's per-row parameter processing would cost more than the database's own work
+    for the thousands of index rows of a transaction Bundle. Only for plain columns
+    (strings, integers, booleans, bytes), which every head, version, group and index column
+    is."""
+    if not rows:
+        return
     compiled = _bulk_sql(conn, table, columns)
     if compiled.positional:
         order = compiled.positiontup or ()

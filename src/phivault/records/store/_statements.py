@@ -148,7 +148,8 @@ def _head_is(key: ResourceKey) -> tuple[ColumnElement[bool], ...]:
 
 def _run_row(conn: Connection, name: str, columns: tuple[str, ...], row: tuple[Any, ...]) -> _Ran:
     """One execution of the write statement ``name`` of :data:`_ROW_STATEMENTS` (a row given
-    as a tuple in ``columns`` order) on the driver; only plain columns (:func:`_bulk_insert`)."""
+    as a tuple in ``columns`` order) on the driver; only plain columns
+    (:func:`_bulk_insert_tuples`)."""
     compiled = _compiled(
         conn, name, lambda: _ROW_STATEMENTS[name][conn.dialect.name == "postgresql"]
     )
