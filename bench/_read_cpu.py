@@ -18,7 +18,10 @@ companion bundle and one Synthea patient are loaded through the app; then ``GET
   ``start + k/R`` and sent then, answered or not; latency counts from its due time (as
   ``fhir_bench_client.py``'s ``rate``); adds ``rate`` and ``achieved_per_s`` to the figures;
 * ``--py-spy OUT.txt``: the measured part sampled by py-spy (``PY_SPY=...`` names the
-  binary), folded stacks of the thread holding the GIL.
+  binary), folded stacks of the thread holding the GIL;
+* ``--mode policy-off``: the settings of ``fhir_bench.py``'s policy-off server (development
+  environment, ``records.bench_policy_off``); ``--mode development``: the development
+  environment with every control on (what separates the environment from the policy).
 
     python bench/_read_cpu.py [--reads 4000] [--concurrency 16]
                               [--search | --whoami | --create | --load N] [--rate R]
@@ -110,7 +113,9 @@ def _start_py_spy(out: str) -> subprocess.Popen[bytes]:
 
 
 def production_service(
-    prefix: str, configure: Callable[[Any], Any] = lambda settings: settings
+    prefix: str,
+    configure: Callable[[Any], Any] = lambda settings: settings,
+    mode: str = "production",
 ) -> tuple[Tokens, Any]:
     """The real service on a fresh data directory made as ``phivault init`` makes a production
     one (the key ring unsealed with shares, as ``bench/fhir_bench_server.py`` builds it), and
@@ -128,7 +133,15 @@ def production_service(
     issuer = json.loads((work / "issuer.json").read_text())
     source = StaticKeySource({issuer["kid"]: jwk.import_key(issuer["jwk"])})  # type: ignore[dict-item]
     shares = json.loads((work / "shares.json").read_text())["shares"]
-    settings = configure(settings_for("production", data))
+    if mode == "development":  # every control on, development environment
+        from phivault.settings import Environment
+
+        settings = settings_for("production", data).model_copy(
+            update={"environment": Environment.DEVELOPMENT}
+        )
+    else:
+        settings = settings_for(mode, data)
+    settings = configure(settings)
     open_service = _factory("phivault.api.serve:open_service")
     service = open_service(
         settings, DataDir.open(data), key_sources={issuer["issuer"]: source}, unseal_shares=shares
@@ -140,7 +153,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     from phivault.api.serve import tune_for_serving
     from phivault.cli.load import add_conditional_creates
 
-    tokens, service = production_service("read-cpu-")
+    tokens, service = production_service("read-cpu-", mode=args.mode)
     companions, patients = bundle_files(1 + args.load if args.load else 1)
     async with service as app:
         loader = tokens.loader()
@@ -323,4 +336,11 @@ if __name__ == "__main__":
         "--concurrency then only sizes the warm-up",
     )
     parser.add_argument("--py-spy", help="sample the measured reads with py-spy into this file")
+    parser.add_argument(
+        "--mode",
+        choices=("production", "policy-off", "development"),
+        default="production",
+        help="policy-off: fhir_bench.py's policy-off settings; development: development "
+        "environment, every control on",
+    )
     print(json.dumps(asyncio.run(main(parser.parse_args()))))

@@ -131,7 +131,16 @@ __all__ = ["RecordsRepository"]
 class PolicyScope:
     """A :class:`~phivault.access.decision.SearchScope` compiled into a SQL predicate over the
     current-version (or version) table: exactly the rows ``SearchScope.admits`` admits, so
-    searches, totals, paging, ``_include`` and histories never see anything else."""
+    searches, totals, paging, ``_include`` and histories never see anything else.
+
+    A scope narrowed to the launch patient (only ``patient/`` SMART scopes grant the
+    interaction) admits rows of at most two key subjects, that patient and the directory.
+    When every clause can be judged for those two subjects here, without the database (a
+    tenant-wide role, the caller's own compartment, break-glass grants without a care
+    relationship to weigh), the predicate is that judgement: ``key_subject = :patient`` for
+    a patient's own app instead of the clauses ANDed with the compartment test. Same rows;
+    the shorter expression costs a search less to build, to key in SQLAlchemy's statement
+    cache and to evaluate (``docs/decisions/access-policy.md``)."""
 
     scope: SearchScope
     practitioner: tuple[str, str] | None
@@ -139,6 +148,12 @@ class PolicyScope:
     def predicate(self, resources: FromClause) -> ColumnElement[bool]:
         scope = self.scope
         subject = resources.c.key_subject
+        if scope.patient_only and not scope.directory:
+            judged = self._judged_subjects()
+            if judged is not None:
+                if len(judged) == 1:
+                    return subject == judged[0]
+                return or_(false(), *(subject == s for s in judged))
         has_patient = subject != DIRECTORY_SUBJECT
         admitted: list[ColumnElement[bool]] = []
         for clause in scope.clauses:
@@ -162,6 +177,63 @@ class PolicyScope:
             predicate = and_(predicate, or_(~has_patient, *context))
         return predicate
 
+    def _judged_subjects(self) -> tuple[str, ...] | None:
+        """For a scope narrowed to the launch patient (``patient_only``, a patient type): the
+        key subjects it admits, of the two it can (the launch patient, the directory), when
+        every clause can be judged for both without the database; None when some clause
+        needs the database (a care relationship of the launch patient)."""
+        scope = self.scope
+        context = scope.patient_context
+        if context == DIRECTORY_SUBJECT:  # no patient has that id: the directory alone
+            context = None
+        at_patient = at_directory = False
+        for clause in scope.clauses:
+            required = clause.relationship
+            # whether the relationship holds for the launch patient (None: ask the database)
+            related: bool | None
+            if required is Relationship.TENANT:
+                related = True
+            elif required is Relationship.OWN and self._own_patient() is not None:
+                related = context is not None and self._own_patient() == context
+            elif required is Relationship.CARE and self.practitioner is not None:
+                related = None if context is not None else False
+            else:  # no relationship can hold (``_related`` answers None)
+                related = False
+            exists = required is not None and self._related_exists(required)
+            if clause.by_relationship and exists:
+                if related is None:
+                    return None
+                at_patient = at_patient or related
+                at_directory = at_directory or required is Relationship.TENANT
+            if clause.granted and context in clause.granted:
+                if not clause.by_relationship and exists:
+                    if related is None:
+                        return None
+                    at_patient = at_patient or not related
+                else:
+                    at_patient = True
+        judged: list[str] = []
+        if at_patient and context is not None:
+            judged.append(context)
+        if at_directory:
+            judged.append(DIRECTORY_SUBJECT)
+        return tuple(judged)
+
+    def _own_patient(self) -> str | None:
+        """The caller's own patient id; never the directory's subject (no patient has it)."""
+        own = self.scope.own_patient
+        return None if own == DIRECTORY_SUBJECT else own
+
+    def _related_exists(self, required: Relationship) -> bool:
+        """Whether :meth:`_related` gives a predicate (not None) for ``required``."""
+        if required is Relationship.TENANT:
+            return True
+        if required is Relationship.CARE:
+            return self.practitioner is not None
+        if required is Relationship.OWN:
+            return self._own_patient() is not None
+        return False
+
     def _related(
         self, required: Relationship | None, resources: FromClause
     ) -> ColumnElement[bool] | None:
@@ -172,8 +244,9 @@ class PolicyScope:
         if required is Relationship.CARE and self.practitioner is not None:
             care = CareRelationshipScope(*self.practitioner).predicate(resources)
             return and_(subject != DIRECTORY_SUBJECT, care)
-        if required is Relationship.OWN and self.scope.own_patient is not None:
-            return subject == self.scope.own_patient
+        own = self._own_patient()
+        if required is Relationship.OWN and own is not None:
+            return subject == own
         return None
 
 
@@ -387,9 +460,20 @@ class RecordsRepository:
                             )
                         )
                 included = _unique_versions(included, page.matches)
-                decisions = self._decide_rows(uow, caller, list(page.matches), Interaction.SEARCH)
-                included_decisions = self._decide_rows(uow, caller, included, Interaction.SEARCH)
-                return page, included, decisions, included_decisions, uow.nodes
+                # A decision depends on the row only through its type and patient: one per
+                # distinct pair (a page of one patient's Observations is one decision).
+                rows = [*page.matches, *included]
+                distinct = {(v.key.resource_type, v.key_subject): v for v in rows}
+                decided = dict(
+                    zip(
+                        distinct,
+                        self._decide_rows(uow, caller, list(distinct.values()), Interaction.SEARCH),
+                        strict=True,
+                    )
+                )
+                each = [decided[(v.key.resource_type, v.key_subject)] for v in rows]
+                matched = len(page.matches)
+                return page, included, each[:matched], each[matched:], uow.nodes
 
         page, included, decisions, included_decisions, node = await _reading(run)
         # SQL admitted exactly what the policy admits; a row the decision refuses now would be
