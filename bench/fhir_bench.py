@@ -833,16 +833,19 @@ def main(args: argparse.Namespace) -> int:
                 for failure in got.failures:
                     warn(f"{server.name}: load: {failure}")
             # The policy-off server reads a copy of the "on" data: same records, same ids.
+            # Every measured server starts afresh on its loaded data (none keeps the heap and
+            # caches of its own load), so that the three are compared alike.
             with ui.step("copying the data directory for the policy-off server"):
                 on.stop()
+                off.stop()
                 shutil.copytree(tmp / "on", tmp / "policy-off")
                 shutil.copy(tmp / "on.shares.json", tmp / "policy-off.shares.json")
                 policy = Server("policy-off", "policy-off", tmp / "policy-off", tmp)
                 servers.append(policy)
-                on.start()
-                policy.start()
-                on.wait_ready()
-                policy.wait_ready()
+                for server in (on, off, policy):
+                    server.start()
+                for server in (on, off, policy):
+                    server.wait_ready()
             loaded["policy-off"] = loaded["on"]
             framework = Server("framework", "framework", tmp / "on", tmp)
             framework.start()
