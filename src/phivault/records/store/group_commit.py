@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the unit imports this module (_SavepointLost)
 _GROUP_MAX: Final = 64  # write units committed together at most
 
 
-class _GroupUnit:
+class GroupUnit:
     """A write unit waiting to be committed in a group (:meth:`SqlRecordStore.write_unit`);
     it runs in its submitter's context (context variables), on the group's thread."""
 
@@ -54,11 +54,12 @@ class GroupCommit:
         self.unit_of_work = unit_of_work
         self._group_turn = threading.Condition(threading.Lock())
         self._group_writing = False  # a group is being written (by one of the submitters)
-        self._group_pending: list[_GroupUnit] = []
+        self._group_pending: list[GroupUnit] = []
 
-    def _write_grouped(self, units: list[_GroupUnit]) -> list[BaseException | None]:
+    def write(self, units: list[GroupUnit]) -> list[BaseException | None]:
         """Queue ``units`` for the next group and wait until each one is written or has
-        failed, writing groups on this thread when it is its turn (see :meth:`write_unit`)."""
+        failed, writing groups on this thread when it is its turn (see the store's
+        ``write_unit``)."""
         deadline = time.monotonic() + _WRITER_WAIT_S
         with self._group_turn:
             self._group_pending.extend(units)
@@ -90,7 +91,7 @@ class GroupCommit:
                     self._group_turn.notify_all()
         return [u.error for u in units]
 
-    def _withdraw(self, units: list[_GroupUnit]) -> None:
+    def _withdraw(self, units: list[GroupUnit]) -> None:
         """The units no group has taken yet fail closed (their wait is over): no later group
         may write one after its submitter was told it failed. Under ``_group_turn``."""
         for unit in units:
@@ -99,8 +100,8 @@ class GroupCommit:
                 unit.error = RecordStoreUnavailable("records store: begin failed (another writer)")
                 unit.finished = True
 
-    def _write_group(self, batch: list[_GroupUnit]) -> None:
-        """Write and commit ``batch`` (see :meth:`write_unit`): each unit's ``error`` says
+    def _write_group(self, batch: list[GroupUnit]) -> None:
+        """Write and commit ``batch`` (see the store's ``write_unit``): each unit's ``error`` says
         how it ended (None: committed)."""
         if len(batch) == 1:
             self._write_alone(batch[0])
@@ -125,7 +126,7 @@ class GroupCommit:
                 if unit.error is None:
                     unit.error = exc
 
-    def _write_alone(self, unit: _GroupUnit) -> None:
+    def _write_alone(self, unit: GroupUnit) -> None:
         try:
             with self.unit_of_work() as uow:
                 unit.context.run(unit.work, uow)

@@ -58,7 +58,7 @@ from phivault.records.store._driver import (
     _sqlite_begin,
     _sqlite_connect,
 )
-from phivault.records.store.group_commit import GroupCommit, _GroupUnit
+from phivault.records.store.group_commit import GroupCommit, GroupUnit
 from phivault.records.store.ports import ReadClass, RecordStore, RecordStoreUnavailable
 from phivault.records.store.routing import (
     CooldownHealth,
@@ -351,7 +351,7 @@ class SqlRecordStore:
                 work(uow)
                 uow.commit()
             return
-        error = self._group_commit._write_grouped([_GroupUnit(work, contextvars.copy_context())])[0]
+        error = self._group_commit.write([GroupUnit(work, contextvars.copy_context())])[0]
         if error is not None:
             raise error
 
@@ -374,9 +374,7 @@ class SqlRecordStore:
                     errors.append(None)
             return errors
         context = contextvars.copy_context()
-        return self._group_commit._write_grouped(
-            [_GroupUnit(work, context.copy()) for work in works]
-        )
+        return self._group_commit.write([GroupUnit(work, context.copy()) for work in works])
 
     def _routed(
         self, router: ReplicaRouter, reads: ReadClass, session: str | None
