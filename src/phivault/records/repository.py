@@ -1525,6 +1525,7 @@ class RecordsRepository:
         settle_after_s: float | None = None,
         keep_claims_s: float = 86_400.0,
         claim_wait_s: float = 10.0,
+        memo: IntentScan | None = None,
     ) -> ReconcileReport:
         """Settle the write intents that a crash left without an outcome.
 
@@ -1548,7 +1549,12 @@ class RecordsRepository:
         The embedded shape runs it once at start, before serving. With several workers (the
         scaled shape) only intents older than ``settle_after_s`` are settled: a younger one
         is most likely still in flight (the claims keep a slower one correct, at the price of
-        a failed request), and the cursor stops at the oldest one left open.
+        a failed request), and the cursor stops at the oldest one left open. A periodic
+        reconciler passes the same ``memo`` (:class:`IntentScan`) to every pass: while the
+        cursor stays put, a pass then reads only the entries appended since the last one.
+
+        The scan parses only the entries whose leaf bytes can be a REST intent or outcome
+        (:func:`_may_settle`); docs/decisions/records-intent-claims.md says why that is safe.
         """
         await ledger.refresh()
         start = _read_cursor(cursor)
@@ -1559,24 +1565,31 @@ class RecordsRepository:
             else datetime.fromtimestamp(self._clock() - settle_after_s, UTC)
         )
 
+        found = memo if memo is not None else IntentScan()
+
         def scan() -> tuple[list[tuple[int, AuditEvent]], int]:
-            intents: dict[tuple[str | None, tuple[str, ...]], tuple[int, AuditEvent]] = {}
-            settled: set[tuple[str | None, tuple[str, ...]]] = set()
-            for chunk in range(start, end, _SCAN_CHUNK):
-                for entry in ledger.read_range(chunk, min(chunk + _SCAN_CHUNK, end)):
-                    event = entry.event
-                    if event.kind is not EventKind.REST or event.outcome_reason is None:
-                        continue
-                    key = (event.request_id, _written(event))
-                    if event.outcome_reason == _INTENT:
-                        intents[key] = (entry.index, event)
-                    elif event.outcome_reason in _OUTCOME_REASONS:
-                        settled.add(key)
+            found.resume(ledger, start, end)  # what it holds of [start, end) is kept
+            try:
+                for chunk in range(found.stop, end, _SCAN_CHUNK):
+                    stop = min(chunk + _SCAN_CHUNK, end)
+                    # Only the leaves that can be a REST intent or outcome are parsed (nearly
+                    # every entry is a read, and every worker scans every entry).
+                    for entry in ledger.read_range_matching(chunk, stop, _may_settle):
+                        event = entry.event
+                        if event.kind is not EventKind.REST or event.outcome_reason is None:
+                            continue
+                        key = (event.request_id, _written(event))
+                        if event.outcome_reason == _INTENT:
+                            found.intent(key, entry.index, event)
+                        elif event.outcome_reason in _OUTCOME_REASONS:
+                            found.settle(key)
+                    found.stop = stop
+            except BaseException:
+                found.forget()  # a chunk half taken in: scan it all again next time
+                raise
             due: list[tuple[int, AuditEvent]] = []
             resume = end
-            for key, (index, event) in intents.items():
-                if key in settled:
-                    continue
+            for index, event in found.intents.values():  # none of them settled
                 if young_after is not None and event.recorded > young_after:
                     resume = min(resume, index)  # maybe still in flight: look again next time
                     continue
@@ -1635,6 +1648,8 @@ class RecordsRepository:
                 )
             )
         _write_cursor(cursor, resume)
+        if resume != start:
+            found.forget()  # the next pass starts elsewhere
         await _blocking(lambda: self._prune_claims(_micros(self._clock() - keep_claims_s)))
         return ReconcileReport(start, resume, committed, absent)
 
@@ -1856,6 +1871,83 @@ def _micros(seconds: float) -> int:
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
+
+
+_IntentKey = tuple[str | None, tuple[str, ...]]  # (request id, versions written)
+#: What a scan keeps at most between passes (intents and settled keys); beyond it, the next
+#: pass reads its whole range again.
+_MEMO_MAX_KEYS: Final = 200_000
+
+
+class IntentScan:
+    """What reconcile passes found in ``[start, stop)`` of one ledger: the intents still open
+    there (the last of each key, in the order their keys first came) and the keys settled.
+
+    A cache, never the source of a verdict: a periodic reconciler keeps one between passes so
+    that a pass whose cursor did not move (it stops at the oldest young intent left open, for
+    as long as ``settle_after_s``) reads only the entries appended since, instead of the whole
+    range again. It holds exactly what scanning the range in one go would give (entries never
+    change; a fresh scan gives the same result), and it is dropped whenever the cursor moves,
+    another ledger is read, a scan fails half way, or it grows beyond ``_MEMO_MAX_KEYS``. The
+    verdict on each intent still comes from the intent claims.
+    """
+
+    __slots__ = ("_ledger", "intents", "settled", "start", "stop")
+
+    def __init__(self) -> None:
+        self._ledger: object | None = None
+        self.start = self.stop = 0
+        self.intents: dict[_IntentKey, tuple[int, AuditEvent]] = {}
+        self.settled: set[_IntentKey] = set()
+
+    def resume(self, ledger: object, start: int, end: int) -> None:
+        """Keep what was found if it covers ``[start, stop)`` of this ledger, ``stop <= end``;
+        otherwise start over empty at ``start``."""
+        if not (self._ledger is ledger and self.start == start and start <= self.stop <= end):
+            self.forget()
+            self._ledger = ledger
+            self.start = self.stop = start
+
+    def intent(self, key: _IntentKey, index: int, event: AuditEvent) -> None:
+        if key not in self.settled:
+            self.intents[key] = (index, event)
+
+    def settle(self, key: _IntentKey) -> None:
+        self.settled.add(key)
+        self.intents.pop(key, None)
+        if len(self.settled) + len(self.intents) > _MEMO_MAX_KEYS:
+            self._ledger = None  # still exact for this pass; not kept for the next
+
+    def forget(self) -> None:
+        self._ledger = None
+        self.start = self.stop = 0
+        self.intents = {}
+        self.settled = set()
+
+
+#: The outcome reasons the reconciler acts on, as JSON strings: in a leaf that holds no ``\u``
+#: escape, each can only be written this way (none has a character another escape gives).
+_SETTLE_TOKENS: Final = tuple(
+    f'"{reason}"'.encode() for reason in (_INTENT, *sorted(_OUTCOME_REASONS))
+)
+
+
+def _may_settle(leaf: bytes) -> bool:
+    r"""Whether a leaf can hold a REST event with an intent or outcome reason, judged on its
+    bytes alone: False only if ``json.loads`` of it cannot give one (a false positive costs a
+    full parse, which decides; a false negative would lose an intent).
+
+    A parsed string equals ``"intent"`` only if the JSON text spells it literally or with a
+    ``\u`` escape; ``json.loads`` reads UTF-8 (a BOM allowed, still literal) or, from a NUL
+    byte pattern, UTF-16/32, where every ASCII character has a NUL byte. So: a leaf with
+    ``\u`` or a NUL byte may be anything; otherwise it needs ``"rest"`` and one of the tokens.
+    Canonical leaves (RFC 8785) escape with ``\u`` only control characters, which event
+    fields (ids and codes) do not hold, so in practice only REST intents and outcomes (and
+    the odd event that names one of these words) are parsed.
+    """
+    if b"\\u" in leaf or b"\x00" in leaf:
+        return True
+    return any(token in leaf for token in _SETTLE_TOKENS) and b'"rest"' in leaf
 
 
 def _read_cursor(cursor: Path | None) -> int:
