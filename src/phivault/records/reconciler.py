@@ -80,8 +80,8 @@ class IntentReconciler:
         self._every_s = every_s
         self._settle_after_s = settle_after_s
         self._keep_claims_s = keep_claims_s
-        # What the last pass scanned, so that the next one, while the cursor stays at an
-        # intent still young, reads only what came since (a cache: RecordsRepository.reconcile).
+        # What the passes scanned, so that the next one reads only what came since, not again
+        # from the cursor (which stays at the oldest young intent): a cache (IntentScan).
         self._scan = IntentScan()
 
     async def run_once(self) -> ReconcileReport | None:

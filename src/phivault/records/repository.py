@@ -1550,8 +1550,8 @@ class RecordsRepository:
         scaled shape) only intents older than ``settle_after_s`` are settled: a younger one
         is most likely still in flight (the claims keep a slower one correct, at the price of
         a failed request), and the cursor stops at the oldest one left open. A periodic
-        reconciler passes the same ``memo`` (:class:`IntentScan`) to every pass: while the
-        cursor stays put, a pass then reads only the entries appended since the last one.
+        reconciler passes the same ``memo`` (:class:`IntentScan`) to every pass: a pass then
+        reads only the entries appended since the last one, not again from the cursor.
 
         The scan parses only the entries whose leaf bytes can be a REST intent or outcome
         (:func:`_may_settle`); docs/decisions/records-intent-claims.md says why that is safe.
@@ -1568,7 +1568,7 @@ class RecordsRepository:
         found = memo if memo is not None else IntentScan()
 
         def scan() -> tuple[list[tuple[int, AuditEvent]], int]:
-            found.resume(ledger, start, end)  # what it holds of [start, end) is kept
+            found.resume(ledger, start, end)  # what it holds from start on is kept
             try:
                 for chunk in range(found.stop, end, _SCAN_CHUNK):
                     stop = min(chunk + _SCAN_CHUNK, end)
@@ -1580,16 +1580,16 @@ class RecordsRepository:
                             continue
                         key = (event.request_id, _written(event))
                         if event.outcome_reason == _INTENT:
-                            found.intent(key, entry.index, event)
+                            found.add(entry.index, key, event)
                         elif event.outcome_reason in _OUTCOME_REASONS:
-                            found.settle(key)
+                            found.add(entry.index, key, None)
                     found.stop = stop
             except BaseException:
                 found.forget()  # a chunk half taken in: scan it all again next time
                 raise
             due: list[tuple[int, AuditEvent]] = []
             resume = end
-            for index, event in found.intents.values():  # none of them settled
+            for index, event in found.open_intents():
                 if young_after is not None and event.recorded > young_after:
                     resume = min(resume, index)  # maybe still in flight: look again next time
                     continue
@@ -1648,8 +1648,6 @@ class RecordsRepository:
                 )
             )
         _write_cursor(cursor, resume)
-        if resume != start:
-            found.forget()  # the next pass starts elsewhere
         await _blocking(lambda: self._prune_claims(_micros(self._clock() - keep_claims_s)))
         return ReconcileReport(start, resume, committed, absent)
 
@@ -1874,55 +1872,68 @@ _MICROSECOND: Final = timedelta(microseconds=1)
 
 
 _IntentKey = tuple[str | None, tuple[str, ...]]  # (request id, versions written)
-#: What a scan keeps at most between passes (intents and settled keys); beyond it, the next
-#: pass reads its whole range again.
-_MEMO_MAX_KEYS: Final = 200_000
+#: The most intent and outcome events a scan keeps between passes (a few MB); beyond it, the
+#: next pass reads its whole range again (only the intents and outcomes are parsed anyway).
+_MEMO_MAX_EVENTS: Final = 10_000
 
 
 class IntentScan:
-    """What reconcile passes found in ``[start, stop)`` of one ledger: the intents still open
-    there (the last of each key, in the order their keys first came) and the keys settled.
+    """The intent and outcome events reconcile passes found in ``[start, stop)`` of one
+    ledger (parsed, with their keys), kept between the passes of a periodic reconciler.
 
-    A cache, never the source of a verdict: a periodic reconciler keeps one between passes so
-    that a pass whose cursor did not move (it stops at the oldest young intent left open, for
-    as long as ``settle_after_s``) reads only the entries appended since, instead of the whole
-    range again. It holds exactly what scanning the range in one go would give (entries never
-    change; a fresh scan gives the same result), and it is dropped whenever the cursor moves,
-    another ledger is read, a scan fails half way, or it grows beyond ``_MEMO_MAX_KEYS``. The
-    verdict on each intent still comes from the intent claims.
+    A cache, never the source of a verdict. A pass reads the ledger from its cursor, which
+    stops at the oldest intent still young (for up to ``settle_after_s``) or still being
+    written: without it, every pass would read and filter that whole range again. With it, a
+    pass reads only what was appended since the last one, and drops what lies before its
+    cursor. It holds exactly what scanning the range would give (entries never change), the
+    open intents are computed from it as from a scan (:meth:`open_intents`), and it is
+    dropped when another ledger is read, the cursor went back, a scan failed half way, or it
+    holds more than ``_MEMO_MAX_EVENTS``. The verdict on each intent still comes from the
+    intent claims.
     """
 
-    __slots__ = ("_ledger", "intents", "settled", "start", "stop")
+    __slots__ = ("_found", "_ledger", "start", "stop")
 
     def __init__(self) -> None:
         self._ledger: object | None = None
         self.start = self.stop = 0
-        self.intents: dict[_IntentKey, tuple[int, AuditEvent]] = {}
-        self.settled: set[_IntentKey] = set()
+        # (index, key, the intent event or None for an outcome), in ledger order
+        self._found: list[tuple[int, _IntentKey, AuditEvent | None]] = []
 
     def resume(self, ledger: object, start: int, end: int) -> None:
-        """Keep what was found if it covers ``[start, stop)`` of this ledger, ``stop <= end``;
-        otherwise start over empty at ``start``."""
-        if not (self._ledger is ledger and self.start == start and start <= self.stop <= end):
-            self.forget()
-            self._ledger = ledger
-            self.start = self.stop = start
+        """Keep what was found at or after ``start`` if it is of this ledger, from ``start``
+        on, and ``stop <= end``; otherwise start over, empty, at ``start``."""
+        if self._ledger is ledger and self.start <= start <= self.stop <= end:
+            if start > self.start:
+                self._found = [found for found in self._found if found[0] >= start]
+                self.start = start
+            return
+        self.forget()
+        self._ledger = ledger
+        self.start = self.stop = start
 
-    def intent(self, key: _IntentKey, index: int, event: AuditEvent) -> None:
-        if key not in self.settled:
-            self.intents[key] = (index, event)
+    def add(self, index: int, key: _IntentKey, intent: AuditEvent | None) -> None:
+        """An intent event (``intent``) or an outcome (None) of ``key`` at ``index``."""
+        self._found.append((index, key, intent))
+        if len(self._found) > _MEMO_MAX_EVENTS:
+            self._ledger = None  # still whole for this pass; not kept for the next
 
-    def settle(self, key: _IntentKey) -> None:
-        self.settled.add(key)
-        self.intents.pop(key, None)
-        if len(self.settled) + len(self.intents) > _MEMO_MAX_KEYS:
-            self._ledger = None  # still exact for this pass; not kept for the next
+    def open_intents(self) -> list[tuple[int, AuditEvent]]:
+        """The intents of ``[start, stop)`` without an outcome there: the last intent of each
+        key, in the order their keys first came (as reconcile has always judged them)."""
+        intents: dict[_IntentKey, tuple[int, AuditEvent]] = {}
+        settled: set[_IntentKey] = set()
+        for index, key, intent in self._found:
+            if intent is not None:
+                intents[key] = (index, intent)
+            else:
+                settled.add(key)
+        return [found for key, found in intents.items() if key not in settled]
 
     def forget(self) -> None:
         self._ledger = None
         self.start = self.stop = 0
-        self.intents = {}
-        self.settled = set()
+        self._found = []
 
 
 #: The outcome reasons the reconciler acts on, as JSON strings: in a leaf that holds no ``\u``
