@@ -10,6 +10,12 @@ worker whose cursor is far behind), with a real SQLite records store and key rin
 time (every thread) divided by the passes is the figure.
 
     python bench/_reconcile_cpu.py [--reads 20000] [--writes 200] [--open 3] [--passes 5]
+                                   [--periodic 1000]
+
+``--periodic K``: as a scaled worker's reconciler runs. The young open intents come first, so
+they hold the cursor file at the start of the ledger; each pass follows ``K`` more reads (not
+timed), and passes one :class:`IntentScan` memo to every pass when the tree has one (else
+each pass reads again from the cursor, as before it existed, or with ``--no-memo``).
 
 The last line is JSON: ``entries``, ``cpu_ms_per_pass``, ``us_per_entry``, ``resume``, ``phivault``
 (the source the run imported, so an A/B run can show which tree it measured).
@@ -38,6 +44,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     from phivault.ledger.events import Action, Agent, AuditEvent, Entity, EventKind, Source
     from phivault.ledger.service import initialize_ledger, open_ledger
     from phivault.ledger.testing import InMemoryAuditSink
+    from phivault.records import repository
     from phivault.records.repository import RecordsRepository
     from phivault.records.results import RecordControls
     from phivault.records.store import SqlRecordStore
@@ -87,8 +94,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             )
 
         writes_every = max(1, args.reads // max(1, args.writes))
+        young = [event(20_000_000 + k, reason="intent", when=now) for k in range(args.open)]
         async with open_ledger(data_dir) as ledger:
-            batch: list[AuditEvent] = []
+            batch: list[AuditEvent] = young if args.periodic else []
             for i in range(args.reads):
                 batch.append(event(i))
                 if args.writes and i % writes_every == 0:
@@ -97,16 +105,27 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 if len(batch) >= 500:
                     await asyncio.gather(*(ledger.record(e) for e in batch))
                     batch = []
-            batch.extend(event(20_000_000 + k, reason="intent", when=now) for k in range(args.open))
+            if not args.periodic:
+                batch.extend(young)
             await asyncio.gather(*(ledger.record(e) for e in batch))
             entries = ledger.size
 
-            report = await repo.reconcile(ledger, sink=ledger, settle_after_s=120)  # warm up
-            cpu0, wall0 = time.process_time(), time.perf_counter()
+            options: dict[str, object] = {"settle_after_s": 120}
+            if args.periodic:
+                options["cursor"] = root / "reconcile.cursor"
+                if hasattr(repository, "IntentScan") and not args.no_memo:
+                    options["memo"] = repository.IntentScan()
+            report = await repo.reconcile(ledger, sink=ledger, **options)  # type: ignore[arg-type]
+            cpu = wall = 0.0
             for _ in range(args.passes):
-                report = await repo.reconcile(ledger, sink=ledger, settle_after_s=120)
-            cpu = time.process_time() - cpu0
-            wall = time.perf_counter() - wall0
+                if args.periodic:
+                    more = [event(i) for i in range(args.periodic)]
+                    await asyncio.gather(*(ledger.record(e) for e in more))
+                    entries = ledger.size
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                report = await repo.reconcile(ledger, sink=ledger, **options)  # type: ignore[arg-type]
+                cpu += time.process_time() - cpu0
+                wall += time.perf_counter() - wall0
         store.close()
         keystore.close()
     per_pass = cpu / args.passes
@@ -116,6 +135,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "cpu_ms_per_pass": round(per_pass * 1000, 2),
         "wall_ms_per_pass": round(wall / args.passes * 1000, 2),
         "us_per_entry": round(per_pass / entries * 1e6, 3),
+        "periodic": args.periodic,
+        "memo": "memo" in options,
         "resume": report.scanned_to,
         "settled": report.committed + report.absent,
         "phivault": str(Path(phivault.__file__).parent),
@@ -128,5 +149,7 @@ if __name__ == "__main__":
     parser.add_argument("--writes", type=int, default=200)
     parser.add_argument("--open", type=int, default=3)
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--periodic", type=int, default=0)
+    parser.add_argument("--no-memo", action="store_true", help="--periodic without the memo")
     result = asyncio.run(main(parser.parse_args()))
     sys.stdout.write(json.dumps(result) + "\n")
