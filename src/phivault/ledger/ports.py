@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -144,6 +144,13 @@ class LedgerReader(Protocol):
     def read(self, index: int) -> LedgerEntry: ...
 
     def read_range(self, start: int, stop: int) -> list[LedgerEntry]: ...
+
+    def read_range_matching(
+        self, start: int, stop: int, may_match: Callable[[bytes], bool]
+    ) -> list[LedgerEntry]:
+        """Entries ``start`` to ``stop`` whose leaf bytes (canonical JSON) ``may_match``
+        accepts; the others are read (and checked) but not parsed."""
+        ...
 
     def patient_chain(self, patient: str) -> Iterator[ReportEvent]:
         """The patient's events, newest first, by following the back-links."""

@@ -163,6 +163,24 @@ class LedgerReading:
             for offset, leaf in enumerate(leaves)
         ]
 
+    def read_range_matching(
+        self, start: int, stop: int, may_match: Callable[[bytes], bool]
+    ) -> list[LedgerEntry]:
+        """The entries ``start`` to ``stop`` whose leaf bytes ``may_match`` accepts, parsed, in
+        one store read: for scans that look for a few entries among many (the intent
+        reconciler). The others are read and checked by the store as :meth:`read_range`
+        does (a PostgreSQL leaf against its hash) but never parsed. ``may_match`` must accept
+        every leaf the caller could want: a false positive costs a parse, a false negative
+        loses an entry."""
+        if not 0 <= start <= stop <= self._size:
+            raise LedgerError(f"no entries {start}..{stop} (the ledger holds {self._size})")
+        leaves = self._store.read(start, stop)
+        return [
+            LedgerEntry(index=start + offset, leaf=leaf, document=json.loads(leaf))
+            for offset, leaf in enumerate(leaves)
+            if may_match(leaf)
+        ]
+
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         return self._tree.inclusion_proof(index, self._size if size is None else size)
 

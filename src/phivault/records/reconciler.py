@@ -24,6 +24,7 @@ from sqlalchemy import Engine, text
 
 from phivault.errors import PhivaultError
 from phivault.pg_advisory import advisory_key
+from phivault.records.repository import IntentScan
 
 if TYPE_CHECKING:
     from phivault.ledger.ports import AuditSink, LedgerReader
@@ -79,6 +80,9 @@ class IntentReconciler:
         self._every_s = every_s
         self._settle_after_s = settle_after_s
         self._keep_claims_s = keep_claims_s
+        # What the passes scanned, so that the next one reads only what came since, not again
+        # from the cursor (which stays at the oldest young intent): a cache (IntentScan).
+        self._scan = IntentScan()
 
     async def run_once(self) -> ReconcileReport | None:
         """One pass; None when another worker holds the lock."""
@@ -93,6 +97,7 @@ class IntentReconciler:
                 cursor=self._cursor,
                 settle_after_s=self._settle_after_s,
                 keep_claims_s=self._keep_claims_s,
+                memo=self._scan,
             )
         finally:
             await asyncio.to_thread(lock.__exit__, None, None, None)

@@ -1613,6 +1613,7 @@ class RecordsRepository:
         settle_after_s: float | None = None,
         keep_claims_s: float = 86_400.0,
         claim_wait_s: float = 10.0,
+        memo: IntentScan | None = None,
     ) -> ReconcileReport:
         """Settle the write intents that a crash left without an outcome.
 
@@ -1636,7 +1637,12 @@ class RecordsRepository:
         The embedded shape runs it once at start, before serving. With several workers (the
         scaled shape) only intents older than ``settle_after_s`` are settled: a younger one
         is most likely still in flight (the claims keep a slower one correct, at the price of
-        a failed request), and the cursor stops at the oldest one left open.
+        a failed request), and the cursor stops at the oldest one left open. A periodic
+        reconciler passes the same ``memo`` (:class:`IntentScan`) to every pass: a pass then
+        reads only the entries appended since the last one, not again from the cursor.
+
+        The scan parses only the entries whose leaf bytes can be a REST intent or outcome
+        (:func:`_may_settle`); docs/decisions/records-intent-claims.md says why that is safe.
         """
         await ledger.refresh()
         start = _read_cursor(cursor)
@@ -1647,24 +1653,31 @@ class RecordsRepository:
             else datetime.fromtimestamp(self._clock() - settle_after_s, UTC)
         )
 
+        found = memo if memo is not None else IntentScan()
+
         def scan() -> tuple[list[tuple[int, AuditEvent]], int]:
-            intents: dict[tuple[str | None, tuple[str, ...]], tuple[int, AuditEvent]] = {}
-            settled: set[tuple[str | None, tuple[str, ...]]] = set()
-            for chunk in range(start, end, _SCAN_CHUNK):
-                for entry in ledger.read_range(chunk, min(chunk + _SCAN_CHUNK, end)):
-                    event = entry.event
-                    if event.kind is not EventKind.REST or event.outcome_reason is None:
-                        continue
-                    key = (event.request_id, _written(event))
-                    if event.outcome_reason == _INTENT:
-                        intents[key] = (entry.index, event)
-                    elif event.outcome_reason in _OUTCOME_REASONS:
-                        settled.add(key)
+            found.resume(ledger, start, end)  # what it holds from start on is kept
+            try:
+                for chunk in range(found.stop, end, _SCAN_CHUNK):
+                    stop = min(chunk + _SCAN_CHUNK, end)
+                    # Only the leaves that can be a REST intent or outcome are parsed (nearly
+                    # every entry is a read, and every worker scans every entry).
+                    for entry in ledger.read_range_matching(chunk, stop, _may_settle):
+                        event = entry.event
+                        if event.kind is not EventKind.REST or event.outcome_reason is None:
+                            continue
+                        key = (event.request_id, _written(event))
+                        if event.outcome_reason == _INTENT:
+                            found.add(entry.index, key, event)
+                        elif event.outcome_reason in _OUTCOME_REASONS:
+                            found.add(entry.index, key, None)
+                    found.stop = stop
+            except BaseException:
+                found.forget()  # a chunk half taken in: scan it all again next time
+                raise
             due: list[tuple[int, AuditEvent]] = []
             resume = end
-            for key, (index, event) in intents.items():
-                if key in settled:
-                    continue
+            for index, event in found.open_intents():
                 if young_after is not None and event.recorded > young_after:
                     resume = min(resume, index)  # maybe still in flight: look again next time
                     continue
@@ -1959,6 +1972,96 @@ def _micros(seconds: float) -> int:
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
+
+
+_IntentKey = tuple[str | None, tuple[str, ...]]  # (request id, versions written)
+#: The most intent and outcome events a scan keeps between passes (a few MB); beyond it, the
+#: next pass reads its whole range again (only the intents and outcomes are parsed anyway).
+_MEMO_MAX_EVENTS: Final = 10_000
+
+
+class IntentScan:
+    """The intent and outcome events reconcile passes found in ``[start, stop)`` of one
+    ledger (parsed, with their keys), kept between the passes of a periodic reconciler.
+
+    A cache, never the source of a verdict. A pass reads the ledger from its cursor, which
+    stops at the oldest intent still young (for up to ``settle_after_s``) or still being
+    written: without it, every pass would read and filter that whole range again. With it, a
+    pass reads only what was appended since the last one, and drops what lies before its
+    cursor. It holds exactly what scanning the range would give (entries never change), the
+    open intents are computed from it as from a scan (:meth:`open_intents`), and it is
+    dropped when another ledger is read, the cursor went back, a scan failed half way, or it
+    holds more than ``_MEMO_MAX_EVENTS``. The verdict on each intent still comes from the
+    intent claims.
+    """
+
+    __slots__ = ("_found", "_ledger", "start", "stop")
+
+    def __init__(self) -> None:
+        self._ledger: object | None = None
+        self.start = self.stop = 0
+        # (index, key, the intent event or None for an outcome), in ledger order
+        self._found: list[tuple[int, _IntentKey, AuditEvent | None]] = []
+
+    def resume(self, ledger: object, start: int, end: int) -> None:
+        """Keep what was found at or after ``start`` if it is of this ledger, from ``start``
+        on, and ``stop <= end``; otherwise start over, empty, at ``start``."""
+        if self._ledger is ledger and self.start <= start <= self.stop <= end:
+            if start > self.start:
+                self._found = [found for found in self._found if found[0] >= start]
+                self.start = start
+            return
+        self.forget()
+        self._ledger = ledger
+        self.start = self.stop = start
+
+    def add(self, index: int, key: _IntentKey, intent: AuditEvent | None) -> None:
+        """An intent event (``intent``) or an outcome (None) of ``key`` at ``index``."""
+        self._found.append((index, key, intent))
+        if len(self._found) > _MEMO_MAX_EVENTS:
+            self._ledger = None  # still whole for this pass; not kept for the next
+
+    def open_intents(self) -> list[tuple[int, AuditEvent]]:
+        """The intents of ``[start, stop)`` without an outcome there: the last intent of each
+        key, in the order their keys first came (as reconcile has always judged them)."""
+        intents: dict[_IntentKey, tuple[int, AuditEvent]] = {}
+        settled: set[_IntentKey] = set()
+        for index, key, intent in self._found:
+            if intent is not None:
+                intents[key] = (index, intent)
+            else:
+                settled.add(key)
+        return [found for key, found in intents.items() if key not in settled]
+
+    def forget(self) -> None:
+        self._ledger = None
+        self.start = self.stop = 0
+        self._found = []
+
+
+#: The outcome reasons the reconciler acts on, as JSON strings: in a leaf that holds no ``\u``
+#: escape, each can only be written this way (none has a character another escape gives).
+_SETTLE_TOKENS: Final = tuple(
+    f'"{reason}"'.encode() for reason in (_INTENT, *sorted(_OUTCOME_REASONS))
+)
+
+
+def _may_settle(leaf: bytes) -> bool:
+    r"""Whether a leaf can hold a REST event with an intent or outcome reason, judged on its
+    bytes alone: False only if ``json.loads`` of it cannot give one (a false positive costs a
+    full parse, which decides; a false negative would lose an intent).
+
+    A parsed string equals ``"intent"`` only if the JSON text spells it literally or with a
+    ``\u`` escape; ``json.loads`` reads UTF-8 (a BOM allowed, still literal) or, from a NUL
+    byte pattern, UTF-16/32, where every ASCII character has a NUL byte. So: a leaf with
+    ``\u`` or a NUL byte may be anything; otherwise it needs ``"rest"`` and one of the tokens.
+    Canonical leaves (RFC 8785) escape with ``\u`` only control characters, which event
+    fields (ids and codes) do not hold, so in practice only REST intents and outcomes (and
+    the odd event that names one of these words) are parsed.
+    """
+    if b"\\u" in leaf or b"\x00" in leaf:
+        return True
+    return any(token in leaf for token in _SETTLE_TOKENS) and b'"rest"' in leaf
 
 
 def _read_cursor(cursor: Path | None) -> int:

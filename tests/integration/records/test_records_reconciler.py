@@ -4,17 +4,23 @@ lock), intents settled only once old enough, and a pass that fails never stops t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from records_store_support import StoreFactory, postgres_url
-from repository_support import loader, open_kit
+from repository_support import TENANT, loader, open_kit
 from sqlalchemy import create_engine
 
+from phivault.ledger.errors import LedgerUnavailable
 from phivault.ledger.service import initialize_ledger, open_ledger
 from phivault.records.reconciler import IntentReconciler, reconcile_lock
 from phivault.records.repository import RecordsRepository
+from phivault.records.results import Caller
+from phivault.records.testing import FixedCallerTrail
 
 
 def test_one_worker_at_a_time_holds_the_reconcile_lock() -> None:
@@ -81,3 +87,102 @@ async def test_a_pass_settles_old_intents_and_a_failed_pass_does_not_stop_the_lo
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await loop
+
+
+def _organization(name: str) -> dict[str, Any]:
+    return {"resourceType": "Organization", "name": name}
+
+
+@contextlib.contextmanager
+def _outcomes_lost() -> Iterator[None]:
+    """The writer records its intents, then dies before the outcome events."""
+    real_record = RecordsRepository._record_writes
+
+    async def no_outcome(self: RecordsRepository, caller: Any, events: Any, **kwargs: Any) -> None:
+        intents = [e for e in events if getattr(e, "outcome_reason", None) == "intent"]
+        await real_record(self, caller, intents, **kwargs)
+
+    RecordsRepository._record_writes = no_outcome  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RecordsRepository._record_writes = real_record  # type: ignore[method-assign]
+
+
+async def test_a_pass_reads_only_what_came_since_the_last_not_again_from_the_cursor(
+    stores: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the oldest young intent holds the cursor, a worker's next pass reads only the
+    entries appended since its last one (the IntentScan memo), not again from the cursor, and
+    finds what a scan from the cursor would: the old intent settled once, the young one left
+    open, every outcome seen."""
+    from phivault.datadir import DataDir
+
+    data_dir = DataDir.create(tmp_path / "data", dev=True)
+    initialize_ledger(data_dir)
+    async with open_kit(stores, tmp_path) as kit, open_ledger(data_dir) as ledger:
+
+        def loader_now(request: str) -> Caller:  # events recorded at the kit's clock
+            trail = FixedCallerTrail(
+                ledger, "loader", tenant=TENANT, observer="repository-test", request_id=request,
+                clock=lambda: datetime.fromtimestamp(kit.clock.t, UTC),
+            )  # fmt: skip
+            return Caller(loader(ledger).access, trail)
+
+        await kit.repo.create(loader_now("req-0"), _organization("0"))
+        with _outcomes_lost():
+            await kit.repo.create(loader_now("req-a"), _organization("A"))
+        first_open = ledger.size - 1
+        reads: list[tuple[int, int]] = []
+        real_read = ledger.read_range_matching
+
+        def spy(start: int, stop: int, may_match: Any) -> Any:
+            reads.append((start, stop))
+            return real_read(start, stop, may_match)
+
+        monkeypatch.setattr(ledger, "read_range_matching", spy)
+        engine = kit.repo._store.engine  # type: ignore[attr-defined]
+        reconciler = IntentReconciler(
+            kit.repo, ledger, ledger, engine, cursor=tmp_path / "cursor",
+            every_s=0.01, settle_after_s=60,
+        )  # fmt: skip
+        young = await reconciler.run_once()
+        assert young is not None and (young.scanned_to, young.committed) == (first_open, 0)
+        assert reads == [(0, ledger.size)]
+        seen = ledger.size
+
+        kit.clock.t += 30
+        await kit.repo.create(loader_now("req-b"), _organization("B"))
+        with _outcomes_lost():
+            await kit.repo.create(loader_now("req-c"), _organization("C"))
+        second_open = ledger.size - 1
+        kit.clock.t += 31  # the first open intent is 61 s old, the second 31 s
+        reads.clear()
+        before = ledger.size
+        settled = await reconciler.run_once()
+        assert reads == [(seen, before)]  # not again from the cursor (the first open intent)
+        assert settled is not None
+        assert (settled.scanned_from, settled.scanned_to) == (first_open, second_open)
+        assert (settled.committed, settled.absent) == (1, 0)
+
+        reads.clear()
+        again = await reconciler.run_once()  # sees the outcome the last pass recorded
+        assert reads == [(before, ledger.size)]
+        assert again is not None and (again.committed, again.absent) == (0, 0)
+        assert again.scanned_to == second_open
+        reasons = [e.event.outcome_reason for e in ledger.read_range(0, ledger.size)]
+        assert reasons.count("reconciled-committed") == 1
+        assert reasons.count("intent") == 4 and reasons.count("committed") == 2
+
+        # A scan that fails half way leaves nothing behind: the next pass reads it all again.
+        def failing(start: int, stop: int, may_match: Any) -> Any:
+            raise LedgerUnavailable("the ledger store went away")
+
+        await kit.repo.create(loader_now("req-d"), _organization("D"))
+        monkeypatch.setattr(ledger, "read_range_matching", failing)
+        with pytest.raises(LedgerUnavailable):
+            await reconciler.run_once()
+        monkeypatch.setattr(ledger, "read_range_matching", spy)
+        reads.clear()
+        await reconciler.run_once()
+        assert reads == [(second_open, ledger.size)]
