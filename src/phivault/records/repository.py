@@ -28,7 +28,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -2022,16 +2022,26 @@ class IntentScan:
             self._ledger = None  # still whole for this pass; not kept for the next
 
     def open_intents(self) -> list[tuple[int, AuditEvent]]:
-        """The intents of ``[start, stop)`` without an outcome there: the last intent of each
-        key, in the order their keys first came (as reconcile has always judged them)."""
-        intents: dict[_IntentKey, tuple[int, AuditEvent]] = {}
-        settled: set[_IntentKey] = set()
+        """The intents of ``[start, stop)`` without an outcome there, in ledger order.
+
+        An outcome settles the oldest intent of its key recorded *before* it, and only one:
+        the key (request id, versions written) is not unique, because a client may send the
+        same ``X-Request-ID`` again. A retried update whose first try rolled back writes the
+        same version under the same key; when the outcome of any earlier intent settled
+        every intent of its key, the retry's intent looked settled by the first try's
+        ``rolled-back`` outcome, and a crash between its commit and its outcome was never
+        reconciled. An outcome with no earlier open intent in the range (its intent lies
+        before the cursor, or it is a second outcome of one intent) settles nothing.
+        """
+        waiting: dict[_IntentKey, deque[tuple[int, AuditEvent]]] = defaultdict(deque)
         for index, key, intent in self._found:
             if intent is not None:
-                intents[key] = (index, intent)
-            else:
-                settled.add(key)
-        return [found for key, found in intents.items() if key not in settled]
+                waiting[key].append((index, intent))
+            elif waiting.get(key):
+                waiting[key].popleft()
+        return sorted(
+            (found for queue in waiting.values() for found in queue), key=lambda found: found[0]
+        )
 
     def forget(self) -> None:
         self._ledger = None

@@ -186,3 +186,60 @@ async def test_a_pass_reads_only_what_came_since_the_last_not_again_from_the_cur
         reads.clear()
         await reconciler.run_once()
         assert reads == [(second_open, ledger.size)]
+
+
+async def test_a_retry_under_the_same_request_id_is_reconciled_despite_the_first_outcome(
+    stores: StoreFactory, tmp_path: Path
+) -> None:
+    """A client retried an update with the same X-Request-ID after its first try rolled back:
+    both intents have the same key (request id, version written). The worker died between
+    the retry's commit and its outcome: the reconciler must settle the retry's intent, which
+    the first try's ``rolled-back`` outcome (recorded before it) does not settle."""
+    from phivault.datadir import DataDir
+
+    data_dir = DataDir.create(tmp_path / "data", dev=True)
+    initialize_ledger(data_dir)
+    async with open_kit(stores, tmp_path) as kit, open_ledger(data_dir) as ledger:
+
+        def loader_now(request: str) -> Caller:
+            trail = FixedCallerTrail(
+                ledger, "loader", tenant=TENANT, observer="repository-test", request_id=request,
+                clock=lambda: datetime.fromtimestamp(kit.clock.t, UTC),
+            )  # fmt: skip
+            return Caller(loader(ledger).access, trail)
+
+        created = await kit.repo.create(loader_now("req-0"), _organization("A"))
+        org_id = created.record.id
+        changed = {**_organization("A2"), "id": org_id}
+        real_unit = kit.repo._commit_unit
+
+        def failing_unit(*args: Any, **kwargs: Any) -> Any:
+            def unit(uow: Any) -> None:
+                raise RuntimeError("the database went away mid-commit")
+
+            return unit
+
+        kit.repo._commit_unit = failing_unit  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            await kit.repo.update(loader_now("req-retried"), "Organization", org_id, changed)
+        kit.repo._commit_unit = real_unit  # type: ignore[method-assign]
+        kit.clock.t += 1
+        with _outcomes_lost():
+            await kit.repo.update(loader_now("req-retried"), "Organization", org_id, changed)
+        reasons = [
+            (e.event.request_id, e.event.outcome_reason) for e in ledger.read_range(0, ledger.size)
+        ]
+        assert reasons[-3:] == [
+            ("req-retried", "intent"), ("req-retried", "rolled-back"), ("req-retried", "intent")
+        ]  # fmt: skip
+
+        kit.clock.t += 61
+        engine = kit.repo._store.engine  # type: ignore[attr-defined]
+        reconciler = IntentReconciler(
+            kit.repo, ledger, ledger, engine, cursor=tmp_path / "cursor",
+            every_s=0.01, settle_after_s=60,
+        )  # fmt: skip
+        report = await reconciler.run_once()
+        assert report is not None and (report.committed, report.absent) == (1, 0)
+        last = ledger.read_range(ledger.size - 1, ledger.size)[0].event
+        assert (last.request_id, last.outcome_reason) == ("req-retried", "reconciled-committed")

@@ -1,7 +1,7 @@
 """IntentScan, the reconciler's memo between passes: passes that take the ledger in pieces,
 their cursor staying put or moving on, find exactly what one scan from the cursor finds (the
-same open intents, each the last of its key, in the same order), and the memo is dropped
-whenever it cannot be reused."""
+same open intents, in ledger order), an outcome settles only the oldest open intent of its key
+recorded before it, and the memo is dropped whenever it cannot be reused."""
 
 from __future__ import annotations
 
@@ -34,16 +34,37 @@ _entries = st.lists(st.tuples(st.booleans(), _keys), max_size=40)  # (is an inte
 
 
 def _one_scan(entries: list[tuple[bool, _Key]], start: int, end: int) -> list[tuple[_Key, int]]:
-    """What RecordsRepository.reconcile computed before the memo: a dict and a set."""
-    intents: dict[_Key, int] = {}
-    settled: set[_Key] = set()
+    """One scan from the cursor, the simplest way: each outcome takes the oldest intent of
+    its key that came before it and is still open."""
+    open_intents: list[tuple[_Key, int]] = []
     for index in range(start, end):
         is_intent, key = entries[index]
         if is_intent:
-            intents[key] = index
+            open_intents.append((key, index))
         else:
-            settled.add(key)
-    return [(key, index) for key, index in intents.items() if key not in settled]
+            earlier = [found for found in open_intents if found[0] == key]
+            if earlier:
+                open_intents.remove(earlier[0])
+    return open_intents
+
+
+def test_an_outcome_settles_only_an_earlier_intent_of_its_key() -> None:
+    """A client retried an update with the same X-Request-ID: same key (request id, version
+    written). The first try's outcome (rolled back) must not settle the retry's intent, which
+    came after it; an outcome settles one intent, not every intent of its key."""
+    key = ("req-1", ("Organization/o/_history/2",))
+    ledger = object()
+    found = IntentScan()
+    found.resume(ledger, 0, 5)
+    found.add(0, key, _EVENT)  # the first try's intent
+    found.add(1, key, None)  # its outcome: rolled back
+    found.add(2, key, _EVENT)  # the retry's intent; the worker dies before its outcome
+    found.stop = 3
+    assert [index for index, _event in found.open_intents()] == [2]
+    found.add(3, key, None)  # an outcome settles one intent: the oldest still open
+    found.add(4, key, _EVENT)
+    found.stop = 5
+    assert [index for index, _event in found.open_intents()] == [4]
 
 
 @given(_entries, st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=5))
