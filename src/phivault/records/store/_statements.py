@@ -10,14 +10,19 @@ index deletes, the write-intent claim statements, and the single-row writes that
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     ColumnElement,
     Connection,
+    Integer,
+    LargeBinary,
     String,
+    Table,
     and_,
     any_,
     bindparam,
@@ -199,4 +204,65 @@ _ROW_STATEMENTS: Final = {
         flag: insert(versions).values(_HEAD_VALUES).returning(versions.c.seq)
         for flag in (True, False)
     },
+    # one write-intent claim (a primary-key conflict: the reconciler holds it)
+    "claim": {
+        flag: insert(intent_claims).values({c: bindparam(c) for c in _CLAIM_COLUMNS})
+        for flag in (True, False)
+    },
 }
+
+
+def _pg_cast(table: Table, column: str) -> str:
+    """The base PostgreSQL type a parameter for ``table.column`` is cast to: no length (a cast
+    to ``varchar(n)`` would cut a longer value; the column's assignment refuses it)."""
+    kind = table.c[column].type
+    if isinstance(kind, BigInteger):
+        return "bigint"
+    if isinstance(kind, Integer):
+        return "integer"
+    if isinstance(kind, Boolean):
+        return "boolean"
+    if isinstance(kind, LargeBinary):
+        return "bytea"
+    if isinstance(kind, String):  # Text too
+        return "text"
+    raise RuntimeError(f"{table.name}.{column}: no parameter cast for {kind!r}")
+
+
+def _pg_create_one(index_columns: Mapping[str, tuple[str, ...]]) -> str:
+    """PostgreSQL: a single create as one statement (one execution, one round trip), with
+    psycopg's named parameters. The head is inserted unless the resource exists (``ON
+    CONFLICT DO NOTHING``, as ``create_head``); its version, sealed groups and index rows only
+    if it was (each selects from the inserted head), so a taken id writes nothing and returns
+    no row. Returns the version's ``seq``.
+
+    Parameters: the head's columns (:data:`_HEAD_COLUMNS`); ``g_grp`` and ``g_ciphertext``
+    (arrays, one element per group); for each index table, one array per column after
+    (tenant, resource_type, resource_id) in ``index_columns`` order, named
+    ``<table>__<column>``."""
+    # Only the schema's own table and column names are formatted in (no input): S608.
+    head = ", ".join(_HEAD_COLUMNS)
+    values = ", ".join(f"%({c})s::{_pg_cast(resources, c)}" for c in _HEAD_COLUMNS)
+    grp, data = _pg_cast(groups, "grp"), _pg_cast(groups, "ciphertext")
+    parts = [
+        f"head AS (INSERT INTO {resources.name} ({head}) VALUES ({values}) "  # noqa: S608
+        f"ON CONFLICT DO NOTHING RETURNING {head})",
+        f"v AS (INSERT INTO {versions.name} ({head}) SELECT {head} FROM head "  # noqa: S608
+        "RETURNING seq)",
+        f"g AS (INSERT INTO {groups.name} (version_seq, tenant, key_subject, grp, ciphertext) "  # noqa: S608
+        "SELECT v.seq, head.tenant, head.key_subject, x.grp, x.ciphertext FROM v, head, "
+        f"unnest(%(g_grp)s::{grp}[], %(g_ciphertext)s::{data}[]) AS x(grp, ciphertext))",
+    ]
+    for table in _INDEX_TABLES:
+        columns = index_columns[table.name]
+        if columns[:3] != ("tenant", "resource_type", "resource_id"):
+            raise RuntimeError(f"{table.name}: its rows do not begin with the resource's key")
+        rest = columns[3:]
+        arrays = ", ".join(f"%({table.name}__{c})s::{_pg_cast(table, c)}[]" for c in rest)
+        picked = ", ".join(f"x.{c}" for c in rest)
+        parts.append(
+            f"i_{table.name} AS (INSERT INTO {table.name} ({', '.join(columns)}) "  # noqa: S608
+            f"SELECT head.tenant, head.resource_type, head.resource_id, {picked} "
+            f"FROM head, unnest({arrays}) AS x({', '.join(rest)}))"
+        )
+    return "WITH " + ",\n".join(parts) + "\nSELECT seq FROM v"
