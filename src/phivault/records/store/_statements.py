@@ -29,7 +29,6 @@ from sqlalchemy import (
     delete,
     insert,
     select,
-    text,
     tuple_,
     update,
 )
@@ -126,7 +125,8 @@ _SETTLE_CLAIM: Final = {
     flag: dialect.insert(intent_claims).on_conflict_do_nothing()
     for flag, dialect in ((True, postgresql), (False, sqlite))
 }
-_ADVISORY_XACT_LOCK: Final = text("SELECT pg_advisory_xact_lock(:k)")
+#: PostgreSQL only, on the driver (:func:`_on_driver`, psycopg's parameter style).
+_ADVISORY_XACT_LOCK: Final = "SELECT pg_advisory_xact_lock(%(k)s)"
 _SCHEMA_INFO: Final = "phivault.records.current_schema"  # key in a connection's info dict
 _LOCK_NOT_AVAILABLE: Final = "55P03"  # PostgreSQL: lock_timeout expired
 _CLAIM_STATE: Final = select(intent_claims.c.state).where(

@@ -941,7 +941,7 @@ class SqlUnitOfWork:
             for name in sorted(
                 f"phivault.records.conditional:{schema}:{tenant}:{t}" for t in set(resource_types)
             ):
-                conn.execute(_ADVISORY_XACT_LOCK, {"k": advisory_key(name)})
+                _on_driver(conn, _ADVISORY_XACT_LOCK, {"k": advisory_key(name)})
 
     # write-intent claims (docs/decisions/records-intent-claims.md) ---------------------------
 
