@@ -73,15 +73,20 @@ def test_a_pooled_write_connection_lost_between_uses_fails_one_unit_cleanly_then
         assert uow.read(ResourceKey("t1", "Observation", "o3")) is not None
 
 
-def test_an_error_among_the_pipelined_inserts_fails_the_whole_unit(stores: StoreFactory) -> None:
-    """A group with no ciphertext breaks its NOT NULL constraint inside the pipeline: the
-    unit fails with the store's own error and nothing of it (head, version, index) is
-    committed; the store then writes as before."""
+@pytest.mark.parametrize("others", [0, 2], ids=["single", "bundle"])
+def test_an_error_among_the_pipelined_inserts_fails_the_whole_unit(
+    stores: StoreFactory, others: int
+) -> None:
+    """A group with no ciphertext breaks its NOT NULL constraint inside the pipeline (a
+    bundle's) or the one statement (a single create): the unit fails with the store's own
+    error and nothing of it (head, version, index) is committed; the store then writes as
+    before."""
     _postgres_only(stores)
     store = stores.open()
     broken = replace(obs("o1"), groups={"clinical": None})  # type: ignore[dict-item]
+    bundle = [broken, *(obs(f"other{i}") for i in range(others))]
     with pytest.raises(RecordStoreUnavailable) as raised:
-        store.write_unit(lambda uow: uow.create_many([broken]))
+        store.write_unit(lambda uow: uow.create_many(bundle))
     assert "NotNullViolation" in str(raised.value)
     with store.unit_of_work(read_only=True) as uow:
         assert uow.read(ResourceKey("t1", "Observation", "o1")) is None
