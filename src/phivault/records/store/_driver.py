@@ -60,9 +60,7 @@ def _pipelined(conn: Connection) -> Iterator[None]:
         with driver.pipeline():
             yield
     except psycopg.Error as exc:  # raised by the pipeline's end, past SQLAlchemy
-        raise DBAPIError.instance(
-            None, None, exc, psycopg.Error, hide_parameters=True, dialect=conn.dialect
-        ) from exc
+        raise _postgres_error(conn, exc, None, None, None) from exc
 
 
 class _DriverRead:
@@ -176,17 +174,20 @@ class _Ran(NamedTuple):
 
 def _on_driver(conn: Connection, sql: str, params: Any, *, many: bool = False) -> _Ran:
     """Run a write statement of this module (``sql`` as compiled for the connection's
-    dialect) in the unit's transaction.
+    dialect) in the unit's transaction, on the driver's own connection under the unit's
+    SQLAlchemy connection: SQLAlchemy's execution context, cursor result and events cost more
+    per statement than the database's own work on a create's few rows (SQLite: 5 against
+    1.7 us an insert in a loop; PostgreSQL: ``exec_driver_sql`` was about a tenth of a
+    scaled create's CPU, records-postgres-round-trips.md).
 
-    On SQLite, on the ``sqlite3`` connection itself: SQLAlchemy's execution context, cursor
-    result and events cost more per statement than SQLite's own work on a create's few rows
-    (5 against 1.7 us an insert in a loop, and a create runs nine). Its errors are turned
-    into SQLAlchemy's, exactly as SQLAlchemy does (``DBAPIError.instance``: IntegrityError
-    and the rest), so the callers' handling and translation stay the same. On PostgreSQL,
-    ``exec_driver_sql`` (psycopg's errors need SQLAlchemy's connection invalidation)."""
+    The driver's errors are turned into SQLAlchemy's exactly as SQLAlchemy does
+    (``DBAPIError.instance``: IntegrityError and the rest, parameters hidden), so the
+    callers' handling and translation stay the same. On PostgreSQL a lost connection is
+    invalidated as SQLAlchemy would (this one, and the pool's older ones), so that the next
+    unit gets a new one. ``many``: an executemany whose results nobody reads (on
+    PostgreSQL its rowcount is not known, -1)."""
     if conn.dialect.name != "sqlite":
-        result = conn.exec_driver_sql(sql, params)
-        return _Ran(result.rowcount, list(result.all()) if result.returns_rows else [])
+        return _on_postgres(conn, sql, params, many=many)
     raw = conn.connection.dbapi_connection
     assert raw is not None
     try:
@@ -203,6 +204,49 @@ def _on_driver(conn: Connection, sql: str, params: Any, *, many: bool = False) -
             dialect=conn.dialect,
             ismulti=many,
         ) from exc
+
+
+def _on_postgres(conn: Connection, sql: str, params: Any, *, many: bool) -> _Ran:
+    """:func:`_on_driver` on psycopg's cursor."""
+    pooled = conn.connection
+    raw = pooled.dbapi_connection
+    assert raw is not None
+    cursor = raw.cursor()
+    try:
+        if many:
+            cursor.executemany(sql, params)
+            return _Ran(-1, [])
+        cursor.execute(sql, params)
+        rows = list(cursor.fetchall()) if cursor.description is not None else []
+        return _Ran(cursor.rowcount, rows)
+    except psycopg.Error as exc:
+        raise _postgres_error(conn, exc, cursor, sql, params, many=many) from exc
+    finally:
+        cursor.close()
+
+
+def _postgres_error(
+    conn: Connection, exc: psycopg.Error, cursor: Any, sql: Any, params: Any, *, many: bool = False
+) -> Exception:
+    """psycopg's ``exc`` as SQLAlchemy raises it (``DBAPIError.instance``, parameters hidden);
+    a lost connection is invalidated first, as SQLAlchemy's own error handling does (the
+    pool then replaces it and every connection it handed out before)."""
+    lost = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)  # type: ignore[arg-type]
+    error: Exception = DBAPIError.instance(
+        sql,
+        params,  # shown as hidden (hide_parameters): no value ever reaches a message
+        exc,
+        psycopg.Error,
+        hide_parameters=True,
+        dialect=conn.dialect,
+        connection_invalidated=lost,
+        ismulti=many,
+    )
+    if lost and not conn.invalidated:
+        pooled = conn.connection
+        conn.engine.pool._invalidate(pooled, error)  # as Connection._handle_dbapi_exception
+        conn.invalidate(error)
+    return error
 
 
 _WRITER_WAIT_S: Final = 30  # the SQLite busy timeout (_sqlite_connect)

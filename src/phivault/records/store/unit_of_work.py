@@ -22,6 +22,7 @@ from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
+import orjson
 from sqlalchemy import Connection, and_, delete, false, func, insert, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
@@ -72,6 +73,7 @@ from phivault.records.store._statements import (
     _VREAD_WITH,
     _head_is,
     _key_params,
+    _pg_create_one,
     _run_row,
 )
 from phivault.records.store.group_commit import _SavepointLost
@@ -477,12 +479,20 @@ class SqlUnitOfWork:
 
     def _create_one(self, conn: Connection, new: NewVersion) -> None:
         """:meth:`create_many` of one resource, on the driver's cursor with statements
-        compiled once (SQLAlchemy's per-statement work cost more than SQLite's): the head is
-        inserted unless it exists (no SELECT before: a taken id is found by the insert)."""
+        compiled once (SQLAlchemy's per-statement work cost more than the database's): the
+        head is inserted unless it exists (no SELECT before: a taken id is found by the
+        insert). On PostgreSQL all of it is one statement (:func:`_pg_create_one`): one
+        execution and one round trip instead of one per table."""
         key, subject = new.key, new.key_subject
         stamp = to_micros(new.last_updated)
         head = (key.tenant, key.resource_type, key.resource_id, 1, False, stamp, subject)
         with self._translate("write"):
+            if self._postgres:
+                params = _create_one_params(head, new)
+                if not _on_driver(conn, _PG_CREATE_ONE, params).rows:
+                    actual = conn.execute(_CURRENT_VERSION, _key_params(key)).scalar_one_or_none()
+                    raise VersionConflict(key.resource_type, key.resource_id, None, actual)
+                return
             if _run_row(conn, "create_head", _HEAD_COLUMNS, head).rowcount != 1:
                 actual = conn.execute(_CURRENT_VERSION, _key_params(key)).scalar_one_or_none()
                 raise VersionConflict(key.resource_type, key.resource_id, None, actual)
@@ -931,7 +941,7 @@ class SqlUnitOfWork:
             for name in sorted(
                 f"phivault.records.conditional:{schema}:{tenant}:{t}" for t in set(resource_types)
             ):
-                conn.execute(_ADVISORY_XACT_LOCK, {"k": advisory_key(name)})
+                _on_driver(conn, _ADVISORY_XACT_LOCK, {"k": advisory_key(name)})
 
     # write-intent claims (docs/decisions/records-intent-claims.md) ---------------------------
 
@@ -944,7 +954,10 @@ class SqlUnitOfWork:
         conn = self._writable()
         rows = [(tenant, c, IntentClaim.WRITTEN.value, at) for c in sorted(set(claims))]
         try:
-            _bulk_insert_tuples(conn, intent_claims, _CLAIM_COLUMNS, rows)
+            if len(rows) == 1:  # one execute, not an executemany (a pipeline on PostgreSQL)
+                _run_row(conn, "claim", _CLAIM_COLUMNS, rows[0])
+            else:
+                _bulk_insert_tuples(conn, intent_claims, _CLAIM_COLUMNS, rows)
         except IntegrityError:
             raise IntentSettled(
                 "records store: this write's intent was already settled as not made (the "
@@ -1093,6 +1106,28 @@ class _IndexRows:
 
 
 _check_index_keys()
+#: PostgreSQL: a single create as one statement (:func:`_pg_create_one`).
+_PG_CREATE_ONE: Final = _pg_create_one(_INDEX_COLUMNS)
+
+
+def _create_one_params(head: tuple[Any, ...], new: NewVersion) -> dict[str, Any]:
+    """The parameters of :data:`_PG_CREATE_ONE`: the head's columns, each group's name and
+    ciphertext (in name order) and each index table's rows (one JSON array of them)."""
+    params: dict[str, Any] = dict(zip(_HEAD_COLUMNS, head, strict=True))
+    named = sorted(new.groups.items())
+    params["g_grp"] = [name for name, _ in named]
+    params["g_ciphertext"] = [data for _, data in named]
+    index = _IndexRows()
+    index.add(new.key, new.key_subject, new.index)
+    for table, rows in (
+        (idx_token, index.token),
+        (idx_string, index.string),
+        (idx_date, index.date),
+        (idx_reference, index.reference),
+        (idx_blind, index.blind),
+    ):
+        params[table.name] = orjson.dumps(list(rows.values())).decode() if rows else "[]"
+    return params
 
 
 def _check_new(new: NewVersion, previous: int | None) -> None:
