@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,6 @@ from phivault.identity.testing import DPoPKey, FakeIssuer
 from phivault.ledger.testing import InMemoryAuditSink
 from phivault.resilience import Breaker, Breakers
 from phivault.settings import ApiSettings, Settings, ShapeSettings
-from ports_support import free_port
 from redis_support import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -49,8 +49,15 @@ ISSUER = FakeIssuer("https://idp.fallback.test")
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
 
-def _free_port() -> int:
-    return free_port()
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port nothing answers on for the whole test: bound here and never listened on, so
+    a connection is refused at once, and no other test (the suite runs in parallel) can
+    start a server on it meanwhile, as it could on a port found free and let go (a
+    "Redis" that then answered as something else failed this file once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
 
 
 @pytest.fixture
@@ -107,12 +114,12 @@ async def test_the_limiter_uses_redis_while_it_is_up(local_redis: Redis, prefix:
 
 
 async def test_with_redis_on_a_closed_port_the_limiter_falls_back_to_the_worker(
-    prefix: str,
+    prefix: str, closed_port: int
 ) -> None:
     log = Recorder()
     registry = CollectorRegistry()
     limiter = _limiter(
-        f"redis://127.0.0.1:{_free_port()}/0", prefix, log, breakers=Breakers(registry)
+        f"redis://127.0.0.1:{closed_port}/0", prefix, log, breakers=Breakers(registry)
     )
     started = time.monotonic()
     results = [await limiter.check(address="10.0.0.2", credential=None) for _ in range(20)]
@@ -234,8 +241,8 @@ def _dpop_headers(url: str = "http://testserver/whoami") -> dict[str, str]:
     }
 
 
-async def test_app_with_redis_on_a_closed_port(prefix: str) -> None:
-    worker = _worker(f"redis://127.0.0.1:{_free_port()}/0", prefix)
+async def test_app_with_redis_on_a_closed_port(prefix: str, closed_port: int) -> None:
+    worker = _worker(f"redis://127.0.0.1:{closed_port}/0", prefix)
     async with worker.client as client:
         # A bound token cannot be checked against replays: refused (fail closed).
         refused = await client.get("/whoami", headers=_dpop_headers())
@@ -276,9 +283,11 @@ async def test_app_through_a_redis_outage_and_back(
         assert (await client.get("/readyz")).status_code == 200
 
 
-async def test_the_session_store_fails_closed_behind_its_breaker(prefix: str) -> None:
+async def test_the_session_store_fails_closed_behind_its_breaker(
+    prefix: str, closed_port: int
+) -> None:
     breaker = Breaker("redis.sessions", failure_threshold=3, reset_timeout_s=3600)
-    client = Redis.from_url(f"redis://127.0.0.1:{_free_port()}/0", socket_connect_timeout=0.5)
+    client = Redis.from_url(f"redis://127.0.0.1:{closed_port}/0", socket_connect_timeout=0.5)
     store = RedisSessionStore(client, prefix=prefix, breaker=breaker)
     try:
         for _ in range(10):
