@@ -221,3 +221,20 @@ async def test_rows_a_replica_served_prove_nothing(kit: Kit) -> None:
     assert kit.repo._care_proven(on_replica, admitted, rows) == set()  # type: ignore[arg-type]
     assert kit.repo._care_proven(after_failover, admitted, rows) == set()  # type: ignore[arg-type]
     assert kit.repo._care_proven(on_primary, admitted, rows) == {a}  # type: ignore[arg-type]
+
+
+async def test_two_clinicians_alternating_each_see_their_own_patients(kit: Kit) -> None:
+    # The care predicate is built once per practitioner and reused: never another's.
+    a, b, _, observations = await two_patients(kit)
+    admin = caller(kit.sink, Role.ADMIN, "user/Practitioner.cruds", who="admin-1")
+    assert await kit.repo.assign_care(admin, "Practitioner/doc-2", b)
+    second = caller(
+        kit.sink, Role.CLINICIAN, "user/*.rs", who="doc-2", fhir_user="Practitioner/doc-2"
+    )
+    query = parse_search("Observation", "_total=accurate&_include=Observation:subject")
+    for _ in range(2):
+        mine = await kit.repo.search(doctor(kit), query)
+        theirs = await kit.repo.search(second, query)
+        assert sorted(m.id for m in mine.matches) == sorted(observations) and mine.total == 2
+        assert [i.id for i in mine.included] == [a]
+        assert theirs.total == 1 and [i.id for i in theirs.included] == [b]
