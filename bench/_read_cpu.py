@@ -8,6 +8,11 @@ companion bundle and one Synthea patient are loaded through the app; then ``GET
 ``--concurrency`` tasks. Process CPU time (all threads) divided by the requests is the figure.
 
 * ``--search``: ``GET /fhir/Observation?patient=<id>&_count=20`` instead;
+* ``--clinician``: the reads (or ``--search``) by a clinician (``Practitioner/bench-clinician``,
+  role ``clinician``, ``user/*.rs``) whom an administrator assigned to the patient's care
+  (``PUT /admin/care-assignments/...``): access through a care relationship, as most PHI
+  access is; adds ``statements_per_request`` (SQLite: statements the store ran, counted by
+  the driver's trace callback);
 * ``--whoami``: the authenticated, PHI-free ``GET /whoami`` (the front door alone);
 * ``--create``: ``POST /fhir/Observation`` by a ``service`` feed (the figure is per create);
 * ``--load N``: the next ``N`` Synthea patient bundles loaded as ``phivault load`` sends them
@@ -149,6 +154,62 @@ def production_service(
     return tokens, service
 
 
+CLINICIAN = "bench-clinician"
+
+
+async def assign_clinician(app: Any, tokens: Tokens, patient: str) -> str:
+    """Assign ``Practitioner/bench-clinician`` to ``patient``'s care (as an administrator
+    does, through the API) and return the clinician's token."""
+    admin = tokens._token(
+        sub="bench-admin",
+        roles=["admin"],
+        scope="openid user/Practitioner.cruds",
+        fhirUser=None,
+        amr=["pwd", "otp"],
+    )
+    path = f"/admin/care-assignments/{patient}/Practitioner/{CLINICIAN}"
+    status, answer = await call(app, "PUT", path, admin)
+    if status not in (201, 204):
+        raise SystemExit(f"care assignment failed: {status} {answer[:300]!r}")
+    return tokens._token(
+        sub=CLINICIAN,
+        roles=["clinician"],
+        scope="openid fhirUser user/*.rs",
+        fhirUser=f"Practitioner/{CLINICIAN}",
+    )
+
+
+def _count_statements(app: Any) -> list[int] | None:
+    """SQLite: count the statements the records store's connections run from now on (the
+    driver's trace callback, so statements run on the driver's cursor count too). Returns a
+    one-element list the count accumulates in; None where the store is not SQLite."""
+    from sqlalchemy import event
+
+    seen: list[Any] = [app]
+    store = None
+    while seen and store is None:  # the repository hangs off the app (behind middleware)
+        node = seen.pop()
+        state = getattr(getattr(node, "state", None), "records", None)
+        if state is not None:
+            store = state._store
+        nxt = getattr(node, "app", None)
+        if nxt is not None:
+            seen.append(nxt)
+    engine = getattr(store, "_engine", None)
+    if engine is None or engine.dialect.name != "sqlite":
+        return None
+    count = [0]
+
+    def traced(_sql: str) -> None:
+        count[0] += 1
+
+    def checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_connection.set_trace_callback(traced)
+
+    event.listen(engine, "checkout", checkout)
+    return count
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from phivault.api.serve import tune_for_serving
     from phivault.cli.load import add_conditional_creates
@@ -183,6 +244,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for file in [*companions, *patients[:1]]:
             await load(encoded(file))
         token = tokens.creator() if args.create else tokens.patient(patient)
+        if args.clinician:
+            token = await assign_clinician(app, tokens, patient)
         tune_for_serving()
         paths = [f"/fhir/Observation/{oid}" for oid in observations[:200]]
         query = b""
@@ -265,6 +328,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         per_task = max(1, args.reads // args.concurrency)
         await asyncio.gather(*(reader(50, k * 7) for k in range(args.concurrency)))  # warm up
         latencies.clear()
+        statements = _count_statements(app) if args.clinician else None
         profiler = cProfile.Profile() if args.profile else None
         sampler = _start_py_spy(args.py_spy) if args.py_spy else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -293,6 +357,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
         "p99_ms": round(1000 * latencies[len(latencies) * 99 // 100], 2),
     }
+    if statements is not None and statements[0]:
+        figures["statements_per_request"] = round(statements[0] / reads, 2)
     if args.rate:
         figures["rate"] = args.rate
         figures["achieved_per_s"] = round(reads / wall, 1)
@@ -306,6 +372,11 @@ if __name__ == "__main__":
     parser.add_argument("--profile", help="write cProfile stats of the measured reads here")
     parser.add_argument(
         "--search", action="store_true", help="search the patient's Observations, pages of 20"
+    )
+    parser.add_argument(
+        "--clinician",
+        action="store_true",
+        help="read (or --search) as a clinician with a care assignment to the patient",
     )
     parser.add_argument(
         "--whoami", action="store_true", help="GET /whoami instead (the front door alone)"

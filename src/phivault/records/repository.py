@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import re
 import time
@@ -242,12 +243,21 @@ class PolicyScope:
         if required is Relationship.TENANT:
             return true()
         if required is Relationship.CARE and self.practitioner is not None:
-            care = CareRelationshipScope(*self.practitioner).predicate(resources)
+            care = _care_predicate(self.practitioner, resources)
             return and_(subject != DIRECTORY_SUBJECT, care)
         own = self._own_patient()
         if required is Relationship.OWN and own is not None:
             return subject == own
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def _care_predicate(practitioner: tuple[str, str], resources: FromClause) -> ColumnElement[bool]:
+    """:class:`CareRelationshipScope`'s predicate for one practitioner, built once per
+    practitioner and table: building its subqueries cost a clinician's search about 1 ms,
+    more than running them. An expression is immutable, so sharing it is safe; the cache
+    holds ids (a practitioner's type and id), nothing else."""
+    return CareRelationshipScope(*practitioner).predicate(resources)
 
 
 def practitioner_of(fhir_user: str | None) -> tuple[str, str] | None:
@@ -258,6 +268,31 @@ def practitioner_of(fhir_user: str | None) -> tuple[str, str] | None:
     if not sep or kind not in ("Practitioner", "PractitionerRole") or not ident:
         return None
     return kind, ident
+
+
+def _only_care_admits(scopes: Sequence[PolicyScope], subject: str) -> bool:
+    """Whether ``scopes`` (a search's, as :meth:`RecordsRepository._scopes` gives them) can
+    admit a row of patient ``subject`` only through the caller's care relationship with that
+    patient: then a row it admitted proves the relationship (``SearchScope.admits``)."""
+    if subject == DIRECTORY_SUBJECT or len(scopes) != 1:
+        return False
+    (policy_scope,) = scopes
+    scope = policy_scope.scope
+    if scope.directory or policy_scope.practitioner is None:
+        return False
+    care = False
+    for clause in scope.clauses:
+        if subject in clause.granted:
+            return False  # a break-glass grant may have admitted it instead
+        if not clause.by_relationship:
+            continue
+        if clause.relationship is Relationship.CARE:
+            care = True
+        elif clause.relationship is Relationship.TENANT or (
+            clause.relationship is Relationship.OWN and scope.own_patient == subject
+        ):
+            return False  # admitted without any relationship to weigh
+    return care
 
 
 # --- the repository -------------------------------------------------------------------------
@@ -445,12 +480,15 @@ class RecordsRepository:
                 page = uow.search(
                     caller.access.tenant, query, blind=blind, scopes=scopes, offset=offset
                 )
+                # the scopes each type's rows were admitted under (the proof of care below)
+                admitted_by: dict[str, list[list[PolicyScope]]] = {resource_type: [scopes]}
                 included: list[StoredVersion] = []
                 for include in query.includes:
                     for target in self._include_targets(include):
                         target_scopes = self._scopes(caller, target, Interaction.SEARCH)
                         if target_scopes is None:
                             continue  # what the caller cannot search, an include cannot show
+                        admitted_by.setdefault(target, []).append(target_scopes)
                         included.extend(
                             uow.included(
                                 caller.access.tenant,
@@ -464,10 +502,13 @@ class RecordsRepository:
                 # distinct pair (a page of one patient's Observations is one decision).
                 rows = [*page.matches, *included]
                 distinct = {(v.key.resource_type, v.key_subject): v for v in rows}
+                proven = self._care_proven(uow, admitted_by, distinct)
                 decided = dict(
                     zip(
                         distinct,
-                        self._decide_rows(uow, caller, list(distinct.values()), Interaction.SEARCH),
+                        self._decide_rows(
+                            uow, caller, list(distinct.values()), Interaction.SEARCH, proven
+                        ),
                         strict=True,
                     )
                 )
@@ -1247,14 +1288,47 @@ class RecordsRepository:
             return set()
         return uow.care_related(caller.access.tenant, practitioner, wanted)
 
+    def _care_proven(
+        self,
+        uow: RecordUnitOfWork,
+        admitted_by: Mapping[str, Sequence[Sequence[PolicyScope]]],
+        rows: Collection[tuple[str, str]],
+    ) -> set[str]:
+        """The patients of ``rows`` (type, key subject) whose care relationship the query that
+        admitted them has already proved, so that asking the store again would only repeat it.
+
+        A row's patient is proved related when, under every scope its type was admitted
+        under, no clause but a care relationship could admit that patient: no tenant-wide
+        role, no own compartment that is this patient, no break-glass grant naming them
+        (``SearchScope.admits``, which the SQL predicate is property-tested to equal). The
+        predicate's care test is :func:`linked_patients`, the very queries ``care_related``
+        runs. And only when the rows were read on the primary: a unit served by a replica
+        still asks the primary (``care_related``), so that a relationship ended a moment ago
+        and not yet replicated no longer counts. The statement that admitted the row read its
+        care relationship in its own snapshot, so a row shown is one its page and total
+        counted under the same relationship."""
+        if uow.nodes != (PRIMARY_NODE,):
+            return set()
+        proven: set[str] = set()
+        for resource_type, subject in rows:
+            scopes = admitted_by.get(resource_type)
+            if scopes and all(_only_care_admits(s, subject) for s in scopes):
+                proven.add(subject)
+        return proven
+
     def _decide_rows(
         self,
         uow: RecordUnitOfWork,
         caller: Caller,
         rows: Sequence[StoredVersion],
         interaction: Interaction,
+        proven: Collection[str] = (),
     ) -> list[Decision]:
-        related = self._care_related(uow, caller, {r.key_subject for r in rows})
+        """One decision per row. ``proven``: patients whose care relationship the query that
+        read these rows proved in the same unit (:meth:`_care_proven`); the store is asked
+        about the others only."""
+        asked = {r.key_subject for r in rows if r.key_subject not in proven}
+        related = self._care_related(uow, caller, asked) | set(proven)
         return [
             self._decide(caller, r.key.resource_type, r.key_subject, related, interaction)
             for r in rows

@@ -262,6 +262,47 @@ def test_care_relationship_scope_follows_care_teams_encounters_and_gps(
     assert other.matches == () and other.total == 0
 
 
+def test_care_related_answers_as_the_care_scope_does_in_one_statement(
+    loaded: SqlRecordStore,
+) -> None:
+    # care_related (the repository's per-row fact) and CareRelationshipScope (the search
+    # predicate) read the same links: for several patients at once, for one, in a unit that
+    # began with a point read (SQLite: on the driver's cursor), and for another tenant.
+    put(loaded, {"resourceType": "CareTeam", "id": "ct1", "subject": {"reference": "Patient/p1"},
+                 "participant": [{"member": {"reference": "Practitioner/pr1"}}]})  # fmt: skip
+    put(loaded, {"resourceType": "CareTeam", "id": "ct2", "status": "inactive",
+                 "subject": {"reference": "Patient/p2"},
+                 "participant": [{"member": {"reference": "Practitioner/pr1"}}]})  # fmt: skip
+    put(loaded, {"resourceType": "Encounter", "id": "e1", "subject": {"reference": "Patient/p2"},
+                 "participant": [{"individual": {"reference": "Practitioner/pr2"}}]})  # fmt: skip
+    put(loaded, {"resourceType": "Patient", "id": "p3",
+                 "generalPractitioner": [{"reference": "Practitioner/pr1"}]})  # fmt: skip
+    with loaded.unit_of_work() as uow:
+        uow.assign_care("t1", ("Practitioner", "pr2"), "p4", by="admin", at=0)
+        uow.commit()
+    everyone = ["p1", "p2", "p3", "p4", "p9"]
+    expected = {"pr1": {"p1", "p3"}, "pr2": {"p2", "p4"}, "pr9": set()}
+    query = parse_search("Observation", "_total=accurate")
+    for practitioner, related in expected.items():
+        doctor = ("Practitioner", practitioner)
+        with loaded.unit_of_work(read_only=True) as uow:
+            page = uow.search("t1", query, scopes=[CareRelationshipScope(*doctor)])
+            assert {m.key_subject for m in page.matches} <= related
+            assert uow.care_related("t1", doctor, everyone) == related
+            assert uow.care_related("t2", doctor, everyone) == set()
+        for patient in everyone:
+            with loaded.unit_of_work(read_only=True) as uow:
+                uow.read(ResourceKey("t1", "Patient", "p3"))  # a point read begins the unit
+                assert uow.care_related("t1", doctor, [patient]) == related & {patient}
+                assert uow.care_related("t2", doctor, [patient]) == set()
+    with loaded.unit_of_work() as uow:
+        assert uow.unassign_care("t1", ("Practitioner", "pr2"), "p4")
+        uow.commit()
+    with loaded.unit_of_work(read_only=True) as uow:
+        assert uow.care_related("t1", ("Practitioner", "pr2"), ["p4"]) == set()
+        assert uow.care_related("t1", ("Practitioner", "pr2"), ["p2", "p4"]) == {"p2"}
+
+
 def test_voided_care_records_establish_no_relationship(loaded: SqlRecordStore) -> None:
     # The SQL scope and the access policy's Python check read the same voiding statuses.
     voided = [

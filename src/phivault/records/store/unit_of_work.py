@@ -20,11 +20,28 @@ import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 
 import orjson
-from sqlalchemy import Connection, and_, delete, false, func, insert, select, text, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    false,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    union,
+    update,
+)
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.sql.elements import BindParameter, TextClause
 
 from phivault.errors import InvalidInput
 from phivault.pg_advisory import advisory_key
@@ -881,20 +898,36 @@ class SqlUnitOfWork:
     ) -> set[str]:
         """Which of ``patients`` the practitioner (type, id) has a care relationship with.
         Authorization state: read on the primary even in a unit served by a replica, so that
-        a relationship ended a moment ago no longer counts."""
+        a relationship ended a moment ago no longer counts. One statement for every way a
+        relationship is established and every patient asked about (:data:`_CARE_RELATED`):
+        one round trip, and one snapshot of them all."""
         _check_tenant(tenant)
         wanted = sorted(set(patients))
         if not wanted:
             return set()
-        conn = self._authority()
-        found: set[str] = set()
-        with self._translate("care relationship"):
-            for query in linked_patients(tenant, *practitioner):
-                column = query.selected_columns[0]
-                found.update(
-                    str(row[0]) for row in conn.execute(query.where(column.in_(wanted)).distinct())
-                )
-        return found
+        asked = {"care_tenant": tenant, "care_type": practitioner[0], "care_id": practitioner[1]}
+        if len(wanted) > 1:
+            conn = self._authority()
+            with self._translate("care relationship"):
+                found = conn.execute(_CARE_RELATED, {**asked, "care_patients": wanted})
+                return {str(row[0]) for row in found}
+        # One patient (a read): a constant text, on the driver's cursor where the unit allows
+        # (a driver-begun SQLite unit, PostgreSQL's read pool), as the read itself ran.
+        asked["care_patient"] = wanted[0]
+        rows: Sequence[Sequence[Any]] | None = None
+        driver = self._driver
+        if driver is not None and not self._done:
+            statement, constants = _care_of_one()
+            rows = driver.rows(statement, {**constants, **asked})
+        if rows is None:
+            conn = self._authority()
+            statement, constants = _care_of_one()
+            params = {**constants, **asked}
+            rows = _direct(conn, statement, params)
+            if rows is None:
+                with self._translate("care relationship"):
+                    rows = conn.execute(statement, params).all()
+        return {str(row[0]) for row in rows}
 
     @_failover
     def find_ids(
@@ -1150,3 +1183,37 @@ def _check_new(new: NewVersion, previous: int | None) -> None:
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _care_union(limit: Callable[[ColumnElement[str]], ColumnElement[bool]]) -> CompoundSelect[str]:
+    """The patients ``:care_type/:care_id`` has a care relationship with in ``:care_tenant``,
+    among those ``limit`` admits: the union of :func:`linked_patients`' queries (the one
+    definition the search predicate uses too). Bound, not fixed: built once, keyed and
+    compiled once, where building the queries per call cost more than running them."""
+    tenant: BindParameter[str] = bindparam("care_tenant", "")
+    kind: BindParameter[str] = bindparam("care_type", "")
+    ident: BindParameter[str] = bindparam("care_id", "")
+    # linked_patients compares the practitioner's type and id with what it is given
+    linked = linked_patients(tenant, cast(str, kind), cast(str, ident))
+    return union(*(query.where(limit(query.selected_columns[0])) for query in linked))
+
+
+#: The patients among ``:care_patients`` (expanding) the practitioner cares for.
+_CARE_RELATED: Final = _care_union(
+    lambda patient: patient.in_(bindparam("care_patients", expanding=True))
+)
+
+
+@functools.cache
+def _care_of_one() -> tuple[TextClause, dict[str, Any]]:
+    """The same for one patient (``:care_patient``), as a constant text and the values of its
+    constant parameters (resource types, parameters, void statuses): rendered once, it runs
+    on a driver's cursor as it is. Plain SQL (joins, ``NOT EXISTS``, ``IN``, ``UNION``) that
+    SQLite and PostgreSQL both run; rendered without PostgreSQL's ``::VARCHAR`` casts, which
+    a text's ``:name`` parameters cannot be followed by."""
+    statement = _care_union(lambda patient: patient == bindparam("care_patient", ""))
+    compiled = statement.compile(
+        dialect=sqlite.dialect(paramstyle="named"), compile_kwargs={"render_postcompile": True}
+    )
+    constants = {k: v for k, v in compiled.params.items() if not k.startswith("care_")}
+    return text(str(compiled)), constants
