@@ -163,8 +163,12 @@ class _OnEngine:
                 with self._engine.begin() as conn:
                     yield conn
             else:
+                # A read: on SQLite a deferred BEGIN (a WAL snapshot), not the BEGIN
+                # IMMEDIATE of writes, which takes the database's one write lock: every
+                # clinician request looks up its grants, and would queue behind (and hold
+                # back) the records store's group commits just to read.
                 with self._engine.connect() as conn:
-                    yield conn
+                    yield conn.execution_options(phivault_read_only=True)
         except SQLAlchemyError as exc:
             orig = getattr(exc, "orig", None)
             kind = type(orig).__name__ if orig is not None else type(exc).__name__

@@ -346,3 +346,22 @@ async def test_a_role_without_break_glass_is_refused_and_recorded(
     [event] = sink.events
     assert (event.subtype, event.outcome_reason) == ("grant", "role-not-permitted")
     assert await service.active_grants("t1", "nurse-1") == ()
+
+
+async def test_a_grant_look_up_does_not_wait_for_the_write_lock(
+    store: SqlRecordStore, tmp_path: Path
+) -> None:
+    """Grant look-ups are reads (every clinician request makes one): while another connection
+    holds SQLite's write lock (a group commit, say), they answer from a snapshot instead of
+    queueing behind it (with BEGIN IMMEDIATE they waited the busy timeout, then failed)."""
+    import sqlite3
+
+    grants = SqlGrantStore(store.engine)
+    writer = sqlite3.connect(tmp_path / "records.db", timeout=0.1, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # the write lock, held
+        assert grants.for_subject("t1", "Practitioner/p1", ending_after=0.0) == []
+        assert grants.get("t1", "g1") is None
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
