@@ -27,6 +27,7 @@ from sqlalchemy import (
     ColumnElement,
     CompoundSelect,
     Connection,
+    Table,
     and_,
     bindparam,
     delete,
@@ -1126,16 +1127,20 @@ class _IndexRows:
                 # primary key: tenant, resource_type, field, token, resource_id
                 self.blind.setdefault((tenant, kind, token.field, token.token, ident), row)
 
+    def by_table(self) -> tuple[tuple[Table, list[tuple[Any, ...]]], ...]:
+        """Each index table with its rows (in :data:`_INDEX_COLUMNS` order), empty ones too."""
+        return (
+            (idx_token, list(self.token.values())),
+            (idx_string, list(self.string.values())),
+            (idx_date, list(self.date.values())),
+            (idx_reference, list(self.reference.values())),
+            (idx_blind, list(self.blind.values())),
+        )
+
     def insert(self, conn: Connection) -> None:
-        for table, rows in (
-            (idx_token, self.token),
-            (idx_string, self.string),
-            (idx_date, self.date),
-            (idx_reference, self.reference),
-            (idx_blind, self.blind),
-        ):
+        for table, rows in self.by_table():
             if rows:
-                _bulk_insert_tuples(conn, table, _INDEX_COLUMNS[table.name], list(rows.values()))
+                _bulk_insert_tuples(conn, table, _INDEX_COLUMNS[table.name], rows)
 
 
 _check_index_keys()
@@ -1152,14 +1157,8 @@ def _create_one_params(head: tuple[Any, ...], new: NewVersion) -> dict[str, Any]
     params["g_ciphertext"] = [data for _, data in named]
     index = _IndexRows()
     index.add(new.key, new.key_subject, new.index)
-    for table, rows in (
-        (idx_token, index.token),
-        (idx_string, index.string),
-        (idx_date, index.date),
-        (idx_reference, index.reference),
-        (idx_blind, index.blind),
-    ):
-        params[table.name] = orjson.dumps(list(rows.values())).decode() if rows else "[]"
+    for table, rows in index.by_table():
+        params[table.name] = orjson.dumps(rows).decode() if rows else "[]"
     return params
 
 
