@@ -59,7 +59,13 @@ _WORKER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_\-=.]{1,128}$")
 _NAMESPACE_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NATS_ERRORS: Final = (nats.errors.Error, OSError, TimeoutError)
 _REVOKED: Final = b'{"revoked": true}'
+# Listings of the leases taken before a short one is believed (see _live_workers).
+_LISTING_TRIES: Final = 3
 _log = logging.getLogger("phivault.crypto.invalidation")
+
+
+class IncompleteListing(Exception):
+    """The lease listing missed a lease known to exist: it cannot be trusted."""
 
 
 def invalidation_subject(namespace: str) -> str:
@@ -296,11 +302,26 @@ class NatsInvalidation:
     # -- the shredder's side -----------------------------------------------------------------
 
     async def _live_workers(self) -> set[str]:
-        try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            return set()
-        return {k for k in keys if _WORKER_ID_RE.match(k)}
+        """The workers holding (or lately holding) a lease. nats-py's ``KeyValue.keys()`` can
+        answer before the entries it was sent have reached it (its "no more" marker goes
+        first when the consumer reports nothing pending ahead of the delivery callback): a
+        short listing would call a shred complete without waiting for workers that still
+        cache the key. So a listing that is empty, or lacks this worker while it holds a
+        lease, is taken again (the union of the tries: listing a worker too many only makes
+        the shred wait for it); if this worker is still missing, the listing is refused."""
+        holding = self.serving and self._trusted and self._clock() < self._lease_until
+        live: set[str] = set()
+        for _try in range(_LISTING_TRIES):
+            try:
+                keys = await self._kv.keys()
+            except nats.js.errors.NoKeysError:
+                keys = []
+            live.update(k for k in keys if _WORKER_ID_RE.match(k))
+            if live and (not holding or self.worker_id in live):
+                return live
+        if holding:
+            raise IncompleteListing("the lease listing did not include this worker's own lease")
+        return live
 
     async def announce(self, tenant: str, patient: str) -> Propagation:
         if self._listener is not None:
@@ -308,7 +329,7 @@ class NatsInvalidation:
         deadline = self._clock() + self.confirm_timeout_s
         try:
             live = await asyncio.wait_for(self._live_workers(), self.confirm_timeout_s)
-        except _NATS_ERRORS as exc:
+        except (*_NATS_ERRORS, IncompleteListing) as exc:
             return self._pending(
                 (), (), f"the live workers could not be listed ({type(exc).__name__})", False
             )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import psycopg
 import pytest
 import pytest_asyncio
@@ -569,3 +570,39 @@ async def test_open_keyring_wires_the_broadcast_in_the_scaled_shape(
         assert pending.pending and pending.propagation.bound_s == settings.keys.dek_cache_ttl_s
     finally:
         await _delete_bucket(NATS_URL, schema)
+
+
+async def test_a_short_lease_listing_never_makes_a_shred_complete(
+    workers: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py's KeyValue.keys() can answer before its entries arrive (seen once in the full
+    suite: a shred called complete with nobody listed while another worker held the cipher).
+    A short listing is taken again; one that keeps missing the shredder's own lease is
+    refused, and the shred is pending, never falsely complete."""
+    first = await workers("w1")
+    other = await workers("w2")
+    await _cached_on_both(first, other)
+    assert isinstance(first.invalidation, NatsInvalidation)
+    kv = first.invalidation._kv
+    real_keys = kv.keys
+    answers: list[str] = []
+
+    async def short_once() -> list[str]:
+        answers.append("short" if not answers else "whole")
+        if len(answers) == 1:
+            raise nats.js.errors.NoKeysError
+        return await real_keys()
+
+    monkeypatch.setattr(kv, "keys", short_once)
+    outcome = await first.ring.shred_patient("acme", "p1", reason="erasure-request")
+    assert answers == ["short", "whole"]
+    assert outcome.propagation.status is PropagationStatus.COMPLETE
+    assert set(outcome.propagation.confirmed) == {first.worker_id, other.worker_id}
+
+    async def never_self() -> list[str]:
+        return [other.worker_id]
+
+    monkeypatch.setattr(kv, "keys", never_self)
+    again = await first.ring.shred_patient("acme", "p1", reason="erasure-request")
+    assert again.pending and again.propagation.status is PropagationStatus.PENDING
+    assert "could not be listed" in again.propagation.detail
