@@ -25,12 +25,15 @@ from typing import Any
 
 import httpx
 import nats
+import psycopg
+import psycopg.sql
 import pytest
 from fault_scaled_support import deploy_scaled
 from fault_support import Harness, await_until
 
 from phivault.ledger.stream import audit_subject
 from phivault.records.store import ResourceKey, SqlRecordStore
+from phivault.records.store.schema import resources
 
 pytestmark = pytest.mark.faults
 FAULT_TIMEOUT_S = 120
@@ -78,14 +81,26 @@ async def test_a_worker_killed_mid_transaction_leaves_all_or_nothing_reconciled(
     seen = asyncio.Event()
 
     async def on_message(msg: Any) -> None:
-        doc = json.loads(msg.data)
-        if doc.get("request_id") == rid and doc.get("outcome_reason") == "intent":
-            # At once: the commit is under way in that worker.
-            for pid in scaled.workers_serving(os.getpid()):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            intent.update(doc)
-            seen.set()
+        # One event per line: a worker groups the events of a loop turn into one message.
+        for line in msg.data.split(b"\n"):
+            doc = json.loads(line)
+            if doc.get("request_id") == rid and doc.get("outcome_reason") == "intent":
+                # At once: the commit is under way in that worker (held by the lock below).
+                for pid in scaled.workers_serving(os.getpid()):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                intent.update(doc)
+                seen.set()
+
+    # The worker's transaction waits for this lock at its first insert of a resource, so the
+    # kill lands between the intent and the commit every time (without it, a fast commit
+    # once answered before the kill arrived). Reads are not blocked.
+    holder = await psycopg.AsyncConnection.connect(scaled.pg.conninfo)
+    await holder.execute(
+        psycopg.sql.SQL("LOCK TABLE {}.{} IN SHARE ROW EXCLUSIVE MODE").format(
+            psycopg.sql.Identifier(scaled.records_schema), psycopg.sql.Identifier(resources.name)
+        )
+    )
 
     watcher = await nats.connect(servers=scaled.nats.urls, connect_timeout=2)
     try:
@@ -101,6 +116,8 @@ async def test_a_worker_killed_mid_transaction_leaves_all_or_nothing_reconciled(
                 await posting  # the worker died under it: no answer at all
     finally:
         await watcher.close()
+        await holder.rollback()
+        await holder.close()
     written = versions(intent)
     assert len(written) == ENTRIES
     assert len(killed) == 1 and killed[0] in before, (killed, before)
@@ -125,7 +142,7 @@ async def test_a_worker_killed_mid_transaction_leaves_all_or_nothing_reconciled(
         store.close()
     assert present in ([], written), f"{len(present)} of {len(written)} entries were committed"
     committed = bool(present)
-    # (On this machine the kill lands before the commit: the reconciled-absent path.)
+    # (The lock above makes the kill land before the commit: the reconciled-absent path.)
 
     # Its intent gets the matching outcome, for every version it named.
     expected = {"committed", "reconciled-committed"} if committed else {
