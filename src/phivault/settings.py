@@ -211,6 +211,9 @@ class RecordsSettings(_Section):
     # replication lag is under replica_max_lag_ms; authorization state and writes never do.
     replica_urls: list[str] = []
     replica_max_lag_ms: float = Field(default=100.0, gt=0, le=60_000)
+    # PostgreSQL: connections each worker keeps per pool (the primary's writes, its reads,
+    # each replica); a unit of work finding them all busy waits for one, none is made extra.
+    pool_size: int = Field(default=10, gt=0, le=200)
     # Several workers: how often open write intents are looked for, and how old one must
     # be before it is settled (longer than any request lives).
     reconcile_every_s: float = Field(default=15.0, gt=0, le=3600)

@@ -204,6 +204,7 @@ def _open_store(settings: Settings, data_dir: DataDir, breakers: Breakers) -> Sq
         replica_urls=records.replica_urls,
         replica_positions=records_write_positions(settings),
         replica_max_lag_s=records.replica_max_lag_ms / 1000,
+        pool_size=records.pool_size,
         # A replica that fails is skipped (the primary serves) until its breaker lets a
         # read try it again; the breakers' states are exported at /metrics.
         replica_health=lambda name: BreakerHealth(

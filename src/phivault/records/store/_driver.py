@@ -252,7 +252,25 @@ def _postgres_error(
 _WRITER_WAIT_S: Final = 30  # the SQLite busy timeout (_sqlite_connect)
 
 
-def _read_only_engine(url: Any, connect_args: Mapping[str, Any]) -> Engine:
+#: Connections per PostgreSQL pool (the primary's, its read pool, each replica's) per process.
+POSTGRES_POOL_SIZE: Final = 10
+
+
+def _bounded_pool(size: int) -> dict[str, int]:
+    """A PostgreSQL pool of ``size`` connections kept open and **no overflow**: a unit that
+    finds all of them in use waits for one (``pool_timeout``, 30 s, then a 503).
+
+    SQLAlchemy's default (5 kept, 10 more made on demand and closed when returned) made and
+    closed a connection per request once more than 5 units ran at once, and 32 concurrent
+    reads per worker always did: the scaled read benchmark opened ~25 connections a second,
+    each a forked backend, which cost more CPU than the reads (463 -> 577 reads/s with a
+    bounded pool, docs/decisions/records-storage.md). Waiting for a connection costs
+    nothing while it waits; a pool as large as the thread count would cost the server a
+    backend per thread per worker (100 connections by default in all)."""
+    return {"pool_size": size, "max_overflow": 0}
+
+
+def _read_only_engine(url: Any, connect_args: Mapping[str, Any], pool_size: int) -> Engine:
     """The pool for read-only units on the PostgreSQL primary (``docs/decisions/
     records-storage.md``, "Read-only units on PostgreSQL").
 
@@ -271,6 +289,7 @@ def _read_only_engine(url: Any, connect_args: Mapping[str, Any]) -> Engine:
         isolation_level="AUTOCOMMIT",
         hide_parameters=True,
         execution_options={_DIRECT: True},
+        **_bounded_pool(pool_size),
     )
     # A connection back from the pool is checked only if it sat there a while (see
     # _ping_if_idle), not on every checkout as pool_pre_ping would (a round trip per read).

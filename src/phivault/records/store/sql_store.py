@@ -49,6 +49,8 @@ from phivault.pg_advisory import advisory_key
 from phivault.records.store._commit_positions import _writing_everyone, _written_lsn
 from phivault.records.store._driver import (
     _WRITER_WAIT_S,
+    POSTGRES_POOL_SIZE,
+    _bounded_pool,
     _driver_error,
     _DriverRead,
     _note_idle,
@@ -109,7 +111,10 @@ class SqlRecordStore:
         replica_retry_s: float = 1.0,
         replica_health: Callable[[str], ReplicaHealth] | None = None,
         replica_positions: WritePositions | None = None,
+        pool_size: int = POSTGRES_POOL_SIZE,
     ) -> None:
+        if pool_size < 1:
+            raise ConfigurationError("the records store's pool_size must be at least 1")
         parsed = _parse_url(url)
         backend = parsed.get_backend_name()
         if backend not in ("sqlite", "postgresql"):
@@ -157,13 +162,16 @@ class SqlRecordStore:
                 event.listen(self._engine, "begin", _sqlite_begin)
             else:
                 self._engine = create_engine(
-                    parsed, connect_args=connect_args, hide_parameters=True
+                    parsed,
+                    connect_args=connect_args,
+                    hide_parameters=True,
+                    **_bounded_pool(pool_size),
                 )
                 # As the read pool: a connection is pinged only after a second idle, not on
                 # every checkout (pool_pre_ping: one more round trip per write unit).
                 event.listen(self._engine, "checkin", _note_idle)
                 event.listen(self._engine, "checkout", _ping_if_idle)
-                self._reader = _read_only_engine(parsed, connect_args)
+                self._reader = _read_only_engine(parsed, connect_args, pool_size)
             self._replicas: dict[str, Engine] = {}
             self._router: ReplicaRouter | None = None
             if replica_urls:
@@ -176,6 +184,7 @@ class SqlRecordStore:
                     display_max_lag_s=replica_display_max_lag_s,
                     sample_ttl_s=replica_sample_s,
                     positions=replica_positions,
+                    pool_size=pool_size,
                 )
             if migrate:
                 self.migrate()
@@ -192,6 +201,7 @@ class SqlRecordStore:
         display_max_lag_s: float,
         sample_ttl_s: float,
         positions: WritePositions | None,
+        pool_size: int,
     ) -> ReplicaRouter:
         replicas = []
         for url in urls:
@@ -209,6 +219,7 @@ class SqlRecordStore:
                 connect_args={**connect_args, "connect_timeout": _REPLICA_CONNECT_TIMEOUT_S},
                 pool_pre_ping=True,
                 hide_parameters=True,
+                **_bounded_pool(pool_size),
             )
             self._replicas[name] = engine
             replicas.append(Replica(name, postgres_probe(engine), health(name)))
