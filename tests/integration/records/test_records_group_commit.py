@@ -1,8 +1,8 @@
 """Group commit (docs/decisions/records-group-commit.md): write units submitted while a group
 is being written are committed together, each in its own savepoint. A unit that fails is
 rolled back alone; a group whose transaction breaks is written again unit by unit; nothing of
-a unit is ever half written. Real stores (SQLite groups; PostgreSQL commits a unit submitted alone by itself, and the
-units one thread submits together as one group)."""
+a unit is ever half written. Real stores (SQLite groups; PostgreSQL commits a unit submitted
+alone by itself, and the units one thread submits together as one group)."""
 
 from __future__ import annotations
 
