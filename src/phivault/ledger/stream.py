@@ -23,8 +23,8 @@ What a message carries (and what the sequencer relies on):
   ``msg_id``, or through the audit trail the ambient key of
   :func:`phivault.ledger.idempotency.idempotency_key`.
 
-**Grouped messages.** Events recorded without an idempotency key (reads, searches, write
-intents: the great majority) are not published one by one: the events of a worker that arrive
+**Grouped messages.** Events (reads, searches, write intents and outcomes) are not
+published one by one: the events of a worker that arrive
 in the same event-loop turn (``group_window_s`` = 0) or within ``group_window_s`` go out as ONE
 message with one acknowledgement, and each caller is released only once that message is
 acknowledged (a failed message fails every caller in it). A message of two or more events has
@@ -34,10 +34,12 @@ JSON joined by a newline (canonical JSON never contains a raw newline byte). A g
 sent as a single-event message, exactly as before, so the sequencer reads both forms, and a
 stream holding messages of older workers stays readable. A grouped message has a fresh
 ``Nats-Msg-Id``, reused by every retry of that publish with the identical bytes: events are
-never regrouped on a retry. An event with an idempotency key is never grouped (its key is the
-message id of its own message, so that a caller's later retry, perhaps after the first
-attempt was in fact stored, is dropped by the duplicate window). All events of a message share
-its stream sequence number: :meth:`JetStreamAuditSink.record` returns it.
+never regrouped on a retry. Events with an idempotency key (write outcomes) are grouped with
+one another only, and the sink remembers each key's message for the stream's duplicate window:
+a caller's later retry of that key, perhaps after the first attempt was in fact stored, sends
+that very message again under its id, and the duplicate window drops it (a keyed event alone
+is sent under its key, as before). All events of a message share its stream sequence number:
+:meth:`JetStreamAuditSink.record` returns it.
 
 No nats exception crosses the port: every failure to get an acknowledgement becomes
 :class:`~phivault.ledger.errors.LedgerUnavailable` (callers serving PHI answer 503).
@@ -524,7 +526,7 @@ class JetStreamAuditSink:
         waits for the next keyed message; a key of a message this sink sent is answered from
         what it remembers: the sequence the stream gave that message, or, if it failed, the
         same message again under the same message id, so the stream's duplicate window drops
-        it if an earlier try was in fact stored (docs/decisions/records-write-outcomes.md)."""
+        it if an earlier try was in fact stored (docs/decisions/audit-stream.md, keyed events)."""
         self._forget(time.monotonic())
         known = self._remembered.get(key)
         if known is None:

@@ -385,7 +385,11 @@ class RecordsRepository:
             getattr(store, "router", None) is None
         )
         self._writes = (
-            _WriteBatches(store) if self._batched is not None or self._grouped_creates else None
+            _WriteBatches(store)
+            if self._batched is not None
+            else _WriteBatches(store, in_flight=_PG_BATCHES_IN_FLIGHT)
+            if self._grouped_creates
+            else None
         )
 
     # --- reads ---------------------------------------------------------------------------
@@ -1851,6 +1855,9 @@ _SCAN_CHUNK: Final = 1024  # ledger entries read at once by reconcile()
 #: reconciler keeps the claims it takes far longer (``keep_claims_s``), so a write can never
 #: commit after the claim that says it did not happen was pruned.
 _WRITE_DEADLINE_S: Final = 3600.0
+# PostgreSQL: batches of grouped creates (records-group-commit.md) of one event loop written
+# side by side, each in its own transaction on its own storage thread and connection.
+_PG_BATCHES_IN_FLIGHT: Final = 4
 _READ_OUTCOMES: Final = frozenset({PlanOutcome.READ, PlanOutcome.SEARCH})
 _OUTCOME_REASONS: Final = frozenset(
     {_COMMITTED, _ROLLED_BACK, "reconciled-committed", "reconciled-absent"}

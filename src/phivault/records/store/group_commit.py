@@ -116,14 +116,22 @@ class GroupCommit:
             return
         try:
             with self.unit_of_work() as uow:
-                for unit in batch:
+                # One savepoint, moved on after each unit that succeeds (RELEASE and SAVEPOINT
+                # in one round trip on PostgreSQL) and rolled back to after one that fails.
+                uow.mark_unit()
+                last = len(batch) - 1
+                for at, unit in enumerate(batch):
                     try:
-                        with uow.savepoint():
-                            unit.context.run(unit.work, uow)
+                        unit.context.run(unit.work, uow)
                     except _SavepointLost:
                         raise
                     except BaseException as exc:  # this unit alone is rolled back
                         unit.error = exc
+                        uow.undo_unit()
+                        if at == last:
+                            uow.next_unit(last=True)  # (SQLite: the transaction is still on)
+                        continue
+                    uow.next_unit(last=at == last)
                 uow.commit()
         except _SavepointLost:
             for unit in batch:  # nothing of the group was written: one by one
