@@ -23,8 +23,8 @@ What a message carries (and what the sequencer relies on):
   ``msg_id``, or through the audit trail the ambient key of
   :func:`phivault.ledger.idempotency.idempotency_key`.
 
-**Grouped messages.** Events recorded without an idempotency key (reads, searches, write
-intents: the great majority) are not published one by one: the events of a worker that arrive
+**Grouped messages.** Events (reads, searches, write intents and outcomes) are not
+published one by one: the events of a worker that arrive
 in the same event-loop turn (``group_window_s`` = 0) or within ``group_window_s`` go out as ONE
 message with one acknowledgement, and each caller is released only once that message is
 acknowledged (a failed message fails every caller in it). A message of two or more events has
@@ -34,10 +34,12 @@ JSON joined by a newline (canonical JSON never contains a raw newline byte). A g
 sent as a single-event message, exactly as before, so the sequencer reads both forms, and a
 stream holding messages of older workers stays readable. A grouped message has a fresh
 ``Nats-Msg-Id``, reused by every retry of that publish with the identical bytes: events are
-never regrouped on a retry. An event with an idempotency key is never grouped (its key is the
-message id of its own message, so that a caller's later retry, perhaps after the first
-attempt was in fact stored, is dropped by the duplicate window). All events of a message share
-its stream sequence number: :meth:`JetStreamAuditSink.record` returns it.
+never regrouped on a retry. Events with an idempotency key (write outcomes) are grouped with
+one another only, and the sink remembers each key's message for the stream's duplicate window:
+a caller's later retry of that key, perhaps after the first attempt was in fact stored, sends
+that very message again under its id, and the duplicate window drops it (a keyed event alone
+is sent under its key, as before). All events of a message share its stream sequence number:
+:meth:`JetStreamAuditSink.record` returns it.
 
 No nats exception crosses the port: every failure to get an acknowledgement becomes
 :class:`~phivault.ledger.errors.LedgerUnavailable` (callers serving PHI answer 503).
@@ -106,6 +108,9 @@ GROUP_MAX_WAIT_S: Final = 0.05
 _LEDGER_FIELDS_ROOM: Final = 256
 MAX_EVENT_BYTES: Final = MAX_LEAF_BYTES - _LEDGER_FIELDS_ROOM
 _MSG_ID: Final = "Nats-Msg-Id"
+#: The stream's duplicate window (``ensure_audit_stream``), and how long the sink remembers a
+#: key it published in a grouped message.
+DUPLICATE_WINDOW_S: Final = 120.0
 _EXPECTED_STREAM: Final = api.Header.EXPECTED_STREAM.value
 
 
@@ -123,7 +128,7 @@ async def ensure_audit_stream(
     name: str,
     subject: str,
     replicas: int,
-    duplicate_window_s: float = 120,
+    duplicate_window_s: float = DUPLICATE_WINDOW_S,
 ) -> None:
     """Create the audit stream, or bring an existing one to this configuration.
 
@@ -305,11 +310,35 @@ _STREAM_INFO_TIMEOUT_S: Final = 1.0
 @dataclass(slots=True)
 class _Waiting:
     """An event waiting for its grouped message: resolved with the message's stream sequence
-    once acknowledged, or with :class:`LedgerUnavailable` if it fails."""
+    once acknowledged, or with :class:`LedgerUnavailable` if it fails. ``key``: its
+    idempotency key (None: an event recorded once, grouped with others like it)."""
 
     payload: bytes
     encoding: str
     done: asyncio.Future[int]
+    key: str | None = None
+
+
+@dataclass(slots=True)
+class _Message:
+    """A message as published: every retry of it sends these very bytes under this id.
+    ``keys``: the idempotency keys of its events (keyed events only)."""
+
+    payload: bytes
+    headers: dict[str, str]
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _Remembered:
+    """What the sink knows of a message of keyed events, for each of its keys, until
+    ``until`` (the stream's duplicate window from its first try): the stream sequence it was
+    acknowledged with, or, while it has not been, the message itself, to be sent again
+    unchanged when one of its keys is recorded again."""
+
+    until: float
+    seq: int | None
+    message: _Message
 
 
 class JetStreamAuditSink:
@@ -348,6 +377,7 @@ class JetStreamAuditSink:
         group_max: int = GROUP_MAX_EVENTS,
         group_window_s: float = 0.0,
         group_in_flight: int = GROUP_IN_FLIGHT,
+        duplicate_window_s: float = DUPLICATE_WINDOW_S,
     ) -> None:
         if group_in_flight < 1:
             raise ConfigurationError("at least one audit message must be allowed in flight")
@@ -359,6 +389,8 @@ class JetStreamAuditSink:
             raise ConfigurationError("the audit stream's publish timeout must be positive")
         if leader_election_wait_s < 0:
             raise ConfigurationError("the wait for a stream leader must not be negative")
+        if duplicate_window_s <= 0:
+            raise ConfigurationError("the audit stream's duplicate window must be positive")
         self._client = client
         self._js = client.jetstream()
         self.stream = stream
@@ -378,6 +410,9 @@ class JetStreamAuditSink:
         self._flush_scheduled = False
         self._overdue: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        # Idempotency keys published in grouped messages, oldest first (see _Remembered).
+        self.duplicate_window_s = duplicate_window_s
+        self._remembered: dict[str, _Remembered] = {}
 
     @classmethod
     async def connect(
@@ -472,20 +507,63 @@ class JetStreamAuditSink:
             raise LedgerUnavailable("the audit stream sink is closed")
         if msg_id is None:
             msg_id = current_idempotency_key()
-            if msg_id is None and self.group_max > 1:
-                return await self._grouped(payload, encoding)
-            msg_id = msg_id or uuid.uuid4().hex
         elif not msg_id or len(msg_id) > 128:
             raise InvalidInput("an audit message id must have 1 to 128 characters")
+        if self.group_max > 1:
+            if msg_id is None:
+                return await self._grouped(payload, encoding, None)
+            return await self._keyed(payload, encoding, msg_id)
+        msg_id = msg_id or uuid.uuid4().hex
         headers = {_MSG_ID: msg_id, ENCODING_HEADER: encoding, _EXPECTED_STREAM: self.stream}
         return await self._send(payload, headers)
 
     # -- grouping -------------------------------------------------------------------------
 
-    def _grouped(self, payload: bytes, encoding: str) -> asyncio.Future[int]:
+    async def _keyed(self, payload: bytes, encoding: str, key: str) -> int:
+        """An event with an idempotency key. Grouped with other keyed events only (never with
+        events recorded once: a retry of a keyed event resends its whole message, which must
+        not hold events whose callers were told they failed for good). The first time, it
+        waits for the next keyed message; a key of a message this sink sent is answered from
+        what it remembers: the sequence the stream gave that message, or, if it failed, the
+        same message again under the same message id, so the stream's duplicate window drops
+        it if an earlier try was in fact stored (docs/decisions/audit-stream.md, keyed events)."""
+        self._forget(time.monotonic())
+        known = self._remembered.get(key)
+        if known is None:
+            return await self._grouped(payload, encoding, key)
+        if known.seq is not None:
+            return known.seq
+        seq = await self._send(known.message.payload, known.message.headers)
+        known.seq = seq  # every key of that message shares this record
+        return seq
+
+    def _remember(self, message: _Message) -> _Remembered | None:
+        """Remember each key of ``message`` as it is first sent, until the stream's duplicate
+        window since then has nearly passed: one record for all of them, its ``seq`` set once
+        the stream acknowledges the message. A key recorded again meanwhile (a retry after a
+        failure, or while it is in flight) sends this very message again."""
+        if not message.keys:
+            return None
+        until = time.monotonic() + self.duplicate_window_s - self.publish_timeout_s
+        known = _Remembered(until, None, message)
+        for key in message.keys:
+            self._remembered.pop(key, None)  # (re-inserted last: the dict stays in expiry order)
+            self._remembered[key] = known
+        return known
+
+    def _forget(self, now: float) -> None:
+        """Drop the keys whose window has passed (remembered in order of expiry)."""
+        remembered = self._remembered
+        while remembered:
+            key = next(iter(remembered))
+            if remembered[key].until > now:
+                return
+            del remembered[key]
+
+    def _grouped(self, payload: bytes, encoding: str, key: str | None) -> asyncio.Future[int]:
         """Queue an event for the next grouped message; the future is its acknowledgement."""
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(payload, encoding, loop.create_future())
+        waiting = _Waiting(payload, encoding, loop.create_future(), key)
         self._waiting.append(waiting)
         if len(self._sending) < self.group_in_flight:
             if not self._flush_scheduled:
@@ -506,28 +584,30 @@ class JetStreamAuditSink:
     def _flush(self, overdue: bool = False) -> None:
         """Send the waiting events, in order, as messages of at most ``group_max`` events and
         GROUP_MAX_BYTES of payload, while fewer than ``group_in_flight`` messages await their
-        acknowledgement (all of them when ``overdue`` or once the sink is closing)."""
+        acknowledgement (all of them when ``overdue`` or once the sink is closing). Events
+        with an idempotency key and events without go in messages of their own."""
         if overdue:
             self._overdue = None
         else:
             self._flush_scheduled = False
         waiting = self._waiting
-        start = 0
-        while start < len(waiting) and (
-            len(self._sending) < self.group_in_flight or overdue or self._closed
-        ):
-            size = len(waiting[start].payload)
-            stop = start + 1
-            while stop < len(waiting) and stop - start < self.group_max:
-                size += 1 + len(waiting[stop].payload)
-                if size > GROUP_MAX_BYTES:
-                    break
-                stop += 1
-            task = asyncio.ensure_future(self._send_group(waiting[start:stop]))
+        while waiting and (len(self._sending) < self.group_in_flight or overdue or self._closed):
+            keyed = waiting[0].key is not None
+            group: list[_Waiting] = []
+            left: list[_Waiting] = []
+            size = -1
+            for w in waiting:
+                if (w.key is not None) is keyed and len(group) < self.group_max:
+                    size += 1 + len(w.payload)
+                    if not group or size <= GROUP_MAX_BYTES:
+                        group.append(w)
+                        continue
+                    size = GROUP_MAX_BYTES + 1  # full: the rest of this kind waits
+                left.append(w)
+            waiting[:] = left
+            task = asyncio.ensure_future(self._send_group(group))
             self._sending.add(task)
             task.add_done_callback(self._sent)
-            start = stop
-        del waiting[:start]
         if not waiting and self._overdue is not None:
             self._overdue.cancel()
             self._overdue = None
@@ -537,26 +617,34 @@ class JetStreamAuditSink:
         if self._waiting and not self._flush_scheduled:
             self._flush()
 
-    async def _send_group(self, group: list[_Waiting]) -> None:
-        # Built once: every retry of this publish sends these very bytes under this id.
-        msg_id = uuid.uuid4().hex
+    def _message(self, group: list[_Waiting]) -> _Message:
+        """The message of ``group``, built once: every retry sends these very bytes."""
         if len(group) == 1:
-            payload = group[0].payload
-            headers = {
-                _MSG_ID: msg_id,
-                ENCODING_HEADER: group[0].encoding,
-                _EXPECTED_STREAM: self.stream,
-            }
-        else:
-            payload = BATCH_SEPARATOR.join(w.payload for w in group)
-            headers = {
-                _MSG_ID: msg_id,
-                ENCODING_HEADER: ENCODING_BATCH,
-                BATCH_HEADER: ",".join(w.encoding for w in group),
-                _EXPECTED_STREAM: self.stream,
-            }
+            # A lone event: an ordinary single-event message, its key (if any) the message id.
+            lone = group[0]
+            return _Message(
+                lone.payload,
+                {
+                    _MSG_ID: lone.key or uuid.uuid4().hex,
+                    ENCODING_HEADER: lone.encoding,
+                    _EXPECTED_STREAM: self.stream,
+                },
+                () if lone.key is None else (lone.key,),
+            )
+        headers = {
+            _MSG_ID: uuid.uuid4().hex,
+            ENCODING_HEADER: ENCODING_BATCH,
+            BATCH_HEADER: ",".join(w.encoding for w in group),
+            _EXPECTED_STREAM: self.stream,
+        }
+        keys = tuple(w.key for w in group if w.key is not None)
+        return _Message(BATCH_SEPARATOR.join(w.payload for w in group), headers, keys)
+
+    async def _send_group(self, group: list[_Waiting]) -> None:
+        message = self._message(group)
+        known = self._remember(message)
         try:
-            seq = await self._send(payload, headers)
+            seq = await self._send(message.payload, message.headers)
         except BaseException as exc:
             failure = (
                 exc
@@ -571,6 +659,8 @@ class JetStreamAuditSink:
             if not isinstance(exc, Exception):
                 raise
             return
+        if known is not None:
+            known.seq = seq
         for w in group:
             if not w.done.done():
                 w.done.set_result(seq)

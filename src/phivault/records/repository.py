@@ -326,6 +326,7 @@ class _Write:
     decision: Decision
     created: bool
     checks: tuple[_Check, ...] = ()
+    new_id: bool = False  # a POST: an id the server just chose, which nobody else can write
 
     @property
     def patient(self) -> str | None:
@@ -378,8 +379,18 @@ class RecordsRepository:
         # Embedded (SQLite, in this process's memory and page cache): the point reads of
         # one turn of the event loop go to a storage thread together (_ReadBatches).
         self._batched = _ReadBatches() if getattr(store, "dialect", None) == "sqlite" else None
-        # ... and so do the write units of one turn, into the store's group commit.
-        self._writes = _WriteBatches(store) if self._batched is not None else None
+        # ... and so do the write units of one turn, into the store's group commit. PostgreSQL
+        # without replicas: the plain creates of one turn, in one transaction (_groupable).
+        self._grouped_creates = getattr(store, "dialect", None) == "postgresql" and (
+            getattr(store, "router", None) is None
+        )
+        self._writes = (
+            _WriteBatches(store)
+            if self._batched is not None
+            else _WriteBatches(store, in_flight=_PG_BATCHES_IN_FLIGHT)
+            if self._grouped_creates
+            else None
+        )
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -897,7 +908,7 @@ class RecordsRepository:
         claims = [(e.tenant, _intent_claim(e)) for e in intents]
 
         unit = self._commit_unit(caller, writes, checks, indexer, claims=claims, started=started)
-        batches = self._writes
+        batches = self._writes if self._groupable(writes, checks) else None
 
         async def settle() -> None:
             try:
@@ -939,6 +950,18 @@ class RecordsRepository:
                     "the current version"
                 ) from None
             raise
+
+    def _groupable(self, writes: Sequence[_Write], checks: Sequence[_Check]) -> bool:
+        """Whether this write unit goes to the store with the others of its turn of the event
+        loop (records-group-commit.md). SQLite: always (one writer at a time anyway).
+        PostgreSQL: only creates of ids the server chose (POST) relying on no lookup. Their
+        rows are new keys that no other writer waits for, so one transaction for many couples
+        nothing. A PUT of a new id (another writer may insert it too), an update's row lock
+        or a conditional write's advisory lock would be held for the whole group (and two
+        groups could wait for each other), so those keep a transaction of their own."""
+        if not self._grouped_creates:
+            return self._writes is not None
+        return not checks and all(w.new_id and w.previous is None for w in writes)
 
     def _keep(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Run ``work`` as a task the repository holds until it is done."""
@@ -1103,6 +1126,7 @@ class RecordsRepository:
         return _Write(
             entry.index, interaction, key, previous, version, now, subject, sealed, entries,
             resource, decision, created=current is None, checks=entry.lookups,
+            new_id=entry.method is Method.POST and entry.outcome is PlanOutcome.CREATE,
         )  # fmt: skip
 
     def _hidden(
@@ -1831,6 +1855,9 @@ _SCAN_CHUNK: Final = 1024  # ledger entries read at once by reconcile()
 #: reconciler keeps the claims it takes far longer (``keep_claims_s``), so a write can never
 #: commit after the claim that says it did not happen was pruned.
 _WRITE_DEADLINE_S: Final = 3600.0
+# PostgreSQL: batches of grouped creates (records-group-commit.md) of one event loop written
+# side by side, each in its own transaction on its own storage thread and connection.
+_PG_BATCHES_IN_FLIGHT: Final = 4
 _READ_OUTCOMES: Final = frozenset({PlanOutcome.READ, PlanOutcome.SEARCH})
 _OUTCOME_REASONS: Final = frozenset(
     {_COMMITTED, _ROLLED_BACK, "reconciled-committed", "reconciled-absent"}

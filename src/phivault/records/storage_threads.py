@@ -162,12 +162,17 @@ class _WriteBatches:
     the loop) a hand-off serves a whole group instead of each create (records-group-commit.md).
 
     Every unit runs in its caller's context; one that fails fails only its caller; a
-    caller that left before its batch began is skipped (nothing of it is written)."""
+    caller that left before its batch began is skipped (nothing of it is written).
 
-    def __init__(self, store: RecordStore) -> None:
+    ``in_flight``: batches of a loop on threads at once (SQLite: 1, its writers take turns
+    anyway; PostgreSQL writes batches side by side, and a batch's round trips one after
+    another would otherwise bound a worker's writes by one connection's latency)."""
+
+    def __init__(self, store: RecordStore, *, in_flight: int = 1) -> None:
         self._store = store
+        self._in_flight = in_flight
         self._pending: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
-        self._writing: set[asyncio.AbstractEventLoop] = set()  # a batch is on a thread
+        self._writing: dict[asyncio.AbstractEventLoop, int] = {}  # batches on threads
 
     def add(self, unit: Callable[[RecordUnitOfWork], None]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -175,21 +180,29 @@ class _WriteBatches:
         pending = self._pending.get(loop)
         if pending is None:
             pending = self._pending[loop] = []
-            if loop not in self._writing:  # else the batch in flight sends it when done
+            # else a batch in flight sends it when done
+            if self._writing.get(loop, 0) < self._in_flight:
                 loop.call_soon(self._flush, loop)
         pending.append((unit, future, contextvars.copy_context()))
         return future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._writing.get(loop, 0) >= self._in_flight:
+            return  # a batch in flight sends these when done
         batch = self._pending.pop(loop, [])
         if not batch:
             return
-        self._writing.add(loop)
+        self._writing[loop] = self._writing.get(loop, 0) + 1
         try:
             _storage_executor(os.getpid()).submit(self._write, loop, batch)
         except BaseException as exc:  # (the executor is shut down): these fail, later ones try
-            self._writing.discard(loop)
+            self._done_writing(loop)
             settle_all([(future, None, exc) for _, future, _ in batch])
+
+    def _done_writing(self, loop: asyncio.AbstractEventLoop) -> None:
+        left = self._writing.pop(loop, 1) - 1
+        if left > 0:
+            self._writing[loop] = left
 
     def _written(
         self,
@@ -197,7 +210,7 @@ class _WriteBatches:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
     ) -> None:
         """On the loop: settle a batch's futures, then send the units that came meanwhile."""
-        self._writing.discard(loop)
+        self._done_writing(loop)
         settle_all(outcomes)
         self._flush(loop)
 
@@ -216,7 +229,7 @@ class _WriteBatches:
         except BaseException as exc:  # not a unit's own failure: every one of them fails
             outcomes = [(future, None, exc) for _, future, _ in live]
         # Always handed back, whatever happened above: until it is, the loop's later writes
-        # wait for this batch (_writing), and would wait for ever.
+        # may wait for this batch (_writing), and would wait for ever.
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
             loop.call_soon_threadsafe(self._written, loop, outcomes)
 

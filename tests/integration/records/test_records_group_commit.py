@@ -1,7 +1,8 @@
 """Group commit (docs/decisions/records-group-commit.md): write units submitted while a group
 is being written are committed together, each in its own savepoint. A unit that fails is
 rolled back alone; a group whose transaction breaks is written again unit by unit; nothing of
-a unit is ever half written. Real stores (SQLite groups; PostgreSQL commits each unit alone)."""
+a unit is ever half written. Real stores (SQLite groups; PostgreSQL commits a unit submitted
+alone by itself, and the units one thread submits together as one group)."""
 
 from __future__ import annotations
 
@@ -260,11 +261,9 @@ def test_write_unit_commits_and_rolls_back_on_both_engines(stores: StoreFactory)
 
 def test_units_submitted_together_commit_together_and_fail_alone(stores: StoreFactory) -> None:
     """write_units (the repository's batch of one event-loop turn): each unit's own outcome,
-    in order; the failing one alone is rolled back, the others commit (SQLite: in one
-    transaction; PostgreSQL: each in its own)."""
-    store = stores.open()
-    if stores.engine == "sqlite":
-        store = CountingStore(stores.url)
+    in order; the failing one alone is rolled back, the others commit, in one transaction
+    (PostgreSQL too, without replicas)."""
+    store = CountingStore(stores.url, schema=stores.schema)
 
     def failing(uow: SqlUnitOfWork) -> None:
         uow.create_many([obs("two")])
@@ -274,8 +273,66 @@ def test_units_submitted_together_commit_together_and_fail_alone(stores: StoreFa
     assert errors[0] is None and errors[2] is None
     assert isinstance(errors[1], RuntimeError)
     assert exists(store, "one") and exists(store, "three") and not exists(store, "two")
-    if isinstance(store, CountingStore):
-        assert store.writing_transactions == 1
+    assert store.writing_transactions == 1
+
+
+def test_units_submitted_together_one_refused_by_the_database_fail_alone(
+    stores: StoreFactory,
+) -> None:
+    """A unit whose statement the database refuses (its intent claim is held already, as
+    after the reconciler settled it absent; PostgreSQL then fails the transaction until it is
+    rolled back to the unit's savepoint): that unit alone fails (IntentSettled), in the one
+    transaction of its batch."""
+    store = CountingStore(stores.url, schema=stores.schema)
+    store.write_unit(lambda uow: uow.claim_intents("t1", ["c" * 64], at=1))
+
+    def claimed(uow: SqlUnitOfWork) -> None:
+        uow.create_many([obs("claimed-before")])
+        uow.claim_intents("t1", ["c" * 64], at=2)
+        uow.create_many([obs("claimed")])
+
+    errors = store.write_units([create("a"), claimed, create("c")])
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], IntentSettled)
+    assert exists(store, "a") and exists(store, "c")
+    assert not exists(store, "claimed") and not exists(store, "claimed-before")
+    assert store.writing_transactions == 2  # the claim, then the batch
+
+
+def test_units_submitted_together_whose_transaction_ends_are_written_one_by_one(
+    stores: StoreFactory,
+) -> None:
+    """A unit ends the batch's transaction (SQLite after a full disk; on PostgreSQL, any end of
+    the transaction under the unit): the savepoint is gone, the batch is written again unit by
+    unit, and only the unit that failed fails."""
+    store = CountingStore(stores.url, schema=stores.schema)
+
+    def breaking(uow: SqlUnitOfWork) -> None:
+        uow.create_many([obs("broken")])
+        uow._conn.exec_driver_sql("ROLLBACK")
+        raise OSError("database or disk is full")
+
+    errors = store.write_units([create("a"), breaking, create("c")])
+    assert errors[0] is None and errors[2] is None and isinstance(errors[1], OSError)
+    assert exists(store, "a") and exists(store, "c") and not exists(store, "broken")
+    with store.unit_of_work(read_only=True) as uow:  # written once, as version 1
+        assert [v.version for v in uow.history("t1", "Observation", "a", count=10)] == [1]
+    assert store.writing_transactions == 4  # the batch, then each unit alone
+
+
+def test_units_submitted_together_all_fail_when_their_commit_fails(
+    stores: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CountingStore(stores.url, schema=stores.schema)
+
+    def commit(self: SqlUnitOfWork) -> None:
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(SqlUnitOfWork, "commit", commit)
+    errors = store.write_units([create("a"), create("b")])
+    assert all(isinstance(e, OSError) for e in errors)
+    monkeypatch.undo()
+    assert not exists(store, "a") and not exists(store, "b")
 
 
 def test_units_submitted_together_that_wait_too_long_all_fail_closed(

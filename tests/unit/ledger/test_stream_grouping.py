@@ -143,7 +143,7 @@ async def test_a_message_that_times_out_fails_every_caller_in_it() -> None:
     assert len({(p, tuple(sorted(h.items()))) for p, h, _ in client.requests}) == 1
 
 
-async def test_events_with_an_idempotency_key_are_never_grouped() -> None:
+async def test_events_with_an_idempotency_key_are_grouped_only_with_one_another() -> None:
     client = _FakeClient()
     sink = _sink(client)
 
@@ -153,13 +153,67 @@ async def test_events_with_an_idempotency_key_are_never_grouped() -> None:
 
     calls = [asyncio.ensure_future(keyed(i)) for i in range(3)]
     calls.append(asyncio.ensure_future(sink.record(sample_event(5), msg_id="explicit")))
-    await client.sent(4)
-    ids = sorted(h["Nats-Msg-Id"] for _, h, _ in client.requests)
-    assert ids == ["explicit", "outcome-0", "outcome-1", "outcome-2"]
-    assert all(h[ENCODING_HEADER] == "event" for _, h, _ in client.requests)
-    for n, (_p, _h, answer) in enumerate(client.requests):
-        answer.set_result(_ack(n + 1))
-    assert sorted(await asyncio.gather(*calls)) == [1, 2, 3, 4]
+    plain = asyncio.ensure_future(sink.record(sample_event(6)))
+    await client.sent(2)
+    await asyncio.sleep(0.02)
+    assert len(client.requests) == 2
+    by_count = {h.get(BATCH_HEADER, "").count(",") + 1: (p, h, a) for p, h, a in client.requests}
+    payload, headers, answer = by_count[4]  # the keyed events, in order, in one message
+    assert headers[ENCODING_HEADER] == ENCODING_BATCH
+    assert payload == b"\n".join(
+        canonical_json_of_plain_document(sample_event(i).to_document()) for i in (0, 1, 2, 5)
+    )
+    assert headers["Nats-Msg-Id"] not in {"explicit", "outcome-0", "outcome-1", "outcome-2"}
+    answer.set_result(_ack(1))
+    lone_payload, _lone_headers, lone_answer = by_count[1]  # the plain event: its own message
+    assert lone_payload == canonical_json_of_plain_document(sample_event(6).to_document())
+    lone_answer.set_result(_ack(2))
+    assert await asyncio.gather(*calls) == [1, 1, 1, 1] and await plain == 2
+    # Recorded again (a caller's retry after a lost answer): the same position, nothing sent.
+    assert await keyed(1) == 1 and len(client.requests) == 2
+
+
+async def test_a_keyed_event_recorded_again_after_its_message_failed_resends_that_message() -> None:
+    client = _FakeClient()
+    sink = _sink(client, publish_timeout_s=0.2)
+
+    async def keyed(i: int) -> int:
+        with idempotency_key(f"outcome-{i}"):
+            return await sink.record(sample_event(i))
+
+    calls = [asyncio.ensure_future(keyed(i)) for i in range(3)]
+    await client.sent(1)
+    first_payload, first_headers, _ = client.requests[0]
+    results = await asyncio.gather(*calls, return_exceptions=True)  # never acknowledged
+    assert all(isinstance(r, LedgerUnavailable) for r in results), results
+    tries = len(client.requests)
+    # Each caller records its event again: the very message goes again, under the same id
+    # (the stream drops it if a try was stored), and never with anything else in it.
+    again = asyncio.ensure_future(keyed(2))
+    await client.sent(tries + 1)
+    payload, headers, answer = client.requests[tries]
+    assert (payload, headers) == (first_payload, first_headers)
+    answer.set_result(_ack(4))
+    assert await again == 4
+    assert await keyed(0) == 4 and await keyed(1) == 4  # answered from the acknowledgement
+    assert len(client.requests) == tries + 1
+
+
+async def test_a_key_is_forgotten_after_the_duplicate_window() -> None:
+    client = _FakeClient()
+    sink = _sink(client, publish_timeout_s=0.05, duplicate_window_s=0.1)
+    with idempotency_key("k"):
+        first = asyncio.ensure_future(sink.record(sample_event(1)))
+        await client.sent(1)
+        client.requests[0][2].set_result(_ack(1))
+        assert await first == 1
+        assert await sink.record(sample_event(1)) == 1  # remembered
+        await asyncio.sleep(0.1)
+        later = asyncio.ensure_future(sink.record(sample_event(1)))  # forgotten: sent again
+        await client.sent(2)
+        client.requests[1][2].set_result(_ack(2))
+        assert await later == 2
+    assert client.requests[1][1]["Nats-Msg-Id"] == "k"  # a lone keyed event: its key is the id
 
 
 async def test_while_messages_are_in_flight_later_events_gather_into_the_next(
@@ -225,3 +279,5 @@ def test_grouping_options_are_checked() -> None:
         _sink(client, group_in_flight=0)
     with pytest.raises(ConfigurationError):
         _sink(client, group_window_s=1.0)
+    with pytest.raises(ConfigurationError):
+        _sink(client, duplicate_window_s=0)

@@ -209,6 +209,35 @@ async def test_write_units_that_come_while_a_batch_is_written_go_together_after_
     assert store.batches == [1, 3]  # one hand-off for the three that came meanwhile
 
 
+async def test_with_two_batches_in_flight_the_second_goes_at_once_and_the_third_waits() -> None:
+    """PostgreSQL's grouped creates: ``in_flight`` batches of a loop on threads side by side;
+    what comes while all are busy waits and goes as one batch when one of them ends."""
+    from phivault.records.storage_threads import _WriteBatches
+
+    release = threading.Event()
+
+    class _HeldStore(_GroupingStore):
+        def write_units(self, works: list[Any], *, session: str | None = None) -> list[Any]:
+            outcomes = super().write_units(works, session=session)
+            if len(self.batches) <= 2:
+                release.wait(10)  # the first two batches stay on their threads
+            return outcomes
+
+    store = _HeldStore()
+    batches = _WriteBatches(store, in_flight=2)  # type: ignore[arg-type]
+    first = batches.add(lambda _uow: None)
+    await asyncio.sleep(0.05)
+    second = batches.add(lambda _uow: None)
+    await asyncio.sleep(0.05)
+    assert store.batches == [1, 1]  # side by side
+    later = [batches.add(lambda _uow: None) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert store.batches == [1, 1]  # both slots taken: these wait on the loop
+    release.set()
+    await asyncio.gather(first, second, *later)
+    assert store.batches == [1, 1, 3]
+
+
 async def test_a_batch_that_breaks_the_store_fails_its_units_and_later_writes_go_on() -> None:
     """A store that answers a batch wrongly (here: too few outcomes) fails that batch's
     callers; the loop's later writes are not left waiting behind it."""

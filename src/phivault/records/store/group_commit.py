@@ -91,6 +91,14 @@ class GroupCommit:
                     self._group_turn.notify_all()
         return [u.error for u in units]
 
+    def write_now(self, units: list[GroupUnit]) -> list[BaseException | None]:
+        """Write ``units`` at once on this thread, as groups of at most :data:`_GROUP_MAX`
+        (PostgreSQL: the write units one batch of an event loop hands over together; writers
+        of other threads neither wait for them nor join them). Each one's error, or None."""
+        for start in range(0, len(units), _GROUP_MAX):
+            self._write_group(units[start : start + _GROUP_MAX])
+        return [u.error for u in units]
+
     def _withdraw(self, units: list[GroupUnit]) -> None:
         """The units no group has taken yet fail closed (their wait is over): no later group
         may write one after its submitter was told it failed. Under ``_group_turn``."""
@@ -108,14 +116,22 @@ class GroupCommit:
             return
         try:
             with self.unit_of_work() as uow:
-                for unit in batch:
+                # One savepoint, moved on after each unit that succeeds (RELEASE and SAVEPOINT
+                # in one round trip on PostgreSQL) and rolled back to after one that fails.
+                uow.mark_unit()
+                last = len(batch) - 1
+                for at, unit in enumerate(batch):
                     try:
-                        with uow.savepoint():
-                            unit.context.run(unit.work, uow)
+                        unit.context.run(unit.work, uow)
                     except _SavepointLost:
                         raise
                     except BaseException as exc:  # this unit alone is rolled back
                         unit.error = exc
+                        uow.undo_unit()
+                        if at == last:
+                            uow.next_unit(last=True)  # (SQLite: the transaction is still on)
+                        continue
+                    uow.next_unit(last=at == last)
                 uow.commit()
         except _SavepointLost:
             for unit in batch:  # nothing of the group was written: one by one

@@ -373,7 +373,12 @@ class SqlRecordStore:
         SQLite they go into the next group together (with whatever other threads submit),
         and this thread waits once for all of them instead of one thread waiting for each.
         Each one's exception, or None where it committed (in ``works`` order). PostgreSQL
-        writes them one after another, each in its own transaction."""
+        without replicas writes them at once in one transaction, each in its own savepoint
+        (:meth:`GroupCommit.write_now`); with replicas, one after another, each in its own
+        transaction (a commit is noted for one session's read-your-writes)."""
+        if self._writer is None and self._router is None:
+            context = contextvars.copy_context()
+            return self._group_commit.write_now([GroupUnit(w, context.copy()) for w in works])
         if self._writer is None:
             errors: list[BaseException | None] = []
             for work in works:
