@@ -5,37 +5,119 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from records_store_support import StoreFactory, postgres_url
+from records_store_support import StoreFactory, fresh_schema, postgres_url
 from repository_support import TENANT, loader, open_kit
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from phivault.ledger.errors import LedgerUnavailable
 from phivault.ledger.service import initialize_ledger, open_ledger
-from phivault.records.reconciler import IntentReconciler, reconcile_lock
+from phivault.records.reconciler import IntentReconciler, ReconcileLeadership, reconcile_lock
 from phivault.records.repository import RecordsRepository
 from phivault.records.results import Caller
 from phivault.records.testing import FixedCallerTrail
 
 
-def test_one_worker_at_a_time_holds_the_reconcile_lock() -> None:
-    first = create_engine(postgres_url())
-    second = create_engine(postgres_url())
+@pytest.fixture
+def two_workers(postgres: str) -> Iterator[tuple[Any, Any]]:
+    """Two workers' engines on a schema of the test's own (the lock is per schema)."""
+    with fresh_schema(postgres, "pv_lead") as schema:
+        options = {"options": f"-c search_path={schema}"}
+        engines = (
+            create_engine(postgres_url(), connect_args=options),
+            create_engine(postgres_url(), connect_args=options),
+        )
+        try:
+            yield engines
+        finally:
+            for engine in engines:
+                engine.dispose()
+
+
+def test_one_worker_at_a_time_holds_the_reconcile_lock(two_workers: tuple[Any, Any]) -> None:
+    first, second = two_workers
+    with reconcile_lock(first) as mine:
+        assert mine
+        with reconcile_lock(second) as theirs:
+            assert not theirs  # another worker is reconciling: skip this pass
+    with reconcile_lock(second) as now_theirs:
+        assert now_theirs  # released with the block
+
+
+def _lead_holder(admin: str, engine: Any) -> int | None:
+    """The backend pid holding the reconcile lock of ``engine``'s schema, if any."""
+    import psycopg
+
+    from phivault.pg_advisory import advisory_key
+
+    with engine.connect() as conn:
+        schema = conn.execute(text("SELECT current_schema()")).scalar()
+    key = advisory_key(f"phivault.records.reconcile:{schema}") & 0xFFFFFFFFFFFFFFFF
+    with psycopg.connect(admin, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1",
+            (key >> 32, key & 0xFFFFFFFF),
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def test_the_lead_is_kept_across_passes_until_given_up(
+    postgres: str, two_workers: tuple[Any, Any]
+) -> None:
+    """One worker scans the ledger for everyone: it keeps the lead between passes (another
+    only tries), and gives it up on close."""
+    first_engine, second_engine = two_workers
+    first, second = ReconcileLeadership(first_engine), ReconcileLeadership(second_engine)
     try:
-        with reconcile_lock(first) as mine:
-            assert mine
-            with reconcile_lock(second) as theirs:
-                assert not theirs  # another worker is reconciling: skip this pass
-        with reconcile_lock(second) as now_theirs:
-            assert now_theirs  # released with the block
+        assert first.try_lead()
+        holder = _lead_holder(postgres, first_engine)
+        assert holder is not None
+        assert not second.try_lead()
+        assert first.try_lead()  # kept: the same session still holds it
+        assert _lead_holder(postgres, first_engine) == holder
+        assert not second.try_lead()
+        first.close()
+        assert second.try_lead()
+        assert not first.leading
     finally:
-        first.dispose()
-        second.dispose()
+        first.close()
+        second.close()
+
+
+def test_a_leader_that_loses_its_session_loses_the_lead_and_another_takes_it(
+    postgres: str, two_workers: tuple[Any, Any]
+) -> None:
+    """The lock lives with its session: if the server ends it (a restart, a kill), the lead
+    is free; the next worker to try takes it, and the old leader notices and does not lead."""
+    import psycopg
+
+    first_engine, second_engine = two_workers
+    first, second = ReconcileLeadership(first_engine), ReconcileLeadership(second_engine)
+    try:
+        assert first.try_lead()
+        holder = _lead_holder(postgres, first_engine)
+        assert holder is not None
+        with psycopg.connect(postgres, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (holder,))
+        deadline = time.monotonic() + 10
+        while _lead_holder(postgres, first_engine) is not None:
+            assert time.monotonic() < deadline, "the killed session kept its lock"
+            time.sleep(0.05)
+        assert second.try_lead()
+        assert not first.try_lead()  # its session is gone, and the lead is taken
+        assert not first.leading
+        second.close()
+        assert first.try_lead()  # and it can lead again once free
+    finally:
+        first.close()
+        second.close()
 
 
 async def test_a_pass_settles_old_intents_and_a_failed_pass_does_not_stop_the_loop(
