@@ -11,7 +11,7 @@ CPU ms per event of the sequencer process and of its PostgreSQL backends, and ev
 batch (INSERT).
 
     python bench/_sequencer_cpu.py [--baseline-src DIR] [--rate 900] [--per-msg 4]
-        [--duration 10] [--rounds 3] [--py-spy DIR]
+        [--duration 10] [--rounds 3] [--py-spy DIR] [--gather-s S] [--baseline-gather-s S]
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import _scaled_read_cpu as src_cpu  # noqa: E402
 import nats  # noqa: E402
 import psycopg  # noqa: E402
-from fhir_bench_scaled import POSTGRES  # noqa: E402
 
+import _scaled_read_cpu as src_cpu  # noqa: E402
+from fhir_bench_scaled import POSTGRES  # noqa: E402
 from phivault.crypto.signing import Ed25519NoteSigner  # noqa: E402
 from phivault.ledger.canonical import canonical_json_of_plain_document  # noqa: E402
 from phivault.ledger.postgres_store import create_ledger_schema  # noqa: E402
@@ -62,7 +62,8 @@ _RUNNER = """
 import asyncio, signal, sys
 from phivault.crypto.signing import Ed25519NoteSigner
 from phivault.ledger.sequencer import Sequencer
-nats_url, stream, conninfo, schema, key, origin = sys.argv[1:7]
+nats_url, stream, conninfo, schema, key, origin, gather = sys.argv[1:8]
+options = {"gather_s": float(gather)} if gather else {}
 
 async def main() -> None:
     stop = asyncio.Event()
@@ -70,7 +71,7 @@ async def main() -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     worker = Sequencer(nats_urls=[nats_url], stream=stream, ledger_conninfo=conninfo,
                        ledger_schema=schema, signer=Ed25519NoteSigner.load(key), origin=origin,
-                       subject="phivault.audit." + stream)
+                       subject="phivault.audit." + stream, **options)
     await worker.run(stop)
 
 asyncio.run(main())
@@ -89,6 +90,7 @@ class Variant:
     src: Path
     stream: str
     schema: str
+    gather: str = ""  # the sequencer's gather_s ("": its default)
     process: subprocess.Popen[bytes] | None = None
     cpu_s: float = 0.0
     pg_s: float = 0.0
@@ -167,6 +169,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--py-spy", type=Path)
+    parser.add_argument("--gather-s", default="", help="this checkout's sequencer gather_s")
+    parser.add_argument("--baseline-gather-s", default="", help="the baseline's gather_s")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="seqcpu-"))
     port = _free_port()
@@ -179,11 +183,12 @@ def main() -> int:
     key = work / "signing.key"
     Ed25519NoteSigner.generate(ORIGIN).save(key)
     tag = secrets.token_hex(4)
-    sources = [("after", HERE.parent / "src")]
+    sources = [("after", HERE.parent / "src", args.gather_s)]
     if args.baseline_src:
-        sources.append(("before", args.baseline_src.resolve()))
+        sources.append(("before", args.baseline_src.resolve(), args.baseline_gather_s))
     variants = [
-        Variant(name, src, f"SEQB_{name}_{tag}", f"seqb_{name}_{tag}") for name, src in sources
+        Variant(name, src, f"SEQB_{name}_{tag}", f"seqb_{name}_{tag}", gather)
+        for name, src, gather in sources
     ]
     try:
         for _ in range(100):
@@ -194,11 +199,12 @@ def main() -> int:
         asyncio.run(_setup(nats_url, variants))
         for v in variants:
             env = {**os.environ, "PYTHONPATH": str(v.src)}
-            v.process = subprocess.Popen(
-                [sys.executable, "-c", _RUNNER, nats_url, v.stream, POSTGRES, v.schema,
-                 str(key), ORIGIN],
-                env=env, stderr=open(work / f"{v.name}.log", "wb"),
-            )  # fmt: skip
+            with open(work / f"{v.name}.log", "wb") as log:
+                v.process = subprocess.Popen(
+                    [sys.executable, "-c", _RUNNER, nats_url, v.stream, POSTGRES, v.schema,
+                     str(key), ORIGIN, v.gather],
+                    env=env, stderr=log,
+                )  # fmt: skip
         asyncio.run(_drive(nats_url, variants, args))
     finally:
         for v in variants:
@@ -275,7 +281,7 @@ async def _drive(nats_url: str, variants: list[Variant], args: argparse.Namespac
                             ],
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL,
-                        )  # fmt: skip
+                        )
                     )
             await asyncio.sleep(args.duration)
             for v in variants:

@@ -727,7 +727,7 @@ class Sequencer:
         batch_max: int = 500,
         lock_retry_s: float = 0.5,
         fetch_wait_s: float = 0.25,
-        gather_s: float = 0.01,
+        gather_s: float = 0.03,
         cursor_interval_s: float = 1.0,
         progress_interval_s: float = 10.0,
         client_name: str = "phivault-sequencer",
