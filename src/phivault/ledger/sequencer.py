@@ -560,7 +560,7 @@ class _StreamReader:
                 self._request_open = False  # fulfilled: the server sends no status for it
         elif status != _HEARTBEAT and msg.subject == f"{self._inbox}.{self._request}":
             self._request_open = False
-            description = (headers or {}).get("Description") or ""
+            description = (headers or {}).get(api.Header.DESCRIPTION) or ""
             if status == _CONFLICT and "deleted" in description.lower():
                 self._consumer_lost = True  # the consumer is gone: recreate it
         self._woken.set()
