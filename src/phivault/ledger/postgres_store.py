@@ -727,9 +727,11 @@ class _Queries:
                 schema=sql.Identifier(schema), schema_name=sql.Literal(schema)
             )
 
+        # Binary parameters (%b): the leaves travel as they are, not as hex text that the
+        # client writes and the server decodes again (twice the bytes, both ways CPU).
         self.insert_leaves = q(
             "INSERT INTO {schema}.leaves (idx, leaf, leaf_hash) "
-            "SELECT * FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[])"
+            "SELECT * FROM unnest(%b::bigint[], %b::bytea[], %b::bytea[])"
         )
         self.insert_checkpoint = q("INSERT INTO {schema}.checkpoints (seq, note) VALUES (%s, %s)")
         self.count_leaves = q("SELECT coalesce(max(idx) + 1, 0) FROM {schema}.leaves")

@@ -64,6 +64,8 @@ import nats.js.errors
 import orjson
 import psycopg
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -104,8 +106,18 @@ __all__ = [
 
 CURSOR_TABLE: Final = "stream_cursor"
 _NATS_ERRORS: Final = (nats.errors.Error, OSError, TimeoutError)
-# After the first message of a batch: how long to wait for the rest to be delivered.
-_MORE_WAIT_S: Final = 0.005
+# The pull request the stream reader keeps open: messages, bytes, and how long it lingers
+# (nanoseconds in the request). A request the server should have ended this long ago is
+# taken as lost and replaced.
+_PULL_BATCH: Final = 512
+_PULL_MAX_BYTES: Final = 16 * 1024 * 1024
+_PULL_EXPIRES_S: Final = 1.0
+_PULL_GRACE_S: Final = 1.0
+_PULL_REQUEST: Final = orjson.dumps(
+    {"batch": _PULL_BATCH, "max_bytes": _PULL_MAX_BYTES, "expires": int(_PULL_EXPIRES_S * 1e9)}
+)
+_HEARTBEAT: Final = "100"
+_CONFLICT: Final = "409"
 # Quiet this long: check that the stream is quiet too, not that the consumer was lost.
 _STALL_CHECK_S: Final = 2.0
 
@@ -270,12 +282,18 @@ class _Cursor:
 # -- reading the stream ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Incoming:
-    """One decoded stream message: the event document, checked as the ledger needs it."""
+    """One decoded event of a stream message, checked as the ledger needs it.
+
+    ``plain``: it passed :func:`_plainly_canonical`, so
+    :func:`~phivault.ledger.canonical.canonical_json_of_plain_document` gives the JCS bytes of
+    it with the ledger's fields added (the ledger skips the exact encoder's Python scan).
+    """
 
     seq: int
     document: dict[str, Any]
+    plain: bool = False
 
 
 # What every document from AuditEvent.to_document has, and all it may have (the model's fields).
@@ -347,6 +365,8 @@ def _decode_one(seq: int, encoding: str, data: bytes) -> _Incoming:
         raise InvalidStreamMessage(seq, "it sets a field the ledger adds")
     if encoding == ENCODING_EVENT:
         _check_event_shape(seq, document)
+    if _plainly_canonical(document, data):
+        return _Incoming(seq, document, plain=True)
     try:
         canonical = canonical_json(document)
     except InvalidInput:
@@ -356,6 +376,38 @@ def _decode_one(seq: int, encoding: str, data: bytes) -> _Incoming:
     if canonical != data:
         raise InvalidStreamMessage(seq, "not in canonical form")
     return _Incoming(seq, document)
+
+
+_ORJSON_CANONICAL: Final = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
+_NON_ZERO_DIGITS: Final = bytes.maketrans(b"123456789", b"000000000")
+
+
+def _plainly_canonical(document: dict[str, Any], data: bytes) -> bool:
+    """True only if ``data`` is certainly ``canonical_json(document)``, found in C (a third of
+    the exact check's cost, whose Python scan of every value was most of the sequencer's work
+    per event); False leaves the verdict, and its reason, to the exact check.
+
+    It is when orjson writes ``document`` back (keys sorted, integers within 2**53 - 1) as
+    exactly ``data``, ``data`` is ASCII without a backslash (so every key sorts alike in
+    UTF-16 and code points, and splitting at quotes finds the strings), and nothing outside
+    the strings is a digit followed by ``.``, ``e`` or ``E`` (no float: orjson writes each
+    with one of them). For such a document :func:`canonical_json` answers with orjson's bytes
+    too. Then, as the ledger adds only ASCII keys, safe integers and a base64 string, orjson
+    also writes the leaf's canonical bytes: the entry is ``plain``.
+    """
+    if not data.isascii() or b"\\" in data:
+        return False
+    try:
+        if orjson.dumps(document, option=_ORJSON_CANONICAL) != data:
+            return False
+    except orjson.JSONEncodeError:  # an integer beyond 2**53 - 1, or nested too deeply
+        return False
+    outside_strings = b"".join(data.split(b'"')[::2]).translate(_NON_ZERO_DIGITS)
+    return (
+        b"0." not in outside_strings
+        and b"0e" not in outside_strings
+        and (b"0E" not in outside_strings)
+    )
 
 
 def _check_event_shape(seq: int, document: dict[str, Any]) -> None:
@@ -377,15 +429,33 @@ class _StreamReader:
 
     The consumer acknowledges nothing (where to resume is the ledger's business, not the
     consumer's); when it or the connection fails it is recreated from the next number.
+
+    It keeps one pull request open at all times (up to :data:`_PULL_BATCH` messages, lingering
+    up to :data:`_PULL_EXPIRES_S`), answered on an inbox of its own: messages flow in while the
+    sequencer appends the previous batch, and :meth:`take` hands out what has arrived. That is
+    a request every few hundred messages rather than two per batch, and no per-message
+    ``wait_for`` (nats-py's ``fetch`` makes a task for each message it waits for).
     """
 
-    def __init__(self, js: JetStreamContext, stream: str, start: int, log: SequencerLog) -> None:
+    def __init__(
+        self, js: JetStreamContext, client: NatsClient, stream: str, start: int, log: SequencerLog
+    ) -> None:
         self._js = js
+        self._client = client
         self._stream = stream
         self.next_seq = start  # the number the next message must have
         # Each message's events together: they are handed out whole (see take).
         self._buffer: deque[list[_Incoming] | SequencerError] = deque()
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: Subscription | None = None
+        self._next_subject = ""  # where pull requests go (the consumer's MSG.NEXT)
+        self._inbox = ""
+        self._arrived: list[Msg] = []  # delivered, not yet decoded
+        self._woken = asyncio.Event()
+        self._request = 0  # the number of the open pull request (its reply is inbox.<n>)
+        self._request_open = False
+        self._request_left = 0  # messages the open request may still deliver
+        self._request_until = 0.0  # when the server will have ended it (monotonic)
+        self._consumer_lost = False
         self._log = log
         self.pending = 0  # messages after the last one fetched, as the stream last said
         self._quiet_since = time.monotonic()
@@ -398,7 +468,7 @@ class _StreamReader:
         last event (a takeover that finds a partly appended message completes it).
         """
         if not self._buffer:
-            await self._fetch(limit, wait_s)
+            await self._fetch(wait_s)
         out: list[_Incoming] = []
         while self._buffer:
             item = self._buffer[0]
@@ -416,22 +486,21 @@ class _StreamReader:
         info = await self._js.stream_info(self._stream)
         return int(info.state.last_seq)
 
-    async def _fetch(self, limit: int, wait_s: float) -> None:
+    async def _fetch(self, wait_s: float) -> None:
+        """Decode what has arrived, waiting up to ``wait_s`` for the first message."""
         try:
+            if self._consumer_lost:
+                raise nats.js.errors.NotFoundError
             if self._sub is None:
-                self._sub = await self._subscribe()
-            # A waiting fetch of many lingers until it has them all or time is up; a trickle of
-            # events would wait for the whole time. So wait for one, then take what else is
-            # there already.
-            # nats-py raises its own TimeoutError or asyncio's (a fetch whose time ran out
-            # between its two requests): both mean "nothing (more) yet", never a lost consumer.
-            msgs = await self._sub.fetch(1, timeout=wait_s)
-            if limit > 1:
+                await self._subscribe()
+            await self._keep_a_request_open()
+            if not self._arrived:
+                self._woken.clear()
                 with contextlib.suppress(TimeoutError):
-                    msgs += await self._sub.fetch(limit - 1, timeout=_MORE_WAIT_S)
-        except TimeoutError:
-            await self._check_quiet()
-            return  # nothing new
+                    await asyncio.wait_for(self._woken.wait(), wait_s)
+                if self._consumer_lost:
+                    raise nats.js.errors.NotFoundError
+                await self._keep_a_request_open()
         except _NATS_ERRORS as exc:
             self._log.warning(
                 "sequencer.stream-read-failed", error=type(exc).__name__, next_seq=self.next_seq
@@ -439,7 +508,11 @@ class _StreamReader:
             await self.close()
             await asyncio.sleep(min(wait_s, 0.5))
             return
+        if not self._arrived:
+            await self._check_quiet()
+            return  # nothing new
         self._quiet_since = time.monotonic()
+        msgs, self._arrived = self._arrived, []
         for msg in msgs:
             metadata = msg.metadata
             seq = int(metadata.sequence.stream)
@@ -458,11 +531,46 @@ class _StreamReader:
             self.next_seq = seq + 1
             self.pending = int(metadata.num_pending)
 
+    async def _keep_a_request_open(self) -> None:
+        # A request the server should have ended a while ago is taken as lost (the server
+        # holding the consumer restarted, say): another one costs nothing if it was not.
+        if self._request_open and time.monotonic() > self._request_until + _PULL_GRACE_S:
+            self._request_open = False
+        if self._request_open:
+            return
+        self._request += 1
+        self._request_open = True
+        self._request_left = _PULL_BATCH
+        self._request_until = time.monotonic() + _PULL_EXPIRES_S
+        await self._client.publish(
+            self._next_subject,
+            _PULL_REQUEST,
+            reply=f"{self._inbox}.{self._request}",
+        )
+
+    async def _on_message(self, msg: Msg) -> None:
+        """Every message on the inbox, in order: stream messages, and the statuses that end
+        a pull request (404 or 408: no more for now; 409: the server ended it early)."""
+        headers = msg.headers
+        status = headers.get(api.Header.STATUS) if headers and not msg.data else None
+        if status is None:
+            self._arrived.append(msg)
+            self._request_left -= 1
+            if self._request_left <= 0:
+                self._request_open = False  # fulfilled: the server sends no status for it
+        elif status != _HEARTBEAT and msg.subject == f"{self._inbox}.{self._request}":
+            self._request_open = False
+            description = (headers or {}).get(api.Header.DESCRIPTION) or ""
+            if status == _CONFLICT and "deleted" in description.lower():
+                self._consumer_lost = True  # the consumer is gone: recreate it
+        self._woken.set()
+
     async def _check_quiet(self) -> None:
         """Recreate the consumer if the stream has messages it does not deliver.
 
         An ephemeral consumer lives on one server: if that server went away, or the connection
-        was re-established, fetches merely time out. The stream (replicated) still answers.
+        was re-established, pull requests merely go unanswered. The stream (replicated) still
+        answers.
         """
         if time.monotonic() - self._quiet_since < _STALL_CHECK_S:
             return
@@ -479,7 +587,7 @@ class _StreamReader:
             )
             await self.close()
 
-    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+    async def _subscribe(self) -> None:
         # No subject filter: every message of the audit stream is an audit event, and a filter
         # would make the messages of any other subject of the stream look like a gap.
         name = f"phivault-seq-{uuid.uuid4().hex}"
@@ -493,10 +601,19 @@ class _StreamReader:
             num_replicas=1,
         )
         await self._js.add_consumer(self._stream, config=config)
-        return await self._js.pull_subscribe_bind(consumer=name, stream=self._stream)
+        self._next_subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{self._stream}.{name}"
+        self._inbox = self._client.new_inbox()
+        self._arrived = []
+        self._request_open = False
+        self._consumer_lost = False
+        self._sub = await self._client.subscribe(f"{self._inbox}.*", cb=self._on_message)
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None
+        self._request_open = False
+        self._consumer_lost = False
+        # Delivered but not decoded: a new consumer starts again from next_seq.
+        self._arrived = []
         if sub is not None:
             with contextlib.suppress(*_NATS_ERRORS):
                 await sub.unsubscribe()
@@ -610,7 +727,7 @@ class Sequencer:
         batch_max: int = 500,
         lock_retry_s: float = 0.5,
         fetch_wait_s: float = 0.25,
-        gather_s: float = 0.01,
+        gather_s: float = 0.03,
         cursor_interval_s: float = 1.0,
         progress_interval_s: float = 10.0,
         client_name: str = "phivault-sequencer",
@@ -712,7 +829,8 @@ class Sequencer:
             while not await self._check_anchor(js, ledger, cursor_size, cursor_seq):
                 if await _wait(stop, self.lock_retry_s):
                     return
-            reader = _StreamReader(js, self.stream, cursor_seq + 1, self._log)
+            assert self._nats is not None  # connected by _jetstream
+            reader = _StreamReader(js, self._nats, self.stream, cursor_seq + 1, self._log)
             try:
                 matched = await self._match_tail(ledger, reader, cursor_size, cursor_seq, stop)
                 if matched is None:
@@ -854,21 +972,20 @@ class Sequencer:
 
     async def _append(self, ledger: Ledger, batch: list[_Incoming]) -> None:
         first = ledger.size
-        # All records are queued before the ledger's flusher runs: one group commit, in order.
-        # Every message is appended as the document it carries: for an event that is the leaf
-        # Ledger.record would have made (its document is plain, so both encoders agree).
-        calls: list[Awaitable[int]] = [ledger.record_document(item.document) for item in batch]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                # Some of the batch may be durable: only a fresh open knows what the ledger
-                # holds, so give up the writer role and take it again from the start.
-                if isinstance(result, LedgerUnavailable):
-                    raise result
-                raise LedgerUnavailable(
-                    f"an append failed ({type(result).__name__}); reopening the ledger"
-                ) from result
-        if results != list(range(first, first + len(batch))):
+        # One group commit, in order. Every message is appended as the document it carries:
+        # for an event that is the leaf Ledger.record would have made (its document is plain,
+        # so both encoders agree).
+        try:
+            index = await ledger.record_documents([(item.document, item.plain) for item in batch])
+        except LedgerUnavailable:
+            # Some of the batch may be durable: only a fresh open knows what the ledger
+            # holds, so give up the writer role and take it again from the start.
+            raise
+        except Exception as exc:
+            raise LedgerUnavailable(
+                f"an append failed ({type(exc).__name__}); reopening the ledger"
+            ) from exc
+        if index != first or ledger.size != first + len(batch):
             raise LedgerUnavailable("the ledger assigned unexpected indexes; reopening it")
         self.progress.ledger_size = ledger.size
         self.progress.last_applied_seq = batch[-1].seq

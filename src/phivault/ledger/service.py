@@ -25,7 +25,7 @@ import base64
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -283,6 +283,33 @@ class Ledger(LedgerReading):
             if field in document:
                 raise LedgerError(f"an event document may not set the ledger field {field!r}")
         return await self._enqueue(document, plain=False)
+
+    async def record_documents(self, documents: Sequence[tuple[dict[str, Any], bool]]) -> int:
+        """Append several event documents in one group commit, in order; return the first's
+        index (the others follow it). For the sequencer: one future for the lot, where a
+        ``record_document`` call each cost a task and a future per event.
+
+        Each comes with ``plain``: True only if the caller vouches that
+        :func:`~phivault.ledger.canonical.canonical_json_of_plain_document` writes its JCS
+        bytes with the ledger's fields added; False encodes it with every check, as
+        :meth:`record_document` does. All or none are durable when this returns or raises.
+        """
+        if not documents:
+            raise LedgerError("nothing to append")
+        for document, _plain in documents:
+            for field in LEDGER_FIELDS:
+                if field in document:
+                    raise LedgerError(f"an event document may not set the ledger field {field!r}")
+        if self._closed:
+            raise LedgerUnavailable("the ledger is closed")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # Queued together, so one flush takes them all: one INSERT, one transaction. The
+        # shared future is settled by the first of them (its index, or the batch's failure).
+        self._pending.extend((document, plain, future) for document, plain in documents)
+        self._schedule_checkpoint()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
 
     async def _enqueue(self, document: dict[str, Any], *, plain: bool) -> int:
         if self._closed:

@@ -8,9 +8,11 @@ Every refusal names the message and stops the sequencer (nothing is dropped sile
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 
 from phivault.ledger.canonical import canonical_json, canonical_json_of_plain_document
 from phivault.ledger.sequencer import InvalidStreamMessage, _decode, _decode_message
@@ -144,47 +146,130 @@ def test_an_event_without_a_list_of_agents_is_refused(agents: object) -> None:
     assert _refused(EVENT, data) == "invalid event fields: agents"
 
 
-class _Metadata:
-    def __init__(self, seq: int) -> None:
-        self.sequence = type("Sequence", (), {"stream": seq})()
-        self.num_pending = 0
-
-
-class _Message:
-    def __init__(self, seq: int) -> None:
-        self.metadata = _Metadata(seq)
-        self.headers = EVENT
-        self.data = canonical_json_of_plain_document(sample_event(seq).to_document())
-
-
 class _Subscription:
-    """A pull subscription whose second fetch of a batch times out with asyncio's own
-    TimeoutError (nats-py raises it when its deadline passes between its two requests)."""
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+
+    async def unsubscribe(self) -> None:
+        self.client.callback = None
+
+
+class _Client:
+    """What the stream reader uses of a NATS client: an inbox, a subscription, publish."""
 
     def __init__(self) -> None:
-        self.fetches = 0
+        self.requests: list[tuple[str, bytes, str]] = []
+        self.callback: Any = None
+        self.inboxes = 0
 
-    async def fetch(self, batch: int, timeout: float) -> list[_Message]:
-        self.fetches += 1
-        if self.fetches % 2 == 0:
-            raise TimeoutError  # asyncio.TimeoutError, not nats.errors.TimeoutError
-        return [_Message(self.fetches // 2 + 1)]
+    def new_inbox(self) -> str:
+        self.inboxes += 1
+        return f"_INBOX.{self.inboxes}"
+
+    async def subscribe(self, subject: str, cb: Any) -> _Subscription:
+        assert subject == f"_INBOX.{self.inboxes}.*"
+        self.callback = cb
+        return _Subscription(self)
+
+    async def publish(self, subject: str, payload: bytes, reply: str) -> None:
+        self.requests.append((subject, payload, reply))
+
+    async def deliver(self, seq: int, pending: int = 0) -> None:
+        data = canonical_json_of_plain_document(sample_event(seq).to_document())
+        reply = f"$JS.ACK.S.c.{seq}.{seq}.{seq}.1700000000000000000.{pending}"
+        await self.callback(Msg(_client=None, subject="s", reply=reply, data=data, headers=EVENT))  # type: ignore[arg-type]
+
+    async def status(self, code: str, description: str, request: int | None = None) -> None:
+        number = len(self.requests) if request is None else request
+        subject = f"_INBOX.{self.inboxes}.{number}"
+        headers = {"Status": code, "Description": description}
+        await self.callback(Msg(_client=None, subject=subject, headers=headers))  # type: ignore[arg-type]
 
 
-async def test_a_batch_whose_second_fetch_times_out_keeps_its_message_and_its_consumer() -> None:
-    """Regression: asyncio's TimeoutError from the "take what else is there" fetch used to
-    count as a failed stream read: the message already fetched was dropped, the consumer
-    recreated, and the sequencer slept half a second before reading it again."""
+class _JetStream:
+    def __init__(self) -> None:
+        self.consumers: list[int] = []  # each consumer's start sequence
 
+    async def add_consumer(self, stream: str, config: Any) -> None:
+        self.consumers.append(config.opt_start_seq)
+
+
+def _reader(start: int = 1) -> tuple[Any, _Client, _JetStream]:
     from phivault.ledger.sequencer import _StdlibLog, _StreamReader
 
-    subscription = _Subscription()
-    reader = _StreamReader(None, "S", 1, _StdlibLog())  # type: ignore[arg-type]
-    reader._sub = subscription  # type: ignore[assignment]
-    first = await reader.take(500, 1.0)
-    second = await reader.take(500, 1.0)
-    assert [m.seq for m in first + second] == [1, 2]
-    assert reader._sub is subscription  # never closed and recreated
+    client, js = _Client(), _JetStream()
+    return _StreamReader(js, client, "S", start, _StdlibLog()), client, js  # type: ignore[arg-type]
+
+
+async def test_the_reader_keeps_one_pull_request_open_across_takes() -> None:
+    """Messages delivered while the sequencer appends are handed out by the next take, in
+    order and whole, without a new request per batch (nats-py's fetch made two)."""
+    reader, client, js = _reader()
+    assert await reader.take(500, 0.01) == []
+    assert len(client.requests) == 1 and js.consumers == [1]
+    subject, payload, reply = client.requests[0]
+    assert subject == "$JS.API.CONSUMER.MSG.NEXT.S." + subject.rsplit(".", 1)[1]
+    assert json.loads(payload)["batch"] == 512 and reply == "_INBOX.1.1"
+    seq = 1
+    for _round in range(10):
+        for _ in range(7):
+            await client.deliver(seq, pending=3)
+            seq += 1
+        taken = await reader.take(500, 0.01)
+        assert [i.seq for i in taken] == list(range(seq - 7, seq))
+    assert len(client.requests) == 1 and reader.pending == 3 and reader.next_seq == 71
+
+
+async def test_a_take_hands_out_whole_messages_up_to_its_limit() -> None:
+    reader, client, _js = _reader()
+    await reader.take(2, 0.01)
+    for seq in (1, 2, 3):
+        await client.deliver(seq)
+    assert [i.seq for i in await reader.take(2, 0.01)] == [1, 2]
+    assert [i.seq for i in await reader.take(2, 0.01)] == [3]
+
+
+async def test_a_request_ended_by_the_server_is_replaced_and_an_older_ones_end_ignored() -> None:
+    reader, client, _js = _reader()
+    await reader.take(10, 0.01)
+    await client.status("408", "Request Timeout")
+    await reader.take(10, 0.01)
+    assert [r[2] for r in client.requests] == ["_INBOX.1.1", "_INBOX.1.2"]
+    await client.status("408", "Request Timeout", request=1)  # late, for the first request
+    await reader.take(10, 0.01)
+    assert len(client.requests) == 2
+    # A request whose batch was delivered in full gets no status: it is replaced too.
+    for seq in range(1, 513):
+        await client.deliver(seq)
+    assert len(await reader.take(1000, 0.01)) == 512
+    await reader.take(10, 0.01)
+    assert len(client.requests) == 3
+
+
+async def test_a_deleted_consumer_is_recreated_from_the_next_message() -> None:
+    reader, client, js = _reader(start=5)
+    await reader.take(10, 0.01)
+    await client.deliver(5)
+    assert [i.seq for i in await reader.take(10, 0.01)] == [5]
+    await client.status("409", "Consumer Deleted")
+    assert await reader.take(10, 0.01) == []  # the failed read: closed, after a pause
+    assert await reader.take(10, 0.01) == []
+    assert js.consumers == [5, 6] and client.requests[-1][2].startswith("_INBOX.2.")
+    await client.deliver(5)  # a second delivery of a message already taken is skipped
+    await client.deliver(6)
+    assert [i.seq for i in await reader.take(10, 0.01)] == [6]
+
+
+async def test_a_gap_in_the_delivered_sequence_is_reported_after_the_good_messages() -> None:
+    from phivault.ledger.sequencer import StreamGap
+
+    reader, client, _js = _reader()
+    await reader.take(10, 0.01)
+    await client.deliver(1)
+    await client.deliver(3)
+    assert [i.seq for i in await reader.take(10, 0.01)] == [1]
+    with pytest.raises(StreamGap):
+        await reader.take(10, 0.01)
 
 
 # -- batch messages (several events, one message) -------------------------------------------

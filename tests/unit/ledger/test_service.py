@@ -186,3 +186,38 @@ async def test_a_failed_append_fails_its_batch_and_the_next_batch_goes_on(
         monkeypatch.setattr(store, "append", real_append)
         assert await ledger.record(sample_event(9)) == 1
         assert ledger.read(1).document["seq"] == 1
+
+
+async def test_record_documents_appends_a_batch_in_one_commit_as_record_would(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The sequencer's batch append: one group commit, indexes from the returned first, and
+    leaves byte for byte those of record() (plain) and record_document() (exact encoder)."""
+    from phivault.ledger.service import initialize_ledger
+
+    dirs = []
+    for name in ("one-by-one", "batch"):
+        data_dir = DataDir.create(tmp_path_factory.mktemp(name) / "data", dev=True, origin="o")
+        initialize_ledger(data_dir)
+        dirs.append(data_dir)
+    events = [sample_event(i, patient=f"Patient/p-{i % 2}") for i in range(6)]
+    other = {"kind": "ledger", "subtype": "note", "x": 0.5, "text": "é"}
+    async with open_ledger(dirs[0]) as ledger:
+        for event in events:
+            await ledger.record(event)
+        await ledger.record_document(other)
+        expected = [entry.leaf for entry in ledger.read_range(0, 7)]
+    async with open_ledger(dirs[1]) as ledger:
+        batches_before = ledger.batches_committed
+        first = await ledger.record_documents(
+            [*((event.to_document(), True) for event in events), (other, False)]
+        )
+        assert first == 0 and ledger.size == 7
+        assert ledger.batches_committed == batches_before + 1
+        assert [entry.leaf for entry in ledger.read_range(0, 7)] == expected
+        assert await ledger.record_documents([(events[0].to_document(), True)]) == 7
+        with pytest.raises(LedgerError, match="ledger field"):
+            await ledger.record_documents([({"kind": "x", "seq": 1}, False)])
+        with pytest.raises(LedgerError):
+            await ledger.record_documents([])
+        assert ledger.size == 8
