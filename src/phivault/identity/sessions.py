@@ -252,7 +252,8 @@ class _PipelinedConnections:
     The replies belong to the batch, not to the callers: a caller that leaves (cancelled, or
     timed out by its breaker) just drops its reply, and the connection stays in step. A
     ``NOSCRIPT`` reply means that ``EVALSHA`` ran nothing: the script is loaded and only those
-    commands are sent again. A batch whose connection is lost fails every caller in it, and
+    commands are sent again (after the rest of their batch, which was in flight with them: no
+    order among them was promised). A batch whose connection is lost fails every caller in it, and
     the idle connections are dropped too (after a Redis restart they are all dead); a batch
     that times out (``batch_timeout_s``, or the connection's socket timeout) fails its callers
     and drops its own connection, which may hold unread replies. Nothing is retried.
