@@ -1,7 +1,7 @@
-"""The Redis session store's own connections (``_DirectConnections``): a touch is one EVALSHA
-on a connection of its own, taken from the client's pool settings. A call cancelled between
-its request and its reply never hands that reply to the next caller; a script the server
-forgot is loaded again; a restarted server is reached again, failing closed meanwhile."""
+"""The Redis session store's own connections (``_PipelinedConnections``), taken from the client's
+pool settings. A call cancelled between its request and its reply never hands that reply to
+the next caller; a script the server forgot is loaded again; a restarted server is reached
+again, failing closed meanwhile. (Pipelining itself: ``test_session_store_pipeline.py``.)"""
 
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ async def test_a_cancelled_call_never_hands_its_reply_to_the_next(
     store = RedisSessionStore(client, prefix=f"t{secrets.token_hex(4)}")
     direct = store._direct
     try:
-        waiting = asyncio.ensure_future(direct._call("BLPOP", "nothing-here", 1))
+        waiting = asyncio.ensure_future(direct.call("BLPOP", "nothing-here", 1))
         await asyncio.sleep(0.1)  # sent, its reply not read
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
         await client.rpush("nothing-here", "x")  # would have been BLPOP's reply
         for _ in range(3):
-            assert await direct._call("PING") in (b"PONG", "PONG", True)
+            assert await direct.call("PING") in (b"PONG", "PONG", True)
         assert await store.touch("s", now=1.0, idle_s=900, keep_s=60) is SessionState.NEW
     finally:
         await client.aclose()
@@ -57,7 +57,7 @@ async def test_a_restarted_server_is_reached_again_failing_closed_meanwhile(
     store = RedisSessionStore(client, prefix=f"t{secrets.token_hex(4)}")
     try:
         touches = [store.touch(f"s{i}", now=1.0, idle_s=900, keep_s=60) for i in range(8)]
-        assert set(await asyncio.gather(*touches)) == {SessionState.NEW}  # 8 connections idle
+        assert set(await asyncio.gather(*touches)) == {SessionState.NEW}  # a connection idle
         redis_server.kill()
         with pytest.raises(IdentityUnavailable):
             await store.touch("s0", now=2.0, idle_s=900, keep_s=60)

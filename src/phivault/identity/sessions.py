@@ -12,6 +12,7 @@ The policy is pure (:meth:`SessionPolicy.check` takes ``now``); the stores do th
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 from collections.abc import Mapping
@@ -23,7 +24,8 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from phivault.errors import ConfigurationError, StoreUnavailable
 from phivault.identity.errors import IdentityUnavailable, InsufficientAuthentication, SessionExpired
@@ -170,7 +172,9 @@ class RedisSessionStore:
         self._script = client.register_script(_TOUCH)
         self._gated: dict[str, AsyncScript] = {}  # by the gate's Lua
         self._breaker = breaker
-        self._direct = _DirectConnections(client)
+        self._direct = _PipelinedConnections(
+            client, batch_timeout_s=None if breaker is None else breaker.call_timeout_s
+        )
 
     async def touch(
         self,
@@ -219,66 +223,206 @@ class RedisSessionStore:
         return script
 
 
-class _DirectConnections:
-    """Connections made by the client's own pool (the same server, credentials, TLS and
-    timeouts), used directly for the touch: one ``EVALSHA`` round trip per request without the
-    pool's per-command bookkeeping (a lock, a readiness probe that reads the socket, metrics
-    and release events, the retry wrapper), which cost more worker CPU than the round trip.
+_Arg = str | int | float | bytes | memoryview
 
-    Each call has a connection to itself (no pipelining of other calls' replies). A connection
-    whose server closed it is replaced before use; any failure, cancellation included (a reply
-    may be left unread), drops that connection (a lost connection: every idle one too, as after
-    a Redis restart they are all dead), and the error goes to the caller: never retried, as
-    before.
+
+@dataclass(slots=True)
+class _Pending:
+    """A command waiting for a batch; ``script`` is the one an EVALSHA runs."""
+
+    command: tuple[_Arg, ...]
+    script: AsyncScript | None
+    future: asyncio.Future[object]
+
+
+class _PipelinedConnections:
+    """Connections made by the client's own pool (the same server, credentials, TLS and
+    timeouts), used directly for the touch and *pipelined*: the touches that callers start in
+    one turn of the event loop go out as one write on one connection, and their replies are
+    read back in order by the batch, each caller settled with its own. That spares each
+    request the pool's per-command bookkeeping (a lock, a readiness probe that reads the
+    socket, metrics and release events, the retry wrapper) and most socket writes and reads,
+    in the worker and in redis-server alike.
+
+    A batch holds at most ``max_batch`` commands. At most ``max_in_flight`` batches are in
+    flight at once, each on a connection of its own; a command that comes meanwhile waits and
+    goes in the next batch of the first connection to be done (see
+    ``docs/decisions/identity-dpop-and-sessions.md`` for the measurements).
+
+    The replies belong to the batch, not to the callers: a caller that leaves (cancelled, or
+    timed out by its breaker) just drops its reply, and the connection stays in step. A
+    ``NOSCRIPT`` reply means that ``EVALSHA`` ran nothing: the script is loaded and only those
+    commands are sent again (after the rest of their batch, which was in flight with them: no
+    order among them was promised). A batch whose connection is lost fails every caller in it, and
+    the idle connections are dropped too (after a Redis restart they are all dead); a batch
+    that times out (``batch_timeout_s``, or the connection's socket timeout) fails its callers
+    and drops its own connection, which may hold unread replies. Nothing is retried.
     """
 
-    def __init__(self, client: Redis, *, max_idle: int = 32) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        max_batch: int = 64,
+        max_in_flight: int = 1,
+        max_idle: int = 32,
+        batch_timeout_s: float | None = None,
+    ) -> None:
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be at least 1")
         self._pool = client.connection_pool
         self._idle: list[AbstractConnection] = []
         self._max_idle = max_idle
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._batch_timeout_s = batch_timeout_s
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._senders = 0  # sender tasks running, each with at most one batch in flight
+        self._starting = False  # a sender was started and has not taken its first batch yet
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references to the senders
 
     async def evalsha(
         self, script: AsyncScript, keys: list[str], args: list[str | int | float]
     ) -> object:
-        try:
-            return await self._call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # Not loaded yet (or the server was flushed or restarted): load it, as redis-py's
-            # Script does; the failed EVALSHA ran nothing.
-            await self._call("SCRIPT", "LOAD", script.script)
-            return await self._call("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await self.call("EVALSHA", script.sha, len(keys), *keys, *args, script=script)
 
-    async def _call(self, *command: str | int | float | bytes | memoryview) -> object:
-        conn = self._take()
+    async def call(self, *command: _Arg, script: AsyncScript | None = None) -> object:
+        """Send ``command`` in the next batch and return its reply (an error reply is raised).
+        With ``script``, a ``NOSCRIPT`` reply loads it and sends the command once more."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(command, script, future))
+        if not self._starting and self._senders < self._max_in_flight:
+            self._start_sender()
+        return await future
+
+    def _start_sender(self) -> None:
+        # Its first step runs in the next turn of the loop, after this turn's callers queued
+        # their commands.
+        self._starting = True
+        self._senders += 1
+        started: list[bool] = []
+        task = asyncio.ensure_future(self._send(started))
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not started:  # cancelled before its first step: its finally never ran
+                self._starting = False
+                self._senders -= 1
+
+        task.add_done_callback(done)
+
+    async def _send(self, started: list[bool]) -> None:
+        started.append(True)
+        self._starting = False
+        conn: AbstractConnection | None = None
         try:
-            if not conn.is_connected:
-                await conn.connect()  # type: ignore[no-untyped-call]
-            packed = conn.pack_command(*command)
-            writer = getattr(conn, "_writer", None)
-            if isinstance(writer, asyncio.StreamWriter):
-                # What send_packed_command does, without the task its socket timeout wraps
-                # each write in: a few hundred bytes never wait for the socket unless the
-                # transport is paused, and the breaker's call timeout bounds the whole call.
-                writer.writelines(packed)
-                await writer.drain()
-            else:
-                await conn.send_packed_command(packed, check_health=False)
-            reply = await conn.read_response()
-        except NoScriptError:
-            self._give(conn)  # an answer like any other: the connection is in step
+            while batch := self._next_batch():
+                if conn is None:
+                    conn = self._take()
+                if not await self._exchange(conn, batch):
+                    conn = None  # dropped
+        except asyncio.CancelledError:
+            # Shutting down: the commands not sent yet will not be.
+            while self._pending:
+                self._fail([self._pending.popleft()], RedisConnectionError("shutting down"))
             raise
-        except (RedisConnectionError, OSError):
-            # The server went away (a restart, a failover): the idle ones are dead too.
-            await self._drop(conn, everyone=True)
-            raise
-        except BaseException:
-            # A timeout, a cancellation (its reply may be left unread), another error: this
-            # connection is out of step; the others are not suspect (dropping them under a
-            # slow server would add reconnections to the load).
+        finally:
+            # Now, not in a done callback: a caller must not count a sender that is finished.
+            self._senders -= 1
+            if conn is not None:
+                self._give(conn)
+
+    def _next_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        pending = self._pending
+        while pending and len(batch) < self._max_batch:
+            entry = pending.popleft()
+            if not entry.future.done():  # its caller left before it was sent: never send it
+                batch.append(entry)
+        return batch
+
+    async def _exchange(self, conn: AbstractConnection, batch: list[_Pending]) -> bool:
+        """Send ``batch`` on ``conn`` and settle its callers; False if ``conn`` was dropped."""
+        try:
+            async with asyncio.timeout(self._batch_timeout_s):
+                if not conn.is_connected:
+                    await conn.connect()  # type: ignore[no-untyped-call]
+                again = await self._round_trip(conn, batch, ())
+                if again:
+                    # Those EVALSHAs ran nothing: load their scripts and send them once more.
+                    scripts = {id(e.script): e.script for e in again if e.script is not None}
+                    await self._round_trip(conn, again, tuple(scripts.values()))
+        except (TimeoutError, RedisTimeoutError) as exc:
+            # Slow, not gone: only this connection is out of step (dropping the others under
+            # a slow server would add reconnections to the load).
+            self._fail(batch, exc)
             await self._drop(conn, everyone=False)
-            raise
-        self._give(conn)
-        return reply
+            return False
+        except (RedisConnectionError, OSError) as exc:
+            # The server went away (a restart, a failover): the idle ones are dead too.
+            self._fail(batch, exc)
+            await self._drop(conn, everyone=True)
+            return False
+        except BaseException as exc:
+            # A cancellation, another error: this connection may hold unread replies.
+            self._fail(batch, exc)
+            await self._drop(conn, everyone=False)
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        return True
+
+    async def _round_trip(
+        self, conn: AbstractConnection, batch: list[_Pending], scripts: tuple[AsyncScript, ...]
+    ) -> list[_Pending]:
+        """Load ``scripts``, then send the batch's commands, in one write; settle each caller
+        with its reply. Returns the entries to send again (NOSCRIPT on the first pass)."""
+        commands: list[tuple[_Arg, ...]] = [("SCRIPT", "LOAD", s.script) for s in scripts]
+        commands += [entry.command for entry in batch]
+        packed = conn.pack_commands(commands)
+        writer = getattr(conn, "_writer", None)
+        if isinstance(writer, asyncio.StreamWriter):
+            # What send_packed_command does, without the task its socket timeout wraps each
+            # write in: the batch's timeout bounds the whole exchange.
+            writer.writelines(packed)
+            await writer.drain()
+        else:
+            await conn.send_packed_command(packed, check_health=False)
+        for _ in scripts:
+            # A failed load shows as NOSCRIPT again below, to the callers of that script.
+            with contextlib.suppress(ResponseError):
+                await conn.read_response()
+        again: list[_Pending] = []
+        for entry in batch:
+            try:
+                reply = await conn.read_response()
+            except NoScriptError as exc:
+                if entry.script is not None and not scripts:
+                    if not entry.future.done():
+                        again.append(entry)
+                    continue
+                _settle(entry.future, exc)
+            except ResponseError as exc:  # an error reply: the connection is in step
+                _settle(entry.future, exc)
+            else:
+                if not entry.future.done():
+                    entry.future.set_result(reply)
+        return again
+
+    def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
+        # Each caller gets an exception of its own (one raised in several tasks would collect
+        # their tracebacks).
+        for entry in batch:
+            if entry.future.done():
+                continue
+            error: RedisError
+            if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+                error = RedisTimeoutError("the session store did not answer in time")
+            else:
+                error = RedisConnectionError(f"the session store's connection failed: {exc!r}")
+            error.__cause__ = exc
+            entry.future.set_exception(error)
 
     def _take(self) -> AbstractConnection:
         while self._idle:
@@ -309,6 +453,11 @@ class _DirectConnections:
     def _discard(self, conn: AbstractConnection) -> None:
         task = asyncio.ensure_future(conn.disconnect(nowait=True))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def _settle(future: asyncio.Future[object], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def session_key(principal: Principal, sid: object) -> str:
