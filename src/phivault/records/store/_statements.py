@@ -125,8 +125,8 @@ def _pg_read_many() -> Any:
     # Only the schema's own table and column names are formatted in (no input): S608.
     return text(
         f"SELECT k.ord, {columns}, g.grp, g.ciphertext "  # noqa: S608
-        "FROM unnest(CAST(:m_tenants AS text[]), CAST(:m_types AS text[]), "
-        "CAST(:m_ids AS text[]), CAST(:m_versions AS integer[])) "
+        "FROM unnest((SELECT CAST(:m_tenants AS text[])), (SELECT CAST(:m_types AS text[])), "
+        "(SELECT CAST(:m_ids AS text[])), (SELECT CAST(:m_versions AS integer[]))) "
         "WITH ORDINALITY AS k(tenant, resource_type, resource_id, version, ord) "
         f"LEFT JOIN {head} h ON k.version IS NULL AND h.tenant = k.tenant "
         "AND h.resource_type = k.resource_type AND h.resource_id = k.resource_id "

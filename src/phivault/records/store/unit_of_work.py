@@ -652,13 +652,16 @@ class SqlUnitOfWork:
         (``None``: the current one, a tombstone if deleted) with all its sealed groups, or
         ``None``; in ``wanted`` order. What :meth:`read` and :meth:`vread` of each would
         return, in one statement on PostgreSQL (:data:`_READ_MANY`: one round trip and one
-        execution for them all); SQLite reads them one after another. Every key is checked
+        execution for them all; a single read runs as :meth:`read` runs it); SQLite reads them
+        one after another. Every key is checked
         first: one that is not valid refuses them all (``InvalidInput``)."""
         for key, version in wanted:
             _check_key(key)
             if version is not None and not isinstance(version, int):
                 raise InvalidInput("not a version number", path="version")
-        if not self._postgres:
+        if not self._postgres or len(wanted) == 1:
+            # SQLite reads each in tens of microseconds; a PostgreSQL read alone is cheaper as
+            # the single statement (0.17 against 0.22 ms of backend CPU, measured side by side)
             return [self.read(k) if v is None else self.vread(k, v) for k, v in wanted]
         if not wanted:
             return []
