@@ -4,10 +4,11 @@ Why a module of its own: this is a concurrency mechanism, not records logic. Sto
 are synchronous (SQLAlchemy) and run on the process's own worker threads
 (:func:`_storage_executor`, never at import), so that the event loop never waits on a
 database and no transaction is held across an ``await``. :func:`_blocking` and
-:func:`_reading` hand one call over; :class:`_ReadBatches` (SQLite point reads) and
-:class:`_WriteBatches` (write units, for the store's group commit) hand over all that one
-turn of the event loop asks for at once, because each hand-off costs thread and loop
-wake-ups (docs/decisions/read-path-cpu.md, records-group-commit.md). Every call runs in its
+:func:`_reading` hand one call over; :class:`_ReadBatches` (SQLite point reads),
+:class:`_PointReads` (PostgreSQL point reads, served as one batch) and :class:`_WriteBatches`
+(write units, for the store's group commit) hand over all that one turn of the event loop
+asks for at once, because each hand-off costs thread and loop wake-ups
+(docs/decisions/read-path-cpu.md, records-storage.md, records-group-commit.md). Every call runs in its
 caller's context (context variables); one that fails fails only its caller.
 """
 
@@ -84,7 +85,7 @@ class _ReadBatches:
     the GIL passed both ways; concurrent reads arrive together (their previous steps end
     together, on one group commit of the ledger), so a batch of them pays that once. Only
     for SQLite, whose point reads take a few hundred microseconds under the GIL either way;
-    reads over a network (PostgreSQL) each keep their own thread. Every read runs in its
+    PostgreSQL's are served together instead (:class:`_PointReads`). Every read runs in its
     caller's context; one that fails fails only its caller; a caller that left before its
     read began is skipped.
 
