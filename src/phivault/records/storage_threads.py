@@ -8,8 +8,8 @@ database and no transaction is held across an ``await``. :func:`_blocking` and
 :class:`_PointReads` (PostgreSQL point reads, served as one batch) and :class:`_WriteBatches`
 (write units, for the store's group commit) hand over all that one turn of the event loop
 asks for at once, because each hand-off costs thread and loop wake-ups
-(docs/decisions/read-path-cpu.md, records-storage.md, records-group-commit.md). Every call runs in its
-caller's context (context variables); one that fails fails only its caller.
+(docs/decisions/read-path-cpu.md, records-storage.md, records-group-commit.md). Every call
+runs in its caller's context (context variables); one that fails fails only its caller.
 """
 
 from __future__ import annotations
