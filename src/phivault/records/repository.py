@@ -23,6 +23,7 @@ compare-and-swap, when it commits).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -102,7 +103,14 @@ from phivault.records.results import (
 )
 from phivault.records.search_params import index_entries, patient_of, search_param
 from phivault.records.split import Envelope, GroupContent, assemble, group_element_ref, split
-from phivault.records.storage_threads import _blocking, _ReadBatches, _reading, _WriteBatches
+from phivault.records.storage_threads import (
+    ReadOutcome,
+    _blocking,
+    _PointReads,
+    _ReadBatches,
+    _reading,
+    _WriteBatches,
+)
 from phivault.records.store.ports import (
     DIRECTORY_SUBJECT,
     IntentClaim,
@@ -339,6 +347,21 @@ class _Write:
 
 
 @dataclass(frozen=True, slots=True)
+class _PointRead:
+    """A read or vread waiting for its batch (:meth:`RecordsRepository._serve_reads`)."""
+
+    caller: Caller
+    key: ResourceKey
+    version: int | None  # None: the current version
+    interaction: Interaction
+
+
+#: What a point read hands back from its storage thread: the version (groups dropped unless
+#: allowed), the decision on it (None: not found), and the database nodes that served it.
+_Loaded = tuple[StoredVersion | None, Decision | None, tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
 class _EventPart:
     """One patient's share of a write's intent and outcome events."""
 
@@ -391,6 +414,9 @@ class RecordsRepository:
             if self._grouped_creates
             else None
         )
+        # Scaled (PostgreSQL): the point reads of one turn are served together, in one unit
+        # of work and one statement per routing (_serve_reads).
+        self._grouped = _PointReads(self._serve_reads) if self._batched is None else None
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -398,9 +424,7 @@ class RecordsRepository:
         self._check_type(resource_type)
         _check_auditable(resource_type, resource_id)
         key = ResourceKey(caller.access.tenant, resource_type, resource_id)
-        stored, decision, node = await self._point_read(
-            lambda: self._load_one(caller, key, None, Interaction.READ)
-        )
+        stored, decision, node = await self._point_read(caller, key, None, Interaction.READ)
         return await self._disclose_one(
             caller, key, version=None, stored=stored, decision=decision, subtype="read", node=node
         )
@@ -415,9 +439,7 @@ class RecordsRepository:
         if number is None:  # a version that cannot exist is simply not known
             await self._record_miss(caller, "vread", Action.READ, None, "not-found")
             raise RecordNotFound(resource_type, resource_id, "?")
-        stored, decision, node = await self._point_read(
-            lambda: self._load_one(caller, key, number, Interaction.VREAD)
-        )
+        stored, decision, node = await self._point_read(caller, key, number, Interaction.VREAD)
         return await self._disclose_one(
             caller,
             key,
@@ -428,24 +450,98 @@ class RecordsRepository:
             node=node,
         )
 
-    def _point_read(self, work: Callable[[], _T]) -> asyncio.Future[_T] | Coroutine[Any, Any, _T]:
+    def _point_read(
+        self, caller: Caller, key: ResourceKey, version: int | None, interaction: Interaction
+    ) -> asyncio.Future[_Loaded] | Coroutine[Any, Any, _Loaded]:
+        grouped = self._grouped
+        if grouped is not None:
+            return grouped.add(_PointRead(caller, key, version, interaction))
         batches = self._batched
+        work = functools.partial(self._load_one, caller, key, version, interaction)
         return _reading(work) if batches is None else batches.add(work)
 
     def _load_one(
         self, caller: Caller, key: ResourceKey, version: int | None, interaction: Interaction
-    ) -> tuple[StoredVersion | None, Decision | None, tuple[str, ...]]:
+    ) -> _Loaded:
         """The version with its sealed groups (one query), the decision on its envelope, and
         the database node that served it. Ciphertext of a refused caller is dropped
         unopened; only allowed groups are opened."""
         with self._store.unit_of_work(read_only=True, session=_session(caller)) as uow:
             found = uow.read(key) if version is None else uow.vread(key, version)
-            if found is None:
-                return None, None, uow.nodes
-            decision = self._decide_rows(uow, caller, [found], interaction)[0]
-            if not decision.allowed:
-                return dataclasses.replace(found, groups={}), decision, uow.nodes
-            return found, decision, uow.nodes
+            return self._judged(uow, caller, found, interaction)
+
+    def _judged(
+        self,
+        uow: RecordUnitOfWork,
+        caller: Caller,
+        found: StoredVersion | None,
+        interaction: Interaction,
+    ) -> _Loaded:
+        """A point read's outcome: its version and the decision on it, in its unit."""
+        if found is None:
+            return None, None, uow.nodes
+        decision = self._decide_rows(uow, caller, [found], interaction)[0]
+        if not decision.allowed:
+            return dataclasses.replace(found, groups={}), decision, uow.nodes
+        return found, decision, uow.nodes
+
+    def _serve_reads(
+        self, reads: list[tuple[_PointRead, contextvars.Context]]
+    ) -> list[ReadOutcome]:
+        """On a storage thread: a batch of point reads (:class:`_PointReads`), each outcome
+        what :meth:`_load_one` would give that read alone, or the exception it would raise.
+
+        Reads that may be routed alike share a unit of work and one statement
+        (``read_many``), and each one's decision is made in that unit, in its caller's
+        context. Without replicas every read-only unit goes to the primary; with them, the
+        route depends on the caller's read-your-writes session, so each session gets its own
+        unit. If a unit fails as a whole (the statement, or the store), its reads run again
+        one by one, each in a unit of its own: every caller gets the answer or the error it
+        would have got alone."""
+        outcomes: list[ReadOutcome] = [(None, None)] * len(reads)
+        routed = getattr(self._store, "router", None) is not None
+        by_session: dict[str | None, list[int]] = {}
+        for at, (read, _) in enumerate(reads):
+            by_session.setdefault(_session(read.caller) if routed else None, []).append(at)
+        for session, positions in by_session.items():
+            try:
+                served = self._serve_unit(session, [reads[at] for at in positions])
+            except Exception:  # the unit as a whole failed: each read alone says how
+                served = [
+                    self._alone(read, context) for read, context in (reads[at] for at in positions)
+                ]
+            for at, outcome in zip(positions, served, strict=True):
+                outcomes[at] = outcome
+        return outcomes
+
+    def _serve_unit(
+        self, session: str | None, reads: list[tuple[_PointRead, contextvars.Context]]
+    ) -> list[ReadOutcome]:
+        """Reads of one routing in one unit: one statement, then each one's decision."""
+        if session is None:  # no replicas: the unit goes to the primary whatever the session
+            session = _session(reads[0][0].caller)
+        with self._store.unit_of_work(read_only=True, session=session) as uow:
+            found = uow.read_many([(read.key, read.version) for read, _ in reads])
+            judged: list[ReadOutcome] = []
+            for (read, context), version in zip(reads, found, strict=True):
+                try:
+                    judged.append(
+                        (
+                            context.run(self._judged, uow, read.caller, version, read.interaction),
+                            None,
+                        )
+                    )
+                except Exception as exc:  # that caller's alone (a care check that failed)
+                    judged.append((None, exc))
+        return judged
+
+    def _alone(self, read: _PointRead, context: contextvars.Context) -> ReadOutcome:
+        try:
+            return context.run(
+                self._load_one, read.caller, read.key, read.version, read.interaction
+            ), None
+        except Exception as exc:  # handed to that caller only
+            return None, exc
 
     async def _disclose_one(
         self,

@@ -4,11 +4,12 @@ Why a module of its own: this is a concurrency mechanism, not records logic. Sto
 are synchronous (SQLAlchemy) and run on the process's own worker threads
 (:func:`_storage_executor`, never at import), so that the event loop never waits on a
 database and no transaction is held across an ``await``. :func:`_blocking` and
-:func:`_reading` hand one call over; :class:`_ReadBatches` (SQLite point reads) and
-:class:`_WriteBatches` (write units, for the store's group commit) hand over all that one
-turn of the event loop asks for at once, because each hand-off costs thread and loop
-wake-ups (docs/decisions/read-path-cpu.md, records-group-commit.md). Every call runs in its
-caller's context (context variables); one that fails fails only its caller.
+:func:`_reading` hand one call over; :class:`_ReadBatches` (SQLite point reads),
+:class:`_PointReads` (PostgreSQL point reads, served as one batch) and :class:`_WriteBatches`
+(write units, for the store's group commit) hand over all that one turn of the event loop
+asks for at once, because each hand-off costs thread and loop wake-ups
+(docs/decisions/read-path-cpu.md, records-storage.md, records-group-commit.md). Every call
+runs in its caller's context (context variables); one that fails fails only its caller.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class _ReadBatches:
     the GIL passed both ways; concurrent reads arrive together (their previous steps end
     together, on one group commit of the ledger), so a batch of them pays that once. Only
     for SQLite, whose point reads take a few hundred microseconds under the GIL either way;
-    reads over a network (PostgreSQL) each keep their own thread. Every read runs in its
+    PostgreSQL's are served together instead (:class:`_PointReads`). Every read runs in its
     caller's context; one that fails fails only its caller; a caller that left before its
     read began is skipped.
 
@@ -147,6 +148,105 @@ class _ReadBatches:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
                 loop.call_soon_threadsafe(settle_all, failed)
             raise
+
+
+#: What serves a batch of point reads on a storage thread: each request with its caller's
+#: context in, each one's outcome (a result, or the exception for that caller alone) out, in
+#: the same order.
+ReadOutcome = tuple[Any, BaseException | None]
+ServeReads = Callable[[list[tuple[Any, contextvars.Context]]], list[ReadOutcome]]
+
+
+class _PointReads:
+    """PostgreSQL point reads: those that one turn of the event loop asks for go to a storage
+    thread together, where ``serve`` runs them as one batch (the repository: one unit of work
+    and one statement for them all), and their futures are settled by one
+    ``call_soon_threadsafe``.
+
+    Each read alone cost a thread hand-off, a pool checkout and a statement, and the backend
+    spent more CPU on one prepared point read than on eight in one statement
+    (docs/decisions/records-storage.md, "Point reads of one turn"). At most ``in_flight``
+    batches of a loop are on threads at once: the reads that come meanwhile wait on the loop
+    and go together when one is done (as :class:`_WriteBatches`), so that under load a batch
+    grows instead of more of them waiting for pooled connections; a batch holds at most
+    ``most`` reads. Several in flight, not one as SQLite: each waits on the network.
+
+    Every read is served in its caller's context where it runs alone (``serve`` gets the
+    contexts); one that fails fails only its caller; a caller that left before its batch
+    began is skipped; a failure of ``serve`` itself fails the reads of its batch."""
+
+    def __init__(self, serve: ServeReads, *, in_flight: int = 2, most: int = 64) -> None:
+        self._serve = serve
+        self._in_flight = in_flight
+        self._most = most
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+        self._flushing: set[asyncio.AbstractEventLoop] = set()  # a flush is scheduled
+        self._running: dict[asyncio.AbstractEventLoop, int] = {}  # batches on threads
+
+    def add(self, request: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.setdefault(loop, []).append((request, future, contextvars.copy_context()))
+        if loop not in self._flushing and self._running.get(loop, 0) < self._in_flight:
+            self._flushing.add(loop)
+            loop.call_soon(self._flush, loop)
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop: send what waits, in batches of at most ``most``, while fewer than
+        ``in_flight`` are on threads (the rest goes when one comes back: :meth:`_served`)."""
+        self._flushing.discard(loop)
+        pending = self._pending.get(loop)
+        while pending and self._running.get(loop, 0) < self._in_flight:
+            batch, pending[:] = pending[: self._most], pending[self._most :]
+            self._running[loop] = self._running.get(loop, 0) + 1
+            try:
+                _storage_executor(os.getpid()).submit(self._run, loop, batch)
+            except BaseException as exc:  # (the executor is shut down): these fail
+                self._done(loop)
+                settle_all([(future, None, exc) for _, future, _ in batch])
+        if not pending:
+            self._pending.pop(loop, None)
+
+    def _done(self, loop: asyncio.AbstractEventLoop) -> None:
+        left = self._running[loop] - 1
+        if left:
+            self._running[loop] = left
+        else:
+            del self._running[loop]
+
+    def _served(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+    ) -> None:
+        """On the loop: settle a batch's futures, then send the reads that came meanwhile."""
+        self._done(loop)
+        settle_all(outcomes)
+        self._flush(loop)
+
+    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        """On a storage thread: serve the batch's live reads, then settle their futures."""
+        live = [item for item in batch if not item[1].cancelled()]
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+        try:
+            served = (
+                self._serve([(request, context) for request, _, context in live]) if live else []
+            )
+            outcomes = [
+                (future, result, error)
+                for (_, future, _), (result, error) in zip(live, served, strict=True)
+            ]
+        except BaseException as exc:  # not a read's own failure: every one of them fails
+            outcomes = [(future, None, exc) for _, future, _ in live]
+        # Always handed back, whatever happened above: until it is, this batch counts as in
+        # flight, and the loop's later reads would wait for ever once enough of them did.
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(self._served, loop, outcomes)
+
+
+#: A point read waiting for its batch: the request, its caller's future and context.
+_Request = tuple[Any, "asyncio.Future[Any]", contextvars.Context]
 
 
 class _WriteBatches:

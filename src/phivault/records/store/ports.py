@@ -268,6 +268,13 @@ class RecordUnitOfWork(Protocol):
         self, key: ResourceKey, version: int, *, groups: Collection[str] | None = None
     ) -> StoredVersion | None: ...
 
+    def read_many(
+        self, wanted: Sequence[tuple[ResourceKey, int | None]]
+    ) -> list[StoredVersion | None]:
+        """For each (key, version) of ``wanted`` (version ``None``: the current one), what
+        :meth:`read` or :meth:`vread` returns, with every group, in ``wanted`` order."""
+        ...
+
     def history(
         self,
         tenant: str,

@@ -81,6 +81,7 @@ from phivault.records.store._statements import (
     _INSERT_HEADS,
     _INSERT_VERSIONS,
     _LOCK_NOT_AVAILABLE,
+    _READ_MANY,
     _SCHEMA_INFO,
     _SETTLE_CLAIM,
     _SOME_GROUPS_OF,
@@ -659,6 +660,40 @@ class SqlUnitOfWork:
         return found[0] if found else None
 
     @_failover
+    def read_many(
+        self, wanted: Sequence[tuple[ResourceKey, int | None]]
+    ) -> list[StoredVersion | None]:
+        """Several point reads at once: for each (key, version) of ``wanted``, that version
+        (``None``: the current one, a tombstone if deleted) with all its sealed groups, or
+        ``None``; in ``wanted`` order. What :meth:`read` and :meth:`vread` of each would
+        return, in one statement on PostgreSQL (:data:`_READ_MANY`: one round trip and one
+        execution for them all; a single read runs as :meth:`read` runs it); SQLite reads them
+        one after another. Every key is checked
+        first: one that is not valid refuses them all (``InvalidInput``)."""
+        for key, version in wanted:
+            _check_key(key)
+            if version is not None and not isinstance(version, int):
+                raise InvalidInput("not a version number", path="version")
+        if not self._postgres or len(wanted) == 1:
+            # SQLite reads each in tens of microseconds; a PostgreSQL read alone is cheaper as
+            # the single statement (0.17 against 0.22 ms of backend CPU, measured side by side)
+            return [self.read(k) if v is None else self.vread(k, v) for k, v in wanted]
+        if not wanted:
+            return []
+        params = {
+            "m_tenants": [k.tenant for k, _ in wanted],
+            "m_types": [k.resource_type for k, _ in wanted],
+            "m_ids": [k.resource_id for k, _ in wanted],
+            "m_versions": [v for _, v in wanted],
+        }
+        conn = self._live()
+        rows: Sequence[Sequence[Any]] | None = _direct(conn, _READ_MANY, params)
+        if rows is None:
+            with self._translate("read"):
+                rows = conn.execute(_READ_MANY, params).all()
+        return _versions_by_position(rows, len(wanted))
+
+    @_failover
     def history(
         self,
         tenant: str,
@@ -1081,6 +1116,33 @@ _INDEX_COLUMNS: Final = {
         "key_subject",
     ),
 }  # fmt: skip
+
+
+def _versions_by_position(rows: Sequence[Sequence[Any]], count: int) -> list[StoredVersion | None]:
+    """The rows of :data:`_READ_MANY` as one version (or None) per read position: each row is
+    the position (from 1), the version's columns in table order, a group and its ciphertext
+    (both NULL for a version without groups)."""
+    heads: dict[int, Sequence[Any]] = {}
+    sealed: dict[int, dict[str, bytes]] = {}
+    for row in rows:
+        at = int(row[0]) - 1
+        if at not in heads:
+            heads[at] = row
+            sealed[at] = {}
+        if row[9] is not None:
+            sealed[at][str(row[9])] = bytes(row[10])
+    found: list[StoredVersion | None] = [None] * count
+    for at, row in heads.items():
+        _, tenant, resource_type, resource_id, number, deleted, stamp, subject = row[1:9]
+        found[at] = StoredVersion(
+            ResourceKey(tenant, resource_type, resource_id),
+            int(number),
+            from_micros(int(stamp)),
+            bool(deleted),
+            subject,
+            sealed[at],
+        )
+    return found
 
 
 def _check_index_keys() -> None:
