@@ -171,7 +171,7 @@ async def test_audit_stream_survives_a_node_fails_closed_without_all_and_resumes
         )
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["single-event", "grouped"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["keyed", "grouped"])
 async def test_losing_the_stream_leader_fails_no_publish(harness: Harness, grouped: bool) -> None:
     """Production settings: the publishes of the election's seconds wait for the new leader
     (grouped: batch messages retried whole, under their ids, never regrouped)."""

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.faults
 FAULT_TIMEOUT_S = 90
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["single-event", "grouped"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["keyed", "grouped"])
 async def test_sigkill_of_the_active_sequencer_under_load_hands_over_with_no_gap(
     harness: Harness, grouped: bool
 ) -> None:
@@ -95,6 +95,6 @@ async def test_sigkill_of_the_active_sequencer_under_load_hands_over_with_no_gap
     assert report.covered == report.entries
     if grouped:
         assert report.entries > len(messages), "no message held more than one event"
-    else:
-        assert report.entries == len(messages)
+    else:  # keyed events are grouped with one another too (write outcomes)
+        assert report.entries >= len(messages)
     assert took_over < 10, f"the standby took {took_over:.1f} s to take over"
