@@ -6,8 +6,9 @@ are synchronous (SQLAlchemy) and run on the process's own worker threads
 database and no transaction is held across an ``await``. :func:`_blocking` and
 :func:`_reading` hand one call over; :class:`_ReadBatches` (SQLite point reads),
 :class:`_PointReads` (PostgreSQL point reads, served as one batch) and :class:`_WriteBatches`
-(write units, for the store's group commit) hand over all that one turn of the event loop
-asks for at once, because each hand-off costs thread and loop wake-ups
+(write units, for the store's group commit; both are :class:`_TurnBatches`) hand over all
+that one turn of the event loop asks for at once, because each hand-off costs thread and
+loop wake-ups
 (docs/decisions/read-path-cpu.md, records-storage.md, records-group-commit.md). Every call
 runs in its caller's context (context variables); one that fails fails only its caller.
 """
@@ -155,27 +156,26 @@ class _ReadBatches:
 #: the same order.
 ReadOutcome = tuple[Any, BaseException | None]
 ServeReads = Callable[[list[tuple[Any, contextvars.Context]]], list[ReadOutcome]]
+#: The same for any batch of :class:`_TurnBatches`.
+ServeBatch = ServeReads
 
 
-class _PointReads:
-    """PostgreSQL point reads: those that one turn of the event loop asks for go to a storage
-    thread together, where ``serve`` runs them as one batch (the repository: one unit of work
-    and one statement for them all), and their futures are settled by one
-    ``call_soon_threadsafe``.
+class _TurnBatches:
+    """Work that the turns of an event loop hand over, sent to storage threads in batches:
+    what one turn asks for goes together, at most ``in_flight`` batches of a loop are on
+    threads at once, and what comes meanwhile waits on the loop and goes together when one
+    is back (so under load a batch grows instead of more of them queueing for threads and
+    pooled connections); a batch holds at most ``most`` items (None: no limit). On its thread
+    ``serve`` gets each live item with its caller's context and answers each one's outcome
+    (a result, or the exception for that caller alone), in order; the futures of a batch are
+    settled by one ``call_soon_threadsafe``.
 
-    Each read alone cost a thread hand-off, a pool checkout and a statement, and the backend
-    spent more CPU on one prepared point read than on eight in one statement
-    (docs/decisions/records-storage.md, "Point reads of one turn"). At most ``in_flight``
-    batches of a loop are on threads at once: the reads that come meanwhile wait on the loop
-    and go together when one is done (as :class:`_WriteBatches`), so that under load a batch
-    grows instead of more of them waiting for pooled connections; a batch holds at most
-    ``most`` reads. Several in flight, not one as SQLite: each waits on the network.
+    A caller that left before its batch began is skipped (``serve`` never sees it); a failure
+    of ``serve`` itself fails every item of its batch."""
 
-    Every read is served in its caller's context where it runs alone (``serve`` gets the
-    contexts); one that fails fails only its caller; a caller that left before its batch
-    began is skipped; a failure of ``serve`` itself fails the reads of its batch."""
-
-    def __init__(self, serve: ServeReads, *, in_flight: int = 2, most: int = 64) -> None:
+    def __init__(self, serve: ServeBatch, *, in_flight: int, most: int | None) -> None:
+        if in_flight < 1 or (most is not None and most < 1):
+            raise ValueError("a batch needs room for one item, and one batch in flight")
         self._serve = serve
         self._in_flight = in_flight
         self._most = most
@@ -198,7 +198,8 @@ class _PointReads:
         self._flushing.discard(loop)
         pending = self._pending.get(loop)
         while pending and self._running.get(loop, 0) < self._in_flight:
-            batch, pending[:] = pending[: self._most], pending[self._most :]
+            cut = len(pending) if self._most is None else self._most
+            batch, pending[:] = pending[:cut], pending[cut:]
             self._running[loop] = self._running.get(loop, 0) + 1
             try:
                 _storage_executor(os.getpid()).submit(self._run, loop, batch)
@@ -220,13 +221,13 @@ class _PointReads:
         loop: asyncio.AbstractEventLoop,
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
     ) -> None:
-        """On the loop: settle a batch's futures, then send the reads that came meanwhile."""
+        """On the loop: settle a batch's futures, then send what came meanwhile."""
         self._done(loop)
         settle_all(outcomes)
         self._flush(loop)
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
-        """On a storage thread: serve the batch's live reads, then settle their futures."""
+        """On a storage thread: serve the batch's live items, then settle their futures."""
         live = [item for item in batch if not item[1].cancelled()]
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         try:
@@ -237,24 +238,39 @@ class _PointReads:
                 (future, result, error)
                 for (_, future, _), (result, error) in zip(live, served, strict=True)
             ]
-        except BaseException as exc:  # not a read's own failure: every one of them fails
+        except BaseException as exc:  # not an item's own failure: every one of them fails
             outcomes = [(future, None, exc) for _, future, _ in live]
         # Always handed back, whatever happened above: until it is, this batch counts as in
-        # flight, and the loop's later reads would wait for ever once enough of them did.
+        # flight, and the loop's later items would wait for ever once enough of them did.
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
             loop.call_soon_threadsafe(self._served, loop, outcomes)
 
 
-#: A point read waiting for its batch: the request, its caller's future and context.
+#: An item waiting for its batch: the request, its caller's future and context.
 _Request = tuple[Any, "asyncio.Future[Any]", contextvars.Context]
 
 
-class _WriteBatches:
-    """The write units of an event loop, handed to one storage thread at a time
-    (:meth:`RecordStore.write_units`), their futures settled by one ``call_soon_threadsafe``.
-    Concurrent creates reach their commit together (their intents were recorded by one group
-    commit of the ledger), and SQLite writes them as one group anyway: one thread waiting for
-    the group, instead of one per write, each woken apart.
+class _PointReads(_TurnBatches):
+    """PostgreSQL point reads: those that one turn of the event loop asks for go to a storage
+    thread together, where ``serve`` runs them as one batch (the repository: one unit of work
+    and one statement for them all).
+
+    Each read alone cost a thread hand-off, a pool checkout and a statement, and the backend
+    spent more CPU on one prepared point read than on eight in one statement
+    (docs/decisions/records-storage.md, "Point reads of one turn"). Several batches in flight,
+    not one as SQLite: each waits on the network. Every read is served in its caller's
+    context where it runs alone (``serve`` gets the contexts); one that fails fails only its
+    caller."""
+
+    def __init__(self, serve: ServeReads, *, in_flight: int = 2, most: int = 64) -> None:
+        super().__init__(serve, in_flight=in_flight, most=most)
+
+
+class _WriteBatches(_TurnBatches):
+    """The write units of an event loop, handed to storage threads in batches
+    (:meth:`RecordStore.write_units`). Concurrent creates reach their commit together (their
+    intents were recorded by one group commit of the ledger), and SQLite writes them as one
+    group anyway: one thread waiting for the group, instead of one per write, each woken apart.
 
     While a batch is on its thread, the units that come meanwhile wait on the loop and go
     together as the next batch when it is done: they would wait for its group at the store
@@ -270,72 +286,16 @@ class _WriteBatches:
 
     def __init__(self, store: RecordStore, *, in_flight: int = 1) -> None:
         self._store = store
-        self._in_flight = in_flight
-        self._pending: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
-        self._writing: dict[asyncio.AbstractEventLoop, int] = {}  # batches on threads
+        super().__init__(self._write, in_flight=in_flight, most=None)
 
     def add(self, unit: Callable[[RecordUnitOfWork], None]) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            # else a batch in flight sends it when done
-            if self._writing.get(loop, 0) < self._in_flight:
-                loop.call_soon(self._flush, loop)
-        pending.append((unit, future, contextvars.copy_context()))
+        future: asyncio.Future[None] = super().add(unit)
         return future
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._writing.get(loop, 0) >= self._in_flight:
-            return  # a batch in flight sends these when done
-        batch = self._pending.pop(loop, [])
-        if not batch:
-            return
-        self._writing[loop] = self._writing.get(loop, 0) + 1
-        try:
-            _storage_executor(os.getpid()).submit(self._write, loop, batch)
-        except BaseException as exc:  # (the executor is shut down): these fail, later ones try
-            self._done_writing(loop)
-            settle_all([(future, None, exc) for _, future, _ in batch])
-
-    def _done_writing(self, loop: asyncio.AbstractEventLoop) -> None:
-        left = self._writing.pop(loop, 1) - 1
-        if left > 0:
-            self._writing[loop] = left
-
-    def _written(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
-    ) -> None:
-        """On the loop: settle a batch's futures, then send the units that came meanwhile."""
-        self._done_writing(loop)
-        settle_all(outcomes)
-        self._flush(loop)
-
-    def _write(self, loop: asyncio.AbstractEventLoop, batch: list[_Unit]) -> None:
-        """On a storage thread: write the batch's units, then settle their futures."""
-        live = [
-            (unit, future, context) for unit, future, context in batch if not future.cancelled()
-        ]
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
-        try:
-            works = [functools.partial(_in_context, context, unit) for unit, _, context in live]
-            errors = self._store.write_units(works)
-            outcomes = [
-                (future, None, error) for (_, future, _), error in zip(live, errors, strict=True)
-            ]
-        except BaseException as exc:  # not a unit's own failure: every one of them fails
-            outcomes = [(future, None, exc) for _, future, _ in live]
-        # Always handed back, whatever happened above: until it is, the loop's later writes
-        # may wait for this batch (_writing), and would wait for ever.
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-            loop.call_soon_threadsafe(self._written, loop, outcomes)
-
-
-#: A write unit waiting for its batch: the unit, its caller's future and context.
-_Unit = tuple[Callable[[RecordUnitOfWork], None], asyncio.Future[None], contextvars.Context]
+    def _write(self, items: list[tuple[Any, contextvars.Context]]) -> list[ReadOutcome]:
+        """On a storage thread: the batch's units as one call to the store."""
+        works = [functools.partial(_in_context, context, unit) for unit, context in items]
+        return [(None, error) for error in self._store.write_units(works)]
 
 
 def _in_context(
