@@ -48,6 +48,7 @@ No nats exception crosses the port: every failure to get an acknowledgement beco
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
@@ -317,6 +318,18 @@ class _Waiting:
     encoding: str
     done: asyncio.Future[int]
     key: str | None = None
+    # Callers that recorded the same key while this event still waited (settled with it).
+    joined: list[asyncio.Future[int]] = dataclasses.field(default_factory=list)
+
+    def acknowledged(self, seq: int) -> None:
+        for future in (self.done, *self.joined):
+            if not future.done():  # (else its caller left)
+                future.set_result(seq)
+
+    def failed(self, failure: BaseException) -> None:
+        for future in (self.done, *self.joined):
+            if not future.done():
+                future.set_exception(failure)
 
 
 @dataclass(slots=True)
@@ -413,6 +426,8 @@ class JetStreamAuditSink:
         # Idempotency keys published in grouped messages, oldest first (see _Remembered).
         self.duplicate_window_s = duplicate_window_s
         self._remembered: dict[str, _Remembered] = {}
+        # Keyed events waiting for a message, by key, until the message remembers them.
+        self._queued_keys: dict[str, _Waiting] = {}
 
     @classmethod
     async def connect(
@@ -530,6 +545,13 @@ class JetStreamAuditSink:
         self._forget(time.monotonic())
         known = self._remembered.get(key)
         if known is None:
+            queued = self._queued_keys.get(key)
+            if queued is not None:
+                # Its first copy still waits for a message: the same event, so it goes once
+                # (two copies in two messages would both be stored, under different ids).
+                joined: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                queued.joined.append(joined)
+                return await joined
             return await self._grouped(payload, encoding, key)
         if known.seq is not None:
             return known.seq
@@ -565,6 +587,8 @@ class JetStreamAuditSink:
         loop = asyncio.get_running_loop()
         waiting = _Waiting(payload, encoding, loop.create_future(), key)
         self._waiting.append(waiting)
+        if key is not None:
+            self._queued_keys[key] = waiting
         if len(self._sending) < self.group_in_flight:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -643,6 +667,8 @@ class JetStreamAuditSink:
     async def _send_group(self, group: list[_Waiting]) -> None:
         message = self._message(group)
         known = self._remember(message)
+        for key in message.keys:  # remembered from here on (no step between the two)
+            self._queued_keys.pop(key, None)
         try:
             seq = await self._send(message.payload, message.headers)
         except BaseException as exc:
@@ -654,16 +680,14 @@ class JetStreamAuditSink:
                 )
             )
             for w in group:
-                if not w.done.done():
-                    w.done.set_exception(failure)
+                w.failed(failure)
             if not isinstance(exc, Exception):
                 raise
             return
         if known is not None:
             known.seq = seq
         for w in group:
-            if not w.done.done():
-                w.done.set_result(seq)
+            w.acknowledged(seq)
 
     async def _send(self, payload: bytes, headers: dict[str, str]) -> int:
         if self._breaker is None:

@@ -199,6 +199,48 @@ async def test_a_keyed_event_recorded_again_after_its_message_failed_resends_tha
     assert len(client.requests) == tries + 1
 
 
+async def test_a_key_recorded_again_while_its_first_copy_waits_goes_out_once() -> None:
+    """Retries never duplicate an event: the same key recorded twice before its message is
+    sent (say, a caller that left and tried again at once) is one event in one message, and
+    both callers get its acknowledgement; so does a caller joining after the other left."""
+    client = _FakeClient()
+    sink = _sink(client)
+
+    async def keyed(i: int) -> int:
+        with idempotency_key("outcome-k"):
+            return await sink.record(sample_event(i))
+
+    first = asyncio.ensure_future(keyed(1))
+    again = asyncio.ensure_future(keyed(1))  # same turn of the loop: both still queued
+    left = asyncio.ensure_future(keyed(1))
+    await asyncio.sleep(0)
+    left.cancel()
+    await client.sent(1)
+    await asyncio.sleep(0.02)
+    assert len(client.requests) == 1
+    payload, headers, answer = client.requests[0]
+    assert payload == canonical_json_of_plain_document(sample_event(1).to_document())
+    assert headers["Nats-Msg-Id"] == "outcome-k"  # a lone keyed event: its key is the id
+    answer.set_result(_ack(7))
+    assert await first == 7 and await again == 7
+    assert left.cancelled()
+    assert await keyed(1) == 7 and len(client.requests) == 1  # remembered from now on
+
+
+async def test_a_failed_message_fails_every_caller_that_joined_its_key() -> None:
+    client = _FakeClient()
+    sink = _sink(client, publish_timeout_s=0.2)
+
+    async def keyed() -> int:
+        with idempotency_key("outcome-f"):
+            return await sink.record(sample_event(3))
+
+    calls = [asyncio.ensure_future(keyed()) for _ in range(3)]
+    results = await asyncio.gather(*calls, return_exceptions=True)  # never acknowledged
+    assert all(isinstance(r, LedgerUnavailable) for r in results), results
+    assert len({(p, tuple(sorted(h.items()))) for p, h, _ in client.requests}) == 1
+
+
 async def test_a_key_is_forgotten_after_the_duplicate_window() -> None:
     client = _FakeClient()
     sink = _sink(client, publish_timeout_s=0.05, duplicate_window_s=0.1)
