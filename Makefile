@@ -5,14 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= ./phivault-data
 
-.PHONY: demo test test-fast test-faults lint bench system-deps services clean help
+.PHONY: demo test test-fast test-faults lint bench bench-scaled system-deps clean help
 
 help:
 	@echo "make demo   - set up and run the embedded demo with sample patients"
 	@echo "make test   - set up and run the whole test suite"
 	@echo "make test-faults - only the fault tests of the scaled shape (real processes)"
 	@echo "make lint   - ruff and mypy --strict on the package"
-	@echo "make bench  - run the benchmarks (one JSON line each, last)"
+	@echo "make bench  - run the benchmarks (one JSON line each, last), bench-scaled included"
+	@echo "make bench-scaled - the scaled shape beside the embedded one (PostgreSQL, NATS, Redis)"
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +56,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	@for b in bench/*_bench.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@$(MAKE) --no-print-directory bench-scaled
+
+# Issue 7's ratio: the scaled shape (2 workers, PostgreSQL, the JetStream audit stream and
+# its sequencer, Redis: the machine's servers, as the tests use them) beside the embedded one.
+bench-scaled: $(STAMP)
+	@echo "== bench/fhir_bench.py --shape scaled"
+	$(BIN)/python bench/fhir_bench.py --shape scaled --patients 4 --rounds 4 --duration 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(DATA)-demo
